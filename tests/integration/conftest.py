@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+from tests.integration.harness import Agent, Server
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/integration/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _needs_rsync() -> None:
+    # Integration tests need the real rsync; CI installs it (scripts/setup.sh). Fail, never skip.
+    assert shutil.which("rsync"), "rsync is not installed: run ./scripts/setup.sh as root"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(tmp_path / "server-data").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def agents(tmp_path: Path, server: Server) -> Iterator["AgentFactory"]:
+    factory = AgentFactory(tmp_path, server)
+    yield factory
+    factory.close()
+
+
+class AgentFactory:
+    def __init__(self, tmp_path: Path, server: Server):
+        self.tmp_path = tmp_path
+        self.server = server
+        self.started: List[Agent] = []
+
+    def __call__(self, name: str = "agent") -> Agent:
+        agent = Agent(self.tmp_path / f"home-{name}", self.server)
+        self.started.append(agent)
+        return agent
+
+    def close(self) -> None:
+        for agent in self.started:
+            try:
+                agent.stop()
+            finally:
+                agent.kill()

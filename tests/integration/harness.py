@@ -1,0 +1,192 @@
+"""Real processes on loopback: the reference server, its operator CLI and agents.
+
+Nothing here is faked: the server is ``python -m go2cloud_server serve`` with its real rsync
+daemon, the agent is ``python -m go2cloud_client`` in its own process, and results are compared
+with the source through full tree manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("GO2CLOUD_SERVER", None)
+    env.pop("GO2CLOUD_HOME", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+
+
+class Server:
+    """``go2cloud_server serve`` on 127.0.0.1 with a free API port and a free rsync port."""
+
+    def __init__(self, data_dir: Path, heartbeat_interval: float = 1, extra_env: Optional[Dict[str, str]] = None):
+        self.data_dir = data_dir
+        self.heartbeat_interval = heartbeat_interval
+        self.extra_env = extra_env or {}
+        self.proc: Optional[subprocess.Popen] = None
+        self.info: Dict[str, Any] = {}
+
+    def start(self) -> "Server":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        info_file = self.data_dir / "server.json"
+        if info_file.exists():
+            info_file.unlink()
+        self.log = open(self.data_dir.parent / f"{self.data_dir.name}-serve.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "go2cloud_server", "serve", "--listen", "127.0.0.1:0",
+             "--rsync-port", "0", "--data-dir", str(self.data_dir),
+             "--heartbeat-interval", str(self.heartbeat_interval)],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(self.extra_env),
+        )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            return info_file.exists()
+
+        wait_for(ready, 30, "server.json")
+        self.info = json.loads(info_file.read_text())
+        return self
+
+    @property
+    def url(self) -> str:
+        return str(self.info["url"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.info["fingerprint"])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    # operator CLI ---------------------------------------------------------------------------
+    def cli(self, *args: str, check: bool = True, json_out: bool = True) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "go2cloud_server", *args]
+        if json_out:
+            argv.append("--json")
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=60,
+            env=_env({"GO2CLOUD_DATA_DIR": str(self.data_dir)}),
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} exited {proc.returncode}: {proc.stderr}{proc.stdout}")
+        return proc
+
+    def j(self, *args: str) -> Any:
+        return json.loads(self.cli(*args).stdout)
+
+    def new_code(self, workgroup: str, uses: int = 10) -> Dict[str, Any]:
+        return self.j("code", "create", "--workgroup", workgroup, "--uses", str(uses))
+
+    def source_migration(self, source_id: str) -> Dict[str, Any]:
+        return self.j("migration", "show", "--source", source_id)
+
+    def task_status(self, source_id: str) -> Optional[str]:
+        tasks = self.source_migration(source_id).get("tasks") or []
+        return tasks[0]["status"] if tasks else None
+
+    def source(self, source_id: str) -> Dict[str, Any]:
+        for s in self.j("source", "list")["sources"]:
+            if s["id"] == source_id:
+                return s
+        raise AssertionError(f"source {source_id} not listed")
+
+    def wait_task(self, source_id: str, status: str, timeout: float = 60) -> Dict[str, Any]:
+        def check() -> Optional[Dict[str, Any]]:
+            m = self.source_migration(source_id)
+            tasks = m.get("tasks") or []
+            if tasks and tasks[0]["status"] == "failed" and status != "failed":
+                raise AssertionError(f"task failed: {tasks[0]}")
+            return tasks[0] if tasks and tasks[0]["status"] == status else None
+
+        return wait_for(check, timeout, f"task of {source_id} to be {status}", interval=0.5)
+
+    def artifacts(self, source_id: str) -> List[Dict[str, Any]]:
+        return self.j("migration", "artifacts", "--source", source_id)["artifacts"]
+
+
+class Agent:
+    """One ``go2cloud_client`` foreground process with its own home."""
+
+    def __init__(self, home: Path, server: Server):
+        self.home = home
+        self.server = server
+        self.proc: Optional[subprocess.Popen] = None
+        self.lines: List[str] = []
+        self._reader: Optional[threading.Thread] = None
+
+    def start(self, *extra: str, code: Optional[Dict[str, Any]] = None) -> "Agent":
+        argv = [sys.executable, "-m", "go2cloud_client", "--home", str(self.home), "--no-prompt", "--yes",
+                "--server", self.server.url, "--server-fingerprint", self.server.fingerprint, *extra]
+        if code:
+            argv += ["--token-id", code["token_id"], "--token-code", code["token_code"]]
+        self.lines = []
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=_env(), text=True, errors="replace")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_imported(self, timeout: float = 30) -> str:
+        def imported() -> Optional[str]:
+            for line in self.lines:
+                if line.startswith("Import Source Server [") and line.endswith("] Successfully!"):
+                    return line[len("Import Source Server ["):-len("] Successfully!")]
+            if self.proc and self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.output()}")
+            return None
+
+        return wait_for(imported, timeout, "the import success line")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def run_cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "go2cloud_client", "--home", str(self.home), *args],
+                              capture_output=True, text=True, timeout=timeout, env=_env())

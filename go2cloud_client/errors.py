@@ -86,6 +86,12 @@ class ServerError(Go2CloudError):
     retryable = True
 
 
+class RequestRejectedError(Go2CloudError):
+    exit_code = 14
+    code = "request_rejected"
+    summary = "the control plane refused a request permanently (4xx: invalid, not found, too large)"
+
+
 class CodeUnknownError(Go2CloudError):
     exit_code = 20
     code = "code_unknown"
@@ -145,6 +151,12 @@ class CommandRejectedError(Go2CloudError):
     exit_code = 33
     code = "command_rejected"
     summary = "a command from the control plane had invalid parameters and was not run"
+
+
+class UnsupportedError(Go2CloudError):
+    exit_code = 34
+    code = "unsupported"
+    summary = "the requested operation is not supported on this platform or by this agent version"
 
 
 class InterruptedByOperator(Go2CloudError):

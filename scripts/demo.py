@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from go2cloud_server.manifest import diff, tree_manifest  # noqa: E402
+from go2cloud_server.manifest import build as tree_manifest, diff  # noqa: E402
 
 WORDS = ("migration source target cycle image rsync agent server workgroup disk block file "
          "snapshot change sync final pending complete").split()
@@ -214,7 +214,7 @@ def main() -> int:
         image = Path(last["path"]) / str(source).lstrip("/")
         say(f"verifying artifact of cycle {last['cycle']} ({image}) against the source")
         differences = diff(tree_manifest(source), tree_manifest(image))
-        entries = len(tree_manifest(source))
+        entries = len(tree_manifest(source).entries)
         print()
         print("go2cloud demo summary")
         print(f"  source          {source} ({entries} entries)")

@@ -15,7 +15,7 @@ from typing import Iterator, Tuple
 import psutil
 import pytest
 
-from go2cloud_server.manifest import diff, tree_manifest
+from go2cloud_server.manifest import build as tree_manifest, diff
 from tests.integration.harness import Server, wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,412 @@
+"""The foreground agent: heartbeat, command loop, task runner, acknowledgements and events.
+
+Threads: ``heartbeat`` (every interval the server asks for, on the monotonic clock; also writes
+``state/status.json``), ``commands`` (long poll, dispatch), ``acks`` (sends what the ledger has
+not confirmed), plus the task runner's cycle worker. The main thread waits for a stop (SIGTERM,
+SIGINT, or a fatal error such as the source having been deleted on the control plane).
+
+Control-plane outages never stop the agent: calls are retried with capped, jittered backoff;
+one WARNING is logged when the control plane becomes unreachable and one INFO when it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import psutil
+
+from go2cloud_client import __version__, platform
+from go2cloud_client.api import ControlPlane, RetryingControlPlane
+from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, parse_command
+from go2cloud_client.config import Config
+from go2cloud_client.console import WAITING_LINE, Console
+from go2cloud_client.errors import CommandRejectedError, Go2CloudError, IdentityRejectedError
+from go2cloud_client.events import EventBuffer, utc_now
+from go2cloud_client.home import Home
+from go2cloud_client.identity import Identity
+from go2cloud_client.ledger import FINAL_STATUSES, Ledger
+from go2cloud_client.task import Outcome, TaskRunner
+
+LOG = logging.getLogger(__name__)
+
+SKEW_WARN_S = 60.0
+#: Pause between polls when a poll returned only commands already in progress (the server
+#: returns ``accepted`` commands again until they are final).
+REDELIVERY_PAUSE_S = 2.0
+
+
+def default_replicator_factory(home: Home, rsync_path: str) -> Callable[..., Any]:
+    from go2cloud_client.replication.excludes import ensure_home_excludes
+    from go2cloud_client.replication.rsync import FileReplicator, RsyncTarget, TransferOptions
+
+    def factory(*, target: Any, paths: List[str], options: Any, on_progress: Callable[[Any], None],
+                on_child: Callable[[Optional[int]], None]) -> FileReplicator:
+        return FileReplicator(
+            target=RsyncTarget(target.host, target.port, target.module, target.user, target.password),
+            paths=paths,
+            options=TransferOptions(options.bandwidth_mbps, options.compression, options.checksum),
+            excludes_file=ensure_home_excludes(home.root),
+            work_dir=home.work_dir,
+            rsync_path=rsync_path,
+            on_progress=on_progress,
+            on_child=on_child,
+        )
+
+    return factory
+
+
+def kill_children(home: Home) -> List[int]:
+    """Stop rsync process groups recorded in ``state/children.json`` that are still alive (only
+    if the group leader still is an rsync, so a reused pid is never hit). Returns the groups."""
+    pgids = [p for p in home.children().get("pgids", []) if isinstance(p, int) and p > 1]
+    killed = []
+    for pgid in pgids:
+        try:
+            proc = psutil.Process(pgid)
+            if "rsync" not in (proc.name() + " ".join(proc.cmdline()[:1])):
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        platform.kill_process_group(pgid)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and platform.pid_alive(pgid):
+            time.sleep(0.1)
+        if platform.pid_alive(pgid):
+            platform.kill_process_group(pgid, force=True)
+        killed.append(pgid)
+    if pgids:
+        home.set_child(None)
+    return killed
+
+
+def host_load() -> Dict[str, Any]:
+    try:
+        load1 = psutil.getloadavg()[0]
+    except (AttributeError, OSError):
+        load1 = None
+    return {"load1": load1, "cpu_percent": psutil.cpu_percent(interval=None),
+            "memory_percent": psutil.virtual_memory().percent}
+
+
+class Agent:
+    def __init__(
+        self,
+        home: Home,
+        config: Config,
+        source: Dict[str, Any],
+        identity: Identity,
+        *,
+        console: Optional[Console] = None,
+        control_plane: Optional[ControlPlane] = None,
+        replicator_factory: Optional[Callable[..., Any]] = None,
+        rsync_path: str = "rsync",
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.source = source
+        self.console = console or Console()
+        self.stop_event = threading.Event()
+        self.cp = control_plane or ControlPlane(
+            config.server or source["server"],
+            fingerprint=config.server_fingerprint or source.get("server_fingerprint"),
+            source_id=source["source_id"], identity=identity,
+            connect_timeout=config.connect_timeout_s, read_timeout=config.read_timeout_s,
+        )
+        retry = dict(stop_event=self.stop_event, on_retry=self._unreachable)
+        self.api_poll = RetryingControlPlane(self.cp, attempts=None, **retry)  # type: ignore[arg-type]
+        self.api_beat = RetryingControlPlane(self.cp, attempts=2, max_wait=5, **retry)  # type: ignore[arg-type]
+        self.api_task = RetryingControlPlane(self.cp, attempts=5, **retry)  # type: ignore[arg-type]
+        self.ledger = Ledger(home)
+        self.events = EventBuffer()
+        self.runner = TaskRunner(
+            home,
+            replicator_factory=replicator_factory or default_replicator_factory(home, rsync_path),
+            fetch_task=self.api_task.get_task,
+            ack=self._finish_command,
+            notify=self.notify,
+            on_progress=self.console.progress,
+            on_child=home.set_child,
+        )
+        self.interval = float(source.get("heartbeat_interval") or 10)
+        self.fatal: Optional[Go2CloudError] = None
+        self._connected = True
+        self._down_since = 0.0
+        self._conn_lock = threading.Lock()
+        self._ack_lock = threading.Lock()
+        self._ack_wakeup = threading.Event()
+        self._skew_warned = False
+        self._threads: List[threading.Thread] = []
+        self.stopped_by: Optional[str] = None
+
+    # -- connectivity -----------------------------------------------------------------------
+
+    def _unreachable(self, exc: BaseException, attempt: int = 0) -> None:
+        with self._conn_lock:
+            if not self._connected:
+                return
+            self._connected = False
+            self._down_since = time.monotonic()
+        LOG.warning("control plane unreachable: %s (retrying in the background; the task keeps running)", exc)
+        self.console.line(f"Control plane unreachable ({exc}); retrying in the background")
+
+    def _reachable(self) -> None:
+        with self._conn_lock:
+            if self._connected:
+                return
+            self._connected = True
+            down = time.monotonic() - self._down_since
+        LOG.info("reconnected to the control plane after %.0fs", down)
+        self.console.line(f"Reconnected to the control plane after {down:.0f}s")
+        self._ack_wakeup.set()
+
+    def _failed_call(self, exc: Go2CloudError, what: str) -> None:
+        if isinstance(exc, IdentityRejectedError):
+            self._fail(exc)
+        elif exc.retryable:
+            self._unreachable(exc)
+        else:
+            LOG.warning("%s refused by the control plane: %s", what, exc)
+
+    def _fail(self, exc: Go2CloudError) -> None:
+        if self.fatal is None:
+            LOG.error("stopping: %s", exc)
+            self.fatal = exc
+        self.stop_event.set()
+
+    def notify(self, level: str, code: str, message: str) -> None:
+        """Something the operator and the control plane should know (console, log, events)."""
+        LOG.log({"error": logging.ERROR, "warning": logging.WARNING}.get(level, logging.INFO), "%s", message)
+        self.events.add(level, code, message)
+        self.console.line(message)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def _finish_command(self, cid: str, status: str, error_code: Optional[str], message: Optional[str],
+                        result: Optional[Dict[str, Any]]) -> None:
+        """Final status of a command: recorded in the ledger now, sent by the acks thread."""
+        self.ledger.finish(cid, status, error_code=error_code, message=message, result=result)
+        self._ack_wakeup.set()
+
+    def dispatch(self, raw: Dict[str, Any]) -> bool:
+        """Handle one delivered command; True if it was new (not a redelivery)."""
+        cid, ctype = raw["id"], raw["type"]
+        entry = self.ledger.get(cid)
+        if entry is not None:
+            if entry["status"] in FINAL_STATUSES or not entry.get("ack_sent"):
+                LOG.debug("command %s delivered again; answering %s from the ledger", cid, entry["status"])
+                self._send_ack(cid, entry)
+            return False
+        if ctype not in KNOWN_TYPES or ctype not in SUPPORTED_TYPES:
+            LOG.warning("command %s: type %r is not supported by this agent", cid, ctype)
+            self.ledger.finish(cid, "unsupported", ctype=ctype, error_code="unsupported",
+                               message=f"command type {ctype!r} is not supported by "
+                                       f"go2cloud_client {__version__}")
+            self._ack_wakeup.set()
+            return True
+        try:
+            cmd = parse_command(raw)
+        except CommandRejectedError as exc:
+            LOG.warning("command %s (%s) rejected: %s", cid, ctype, exc)
+            self.ledger.finish(cid, "rejected", ctype=ctype, error_code=exc.code, message=str(exc))
+            self._ack_wakeup.set()
+            return True
+        if not self.ledger.accept(cid, ctype):  # persisted before acting: at most once
+            return False
+        LOG.info("command %s: %s %s", cid, ctype, cmd.task_id or "")
+        try:
+            outcome = self.runner.handle(cmd)
+        except Go2CloudError as exc:
+            outcome = Outcome("failed", exc.code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug in one command must not stop the agent
+            LOG.exception("command %s (%s) failed unexpectedly", cid, ctype)
+            outcome = Outcome("failed", "internal_error", f"internal error: {type(exc).__name__}")
+        if outcome is not None:
+            self.ledger.finish(cid, outcome.status, error_code=outcome.error_code, message=outcome.message,
+                               result=outcome.result)
+        self._ack_wakeup.set()
+        return True
+
+    def _send_ack(self, cid: str, entry: Dict[str, Any]) -> bool:
+        try:
+            self.cp.ack(cid, entry["status"], error_code=entry.get("error_code"),
+                        message=entry.get("message"), result=entry.get("result") or {})
+        except Go2CloudError as exc:
+            if exc.retryable or isinstance(exc, IdentityRejectedError):
+                self._failed_call(exc, f"acknowledgement of {cid}")
+                return False
+            LOG.warning("acknowledgement of %s (%s) refused: %s; not sending it again",
+                        cid, entry["status"], exc)
+        self.ledger.mark_sent(cid, entry["status"])
+        return True
+
+    def flush_acks(self) -> None:
+        with self._ack_lock:
+            for cid, entry in self.ledger.unsent():
+                if self.stop_event.is_set() or not self._send_ack(cid, entry):
+                    return
+
+    # -- loops ------------------------------------------------------------------------------
+
+    def _commands_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                commands = self.api_poll.poll_commands(self.config.poll_wait_s)
+            except Go2CloudError as exc:
+                if self.stop_event.is_set():
+                    return
+                self._failed_call(exc, "command poll")
+                self.stop_event.wait(30)
+                continue
+            self._reachable()
+            new = False
+            for raw in commands:
+                if self.stop_event.is_set():
+                    return
+                new = self.dispatch(raw) or new
+            if commands and not new:
+                self.stop_event.wait(REDELIVERY_PAUSE_S)
+            elif not commands and self.config.poll_wait_s == 0:
+                self.stop_event.wait(1)
+
+    def _acks_loop(self) -> None:
+        while not self.stop_event.is_set():
+            self._ack_wakeup.wait(5)
+            self._ack_wakeup.clear()
+            if self.ledger.unsent():
+                self.flush_acks()
+
+    def heartbeat_payload(self) -> Dict[str, Any]:
+        snap = self.runner.snapshot()
+        return {
+            "agent_version": __version__,
+            "state": snap["state"],
+            "task_id": snap["task_id"],
+            "phase": snap["phase"],
+            "cycle": snap["cycle"],
+            "progress": snap["progress"],
+            "last_error": snap["last_error"],
+            "load": host_load(),
+        }
+
+    def heartbeat_once(self) -> None:
+        payload = self.heartbeat_payload()
+        self.write_status(payload)
+        try:
+            resp = self.api_beat.heartbeat(payload)
+        except Go2CloudError as exc:
+            self._failed_call(exc, "heartbeat")
+            return
+        self._reachable()
+        interval = resp.get("heartbeat_interval")
+        if (isinstance(interval, (int, float)) and not isinstance(interval, bool)
+                and 0.2 <= interval <= 3600 and interval != self.interval):
+            LOG.info("heartbeat interval is now %ss", interval)
+            self.interval = float(interval)
+        self._check_skew(resp.get("server_time_epoch"))
+        try:
+            self.events.flush(self.cp.post_events)
+        except Go2CloudError as exc:
+            self._failed_call(exc, "events")
+        if resp.get("commands_waiting"):
+            LOG.debug("the control plane has commands waiting")
+
+    def _check_skew(self, server_epoch: Any) -> None:
+        if not isinstance(server_epoch, (int, float)) or isinstance(server_epoch, bool):
+            return
+        skew = time.time() - float(server_epoch)
+        if abs(skew) > SKEW_WARN_S and not self._skew_warned:
+            self._skew_warned = True
+            LOG.warning("this host's clock is %.0fs %s the control plane's; fix the time (NTP)",
+                        abs(skew), "ahead of" if skew > 0 else "behind")
+            self.events.add("warning", "clock_skew",
+                            f"host clock differs from the control plane by {skew:.0f}s")
+        elif abs(skew) < SKEW_WARN_S / 2:
+            self._skew_warned = False
+
+    def _heartbeat_loop(self) -> None:
+        next_at = time.monotonic()
+        while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
+            next_at = time.monotonic() + self.interval
+            try:
+                self.heartbeat_once()
+            except Exception:  # noqa: BLE001 - the heartbeat must go on
+                LOG.exception("heartbeat failed unexpectedly")
+
+    def write_status(self, payload: Optional[Dict[str, Any]] = None, *, running: bool = True) -> None:
+        payload = payload or self.heartbeat_payload()
+        doc = {
+            "pid": os.getpid(), "running": running, "updated_at": utc_now(),
+            "source_id": self.source["source_id"], "workgroup": self.source.get("workgroup"),
+            "server": self.cp.server, "connected": self._connected,
+            "heartbeat_interval": self.interval,
+            **{k: payload.get(k) for k in ("state", "task_id", "phase", "cycle", "progress", "last_error")},
+        }
+        try:
+            self.home.write_state(self.home.status_file, doc)
+        except Go2CloudError as exc:
+            LOG.warning("cannot write the status file: %s", exc)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load state, settle interrupted commands, resume an interrupted cycle, start threads."""
+        self.ledger.load()
+        self.runner.load(resume=False)
+        task = self.runner.task
+        keep = {self.runner.cycle_command()} - {None}
+        failed = self.ledger.fail_interrupted(
+            keep, "the agent stopped while this command was running; it was not completed, issue it again")
+        if failed:
+            LOG.warning("commands interrupted by the last agent stop: %s", ", ".join(failed))
+        try:
+            self.api_task.authenticate()
+        except Go2CloudError as exc:
+            if not exc.retryable:
+                raise
+            self._unreachable(exc)
+        if task and task.get("status") == "running" and task.get("cycle"):
+            self.runner.load(resume=True)
+        for name, target in (("heartbeat", self._heartbeat_loop), ("commands", self._commands_loop),
+                             ("acks", self._acks_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._ack_wakeup.set()
+        self.console.line(WAITING_LINE)
+
+    def stop(self, reason: str = "stop requested") -> None:
+        if self.stopped_by is None:
+            self.stopped_by = reason
+        self.stop_event.set()
+
+    def wait(self) -> None:
+        while not self.stop_event.wait(0.5):
+            pass
+
+    def shutdown(self) -> None:
+        """Stop the transfer (the task stays, so the next start resumes it) and the children."""
+        self.stop_event.set()
+        self.console.clear_progress()
+        self.runner.shutdown()
+        killed = kill_children(self.home)
+        if killed:
+            LOG.warning("stopped leftover rsync process groups %s", killed)
+        self.write_status(running=False)
+        for thread in self._threads:
+            if thread.name != "commands":  # may sit in a long poll; it is a daemon thread
+                thread.join(timeout=5)
+        self.cp.close()
+
+    def run(self) -> None:
+        """Start, wait for a stop, shut down. Raises the fatal error that stopped it, if any."""
+        self.start()
+        try:
+            self.wait()
+        finally:
+            self.shutdown()
+        if self.fatal is not None:
+            raise self.fatal

@@ -1,0 +1,566 @@
+"""Client for the control plane's agent API (docs/protocol.md).
+
+:class:`ControlPlane` makes plain calls: one HTTP request each (plus one re-authentication on a
+401), every response size-capped and schema-checked, every failure mapped to an error type from
+:mod:`go2cloud_client.errors`. :class:`RetryingControlPlane` wraps it with capped, jittered
+exponential backoff for retryable errors only (restic's ``backend/retry`` pattern).
+
+Secrets (token code, bearer token, target password) never go into URLs or logs: requests are
+logged as method + path + status only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
+from urllib.parse import quote, urlsplit
+
+import requests
+import tenacity
+from requests.adapters import HTTPAdapter
+
+from go2cloud_client import __version__
+from go2cloud_client.config import is_loopback_host, normalize_fingerprint
+from go2cloud_client.errors import (
+    SERVER_CODES,
+    Go2CloudError,
+    IdentityRejectedError,
+    ProtocolError,
+    RequestRejectedError,
+    ServerError,
+    ServerUnreachableError,
+    TLSError,
+    UsageError,
+)
+from go2cloud_client.identity import Identity
+
+LOG = logging.getLogger(__name__)
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+API_PREFIX = "/api/v1"
+_SOURCE_ID_RE = re.compile(r"^s-[A-Za-z0-9]{1,64}$")
+_SAFE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: Renew the bearer token this many seconds before it expires.
+_TOKEN_MARGIN_S = 30.0
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """An adapter whose connections accept exactly the certificate with this SHA-256 fingerprint
+    (urllib3 ``assert_fingerprint``); CA and host-name checks are replaced by the pin."""
+
+    def __init__(self, fingerprint_hex: str) -> None:
+        self._fingerprint_hex = fingerprint_hex
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["assert_fingerprint"] = self._fingerprint_hex
+        super().init_poolmanager(*args, **kwargs)
+
+    def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        # The pin replaces CA verification. Forced here because requests lets REQUESTS_CA_BUNDLE
+        # override a session-level verify=False; urllib3 marks pinned connections verified.
+        kwargs["verify"] = False
+        return super().send(request, **kwargs)
+
+
+def _field(doc: Mapping[str, Any], name: str, kind: Any, where: str, *, optional: bool = False) -> Any:
+    if name not in doc or doc[name] is None:
+        if optional:
+            return None
+        raise ProtocolError(f"the control plane's {where} response has no field {name!r}")
+    value = doc[name]
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float, (int, float)))
+    if not ok:
+        raise ProtocolError(f"the control plane's {where} response has a malformed field {name!r}")
+    return value
+
+
+class ControlPlane:
+    """Plain calls to the agent API. Thread-safe for use from the heartbeat and command threads."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        fingerprint: Optional[str] = None,
+        source_id: Optional[str] = None,
+        identity: Optional[Identity] = None,
+        connect_timeout: float = 15.0,
+        read_timeout: float = 30.0,
+        agent_version: str = __version__,
+        session: Optional[requests.Session] = None,
+    ) -> None:
+        parts = urlsplit(server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"invalid control plane URL {server!r}: use https://HOST[:PORT]")
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            raise UsageError(
+                f"refusing plain http:// to {parts.hostname}: the control plane must be reached over "
+                "https:// (plain HTTP is accepted only for loopback addresses)"
+            )
+        self.server = server.rstrip("/")
+        self.source_id = source_id
+        self.identity = identity
+        self.agent_version = agent_version
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.fingerprint = normalize_fingerprint(fingerprint) if fingerprint else None
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = f"go2cloud_client/{agent_version}"
+        self.session.headers["Accept"] = "application/json"
+        if self.fingerprint:
+            self.session.mount("https://", _PinnedAdapter(self.fingerprint[len("sha256:"):]))
+        else:
+            self.session.mount("https://", HTTPAdapter(max_retries=0))
+        self.session.mount("http://", HTTPAdapter(max_retries=0))
+        self._token: Optional[str] = None
+        self._token_deadline = 0.0
+        self._token_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.session.close()
+
+    # -- transport --------------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"{self.server}{API_PREFIX}{path}"
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Optional[Mapping[str, Any]] = None,
+        params: Optional[Mapping[str, Any]] = None,
+        auth: bool = True,
+        read_timeout: Optional[float] = None,
+        what: str = "",
+    ) -> Any:
+        """One request; returns the decoded JSON body of a 2xx response. With ``auth`` a 401 is
+        answered by getting a new token once and repeating the request."""
+        for attempt in (1, 2):
+            headers = {}
+            if auth:
+                headers["Authorization"] = f"Bearer {self._bearer(force=attempt == 2)}"
+            try:
+                return self._request(method, path, body=body, params=params, headers=headers,
+                                     read_timeout=read_timeout, what=what)
+            except _Unauthorized as exc:
+                if not auth or attempt == 2:
+                    raise IdentityRejectedError(
+                        f"the control plane rejected this agent's credentials ({exc.message}); "
+                        "if the source was deleted, run go2cloud_client --abort and import again"
+                    ) from None
+                LOG.info("bearer token refused (%s); re-authenticating", exc.code)
+                self._drop_token()
+        raise AssertionError("unreachable")
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Optional[Mapping[str, Any]],
+        params: Optional[Mapping[str, Any]],
+        headers: Dict[str, str],
+        read_timeout: Optional[float],
+        what: str,
+    ) -> Any:
+        url = self._url(path)
+        what = what or path
+        data = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        timeout = (self.connect_timeout, read_timeout or self.read_timeout)
+        started = time.monotonic()
+        try:
+            resp = self.session.request(method, url, data=data, params=params, headers=headers,
+                                        timeout=timeout, stream=True, allow_redirects=False)
+        except requests.exceptions.SSLError as exc:
+            raise self._tls_error(exc) from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            err = ServerUnreachableError(
+                f"cannot reach the control plane at {self.server} ({_short_reason(exc)}); check the "
+                "network, the firewall and the --server URL"
+            )
+            err.request_sent = not _connect_failure(exc)  # type: ignore[attr-defined]
+            raise err from None
+        except requests.exceptions.RequestException as exc:
+            raise ServerUnreachableError(
+                f"request to the control plane at {self.server} failed ({_short_reason(exc)})"
+            ) from None
+        try:
+            raw = self._read_capped(resp, what)
+        finally:
+            resp.close()
+        LOG.debug("%s %s -> %s (%.0f ms, %d bytes)", method, path, resp.status_code,
+                  (time.monotonic() - started) * 1000, len(raw))
+        if 200 <= resp.status_code < 300:
+            return self._decode(raw, what)
+        self._raise_for_error(resp.status_code, raw, what)
+        raise AssertionError("unreachable")
+
+    def _read_capped(self, resp: requests.Response, what: str) -> bytes:
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            raise ProtocolError(
+                f"the control plane's {what} response is too large ({int(declared)} bytes, limit "
+                f"{MAX_RESPONSE_BYTES})"
+            )
+        buf = bytearray()
+        try:
+            for chunk in resp.iter_content(chunk_size=65536):
+                buf += chunk
+                if len(buf) > MAX_RESPONSE_BYTES:
+                    raise ProtocolError(
+                        f"the control plane's {what} response is larger than {MAX_RESPONSE_BYTES} bytes"
+                    )
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.Timeout) as exc:
+            raise ServerUnreachableError(
+                f"the connection to the control plane at {self.server} broke while reading the "
+                f"{what} response ({_short_reason(exc)}); check the network"
+            ) from None
+        return bytes(buf)
+
+    @staticmethod
+    def _decode(raw: bytes, what: str) -> Any:
+        try:
+            return json.loads(raw.decode("utf-8")) if raw else {}
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError(f"the control plane's {what} response is not valid JSON") from None
+
+    def _raise_for_error(self, status: int, raw: bytes, what: str) -> None:
+        code, message = "", ""
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+            err = doc.get("error") if isinstance(doc, dict) else None
+            if isinstance(err, dict):
+                code = err.get("code") if isinstance(err.get("code"), str) else ""
+                message = err.get("message") if isinstance(err.get("message"), str) else ""
+        except (UnicodeDecodeError, ValueError):
+            pass
+        message = _clip(message) or f"HTTP {status}"
+        if status == 401:
+            raise _Unauthorized(code or "unauthorized", message)
+        cls: Optional[Type[Go2CloudError]] = SERVER_CODES.get(code)
+        if cls is not None:
+            raise cls(_operator_message(cls, message))
+        if status >= 500 or status == 429:
+            raise ServerError(f"the control plane failed on {what} (HTTP {status}, {code or 'no code'}): "
+                              f"{message}; it will be retried")
+        if 300 <= status < 400:
+            raise ProtocolError(f"the control plane answered {what} with a redirect (HTTP {status}); "
+                                "check the --server URL")
+        raise RequestRejectedError(f"the control plane refused {what} (HTTP {status}, {code or 'no code'}): "
+                                   f"{message}")
+
+    def _tls_error(self, exc: Exception) -> TLSError:
+        text = str(exc)
+        if self.fingerprint and "ingerprint" in text:
+            return TLSError(
+                f"the certificate of {self.server} does not match the pinned fingerprint "
+                f"{self.fingerprint}; check --server-fingerprint against the control plane's "
+                "certificate (go2cloud_server prints it) and that --server points at it"
+            )
+        return TLSError(
+            f"TLS with {self.server} failed ({_short_reason(exc)}); if the control plane uses its "
+            "own certificate, pass --server-fingerprint sha256:<hex> as printed by go2cloud_server"
+        )
+
+    # -- authentication ---------------------------------------------------------------------
+
+    def _require_source(self) -> str:
+        if not self.source_id or self.identity is None:
+            raise AssertionError("ControlPlane has no source identity (call after import)")
+        return self.source_id
+
+    def _drop_token(self) -> None:
+        with self._token_lock:
+            self._token = None
+            self._token_deadline = 0.0
+
+    def _bearer(self, *, force: bool = False) -> str:
+        with self._token_lock:
+            if force or self._token is None or time.monotonic() >= self._token_deadline:
+                self._token, expires_in = self._authenticate()
+                self._token_deadline = time.monotonic() + max(1.0, expires_in - _TOKEN_MARGIN_S)
+            return self._token
+
+    def _authenticate(self) -> Tuple[str, float]:
+        source_id = self._require_source()
+        assert self.identity is not None
+        sid = quote(source_id, safe="")
+        try:
+            doc = self._request("POST", f"/sources/{sid}/challenge", body={}, params=None, headers={},
+                                read_timeout=None, what="challenge")
+            nonce = _field(_obj(doc, "challenge"), "nonce", str, "challenge")
+            signature = self.identity.sign_token_challenge(source_id, nonce)
+            doc = self._request("POST", f"/sources/{sid}/token",
+                                body={"nonce": nonce, "signature": signature},
+                                params=None, headers={}, read_timeout=None, what="token")
+        except _Unauthorized as exc:
+            raise IdentityRejectedError(
+                f"the control plane did not accept this agent's key ({exc.message}); run "
+                "go2cloud_client --abort and import again"
+            ) from None
+        doc = _obj(doc, "token")
+        token = _field(doc, "token", str, "token")
+        expires_in = _field(doc, "expires_in", (int, float), "token", optional=True) or 300
+        LOG.debug("got a bearer token valid for %ss", expires_in)
+        return token, float(expires_in)
+
+    def authenticate(self) -> None:
+        """Get a bearer token now (proves the identity; raises IdentityRejectedError if not)."""
+        self._bearer(force=True)
+
+    # -- agent API --------------------------------------------------------------------------
+
+    def import_source(
+        self,
+        *,
+        token_id: str,
+        token_code: str,
+        public_key: str,
+        inventory: Mapping[str, Any],
+        previous_source_id: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        body = {
+            "token_id": token_id,
+            "token_code": token_code,
+            "public_key": public_key,
+            "agent_version": self.agent_version,
+            "previous_source_id": previous_source_id,
+            "inventory": dict(inventory),
+        }
+        doc = _obj(self._send("POST", "/sources/import", body=body, auth=False, what="import"), "import")
+        source_id = _field(doc, "source_id", str, "import")
+        if not _SOURCE_ID_RE.match(source_id):
+            raise ProtocolError("the control plane's import response has a malformed field 'source_id'")
+        workgroup = _field(doc, "workgroup", dict, "import")
+        _field(workgroup, "id", str, "import workgroup")
+        _field(workgroup, "name", str, "import workgroup")
+        interval = _field(doc, "heartbeat_interval", (int, float), "import", optional=True)
+        _field(doc, "server_time_epoch", (int, float), "import", optional=True)
+        doc["heartbeat_interval"] = interval or 10
+        return doc
+
+    def heartbeat(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
+        sid = quote(self._require_source(), safe="")
+        doc = _obj(self._send("POST", f"/sources/{sid}/heartbeat", body=payload, what="heartbeat"),
+                   "heartbeat")
+        _field(doc, "server_time_epoch", (int, float), "heartbeat", optional=True)
+        _field(doc, "commands_waiting", bool, "heartbeat", optional=True)
+        _field(doc, "heartbeat_interval", (int, float), "heartbeat", optional=True)
+        return doc
+
+    def poll_commands(self, wait: int = 25) -> List[Dict[str, Any]]:
+        sid = quote(self._require_source(), safe="")
+        wait = max(0, min(60, int(wait)))
+        doc = _obj(self._send("GET", f"/sources/{sid}/commands", params={"wait": wait},
+                              read_timeout=self.read_timeout + wait, what="commands"), "commands")
+        commands = _field(doc, "commands", list, "commands")
+        out = []
+        for item in commands:
+            if not isinstance(item, dict):
+                raise ProtocolError("the control plane's commands response has a malformed field 'commands'")
+            cid = _field(item, "id", str, "commands")
+            if not _SAFE_ID_RE.match(cid):
+                raise ProtocolError("the control plane's commands response has a malformed field 'id'")
+            _field(item, "type", str, "commands")
+            params = item.get("params")
+            if params is None:
+                item["params"] = {}
+            elif not isinstance(params, dict):
+                item["params"] = params  # validated (and rejected) by the command layer
+            out.append(item)
+        return out
+
+    def ack(
+        self,
+        command_id: str,
+        status: str,
+        *,
+        error_code: Optional[str] = None,
+        message: Optional[str] = None,
+        result: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        sid = quote(self._require_source(), safe="")
+        if not _SAFE_ID_RE.match(command_id):
+            raise ValueError(f"invalid command id {command_id!r}")
+        body = {"status": status, "error_code": error_code, "message": message, "result": dict(result or {})}
+        self._send("POST", f"/sources/{sid}/commands/{quote(command_id, safe='')}", body=body, what="ack")
+
+    def get_task(self, task_id: str) -> Dict[str, Any]:
+        sid = quote(self._require_source(), safe="")
+        if not _SAFE_ID_RE.match(task_id):
+            raise ValueError(f"invalid task id {task_id!r}")
+        doc = _obj(self._send("GET", f"/sources/{sid}/tasks/{quote(task_id, safe='')}", what="task"), "task")
+        _field(doc, "task_id", str, "task")
+        _field(doc, "paths", list, "task")
+        _field(doc, "target", dict, "task")
+        return doc
+
+    def post_events(self, events: List[Mapping[str, Any]]) -> None:
+        sid = quote(self._require_source(), safe="")
+        self._send("POST", f"/sources/{sid}/events", body={"events": list(events)[:100]}, what="events")
+
+
+class _Unauthorized(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code)
+        self.code = code
+        self.message = message
+
+
+def _obj(doc: Any, what: str) -> Dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"the control plane's {what} response is not a JSON object")
+    return doc
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short_reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("Failed to establish a new connection: ", "Caused by ", "SSLError("):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    text = re.sub(r"<[^>]*object at 0x[0-9a-f]+>:?\s*", "", text)
+    return _clip(text.strip("()'\" ,"), 160) or type(exc).__name__
+
+
+def _connect_failure(exc: Exception) -> bool:
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    text = str(exc)
+    return any(m in text for m in ("NewConnectionError", "Failed to establish", "Name or service",
+                                   "Connection refused", "No route to host", "nodename nor servname"))
+
+
+_CODE_HINTS = {
+    "code_unknown": "check the token id and token code (copy them again from the console)",
+    "code_expired": "create a new activation code in the console",
+    "code_exhausted": "create a new activation code or raise its use count",
+    "code_revoked": "create a new activation code in the console",
+    "source_unknown": "run go2cloud_client --abort, then import again with a valid activation code",
+    "source_replaced": "this host was imported again elsewhere; run go2cloud_client --abort to forget "
+                       "this import",
+}
+
+
+def _operator_message(cls: Type[Go2CloudError], server_message: str) -> str:
+    hint = _CODE_HINTS.get(cls.code)
+    if cls is IdentityRejectedError:
+        hint = _CODE_HINTS["source_unknown"]
+    base = f"{cls.summary}: {server_message}" if server_message else cls.summary
+    return f"{base}; {hint}" if hint else base
+
+
+# -- retry wrapper ---------------------------------------------------------------------------
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, Go2CloudError) and exc.retryable
+
+
+class RetryingControlPlane:
+    """Wraps a :class:`ControlPlane`: retryable errors (unreachable, 5xx, malformed responses)
+    are retried with capped, jittered exponential backoff; permanent ones (code errors, identity
+    rejected, 4xx) are raised at once.
+
+    ``attempts`` None retries until ``stop_event`` is set. ``on_retry(exc, attempt)`` is called
+    before each wait (the agent uses it to log one warning per outage). Import is retried only
+    when the request never reached the server (a retried import would consume another use of the
+    activation code)."""
+
+    def __init__(
+        self,
+        inner: ControlPlane,
+        *,
+        attempts: Optional[int] = 5,
+        max_wait: float = 30.0,
+        multiplier: float = 0.5,
+        stop_event: Optional[threading.Event] = None,
+        on_retry: Optional[Callable[[BaseException, int], None]] = None,
+        sleep: Optional[Callable[[float], None]] = None,
+    ) -> None:
+        self.inner = inner
+        self.attempts = attempts
+        self.max_wait = max_wait
+        self.multiplier = multiplier
+        self.stop_event = stop_event
+        self.on_retry = on_retry
+        self._sleep = sleep or self._default_sleep
+
+    def _default_sleep(self, seconds: float) -> None:
+        if self.stop_event is not None:
+            self.stop_event.wait(seconds)
+        else:
+            time.sleep(seconds)
+
+    def _retrying(self, predicate: Callable[[BaseException], bool],
+                  attempts: Optional[int]) -> tenacity.Retrying:
+        stops: List[Any] = []
+        if attempts is not None:
+            stops.append(tenacity.stop_after_attempt(attempts))
+        if self.stop_event is not None:
+            event = self.stop_event
+            stops.append(lambda _state: event.is_set())
+        stop: Any = tenacity.stop_any(*stops) if stops else tenacity.stop_never
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            LOG.debug("control plane call failed (attempt %d): %s", state.attempt_number, exc)
+            if self.on_retry is not None and exc is not None:
+                self.on_retry(exc, state.attempt_number)
+
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception(predicate),
+            wait=tenacity.wait_random_exponential(multiplier=self.multiplier, max=self.max_wait),
+            stop=stop,
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    def call(self, fn: Callable[..., Any], *args: Any, attempts: Optional[int] = -1, **kwargs: Any) -> Any:
+        limit = self.attempts if attempts == -1 else attempts
+        return self._retrying(is_retryable, limit)(fn, *args, **kwargs)
+
+    # Mirrors ControlPlane's public calls.
+
+    def import_source(self, **kwargs: Any) -> Dict[str, Any]:
+        def unsent(exc: BaseException) -> bool:
+            return isinstance(exc, ServerUnreachableError) and not getattr(exc, "request_sent", True)
+
+        return self._retrying(unsent, self.attempts)(self.inner.import_source, **kwargs)
+
+    def authenticate(self) -> None:
+        self.call(self.inner.authenticate)
+
+    def heartbeat(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
+        return self.call(self.inner.heartbeat, payload)
+
+    def poll_commands(self, wait: int = 25) -> List[Dict[str, Any]]:
+        return self.call(self.inner.poll_commands, wait)
+
+    def ack(self, command_id: str, status: str, **kwargs: Any) -> None:
+        self.call(self.inner.ack, command_id, status, **kwargs)
+
+    def get_task(self, task_id: str) -> Dict[str, Any]:
+        return self.call(self.inner.get_task, task_id)
+
+    def post_events(self, events: List[Mapping[str, Any]]) -> None:
+        self.call(self.inner.post_events, events)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,202 @@
+"""Layered, typed agent configuration.
+
+Sources, later wins: ``<home>/config.yaml``, then environment variables, then command-line flags.
+Every value is validated into :class:`Config`; a bad value is an error that names the key and
+where it came from (ConfigError for the file and the environment, UsageError for flags), never
+a silent default. Secrets (token code) are not configuration and are never read from the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, Mapping, Optional
+from urllib.parse import urlsplit
+
+import yaml
+
+from go2cloud_client.errors import ConfigError, UsageError
+from go2cloud_client.home import Home
+
+_FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: Optional[str] = None
+    server_fingerprint: Optional[str] = None
+    log_level: str = "INFO"
+    #: Long-poll duration for commands (protocol: 0-60 s).
+    poll_wait_s: int = 25
+    #: Connect timeout for control-plane requests.
+    connect_timeout_s: float = 15.0
+    #: Read timeout for control-plane requests (the long poll adds its wait to this).
+    read_timeout_s: float = 30.0
+    #: rsync binary (default: found on PATH).
+    rsync_path: Optional[str] = None
+
+
+#: config key -> environment variable
+ENV_VARS: Dict[str, str] = {
+    "server": "GO2CLOUD_SERVER",
+    "server_fingerprint": "GO2CLOUD_SERVER_FINGERPRINT",
+    "log_level": "GO2CLOUD_LOG_LEVEL",
+    "poll_wait_s": "GO2CLOUD_POLL_WAIT",
+    "connect_timeout_s": "GO2CLOUD_CONNECT_TIMEOUT",
+    "read_timeout_s": "GO2CLOUD_READ_TIMEOUT",
+    "rsync_path": "GO2CLOUD_RSYNC",
+}
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_server_url(value: str) -> str:
+    """Check a control-plane URL: https (or http to a loopback host), a host, no credentials,
+    no query. Returns it without a trailing slash. Raises ValueError with the reason."""
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http"):
+        raise ValueError("must start with https:// (or http:// for a loopback address)")
+    if not parts.hostname:
+        raise ValueError("has no host name")
+    if parts.username or parts.password:
+        raise ValueError("must not contain credentials")
+    if parts.query or parts.fragment:
+        raise ValueError("must not contain a query or fragment")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError("has an invalid port") from exc
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            "uses plain http:// to a non-loopback host; use https:// (plain HTTP is accepted only "
+            "for 127.0.0.1/::1/localhost)"
+        )
+    return value.rstrip("/")
+
+
+def normalize_fingerprint(value: str) -> str:
+    """``sha256:`` + 64 hex digits (colons allowed, case-insensitive) -> canonical form."""
+    text = value.strip().lower()
+    if not text.startswith("sha256:"):
+        raise ValueError("must look like sha256:<64 hex digits>")
+    text = "sha256:" + text[len("sha256:"):].replace(":", "")
+    if not _FINGERPRINT_RE.match(text):
+        raise ValueError("must look like sha256:<64 hex digits>")
+    return text
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value.strip()
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"must be an integer {lo}-{hi}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be an integer {lo}-{hi}") from exc
+        if isinstance(value, float) and value != number:
+            raise ValueError(f"must be an integer {lo}-{hi}")
+        if not lo <= number <= hi:
+            raise ValueError(f"must be an integer {lo}-{hi}")
+        return number
+
+    return check
+
+
+def _float_range(lo: float, hi: float) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number {lo:g}-{hi:g}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be a number {lo:g}-{hi:g}") from exc
+        if not lo <= number <= hi:
+            raise ValueError(f"must be a number {lo:g}-{hi:g}")
+        return number
+
+    return check
+
+
+def _log_level(value: Any) -> str:
+    text = _str(value).upper()
+    if text not in _LOG_LEVELS:
+        raise ValueError("must be one of " + ", ".join(_LOG_LEVELS))
+    return text
+
+
+_VALIDATORS: Dict[str, Callable[[Any], Any]] = {
+    "server": lambda v: normalize_server_url(_str(v)),
+    "server_fingerprint": lambda v: normalize_fingerprint(_str(v)),
+    "log_level": _log_level,
+    "poll_wait_s": _int_range(0, 60),
+    "connect_timeout_s": _float_range(1, 300),
+    "read_timeout_s": _float_range(1, 600),
+    "rsync_path": _str,
+}
+
+assert set(_VALIDATORS) == {f.name for f in fields(Config)}
+
+
+def _apply(values: Dict[str, Any], raw: Mapping[str, Any], where: Callable[[str], str],
+           error: type) -> None:
+    for key, value in raw.items():
+        if value is None:
+            continue
+        try:
+            values[key] = _VALIDATORS[key](value)
+        except ValueError as exc:
+            raise error(f"{where(key)} {exc}") from exc
+
+
+def read_config_file(home: Home) -> Dict[str, Any]:
+    text = home.read_text(home.config_file)
+    if text is None:
+        return {}
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{home.config_file} is not valid YAML: {exc}") from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{home.config_file} must be a mapping of key: value")
+    unknown = sorted(str(k) for k in doc if k not in _VALIDATORS)
+    if unknown:
+        raise ConfigError(
+            f"{home.config_file}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(_VALIDATORS))})"
+        )
+    return doc
+
+
+def load_config(
+    home: Home,
+    environ: Optional[Mapping[str, str]] = None,
+    flags: Optional[Mapping[str, Any]] = None,
+) -> Config:
+    """Build the effective configuration: file, then environment, then flags."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    values: Dict[str, Any] = {}
+    _apply(values, read_config_file(home), lambda k: f"{home.config_file}: key {k!r}", ConfigError)
+    env_raw = {key: environ.get(var) or None for key, var in ENV_VARS.items()}
+    _apply(values, env_raw, lambda k: f"environment variable {ENV_VARS[k]}", ConfigError)
+    flag_raw = {k: v for k, v in (flags or {}).items() if k in _VALIDATORS}
+    _apply(values, flag_raw, lambda k: "--" + k.replace("_", "-"), UsageError)
+    return Config(**values)

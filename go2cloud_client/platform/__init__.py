@@ -1,0 +1,47 @@
+"""Operating-system differences, chosen once at import.
+
+Everything that depends on the OS (os-release, machine id, block devices, boot mode, file locks,
+signals to process groups, the default agent home) is behind the functions re-exported here.
+Nothing outside this package looks at ``sys.platform`` or reads ``/etc/os-release``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if sys.platform.startswith("win"):  # pragma: no cover - untested on Windows
+    from go2cloud_client.platform import windows as _impl
+else:
+    from go2cloud_client.platform import linux as _impl
+
+from go2cloud_client.platform.distros import Distro, distro_for
+
+NAME: str = _impl.NAME
+#: Whether file-level replication (rsync) can run on this OS.
+SUPPORTS_FILE_MODE: bool = _impl.SUPPORTS_FILE_MODE
+
+os_release = _impl.os_release
+kernel = _impl.kernel
+arch = _impl.arch
+boot_mode = _impl.boot_mode
+read_machine_id = _impl.read_machine_id
+block_devices = _impl.block_devices
+system_home = _impl.system_home
+lock_exclusive = _impl.lock_exclusive
+unlock = _impl.unlock
+pid_alive = _impl.pid_alive
+terminate_pid = _impl.terminate_pid
+kill_process_group = _impl.kill_process_group
+graceful_signals = _impl.graceful_signals
+
+
+def distro() -> Distro | None:
+    """The distribution class of this host (package manager commands), or None if unknown."""
+    return distro_for(os_release())
+
+
+__all__ = [
+    "NAME", "SUPPORTS_FILE_MODE", "Distro", "arch", "block_devices", "boot_mode", "distro",
+    "distro_for", "graceful_signals", "kernel", "kill_process_group", "lock_exclusive",
+    "os_release", "pid_alive", "read_machine_id", "system_home", "terminate_pid", "unlock",
+]

@@ -1,0 +1,576 @@
+"""File-level replication with real rsync, one rsync run per selected path.
+
+Command line (built by :meth:`FileReplicator.build_args`)::
+
+    rsync -aHAXS --numeric-ids --one-file-system --no-inc-recursive --info=progress2 --stats
+          --partial-dir=.go2cloud-partial [--delete] [--modify-window=-1]
+          [--compress --compress-level=N] [--checksum] [--bwlimit=KIB] [--mkpath]
+          --filter='merge FILTER' [--link-dest=REL]
+          -- /src/path/ rsync://USER@HOST:PORT/MODULE/DEST/src/path/
+
+Choices (see also DESIGN section 5):
+
+* **Totals.** ``--no-inc-recursive`` makes rsync build the whole file list before it transfers,
+  so hard links are matched across the whole tree and rsync's own percentage refers to a fixed
+  total. ``bytes_total`` of a path is first an estimate from a quick local scan (same file
+  system, shipped/operator exclusions approximated) that runs while rsync works, and becomes
+  rsync's exact ``Total file size`` when the path finishes. ``bytes_done`` is what rsync reports
+  as transferred (changed files only: an incremental cycle over an unchanged tree finishes far
+  below its total, then jumps to done). ``bytes_sent`` is the file data sent while running and
+  rsync's exact "Total bytes sent" (wire bytes, after compression) once the path is finished.
+* **Compression** 0-10 -> no ``-z`` for 0, else ``--compress-level=min(N, 9)`` (zlib and zstd
+  both accept 1-9; 10 is the console's "maximum" and means 9).
+* **Bandwidth** Mbit/s -> ``--bwlimit`` in rsync's unit, KiB/s (1024 bytes): 1 Mbit/s =
+  125,000 B/s = 122.07 KiB/s; rounded down (at least 1) so the limit is never exceeded.
+* **Destination parents.** rsync does not create missing parents of the destination. With
+  rsync >= 3.2.3 we pass ``--mkpath``; with older rsync an empty-directory transfer creates the
+  parents first.
+* **Time stamps.** ``--modify-window=-1`` (rsync >= 3.1.3) makes rsync compare and preserve
+  mtimes to the nanosecond. Without it a directory or symlink whose mtime falls in the same second
+  in which rsync creates it on the target keeps the target's creation time (seen with 3.5.0).
+* **Secrets.** The password reaches rsync only as ``RSYNC_PASSWORD`` in the child environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from go2cloud_client import subp
+from go2cloud_client.errors import ReplicationError, RsyncMissingError
+from go2cloud_client.replication import excludes as excludes_mod
+from go2cloud_client.replication.progress import StatsParser, parse_progress
+
+LOG = logging.getLogger(__name__)
+
+PARTIAL_DIR = ".go2cloud-partial"
+PROGRESS_INTERVAL = 0.5
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_CYCLE_DIR_RE = re.compile(r"^[0-9]{6}$")
+#: rsync exit codes that mean "network, daemon or authentication trouble": retry later.
+RETRYABLE_CODES = {5: "error starting the client-server protocol (wrong password or module?)",
+                   10: "error in socket I/O", 12: "error in the rsync protocol data stream",
+                   30: "timeout in data send/receive", 35: "timeout waiting for the daemon connection"}
+
+
+class RsyncPartialTransferError(ReplicationError):
+    """rsync exit 23: some files could not be transferred (the message names them)."""
+
+    code = "rsync_partial_transfer"
+    summary = "rsync could not transfer some files (unreadable, permissions, I/O errors)"
+    retryable = False
+
+
+class RsyncVanishedError(ReplicationError):
+    """rsync exit 24 on every pass: files keep disappearing while they are copied."""
+
+    code = "rsync_files_vanishing"
+    summary = "files kept vanishing during every rsync pass"
+    retryable = True
+
+
+class RsyncConnectionError(ReplicationError):
+    """rsync exit 5/10/12/30/35: the target could not be reached or refused us."""
+
+    code = "rsync_connection_failed"
+    summary = "rsync could not connect to or authenticate with the target"
+    retryable = True
+
+
+class TransferCancelled(Exception):
+    """The cancel event was set; rsync was stopped. Not an error: the cycle can be rerun."""
+
+
+@dataclass(frozen=True)
+class RsyncTarget:
+    host: str
+    port: int
+    module: str
+    user: str
+    password: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return (f"RsyncTarget(host={self.host!r}, port={self.port!r}, module={self.module!r}, "
+                f"user={self.user!r}, password='***')")
+
+    def url(self, subpath: str = "") -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"rsync://{self.user}@{host}:{self.port}/{self.module}/{subpath}"
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    bandwidth_mbps: int = 0
+    compression: int = 7
+    checksum: bool = False
+
+
+@dataclass(frozen=True)
+class Cycle:
+    number: int
+    dest: str
+    link_dest: Optional[str]
+    incremental: bool
+
+
+@dataclass
+class PathProgress:
+    path: str
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_sent: int = 0
+    rate_bps: float = 0.0
+    eta_s: Optional[float] = None
+    state: str = "waiting"  # waiting|running|done
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
+                "bytes_sent": self.bytes_sent, "rate_bps": round(self.rate_bps, 1),
+                "eta_s": None if self.eta_s is None else round(self.eta_s, 1), "state": self.state}
+
+
+@dataclass
+class Progress:
+    bytes_total: int
+    bytes_done: int
+    bytes_sent: int
+    rate_bps: float
+    eta_s: Optional[float]
+    paths: List[PathProgress]
+
+    def to_dict(self) -> dict:
+        return {"bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
+                "bytes_sent": self.bytes_sent, "rate_bps": round(self.rate_bps, 1),
+                "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+                "paths": [p.to_dict() for p in self.paths]}
+
+
+@dataclass
+class CycleResult:
+    cycle: int
+    bytes_total: int
+    bytes_sent: int
+    files: int
+    passes: int
+    started_at: str
+    finished_at: str
+
+    def to_dict(self) -> dict:
+        return {"cycle": self.cycle, "bytes_total": self.bytes_total, "bytes_sent": self.bytes_sent,
+                "files": self.files, "passes": self.passes, "started_at": self.started_at,
+                "finished_at": self.finished_at}
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def find_rsync() -> Optional[str]:
+    """Absolute path of rsync on PATH (or in the usual places), None if not installed."""
+    found = shutil.which("rsync")
+    if found:
+        return found
+    for candidate in ("/usr/bin/rsync", "/bin/rsync", "/usr/local/bin/rsync"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def rsync_version(rsync_path: str = "rsync") -> Tuple[int, int, int]:
+    """(major, minor, patch) from ``rsync --version``; RsyncMissingError if it cannot run."""
+    try:
+        out = subp.run([rsync_path, "--version"], timeout=30).stdout
+    except subp.ProcessError as exc:
+        raise RsyncMissingError(
+            f"rsync is not usable ({exc}): re-run with --yes to install it, or install the "
+            "'rsync' package with your package manager") from exc
+    return parse_version(out)
+
+
+def parse_version(text: str) -> Tuple[int, int, int]:
+    m = re.search(r"rsync\s+version\s+v?(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        raise RsyncMissingError("cannot read the version of rsync from 'rsync --version'")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def bwlimit_kib(mbps: int) -> int:
+    """Mbit/s -> rsync --bwlimit value in KiB/s (rounded down, at least 1); 0 = unlimited."""
+    if mbps <= 0:
+        return 0
+    return max(1, (mbps * 125_000) // 1024)
+
+
+def compress_level(level: int) -> Optional[int]:
+    """Console level 0-10 -> rsync --compress-level (None = no compression)."""
+    if not 0 <= level <= 10:
+        raise ValueError(f"compression must be 0-10, not {level}")
+    return None if level == 0 else min(level, 9)
+
+
+def dest_subpath(cycle_dir: str, path: str) -> str:
+    """Module-relative destination directory of source ``path`` in cycle ``cycle_dir``."""
+    rel = path.strip("/")
+    return f"{cycle_dir}/{rel}/" if rel else f"{cycle_dir}/"
+
+
+def link_dest_arg(cycle: Cycle, path: str) -> Optional[str]:
+    """``--link-dest`` value: relative path from the destination dir to the same path under
+    ``cycle.link_dest`` (rsync resolves a relative --link-dest against the destination dir)."""
+    if not cycle.link_dest:
+        return None
+    parts = [p for p in path.strip("/").split("/") if p]
+    return "/".join([".."] * (len(parts) + 1) + [cycle.link_dest] + parts)
+
+
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def failed_paths(stderr: str) -> List[str]:
+    """Paths named in rsync's per-file error messages, in order, without duplicates."""
+    out: List[str] = []
+    for line in stderr.splitlines():
+        low = line.lower()
+        if not (low.startswith("rsync:") or low.startswith("file has vanished") or "failed" in low):
+            continue
+        if low.startswith("rsync error:"):
+            continue
+        m = _QUOTED.search(line)
+        if m and m.group(1) not in out:
+            out.append(m.group(1))
+    return out
+
+
+def _check_path(path: str) -> str:
+    if not path.startswith("/") or "\x00" in path or "\n" in path:
+        raise ValueError(f"invalid source path {path!r}: must be absolute without NUL or newline")
+    norm = posixpath.normpath(path)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    if norm != path.rstrip("/") and not (path == "/" and norm == "/"):
+        raise ValueError(f"invalid source path {path!r}: not normalised")
+    if ".." in norm.split("/"):
+        raise ValueError(f"invalid source path {path!r}: contains '..'")
+    return norm
+
+
+class _PathRun:
+    """Live state of one rsync run (shared between the reader thread and the caller)."""
+
+    def __init__(self, progress: PathProgress) -> None:
+        self.progress = progress
+        self.stats = StatsParser()
+
+
+class FileReplicator:
+    """Replicates ``paths`` into an rsync daemon module, one cycle at a time.
+
+    Not thread-safe: one :meth:`run_cycle` at a time. ``on_progress`` is called from the rsync
+    output reader thread (at most every ~0.5 s) and on every path transition.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: RsyncTarget,
+        paths: Sequence[str],
+        options: TransferOptions,
+        excludes_file: Path,
+        work_dir: Path,
+        rsync_path: str = "rsync",
+        on_progress: Callable[[Progress], None] = lambda p: None,
+        max_passes: int = 5,
+        on_child: Callable[[Optional[int]], None] = lambda pid: None,
+        version: Optional[Tuple[int, int, int]] = None,
+        estimate_totals: bool = True,
+    ) -> None:
+        for kind, value in (("module", target.module), ("user", target.user)):
+            if not _NAME_RE.match(value):
+                raise ValueError(f"invalid rsync {kind} {value!r}")
+        if not 1 <= int(target.port) <= 65535:
+            raise ValueError(f"invalid rsync port {target.port!r}")
+        compress_level(options.compression)
+        if options.bandwidth_mbps < 0:
+            raise ValueError("bandwidth_mbps must be >= 0")
+        if not paths:
+            raise ValueError("no paths to replicate")
+        self.target = target
+        self.paths = [_check_path(p) for p in paths]
+        self.options = options
+        self.excludes_file = Path(excludes_file)
+        self.work_dir = Path(work_dir)
+        self.rsync_path = rsync_path
+        self.on_progress = on_progress
+        self.max_passes = max(1, max_passes)
+        self.on_child = on_child
+        self._version = version
+        self.estimate_totals = estimate_totals
+        self._lock = threading.Lock()
+        self._last_emit = 0.0
+        self._progress: List[PathProgress] = []
+
+    # -- arguments -------------------------------------------------------------------------------
+    @property
+    def version(self) -> Tuple[int, int, int]:
+        if self._version is None:
+            self._version = rsync_version(self.rsync_path)
+        return self._version
+
+    @property
+    def has_mkpath(self) -> bool:
+        return self.version >= (3, 2, 3)
+
+    @property
+    def filter_file(self) -> Path:
+        return self.work_dir / "rsync-filter"
+
+    def build_args(self, cycle: Cycle, path: str) -> List[str]:
+        """The rsync argument list for one path of ``cycle`` (no secrets in it)."""
+        bad_link = cycle.link_dest is not None and not _CYCLE_DIR_RE.match(cycle.link_dest)
+        if not _CYCLE_DIR_RE.match(cycle.dest) or bad_link:
+            raise ValueError("cycle dest and link_dest must be six-digit directory names")
+        opts = self.options
+        args = [self.rsync_path, "-aHAXS", "--numeric-ids", "--one-file-system", "--no-inc-recursive",
+                "--info=progress2", "--stats", f"--partial-dir={PARTIAL_DIR}"]
+        if cycle.incremental:
+            args.append("--delete")
+        level = compress_level(opts.compression)
+        if level is not None:
+            args += ["--compress", f"--compress-level={level}"]
+        if opts.checksum:
+            args.append("--checksum")
+        kib = bwlimit_kib(opts.bandwidth_mbps)
+        if kib:
+            args.append(f"--bwlimit={kib}")
+        if self.version >= (3, 1, 3):
+            # compare and set mtimes to the nanosecond; with the default (whole seconds) rsync
+            # leaves a directory or symlink created in the same second as its source's mtime
+            # with the target's creation time
+            args.append("--modify-window=-1")
+        if self.has_mkpath:
+            args.append("--mkpath")
+        args.append(f"--filter=merge {self.filter_file}")
+        link = link_dest_arg(cycle, path)
+        if link:
+            args.append(f"--link-dest={link}")
+        src = path.rstrip("/") + "/"
+        args += ["--", src, self.target.url(dest_subpath(cycle.dest, path))]
+        return args
+
+    def _env(self) -> Dict[str, str]:
+        return subp.child_env(extra={"RSYNC_PASSWORD": self.target.password})
+
+    # -- progress --------------------------------------------------------------------------------
+    def snapshot(self) -> Progress:
+        with self._lock:
+            paths = [PathProgress(**vars(p)) for p in self._progress]
+        total = sum(p.bytes_total for p in paths)
+        done = sum(p.bytes_done for p in paths)
+        sent = sum(p.bytes_sent for p in paths)
+        running = [p for p in paths if p.state == "running"]
+        rate = sum(p.rate_bps for p in running)
+        eta: Optional[float] = None
+        if rate > 0:
+            eta = max(0.0, (total - done) / rate)
+        elif paths and all(p.state == "done" for p in paths):
+            eta = 0.0
+        return Progress(total, done, sent, rate, eta, paths)
+
+    def _emit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_emit < PROGRESS_INTERVAL:
+            return
+        self._last_emit = now
+        try:
+            self.on_progress(self.snapshot())
+        except Exception:
+            LOG.exception("progress callback failed")
+
+    def _on_line(self, run: _PathRun, line: str) -> None:
+        if run.stats.feed(line):
+            return
+        parsed = parse_progress(line)
+        if parsed is None:
+            return
+        with self._lock:
+            p = run.progress
+            p.bytes_done = max(p.bytes_done, parsed.bytes_done)
+            p.bytes_sent = p.bytes_done
+            p.rate_bps = parsed.rate_bps
+            if parsed.percent >= 5 and not parsed.incremental_scan:
+                # rsync's percentage is of the path's total file size (fixed: no inc-recursion)
+                p.bytes_total = max(p.bytes_total, parsed.bytes_done * 100 // parsed.percent)
+            p.bytes_total = max(p.bytes_total, p.bytes_done)
+            p.eta_s = (p.bytes_total - p.bytes_done) / p.rate_bps if p.rate_bps > 0 else parsed.eta_s
+        self._emit()
+
+    def _estimate(self, rules: List[excludes_mod.Rule], cancel: threading.Event) -> None:
+        """Background scan: approximate bytes per path, until rsync reports exact numbers."""
+        matcher = excludes_mod.Matcher(rules)
+        for i, path in enumerate(self.paths):
+            total = 0
+            try:
+                root_dev = os.lstat(path).st_dev
+                stack = [""]
+                while stack and not cancel.is_set():
+                    rel_dir = stack.pop()
+                    with os.scandir(os.path.join(path, rel_dir) if rel_dir else path) as it:
+                        for entry in it:
+                            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                            try:
+                                st = entry.stat(follow_symlinks=False)
+                            except OSError:
+                                continue
+                            is_dir = stat.S_ISDIR(st.st_mode)
+                            if matcher.excluded(rel, is_dir):
+                                continue
+                            if is_dir and st.st_dev == root_dev:
+                                stack.append(rel)
+                            elif stat.S_ISREG(st.st_mode):
+                                total += st.st_size
+            except OSError:
+                pass
+            if cancel.is_set():
+                return
+            with self._lock:
+                p = self._progress[i]
+                if p.state != "done":
+                    p.bytes_total = max(p.bytes_total, total, p.bytes_done)
+
+    # -- running -----------------------------------------------------------------------------------
+    def _spawn(self, args: List[str], on_line: Callable[[str], None]) -> subp.StreamingProcess:
+        return subp.StreamingProcess(args, on_line=on_line, env=self._env())
+
+    def _run_rsync(
+        self, args: List[str], run: Optional[_PathRun], cancel: threading.Event
+    ) -> Tuple[int, str]:
+        def on_line(line: str) -> None:
+            if run is not None:
+                self._on_line(run, line)
+
+        LOG.debug("rsync %s", args)
+        proc = self._spawn(args, on_line)
+        self.on_child(proc.pid)
+        try:
+            while True:
+                if cancel.is_set():
+                    proc.terminate()
+                    proc.wait(timeout=30)
+                    raise TransferCancelled("transfer cancelled")
+                rc = proc.poll()
+                if rc is not None:
+                    rc = proc.wait(timeout=30)
+                    return rc, proc.stderr
+                cancel.wait(0.1)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            self.on_child(None)
+
+    def _make_parents(self, cycle: Cycle, path: str, cancel: threading.Event) -> None:
+        """For rsync < 3.2.3: create the destination's parent directories with an empty transfer."""
+        parts = [p for p in path.strip("/").split("/") if p]
+        if len(parts) < 2:
+            return
+        with tempfile.TemporaryDirectory(dir=str(self.work_dir)) as empty:
+            for depth in range(1, len(parts)):
+                sub = "/".join([cycle.dest] + parts[:depth]) + "/"
+                args = [self.rsync_path, "-d", "--", empty + "/", self.target.url(sub)]
+                rc, err = self._run_rsync(args, None, cancel)
+                if rc != 0:
+                    self._raise_for(rc, err, path)
+
+    def _raise_for(self, rc: int, stderr: str, path: str) -> None:
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        if rc in RETRYABLE_CODES:
+            hint = RETRYABLE_CODES[rc]
+            raise RsyncConnectionError(
+                f"rsync of {path} to {self.target.host}:{self.target.port} failed with exit {rc} "
+                f"({hint}): check that the target is reachable, the task's module exists and the "
+                f"credentials are current; rsync said: {tail}")
+        if rc == 23:
+            failed = failed_paths(stderr)
+            shown = ", ".join(failed[:5]) if failed else "(rsync named no file)"
+            more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+            raise RsyncPartialTransferError(
+                f"rsync could not transfer {len(failed) or 'some'} file(s) of {path}: {shown}{more}; "
+                f"fix the files (permissions, I/O errors) or exclude them, then sync again",
+                detail=stderr[-4000:])
+        raise ReplicationError(f"rsync of {path} failed with exit {rc}: {tail}", detail=stderr[-4000:])
+
+    def run_cycle(self, cycle: Cycle, cancel: threading.Event) -> CycleResult:
+        """Run one sync cycle over all paths. Raises TransferCancelled if ``cancel`` is set,
+        ReplicationError (or a subclass) on failure; returns the cycle's totals on success."""
+        started = _utc_now()
+        rules = excludes_mod.load(self.excludes_file)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        excludes_mod.write_filter_file(rules, self.filter_file)
+        with self._lock:
+            self._progress = [PathProgress(path=p) for p in self.paths]
+        estimator_stop = threading.Event()
+        if self.estimate_totals:
+            threading.Thread(target=self._estimate, args=(rules, estimator_stop),
+                             name="rsync-estimate", daemon=True).start()
+        total = sent = files = 0
+        passes_max = 0
+        try:
+            for i, path in enumerate(self.paths):
+                if cancel.is_set():
+                    raise TransferCancelled("transfer cancelled")
+                if not self.has_mkpath:
+                    self._make_parents(cycle, path, cancel)
+                args = self.build_args(cycle, path)
+                passes = 0
+                while True:
+                    passes += 1
+                    run = _PathRun(self._progress[i])
+                    with self._lock:
+                        run.progress.state = "running"
+                        run.progress.bytes_done = 0
+                    self._emit(force=True)
+                    LOG.info("cycle %s: rsync %s (pass %s)", cycle.number, path, passes)
+                    rc, err = self._run_rsync(args, run, cancel)
+                    if rc == 24 and passes < self.max_passes:
+                        LOG.warning("cycle %s: files vanished under %s during pass %s; running another pass",
+                                    cycle.number, path, passes)
+                        continue
+                    if rc == 24:
+                        raise RsyncVanishedError(
+                            f"files under {path} kept vanishing during {passes} rsync passes "
+                            f"(e.g. {', '.join(failed_paths(err)[:3]) or 'unknown'}): exclude "
+                            "directories with short-lived files (caches, spools) or stop the "
+                            "application writing them, then sync again", detail=err[-4000:])
+                    if rc != 0:
+                        self._raise_for(rc, err, path)
+                    break
+                st = run.stats.stats
+                with self._lock:
+                    p = run.progress
+                    p.state = "done"
+                    p.bytes_total = st.total_file_size if st.total_file_size is not None else p.bytes_total
+                    p.bytes_done = p.bytes_total
+                    p.bytes_sent = st.bytes_sent if st.bytes_sent is not None else p.bytes_sent
+                    p.rate_bps = 0.0
+                    p.eta_s = 0.0
+                self._emit(force=True)
+                total += p.bytes_total
+                sent += p.bytes_sent
+                files += st.regular_files if st.regular_files is not None else (st.files or 0)
+                passes_max = max(passes_max, passes)
+                LOG.info("cycle %s: %s done (%s bytes, %s sent, %s passes)", cycle.number, path,
+                         p.bytes_total, p.bytes_sent, passes)
+        finally:
+            estimator_stop.set()
+        return CycleResult(cycle=cycle.number, bytes_total=total, bytes_sent=sent, files=files,
+                           passes=passes_max, started_at=started, finished_at=_utc_now())

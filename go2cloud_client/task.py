@@ -1,0 +1,468 @@
+"""The task runner for mode ``file``: one task at a time, its sync cycles on a worker thread.
+
+State machine (``status`` in ``state/task.json``)::
+
+    start/sync/finalize(cycle) -> running --success--> waiting   (finalize: completed, forgotten)
+                                          --failure--> failed    (next ``sync`` tries again)
+    running --pause--> paused --resume--> running (the interrupted cycle again)
+    running --modify--> running (rsync restarted with the new options; same cycle)
+    any --abort--> forgotten (the command that started the cycle is acknowledged failed)
+
+The command that started a cycle is acknowledged when the cycle ends (``succeeded`` with the
+cycle's result, or ``failed`` with an error code); other commands are answered at once. The task
+file never holds the target password: when a cycle (re)starts without the ``start`` command at
+hand the target is fetched again with ``fetch_task`` (``GET /tasks/{id}``). After an agent
+restart a cycle that was running (not paused) is resumed automatically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from go2cloud_client.commands import Command, CycleSpec, Options, TargetSpec, parse_task
+from go2cloud_client.console import human_bytes
+from go2cloud_client.errors import Go2CloudError, ReplicationError
+from go2cloud_client.home import Home
+from go2cloud_client.replication.rsync import Cycle, TransferCancelled
+
+LOG = logging.getLogger(__name__)
+
+RUNNING, WAITING, PAUSED, FAILED, COMPLETED = "running", "waiting", "paused", "failed", "completed"
+_PHASES = {"full": "full_sync", "incremental": "incremental_sync", "final": "final_sync"}
+_KIND_LABEL = {"full": "Full sync", "incremental": "Incremental sync", "final": "Final sync"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final answer to a command handled at once."""
+
+    status: str  # succeeded | failed
+    error_code: Optional[str] = None
+    message: Optional[str] = None
+    result: Optional[Dict[str, Any]] = None
+
+
+def _ok(message: Optional[str] = None, **result: Any) -> Outcome:
+    return Outcome("succeeded", None, message, result or {})
+
+
+def _fail(code: str, message: str) -> Outcome:
+    return Outcome("failed", code, message, {})
+
+
+#: (cid, status, error_code, message, result) -> None; must not block for long.
+AckFn = Callable[[str, str, Optional[str], Optional[str], Optional[Dict[str, Any]]], None]
+#: (level, code, message) -> None
+NotifyFn = Callable[[str, str, str], None]
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        home: Home,
+        *,
+        replicator_factory: Callable[..., Any],
+        fetch_task: Callable[[str], Dict[str, Any]],
+        ack: AckFn,
+        notify: NotifyFn = lambda level, code, message: None,
+        on_progress: Callable[[Any], None] = lambda progress: None,
+        on_child: Callable[[Optional[int]], None] = lambda pid: None,
+        transient_retries: int = 3,
+        retry_delay: float = 5.0,
+        isdir: Callable[[str], bool] = os.path.isdir,
+        join_timeout: float = 60.0,
+    ) -> None:
+        self.home = home
+        self._factory = replicator_factory
+        self._fetch_task = fetch_task
+        self._ack = ack
+        self._notify = notify
+        self._on_progress_cb = on_progress
+        self._on_child = on_child
+        self.transient_retries = transient_retries
+        self.retry_delay = retry_delay
+        self._isdir = isdir
+        self._join_timeout = join_timeout
+        self._lock = threading.RLock()
+        self._task: Optional[Dict[str, Any]] = None
+        self._target: Optional[TargetSpec] = None
+        self._worker: Optional[threading.Thread] = None
+        self._cancel = threading.Event()
+        self._gen = 0
+        self._progress: Any = None
+        self._last_state = "idle"
+        self._old: Optional[threading.Thread] = None
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def load(self, *, resume: bool = True) -> None:
+        """Load ``state/task.json``; with ``resume`` restart a cycle that was running."""
+        doc = self.home.read_state(self.home.task_file)
+        with self._lock:
+            self._task = doc
+            if doc and doc.get("status") == RUNNING and doc.get("cycle") and resume:
+                LOG.info("resuming task %s cycle %s after an agent restart",
+                         doc["task_id"], doc["cycle"]["number"])
+                self._notify("info", "cycle_resumed",
+                             f"{_KIND_LABEL.get(doc.get('cycle_kind'), 'Sync')} of task {doc['task_id']} "
+                             f"resumed after an agent restart (cycle {doc['cycle']['number']})")
+                self._start_worker()
+
+    def _save(self) -> None:
+        if self._task is None:
+            self.home.remove(self.home.task_file)
+        else:
+            self.home.write_state(self.home.task_file, self._task)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @property
+    def task(self) -> Optional[Dict[str, Any]]:
+        with self._lock:
+            return dict(self._task) if self._task else None
+
+    def cycle_command(self) -> Optional[str]:
+        """The command id whose cycle is running, paused or will resume (kept 'accepted')."""
+        with self._lock:
+            return self._task.get("cycle_command") if self._task and self._task.get("cycle") else None
+
+    def is_running(self) -> bool:
+        with self._lock:
+            return self._worker is not None and self._worker.is_alive()
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The task part of a heartbeat / status: state, task_id, phase, cycle, progress, last_error."""
+        with self._lock:
+            task = self._task
+            if task is None:
+                return {"state": self._last_state, "task_id": None, "phase": None, "cycle": None,
+                        "progress": None, "last_error": None}
+            status = task["status"]
+            state = {RUNNING: "running", WAITING: "running", PAUSED: "paused",
+                     FAILED: "failed"}.get(status, status)
+            cycle = task.get("cycle")
+            phase = _PHASES.get(task.get("cycle_kind") or "") if cycle else "waiting"
+            progress = None
+            if status == RUNNING and self._progress is not None:
+                progress = self._progress.to_dict() if hasattr(self._progress, "to_dict") else self._progress
+            return {
+                "state": state, "task_id": task["task_id"], "phase": phase,
+                "cycle": cycle["number"] if cycle else task.get("last_cycle"),
+                "progress": progress, "last_error": task.get("last_error"),
+            }
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def handle(self, cmd: Command) -> Optional[Outcome]:
+        """Apply a validated command. Returns the final outcome, or None when the command started
+        a cycle (its final acknowledgement comes through ``ack`` when the cycle ends)."""
+        handler = getattr(self, f"_cmd_{cmd.type}", None)
+        if handler is None:
+            return _fail("unsupported", f"command type {cmd.type!r} is not supported")
+        return handler(cmd)
+
+    def _mismatch(self, cmd: Command) -> Optional[Outcome]:
+        if self._task is None:
+            return _fail("task_unknown", f"this source has no task {cmd.task_id} (no task is active)")
+        if self._task["task_id"] != cmd.task_id:
+            return _fail("task_unknown", f"this source has no task {cmd.task_id} (active task: "
+                                         f"{self._task['task_id']})")
+        return None
+
+    def _cmd_start(self, cmd: Command) -> Optional[Outcome]:
+        assert cmd.cycle is not None and cmd.options is not None and cmd.target is not None
+        with self._lock:
+            if self._task is not None and self._task["task_id"] != cmd.task_id:
+                return _fail("task_busy", f"task {self._task['task_id']} is still active on this source; "
+                                          "cancel it before starting another")
+        self._stop_worker()
+        with self._lock:
+            previous = self._task.get("cycle_command") if self._task else None
+            self._task = {
+                "task_id": cmd.task_id, "mode": cmd.mode, "paths": list(cmd.paths),
+                "options": cmd.options.to_dict(), "status": RUNNING, "cycle": cmd.cycle.to_dict(),
+                "cycle_kind": "full", "cycle_command": cmd.id, "last_cycle": None, "last_error": None,
+            }
+            self._target = cmd.target
+            self._save()
+            self._start_worker()
+        if previous and previous != cmd.id:
+            self._ack(previous, "failed", "superseded", f"superseded by command {cmd.id}", {})
+        return None
+
+    def _begin_cycle(self, cmd: Command, kind: str) -> Optional[Outcome]:
+        assert cmd.cycle is not None
+        with self._lock:
+            bad = self._mismatch(cmd)
+            if bad:
+                return bad
+            assert self._task is not None
+            status = self._task["status"]
+            if status == RUNNING:
+                return _fail("task_busy", f"cycle {self._task['cycle']['number']} of task "
+                                          f"{cmd.task_id} is still running")
+            if status == PAUSED:
+                return _fail("task_paused", f"task {cmd.task_id} is paused; resume it first")
+            self._task.update({"status": RUNNING, "cycle": cmd.cycle.to_dict(), "cycle_kind": kind,
+                               "cycle_command": cmd.id})
+            self._target = None  # fetched again (never stored)
+            self._save()
+            self._start_worker()
+        return None
+
+    def _cmd_sync(self, cmd: Command) -> Optional[Outcome]:
+        return self._begin_cycle(cmd, "incremental")
+
+    def _cmd_finalize(self, cmd: Command) -> Optional[Outcome]:
+        if cmd.cycle is not None:
+            return self._begin_cycle(cmd, "final")
+        with self._lock:
+            bad = self._mismatch(cmd)
+            if bad:
+                return bad
+            assert self._task is not None
+            if self._task["status"] == RUNNING:
+                return _fail("task_busy", f"cycle {self._task['cycle']['number']} of task "
+                                          f"{cmd.task_id} is still running")
+            last = self._task.get("last_cycle")
+            self._forget(COMPLETED)
+        self._notify("info", "task_completed", f"Task {cmd.task_id} completed (no final sync)")
+        return _ok("task completed", last_cycle=last)
+
+    def _cmd_pause(self, cmd: Command) -> Optional[Outcome]:
+        with self._lock:
+            bad = self._mismatch(cmd)
+            if bad:
+                return bad
+            assert self._task is not None
+            if self._task["status"] == PAUSED:
+                return _ok("already paused")
+            self._task["status"] = PAUSED
+            self._save()
+            self._cancel_worker()
+        self._join_old()
+        self._notify("info", "task_paused", f"Task {cmd.task_id} paused")
+        return _ok("paused")
+
+    def _cmd_resume(self, cmd: Command) -> Optional[Outcome]:
+        with self._lock:
+            bad = self._mismatch(cmd)
+            if bad:
+                return bad
+            assert self._task is not None
+            if self._task["status"] != PAUSED:
+                return _ok(f"task is not paused (it is {self._task['status']})")
+            if self._task.get("cycle"):
+                self._task["status"] = RUNNING
+                self._target = None
+                self._save()
+                self._start_worker()
+                msg = f"resumed cycle {self._task['cycle']['number']}"
+            else:
+                self._task["status"] = FAILED if self._task.get("last_error") else WAITING
+                self._save()
+                msg = "resumed (no cycle was interrupted)"
+        self._notify("info", "task_resumed", f"Task {cmd.task_id} {msg}")
+        return _ok(msg)
+
+    def _cmd_modify(self, cmd: Command) -> Optional[Outcome]:
+        with self._lock:
+            bad = self._mismatch(cmd)
+            if bad:
+                return bad
+            assert self._task is not None
+            options = dict(self._task["options"])
+            options.update(cmd.changes)
+            self._task["options"] = options
+            self._save()
+            restart = self._task["status"] == RUNNING and self._worker is not None
+            if restart:
+                self._cancel_worker()
+        if restart:
+            self._join_old()
+            with self._lock:
+                if self._task is not None and self._task["status"] == RUNNING and self._worker is None:
+                    self._start_worker()
+        what = ", ".join(f"{k}={v}" for k, v in cmd.changes.items()) or "nothing"
+        self._notify("info", "task_modified", f"Task {cmd.task_id} modified: {what}"
+                     + (" (transfer restarted with the new options)" if restart else ""))
+        return _ok("options applied", options=options)
+
+    def _cmd_abort(self, cmd: Command) -> Optional[Outcome]:
+        with self._lock:
+            if self._task is None or self._task["task_id"] != cmd.task_id:
+                return _ok(f"task {cmd.task_id} is not active here; nothing to abort")
+            pending = self._task.get("cycle_command") if self._task.get("cycle") else None
+            self._cancel_worker()
+            self._forget("idle")
+        self._join_old()
+        if pending:
+            self._ack(pending, "failed", "task_aborted", "the task was aborted", {})
+        self._notify("info", "task_aborted", f"Task {cmd.task_id} aborted; the agent forgot it")
+        return _ok("aborted")
+
+    def _forget(self, state: str) -> None:
+        self._task = None
+        self._target = None
+        self._progress = None
+        self._last_state = state
+        self._save()
+
+    # -- worker -----------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        """Start the cycle of the current task on a new worker (caller holds the lock)."""
+        assert self._task is not None and self._task.get("cycle")
+        self._gen += 1
+        self._cancel = threading.Event()
+        self._progress = None
+        task = self._task
+        args = (self._gen, self._cancel, task["task_id"], CycleSpec(**task["cycle"]), task["cycle_kind"],
+                task["cycle_command"], tuple(task["paths"]), Options(**task["options"]))
+        self._worker = threading.Thread(target=self._work, args=args, name=f"cycle-{task['cycle']['number']}",
+                                        daemon=True)
+        self._worker.start()
+
+    def _cancel_worker(self) -> None:
+        """Cancel the running worker (caller holds the lock); :meth:`_join_old` waits for it."""
+        self._gen += 1
+        self._cancel.set()
+        self._old = self._worker
+        self._worker = None
+
+    def _join_old(self) -> None:
+        old = self._old
+        if old is not None and old is not threading.current_thread():
+            old.join(self._join_timeout)
+            if old.is_alive():
+                LOG.warning("the cancelled transfer did not stop within %ss", self._join_timeout)
+        self._old = None
+
+    def _stop_worker(self) -> None:
+        with self._lock:
+            self._cancel_worker()
+        self._join_old()
+
+    def shutdown(self) -> None:
+        """Agent stopping: stop the transfer, keep the task as it is (a restart resumes it)."""
+        self._stop_worker()
+
+    def _current(self, gen: int, cancel: threading.Event) -> bool:
+        return gen == self._gen and not cancel.is_set()
+
+    def _progress_cb(self, gen: int) -> Callable[[Any], None]:
+        def on_progress(progress: Any) -> None:
+            with self._lock:
+                if gen != self._gen:
+                    return
+                self._progress = progress
+            self._on_progress_cb(progress)
+        return on_progress
+
+    def _resolve(self, task_id: str, paths: Tuple[str, ...], options: Options,
+                 cancel: threading.Event) -> Tuple[TargetSpec, Tuple[str, ...], Options]:
+        with self._lock:
+            target = self._target
+        if target is not None:
+            return target, paths, options
+        doc = self._fetch_task(task_id)
+        status = doc.get("status")
+        if status in ("cancelled", "completed"):
+            raise _TaskGone(f"the control plane says task {task_id} is {status}")
+        _paths, _options, target = parse_task(doc, self._isdir)
+        with self._lock:
+            if not cancel.is_set():
+                self._target = target
+        return target, paths, options
+
+    def _work(self, gen: int, cancel: threading.Event, task_id: str, cycle: CycleSpec, kind: str, cid: str,
+              paths: Tuple[str, ...], options: Options) -> None:
+        label = _KIND_LABEL.get(kind, "Sync")
+        plural = "path" if len(paths) == 1 else "paths"
+        self._notify("info", "cycle_started",
+                     f"{label} started: {len(paths)} {plural} ({', '.join(paths)}), cycle {cycle.number}")
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                target, paths, options = self._resolve(task_id, paths, options, cancel)
+                replicator = self._factory(target=target, paths=list(paths), options=options,
+                                           on_progress=self._progress_cb(gen), on_child=self._on_child)
+                incremental = kind != "full" or cycle.link_dest is not None
+                spec = Cycle(cycle.number, cycle.dest, cycle.link_dest, incremental)
+                result = replicator.run_cycle(spec, cancel)
+                break
+            except TransferCancelled:
+                LOG.info("cycle %s of task %s: transfer stopped", cycle.number, task_id)
+                return
+            except _TaskGone as exc:
+                self._finish_failed(gen, cancel, cid, "task_cancelled", str(exc), forget=True)
+                return
+            except Go2CloudError as exc:
+                if cancel.is_set():
+                    return
+                if exc.retryable and attempt <= self.transient_retries:
+                    delay = self.retry_delay * (3 ** (attempt - 1))
+                    LOG.warning("cycle %s of task %s: %s; retrying in %.0fs (%d/%d)", cycle.number, task_id,
+                                exc, delay, attempt, self.transient_retries)
+                    self._notify("warning", exc.code, f"{label} cycle {cycle.number}: {exc}; retrying")
+                    if cancel.wait(delay):
+                        return
+                    continue
+                self._finish_failed(gen, cancel, cid, exc.code, str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug must fail the cycle, not kill the thread silently
+                LOG.exception("cycle %s of task %s: unexpected error", cycle.number, task_id)
+                err = ReplicationError(f"internal error during the transfer: {type(exc).__name__}: {exc}")
+                self._finish_failed(gen, cancel, cid, err.code, str(err))
+                return
+        result_doc = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+        with self._lock:
+            if not self._current(gen, cancel) or self._task is None:
+                return
+            self._ack(cid, "succeeded", None, None, result_doc)
+            task = self._task
+            task.update({"last_cycle": cycle.number, "last_result": result_doc, "last_error": None,
+                         "cycle": None, "cycle_kind": None, "cycle_command": None})
+            self._worker = None
+            if kind == "final":
+                self._forget(COMPLETED)
+            else:
+                task["status"] = WAITING
+                self._save()
+        elapsed = time.monotonic() - started
+        self._notify("info", "cycle_succeeded",
+                     f"{label} finished: cycle {cycle.number}, "
+                     f"{human_bytes(result_doc.get('bytes_total', 0))} in {result_doc.get('files', 0)} "
+                     f"files, {human_bytes(result_doc.get('bytes_sent', 0))} sent, {elapsed:.0f}s")
+        if kind == "final":
+            self._notify("info", "task_completed", f"Task {task_id} completed")
+
+    def _finish_failed(self, gen: int, cancel: threading.Event, cid: str, code: str, message: str,
+                       *, forget: bool = False) -> None:
+        with self._lock:
+            if not self._current(gen, cancel) or self._task is None:
+                return
+            self._ack(cid, "failed", code, message, {})
+            self._worker = None
+            if forget:
+                self._forget("idle")
+            else:
+                self._task.update({"status": FAILED, "last_error": {"code": code, "message": message},
+                                   "cycle": None, "cycle_kind": None, "cycle_command": None})
+                self._save()
+        LOG.error("cycle failed (%s): %s", code, message)
+        self._notify("error", code, f"Sync failed: {message}")
+
+
+class _TaskGone(Exception):
+    pass
+
+
+__all__: List[str] = ["Outcome", "TaskRunner"]

@@ -1,0 +1,176 @@
+"""Per-task directory tree on the reference target: one point-in-time image per sync cycle.
+
+Layout under the task root (the rsync module path)::
+
+    <root>/000001/          image of cycle 1 (complete tree)
+    <root>/000001.json      its artifact record, written at commit
+    <root>/000002/          cycle 2, written by rsync --link-dest=../000001...: unchanged files
+                            are hard links into cycle 1, changed files are new inodes
+
+A cycle directory without its ``.json`` is in progress (or was discarded). rsync never modifies a
+linked file in place (it writes a temporary file and renames it), so older images stay intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import List, Set, Tuple
+
+LOG = logging.getLogger(__name__)
+
+_CYCLE_JSON = re.compile(r"^(\d{6})\.json$")
+
+
+@dataclass
+class ArtifactInfo:
+    cycle: int
+    path: Path
+    bytes: int
+    files: int
+    created_at: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _check_cycle(n: int) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= 999999:
+        raise ValueError(f"invalid cycle number {n!r} (1-999999)")
+    return n
+
+
+def _rmtree(path: Path) -> None:
+    def onerror(func, p, exc_info):  # make read-only dirs (mode 0000, 0500) removable
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700) if os.path.isdir(p) and not os.path.islink(p) else None
+            func(p)
+        except OSError:
+            raise exc_info[1] from None
+
+    if path.is_symlink() or not path.exists():
+        if path.is_symlink():
+            path.unlink()
+        return
+    shutil.rmtree(path, onerror=onerror)
+
+
+def _tree_size(root: Path) -> Tuple[int, int]:
+    """(bytes of distinct regular-file inodes, number of non-directory entries)."""
+    seen: Set[Tuple[int, int]] = set()
+    total = files = 0
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            st = os.lstat(os.path.join(dirpath, name))
+            files += 1
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total, files
+
+
+class TaskTree:
+    """The cycle images of one task (``root`` is the task's rsync module path)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def cycle_dir(self, n: int) -> Path:
+        return self.root / f"{_check_cycle(n):06d}"
+
+    def _record(self, n: int) -> Path:
+        return self.root / f"{_check_cycle(n):06d}.json"
+
+    def prepare_cycle(self, n: int) -> Path:
+        """Create the (empty) directory of cycle ``n``, root-owned 0755; idempotent (a cycle that
+        was interrupted keeps its partial content so the rerun only sends what is missing)."""
+        if n in self.committed():
+            raise ValueError(f"cycle {n} is already committed")
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        path = self.cycle_dir(n)
+        path.mkdir(mode=0o755, exist_ok=True)
+        return path
+
+    def commit_cycle(self, n: int) -> ArtifactInfo:
+        """Record cycle ``n`` as a complete image: measure it, sync the file system, write the
+        record atomically. Idempotent: committing again re-measures and rewrites the record."""
+        path = self.cycle_dir(n)
+        if not path.is_dir():
+            raise FileNotFoundError(f"cycle {n} has no directory {path}")
+        nbytes, files = _tree_size(path)
+        os.sync()
+        info = ArtifactInfo(cycle=n, path=path, bytes=nbytes, files=files, created_at=_utc_now())
+        fd, tmp = tempfile.mkstemp(prefix=".cycle-", dir=str(self.root))
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(info.to_dict(), fh, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self._record(n))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        dfd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        LOG.info("cycle %s committed: %s bytes, %s files", n, nbytes, files)
+        return info
+
+    def info(self, n: int) -> ArtifactInfo:
+        data = json.loads(self._record(n).read_text())
+        return ArtifactInfo(cycle=data["cycle"], path=Path(data["path"]), bytes=data["bytes"],
+                            files=data["files"], created_at=data["created_at"])
+
+    def discard_cycle(self, n: int) -> None:
+        """Remove cycle ``n`` (its record first, so a crash leaves at worst an orphan directory)."""
+        try:
+            self._record(n).unlink()
+        except FileNotFoundError:
+            pass
+        _rmtree(self.cycle_dir(n))
+
+    def committed(self) -> List[int]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for name in os.listdir(self.root):
+            m = _CYCLE_JSON.match(name)
+            if m and (self.root / m.group(1)).is_dir():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def retain(self, keep: int) -> List[int]:
+        """Delete the oldest committed cycles so that at most ``max(keep, 1)`` remain; the newest
+        is never deleted. Returns the deleted cycle numbers."""
+        keep = max(int(keep), 1)
+        cycles = self.committed()
+        doomed = cycles[:-keep] if len(cycles) > keep else []
+        for n in doomed:
+            self.discard_cycle(n)
+            LOG.info("cycle %s deleted by retention (keep %s)", n, keep)
+        return doomed
+
+    def destroy(self) -> None:
+        _rmtree(self.root)

@@ -1,0 +1,678 @@
+"""``go2cloud_server``: run the reference control plane (``serve``) and drive it (operator commands).
+
+Every operator command talks to the REST API (see ``client``), has ``--json``, and exits with a
+documented status (docs/operator-guide.md, "Exit codes"): 0 ok, 2 invalid input, 3 not found,
+4 conflict or limit, 5 authentication failed, 10 server unreachable, 1 internal error. Errors are
+one line on stderr (``error: ...``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import click
+
+from go2cloud_server import rules
+from go2cloud_server.client import Endpoint, OperatorClient, resolve
+from go2cloud_server.errors import InvalidInput, ServerError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = "/var/lib/go2cloud_server"
+TEST_CLOCK_ENV = "GO2CLOUD_TEST_CLOCK_OFFSET_S"
+
+
+# ----------------------------------------------------------------------------------------------
+# error handling: the only place that turns errors into exit codes
+class _Group(click.Group):
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "go2cloud_server", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except ServerError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - never a traceback for the operator
+            log.debug("internal error", exc_info=True)
+            click.echo(f"error: internal error: {exc.__class__.__name__}: {exc} "
+                       "(re-run with GO2CLOUD_DEBUG=1 for details)", err=True)
+            if os.environ.get("GO2CLOUD_DEBUG"):
+                import traceback
+
+                traceback.print_exc()
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """Reference control plane and target of go2cloud (serve) and its operator commands."""
+
+
+# ----------------------------------------------------------------------------------------------
+# output helpers
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True))
+
+
+def _table(headers: List[str], rows: List[List[Any]]) -> str:
+    cells = [[("-" if v is None or v == "" else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, v in enumerate(row):
+            widths[i] = max(widths[i], len(v))
+    lines = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v.ljust(widths[i]) for i, v in enumerate(row)).rstrip())
+    return "\n".join(lines)
+
+
+def _kv(pairs: List[Tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in pairs) + 1
+    return "\n".join(f"{(k + ':').ljust(width)} {'-' if v is None or v == '' else v}" for k, v in pairs)
+
+
+def _bytes(n: Any) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _progress(p: Optional[Dict[str, Any]]) -> str:
+    if not p or not p.get("bytes_total"):
+        return "-"
+    pct = 100.0 * float(p.get("bytes_done") or 0) / float(p["bytes_total"])
+    return f"{pct:.0f}% of {_bytes(p['bytes_total'])}"
+
+
+def _wg_name(wg: Optional[Dict[str, Any]]) -> str:
+    return f"{wg['name']} ({wg['id']})" if wg else "-"
+
+
+# ----------------------------------------------------------------------------------------------
+# operator plumbing
+def operator_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the API answer as JSON.")(fn)
+    fn = click.option("--server-fingerprint", metavar="sha256:HEX",
+                      help="Pin the server certificate (default: <data-dir>/tls/cert.pem).")(fn)
+    fn = click.option("--server", metavar="URL", envvar="GO2CLOUD_SERVER",
+                      help="Server URL (env GO2CLOUD_SERVER; default: <data-dir>/server.json).")(fn)
+    fn = click.option("--data-dir", type=click.Path(path_type=Path), envvar="GO2CLOUD_DATA_DIR",
+                      default=DEFAULT_DATA_DIR, show_default=True,
+                      help="Server data directory: admin.token, server.json, tls/ (env GO2CLOUD_DATA_DIR).")(fn)
+    return fn
+
+
+class Op:
+    """Per-invocation context of an operator command."""
+
+    def __init__(self, data_dir: Path, server: Optional[str], server_fingerprint: Optional[str],
+                 as_json: bool) -> None:
+        self.as_json = as_json
+        self.endpoint: Endpoint = resolve(data_dir, server, server_fingerprint)
+        self.client = OperatorClient(self.endpoint)
+
+    def call(self, method: str, path: str, body: Any = None, params: Optional[Dict[str, Any]] = None) -> Any:
+        return self.client.request(method, path, body, params)
+
+    def out(self, data: Any, human: Callable[[Any], str]) -> None:
+        if self.as_json:
+            _echo_json(data)
+        else:
+            click.echo(human(data))
+
+
+def _op(kw: Dict[str, Any]) -> Op:
+    return Op(kw.pop("data_dir"), kw.pop("server"), kw.pop("server_fingerprint"), kw.pop("as_json"))
+
+
+seg = OperatorClient.seg
+
+
+def _scope(workgroup: Optional[str], source: Optional[str]) -> str:
+    if bool(workgroup) == bool(source):
+        raise InvalidInput("give exactly one of --workgroup WG or --source S")
+    return f"/workgroups/{seg(workgroup)}" if workgroup else f"/sources/{seg(source or '')}"
+
+
+# ----------------------------------------------------------------------------------------------
+# serve
+def _parse_listen(value: str) -> Tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidInput(f"--listen {value!r}: expected HOST:PORT (port 0-65535, 0 = pick a free port)")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = logging.Formatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    fmt.converter = time.gmtime
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, metavar="HOST:PORT",
+              help="Address of the HTTPS API (port 0 = pick a free port).")
+@click.option("--data-dir", type=click.Path(path_type=Path), envvar="GO2CLOUD_DATA_DIR",
+              default=DEFAULT_DATA_DIR, show_default=True, help="State directory (env GO2CLOUD_DATA_DIR).")
+@click.option("--rsync-port", type=click.IntRange(0, 65535), default=8873, show_default=True,
+              help="Port of the rsync daemon (0 = pick a free port).")
+@click.option("--public-host", metavar="HOST", help="Address agents use to reach this server and its rsync "
+              "daemon (default: the listen host).")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.2, 3600), default=10, show_default=True,
+              help="Seconds between agent heartbeats; a source is offline after 3 missed ones.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+def serve(listen: str, data_dir: Path, rsync_port: int, public_host: Optional[str], heartbeat_interval: float,
+          log_level: str) -> None:
+    """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
+    from go2cloud_server import auth, tls
+    from go2cloud_server.artifacts import TaskTree
+    from go2cloud_server.atomicfile import write_atomic
+    from go2cloud_server.httpapi import Api, ApiServer
+    from go2cloud_server.rsyncd import RsyncDaemon
+    from go2cloud_server.scheduler import Scheduler
+    from go2cloud_server.service import Service
+    from go2cloud_server.store import Store
+
+    _setup_logging(log_level)
+    host, port = _parse_listen(listen)
+    local_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    public = public_host or local_host
+    if heartbeat_interval == int(heartbeat_interval):
+        heartbeat_interval = int(heartbeat_interval)
+    data_dir = data_dir.absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        data_dir.chmod(0o700)
+    offset = float(os.environ.get(TEST_CLOCK_ENV) or 0)
+    if offset:
+        log.warning("%s=%s: the server clock is shifted (tests only)", TEST_CLOCK_ENV, offset)
+
+    def clock() -> float:
+        return time.time() + offset
+
+    cert, key = tls.ensure_certificate(data_dir / "tls", [host, public])
+    fingerprint = tls.fingerprint(cert)
+    admin_token = auth.ensure_admin_token(data_dir)
+    store = Store(data_dir / "server.db")
+    store.migrate()
+    rsyncd = RsyncDaemon(state_dir=data_dir / "rsyncd", host=host, port=rsync_port)
+    rsyncd.start()
+    info_file = data_dir / "server.json"
+    httpd: Optional[ApiServer] = None
+    scheduler: Optional[Scheduler] = None
+    service: Optional[Service] = None
+    try:
+        service = Service(store, data_dir, rsyncd=rsyncd, tree_factory=TaskTree, public_host=public,
+                          fingerprint=fingerprint, heartbeat_interval=heartbeat_interval, clock=clock)
+        restored = service.restore_targets()
+        httpd = ApiServer((host, port), Api(service, auth.AgentAuth(), admin_token),
+                          tls.server_context(cert, key))
+        service.public_url = f"https://{_url_host(public)}:{httpd.port}"
+        local_url = f"https://{_url_host(local_host)}:{httpd.port}"
+        write_atomic(info_file, json.dumps({"url": local_url, "public_url": service.public_url,
+                                            "fingerprint": fingerprint, "rsync_port": int(rsyncd.port),
+                                            "pid": os.getpid()}, indent=2) + "\n", mode=0o600)
+        scheduler = Scheduler(service)
+        scheduler.start()
+
+        def stop(signum: int, frame: Any) -> None:
+            log.info("signal %d: shutting down", signum)
+            assert httpd is not None
+            threading.Thread(target=httpd.shutdown, name="shutdown", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.info("go2cloud_server listening on %s (public %s), fingerprint %s, rsync daemon on port %d, "
+                 "%d task target(s) restored; admin token in %s", local_url, service.public_url, fingerprint,
+                 rsyncd.port, restored, data_dir / "admin.token")
+        httpd.serve_forever(poll_interval=0.5)
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
+        if service is not None:
+            service.close()
+        if httpd is not None:
+            httpd.server_close()
+        with contextlib.suppress(Exception):
+            rsyncd.stop()
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(info_file.read_text()).get("pid") == os.getpid():
+                info_file.unlink()
+        store.close()
+        log.info("go2cloud_server stopped")
+
+
+# ----------------------------------------------------------------------------------------------
+# workgroup
+@main.group()
+def workgroup() -> None:
+    """Create, list, show and delete workgroups."""
+
+
+def _wg_human(wg: Dict[str, Any]) -> str:
+    tags = ", ".join(f"{k}={v}" for k, v in sorted((wg.get("tags") or {}).items()))
+    return _kv([("id", wg["id"]), ("name", wg["name"]), ("description", wg.get("description")),
+                ("tags", tags), ("sources", wg.get("source_count")), ("migration", wg.get("migration_status")),
+                ("created", wg.get("created_at"))])
+
+
+@workgroup.command("create")
+@click.argument("name")
+@click.option("--description", default="", help="Free text, up to 256 characters.")
+@click.option("--tag", "tags", multiple=True, metavar="K=V", help="A tag (repeat; up to 20).")
+@operator_options
+def workgroup_create(name: str, description: str, tags: Tuple[str, ...], **kw: Any) -> None:
+    """Create workgroup NAME."""
+    tag_map: Dict[str, str] = {}
+    for item in tags:
+        k, v = rules.parse_tag(item)
+        tag_map[k] = v
+    body = {"name": rules.workgroup_name(name), "description": description, "tags": tag_map}
+    op = _op(kw)
+    op.out(op.call("POST", "/workgroups", body), lambda wg: f"Workgroup {wg['name']} created.\n" + _wg_human(wg))
+
+
+@workgroup.command("list")
+@operator_options
+def workgroup_list(**kw: Any) -> None:
+    """List workgroups."""
+    op = _op(kw)
+    data = op.call("GET", "/workgroups")
+
+    def human(d: Dict[str, Any]) -> str:
+        if not d["workgroups"]:
+            return "No workgroups yet: create one with 'go2cloud_server workgroup create NAME'."
+        return _table(["ID", "NAME", "SOURCES", "MIGRATION", "DESCRIPTION"],
+                      [[w["id"], w["name"], w["source_count"], w["migration_status"], w["description"]]
+                       for w in d["workgroups"]])
+
+    op.out(data, human)
+
+
+@workgroup.command("show")
+@click.argument("wg")
+@operator_options
+def workgroup_show(wg: str, **kw: Any) -> None:
+    """Show workgroup WG (id or name) with its sources."""
+    op = _op(kw)
+
+    def human(d: Dict[str, Any]) -> str:
+        text = _wg_human(d)
+        if d.get("sources"):
+            text += "\n\n" + _source_table(d["sources"])
+        return text
+
+    op.out(op.call("GET", f"/workgroups/{seg(wg)}"), human)
+
+
+@workgroup.command("delete")
+@click.argument("wg")
+@operator_options
+def workgroup_delete(wg: str, **kw: Any) -> None:
+    """Delete workgroup WG (it must have no sources)."""
+    op = _op(kw)
+    op.out(op.call("DELETE", f"/workgroups/{seg(wg)}"), lambda d: f"Workgroup {wg} deleted.")
+
+
+# ----------------------------------------------------------------------------------------------
+# code
+@main.group()
+def code() -> None:
+    """Activation codes that let agents import sources into a workgroup."""
+
+
+@code.command("create")
+@click.option("--workgroup", "wg", required=True, help="Workgroup id or name.")
+@click.option("--uses", type=int, help=f"How many imports ({rules.CODE_USES[0]}-{rules.CODE_USES[1]}, "
+              f"default {rules.CODE_USES_DEFAULT}).")
+@click.option("--days", type=int, help=f"Validity in days ({rules.CODE_DAYS[0]}-{rules.CODE_DAYS[1]}, "
+              f"default {rules.CODE_DAYS_DEFAULT}).")
+@operator_options
+def code_create(wg: str, uses: Optional[int], days: Optional[int], **kw: Any) -> None:
+    """Create an activation code and print the commands to paste on sources."""
+    body: Dict[str, Any] = {}
+    if uses is not None:
+        body["uses"] = rules.integer(uses, "--uses", rules.CODE_USES)
+    if days is not None:
+        body["days"] = rules.integer(days, "--days", rules.CODE_DAYS)
+    op = _op(kw)
+
+    def human(d: Dict[str, Any]) -> str:
+        return "\n".join([
+            _kv([("token id", d["token_id"]), ("token code", d["token_code"]), ("workgroup", _wg_name(d["workgroup"])),
+                 ("uses", d["uses"]), ("expires", d["expires_at"])]),
+            "",
+            "Run on a Linux source (as root):",
+            "  " + d["commands"]["linux"],
+            "",
+            "Run on a Windows source (PowerShell as Administrator):",
+            "  " + d["commands"]["powershell"],
+            "",
+            "The token code is shown only now; keep it secret.",
+        ])
+
+    op.out(op.call("POST", f"/workgroups/{seg(wg)}/codes", body), human)
+
+
+@code.command("list")
+@click.option("--workgroup", "wg", help="Only the codes of this workgroup.")
+@operator_options
+def code_list(wg: Optional[str], **kw: Any) -> None:
+    """List activation codes (never their secret part)."""
+    op = _op(kw)
+
+    def human(d: Dict[str, Any]) -> str:
+        if not d["codes"]:
+            return "No activation codes."
+        return _table(["TOKEN ID", "WORKGROUP", "USES LEFT", "EXPIRES", "STATE"],
+                      [[c["token_id"], (c.get("workgroup") or {}).get("name"), f"{c['uses_left']}/{c['uses']}",
+                        c["expires_at"], c["state"]] for c in d["codes"]])
+
+    op.out(op.call("GET", "/codes", params={"workgroup": wg} if wg else None), human)
+
+
+@code.command("revoke")
+@click.argument("token_id")
+@operator_options
+def code_revoke(token_id: str, **kw: Any) -> None:
+    """Revoke activation code TOKEN_ID: later imports with it are refused."""
+    op = _op(kw)
+    op.out(op.call("POST", f"/codes/{seg(token_id)}/revoke"), lambda d: f"Activation code {d['token_id']} revoked.")
+
+
+# ----------------------------------------------------------------------------------------------
+# source
+@main.group()
+def source() -> None:
+    """Imported source servers."""
+
+
+def _source_table(sources: List[Dict[str, Any]]) -> str:
+    return _table(["ID", "HOSTNAME", "WORKGROUP", "STATUS", "LAST SEEN", "TASK"],
+                  [[s["id"], s["hostname"], (s.get("workgroup") or {}).get("name"), s["status"],
+                    s.get("last_seen_at"), s.get("task_id")] for s in sources])
+
+
+@source.command("list")
+@click.option("--workgroup", "wg", help="Only the sources of this workgroup.")
+@operator_options
+def source_list(wg: Optional[str], **kw: Any) -> None:
+    """List sources with their real-time status."""
+    op = _op(kw)
+    op.out(op.call("GET", "/sources", params={"workgroup": wg} if wg else None),
+           lambda d: _source_table(d["sources"]) if d["sources"] else "No sources imported yet.")
+
+
+@source.command("show")
+@click.argument("source_id")
+@operator_options
+def source_show(source_id: str, **kw: Any) -> None:
+    """Show source SOURCE_ID: inventory summary, agent state, task and recent events."""
+    op = _op(kw)
+
+    def human(d: Dict[str, Any]) -> str:
+        inv = d.get("inventory") or {}
+        agent = d.get("agent") or {}
+        task = d.get("task") or {}
+        err = agent.get("last_error") or {}
+        text = _kv([
+            ("id", d["id"]), ("hostname", d["hostname"]), ("workgroup", _wg_name(d.get("workgroup"))),
+            ("status", d["status"]), ("os", d.get("os")), ("kernel", inv.get("kernel")), ("arch", inv.get("arch")),
+            ("cpus", inv.get("cpus")), ("memory", _bytes(inv.get("memory_bytes"))),
+            ("agent version", d.get("agent_version")), ("imported", d.get("imported_at")),
+            ("last seen", d.get("last_seen_at")), ("agent state", agent.get("state")),
+            ("phase", agent.get("phase")), ("progress", _progress(d.get("progress"))),
+            ("task", f"{task['task_id']} ({task['status']})" if task else None),
+            ("last error", f"{err.get('code')}: {err.get('message')}" if err else None),
+            ("replaced by", d.get("replaced_by")),
+        ])
+        events = d.get("events") or []
+        if events:
+            text += "\n\nRecent events:\n" + _table(["TIME", "LEVEL", "CODE", "MESSAGE"],
+                                                    [[e["time"], e["level"], e["code"], e["message"]]
+                                                     for e in events])
+        return text
+
+    op.out(op.call("GET", f"/sources/{seg(source_id)}"), human)
+
+
+@source.command("associate")
+@click.argument("source_id")
+@click.option("--workgroup", "wg", required=True, help="Workgroup id or name.")
+@operator_options
+def source_associate(source_id: str, wg: str, **kw: Any) -> None:
+    """Put source SOURCE_ID into workgroup WG."""
+    op = _op(kw)
+    op.out(op.call("POST", f"/sources/{seg(source_id)}/associate", {"workgroup": wg}),
+           lambda d: f"Source {d['id']} is now in workgroup {_wg_name(d.get('workgroup'))}.")
+
+
+@source.command("disassociate")
+@click.argument("source_id")
+@operator_options
+def source_disassociate(source_id: str, **kw: Any) -> None:
+    """Take source SOURCE_ID out of its workgroup."""
+    op = _op(kw)
+    op.out(op.call("POST", f"/sources/{seg(source_id)}/disassociate"),
+           lambda d: f"Source {d['id']} is no longer in a workgroup.")
+
+
+# ----------------------------------------------------------------------------------------------
+# migration
+@main.group()
+def migration() -> None:
+    """Start and drive migrations of a workgroup or of one source."""
+
+
+def scope_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--source", "src", metavar="S", help="One source.")(fn)
+    fn = click.option("--workgroup", "wg", metavar="WG", help="Every source of a workgroup (id or name).")(fn)
+    return fn
+
+
+def _duration(value: Optional[str]) -> Any:
+    return rules.parse_duration(value) if value is not None else None
+
+
+_TASK_KEYS = ("name", "description", "bandwidth_mbps", "compression", "checksum", "sync_every", "keep_images")
+
+
+def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--keep-images", type=int, help=f"Images kept per task ({rules.KEEP_IMAGES[0]}-"
+                      f"{rules.KEEP_IMAGES[1]}, default {rules.KEEP_IMAGES_DEFAULT}).")(fn)
+    fn = click.option("--sync-every", metavar="DURATION",
+                      help="Automatic incremental sync interval: 30m, 2h, 1d (at least 60s), or 'off'.")(fn)
+    fn = click.option("--checksum/--no-checksum", default=None, help="Verify file contents by checksum.")(fn)
+    fn = click.option("--compression", type=int, help="Compression level 0-10 (default 7, 0 = off).")(fn)
+    fn = click.option("--bandwidth-mbps", type=int, help="Bandwidth limit in Mbit/s (0 = unlimited).")(fn)
+    fn = click.option("--description", help="Task description.")(fn)
+    fn = click.option("--name", help="Task name.")(fn)
+    return fn
+
+
+def _task_body(name: Optional[str], description: Optional[str], bandwidth_mbps: Optional[int],
+               compression: Optional[int], checksum: Optional[bool], sync_every: Optional[str],
+               keep_images: Optional[int]) -> Dict[str, Any]:
+    body: Dict[str, Any] = {}
+    if name is not None:
+        body["name"] = name
+    if description is not None:
+        body["description"] = description
+    if bandwidth_mbps is not None:
+        body["bandwidth_mbps"] = rules.integer(bandwidth_mbps, "--bandwidth-mbps", rules.BANDWIDTH_MBPS)
+    if compression is not None:
+        body["compression"] = rules.integer(compression, "--compression", rules.COMPRESSION)
+    if checksum is not None:
+        body["checksum"] = checksum
+    if sync_every is not None:
+        body["sync_every_s"] = rules.sync_every(_duration(sync_every))
+    if keep_images is not None:
+        body["keep_images"] = rules.integer(keep_images, "--keep-images", rules.KEEP_IMAGES)
+    return body
+
+
+def _start_human(d: Dict[str, Any]) -> str:
+    parts = []
+    if d.get("started"):
+        parts.append("Started:\n" + _table(["SOURCE", "TASK"], [[e["source_id"], e["task_id"]] for e in d["started"]]))
+    if d.get("skipped"):
+        parts.append("Skipped:\n" + _table(["SOURCE", "REASON"], [[e["source_id"], e["reason"]] for e in d["skipped"]]))
+    if d.get("not_migratable"):
+        parts.append("Cannot be migrated:\n" + _table(["SOURCE", "REASON"],
+                                                     [[e["source_id"], e["reason"]] for e in d["not_migratable"]]))
+    return "\n\n".join(parts) or "No sources in this workgroup."
+
+
+@migration.command("start")
+@scope_options
+@click.option("--path", "paths", multiple=True, metavar="P",
+              help="Absolute source path to migrate (repeat; default: the source's local mount points).")
+@task_options
+@operator_options
+def migration_start(wg: Optional[str], src: Optional[str], paths: Tuple[str, ...], **kw: Any) -> None:
+    """Start migrating every source of a workgroup (or one source)."""
+    body = _task_body(**{k: kw.pop(k) for k in _TASK_KEYS})
+    if paths:
+        body["paths"] = rules.paths(list(paths))
+    scope = _scope(wg, src)
+    op = _op(kw)
+    op.out(op.call("POST", f"{scope}/migration", body), _start_human)
+
+
+def _action_human(action: str) -> Callable[[Dict[str, Any]], str]:
+    def human(d: Dict[str, Any]) -> str:
+        parts = []
+        if d.get("affected"):
+            parts.append(f"{action}:\n" + _table(["SOURCE", "TASK", "COMMAND"],
+                                                  [[e["source_id"], e["task_id"], e.get("command_id")]
+                                                   for e in d["affected"]]))
+        if d.get("skipped"):
+            parts.append("Skipped:\n" + _table(["SOURCE", "REASON"],
+                                               [[e["source_id"], e["reason"]] for e in d["skipped"]]))
+        return "\n\n".join(parts) or "Nothing to do."
+    return human
+
+
+def _make_action(action: str, help_text: str) -> None:
+    def cmd(wg: Optional[str], src: Optional[str], **kw: Any) -> None:
+        body: Dict[str, Any] = {}
+        if action == "modify":
+            body = _task_body(**{k: kw.pop(k) for k in _TASK_KEYS})
+            if not body:
+                raise InvalidInput("modify: give at least one option to change (see --help)")
+        elif action == "complete":
+            body = {"final_sync": bool(kw.pop("final_sync"))}
+        scope = _scope(wg, src)
+        op = _op(kw)
+        op.out(op.call("POST", f"{scope}/migration/{action}", body), _action_human(action.capitalize()))
+
+    fn: Callable[..., Any] = operator_options(cmd)
+    if action == "modify":
+        fn = task_options(fn)
+    if action == "complete":
+        fn = click.option("--final-sync", is_flag=True, help="Run one last incremental sync before completing.")(fn)
+    fn = scope_options(fn)
+    migration.command(action, help=help_text)(fn)
+
+
+for _action, _help in (
+    ("modify", "Change task name, description, bandwidth, compression, checksum, sync interval or retention."),
+    ("pause", "Pause the running sync (rsync is stopped; resume continues)."),
+    ("resume", "Resume a paused task."),
+    ("sync", "Run one incremental sync now (also retries a failed task)."),
+    ("complete", "Finish the migration (optionally after a final sync); no more syncs afterwards."),
+    ("cancel", "Cancel the migration and release its target (images already taken are kept)."),
+):
+    _make_action(_action, _help)
+
+
+def _show_human(d: Dict[str, Any]) -> str:
+    head: List[Tuple[str, Any]] = []
+    if "workgroup" in d:
+        head += [("workgroup", _wg_name(d["workgroup"])), ("status", d["status"])]
+        counts = ", ".join(f"{k} {v}" for k, v in sorted((d.get("source_status_counts") or {}).items()))
+        head.append(("sources", counts))
+        tasks = d.get("tasks") or []
+    else:
+        head += [("source", f"{d['source_id']} ({d.get('hostname')})"), ("source status", d["source_status"]),
+                 ("migration", d["status"])]
+        tasks = (d.get("tasks") or [])[:1]
+    text = _kv(head)
+    if tasks:
+        text += "\n\n" + _table(
+            ["SOURCE", "TASK", "STATUS", "CYCLE", "PROGRESS", "IMAGES", "SYNC EVERY", "ERROR"],
+            [[t["source_id"], t["task_id"], t["status"] + (" (completing)" if t.get("finalizing") else ""),
+              t.get("cycle") or t.get("last_committed_cycle"), _progress(t.get("progress")),
+              len(t.get("artifacts") or []), rules.format_duration(t.get("sync_every_s")),
+              (t.get("error") or {}).get("message")] for t in tasks])
+    return text
+
+
+@migration.command("show")
+@scope_options
+@operator_options
+def migration_show(wg: Optional[str], src: Optional[str], **kw: Any) -> None:
+    """Migration status of a workgroup or of one source, with tasks and progress."""
+    scope = _scope(wg, src)
+    op = _op(kw)
+    op.out(op.call("GET", f"{scope}/migration"), _show_human)
+
+
+@migration.command("artifacts")
+@click.option("--source", "src", metavar="S", help="The artifacts of this source's latest task.")
+@click.option("--task", "task_id", metavar="T", help="The artifacts of this task.")
+@operator_options
+def migration_artifacts(src: Optional[str], task_id: Optional[str], **kw: Any) -> None:
+    """List the images (one per completed sync cycle) of a task."""
+    if bool(src) == bool(task_id):
+        raise InvalidInput("give exactly one of --source S or --task T")
+    op = _op(kw)
+    if src:
+        tasks = op.call("GET", f"/sources/{seg(src)}/migration").get("tasks") or []
+        if not tasks:
+            from go2cloud_server.errors import NotFound
+
+            raise NotFound(f"source {src} has no migration task yet")
+        task_id = tasks[0]["task_id"]
+    data = op.call("GET", f"/tasks/{seg(task_id or '')}/artifacts")
+    op.out(data, lambda d: _table(["CYCLE", "CREATED", "SIZE", "FILES", "PATH"],
+                                  [[a["cycle"], a["created_at"], _bytes(a["bytes"]), a["files"], a["path"]]
+                                   for a in d["artifacts"]]) if d["artifacts"] else "No images yet.")

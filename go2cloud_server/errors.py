@@ -1,0 +1,130 @@
+"""Error types of the reference control plane.
+
+Every error carries three things: the operator CLI's exit status (``exit_code``), the HTTP status
+the API answers with (``http_status``) and the stable error code of ``docs/protocol.md``
+(``code``). Library code raises these; only ``cli.main`` turns them into an exit status and only
+``httpapi`` turns them into an HTTP answer. Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Dict, List, Optional, Type
+
+
+class ServerError(Exception):
+    """Base class: an unexpected internal error."""
+
+    exit_code: ClassVar[int] = 1
+    http_status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    summary: ClassVar[str] = "unexpected internal error (see the server log)"
+
+    def __init__(self, message: str, *, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(ServerError):
+    exit_code = 2
+    http_status = 400
+    code = "invalid_request"
+    summary = "invalid input (the message names the field)"
+
+
+class TooLarge(InvalidInput):
+    http_status = 413
+    code = "too_large"
+    summary = "request body over 1 MiB"
+
+
+class NotFound(ServerError):
+    exit_code = 3
+    http_status = 404
+    code = "not_found"
+    summary = "no such workgroup, source, code or task"
+
+
+class SourceUnknown(NotFound):
+    code = "source_unknown"
+    summary = "agent API: the source id does not exist"
+
+
+class SourceReplaced(NotFound):
+    http_status = 410
+    code = "source_replaced"
+    summary = "agent API: the source was replaced by a re-import or deleted"
+
+
+class Conflict(ServerError):
+    exit_code = 4
+    http_status = 409
+    code = "conflict"
+    summary = "a rule or limit was violated (name taken, workgroup not empty, limit reached, ...)"
+
+
+class ImportRejected(Conflict):
+    http_status = 422
+    code = "import_rejected"
+    summary = "import refused (for example: the workgroup already has 50 sources)"
+
+
+class AuthFailed(ServerError):
+    exit_code = 5
+    http_status = 401
+    code = "unauthorized"
+    summary = "authentication failed (admin token, bearer token or signature)"
+
+
+class TokenExpired(AuthFailed):
+    code = "token_expired"
+    summary = "the bearer token expired"
+
+
+class CodeRejected(AuthFailed):
+    """Import with an unusable activation code; ``code`` is one of the four code_* values."""
+
+    http_status = 403
+    code = "code_unknown"
+    summary = "activation code unknown, expired, exhausted or revoked"
+
+
+class ServerUnreachable(ServerError):
+    exit_code = 10
+    http_status = 503
+    code = "server_unreachable"
+    summary = "the control plane could not be reached (or its certificate did not match the pin)"
+
+
+#: error code of an API answer -> error type (used by the operator client).
+BY_CODE: Dict[str, Type[ServerError]] = {
+    "invalid_request": InvalidInput,
+    "too_large": TooLarge,
+    "not_found": NotFound,
+    "source_unknown": SourceUnknown,
+    "source_replaced": SourceReplaced,
+    "conflict": Conflict,
+    "import_rejected": ImportRejected,
+    "unauthorized": AuthFailed,
+    "token_expired": TokenExpired,
+    "code_unknown": CodeRejected,
+    "code_expired": CodeRejected,
+    "code_exhausted": CodeRejected,
+    "code_revoked": CodeRejected,
+    "internal_error": ServerError,
+}
+
+
+def exit_code_table() -> str:
+    """Markdown table of the operator CLI's exit codes (docs/operator-guide.md)."""
+    seen: Dict[int, List[str]] = {}
+    for cls in [ServerError, InvalidInput, NotFound, Conflict, AuthFailed, ServerUnreachable]:
+        seen.setdefault(cls.exit_code, []).append(cls.summary)
+    lines = ["| exit | meaning |", "| ---: | --- |", "| 0 | success |"]
+    for code in sorted(seen):
+        lines.append(f"| {code} | {'; '.join(seen[code])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,258 @@
+"""HTTPS API of the control plane (docs/protocol.md, docs/openapi.yaml).
+
+``ThreadingHTTPServer`` with TLS done in each request thread (a slow handshake never blocks the
+accept loop), a route table, JSON in and out, 1 MiB request cap and the error body of the
+protocol. Request lines are logged with method, path, status and duration; bodies never are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import ssl
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Pattern, Tuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from go2cloud_server import auth
+from go2cloud_server.errors import InvalidInput, NotFound, ServerError, TooLarge
+from go2cloud_server.service import Service
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024
+MAX_DRAIN = 16 * 1024 * 1024
+SOCKET_TIMEOUT_S = 90
+
+Handler = Callable[["ApiRequest"], Tuple[int, Any]]
+
+
+class ApiRequest:
+    def __init__(self, method: str, path: str, query: Dict[str, List[str]], args: Tuple[str, ...],
+                 body: Any, headers: Any) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.args = args
+        self.body = body
+        self.headers = headers
+
+    def q(self, name: str) -> Optional[str]:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+class Routes:
+    def __init__(self) -> None:
+        self._routes: List[Tuple[str, Pattern[str], Handler, str]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler, auth_kind: str) -> None:
+        regex = "^" + re.sub(r"\{(\w+)\}", r"([^/]+)", pattern) + "$"
+        self._routes.append((method, re.compile(regex), handler, auth_kind))
+
+    def match(self, method: str, path: str) -> Tuple[Handler, str, Tuple[str, ...]]:
+        path_found = False
+        for m, regex, handler, kind in self._routes:
+            found = regex.match(path)
+            if found:
+                path_found = True
+                if m == method:
+                    return handler, kind, tuple(unquote(g) for g in found.groups())
+        if path_found:
+            raise InvalidInput(f"method {method} not allowed on {path}")
+        raise NotFound(f"no such endpoint: {method} {path}")
+
+
+class Api:
+    """Binds the routes of the protocol to the service."""
+
+    def __init__(self, service: Service, agent_auth: auth.AgentAuth, admin_token: str) -> None:
+        self.service = service
+        self.agent_auth = agent_auth
+        self.admin_token = admin_token
+        self.routes = Routes()
+        s = service
+        r = self.routes.add
+        p = "/api/v1"
+        # agent API
+        r("POST", f"{p}/sources/import", lambda q: (201, s.import_source(q.body)), "none")
+        r("POST", f"{p}/sources/{{s}}/challenge", self._challenge, "none")
+        r("POST", f"{p}/sources/{{s}}/token", self._token, "none")
+        r("POST", f"{p}/sources/{{s}}/heartbeat", lambda q: (200, s.heartbeat(q.args[0], q.body)), "agent")
+        r("GET", f"{p}/sources/{{s}}/commands", self._commands, "agent")
+        r("POST", f"{p}/sources/{{s}}/commands/{{c}}", lambda q: (200, s.ack_command(*q.args, q.body)), "agent")
+        r("GET", f"{p}/sources/{{s}}/tasks/{{t}}", lambda q: (200, s.agent_task(*q.args)), "agent")
+        r("POST", f"{p}/sources/{{s}}/events", lambda q: (200, s.post_events(q.args[0], q.body)), "agent")
+        # operator API
+        r("POST", f"{p}/workgroups", lambda q: (201, s.create_workgroup(q.body)), "admin")
+        r("GET", f"{p}/workgroups", lambda q: (200, s.list_workgroups()), "admin")
+        r("GET", f"{p}/workgroups/{{wg}}", lambda q: (200, s.show_workgroup(q.args[0])), "admin")
+        r("DELETE", f"{p}/workgroups/{{wg}}", lambda q: (200, s.delete_workgroup(q.args[0])), "admin")
+        r("POST", f"{p}/workgroups/{{wg}}/codes", lambda q: (201, s.create_code(q.args[0], q.body)), "admin")
+        r("GET", f"{p}/codes", lambda q: (200, s.list_codes(q.q("workgroup"))), "admin")
+        r("POST", f"{p}/codes/{{t}}/revoke", lambda q: (200, s.revoke_code(q.args[0])), "admin")
+        r("GET", f"{p}/sources", lambda q: (200, s.list_sources(q.q("workgroup"))), "admin")
+        r("GET", f"{p}/sources/{{s}}", lambda q: (200, s.show_source(q.args[0])), "admin")
+        r("POST", f"{p}/sources/{{s}}/associate", lambda q: (200, s.associate(q.args[0], q.body)), "admin")
+        r("POST", f"{p}/sources/{{s}}/disassociate", lambda q: (200, s.disassociate(q.args[0])), "admin")
+        r("POST", f"{p}/workgroups/{{wg}}/migration",
+          lambda q: (200, s.start_migration(q.body, workgroup=q.args[0])), "admin")
+        r("POST", f"{p}/sources/{{s}}/migration",
+          lambda q: (200, s.start_migration(q.body, source=q.args[0])), "admin")
+        r("GET", f"{p}/workgroups/{{wg}}/migration", lambda q: (200, s.workgroup_migration(q.args[0])), "admin")
+        r("GET", f"{p}/sources/{{s}}/migration", lambda q: (200, s.source_migration(q.args[0])), "admin")
+        r("POST", f"{p}/workgroups/{{wg}}/migration/{{a}}",
+          lambda q: (200, s.migration_action(q.args[1], q.body, workgroup=q.args[0])), "admin")
+        r("POST", f"{p}/sources/{{s}}/migration/{{a}}",
+          lambda q: (200, s.migration_action(q.args[1], q.body, source=q.args[0])), "admin")
+        r("GET", f"{p}/tasks/{{t}}/artifacts", lambda q: (200, s.task_artifacts(q.args[0])), "admin")
+
+    def _challenge(self, q: ApiRequest) -> Tuple[int, Any]:
+        self.service.agent_source(q.args[0])
+        return 200, self.agent_auth.challenge(q.args[0])
+
+    def _token(self, q: ApiRequest) -> Tuple[int, Any]:
+        src = self.service.agent_source(q.args[0])
+        body = q.body if isinstance(q.body, dict) else {}
+        return 200, self.agent_auth.issue_token(src["id"], src["public_key"], body.get("nonce"),
+                                                body.get("signature"))
+
+    def _commands(self, q: ApiRequest) -> Tuple[int, Any]:
+        raw = q.q("wait") or "0"
+        try:
+            wait = float(raw)
+        except ValueError:
+            raise InvalidInput("wait: must be a number of seconds 0-60") from None
+        if not 0 <= wait <= 60:
+            raise InvalidInput("wait: must be a number of seconds 0-60")
+        return 200, self.service.poll_commands(q.args[0], wait)
+
+    def handle(self, method: str, target: str, headers: Any, body: Any) -> Tuple[int, Any]:
+        parts = urlsplit(target)
+        handler, kind, args = self.routes.match(method, parts.path.rstrip("/") or "/")
+        if kind == "admin":
+            auth.check_admin(headers.get("Authorization"), self.admin_token)
+        elif kind == "agent":
+            self.service.agent_source(args[0])
+            self.agent_auth.check(headers.get("Authorization"), args[0])
+        req = ApiRequest(method, parts.path, parse_qs(parts.query), args, body, headers)
+        return handler(req)
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "go2cloud_server"
+    sys_version = ""
+    timeout = SOCKET_TIMEOUT_S
+    server: "ApiServer"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _drain(self, length: int) -> None:
+        """Read (and drop) a refused body so the client sees the 413 instead of a reset."""
+        left = min(length, MAX_DRAIN)
+        try:
+            while left > 0:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
+    def _read_body(self) -> Any:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            raise InvalidInput("chunked request bodies are not supported: send Content-Length")
+        raw_len = self.headers.get("Content-Length")
+        try:
+            length = int(raw_len) if raw_len else 0
+        except ValueError:
+            self.close_connection = True
+            raise InvalidInput("Content-Length: not a number") from None
+        if length < 0:
+            self.close_connection = True
+            raise InvalidInput("Content-Length: negative")
+        if length > MAX_BODY:
+            self.close_connection = True
+            self._drain(length)
+            raise TooLarge(f"request body of {length} bytes is over the limit of {MAX_BODY} bytes")
+        if length == 0:
+            return None
+        data = self.rfile.read(length)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidInput("body: not valid UTF-8 JSON") from None
+
+    def _dispatch(self) -> None:
+        started = time.monotonic()
+        status = 500
+        try:
+            body = self._read_body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else None
+            status, payload = self.server.api.handle(self.command, self.path, self.headers, body)
+        except ServerError as exc:
+            status = exc.http_status
+            payload = {"error": {"code": exc.code, "message": exc.message}}
+        except Exception:  # noqa: BLE001 - answer 500 and log the traceback
+            log.exception("internal error on %s %s", self.command, urlsplit(self.path).path)
+            status = 500
+            payload = {"error": {"code": "internal_error", "message": "internal error: see the server log"}}
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError as exc:
+            log.debug("could not send the answer: %s", exc)
+            self.close_connection = True
+        log.info("%s %s %s -> %d (%.0f ms)", self.client_address[0], self.command, urlsplit(self.path).path,
+                 status, (time.monotonic() - started) * 1000)
+
+    do_GET = _dispatch  # noqa: N815
+    do_POST = _dispatch  # noqa: N815
+    do_DELETE = _dispatch  # noqa: N815
+    do_PUT = _dispatch  # noqa: N815
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: Tuple[str, int], api: Api, ssl_context: Optional[ssl.SSLContext]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.api = api
+        self.ssl_context = ssl_context
+        super().__init__(address, RequestHandler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        try:
+            request.settimeout(30)
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        try:
+            tls.settimeout(SOCKET_TIMEOUT_S)
+            self.RequestHandlerClass(tls, client_address, self)
+        finally:
+            try:
+                tls.close()
+            except OSError:
+                pass
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])

@@ -1,0 +1,73 @@
+"""Automatic incremental syncs ("sync repeat frequency").
+
+A thread wakes every ``tick_s`` seconds and, for each pending task with an interval, queues a
+``sync`` once ``sync_every_s`` seconds have passed (``time.monotonic``) since the scheduler saw
+the task's latest committed cycle. A server restart therefore waits one full interval before the
+first automatic sync: never earlier than asked. Errors are logged and the loop keeps going.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+from go2cloud_server.errors import ServerError
+from go2cloud_server.service import Service
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, service: Service, tick_s: float = 1.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.service = service
+        self.tick_s = tick_s
+        self._monotonic = monotonic
+        self._seen: Dict[str, Tuple[Optional[int], float]] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - a periodic job owns its errors
+                log.warning("scheduler pass failed", exc_info=True)
+
+    def run_once(self) -> int:
+        """One pass; returns the number of syncs queued."""
+        now = self._monotonic()
+        queued = 0
+        live = set()
+        for task in self.service.auto_sync_candidates():
+            tid = task["id"]
+            live.add(tid)
+            mark = task["last_committed"]
+            seen = self._seen.get(tid)
+            if seen is None or seen[0] != mark:
+                self._seen[tid] = (mark, now)
+                continue
+            if now - seen[1] < int(task["sync_every_s"]):
+                continue
+            try:
+                self.service.task_action(tid, "sync")
+                queued += 1
+                log.info("automatic sync queued for task %s", tid)
+            except ServerError as exc:
+                log.info("automatic sync of %s not queued: %s", tid, exc)
+            self._seen[tid] = (mark, now)
+        for tid in list(self._seen):
+            if tid not in live:
+                del self._seen[tid]
+        return queued

@@ -1,0 +1,995 @@
+"""Business logic of the control plane: workgroups, activation codes, sources, migration tasks,
+commands, sync cycles and artifacts.
+
+The HTTP layer (``httpapi``) and the scheduler call into :class:`Service`; it validates with
+``rules``, keeps state in ``store`` and drives the target through two injected objects: the rsync
+daemon (modules per task) and a factory of per-task trees (one directory per sync cycle, see
+``go2cloud_server.artifacts``). Every multi-step change runs in one ``BEGIN IMMEDIATE``
+transaction; filesystem work that may take long (committing a cycle) runs outside of it.
+
+Times stored and returned are UTC; ``clock`` (wall-clock epoch seconds) is injectable so tests
+can move time (offline detection, code expiry).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sqlite3
+import string
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
+
+from go2cloud_server import rules
+from go2cloud_server.auth import decode_public_key
+from go2cloud_server.errors import (
+    CodeRejected,
+    Conflict,
+    ImportRejected,
+    InvalidInput,
+    NotFound,
+    SourceReplaced,
+    SourceUnknown,
+)
+from go2cloud_server.store import Store, dumps, loads
+
+log = logging.getLogger(__name__)
+
+OFFLINE_AFTER_INTERVALS = 3
+ACTIVE_TASK_STATUSES = ("syncing", "pending", "paused", "failed")
+FINAL_COMMAND_STATUSES = ("succeeded", "failed", "unsupported", "rejected", "superseded")
+ACK_STATUSES = ("accepted", "succeeded", "failed", "unsupported", "rejected")
+CYCLE_COMMANDS = ("start", "sync", "finalize")
+ACTIONS = ("modify", "pause", "resume", "sync", "complete", "cancel")
+#: filesystems whose mount points are migrated by default (file mode)
+LOCAL_FSTYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "jfs", "reiserfs", "f2fs", "zfs"})
+MAX_EVENTS_PER_SOURCE = 1000
+_ALNUM_LOWER = string.ascii_lowercase + string.digits
+_ALNUM = string.ascii_letters + string.digits
+_SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
+
+
+class RsyncTarget(Protocol):
+    """What the service needs from ``go2cloud_server.rsyncd.RsyncDaemon``."""
+
+    port: int
+
+    def add_module(self, name: str, path: Path, user: str, password: str) -> None: ...
+
+    def remove_module(self, name: str) -> None: ...
+
+
+class Tree(Protocol):
+    """What the service needs from ``go2cloud_server.artifacts.TaskTree``."""
+
+    def prepare_cycle(self, n: int) -> Path: ...
+
+    def commit_cycle(self, n: int) -> Any: ...
+
+    def discard_cycle(self, n: int) -> None: ...
+
+    def retain(self, keep: int) -> List[int]: ...
+
+    def destroy(self) -> None: ...
+
+
+def rand_id(prefix: str, n: int = 16) -> str:
+    return prefix + "".join(secrets.choice(_ALNUM_LOWER) for _ in range(n))
+
+
+def iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def hash_code(code: str, salt: bytes) -> bytes:
+    return hashlib.scrypt(code.encode("utf-8"), salt=salt, maxmem=64 * 1024 * 1024, **_SCRYPT)
+
+
+def install_commands(url: str, fingerprint: str, token_id: str, token_code: str) -> Dict[str, str]:
+    """The ready-to-paste commands shown for an activation code (one place to change them)."""
+    args = f"--server {url} --server-fingerprint {fingerprint} --token-id {token_id} --token-code {token_code}"
+    return {
+        "linux": f"sudo ./go2cloud_client {args}",
+        "powershell": f".\\go2cloud_client.exe {args}",
+    }
+
+
+def cycle_spec(number: int, last_committed: Optional[int]) -> Dict[str, Any]:
+    return {"number": number, "dest": "%06d" % number,
+            "link_dest": ("%06d" % last_committed) if last_committed else None}
+
+
+def default_paths(inventory: Mapping[str, Any]) -> List[str]:
+    """Local mount points of the source's inventory (file mode), else ``["/"]``."""
+    out: List[str] = []
+    mounts = inventory.get("mounts") if isinstance(inventory, Mapping) else None
+    for m in mounts if isinstance(mounts, list) else []:
+        if not isinstance(m, Mapping) or str(m.get("fstype", "")).lower() not in LOCAL_FSTYPES:
+            continue
+        mp = m.get("mountpoint")
+        try:
+            mp = rules.source_path(mp)
+        except InvalidInput:
+            continue
+        if mp not in out:
+            out.append(mp)
+    return sorted(out) or ["/"]
+
+
+class Service:
+    def __init__(
+        self,
+        store: Store,
+        data_dir: Path,
+        *,
+        rsyncd: RsyncTarget,
+        tree_factory: Callable[[Path], Tree],
+        public_host: str = "127.0.0.1",
+        public_url: str = "",
+        fingerprint: str = "",
+        heartbeat_interval: float = 10,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.data_dir = Path(data_dir)
+        self.rsyncd = rsyncd
+        self.tree_factory = tree_factory
+        self.public_host = public_host
+        self.public_url = public_url
+        self.fingerprint = fingerprint
+        self.heartbeat_interval = heartbeat_interval
+        self.clock = clock
+        self.commands_cv = threading.Condition()
+        self._closed = False
+
+    # helpers ----------------------------------------------------------------------------------
+    def now(self) -> float:
+        return self.clock()
+
+    def now_iso(self) -> str:
+        return iso(self.clock())
+
+    def tree_root(self, task_id: str) -> Path:
+        return self.data_dir / "tasks" / task_id / "tree"
+
+    def tree(self, task_id: str) -> Tree:
+        return self.tree_factory(self.tree_root(task_id))
+
+    def target(self, task: Mapping[str, Any]) -> Dict[str, Any]:
+        return {"kind": "rsync", "host": self.public_host, "port": int(self.rsyncd.port),
+                "module": task["id"], "user": task["id"], "password": task["rsync_password"]}
+
+    def close(self) -> None:
+        with self.commands_cv:
+            self._closed = True
+            self.commands_cv.notify_all()
+
+    def _notify(self) -> None:
+        with self.commands_cv:
+            self.commands_cv.notify_all()
+
+    # workgroups -------------------------------------------------------------------------------
+    def _workgroup(self, conn: Optional[sqlite3.Connection], ref: Any) -> Dict[str, Any]:
+        if not isinstance(ref, str) or not ref:
+            raise InvalidInput("workgroup: is required")
+        q = Store.q_one if conn is not None else None
+        sql = "SELECT * FROM workgroups WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1"
+        row = q(conn, sql, (ref, ref, ref)) if q and conn is not None else self.store.one(sql, (ref, ref, ref))
+        if row is None:
+            raise NotFound(f"no workgroup {ref!r}: see 'go2cloud_server workgroup list'")
+        return row
+
+    def _wg_view(self, row: Mapping[str, Any]) -> Dict[str, Any]:
+        n = self.store.one("SELECT COUNT(*) AS n FROM sources WHERE workgroup_id = ? AND state = 'active'",
+                           (row["id"],))
+        return {"id": row["id"], "name": row["name"], "description": row["description"],
+                "tags": loads(row["tags"], {}), "created_at": row["created_at"],
+                "source_count": n["n"] if n else 0,
+                "migration_status": self._wg_status(row["id"])}
+
+    def create_workgroup(self, body: Any) -> Dict[str, Any]:
+        body = rules.require_object(body)
+        name = rules.workgroup_name(body.get("name"))
+        description = rules.text(body.get("description"), "description")
+        tags = rules.tags(body.get("tags"))
+        wg_id = rand_id("wg-", 12)
+        with self.store.transaction() as conn:
+            n = conn.execute("SELECT COUNT(*) FROM workgroups").fetchone()[0]
+            if n >= rules.MAX_WORKGROUPS:
+                raise Conflict(f"workgroup limit reached ({rules.MAX_WORKGROUPS}): delete an unused workgroup first")
+            if conn.execute("SELECT 1 FROM workgroups WHERE name = ?", (name,)).fetchone():
+                raise Conflict(f"a workgroup named {name!r} already exists: pick another name")
+            conn.execute("INSERT INTO workgroups (id, name, description, tags, created_at) VALUES (?, ?, ?, ?, ?)",
+                         (wg_id, name, description, dumps(tags), self.now_iso()))
+        log.info("workgroup %s (%s) created", wg_id, name)
+        return self._wg_view(self._workgroup(None, wg_id))
+
+    def list_workgroups(self) -> Dict[str, Any]:
+        rows = self.store.all("SELECT * FROM workgroups ORDER BY created_at, name")
+        return {"workgroups": [self._wg_view(r) for r in rows]}
+
+    def show_workgroup(self, ref: str) -> Dict[str, Any]:
+        wg = self._workgroup(None, ref)
+        view = self._wg_view(wg)
+        view["sources"] = self.list_sources(wg["id"])["sources"]
+        view["migration"] = self.workgroup_migration(wg["id"])
+        return view
+
+    def delete_workgroup(self, ref: str) -> Dict[str, Any]:
+        with self.store.transaction() as conn:
+            wg = self._workgroup(conn, ref)
+            n = conn.execute("SELECT COUNT(*) FROM sources WHERE workgroup_id = ?", (wg["id"],)).fetchone()[0]
+            if n:
+                raise Conflict(f"workgroup {wg['name']!r} still has {n} source(s): disassociate them first "
+                               "('go2cloud_server source disassociate S')")
+            conn.execute("DELETE FROM codes WHERE workgroup_id = ?", (wg["id"],))
+            conn.execute("DELETE FROM workgroups WHERE id = ?", (wg["id"],))
+        log.info("workgroup %s (%s) deleted", wg["id"], wg["name"])
+        return {}
+
+    # activation codes -------------------------------------------------------------------------
+    def _code_state(self, row: Mapping[str, Any]) -> str:
+        if row["revoked_at"]:
+            return "revoked"
+        if row["expires_epoch"] <= self.now():
+            return "expired"
+        if row["uses_left"] <= 0:
+            return "exhausted"
+        return "active"
+
+    def _code_view(self, row: Mapping[str, Any]) -> Dict[str, Any]:
+        wg = self.store.one("SELECT id, name FROM workgroups WHERE id = ?", (row["workgroup_id"],))
+        return {"token_id": row["token_id"], "workgroup": wg, "uses": row["uses"], "uses_left": row["uses_left"],
+                "created_at": row["created_at"], "expires_at": row["expires_at"],
+                "revoked_at": row["revoked_at"], "state": self._code_state(row)}
+
+    def create_code(self, wg_ref: str, body: Any) -> Dict[str, Any]:
+        body = rules.require_object(body if body is not None else {})
+        uses = rules.integer(body.get("uses"), "uses", rules.CODE_USES, rules.CODE_USES_DEFAULT)
+        days = rules.integer(body.get("days"), "days", rules.CODE_DAYS, rules.CODE_DAYS_DEFAULT)
+        token_id = rand_id("at-", 16)
+        token_code = "".join(secrets.choice(_ALNUM) for _ in range(28))
+        salt = os.urandom(16)
+        digest = hash_code(token_code, salt)
+        now = self.now()
+        expires = now + days * 86400
+        with self.store.transaction() as conn:
+            wg = self._workgroup(conn, wg_ref)
+            conn.execute(
+                "INSERT INTO codes (token_id, workgroup_id, salt, code_hash, uses, uses_left, created_at, "
+                "expires_at, expires_epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (token_id, wg["id"], salt, digest, uses, uses, iso(now), iso(expires), expires))
+        log.info("activation code %s created for workgroup %s (uses %d, days %d)", token_id, wg["id"], uses, days)
+        row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
+        assert row is not None
+        view = self._code_view(row)
+        view["token_code"] = token_code
+        view["commands"] = install_commands(self.public_url, self.fingerprint, token_id, token_code)
+        return view
+
+    def list_codes(self, wg_ref: Optional[str] = None) -> Dict[str, Any]:
+        if wg_ref:
+            wg = self._workgroup(None, wg_ref)
+            rows = self.store.all("SELECT * FROM codes WHERE workgroup_id = ? ORDER BY created_at", (wg["id"],))
+        else:
+            rows = self.store.all("SELECT * FROM codes ORDER BY created_at")
+        return {"codes": [self._code_view(r) for r in rows]}
+
+    def revoke_code(self, token_id: str) -> Dict[str, Any]:
+        with self.store.transaction() as conn:
+            row = Store.q_one(conn, "SELECT * FROM codes WHERE token_id = ?", (token_id,))
+            if row is None:
+                raise NotFound(f"no activation code {token_id!r}: see 'go2cloud_server code list'")
+            if not row["revoked_at"]:
+                conn.execute("UPDATE codes SET revoked_at = ? WHERE token_id = ?", (self.now_iso(), token_id))
+        log.info("activation code %s revoked", token_id)
+        row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
+        assert row is not None
+        return self._code_view(row)
+
+    # sources: import --------------------------------------------------------------------------
+    def import_source(self, body: Any) -> Dict[str, Any]:
+        body = rules.require_object(body)
+        token_id = body.get("token_id")
+        token_code = body.get("token_code")
+        if not isinstance(token_id, str) or not isinstance(token_code, str) or len(token_code) > 256:
+            raise InvalidInput("token_id and token_code: are required strings")
+        public_key = rules.require_str(body, "public_key", 128)
+        decode_public_key(public_key)
+        inventory = rules.require_object(body.get("inventory"), "inventory")
+        agent_version = str(body.get("agent_version") or "")[:64]
+        previous = body.get("previous_source_id")
+        if previous is not None and not isinstance(previous, str):
+            raise InvalidInput("previous_source_id: must be a string or null")
+        hostname = str(inventory.get("hostname") or "")[:255]
+        machine_id = str(inventory.get("machine_id") or "")[:255]
+
+        # Verify the code outside of the write transaction (scrypt is deliberately slow) ...
+        row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
+        if row is None or not hmac.compare_digest(hash_code(token_code, row["salt"]), row["code_hash"]):
+            raise CodeRejected("unknown activation code (check the token id and token code)", code="code_unknown")
+        source_id = rand_id("s-", 16)
+        replaced: Optional[Dict[str, Any]] = None
+        # ... then consume one use atomically.
+        with self.store.transaction() as conn:
+            code = Store.q_one(conn, "SELECT * FROM codes WHERE token_id = ?", (token_id,))
+            if code is None:
+                raise CodeRejected("unknown activation code (check the token id and token code)", code="code_unknown")
+            state = self._code_state(code)
+            if state == "revoked":
+                raise CodeRejected("this activation code was revoked: ask the operator for a new one",
+                                   code="code_revoked")
+            if state == "expired":
+                raise CodeRejected(f"this activation code expired at {code['expires_at']}: ask the operator for "
+                                   "a new one", code="code_expired")
+            if state == "exhausted":
+                raise CodeRejected(f"this activation code has no uses left (it allowed {code['uses']}): ask the "
+                                   "operator for a new one", code="code_exhausted")
+            wg = Store.q_one(conn, "SELECT * FROM workgroups WHERE id = ?", (code["workgroup_id"],))
+            if wg is None:
+                raise CodeRejected("unknown activation code (its workgroup was deleted)", code="code_unknown")
+            n = conn.execute("SELECT COUNT(*) FROM sources WHERE workgroup_id = ? AND state = 'active'",
+                             (wg["id"],)).fetchone()[0]
+            if n >= rules.MAX_SOURCES_PER_WORKGROUP:
+                raise ImportRejected(f"workgroup {wg['name']!r} already has {rules.MAX_SOURCES_PER_WORKGROUP} "
+                                     "sources: ask the operator to use another workgroup")
+            conn.execute("UPDATE codes SET uses_left = uses_left - 1 WHERE token_id = ?", (token_id,))
+            now = self.now()
+            if previous:
+                old = Store.q_one(conn, "SELECT * FROM sources WHERE id = ?", (previous,))
+                if old and old["state"] == "active" and machine_id and old["machine_id"] == machine_id:
+                    replaced = self._replace_source(conn, old, source_id)
+                elif old:
+                    log.warning("import: previous_source_id %s not replaced (machine id differs or not active)",
+                                previous)
+            conn.execute(
+                "INSERT INTO sources (id, workgroup_id, public_key, hostname, machine_id, agent_version, inventory, "
+                "token_id, imported_at, imported_epoch, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active')",
+                (source_id, wg["id"], public_key, hostname, machine_id, agent_version, dumps(inventory), token_id,
+                 iso(now), now))
+        if replaced:
+            self._release_target(replaced)
+            self._notify()
+        log.info("source %s (%s) imported into workgroup %s with code %s", source_id, hostname, wg["id"], token_id)
+        return {"source_id": source_id, "workgroup": {"id": wg["id"], "name": wg["name"]},
+                "heartbeat_interval": self.heartbeat_interval, "server_time": iso(now), "server_time_epoch": now}
+
+    def _replace_source(self, conn: sqlite3.Connection, old: Mapping[str, Any], new_id: str) -> Optional[Dict[str, Any]]:
+        conn.execute("UPDATE sources SET state = 'replaced', replaced_by = ?, workgroup_id = NULL WHERE id = ?",
+                     (new_id, old["id"]))
+        task = self._active_task(conn, old["id"])
+        log.info("source %s replaced by %s", old["id"], new_id)
+        if task is None:
+            return None
+        self._set_task(conn, task["id"], status="cancelled", error_code="source_replaced",
+                       error_message=f"source replaced by {new_id}", finished_at=self.now_iso())
+        conn.execute("UPDATE commands SET status = 'superseded', updated_at = ? WHERE task_id = ? AND status = 'queued'",
+                     (self.now_iso(), task["id"]))
+        return task
+
+    def _release_target(self, task: Mapping[str, Any]) -> None:
+        """Remove the task's rsync module and its unfinished cycle (committed images are kept)."""
+        try:
+            self.rsyncd.remove_module(task["id"])
+        except Exception:  # noqa: BLE001 - keep going: the module may be gone already
+            log.warning("could not remove rsync module %s", task["id"], exc_info=True)
+        if task.get("current_cycle"):
+            try:
+                self.tree(task["id"]).discard_cycle(int(task["current_cycle"]))
+            except Exception:  # noqa: BLE001
+                log.warning("could not discard cycle %s of %s", task["current_cycle"], task["id"], exc_info=True)
+
+    # sources: operator view --------------------------------------------------------------------
+    def _source(self, conn: Optional[sqlite3.Connection], ref: Any) -> Dict[str, Any]:
+        if not isinstance(ref, str) or not ref:
+            raise InvalidInput("source: is required")
+        sql = "SELECT * FROM sources WHERE id = ?"
+        row = Store.q_one(conn, sql, (ref,)) if conn is not None else self.store.one(sql, (ref,))
+        if row is None:
+            raise NotFound(f"no source {ref!r}: see 'go2cloud_server source list'")
+        return row
+
+    def _latest_task(self, conn: Optional[sqlite3.Connection], source_id: str) -> Optional[Dict[str, Any]]:
+        sql = "SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1"
+        return Store.q_one(conn, sql, (source_id,)) if conn is not None else self.store.one(sql, (source_id,))
+
+    def _active_task(self, conn: Optional[sqlite3.Connection], source_id: str) -> Optional[Dict[str, Any]]:
+        sql = ("SELECT * FROM tasks WHERE source_id = ? AND status IN ('syncing','pending','paused','failed') "
+               "ORDER BY created_at DESC, rowid DESC LIMIT 1")
+        return Store.q_one(conn, sql, (source_id,)) if conn is not None else self.store.one(sql, (source_id,))
+
+    def is_offline(self, src: Mapping[str, Any], now: Optional[float] = None) -> bool:
+        now = self.now() if now is None else now
+        last = src["last_seen_epoch"] or src["imported_epoch"]
+        return now - last > OFFLINE_AFTER_INTERVALS * self.heartbeat_interval
+
+    def source_status(self, src: Mapping[str, Any], task: Optional[Mapping[str, Any]],
+                      now: Optional[float] = None) -> str:
+        """Real-time status: replaced > offline > the task's status > online."""
+        if src["state"] != "active":
+            return "replaced"
+        if self.is_offline(src, now):
+            return "offline"
+        if task is not None:
+            return str(task["status"])
+        return "online"
+
+    def _source_view(self, src: Mapping[str, Any]) -> Dict[str, Any]:
+        task = self._latest_task(None, src["id"])
+        wg = (self.store.one("SELECT id, name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
+              if src["workgroup_id"] else None)
+        inv = loads(src["inventory"], {})
+        os_info = inv.get("os") if isinstance(inv.get("os"), dict) else {}
+        return {"id": src["id"], "hostname": src["hostname"], "workgroup": wg,
+                "status": self.source_status(src, task), "os": os_info.get("pretty_name") or os_info.get("id") or "",
+                "agent_version": src["agent_version"], "imported_at": src["imported_at"],
+                "last_seen_at": src["last_seen_at"], "task_id": task["id"] if task else None,
+                "replaced_by": src["replaced_by"]}
+
+    def list_sources(self, wg_ref: Optional[str] = None) -> Dict[str, Any]:
+        if wg_ref:
+            wg = self._workgroup(None, wg_ref)
+            rows = self.store.all("SELECT * FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],))
+        else:
+            rows = self.store.all("SELECT * FROM sources ORDER BY imported_epoch")
+        return {"sources": [self._source_view(r) for r in rows]}
+
+    def show_source(self, ref: str) -> Dict[str, Any]:
+        src = self._source(None, ref)
+        view = self._source_view(src)
+        hb = loads(src["heartbeat"], None) or {}
+        task = self._latest_task(None, src["id"])
+        view["inventory"] = loads(src["inventory"], {})
+        view["task"] = self._task_view(task) if task else None
+        view["agent"] = {k: hb.get(k) for k in ("state", "phase", "cycle", "task_id", "last_error", "load")}
+        view["progress"] = hb.get("progress")
+        view["events"] = self.store.all(
+            "SELECT time, level, code, message FROM events WHERE source_id = ? ORDER BY id DESC LIMIT 20", (src["id"],))
+        return view
+
+    def associate(self, ref: str, body: Any) -> Dict[str, Any]:
+        body = rules.require_object(body)
+        with self.store.transaction() as conn:
+            src = self._source(conn, ref)
+            wg = self._workgroup(conn, body.get("workgroup"))
+            if src["state"] != "active":
+                raise Conflict(f"source {src['id']} was replaced by {src['replaced_by']}: use that source")
+            if src["workgroup_id"] == wg["id"]:
+                pass
+            elif src["workgroup_id"]:
+                raise Conflict(f"source {src['id']} is already in another workgroup: disassociate it first")
+            else:
+                n = conn.execute("SELECT COUNT(*) FROM sources WHERE workgroup_id = ? AND state = 'active'",
+                                 (wg["id"],)).fetchone()[0]
+                if n >= rules.MAX_SOURCES_PER_WORKGROUP:
+                    raise Conflict(f"workgroup {wg['name']!r} already has {rules.MAX_SOURCES_PER_WORKGROUP} sources")
+                conn.execute("UPDATE sources SET workgroup_id = ? WHERE id = ?", (wg["id"], src["id"]))
+        return self._source_view(self._source(None, ref))
+
+    def disassociate(self, ref: str) -> Dict[str, Any]:
+        with self.store.transaction() as conn:
+            src = self._source(conn, ref)
+            task = self._active_task(conn, src["id"])
+            if task is not None:
+                raise Conflict(f"source {src['id']} has an active migration task {task['id']} ({task['status']}): "
+                               "complete or cancel it first")
+            conn.execute("UPDATE sources SET workgroup_id = NULL WHERE id = ?", (src["id"],))
+        return self._source_view(self._source(None, ref))
+
+    # agent API -----------------------------------------------------------------------------------
+    def agent_source(self, source_id: str) -> Dict[str, Any]:
+        """The source an agent request is for; 404 source_unknown / 410 source_replaced."""
+        row = self.store.one("SELECT * FROM sources WHERE id = ?", (source_id,))
+        if row is None:
+            raise SourceUnknown(f"source {source_id} does not exist: import again")
+        if row["state"] != "active":
+            raise SourceReplaced(f"source {source_id} was replaced or deleted: import again")
+        return row
+
+    def heartbeat(self, source_id: str, body: Any) -> Dict[str, Any]:
+        body = rules.require_object(body)
+        keep = {k: body.get(k) for k in ("agent_version", "state", "task_id", "phase", "cycle", "progress",
+                                         "last_error", "load")}
+        now = self.now()
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE sources SET last_seen_epoch = ?, last_seen_at = ?, heartbeat = ?, "
+                         "agent_version = COALESCE(?, agent_version) WHERE id = ?",
+                         (now, iso(now), dumps(keep),
+                          str(body["agent_version"])[:64] if isinstance(body.get("agent_version"), str) else None,
+                          source_id))
+            waiting = conn.execute("SELECT 1 FROM commands WHERE source_id = ? AND status IN ('queued','accepted') "
+                                   "LIMIT 1", (source_id,)).fetchone() is not None
+        return {"server_time": iso(now), "server_time_epoch": now, "commands_waiting": waiting,
+                "heartbeat_interval": self.heartbeat_interval}
+
+    def _pending_commands(self, source_id: str) -> List[Dict[str, Any]]:
+        rows = self.store.all("SELECT id, type, params, created_at FROM commands WHERE source_id = ? "
+                              "AND status IN ('queued','accepted') ORDER BY seq", (source_id,))
+        return [{"id": r["id"], "type": r["type"], "params": loads(r["params"], {}), "created_at": r["created_at"]}
+                for r in rows]
+
+    def poll_commands(self, source_id: str, wait: float, monotonic: Callable[[], float] = time.monotonic
+                      ) -> Dict[str, Any]:
+        deadline = monotonic() + max(0.0, wait)
+        with self.commands_cv:
+            while True:
+                cmds = self._pending_commands(source_id)
+                remaining = deadline - monotonic()
+                if cmds or remaining <= 0 or self._closed:
+                    return {"commands": cmds}
+                self.commands_cv.wait(remaining)
+
+    def ack_command(self, source_id: str, command_id: str, body: Any) -> Dict[str, Any]:
+        body = rules.require_object(body)
+        status = body.get("status")
+        if status not in ACK_STATUSES:
+            raise InvalidInput(f"status: must be one of {', '.join(ACK_STATUSES)}")
+        error_code = body.get("error_code")
+        message = body.get("message")
+        result = body.get("result")
+        if error_code is not None and not isinstance(error_code, str):
+            raise InvalidInput("error_code: must be a string or null")
+        if message is not None and not isinstance(message, str):
+            raise InvalidInput("message: must be a string or null")
+        if result is not None and not isinstance(result, dict):
+            raise InvalidInput("result: must be an object or null")
+        error_code = (error_code or None) and error_code[:64]
+        message = (message or None) and message[:2000]
+        with self.store.transaction() as conn:
+            cmd = Store.q_one(conn, "SELECT * FROM commands WHERE id = ? AND source_id = ?", (command_id, source_id))
+            if cmd is None:
+                raise NotFound(f"no command {command_id} for source {source_id}")
+            if cmd["status"] in FINAL_COMMAND_STATUSES:
+                return {}
+            conn.execute("UPDATE commands SET status = ?, error_code = ?, message = ?, result = ?, updated_at = ? "
+                         "WHERE id = ?", (status, error_code, message, dumps(result or {}), self.now_iso(), command_id))
+        if status == "accepted":
+            return {}
+        log.info("command %s (%s) of %s acknowledged %s%s", command_id, cmd["type"], source_id, status,
+                 f" ({error_code})" if error_code else "")
+        self._on_command_final(cmd, status, error_code, message, result or {})
+        return {}
+
+    def _on_command_final(self, cmd: Mapping[str, Any], status: str, error_code: Optional[str],
+                          message: Optional[str], result: Mapping[str, Any]) -> None:
+        task_id = cmd["task_id"]
+        if not task_id:
+            return
+        params = loads(cmd["params"], {})
+        ctype = cmd["type"]
+        cycle = params.get("cycle") if ctype in CYCLE_COMMANDS else None
+        number = int(cycle["number"]) if isinstance(cycle, dict) and cycle.get("number") else None
+        if status != "succeeded":
+            if ctype in CYCLE_COMMANDS:
+                with self.store.transaction() as conn:
+                    task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+                    if task and task["status"] in ("syncing", "pending", "paused"):
+                        self._set_task(conn, task_id, status="failed", finalizing=0,
+                                       error_code=error_code or "replication_failed",
+                                       error_message=message or f"{ctype} command {status}")
+            else:
+                with self.store.transaction() as conn:
+                    self._set_task(conn, task_id, error_code=error_code or f"{ctype}_{status}",
+                                   error_message=message or f"{ctype} command {status}")
+            return
+        if ctype not in CYCLE_COMMANDS:
+            return
+        artifact = None
+        removed: List[int] = []
+        task = self.store.one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        if task is None or task["status"] in ("cancelled", "completed"):
+            return
+        tree = self.tree(task_id)
+        if number is not None:
+            try:
+                artifact = tree.commit_cycle(number)
+            except Exception as exc:  # noqa: BLE001 - reported to the operator as the task's error
+                log.warning("committing cycle %d of %s failed: %s", number, task_id, exc)
+                log.debug("commit failure", exc_info=True)
+                with self.store.transaction() as conn:
+                    self._set_task(conn, task_id, status="failed", finalizing=0, error_code="target_commit_failed",
+                                   error_message=f"the target could not record cycle {number}: {exc}")
+                return
+            removed = tree.retain(int(task["keep_images"]))
+        finished = ctype == "finalize"
+        with self.store.transaction() as conn:
+            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+            if task is None:
+                return
+            if artifact is not None:
+                conn.execute("INSERT OR REPLACE INTO artifacts (task_id, cycle, path, bytes, files, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             (task_id, number, str(artifact.path), int(artifact.bytes), int(artifact.files),
+                              str(artifact.created_at)))
+            for n in removed:
+                conn.execute("DELETE FROM artifacts WHERE task_id = ? AND cycle = ?", (task_id, n))
+            changes: Dict[str, Any] = {"error_code": None, "error_message": None}
+            if number is not None:
+                changes.update(current_cycle=None, last_committed=number)
+            if task["status"] in ("cancelled", "completed"):
+                pass
+            elif finished:
+                changes.update(status="completed", finalizing=0, finished_at=self.now_iso())
+            elif task["status"] == "paused":
+                changes.update(paused_from="pending")
+            else:
+                changes.update(status="pending")
+            self._set_task(conn, task_id, **changes)
+        if finished:
+            self._release_target(dict(task, current_cycle=None))
+            log.info("task %s completed", task_id)
+
+    def agent_task(self, source_id: str, task_id: str) -> Dict[str, Any]:
+        task = self.store.one("SELECT * FROM tasks WHERE id = ? AND source_id = ?", (task_id, source_id))
+        if task is None:
+            raise NotFound(f"no task {task_id} for source {source_id}")
+        cycle = cycle_spec(task["current_cycle"], task["last_committed"]) if task["current_cycle"] else None
+        return {"task_id": task["id"], "mode": task["mode"], "paths": loads(task["paths"], []),
+                "bandwidth_mbps": task["bandwidth_mbps"], "compression": task["compression"],
+                "checksum": bool(task["checksum"]), "target": self.target(task), "status": task["status"],
+                "cycle": cycle}
+
+    def post_events(self, source_id: str, body: Any) -> Dict[str, Any]:
+        body = rules.require_object(body)
+        events = body.get("events")
+        if not isinstance(events, list) or len(events) > 100:
+            raise InvalidInput("events: must be a list of at most 100 events")
+        rows: List[Tuple[Any, ...]] = []
+        for ev in events:
+            if not isinstance(ev, dict):
+                raise InvalidInput("events: each event must be an object")
+            level = ev.get("level") if ev.get("level") in ("info", "warning", "error") else "info"
+            rows.append((source_id, str(ev.get("time") or self.now_iso())[:40], level,
+                         str(ev.get("code") or "")[:64], str(ev.get("message") or "")[:2000]))
+        with self.store.transaction() as conn:
+            conn.executemany("INSERT INTO events (source_id, time, level, code, message) VALUES (?, ?, ?, ?, ?)", rows)
+            conn.execute("DELETE FROM events WHERE source_id = ? AND id NOT IN (SELECT id FROM events "
+                         "WHERE source_id = ? ORDER BY id DESC LIMIT ?)", (source_id, source_id, MAX_EVENTS_PER_SOURCE))
+        return {}
+
+    # tasks ---------------------------------------------------------------------------------------
+    def _set_task(self, conn: sqlite3.Connection, task_id: str, **changes: Any) -> None:
+        changes["updated_at"] = self.now_iso()
+        cols = ", ".join(f"{k} = ?" for k in changes)
+        conn.execute(f"UPDATE tasks SET {cols} WHERE id = ?", (*changes.values(), task_id))  # noqa: S608
+
+    def _queue(self, conn: sqlite3.Connection, source_id: str, task_id: Optional[str], ctype: str,
+               params: Mapping[str, Any]) -> str:
+        cid = rand_id("c-", 16)
+        now = self.now_iso()
+        conn.execute("INSERT INTO commands (id, source_id, task_id, type, params, created_at, updated_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)", (cid, source_id, task_id, ctype, dumps(params), now, now))
+        return cid
+
+    def _artifacts(self, task_id: str) -> List[Dict[str, Any]]:
+        return self.store.all("SELECT cycle, path, created_at, bytes, files FROM artifacts WHERE task_id = ? "
+                              "ORDER BY cycle", (task_id,))
+
+    def _task_view(self, task: Mapping[str, Any]) -> Dict[str, Any]:
+        src = self.store.one("SELECT heartbeat FROM sources WHERE id = ?", (task["source_id"],))
+        hb = loads(src["heartbeat"], None) if src else None
+        progress = hb.get("progress") if isinstance(hb, dict) and hb.get("task_id") == task["id"] else None
+        return {
+            "task_id": task["id"], "source_id": task["source_id"], "workgroup_id": task["workgroup_id"],
+            "name": task["name"], "description": task["description"], "mode": task["mode"],
+            "paths": loads(task["paths"], []), "bandwidth_mbps": task["bandwidth_mbps"],
+            "compression": task["compression"], "checksum": bool(task["checksum"]),
+            "sync_every_s": task["sync_every_s"], "keep_images": task["keep_images"], "status": task["status"],
+            "cycle": task["current_cycle"], "last_committed_cycle": task["last_committed"],
+            "finalizing": bool(task["finalizing"]),
+            "error": ({"code": task["error_code"], "message": task["error_message"]}
+                      if task["error_code"] or task["error_message"] else None),
+            "created_at": task["created_at"], "updated_at": task["updated_at"], "finished_at": task["finished_at"],
+            "progress": progress, "artifacts": self._artifacts(task["id"]),
+        }
+
+    def _start_params(self, body: Mapping[str, Any]) -> Dict[str, Any]:
+        return {
+            "name": rules.text(body.get("name"), "name", rules.TASK_NAME_LEN[1]) or None,
+            "description": rules.text(body.get("description"), "description"),
+            "paths": rules.paths(body.get("paths")),
+            "bandwidth_mbps": rules.integer(body.get("bandwidth_mbps"), "bandwidth_mbps", rules.BANDWIDTH_MBPS, 0),
+            "compression": rules.integer(body.get("compression"), "compression", rules.COMPRESSION,
+                                         rules.COMPRESSION_DEFAULT),
+            "checksum": rules.boolean(body.get("checksum"), "checksum"),
+            "sync_every_s": rules.sync_every(body.get("sync_every_s")),
+            "keep_images": rules.integer(body.get("keep_images"), "keep_images", rules.KEEP_IMAGES,
+                                         rules.KEEP_IMAGES_DEFAULT),
+        }
+
+    def start_migration(self, body: Any, *, workgroup: Optional[str] = None,
+                        source: Optional[str] = None) -> Dict[str, Any]:
+        params = self._start_params(rules.require_object(body if body is not None else {}))
+        if workgroup is not None:
+            wg = self._workgroup(None, workgroup)
+            source_ids = [r["id"] for r in self.store.all(
+                "SELECT id FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],))]
+        else:
+            source_ids = [self._source(None, source)["id"]]
+        out: Dict[str, List[Dict[str, Any]]] = {"started": [], "skipped": [], "not_migratable": []}
+        for sid in source_ids:
+            kind, entry = self._start_one(sid, params)
+            out[kind].append(entry)
+        if source is not None and not out["started"]:
+            entry = (out["skipped"] + out["not_migratable"])[0]
+            raise Conflict(f"cannot start a migration of {entry['source_id']}: {entry['reason']}")
+        if out["started"]:
+            self._notify()
+        return out
+
+    def _start_one(self, source_id: str, params: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        task_id = rand_id("t-", 16)
+        password = secrets.token_urlsafe(24)
+        tree = self.tree(task_id)
+        module_added = False
+        try:
+            with self.store.transaction() as conn:
+                src = self._source(conn, source_id)
+                if src["state"] != "active":
+                    return "not_migratable", {"source_id": source_id,
+                                              "reason": f"replaced by {src['replaced_by']}"}
+                if not src["workgroup_id"]:
+                    return "not_migratable", {"source_id": source_id,
+                                              "reason": "not associated with a workgroup"}
+                if self.is_offline(src):
+                    return "not_migratable", {"source_id": source_id,
+                                              "reason": f"offline (last heartbeat {src['last_seen_at'] or 'never'})"}
+                active = self._active_task(conn, source_id)
+                if active is not None:
+                    return "skipped", {"source_id": source_id,
+                                       "reason": f"already has migration task {active['id']} ({active['status']})"}
+                wg = Store.q_one(conn, "SELECT name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
+                paths = params["paths"] or default_paths(loads(src["inventory"], {}))
+                name = params["name"] or f"{wg['name'] if wg else 'migration'}-{src['hostname'] or source_id}"[:128]
+                now = self.now_iso()
+                conn.execute(
+                    "INSERT INTO tasks (id, source_id, workgroup_id, name, description, mode, paths, bandwidth_mbps, "
+                    "compression, checksum, sync_every_s, keep_images, status, current_cycle, rsync_password, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, 'syncing', 1, ?, ?, ?)",
+                    (task_id, source_id, src["workgroup_id"], name, params["description"], dumps(paths),
+                     params["bandwidth_mbps"], params["compression"], int(params["checksum"]),
+                     params["sync_every_s"], params["keep_images"], password, now, now))
+                task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+                assert task is not None
+                tree.prepare_cycle(1)
+                self.rsyncd.add_module(task_id, self.tree_root(task_id), task_id, password)
+                module_added = True
+                cmd_params = {"task_id": task_id, "mode": "file", "paths": paths,
+                              "bandwidth_mbps": params["bandwidth_mbps"], "compression": params["compression"],
+                              "checksum": params["checksum"], "target": self.target(task),
+                              "cycle": cycle_spec(1, None)}
+                cid = self._queue(conn, source_id, task_id, "start", cmd_params)
+        except Exception:
+            if module_added:
+                self.rsyncd.remove_module(task_id)
+            raise
+        log.info("task %s started for source %s (paths %s)", task_id, source_id, ", ".join(paths))
+        return "started", {"source_id": source_id, "task_id": task_id, "command_id": cid}
+
+    # migration actions ---------------------------------------------------------------------------
+    def _action_params(self, action: str, body: Mapping[str, Any]) -> Dict[str, Any]:
+        if action == "complete":
+            return {"final_sync": rules.boolean(body.get("final_sync"), "final_sync")}
+        if action != "modify":
+            return {}
+        out: Dict[str, Any] = {}
+        if "name" in body:
+            out["name"] = rules.text(body["name"], "name", rules.TASK_NAME_LEN[1], rules.TASK_NAME_LEN[0])
+        if "description" in body:
+            out["description"] = rules.text(body["description"], "description")
+        if body.get("bandwidth_mbps") is not None:
+            out["bandwidth_mbps"] = rules.integer(body["bandwidth_mbps"], "bandwidth_mbps", rules.BANDWIDTH_MBPS)
+        if body.get("compression") is not None:
+            out["compression"] = rules.integer(body["compression"], "compression", rules.COMPRESSION)
+        if body.get("checksum") is not None:
+            out["checksum"] = rules.boolean(body["checksum"], "checksum")
+        if "sync_every_s" in body:
+            out["sync_every_s"] = rules.sync_every(body["sync_every_s"])
+        if body.get("keep_images") is not None:
+            out["keep_images"] = rules.integer(body["keep_images"], "keep_images", rules.KEEP_IMAGES)
+        if not out:
+            raise InvalidInput("modify: give at least one of name, description, bandwidth_mbps, compression, "
+                               "checksum, sync_every_s, keep_images")
+        return out
+
+    def migration_action(self, action: str, body: Any = None, *, workgroup: Optional[str] = None,
+                         source: Optional[str] = None) -> Dict[str, Any]:
+        if action not in ACTIONS:
+            raise NotFound(f"no migration action {action!r} (one of {', '.join(ACTIONS)})")
+        params = self._action_params(action, rules.require_object(body if body is not None else {}))
+        if workgroup is not None:
+            wg = self._workgroup(None, workgroup)
+            source_ids = [r["id"] for r in self.store.all(
+                "SELECT id FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],))]
+        else:
+            source_ids = [self._source(None, source)["id"]]
+        out: Dict[str, List[Dict[str, Any]]] = {"affected": [], "skipped": []}
+        for sid in source_ids:
+            task = self._active_task(None, sid)
+            if task is None:
+                out["skipped"].append({"source_id": sid, "reason": "no active migration task"})
+                continue
+            try:
+                cid = self.task_action(task["id"], action, params)
+            except Conflict as exc:
+                out["skipped"].append({"source_id": sid, "task_id": task["id"], "reason": exc.message})
+                continue
+            out["affected"].append({"source_id": sid, "task_id": task["id"], "command_id": cid})
+        if source is not None and out["skipped"]:
+            raise Conflict(f"{action}: {out['skipped'][0]['reason']}")
+        return out
+
+    def task_action(self, task_id: str, action: str, params: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+        """Apply one action to one task; raises Conflict when its status does not allow it."""
+        params = params or {}
+        after: List[Callable[[], None]] = []
+        with self.store.transaction() as conn:
+            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+            if task is None:
+                raise NotFound(f"no task {task_id}")
+            cid = getattr(self, f"_do_{action}")(conn, task, params, after)
+        for fn in after:
+            fn()
+        if cid:
+            self._notify()
+            log.info("task %s: %s (command %s)", task_id, action, cid)
+        return cid
+
+    @staticmethod
+    def _need(task: Mapping[str, Any], allowed: Iterable[str], what: str) -> None:
+        if task["status"] not in allowed:
+            raise Conflict(f"task {task['id']} is {task['status']}: cannot {what}")
+
+    def _do_modify(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
+                   after: List[Callable[[], None]]) -> Optional[str]:
+        self._need(task, ACTIVE_TASK_STATUSES, "modify it")
+        changes = dict(params)
+        if "checksum" in changes:
+            changes["checksum"] = int(changes["checksum"])
+        self._set_task(conn, task["id"], **changes)
+        agent_fields = {k: params[k] for k in ("bandwidth_mbps", "compression", "checksum") if k in params}
+        if "keep_images" in params:
+            keep, tid = int(params["keep_images"]), task["id"]
+            after.append(lambda: self._apply_retention(tid, keep))
+        if not agent_fields:
+            return None
+        return self._queue(conn, task["source_id"], task["id"], "modify", {"task_id": task["id"], **agent_fields})
+
+    def _apply_retention(self, task_id: str, keep: int) -> None:
+        removed = self.tree(task_id).retain(keep)
+        if removed:
+            with self.store.transaction() as conn:
+                for n in removed:
+                    conn.execute("DELETE FROM artifacts WHERE task_id = ? AND cycle = ?", (task_id, n))
+
+    def _do_pause(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
+                  after: List[Callable[[], None]]) -> Optional[str]:
+        self._need(task, ("syncing", "pending"), "pause it")
+        if task["finalizing"] and not task["current_cycle"]:
+            raise Conflict(f"task {task['id']} is completing: cannot pause it")
+        self._set_task(conn, task["id"], status="paused", paused_from=task["status"])
+        return self._queue(conn, task["source_id"], task["id"], "pause", {"task_id": task["id"]})
+
+    def _do_resume(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
+                   after: List[Callable[[], None]]) -> Optional[str]:
+        self._need(task, ("paused",), "resume it (only a paused task can be resumed)")
+        status = "syncing" if task["current_cycle"] else "pending"
+        self._set_task(conn, task["id"], status=status, paused_from=None)
+        return self._queue(conn, task["source_id"], task["id"], "resume", {"task_id": task["id"]})
+
+    def _next_cycle(self, conn: sqlite3.Connection, task: Mapping[str, Any]) -> Dict[str, Any]:
+        number = task["current_cycle"] or (task["last_committed"] or 0) + 1
+        self.tree(task["id"]).prepare_cycle(number)
+        self._set_task(conn, task["id"], current_cycle=number)
+        return cycle_spec(number, task["last_committed"])
+
+    def _do_sync(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
+                 after: List[Callable[[], None]]) -> Optional[str]:
+        if task["status"] == "syncing":
+            raise Conflict(f"task {task['id']} is already syncing: wait for the cycle to finish")
+        self._need(task, ("pending", "failed"), "sync it")
+        if task["finalizing"]:
+            raise Conflict(f"task {task['id']} is completing: no more syncs")
+        cycle = self._next_cycle(conn, task)
+        self._set_task(conn, task["id"], status="syncing", error_code=None, error_message=None)
+        return self._queue(conn, task["source_id"], task["id"], "sync", {"task_id": task["id"], "cycle": cycle})
+
+    def _do_complete(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
+                     after: List[Callable[[], None]]) -> Optional[str]:
+        if task["status"] == "syncing":
+            raise Conflict(f"task {task['id']} is syncing: wait until it is pending, then complete")
+        self._need(task, ("pending",), "complete it (it must be pending)")
+        if task["finalizing"]:
+            raise Conflict(f"task {task['id']} is already completing")
+        cycle = None
+        if params.get("final_sync"):
+            cycle = self._next_cycle(conn, task)
+            self._set_task(conn, task["id"], status="syncing", finalizing=1)
+        else:
+            self._set_task(conn, task["id"], finalizing=1)
+        return self._queue(conn, task["source_id"], task["id"], "finalize", {"task_id": task["id"], "cycle": cycle})
+
+    def _do_cancel(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
+                   after: List[Callable[[], None]]) -> Optional[str]:
+        self._need(task, ACTIVE_TASK_STATUSES, "cancel it")
+        self._set_task(conn, task["id"], status="cancelled", finalizing=0, current_cycle=None,
+                       finished_at=self.now_iso())
+        conn.execute("UPDATE commands SET status = 'superseded', updated_at = ? WHERE task_id = ? AND status = 'queued'",
+                     (self.now_iso(), task["id"]))
+        snapshot = dict(task)
+        after.append(lambda: self._release_target(snapshot))
+        return self._queue(conn, task["source_id"], task["id"], "abort", {"task_id": task["id"]})
+
+    # migration views -----------------------------------------------------------------------------
+    def _wg_status(self, wg_id: str) -> str:
+        statuses: List[str] = []
+        for src in self.store.all("SELECT id FROM sources WHERE workgroup_id = ?", (wg_id,)):
+            task = self._latest_task(None, src["id"])
+            if task is not None and task["status"] != "cancelled":
+                statuses.append(task["status"])
+        return workgroup_status(statuses)
+
+    def workgroup_migration(self, ref: str) -> Dict[str, Any]:
+        wg = self._workgroup(None, ref)
+        tasks: List[Dict[str, Any]] = []
+        counts: Dict[str, int] = {}
+        for src in self.store.all("SELECT * FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)):
+            task = self._latest_task(None, src["id"])
+            status = self.source_status(src, task)
+            counts[status] = counts.get(status, 0) + 1
+            if task is not None:
+                view = self._task_view(task)
+                view["source_status"] = status
+                view["hostname"] = src["hostname"]
+                tasks.append(view)
+        return {"workgroup": {"id": wg["id"], "name": wg["name"]}, "status": self._wg_status(wg["id"]),
+                "source_status_counts": counts, "tasks": tasks}
+
+    def source_migration(self, ref: str) -> Dict[str, Any]:
+        src = self._source(None, ref)
+        rows = self.store.all("SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, rowid DESC",
+                              (src["id"],))
+        return {"source_id": src["id"], "hostname": src["hostname"],
+                "source_status": self.source_status(src, rows[0] if rows else None),
+                "status": rows[0]["status"] if rows else "not_started",
+                "tasks": [self._task_view(t) for t in rows]}
+
+    def task_artifacts(self, task_id: str) -> Dict[str, Any]:
+        if self.store.one("SELECT 1 AS x FROM tasks WHERE id = ?", (task_id,)) is None:
+            raise NotFound(f"no task {task_id!r}: see 'go2cloud_server migration show'")
+        return {"task_id": task_id, "artifacts": self._artifacts(task_id)}
+
+    # server start / scheduler ----------------------------------------------------------------------
+    def restore_targets(self) -> int:
+        """Re-add the rsync modules of every task that still needs its target (after a restart)."""
+        rows = self.store.all("SELECT * FROM tasks WHERE status IN ('syncing','pending','paused','failed')")
+        for task in rows:
+            self.rsyncd.add_module(task["id"], self.tree_root(task["id"]), task["id"], task["rsync_password"])
+            if task["current_cycle"]:
+                self.tree(task["id"]).prepare_cycle(int(task["current_cycle"]))
+        return len(rows)
+
+    def auto_sync_candidates(self) -> List[Dict[str, Any]]:
+        """Pending tasks with an automatic sync interval: id, interval and last committed cycle."""
+        return self.store.all("SELECT id, sync_every_s, last_committed FROM tasks WHERE status = 'pending' "
+                              "AND finalizing = 0 AND sync_every_s IS NOT NULL")
+
+
+def workgroup_status(task_statuses: List[str]) -> str:
+    """Workgroup migration status from the statuses of its sources' current (non-cancelled) tasks."""
+    if not task_statuses:
+        return "not_started"
+    if "failed" in task_statuses:
+        return "failed"
+    if all(s == "completed" for s in task_statuses):
+        return "completed"
+    open_ = [s for s in task_statuses if s != "completed"]
+    if open_ and all(s == "paused" for s in open_):
+        return "paused"
+    return "in_progress"

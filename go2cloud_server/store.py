@@ -1,0 +1,234 @@
+"""SQLite state of the control plane.
+
+One database file (``<data-dir>/server.db``) in WAL mode. Each thread gets its own connection
+(``threading.local``); writers serialise with ``BEGIN IMMEDIATE`` so a read-check-write sequence
+(for example consuming one use of an activation code) is atomic across threads and processes.
+The schema is versioned in ``meta.schema_version``; :meth:`Store.migrate` brings an older file
+up to date and refuses a newer one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS workgroups (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '{}',
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS codes (
+    token_id TEXT PRIMARY KEY,
+    workgroup_id TEXT NOT NULL,
+    salt BLOB NOT NULL,
+    code_hash BLOB NOT NULL,
+    uses INTEGER NOT NULL,
+    uses_left INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    expires_epoch REAL NOT NULL,
+    revoked_at TEXT
+);
+CREATE INDEX IF NOT EXISTS codes_wg ON codes (workgroup_id);
+CREATE TABLE IF NOT EXISTS sources (
+    id TEXT PRIMARY KEY,
+    workgroup_id TEXT,
+    public_key TEXT NOT NULL,
+    hostname TEXT NOT NULL DEFAULT '',
+    machine_id TEXT NOT NULL DEFAULT '',
+    agent_version TEXT NOT NULL DEFAULT '',
+    inventory TEXT NOT NULL DEFAULT '{}',
+    token_id TEXT,
+    imported_at TEXT NOT NULL,
+    imported_epoch REAL NOT NULL,
+    last_seen_epoch REAL,
+    last_seen_at TEXT,
+    heartbeat TEXT,
+    state TEXT NOT NULL DEFAULT 'active',
+    replaced_by TEXT
+);
+CREATE INDEX IF NOT EXISTS sources_wg ON sources (workgroup_id);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    source_id TEXT NOT NULL,
+    workgroup_id TEXT,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    mode TEXT NOT NULL DEFAULT 'file',
+    paths TEXT NOT NULL,
+    bandwidth_mbps INTEGER NOT NULL,
+    compression INTEGER NOT NULL,
+    checksum INTEGER NOT NULL,
+    sync_every_s INTEGER,
+    keep_images INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    paused_from TEXT,
+    finalizing INTEGER NOT NULL DEFAULT 0,
+    current_cycle INTEGER,
+    last_committed INTEGER,
+    rsync_password TEXT NOT NULL,
+    error_code TEXT,
+    error_message TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_source ON tasks (source_id);
+CREATE TABLE IF NOT EXISTS commands (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    source_id TEXT NOT NULL,
+    task_id TEXT,
+    type TEXT NOT NULL,
+    params TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'queued',
+    error_code TEXT,
+    message TEXT,
+    result TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_source ON commands (source_id, status);
+CREATE TABLE IF NOT EXISTS artifacts (
+    task_id TEXT NOT NULL,
+    cycle INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    files INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (task_id, cycle)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source_id TEXT NOT NULL,
+    time TEXT NOT NULL,
+    level TEXT NOT NULL,
+    code TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_source ON events (source_id, id);
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1}
+
+
+class SchemaTooNew(RuntimeError):
+    pass
+
+
+class Store:
+    """Thread-safe access to the SQLite database at ``path``."""
+
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._all: List[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+
+    # connections ------------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on error."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    # helpers ----------------------------------------------------------------------------------
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Optional[Dict[str, Any]]:
+        row = self._conn().execute(sql, args).fetchone()
+        return dict(row) if row is not None else None
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> List[Dict[str, Any]]:
+        return [dict(r) for r in self._conn().execute(sql, args).fetchall()]
+
+    @staticmethod
+    def q_one(conn: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> Optional[Dict[str, Any]]:
+        row = conn.execute(sql, args).fetchone()
+        return dict(row) if row is not None else None
+
+    @staticmethod
+    def q_all(conn: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> List[Dict[str, Any]]:
+        return [dict(r) for r in conn.execute(sql, args).fetchall()]
+
+    # schema -----------------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        conn = self._conn()
+        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        if not has_meta:
+            return 0
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def migrate(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.transaction() as conn:
+            version = 0
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"{self.path} has schema version {version}, newer than this server's {SCHEMA_VERSION}: "
+                    "run a newer go2cloud_server or use another --data-dir")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                log.info("migrating %s to schema version %d", self.path, v)
+                for stmt in _MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(v),))
+        try:
+            self.path.chmod(0o600)
+        except OSError:  # pragma: no cover - e.g. a filesystem without modes
+            pass
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+def loads(value: Optional[str], default: Any = None) -> Any:
+    if value is None or value == "":
+        return default
+    return json.loads(value)

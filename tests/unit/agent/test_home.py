@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from go2cloud_client.errors import AlreadyRunningError, ConfigError
+from go2cloud_client.home import Home, HomeLock, atomic_write, lock_held, resolve_home
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_ensure_creates_private_layout(home):
+    for d in (home.root, home.identity_dir, home.state_dir, home.logs_dir, home.excludes_dir):
+        assert d.is_dir()
+        assert mode(d) == 0o700
+    assert (home.excludes_dir / "rsync_excludes_linux.txt").is_file()
+
+
+def test_atomic_write_replaces_content_with_mode_0600_and_no_leftovers(tmp_path):
+    target = tmp_path / "f.json"
+    target.write_text("old")
+    os.chmod(target, 0o644)
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert mode(target) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_atomic_write_failure_keeps_old_content(tmp_path, monkeypatch):
+    target = tmp_path / "f"
+    target.write_bytes(b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_state_roundtrip_adds_version(home):
+    home.write_state(home.task_file, {"task_id": "t-1"})
+    doc = json.loads(home.task_file.read_text())
+    assert doc == {"version": 1, "task_id": "t-1"}
+    assert home.read_state(home.task_file)["task_id"] == "t-1"
+    assert mode(home.task_file) == 0o600
+
+
+def test_newer_state_version_is_a_clear_config_error(home):
+    home.task_file.write_text(json.dumps({"version": 2}))
+    with pytest.raises(ConfigError, match="newer go2cloud_client"):
+        home.read_state(home.task_file)
+
+
+def test_corrupt_state_is_config_error(home):
+    home.ledger_file.write_text("{not json")
+    with pytest.raises(ConfigError, match="corrupt"):
+        home.read_state(home.ledger_file)
+
+
+def test_missing_state_is_none(home):
+    assert home.read_state(home.source_file) is None
+
+
+def test_second_agent_on_same_home_is_refused(home):
+    with HomeLock(home):
+        assert home.read_pid() == os.getpid()
+        assert lock_held(home)
+        with pytest.raises(AlreadyRunningError) as err:
+            HomeLock(home).acquire()
+        assert err.value.exit_code == 4
+    assert not lock_held(home)
+    assert not home.pid_file.exists()
+
+
+def test_resolve_home_precedence(tmp_path):
+    assert resolve_home(str(tmp_path / "a"), {"GO2CLOUD_HOME": str(tmp_path / "b")}) == tmp_path / "a"
+    assert resolve_home(None, {"GO2CLOUD_HOME": str(tmp_path / "b")}) == tmp_path / "b"
+
+
+def test_unwritable_home_is_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot create the agent home"):
+        Home(blocker / "home").ensure()

@@ -1,0 +1,279 @@
+"""FileReplicator without processes: argument building, exit-code handling and progress, with
+the rsync child replaced by a scripted fake at the ``_spawn`` seam."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import pytest
+
+from go2cloud_client.errors import ReplicationError
+from go2cloud_client.replication import rsync
+from go2cloud_client.replication.rsync import (
+    Cycle,
+    FileReplicator,
+    Progress,
+    RsyncConnectionError,
+    RsyncPartialTransferError,
+    RsyncTarget,
+    RsyncVanishedError,
+    TransferCancelled,
+    TransferOptions,
+)
+
+PASSWORD = "s3cret-Pa55word"
+TARGET = RsyncTarget("10.0.0.9", 8873, "t-abc", "t-abc", PASSWORD)
+STATS = ["Number of files: 3 (reg: 2, dir: 1)", "Number of regular files transferred: 2",
+         "Total file size: 1,000 bytes", "Total bytes sent: 1,234"]
+
+
+def make(tmp_path: Path, paths=("/srv/data",), options: Optional[TransferOptions] = None,
+         version=(3, 5, 0), **kw):
+    options = options or TransferOptions()
+    ex = tmp_path / "ex.txt"
+    ex.write_text("/tmp/*\n--delete\n")
+    return FileReplicator(target=TARGET, paths=list(paths), options=options, excludes_file=ex,
+                          work_dir=tmp_path / "work", version=version, estimate_totals=False, **kw)
+
+
+FULL = Cycle(1, "000001", None, False)
+INCR = Cycle(3, "000003", "000002", True)
+
+
+def test_full_cycle_args(tmp_path: Path) -> None:
+    rep = make(tmp_path)
+    args = rep.build_args(FULL, "/srv/data")
+    assert args[:8] == ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--no-inc-recursive",
+                        "--info=progress2", "--stats", "--partial-dir=.go2cloud-partial"]
+    assert "--delete" not in args and not any(a.startswith("--link-dest") for a in args)
+    assert "--compress" in args and "--compress-level=7" in args
+    assert "--checksum" not in args and not any(a.startswith("--bwlimit") for a in args)
+    assert "--mkpath" in args and "--modify-window=-1" in args
+    assert f"--filter=merge {tmp_path / 'work' / 'rsync-filter'}" in args
+    assert args[-3:] == ["--", "/srv/data/", "rsync://t-abc@10.0.0.9:8873/t-abc/000001/srv/data/"]
+
+
+def test_incremental_args_link_dest_is_relative_to_the_dest_dir(tmp_path: Path) -> None:
+    rep = make(tmp_path, paths=["/srv/data", "/"])
+    args = rep.build_args(INCR, "/srv/data")
+    assert "--delete" in args
+    assert "--link-dest=../../../000002/srv/data" in args
+    root = rep.build_args(INCR, "/")
+    assert "--link-dest=../000002" in root
+    assert root[-2:] == ["/", "rsync://t-abc@10.0.0.9:8873/t-abc/000003/"]
+
+
+@pytest.mark.parametrize("mbps,kib", [(0, None), (1, 122), (8, 976), (100, 12207), (100000, 12207031)])
+def test_bwlimit_is_kib_per_second_rounded_down(tmp_path: Path, mbps: int, kib: Optional[int]) -> None:
+    args = make(tmp_path, options=TransferOptions(bandwidth_mbps=mbps)).build_args(FULL, "/srv/data")
+    limits = [a for a in args if a.startswith("--bwlimit")]
+    assert limits == ([] if kib is None else [f"--bwlimit={kib}"])
+    if kib:
+        assert kib * 1024 <= mbps * 1_000_000 / 8 < (kib + 1) * 1024
+
+
+@pytest.mark.parametrize("level,expected", [(0, None), (1, 1), (5, 5), (9, 9), (10, 9)])
+def test_compression_mapping(tmp_path: Path, level: int, expected: Optional[int]) -> None:
+    args = make(tmp_path, options=TransferOptions(compression=level)).build_args(FULL, "/srv/data")
+    if expected is None:
+        assert "--compress" not in args and not any(a.startswith("--compress-level") for a in args)
+    else:
+        assert "--compress" in args and f"--compress-level={expected}" in args
+
+
+def test_compression_out_of_range_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        make(tmp_path, options=TransferOptions(compression=11))
+
+
+def test_checksum_flag(tmp_path: Path) -> None:
+    assert "--checksum" in make(tmp_path, options=TransferOptions(checksum=True)).build_args(FULL, "/srv")
+
+
+def test_old_rsync_gets_no_mkpath_or_modify_window(tmp_path: Path) -> None:
+    args = make(tmp_path, version=(3, 1, 2)).build_args(FULL, "/srv/data")
+    assert "--mkpath" not in args and "--modify-window=-1" not in args
+
+
+def test_password_never_in_argv_or_repr(tmp_path: Path) -> None:
+    rep = make(tmp_path, paths=["/srv/data", "/"], options=TransferOptions(12, 3, True))
+    for cycle in (FULL, INCR):
+        for p in rep.paths:
+            assert not any(PASSWORD in a for a in rep.build_args(cycle, p))
+    assert PASSWORD not in repr(TARGET) and PASSWORD not in str(TARGET)
+    assert rep._env()["RSYNC_PASSWORD"] == PASSWORD
+
+
+@pytest.mark.parametrize("bad", ["relative", "/a/../b", "/a//b", "/a\nb", "/a\x00b"])
+def test_bad_paths_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError):
+        make(tmp_path, paths=[bad])
+
+
+def test_bad_cycle_names_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        make(tmp_path).build_args(Cycle(1, "../x", None, False), "/srv")
+    with pytest.raises(ValueError):
+        make(tmp_path).build_args(Cycle(2, "000002", "/etc", True), "/srv")
+
+
+# --- running with a scripted fake process ------------------------------------------------------
+
+class FakeProc:
+    def __init__(self, rc: int, lines: List[str], stderr: str = "", block: Optional[threading.Event] = None):
+        self.rc, self.lines, self.stderr_text, self.block = rc, lines, stderr, block
+        self.pid = 4242
+        self.terminated = False
+
+    def start(self, on_line: Callable[[str], None]) -> FakeProc:
+        for line in self.lines:
+            on_line(line)
+        return self
+
+    def poll(self) -> Optional[int]:
+        if self.terminated:
+            return -15
+        if self.block is not None and not self.block.is_set():
+            return None
+        return self.rc
+
+    def wait(self, timeout=None) -> int:
+        return self.poll() if self.poll() is not None else self.rc
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_text
+
+
+def scripted(rep: FileReplicator, procs: List[FakeProc]) -> List[List[str]]:
+    calls: List[List[str]] = []
+
+    def spawn(args, on_line):
+        calls.append(args)
+        return procs.pop(0).start(on_line)
+
+    rep._spawn = spawn  # type: ignore[method-assign]
+    return calls
+
+
+def test_success_aggregates_stats_and_progress(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(rsync, "PROGRESS_INTERVAL", 0.0)
+    seen: List[Progress] = []
+    children: List[Optional[int]] = []
+    rep = make(tmp_path, paths=["/a", "/b"], on_progress=seen.append, on_child=children.append)
+    lines = ["       500  50%    1.00MB/s    0:00:01 (xfr#1, to-chk=1/3)", *STATS]
+    calls = scripted(rep, [FakeProc(0, lines), FakeProc(0, lines)])
+    result = rep.run_cycle(FULL, threading.Event())
+    assert len(calls) == 2
+    assert (result.bytes_total, result.bytes_sent, result.files, result.passes) == (2000, 2468, 4, 1)
+    assert children == [4242, None, 4242, None]
+    final = seen[-1].to_dict()
+    assert final["bytes_total"] == final["bytes_done"] == 2000
+    assert [p["state"] for p in final["paths"]] == ["done", "done"]
+    running = [p for p in seen if p.paths[0].state == "running" and p.paths[0].bytes_done == 500]
+    assert running and running[0].paths[0].bytes_total == 1000 and running[0].rate_bps == 1024 ** 2
+    assert set(result.to_dict()) == {"cycle", "bytes_total", "bytes_sent", "files", "passes",
+                                     "started_at", "finished_at"}
+    filt = (tmp_path / "work" / "rsync-filter").read_text()
+    assert filt == "- /tmp/*\n- --delete\n"
+
+
+def test_exit_24_runs_another_pass_then_gives_up(tmp_path: Path) -> None:
+    rep = make(tmp_path, max_passes=3)
+    vanished = 'file has vanished: "/srv/data/spool/x1"\n'
+    scripted(rep, [FakeProc(24, [], vanished), FakeProc(0, STATS)])
+    assert rep.run_cycle(FULL, threading.Event()).passes == 2
+
+    rep = make(tmp_path, max_passes=3)
+    calls = scripted(rep, [FakeProc(24, [], vanished) for _ in range(3)])
+    with pytest.raises(RsyncVanishedError, match="kept vanishing during 3") as info:
+        rep.run_cycle(FULL, threading.Event())
+    assert len(calls) == 3 and "/srv/data/spool/x1" in str(info.value) and info.value.retryable
+
+
+def test_exit_23_names_the_failing_paths(tmp_path: Path) -> None:
+    err = "".join(f'rsync: [sender] send_files failed to open "/srv/data/f{i}": Permission denied (13)\n'
+                  for i in range(8))
+    err += "rsync error: some files/attrs were not transferred (see previous errors) (code 23)\n"
+    rep = make(tmp_path)
+    scripted(rep, [FakeProc(23, [], err)])
+    with pytest.raises(RsyncPartialTransferError) as info:
+        rep.run_cycle(FULL, threading.Event())
+    msg = str(info.value)
+    assert "/srv/data/f0" in msg and "/srv/data/f4" in msg and "/srv/data/f5" not in msg
+    assert "8 file(s)" in msg and "and 3 more" in msg and not info.value.retryable
+
+
+@pytest.mark.parametrize("rc", [5, 10, 12, 30, 35])
+def test_connection_codes_are_retryable(tmp_path: Path, rc: int) -> None:
+    rep = make(tmp_path)
+    scripted(rep, [FakeProc(rc, [], "@ERROR: auth failed on module t-abc\n")])
+    with pytest.raises(RsyncConnectionError) as info:
+        rep.run_cycle(FULL, threading.Event())
+    assert info.value.retryable and "credentials" in str(info.value) and PASSWORD not in str(info.value)
+
+
+def test_other_codes_are_replication_errors(tmp_path: Path) -> None:
+    rep = make(tmp_path)
+    scripted(rep, [FakeProc(11, [], "rsync error: error in file IO (code 11)\n")])
+    with pytest.raises(ReplicationError, match="exit 11"):
+        rep.run_cycle(FULL, threading.Event())
+
+
+def test_cancel_terminates_and_raises(tmp_path: Path) -> None:
+    children: List[Optional[int]] = []
+    rep = make(tmp_path, paths=["/a", "/b"], on_child=children.append)
+    proc = FakeProc(0, [], block=threading.Event())
+    calls = scripted(rep, [proc])
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    with pytest.raises(TransferCancelled):
+        rep.run_cycle(FULL, cancel)
+    assert proc.terminated and len(calls) == 1 and children == [4242, None]
+
+
+def test_cancel_before_start_runs_nothing(tmp_path: Path) -> None:
+    rep = make(tmp_path)
+    calls = scripted(rep, [])
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(TransferCancelled):
+        rep.run_cycle(FULL, cancel)
+    assert calls == []
+
+
+def test_old_rsync_creates_parents_first(tmp_path: Path) -> None:
+    rep = make(tmp_path, paths=["/srv/deep/data"], version=(3, 1, 3))
+    calls = scripted(rep, [FakeProc(0, []), FakeProc(0, []), FakeProc(0, STATS)])
+    rep.run_cycle(FULL, threading.Event())
+    assert calls[0][-1].endswith("/t-abc/000001/srv/") and calls[1][-1].endswith("/t-abc/000001/srv/deep/")
+    assert calls[0][1] == "-d" and calls[0][-3] == "--"
+    assert calls[2][-1].endswith("/000001/srv/deep/data/")
+
+
+def test_version_parsing() -> None:
+    assert rsync.parse_version("rsync  version 3.2.7  protocol version 31\n") == (3, 2, 7)
+    assert rsync.parse_version("rsync  version v3.1.2  protocol version 31") == (3, 1, 2)
+    assert rsync.parse_version("rsync  version 3.5.0  protocol version 32") == (3, 5, 0)
+
+
+def test_failed_paths_parsing() -> None:
+    err = ('rsync: [sender] send_files failed to open "/a b/c": Permission denied (13)\n'
+           'file has vanished: "/x/y"\n'
+           'rsync: [generator] recv_generator: mkdir "/d" failed: No space left on device (28)\n'
+           'rsync error: some files/attrs were not transferred (see previous errors) (code 23)\n')
+    assert rsync.failed_paths(err) == ["/a b/c", "/x/y", "/d"]
+
+
+def test_progress_is_throttled(tmp_path: Path) -> None:
+    seen: List[Progress] = []
+    rep = make(tmp_path, on_progress=seen.append)
+    lines = [f"  {i}00  {i}%  1.00MB/s  0:00:01" for i in range(1, 100)] + STATS
+    scripted(rep, [FakeProc(0, lines)])
+    rep.run_cycle(FULL, threading.Event())
+    assert len(seen) <= 4  # start, at most one or two throttled updates, done

@@ -1,0 +1,146 @@
+"""Fixtures of the control plane's unit tests: a temp SQLite store, a movable clock, and small
+in-memory stand-ins for the rsync daemon and the task trees (the real ones start processes and
+are covered by the integration tests)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Set
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from go2cloud_server.service import Service
+from go2cloud_server.store import Store
+
+
+class Clock:
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class FakeRsyncd:
+    def __init__(self) -> None:
+        self.port = 18873
+        self.modules: Dict[str, tuple] = {}
+        self.removed: List[str] = []
+
+    def add_module(self, name: str, path: Path, user: str, password: str) -> None:
+        self.modules[name] = (Path(path), user, password)
+
+    def remove_module(self, name: str) -> None:
+        self.modules.pop(name, None)
+        self.removed.append(name)
+
+
+class FakeArtifact:
+    def __init__(self, n: int, path: Path) -> None:
+        self.cycle = n
+        self.path = path
+        self.bytes = 100 * n
+        self.files = n
+        self.created_at = "2027-01-15T08:00:00Z"
+
+
+class FakeTrees:
+    """One shared record of what the service asked of every task tree."""
+
+    def __init__(self) -> None:
+        self.prepared: Dict[Path, Set[int]] = {}
+        self.committed: Dict[Path, List[int]] = {}
+        self.discarded: Dict[Path, List[int]] = {}
+
+    def __call__(self, root: Path) -> "FakeTree":
+        return FakeTree(self, Path(root))
+
+
+class FakeTree:
+    def __init__(self, trees: FakeTrees, root: Path) -> None:
+        self.t = trees
+        self.root = root
+
+    def prepare_cycle(self, n: int) -> Path:
+        self.t.prepared.setdefault(self.root, set()).add(n)
+        return self.root / f"{n:06d}"
+
+    def commit_cycle(self, n: int) -> FakeArtifact:
+        if n not in self.t.prepared.get(self.root, set()):
+            raise FileNotFoundError(f"cycle {n} was never prepared")
+        self.t.committed.setdefault(self.root, []).append(n)
+        return FakeArtifact(n, self.root / f"{n:06d}")
+
+    def discard_cycle(self, n: int) -> None:
+        self.t.discarded.setdefault(self.root, []).append(n)
+
+    def retain(self, keep: int) -> List[int]:
+        done = sorted(self.t.committed.get(self.root, []))
+        removed = done[:-keep] if len(done) > keep else []
+        self.t.committed[self.root] = [n for n in done if n not in removed]
+        return removed
+
+    def destroy(self) -> None:
+        self.t.committed.pop(self.root, None)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    st = Store(tmp_path / "server.db")
+    st.migrate()
+    yield st
+    st.close()
+
+
+@pytest.fixture
+def rsyncd() -> FakeRsyncd:
+    return FakeRsyncd()
+
+
+@pytest.fixture
+def trees() -> FakeTrees:
+    return FakeTrees()
+
+
+@pytest.fixture
+def service(tmp_path: Path, store: Store, rsyncd: FakeRsyncd, trees: FakeTrees, clock: Clock) -> Service:
+    return Service(store, tmp_path, rsyncd=rsyncd, tree_factory=trees, public_host="10.0.0.1",
+                   public_url="https://10.0.0.1:8443", fingerprint="sha256:" + "ab" * 32,
+                   heartbeat_interval=10, clock=clock)
+
+
+def new_key() -> tuple:
+    key = Ed25519PrivateKey.generate()
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return key, base64.b64encode(raw).decode()
+
+
+def inventory(hostname: str = "web01", machine_id: str = "m-1", mounts: Optional[list] = None) -> dict:
+    return {"hostname": hostname, "machine_id": machine_id,
+            "os": {"family": "linux", "id": "debian", "version_id": "12", "pretty_name": "Debian 12"},
+            "mounts": mounts if mounts is not None else [
+                {"mountpoint": "/", "device": "/dev/vda1", "fstype": "ext4"},
+                {"mountpoint": "/boot/efi", "device": "/dev/vda15", "fstype": "vfat"},
+                {"mountpoint": "/proc", "device": "proc", "fstype": "proc"},
+                {"mountpoint": "/srv", "device": "/dev/vdb1", "fstype": "xfs"},
+                {"mountpoint": "/run", "device": "tmpfs", "fstype": "tmpfs"},
+            ]}
+
+
+def import_body(code: dict, **kw) -> dict:
+    _, pub = new_key()
+    body = {"token_id": code["token_id"], "token_code": code["token_code"], "public_key": pub,
+            "agent_version": "0.1.0", "previous_source_id": None, "inventory": inventory()}
+    body.update(kw)
+    return body

@@ -1,0 +1,472 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from go2cloud_server import rules
+from go2cloud_server.errors import CodeRejected, Conflict, ImportRejected, InvalidInput, NotFound, SourceReplaced
+from go2cloud_server.scheduler import Scheduler
+from go2cloud_server.service import Service, default_paths, install_commands, workgroup_status
+from go2cloud_server.store import Store
+from tests.unit.server.conftest import import_body, inventory
+
+
+def _wg(service: Service, name: str = "web-tier") -> dict:
+    return service.create_workgroup({"name": name})
+
+
+def _imported(service: Service, wg: str = "web-tier", **kw) -> str:
+    code = service.create_code(wg, {"uses": 10})
+    return service.import_source(import_body(code, **kw))["source_id"]
+
+
+def _cmds(service: Service, sid: str) -> list:
+    return service.poll_commands(sid, 0)["commands"]
+
+
+# workgroups ------------------------------------------------------------------------------------
+def test_workgroup_create_rules(service):
+    wg = service.create_workgroup({"name": "東京-db", "description": "d", "tags": {"env": "prod"}})
+    assert wg["id"].startswith("wg-") and wg["tags"] == {"env": "prod"} and wg["migration_status"] == "not_started"
+    with pytest.raises(Conflict, match="already exists"):
+        service.create_workgroup({"name": "東京-db"})
+    with pytest.raises(InvalidInput, match="name"):
+        service.create_workgroup({"name": "http://x"})
+    assert service.show_workgroup("東京-db")["id"] == wg["id"]
+    assert service.show_workgroup(wg["id"])["name"] == "東京-db"
+    with pytest.raises(NotFound):
+        service.show_workgroup("nope")
+
+
+def test_workgroup_limit(service, monkeypatch):
+    monkeypatch.setattr(rules, "MAX_WORKGROUPS", 3)
+    for i in range(3):
+        _wg(service, f"wg{i}")
+    with pytest.raises(Conflict, match="limit"):
+        _wg(service, "wg3")
+    service.delete_workgroup("wg0")
+    _wg(service, "wg3")
+
+
+def test_workgroup_delete_only_when_empty(service):
+    _wg(service)
+    sid = _imported(service)
+    with pytest.raises(Conflict, match="disassociate"):
+        service.delete_workgroup("web-tier")
+    service.disassociate(sid)
+    assert service.delete_workgroup("web-tier") == {}
+    assert service.list_workgroups()["workgroups"] == []
+
+
+# activation codes ------------------------------------------------------------------------------
+def test_code_create_defaults_and_secret_not_stored(service, store):
+    _wg(service)
+    code = service.create_code("web-tier", None)
+    assert code["uses"] == 200 and code["uses_left"] == 200
+    assert code["token_id"].startswith("at-") and len(code["token_code"]) >= 24
+    assert code["commands"]["linux"] == (
+        f"sudo ./go2cloud_client --server https://10.0.0.1:8443 --server-fingerprint sha256:{'ab' * 32} "
+        f"--token-id {code['token_id']} --token-code {code['token_code']}")
+    assert code["commands"]["powershell"].startswith(".\\go2cloud_client.exe --server https://10.0.0.1:8443 ")
+    row = store.one("SELECT * FROM codes WHERE token_id = ?", (code["token_id"],))
+    assert code["token_code"].encode() not in bytes(row["code_hash"]) and len(row["salt"]) == 16
+    dump = b"".join(bytes(str(v), "utf-8") for v in row.values())
+    assert code["token_code"].encode() not in dump
+    listed = service.list_codes("web-tier")["codes"]
+    assert [c["token_id"] for c in listed] == [code["token_id"]] and "token_code" not in listed[0]
+
+
+@pytest.mark.parametrize("body, field", [({"uses": 0}, "uses"), ({"uses": 1001}, "uses"), ({"days": 0}, "days"),
+                                         ({"days": 91}, "days"), ({"uses": "5"}, "uses")])
+def test_code_limits(service, body, field):
+    _wg(service)
+    with pytest.raises(InvalidInput, match=field):
+        service.create_code("web-tier", body)
+
+
+def test_code_errors_are_distinct(service, clock):
+    _wg(service)
+    code = service.create_code("web-tier", {"uses": 1})
+    with pytest.raises(CodeRejected) as err:
+        service.import_source(import_body(dict(code, token_code="wrong" + code["token_code"])))
+    assert err.value.code == "code_unknown"
+    with pytest.raises(CodeRejected) as err:
+        service.import_source(import_body(dict(code, token_id="at-doesnotexist00")))
+    assert err.value.code == "code_unknown"
+    service.import_source(import_body(code))
+    with pytest.raises(CodeRejected) as err:
+        service.import_source(import_body(code))
+    assert err.value.code == "code_exhausted"
+
+    code2 = service.create_code("web-tier", {"uses": 5, "days": 1})
+    clock.advance(86400 + 1)
+    with pytest.raises(CodeRejected) as err:
+        service.import_source(import_body(code2))
+    assert err.value.code == "code_expired"
+
+    code3 = service.create_code("web-tier", {"uses": 5})
+    assert service.revoke_code(code3["token_id"])["state"] == "revoked"
+    with pytest.raises(CodeRejected) as err:
+        service.import_source(import_body(code3))
+    assert err.value.code == "code_revoked"
+    states = {c["token_id"]: c["state"] for c in service.list_codes()["codes"]}
+    assert states == {code["token_id"]: "exhausted", code2["token_id"]: "expired", code3["token_id"]: "revoked"}
+    with pytest.raises(NotFound):
+        service.revoke_code("at-nope")
+
+
+def test_concurrent_imports_consume_exactly_the_uses(tmp_path, service, store):
+    _wg(service)
+    code = service.create_code("web-tier", {"uses": 4})
+    results: list = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(12)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            sid = service.import_source(import_body(code, inventory=inventory(f"h{i}", f"m{i}")))["source_id"]
+            out = ("ok", sid)
+        except CodeRejected as exc:
+            out = ("rejected", exc.code)
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    oks = [r for r in results if r[0] == "ok"]
+    assert len(results) == 12
+    assert len(oks) == 4
+    assert sorted(r[1] for r in results if r[0] == "rejected") == ["code_exhausted"] * 8
+    assert store.one("SELECT uses_left FROM codes")["uses_left"] == 0
+    assert len(service.list_sources("web-tier")["sources"]) == 4
+
+
+def test_workgroup_source_limit_on_import_and_associate(service, monkeypatch):
+    monkeypatch.setattr(rules, "MAX_SOURCES_PER_WORKGROUP", 2)
+    _wg(service)
+    _wg(service, "other")
+    _imported(service)
+    _imported(service)
+    with pytest.raises(ImportRejected, match="already has 2"):
+        _imported(service)
+    loner = _imported(service, "other")
+    service.disassociate(loner)
+    with pytest.raises(Conflict, match="already has 2"):
+        service.associate(loner, {"workgroup": "web-tier"})
+
+
+def test_source_in_at_most_one_workgroup(service):
+    _wg(service)
+    _wg(service, "other")
+    sid = _imported(service)
+    with pytest.raises(Conflict, match="another workgroup"):
+        service.associate(sid, {"workgroup": "other"})
+    service.disassociate(sid)
+    assert service.associate(sid, {"workgroup": "other"})["workgroup"]["name"] == "other"
+
+
+# status --------------------------------------------------------------------------------------------
+def test_offline_after_three_missed_heartbeats(service, clock):
+    _wg(service)
+    sid = _imported(service)
+    assert service.list_sources()["sources"][0]["status"] == "online"
+    clock.advance(29)
+    assert service.list_sources()["sources"][0]["status"] == "online"
+    clock.advance(2)
+    assert service.list_sources()["sources"][0]["status"] == "offline"
+    service.heartbeat(sid, {"state": "idle"})
+    assert service.list_sources()["sources"][0]["status"] == "online"
+    clock.advance(31)
+    assert service.show_source(sid)["status"] == "offline"
+
+
+def test_workgroup_status_derivation():
+    assert workgroup_status([]) == "not_started"
+    assert workgroup_status(["syncing", "pending"]) == "in_progress"
+    assert workgroup_status(["paused", "completed"]) == "paused"
+    assert workgroup_status(["completed", "completed"]) == "completed"
+    assert workgroup_status(["completed", "failed", "syncing"]) == "failed"
+
+
+def test_default_paths_are_local_mount_points():
+    assert default_paths(inventory()) == ["/", "/boot/efi", "/srv"]
+    assert default_paths({"mounts": [{"mountpoint": "/x", "fstype": "nfs"}]}) == ["/"]
+    assert default_paths({}) == ["/"]
+
+
+def test_install_commands_single_builder():
+    cmds = install_commands("https://h:1", "sha256:00", "at-1", "C0DE")
+    assert cmds["linux"].endswith("--token-id at-1 --token-code C0DE") and cmds["linux"].startswith("sudo ./")
+
+
+# migration ------------------------------------------------------------------------------------------
+def test_start_skips_and_not_migratable(service, clock, rsyncd):
+    _wg(service)
+    a = _imported(service, inventory=inventory("a", "ma"))
+    clock.advance(25)
+    b = _imported(service, inventory=inventory("b", "mb"))
+    clock.advance(10)  # a: offline (35 s), b: online (10 s)
+    out = service.start_migration({}, workgroup="web-tier")
+    assert [e["source_id"] for e in out["started"]] == [b]
+    assert out["not_migratable"][0]["source_id"] == a and "offline" in out["not_migratable"][0]["reason"]
+    service.heartbeat(a, {})
+    again = service.start_migration({"paths": ["/srv"]}, workgroup="web-tier")
+    assert [e["source_id"] for e in again["started"]] == [a]
+    assert again["skipped"] == [{"source_id": b, "reason": f"already has migration task "
+                                 f"{out['started'][0]['task_id']} (syncing)"}]
+    cmd = _cmds(service, b)[0]
+    assert cmd["type"] == "start"
+    p = cmd["params"]
+    assert p["paths"] == ["/", "/boot/efi", "/srv"] and p["compression"] == 7 and p["bandwidth_mbps"] == 0
+    assert p["cycle"] == {"number": 1, "dest": "000001", "link_dest": None}
+    tid = p["task_id"]
+    assert p["target"] == {"kind": "rsync", "host": "10.0.0.1", "port": 18873, "module": tid, "user": tid,
+                           "password": rsyncd.modules[tid][2]}
+    assert len(p["target"]["password"]) >= 24
+    assert _cmds(service, a)[0]["params"]["paths"] == ["/srv"]
+    with pytest.raises(Conflict, match="already has migration task"):
+        service.start_migration({}, source=a)
+
+
+def _ack(service, sid, cmd, status="succeeded", **kw):
+    body = {"status": status, "error_code": kw.get("error_code"), "message": kw.get("message"),
+            "result": kw.get("result", {})}
+    return service.ack_command(sid, cmd["id"], body)
+
+
+def test_full_lifecycle_cycles_artifacts_retention_complete(service, rsyncd, trees):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({"keep_images": 2}, workgroup="web-tier")
+    start = _cmds(service, sid)[0]
+    tid = start["params"]["task_id"]
+    _ack(service, sid, start, "accepted")
+    assert _cmds(service, sid)[0]["id"] == start["id"]  # accepted commands are delivered again
+    assert service.source_migration(sid)["tasks"][0]["status"] == "syncing"
+    _ack(service, sid, start)
+    assert _cmds(service, sid) == []
+    m = service.source_migration(sid)
+    assert m["status"] == "pending" and m["source_status"] == "pending"
+    assert [a["cycle"] for a in m["tasks"][0]["artifacts"]] == [1]
+    _ack(service, sid, start, "failed")  # already final: no-op
+    assert service.source_migration(sid)["status"] == "pending"
+
+    for n in (2, 3):
+        out = service.migration_action("sync", workgroup="web-tier")
+        assert out["affected"][0]["task_id"] == tid
+        cmd = _cmds(service, sid)[0]
+        assert cmd["type"] == "sync"
+        assert cmd["params"]["cycle"] == {"number": n, "dest": f"{n:06d}", "link_dest": f"{n - 1:06d}"}
+        with pytest.raises(Conflict, match="already syncing"):
+            service.migration_action("sync", source=sid)
+        _ack(service, sid, cmd)
+    assert [a["cycle"] for a in service.task_artifacts(tid)["artifacts"]] == [2, 3]  # keep 2
+
+    service.migration_action("complete", {"final_sync": True}, source=sid)
+    fin = _cmds(service, sid)[0]
+    assert fin["type"] == "finalize" and fin["params"]["cycle"]["number"] == 4
+    assert service.source_migration(sid)["tasks"][0]["finalizing"] is True
+    with pytest.raises(Conflict):
+        service.migration_action("sync", source=sid)
+    assert tid in rsyncd.modules
+    _ack(service, sid, fin)
+    m = service.source_migration(sid)
+    assert m["status"] == "completed" and m["source_status"] == "completed"
+    assert [a["cycle"] for a in m["tasks"][0]["artifacts"]] == [3, 4]
+    assert tid not in rsyncd.modules
+    assert service.show_workgroup("web-tier")["migration_status"] == "completed"
+    out = service.migration_action("sync", workgroup="web-tier")
+    assert out["affected"] == [] and out["skipped"][0]["reason"] == "no active migration task"
+
+
+def test_complete_without_final_sync(service, rsyncd):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({}, source=sid)
+    _ack(service, sid, _cmds(service, sid)[0])
+    service.migration_action("complete", {}, source=sid)
+    fin = _cmds(service, sid)[0]
+    assert fin["params"]["cycle"] is None
+    assert service.source_migration(sid)["status"] == "pending"
+    _ack(service, sid, fin)
+    assert service.source_migration(sid)["status"] == "completed"
+    assert not rsyncd.modules
+
+
+def test_failed_cycle_then_retry_reuses_the_cycle(service, trees):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({}, source=sid)
+    start = _cmds(service, sid)[0]
+    _ack(service, sid, start, "failed", error_code="replication_failed", message="rsync exit 23: /srv/x")
+    t = service.source_migration(sid)["tasks"][0]
+    assert t["status"] == "failed" and t["error"] == {"code": "replication_failed", "message": "rsync exit 23: /srv/x"}
+    assert service.show_workgroup("web-tier")["migration_status"] == "failed"
+    service.migration_action("sync", source=sid)
+    retry = _cmds(service, sid)[0]
+    assert retry["params"]["cycle"] == {"number": 1, "dest": "000001", "link_dest": None}
+    assert service.source_migration(sid)["tasks"][0]["error"] is None
+    _ack(service, sid, retry)
+    assert service.source_migration(sid)["status"] == "pending"
+
+
+def test_pause_resume_modify(service):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({}, source=sid)
+    start = _cmds(service, sid)[0]
+    with pytest.raises(Conflict, match="resume"):
+        service.migration_action("resume", source=sid)
+    service.migration_action("pause", source=sid)
+    assert service.source_migration(sid)["status"] == "paused"
+    assert service.show_workgroup("web-tier")["migration_status"] == "paused"
+    with pytest.raises(Conflict, match="paused"):
+        service.migration_action("sync", source=sid)
+    service.migration_action("modify", {"bandwidth_mbps": 50, "checksum": True, "sync_every_s": 3600,
+                                        "name": "renamed"}, source=sid)
+    service.migration_action("resume", source=sid)
+    cmds = _cmds(service, sid)
+    assert [c["type"] for c in cmds] == ["start", "pause", "modify", "resume"]
+    assert cmds[2]["params"] == {"task_id": start["params"]["task_id"], "bandwidth_mbps": 50, "checksum": True}
+    t = service.source_migration(sid)["tasks"][0]
+    assert (t["status"], t["bandwidth_mbps"], t["checksum"], t["sync_every_s"], t["name"]) == (
+        "syncing", 50, True, 3600, "renamed")
+    with pytest.raises(InvalidInput):
+        service.migration_action("modify", {}, source=sid)
+    with pytest.raises(InvalidInput, match="compression"):
+        service.migration_action("modify", {"compression": 11}, source=sid)
+    # agent view of the task carries the new options and the target password
+    view = service.agent_task(sid, t["task_id"])
+    assert view["bandwidth_mbps"] == 50 and view["target"]["password"] and view["cycle"]["number"] == 1
+    with pytest.raises(NotFound):
+        service.agent_task("s-other", t["task_id"])
+
+
+def test_cancel_releases_target_and_drops_queued_commands(service, rsyncd, trees):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({}, source=sid)
+    start = _cmds(service, sid)[0]
+    tid = start["params"]["task_id"]
+    _ack(service, sid, start)
+    service.migration_action("sync", source=sid)
+    service.migration_action("cancel", source=sid)
+    cmds = _cmds(service, sid)
+    assert [c["type"] for c in cmds] == ["abort"]  # the queued sync was superseded
+    assert tid not in rsyncd.modules
+    root = service.tree_root(tid)
+    assert trees.discarded[root] == [2] and trees.committed[root] == [1]
+    m = service.source_migration(sid)
+    assert m["status"] == "cancelled" and [a["cycle"] for a in m["tasks"][0]["artifacts"]] == [1]
+    assert service.show_workgroup("web-tier")["migration_status"] == "not_started"
+    # a new migration may start after a cancel
+    assert service.start_migration({}, source=sid)["started"]
+
+
+def test_reimport_with_previous_source_id_replaces(service, rsyncd):
+    _wg(service)
+    old = _imported(service)
+    service.start_migration({}, source=old)
+    tid = _cmds(service, old)[0]["params"]["task_id"]
+    code = service.create_code("web-tier", {"uses": 2})
+    other_machine = service.import_source(import_body(code, previous_source_id=old,
+                                                      inventory=inventory(machine_id="different")))
+    assert service.agent_source(old)["state"] == "active"  # a different machine cannot replace it
+    new = service.import_source(import_body(code, previous_source_id=old))["source_id"]
+    with pytest.raises(SourceReplaced):
+        service.agent_source(old)
+    assert service.show_source(old)["status"] == "replaced"
+    assert service.show_source(old)["replaced_by"] == new
+    assert service.source_migration(old)["tasks"][0]["status"] == "cancelled"
+    assert tid not in rsyncd.modules
+    assert {s["id"] for s in service.list_sources("web-tier")["sources"]} == {new, other_machine["source_id"]}
+    out = service.start_migration({}, workgroup="web-tier")
+    assert {e["source_id"] for e in out["started"]} == {new, other_machine["source_id"]}
+
+
+def test_long_poll_wakes_when_a_command_is_queued(service):
+    _wg(service)
+    sid = _imported(service)
+    got: dict = {}
+
+    def poll() -> None:
+        t0 = time.monotonic()
+        got["cmds"] = service.poll_commands(sid, 20)["commands"]
+        got["dt"] = time.monotonic() - t0
+
+    th = threading.Thread(target=poll)
+    th.start()
+    time.sleep(0.3)
+    service.start_migration({}, source=sid)
+    th.join(10)
+    assert [c["type"] for c in got["cmds"]] == ["start"]
+    assert got["dt"] < 5
+    t0 = time.monotonic()
+    assert service.poll_commands("s-none", 0.2)["commands"] == []
+    assert time.monotonic() - t0 >= 0.2
+
+
+def test_events_are_capped(service, monkeypatch):
+    import go2cloud_server.service as svc
+
+    monkeypatch.setattr(svc, "MAX_EVENTS_PER_SOURCE", 5)
+    _wg(service)
+    sid = _imported(service)
+    service.post_events(sid, {"events": [{"level": "info", "code": f"e{i}", "message": "m"} for i in range(8)]})
+    events = service.show_source(sid)["events"]
+    assert [e["code"] for e in events] == ["e7", "e6", "e5", "e4", "e3"]
+    with pytest.raises(InvalidInput):
+        service.post_events(sid, {"events": [{}] * 101})
+
+
+def test_scheduler_queues_sync_after_interval(service):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({"sync_every_s": 120}, source=sid)
+    _ack(service, sid, _cmds(service, sid)[0])
+    now = [0.0]
+    sched = Scheduler(service, monotonic=lambda: now[0])
+    assert sched.run_once() == 0  # first sight of cycle 1
+    now[0] = 119
+    service.heartbeat(sid, {})
+    assert sched.run_once() == 0
+    now[0] = 121
+    assert sched.run_once() == 1
+    cmd = _cmds(service, sid)[0]
+    assert cmd["type"] == "sync" and cmd["params"]["cycle"]["number"] == 2
+    assert sched.run_once() == 0  # syncing: not a candidate
+    _ack(service, sid, cmd)
+    now[0] = 200
+    assert sched.run_once() == 0  # new cycle seen at 200
+    now[0] = 321
+    assert sched.run_once() == 1
+
+
+def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({}, source=sid)
+    tid = _cmds(service, sid)[0]["params"]["task_id"]
+    password = rsyncd.modules[tid][2]
+    rsyncd.modules.clear()
+    restarted = Service(Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees, clock=clock)
+    assert restarted.restore_targets() == 1
+    assert rsyncd.modules[tid] == (restarted.tree_root(tid), tid, password)
+
+
+def test_schema_version_and_newer_refused(tmp_path):
+    st = Store(tmp_path / "x.db")
+    st.migrate()
+    assert st.schema_version() == 1
+    with st.transaction() as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    from go2cloud_server.store import SchemaTooNew
+
+    with pytest.raises(SchemaTooNew, match="newer"):
+        st.migrate()

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""File-level benchmark: agent overhead against plain rsync, and the idle agent's footprint.
+
+Run by hand (never in CI), as root, after ./scripts/setup.sh:
+
+    python3 bench/bench_file.py [--files 20000] [--rounds 3] [--idle-seconds 30]
+
+What it does, all in one run so the ratios compare like with like:
+
+1. builds a tree of ``--files`` files (sizes 1 KiB - 256 KiB, log-uniform, text and random data);
+2. starts the reference server and one agent, imports it, and measures the idle agent: peak RSS
+   and CPU use over ``--idle-seconds`` while it heartbeats and long-polls;
+3. ``--rounds`` times, alternating the order: a full sync driven by the agent (from the start
+   request to the task being ``pending``, i.e. including command delivery, the rsync run and the
+   acknowledgement), then a plain rsync with exactly the same arguments as the agent's rsync (read
+   from the running process) into a fresh module of a second, identically configured rsync
+   daemon;
+4. prints the medians, the ratio agent/plain and the overhead, as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import psutil
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from go2cloud_server.rsyncd import RsyncDaemon  # noqa: E402
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def make_tree(root: Path, files: int, seed: int = 7) -> int:
+    rng = random.Random(seed)
+    total = 0
+    text = (b"lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor\n") * 4096
+    for i in range(files):
+        d = root / f"d{i % 200:03d}" / f"e{(i // 200) % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        size = int(math.exp(rng.uniform(math.log(1024), math.log(256 * 1024))))
+        data = rng.randbytes(size) if i % 3 == 0 else text[:size]
+        (d / f"f{i:06d}").write_bytes(data)
+        total += size
+    return total
+
+
+class Api:
+    def __init__(self, data_dir: Path):
+        info = json.loads((data_dir / "server.json").read_text())
+        self.url = info["url"]
+        self.fingerprint = info["fingerprint"]
+        self.s = requests.Session()
+        self.s.verify = str(data_dir / "tls" / "cert.pem")
+        self.s.headers["Authorization"] = "Bearer " + (data_dir / "admin.token").read_text().strip()
+
+    def call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
+        r = self.s.request(method, self.url + "/api/v1" + path, json=body, timeout=60)
+        if r.status_code >= 400:
+            raise SystemExit(f"{method} {path}: {r.status_code} {r.text}")
+        return r.json()
+
+
+def rsync_children(agent_pid: int) -> List[psutil.Process]:
+    try:
+        procs = psutil.Process(agent_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in psutil.process_iter(["name", "cmdline", "ppid"]):
+        if p.info["name"] == "rsync" and any("rsync://" in a for a in (p.info["cmdline"] or [])):
+            out.append(p)
+    return out or [p for p in procs if p.name() == "rsync"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--idle-seconds", type=float, default=30)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="go2cloud-bench-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "src"
+    if not src.exists():
+        print(f"building {args.files} files in {src}", flush=True)
+        make_tree(src, args.files)
+    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    print(f"tree: {args.files} files, {total / 2**20:.1f} MiB", flush=True)
+    subprocess.run(["tar", "cf", "/dev/null", "-C", str(src), "."], check=True)  # warm the page cache
+
+    data_dir = work / "server"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    srv_log = open(work / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "go2cloud_server", "serve", "--listen", "127.0.0.1:0",
+                               "--rsync-port", "0", "--data-dir", str(data_dir)], stdout=srv_log,
+                              stderr=subprocess.STDOUT, env=env())
+    plain_daemon: Optional[RsyncDaemon] = None
+    agent: Optional[subprocess.Popen] = None
+    try:
+        while not (data_dir / "server.json").exists():
+            if server.poll() is not None:
+                raise SystemExit("server did not start, see server.log")
+            time.sleep(0.1)
+        api = Api(data_dir)
+        api.call("POST", "/workgroups", {"name": "bench"})
+        code = api.call("POST", "/workgroups/bench/codes", {"uses": 1})
+        home = work / "agent-home"
+        shutil.rmtree(home, ignore_errors=True)
+        agent_out = open(work / "agent.out", "w")
+        agent = subprocess.Popen([sys.executable, "-m", "go2cloud_client", "--home", str(home), "--server", api.url,
+                                  "--server-fingerprint", api.fingerprint, "--token-id", code["token_id"],
+                                  "--token-code", code["token_code"], "--yes", "--no-prompt"],
+                                 stdout=agent_out, stderr=subprocess.STDOUT, env=env(), stdin=subprocess.DEVNULL)
+        sid = ""
+        while not sid:
+            text = (work / "agent.out").read_text()
+            if "] Successfully!" in text:
+                sid = text.split("Import Source Server [", 1)[1].split("]", 1)[0]
+            elif agent.poll() is not None:
+                raise SystemExit("agent did not import, see agent.out")
+            time.sleep(0.1)
+
+        # idle footprint -----------------------------------------------------------------------
+        proc = psutil.Process(agent.pid)
+        time.sleep(3)
+        cpu0, t0, peak = sum(proc.cpu_times()[:2]), time.monotonic(), 0
+        while time.monotonic() - t0 < args.idle_seconds:
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.5)
+        idle_cpu = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0) * 100
+        print(f"idle agent: peak RSS {peak / 2**20:.1f} MiB, CPU {idle_cpu:.2f}% of one core "
+              f"over {args.idle_seconds:g}s", flush=True)
+
+        # plain rsync target: a second daemon, same configuration code ---------------------------
+        plain_root = work / "plain"
+        shutil.rmtree(plain_root, ignore_errors=True)
+        plain_root.mkdir()
+        plain_daemon = RsyncDaemon(work / "plain-rsyncd", host="127.0.0.1", port=0)
+        plain_daemon.start()
+        plain_daemon.add_module("plain", plain_root, "plain", "plain-password")
+
+        agent_times: List[float] = []
+        plain_times: List[float] = []
+        agent_argv: List[str] = []
+        peak_busy = 0
+
+        def run_agent() -> float:
+            nonlocal agent_argv, peak_busy
+            t = time.monotonic()
+            api.call("POST", f"/sources/{sid}/migration", {"paths": [str(src)], "compression": 7})
+            while True:
+                task = (api.call("GET", f"/sources/{sid}/migration").get("tasks") or [{}])[0]
+                if not agent_argv:
+                    for p in rsync_children(agent.pid):
+                        try:
+                            agent_argv = p.cmdline()
+                        except psutil.Error:
+                            pass
+                peak_busy = max(peak_busy, proc.memory_info().rss)
+                if task.get("status") == "pending":
+                    break
+                if task.get("status") == "failed":
+                    raise SystemExit(f"task failed: {task}")
+                time.sleep(0.05)
+            elapsed = time.monotonic() - t
+            api.call("POST", f"/sources/{sid}/migration/cancel", {})
+            time.sleep(0.5)
+            return elapsed
+
+        def run_plain(n: int) -> float:
+            assert agent_argv, "the agent's rsync command line was not captured"
+            argv = list(agent_argv)
+            url = f"rsync://plain@127.0.0.1:{plain_daemon.port}/plain/round{n}{src}/"
+            argv[-1] = url
+            argv = [a for a in argv if not a.startswith("--link-dest")]
+            t = time.monotonic()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "RSYNC_PASSWORD": "plain-password"})
+            return time.monotonic() - t
+
+        for n in range(args.rounds):
+            if n % 2 == 0:
+                agent_times.append(run_agent())
+                plain_times.append(run_plain(n))
+            else:
+                plain_times.append(run_plain(n))
+                agent_times.append(run_agent())
+            print(f"round {n + 1}: agent {agent_times[-1]:.2f}s, plain rsync {plain_times[-1]:.2f}s", flush=True)
+
+        a, p = statistics.median(agent_times), statistics.median(plain_times)
+        print()
+        print(f"| measure | value |\n| --- | --- |")
+        print(f"| tree | {args.files} files, {total / 2**20:.1f} MiB |")
+        print(f"| plain rsync, same arguments (median of {args.rounds}) | {p:.2f} s |")
+        print(f"| agent full sync, start request to `pending` (median of {args.rounds}) | {a:.2f} s |")
+        print(f"| ratio agent / plain | {a / p:.3f} (overhead {100 * (a / p - 1):+.1f}%) |")
+        print(f"| agent RSS while syncing (peak, agent process only) | {peak_busy / 2**20:.1f} MiB |")
+        print(f"| idle agent peak RSS | {peak / 2**20:.1f} MiB |")
+        print(f"| idle agent CPU | {idle_cpu:.2f}% of one core |")
+        print(f"\nrsync arguments: {' '.join(a for a in agent_argv[:-1])} SRC/ rsync://...")
+        return 0
+    finally:
+        if agent and agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=30)
+        if plain_daemon:
+            plain_daemon.stop()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -354,10 +354,14 @@ class Agent:
 
     def start(self) -> None:
         """Load state, settle interrupted commands, resume an interrupted cycle, start threads."""
+        leftovers = kill_children(self.home)  # rsync left running by a killed agent
+        if leftovers:
+            LOG.warning("stopped rsync process groups left by the previous agent run: %s", leftovers)
         self.ledger.load()
         self.runner.load(resume=False)
         task = self.runner.task
-        keep = {self.runner.cycle_command()} - {None}
+        resumable = self.runner.cycle_command()
+        keep = {resumable} if resumable else set()
         failed = self.ledger.fail_interrupted(
             keep, "the agent stopped while this command was running; it was not completed, issue it again")
         if failed:
@@ -382,6 +386,7 @@ class Agent:
         if self.stopped_by is None:
             self.stopped_by = reason
         self.stop_event.set()
+        self._ack_wakeup.set()
 
     def wait(self) -> None:
         while not self.stop_event.wait(0.5):
@@ -390,6 +395,7 @@ class Agent:
     def shutdown(self) -> None:
         """Stop the transfer (the task stays, so the next start resumes it) and the children."""
         self.stop_event.set()
+        self._ack_wakeup.set()
         self.console.clear_progress()
         self.runner.shutdown()
         killed = kill_children(self.home)

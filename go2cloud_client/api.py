@@ -241,8 +241,8 @@ class ControlPlane:
             doc = json.loads(raw.decode("utf-8"))
             err = doc.get("error") if isinstance(doc, dict) else None
             if isinstance(err, dict):
-                code = err.get("code") if isinstance(err.get("code"), str) else ""
-                message = err.get("message") if isinstance(err.get("message"), str) else ""
+                code = str(err["code"]) if isinstance(err.get("code"), str) else ""
+                message = str(err["message"]) if isinstance(err.get("message"), str) else ""
         except (UnicodeDecodeError, ValueError):
             pass
         message = _clip(message) or f"HTTP {status}"
@@ -431,6 +431,9 @@ def _clip(text: str, limit: int = 300) -> str:
 
 def _short_reason(exc: Exception) -> str:
     text = str(exc)
+    verify = re.search(r"certificate verify failed: ([^(')]+)", text)
+    if verify:
+        return "certificate verify failed: " + verify.group(1).strip()
     for marker in ("Failed to establish a new connection: ", "Caused by ", "SSLError("):
         if marker in text:
             text = text.split(marker, 1)[1]
@@ -461,8 +464,10 @@ def _operator_message(cls: Type[Go2CloudError], server_message: str) -> str:
     hint = _CODE_HINTS.get(cls.code)
     if cls is IdentityRejectedError:
         hint = _CODE_HINTS["source_unknown"]
-    base = f"{cls.summary}: {server_message}" if server_message else cls.summary
-    return f"{base}; {hint}" if hint else base
+    base = server_message or cls.summary
+    if hint and hint.split(" (")[0].split(";")[0] not in base:
+        return f"{base}; {hint}"
+    return base
 
 
 # -- retry wrapper ---------------------------------------------------------------------------

@@ -223,8 +223,8 @@ def parse_command(raw: Mapping[str, Any], isdir: Callable[[str], bool] = os.path
         task_id = _task_id(params)
         if "cycle" not in params:
             raise _reject("cycle", "missing (null means: finish without a final sync)")
-        cycle = None if params["cycle"] is None else _cycle(params["cycle"])
-        return Command(cid, ctype, task_id, cycle=cycle)
+        final_cycle = None if params["cycle"] is None else _cycle(params["cycle"])
+        return Command(cid, ctype, task_id, cycle=final_cycle)
     if ctype == "modify":
         changes = validate_options(params, partial=True)
         return Command(cid, ctype, _task_id(params), changes=changes)

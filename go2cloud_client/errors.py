@@ -153,12 +153,6 @@ class CommandRejectedError(Go2CloudError):
     summary = "a command from the control plane had invalid parameters and was not run"
 
 
-class UnsupportedError(Go2CloudError):
-    exit_code = 34
-    code = "unsupported"
-    summary = "the requested operation is not supported on this platform or by this agent version"
-
-
 class InterruptedByOperator(Go2CloudError):
     exit_code = 130
     code = "interrupted"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from datetime import datetime, timezone
-from typing import Any, Callable, Deque, Dict, List
+from typing import Any, Callable, Deque, Dict
 
 BATCH = 100
 
@@ -34,7 +34,7 @@ class EventBuffer:
         with self._lock:
             return len(self._events)
 
-    def flush(self, send: Callable[[List[Dict[str, Any]]], None]) -> int:
+    def flush(self, send: Callable[[Any], None]) -> int:
         """Send buffered events in batches of 100 with ``send``; stops at the first failure
         (which propagates) keeping the unsent events. Returns how many were sent."""
         sent = 0

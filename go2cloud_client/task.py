@@ -108,8 +108,9 @@ class TaskRunner:
             if doc and doc.get("status") == RUNNING and doc.get("cycle") and resume:
                 LOG.info("resuming task %s cycle %s after an agent restart",
                          doc["task_id"], doc["cycle"]["number"])
+                label = _KIND_LABEL.get(doc.get("cycle_kind") or "", "Sync")
                 self._notify("info", "cycle_resumed",
-                             f"{_KIND_LABEL.get(doc.get('cycle_kind'), 'Sync')} of task {doc['task_id']} "
+                             f"{label} of task {doc['task_id']} "
                              f"resumed after an agent restart (cycle {doc['cycle']['number']})")
                 self._start_worker()
 

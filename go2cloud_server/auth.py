@@ -72,8 +72,9 @@ def bearer(header: Optional[str]) -> Optional[str]:
 def check_admin(header: Optional[str], admin_token: str) -> None:
     token = bearer(header)
     if token is None or not hmac.compare_digest(token.encode(), admin_token.encode()):
-        raise AuthFailed("missing or wrong admin token: use the token in <data-dir>/admin.token "
-                         "(or GO2CLOUD_ADMIN_TOKEN)")
+        raise AuthFailed(
+            "missing or wrong admin token: use the token in <data-dir>/admin.token (or GO2CLOUD_ADMIN_TOKEN)"
+        )
 
 
 def decode_public_key(text: str) -> Ed25519PublicKey:
@@ -106,7 +107,9 @@ class AgentAuth:
             self._nonces[nonce] = (source_id, self._clock() + NONCE_TTL_S)
         return {"nonce": nonce, "expires_in": NONCE_TTL_S}
 
-    def issue_token(self, source_id: str, public_key_b64: str, nonce: object, signature: object) -> Dict[str, object]:
+    def issue_token(
+        self, source_id: str, public_key_b64: str, nonce: object, signature: object
+    ) -> Dict[str, object]:
         if not isinstance(nonce, str) or not isinstance(signature, str):
             raise InvalidInput("nonce and signature: are required base64 strings")
         with self._lock:

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,14 +35,26 @@ TEST_CLOCK_ENV = "GO2CLOUD_TEST_CLOCK_OFFSET_S"
 # ----------------------------------------------------------------------------------------------
 # error handling: the only place that turns errors into exit codes
 class _Group(click.Group):
-    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
-             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Optional[Sequence[str]] = None,
+        prog_name: Optional[str] = None,
+        complete_var: Optional[str] = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         try:
-            rv = super().main(args=args, prog_name=prog_name or "go2cloud_server", complete_var=complete_var,
-                              standalone_mode=False, **extra)
+            rv = super().main(
+                args=args,
+                prog_name=prog_name or "go2cloud_server",
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
         except click.exceptions.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            msg = exc.format_message().rstrip(".")
+            click.echo(f"error: {msg[:1].lower()}{msg[1:]}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()}", err=True)
@@ -57,8 +70,11 @@ class _Group(click.Group):
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - never a traceback for the operator
             log.debug("internal error", exc_info=True)
-            click.echo(f"error: internal error: {exc.__class__.__name__}: {exc} "
-                       "(re-run with GO2CLOUD_DEBUG=1 for details)", err=True)
+            click.echo(
+                f"error: internal error: {exc.__class__.__name__}: {exc} "
+                "(re-run with GO2CLOUD_DEBUG=1 for details)",
+                err=True,
+            )
             if os.environ.get("GO2CLOUD_DEBUG"):
                 import traceback
 
@@ -78,15 +94,24 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True))
 
 
+def _width(text: str) -> int:
+    """Terminal columns of ``text`` (CJK characters take two)."""
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
+
+
 def _table(headers: List[str], rows: List[List[Any]]) -> str:
     cells = [[("-" if v is None or v == "" else str(v)) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
+    widths = [_width(h) for h in headers]
     for row in cells:
         for i, v in enumerate(row):
-            widths[i] = max(widths[i], len(v))
-    lines = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
+            widths[i] = max(widths[i], _width(v))
+    lines = ["  ".join(_pad(h, widths[i]) for i, h in enumerate(headers)).rstrip()]
     for row in cells:
-        lines.append("  ".join(v.ljust(widths[i]) for i, v in enumerate(row)).rstrip())
+        lines.append("  ".join(_pad(v, widths[i]) for i, v in enumerate(row)).rstrip())
     return "\n".join(lines)
 
 
@@ -121,21 +146,34 @@ def _wg_name(wg: Optional[Dict[str, Any]]) -> str:
 # operator plumbing
 def operator_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--json", "as_json", is_flag=True, help="Print the API answer as JSON.")(fn)
-    fn = click.option("--server-fingerprint", metavar="sha256:HEX",
-                      help="Pin the server certificate (default: <data-dir>/tls/cert.pem).")(fn)
-    fn = click.option("--server", metavar="URL", envvar="GO2CLOUD_SERVER",
-                      help="Server URL (env GO2CLOUD_SERVER; default: <data-dir>/server.json).")(fn)
-    fn = click.option("--data-dir", type=click.Path(path_type=Path), envvar="GO2CLOUD_DATA_DIR",
-                      default=DEFAULT_DATA_DIR, show_default=True,
-                      help="Server data directory: admin.token, server.json, tls/ (env GO2CLOUD_DATA_DIR).")(fn)
+    fn = click.option(
+        "--server-fingerprint",
+        metavar="sha256:HEX",
+        help="Pin the server certificate (default: <data-dir>/tls/cert.pem).",
+    )(fn)
+    fn = click.option(
+        "--server",
+        metavar="URL",
+        envvar="GO2CLOUD_SERVER",
+        help="Server URL (env GO2CLOUD_SERVER; default: <data-dir>/server.json).",
+    )(fn)
+    fn = click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path),
+        envvar="GO2CLOUD_DATA_DIR",
+        default=DEFAULT_DATA_DIR,
+        show_default=True,
+        help="Server data directory: admin.token, server.json, tls/ (env GO2CLOUD_DATA_DIR).",
+    )(fn)
     return fn
 
 
 class Op:
     """Per-invocation context of an operator command."""
 
-    def __init__(self, data_dir: Path, server: Optional[str], server_fingerprint: Optional[str],
-                 as_json: bool) -> None:
+    def __init__(
+        self, data_dir: Path, server: Optional[str], server_fingerprint: Optional[str], as_json: bool
+    ) -> None:
         self.as_json = as_json
         self.endpoint: Endpoint = resolve(data_dir, server, server_fingerprint)
         self.client = OperatorClient(self.endpoint)
@@ -188,19 +226,51 @@ def _setup_logging(level: str) -> None:
 
 
 @main.command()
-@click.option("--listen", default="127.0.0.1:8443", show_default=True, metavar="HOST:PORT",
-              help="Address of the HTTPS API (port 0 = pick a free port).")
-@click.option("--data-dir", type=click.Path(path_type=Path), envvar="GO2CLOUD_DATA_DIR",
-              default=DEFAULT_DATA_DIR, show_default=True, help="State directory (env GO2CLOUD_DATA_DIR).")
-@click.option("--rsync-port", type=click.IntRange(0, 65535), default=8873, show_default=True,
-              help="Port of the rsync daemon (0 = pick a free port).")
-@click.option("--public-host", metavar="HOST", help="Address agents use to reach this server and its rsync "
-              "daemon (default: the listen host).")
-@click.option("--heartbeat-interval", type=click.FloatRange(0.2, 3600), default=10, show_default=True,
-              help="Seconds between agent heartbeats; a source is offline after 3 missed ones.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
-def serve(listen: str, data_dir: Path, rsync_port: int, public_host: Optional[str], heartbeat_interval: float,
-          log_level: str) -> None:
+@click.option(
+    "--listen",
+    default="127.0.0.1:8443",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address of the HTTPS API (port 0 = pick a free port).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    envvar="GO2CLOUD_DATA_DIR",
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    help="State directory (env GO2CLOUD_DATA_DIR).",
+)
+@click.option(
+    "--rsync-port",
+    type=click.IntRange(0, 65535),
+    default=8873,
+    show_default=True,
+    help="Port of the rsync daemon (0 = pick a free port).",
+)
+@click.option(
+    "--public-host",
+    metavar="HOST",
+    help="Address agents use to reach this server and its rsync daemon (default: the listen host).",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(0.2, 3600),
+    default=10,
+    show_default=True,
+    help="Seconds between agent heartbeats; a source is offline after 3 missed ones.",
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True
+)
+def serve(
+    listen: str,
+    data_dir: Path,
+    rsync_port: int,
+    public_host: Optional[str],
+    heartbeat_interval: float,
+    log_level: str,
+) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
     from go2cloud_server import auth, tls
     from go2cloud_server.artifacts import TaskTree
@@ -240,16 +310,37 @@ def serve(listen: str, data_dir: Path, rsync_port: int, public_host: Optional[st
     scheduler: Optional[Scheduler] = None
     service: Optional[Service] = None
     try:
-        service = Service(store, data_dir, rsyncd=rsyncd, tree_factory=TaskTree, public_host=public,
-                          fingerprint=fingerprint, heartbeat_interval=heartbeat_interval, clock=clock)
+        service = Service(
+            store,
+            data_dir,
+            rsyncd=rsyncd,
+            tree_factory=TaskTree,
+            public_host=public,
+            fingerprint=fingerprint,
+            heartbeat_interval=heartbeat_interval,
+            clock=clock,
+        )
         restored = service.restore_targets()
-        httpd = ApiServer((host, port), Api(service, auth.AgentAuth(), admin_token),
-                          tls.server_context(cert, key))
+        httpd = ApiServer(
+            (host, port), Api(service, auth.AgentAuth(), admin_token), tls.server_context(cert, key)
+        )
         service.public_url = f"https://{_url_host(public)}:{httpd.port}"
         local_url = f"https://{_url_host(local_host)}:{httpd.port}"
-        write_atomic(info_file, json.dumps({"url": local_url, "public_url": service.public_url,
-                                            "fingerprint": fingerprint, "rsync_port": int(rsyncd.port),
-                                            "pid": os.getpid()}, indent=2) + "\n", mode=0o600)
+        write_atomic(
+            info_file,
+            json.dumps(
+                {
+                    "url": local_url,
+                    "public_url": service.public_url,
+                    "fingerprint": fingerprint,
+                    "rsync_port": int(rsyncd.port),
+                    "pid": os.getpid(),
+                },
+                indent=2,
+            )
+            + "\n",
+            mode=0o600,
+        )
         scheduler = Scheduler(service)
         scheduler.start()
 
@@ -260,9 +351,16 @@ def serve(listen: str, data_dir: Path, rsync_port: int, public_host: Optional[st
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        log.info("go2cloud_server listening on %s (public %s), fingerprint %s, rsync daemon on port %d, "
-                 "%d task target(s) restored; admin token in %s", local_url, service.public_url, fingerprint,
-                 rsyncd.port, restored, data_dir / "admin.token")
+        log.info(
+            "go2cloud_server listening on %s (public %s), fingerprint %s, rsync daemon on port %d, "
+            "%d task target(s) restored; admin token in %s",
+            local_url,
+            service.public_url,
+            fingerprint,
+            rsyncd.port,
+            restored,
+            data_dir / "admin.token",
+        )
         httpd.serve_forever(poll_interval=0.5)
     finally:
         if scheduler is not None:
@@ -289,9 +387,17 @@ def workgroup() -> None:
 
 def _wg_human(wg: Dict[str, Any]) -> str:
     tags = ", ".join(f"{k}={v}" for k, v in sorted((wg.get("tags") or {}).items()))
-    return _kv([("id", wg["id"]), ("name", wg["name"]), ("description", wg.get("description")),
-                ("tags", tags), ("sources", wg.get("source_count")), ("migration", wg.get("migration_status")),
-                ("created", wg.get("created_at"))])
+    return _kv(
+        [
+            ("id", wg["id"]),
+            ("name", wg["name"]),
+            ("description", wg.get("description")),
+            ("tags", tags),
+            ("sources", wg.get("source_count")),
+            ("migration", wg.get("migration_status")),
+            ("created", wg.get("created_at")),
+        ]
+    )
 
 
 @workgroup.command("create")
@@ -307,7 +413,9 @@ def workgroup_create(name: str, description: str, tags: Tuple[str, ...], **kw: A
         tag_map[k] = v
     body = {"name": rules.workgroup_name(name), "description": description, "tags": tag_map}
     op = _op(kw)
-    op.out(op.call("POST", "/workgroups", body), lambda wg: f"Workgroup {wg['name']} created.\n" + _wg_human(wg))
+    op.out(
+        op.call("POST", "/workgroups", body), lambda wg: f"Workgroup {wg['name']} created.\n" + _wg_human(wg)
+    )
 
 
 @workgroup.command("list")
@@ -320,9 +428,13 @@ def workgroup_list(**kw: Any) -> None:
     def human(d: Dict[str, Any]) -> str:
         if not d["workgroups"]:
             return "No workgroups yet: create one with 'go2cloud_server workgroup create NAME'."
-        return _table(["ID", "NAME", "SOURCES", "MIGRATION", "DESCRIPTION"],
-                      [[w["id"], w["name"], w["source_count"], w["migration_status"], w["description"]]
-                       for w in d["workgroups"]])
+        return _table(
+            ["ID", "NAME", "SOURCES", "MIGRATION", "DESCRIPTION"],
+            [
+                [w["id"], w["name"], w["source_count"], w["migration_status"], w["description"]]
+                for w in d["workgroups"]
+            ],
+        )
 
     op.out(data, human)
 
@@ -361,10 +473,16 @@ def code() -> None:
 
 @code.command("create")
 @click.option("--workgroup", "wg", required=True, help="Workgroup id or name.")
-@click.option("--uses", type=int, help=f"How many imports ({rules.CODE_USES[0]}-{rules.CODE_USES[1]}, "
-              f"default {rules.CODE_USES_DEFAULT}).")
-@click.option("--days", type=int, help=f"Validity in days ({rules.CODE_DAYS[0]}-{rules.CODE_DAYS[1]}, "
-              f"default {rules.CODE_DAYS_DEFAULT}).")
+@click.option(
+    "--uses",
+    type=int,
+    help=f"How many imports ({rules.CODE_USES[0]}-{rules.CODE_USES[1]}, default {rules.CODE_USES_DEFAULT}).",
+)
+@click.option(
+    "--days",
+    type=int,
+    help=f"Validity in days ({rules.CODE_DAYS[0]}-{rules.CODE_DAYS[1]}, default {rules.CODE_DAYS_DEFAULT}).",
+)
 @operator_options
 def code_create(wg: str, uses: Optional[int], days: Optional[int], **kw: Any) -> None:
     """Create an activation code and print the commands to paste on sources."""
@@ -376,18 +494,27 @@ def code_create(wg: str, uses: Optional[int], days: Optional[int], **kw: Any) ->
     op = _op(kw)
 
     def human(d: Dict[str, Any]) -> str:
-        return "\n".join([
-            _kv([("token id", d["token_id"]), ("token code", d["token_code"]), ("workgroup", _wg_name(d["workgroup"])),
-                 ("uses", d["uses"]), ("expires", d["expires_at"])]),
-            "",
-            "Run on a Linux source (as root):",
-            "  " + d["commands"]["linux"],
-            "",
-            "Run on a Windows source (PowerShell as Administrator):",
-            "  " + d["commands"]["powershell"],
-            "",
-            "The token code is shown only now; keep it secret.",
-        ])
+        return "\n".join(
+            [
+                _kv(
+                    [
+                        ("token id", d["token_id"]),
+                        ("token code", d["token_code"]),
+                        ("workgroup", _wg_name(d["workgroup"])),
+                        ("uses", d["uses"]),
+                        ("expires", d["expires_at"]),
+                    ]
+                ),
+                "",
+                "Run on a Linux source (as root):",
+                "  " + d["commands"]["linux"],
+                "",
+                "Run on a Windows source (PowerShell as Administrator):",
+                "  " + d["commands"]["powershell"],
+                "",
+                "The token code is shown only now; keep it secret.",
+            ]
+        )
 
     op.out(op.call("POST", f"/workgroups/{seg(wg)}/codes", body), human)
 
@@ -402,9 +529,19 @@ def code_list(wg: Optional[str], **kw: Any) -> None:
     def human(d: Dict[str, Any]) -> str:
         if not d["codes"]:
             return "No activation codes."
-        return _table(["TOKEN ID", "WORKGROUP", "USES LEFT", "EXPIRES", "STATE"],
-                      [[c["token_id"], (c.get("workgroup") or {}).get("name"), f"{c['uses_left']}/{c['uses']}",
-                        c["expires_at"], c["state"]] for c in d["codes"]])
+        return _table(
+            ["TOKEN ID", "WORKGROUP", "USES LEFT", "EXPIRES", "STATE"],
+            [
+                [
+                    c["token_id"],
+                    (c.get("workgroup") or {}).get("name"),
+                    f"{c['uses_left']}/{c['uses']}",
+                    c["expires_at"],
+                    c["state"],
+                ]
+                for c in d["codes"]
+            ],
+        )
 
     op.out(op.call("GET", "/codes", params={"workgroup": wg} if wg else None), human)
 
@@ -415,7 +552,10 @@ def code_list(wg: Optional[str], **kw: Any) -> None:
 def code_revoke(token_id: str, **kw: Any) -> None:
     """Revoke activation code TOKEN_ID: later imports with it are refused."""
     op = _op(kw)
-    op.out(op.call("POST", f"/codes/{seg(token_id)}/revoke"), lambda d: f"Activation code {d['token_id']} revoked.")
+    op.out(
+        op.call("POST", f"/codes/{seg(token_id)}/revoke"),
+        lambda d: f"Activation code {d['token_id']} revoked.",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,9 +566,20 @@ def source() -> None:
 
 
 def _source_table(sources: List[Dict[str, Any]]) -> str:
-    return _table(["ID", "HOSTNAME", "WORKGROUP", "STATUS", "LAST SEEN", "TASK"],
-                  [[s["id"], s["hostname"], (s.get("workgroup") or {}).get("name"), s["status"],
-                    s.get("last_seen_at"), s.get("task_id")] for s in sources])
+    return _table(
+        ["ID", "HOSTNAME", "WORKGROUP", "STATUS", "LAST SEEN", "TASK"],
+        [
+            [
+                s["id"],
+                s["hostname"],
+                (s.get("workgroup") or {}).get("name"),
+                s["status"],
+                s.get("last_seen_at"),
+                s.get("task_id"),
+            ]
+            for s in sources
+        ],
+    )
 
 
 @source.command("list")
@@ -437,8 +588,10 @@ def _source_table(sources: List[Dict[str, Any]]) -> str:
 def source_list(wg: Optional[str], **kw: Any) -> None:
     """List sources with their real-time status."""
     op = _op(kw)
-    op.out(op.call("GET", "/sources", params={"workgroup": wg} if wg else None),
-           lambda d: _source_table(d["sources"]) if d["sources"] else "No sources imported yet.")
+    op.out(
+        op.call("GET", "/sources", params={"workgroup": wg} if wg else None),
+        lambda d: _source_table(d["sources"]) if d["sources"] else "No sources imported yet.",
+    )
 
 
 @source.command("show")
@@ -453,22 +606,34 @@ def source_show(source_id: str, **kw: Any) -> None:
         agent = d.get("agent") or {}
         task = d.get("task") or {}
         err = agent.get("last_error") or {}
-        text = _kv([
-            ("id", d["id"]), ("hostname", d["hostname"]), ("workgroup", _wg_name(d.get("workgroup"))),
-            ("status", d["status"]), ("os", d.get("os")), ("kernel", inv.get("kernel")), ("arch", inv.get("arch")),
-            ("cpus", inv.get("cpus")), ("memory", _bytes(inv.get("memory_bytes"))),
-            ("agent version", d.get("agent_version")), ("imported", d.get("imported_at")),
-            ("last seen", d.get("last_seen_at")), ("agent state", agent.get("state")),
-            ("phase", agent.get("phase")), ("progress", _progress(d.get("progress"))),
-            ("task", f"{task['task_id']} ({task['status']})" if task else None),
-            ("last error", f"{err.get('code')}: {err.get('message')}" if err else None),
-            ("replaced by", d.get("replaced_by")),
-        ])
+        text = _kv(
+            [
+                ("id", d["id"]),
+                ("hostname", d["hostname"]),
+                ("workgroup", _wg_name(d.get("workgroup"))),
+                ("status", d["status"]),
+                ("os", d.get("os")),
+                ("kernel", inv.get("kernel")),
+                ("arch", inv.get("arch")),
+                ("cpus", inv.get("cpus")),
+                ("memory", _bytes(inv.get("memory_bytes"))),
+                ("agent version", d.get("agent_version")),
+                ("imported", d.get("imported_at")),
+                ("last seen", d.get("last_seen_at")),
+                ("agent state", agent.get("state")),
+                ("phase", agent.get("phase")),
+                ("progress", _progress(d.get("progress"))),
+                ("task", f"{task['task_id']} ({task['status']})" if task else None),
+                ("last error", f"{err.get('code')}: {err.get('message')}" if err else None),
+                ("replaced by", d.get("replaced_by")),
+            ]
+        )
         events = d.get("events") or []
         if events:
-            text += "\n\nRecent events:\n" + _table(["TIME", "LEVEL", "CODE", "MESSAGE"],
-                                                    [[e["time"], e["level"], e["code"], e["message"]]
-                                                     for e in events])
+            text += "\n\nRecent events:\n" + _table(
+                ["TIME", "LEVEL", "CODE", "MESSAGE"],
+                [[e["time"], e["level"], e["code"], e["message"]] for e in events],
+            )
         return text
 
     op.out(op.call("GET", f"/sources/{seg(source_id)}"), human)
@@ -481,8 +646,10 @@ def source_show(source_id: str, **kw: Any) -> None:
 def source_associate(source_id: str, wg: str, **kw: Any) -> None:
     """Put source SOURCE_ID into workgroup WG."""
     op = _op(kw)
-    op.out(op.call("POST", f"/sources/{seg(source_id)}/associate", {"workgroup": wg}),
-           lambda d: f"Source {d['id']} is now in workgroup {_wg_name(d.get('workgroup'))}.")
+    op.out(
+        op.call("POST", f"/sources/{seg(source_id)}/associate", {"workgroup": wg}),
+        lambda d: f"Source {d['id']} is now in workgroup {_wg_name(d.get('workgroup'))}.",
+    )
 
 
 @source.command("disassociate")
@@ -491,8 +658,10 @@ def source_associate(source_id: str, wg: str, **kw: Any) -> None:
 def source_disassociate(source_id: str, **kw: Any) -> None:
     """Take source SOURCE_ID out of its workgroup."""
     op = _op(kw)
-    op.out(op.call("POST", f"/sources/{seg(source_id)}/disassociate"),
-           lambda d: f"Source {d['id']} is no longer in a workgroup.")
+    op.out(
+        op.call("POST", f"/sources/{seg(source_id)}/disassociate"),
+        lambda d: f"Source {d['id']} is no longer in a workgroup.",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,10 +685,17 @@ _TASK_KEYS = ("name", "description", "bandwidth_mbps", "compression", "checksum"
 
 
 def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--keep-images", type=int, help=f"Images kept per task ({rules.KEEP_IMAGES[0]}-"
-                      f"{rules.KEEP_IMAGES[1]}, default {rules.KEEP_IMAGES_DEFAULT}).")(fn)
-    fn = click.option("--sync-every", metavar="DURATION",
-                      help="Automatic incremental sync interval: 30m, 2h, 1d (at least 60s), or 'off'.")(fn)
+    fn = click.option(
+        "--keep-images",
+        type=int,
+        help=f"Images kept per task ({rules.KEEP_IMAGES[0]}-"
+        f"{rules.KEEP_IMAGES[1]}, default {rules.KEEP_IMAGES_DEFAULT}).",
+    )(fn)
+    fn = click.option(
+        "--sync-every",
+        metavar="DURATION",
+        help="Automatic incremental sync interval: 30m, 2h, 1d (at least 60s), or 'off'.",
+    )(fn)
     fn = click.option("--checksum/--no-checksum", default=None, help="Verify file contents by checksum.")(fn)
     fn = click.option("--compression", type=int, help="Compression level 0-10 (default 7, 0 = off).")(fn)
     fn = click.option("--bandwidth-mbps", type=int, help="Bandwidth limit in Mbit/s (0 = unlimited).")(fn)
@@ -528,9 +704,15 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _task_body(name: Optional[str], description: Optional[str], bandwidth_mbps: Optional[int],
-               compression: Optional[int], checksum: Optional[bool], sync_every: Optional[str],
-               keep_images: Optional[int]) -> Dict[str, Any]:
+def _task_body(
+    name: Optional[str],
+    description: Optional[str],
+    bandwidth_mbps: Optional[int],
+    compression: Optional[int],
+    checksum: Optional[bool],
+    sync_every: Optional[str],
+    keep_images: Optional[int],
+) -> Dict[str, Any]:
     body: Dict[str, Any] = {}
     if name is not None:
         body["name"] = name
@@ -552,19 +734,30 @@ def _task_body(name: Optional[str], description: Optional[str], bandwidth_mbps: 
 def _start_human(d: Dict[str, Any]) -> str:
     parts = []
     if d.get("started"):
-        parts.append("Started:\n" + _table(["SOURCE", "TASK"], [[e["source_id"], e["task_id"]] for e in d["started"]]))
+        parts.append(
+            "Started:\n" + _table(["SOURCE", "TASK"], [[e["source_id"], e["task_id"]] for e in d["started"]])
+        )
     if d.get("skipped"):
-        parts.append("Skipped:\n" + _table(["SOURCE", "REASON"], [[e["source_id"], e["reason"]] for e in d["skipped"]]))
+        parts.append(
+            "Skipped:\n" + _table(["SOURCE", "REASON"], [[e["source_id"], e["reason"]] for e in d["skipped"]])
+        )
     if d.get("not_migratable"):
-        parts.append("Cannot be migrated:\n" + _table(["SOURCE", "REASON"],
-                                                     [[e["source_id"], e["reason"]] for e in d["not_migratable"]]))
+        parts.append(
+            "Cannot be migrated:\n"
+            + _table(["SOURCE", "REASON"], [[e["source_id"], e["reason"]] for e in d["not_migratable"]])
+        )
     return "\n\n".join(parts) or "No sources in this workgroup."
 
 
 @migration.command("start")
 @scope_options
-@click.option("--path", "paths", multiple=True, metavar="P",
-              help="Absolute source path to migrate (repeat; default: the source's local mount points).")
+@click.option(
+    "--path",
+    "paths",
+    multiple=True,
+    metavar="P",
+    help="Absolute source path to migrate (repeat; default: the source's local mount points).",
+)
 @task_options
 @operator_options
 def migration_start(wg: Optional[str], src: Optional[str], paths: Tuple[str, ...], **kw: Any) -> None:
@@ -581,13 +774,20 @@ def _action_human(action: str) -> Callable[[Dict[str, Any]], str]:
     def human(d: Dict[str, Any]) -> str:
         parts = []
         if d.get("affected"):
-            parts.append(f"{action}:\n" + _table(["SOURCE", "TASK", "COMMAND"],
-                                                  [[e["source_id"], e["task_id"], e.get("command_id")]
-                                                   for e in d["affected"]]))
+            parts.append(
+                f"{action}:\n"
+                + _table(
+                    ["SOURCE", "TASK", "COMMAND"],
+                    [[e["source_id"], e["task_id"], e.get("command_id")] for e in d["affected"]],
+                )
+            )
         if d.get("skipped"):
-            parts.append("Skipped:\n" + _table(["SOURCE", "REASON"],
-                                               [[e["source_id"], e["reason"]] for e in d["skipped"]]))
+            parts.append(
+                "Skipped:\n"
+                + _table(["SOURCE", "REASON"], [[e["source_id"], e["reason"]] for e in d["skipped"]])
+            )
         return "\n\n".join(parts) or "Nothing to do."
+
     return human
 
 
@@ -608,13 +808,18 @@ def _make_action(action: str, help_text: str) -> None:
     if action == "modify":
         fn = task_options(fn)
     if action == "complete":
-        fn = click.option("--final-sync", is_flag=True, help="Run one last incremental sync before completing.")(fn)
+        fn = click.option(
+            "--final-sync", is_flag=True, help="Run one last incremental sync before completing."
+        )(fn)
     fn = scope_options(fn)
     migration.command(action, help=help_text)(fn)
 
 
 for _action, _help in (
-    ("modify", "Change task name, description, bandwidth, compression, checksum, sync interval or retention."),
+    (
+        "modify",
+        "Change task name, description, bandwidth, compression, checksum, sync interval or retention.",
+    ),
     ("pause", "Pause the running sync (rsync is stopped; resume continues)."),
     ("resume", "Resume a paused task."),
     ("sync", "Run one incremental sync now (also retries a failed task)."),
@@ -632,17 +837,30 @@ def _show_human(d: Dict[str, Any]) -> str:
         head.append(("sources", counts))
         tasks = d.get("tasks") or []
     else:
-        head += [("source", f"{d['source_id']} ({d.get('hostname')})"), ("source status", d["source_status"]),
-                 ("migration", d["status"])]
+        head += [
+            ("source", f"{d['source_id']} ({d.get('hostname')})"),
+            ("source status", d["source_status"]),
+            ("migration", d["status"]),
+        ]
         tasks = (d.get("tasks") or [])[:1]
     text = _kv(head)
     if tasks:
         text += "\n\n" + _table(
             ["SOURCE", "TASK", "STATUS", "CYCLE", "PROGRESS", "IMAGES", "SYNC EVERY", "ERROR"],
-            [[t["source_id"], t["task_id"], t["status"] + (" (completing)" if t.get("finalizing") else ""),
-              t.get("cycle") or t.get("last_committed_cycle"), _progress(t.get("progress")),
-              len(t.get("artifacts") or []), rules.format_duration(t.get("sync_every_s")),
-              (t.get("error") or {}).get("message")] for t in tasks])
+            [
+                [
+                    t["source_id"],
+                    t["task_id"],
+                    t["status"] + (" (completing)" if t.get("finalizing") else ""),
+                    t.get("cycle") or t.get("last_committed_cycle"),
+                    _progress(t.get("progress")),
+                    len(t.get("artifacts") or []),
+                    rules.format_duration(t.get("sync_every_s")),
+                    (t.get("error") or {}).get("message"),
+                ]
+                for t in tasks
+            ],
+        )
     return text
 
 
@@ -673,6 +891,17 @@ def migration_artifacts(src: Optional[str], task_id: Optional[str], **kw: Any) -
             raise NotFound(f"source {src} has no migration task yet")
         task_id = tasks[0]["task_id"]
     data = op.call("GET", f"/tasks/{seg(task_id or '')}/artifacts")
-    op.out(data, lambda d: _table(["CYCLE", "CREATED", "SIZE", "FILES", "PATH"],
-                                  [[a["cycle"], a["created_at"], _bytes(a["bytes"]), a["files"], a["path"]]
-                                   for a in d["artifacts"]]) if d["artifacts"] else "No images yet.")
+    op.out(
+        data,
+        lambda d: (
+            _table(
+                ["CYCLE", "CREATED", "SIZE", "FILES", "PATH"],
+                [
+                    [a["cycle"], a["created_at"], _bytes(a["bytes"]), a["files"], a["path"]]
+                    for a in d["artifacts"]
+                ],
+            )
+            if d["artifacts"]
+            else "No images yet."
+        ),
+    )

@@ -44,7 +44,7 @@ class PinnedAdapter(HTTPAdapter):
 def normalise_fingerprint(value: str) -> str:
     text = value.strip().lower()
     if text.startswith("sha256:"):
-        text = text[len("sha256:"):]
+        text = text[len("sha256:") :]
     text = text.replace(":", "")
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
         raise InvalidInput(f"--server-fingerprint {value!r}: expected sha256: followed by 64 hex digits")
@@ -77,8 +77,10 @@ def resolve(data_dir: Path, server: Optional[str], fingerprint: Optional[str]) -
         info = {}
     url = server or info.get("url")
     if not url:
-        raise ServerUnreachable(f"no server found: {info_file} does not exist; start 'go2cloud_server serve' "
-                                "or pass --server URL (or set GO2CLOUD_SERVER)")
+        raise ServerUnreachable(
+            f"no server found: {info_file} does not exist; start 'go2cloud_server serve' "
+            "or pass --server URL (or set GO2CLOUD_SERVER)"
+        )
     if not url.startswith(("https://", "http://")):
         raise InvalidInput(f"--server {url!r}: must start with https://")
     pin = None
@@ -103,22 +105,38 @@ class OperatorClient:
     def seg(value: str) -> str:
         return quote(value, safe="")
 
-    def request(self, method: str, path: str, body: Any = None, params: Optional[Dict[str, Any]] = None) -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, params: Optional[Dict[str, Any]] = None
+    ) -> Any:
         if not self.endpoint.admin_token:
-            raise AuthFailed("no admin token: run on the server machine with --data-dir (or GO2CLOUD_DATA_DIR), "
-                             "or set GO2CLOUD_ADMIN_TOKEN")
+            raise AuthFailed(
+                "no admin token: run on the server machine with --data-dir (or GO2CLOUD_DATA_DIR), "
+                "or set GO2CLOUD_ADMIN_TOKEN"
+            )
         url = self.endpoint.url + "/api/v1" + path
         headers = {"Authorization": f"Bearer {self.endpoint.admin_token}", "Accept": "application/json"}
         try:
             # verify is passed per request: REQUESTS_CA_BUNDLE would otherwise override session.verify
-            resp = self.session.request(method, url, json=body, params=params, headers=headers,
-                                        timeout=self.timeout, stream=True, verify=self.session.verify)
+            resp = self.session.request(
+                method,
+                url,
+                json=body,
+                params=params,
+                headers=headers,
+                timeout=self.timeout,
+                stream=True,
+                verify=self.session.verify,
+            )
         except requests.exceptions.SSLError as exc:
-            raise ServerUnreachable(f"TLS to {self.endpoint.url} failed ({_short(exc)}): check --server-fingerprint "
-                                    "or the certificate in <data-dir>/tls/") from None
+            raise ServerUnreachable(
+                f"TLS to {self.endpoint.url} failed ({_short(exc)}): check --server-fingerprint "
+                "or the certificate in <data-dir>/tls/"
+            ) from None
         except requests.exceptions.RequestException as exc:
-            raise ServerUnreachable(f"cannot reach the server at {self.endpoint.url} ({_short(exc)}): is "
-                                    "'go2cloud_server serve' running?") from None
+            raise ServerUnreachable(
+                f"cannot reach the server at {self.endpoint.url} ({_short(exc)}): is "
+                "'go2cloud_server serve' running?"
+            ) from None
         try:
             raw = resp.raw.read(MAX_RESPONSE + 1, decode_content=True)
         except requests.exceptions.RequestException as exc:
@@ -130,7 +148,9 @@ class OperatorClient:
         try:
             data = json.loads(raw.decode("utf-8")) if raw else {}
         except (UnicodeDecodeError, ValueError):
-            raise ServerError(f"the server answered {resp.status_code} with a body that is not JSON") from None
+            raise ServerError(
+                f"the server answered {resp.status_code} with a body that is not JSON"
+            ) from None
         if resp.status_code >= 400:
             err = data.get("error") if isinstance(data, dict) else None
             code = err.get("code") if isinstance(err, dict) else None

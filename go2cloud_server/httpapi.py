@@ -31,8 +31,15 @@ Handler = Callable[["ApiRequest"], Tuple[int, Any]]
 
 
 class ApiRequest:
-    def __init__(self, method: str, path: str, query: Dict[str, List[str]], args: Tuple[str, ...],
-                 body: Any, headers: Any) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: Dict[str, List[str]],
+        args: Tuple[str, ...],
+        body: Any,
+        headers: Any,
+    ) -> None:
         self.method = method
         self.path = path
         self.query = query
@@ -83,7 +90,12 @@ class Api:
         r("POST", f"{p}/sources/{{s}}/token", self._token, "none")
         r("POST", f"{p}/sources/{{s}}/heartbeat", lambda q: (200, s.heartbeat(q.args[0], q.body)), "agent")
         r("GET", f"{p}/sources/{{s}}/commands", self._commands, "agent")
-        r("POST", f"{p}/sources/{{s}}/commands/{{c}}", lambda q: (200, s.ack_command(*q.args, q.body)), "agent")
+        r(
+            "POST",
+            f"{p}/sources/{{s}}/commands/{{c}}",
+            lambda q: (200, s.ack_command(*q.args, q.body)),
+            "agent",
+        )
         r("GET", f"{p}/sources/{{s}}/tasks/{{t}}", lambda q: (200, s.agent_task(*q.args)), "agent")
         r("POST", f"{p}/sources/{{s}}/events", lambda q: (200, s.post_events(q.args[0], q.body)), "agent")
         # operator API
@@ -98,16 +110,37 @@ class Api:
         r("GET", f"{p}/sources/{{s}}", lambda q: (200, s.show_source(q.args[0])), "admin")
         r("POST", f"{p}/sources/{{s}}/associate", lambda q: (200, s.associate(q.args[0], q.body)), "admin")
         r("POST", f"{p}/sources/{{s}}/disassociate", lambda q: (200, s.disassociate(q.args[0])), "admin")
-        r("POST", f"{p}/workgroups/{{wg}}/migration",
-          lambda q: (200, s.start_migration(q.body, workgroup=q.args[0])), "admin")
-        r("POST", f"{p}/sources/{{s}}/migration",
-          lambda q: (200, s.start_migration(q.body, source=q.args[0])), "admin")
-        r("GET", f"{p}/workgroups/{{wg}}/migration", lambda q: (200, s.workgroup_migration(q.args[0])), "admin")
+        r(
+            "POST",
+            f"{p}/workgroups/{{wg}}/migration",
+            lambda q: (200, s.start_migration(q.body, workgroup=q.args[0])),
+            "admin",
+        )
+        r(
+            "POST",
+            f"{p}/sources/{{s}}/migration",
+            lambda q: (200, s.start_migration(q.body, source=q.args[0])),
+            "admin",
+        )
+        r(
+            "GET",
+            f"{p}/workgroups/{{wg}}/migration",
+            lambda q: (200, s.workgroup_migration(q.args[0])),
+            "admin",
+        )
         r("GET", f"{p}/sources/{{s}}/migration", lambda q: (200, s.source_migration(q.args[0])), "admin")
-        r("POST", f"{p}/workgroups/{{wg}}/migration/{{a}}",
-          lambda q: (200, s.migration_action(q.args[1], q.body, workgroup=q.args[0])), "admin")
-        r("POST", f"{p}/sources/{{s}}/migration/{{a}}",
-          lambda q: (200, s.migration_action(q.args[1], q.body, source=q.args[0])), "admin")
+        r(
+            "POST",
+            f"{p}/workgroups/{{wg}}/migration/{{a}}",
+            lambda q: (200, s.migration_action(q.args[1], q.body, workgroup=q.args[0])),
+            "admin",
+        )
+        r(
+            "POST",
+            f"{p}/sources/{{s}}/migration/{{a}}",
+            lambda q: (200, s.migration_action(q.args[1], q.body, source=q.args[0])),
+            "admin",
+        )
         r("GET", f"{p}/tasks/{{t}}/artifacts", lambda q: (200, s.task_artifacts(q.args[0])), "admin")
 
     def _challenge(self, q: ApiRequest) -> Tuple[int, Any]:
@@ -117,8 +150,9 @@ class Api:
     def _token(self, q: ApiRequest) -> Tuple[int, Any]:
         src = self.service.agent_source(q.args[0])
         body = q.body if isinstance(q.body, dict) else {}
-        return 200, self.agent_auth.issue_token(src["id"], src["public_key"], body.get("nonce"),
-                                                body.get("signature"))
+        return 200, self.agent_auth.issue_token(
+            src["id"], src["public_key"], body.get("nonce"), body.get("signature")
+        )
 
     def _commands(self, q: ApiRequest) -> Tuple[int, Any]:
         raw = q.q("wait") or "0"
@@ -147,7 +181,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     server_version = "go2cloud_server"
     sys_version = ""
     timeout = SOCKET_TIMEOUT_S
-    server: "ApiServer"
+    server: ApiServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -214,8 +248,14 @@ class RequestHandler(BaseHTTPRequestHandler):
         except OSError as exc:
             log.debug("could not send the answer: %s", exc)
             self.close_connection = True
-        log.info("%s %s %s -> %d (%.0f ms)", self.client_address[0], self.command, urlsplit(self.path).path,
-                 status, (time.monotonic() - started) * 1000)
+        log.info(
+            "%s %s %s -> %d (%.0f ms)",
+            self.client_address[0],
+            self.command,
+            urlsplit(self.path).path,
+            status,
+            (time.monotonic() - started) * 1000,
+        )
 
     do_GET = _dispatch  # noqa: N815
     do_POST = _dispatch  # noqa: N815

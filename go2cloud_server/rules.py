@@ -129,7 +129,9 @@ def sync_every(value: Any) -> Optional[int]:
         return None
     lo, hi = SYNC_EVERY_S
     if not lo <= value <= hi:
-        raise InvalidInput(f"sync_every_s: must be between {lo} s and {hi // 86400} days, or null (got {value})")
+        raise InvalidInput(
+            f"sync_every_s: must be between {lo} s and {hi // 86400} days, or null (got {value})"
+        )
     return value
 
 
@@ -205,18 +207,27 @@ def limits_table() -> str:
     """The limits as a Markdown table (docs/operator-guide.md, "Limits")."""
     rows = [
         ("workgroups per server", f"{MAX_WORKGROUPS}"),
-        ("workgroup name", f"{WORKGROUP_NAME_LEN[0]}-{WORKGROUP_NAME_LEN[1]} characters; starts with a letter "
-         "or CJK character; letters, digits, `:` `.` `_` `-`; not `http://` / `https://`"),
+        (
+            "workgroup name",
+            f"{WORKGROUP_NAME_LEN[0]}-{WORKGROUP_NAME_LEN[1]} characters; starts with a letter "
+            "or CJK character; letters, digits, `:` `.` `_` `-`; not `http://` / `https://`",
+        ),
         ("workgroup / task description", f"0-{DESCRIPTION_MAX} characters"),
-        ("tags per workgroup", f"{MAX_TAGS}; key {TAG_KEY_LEN[0]}-{TAG_KEY_LEN[1]}, value "
-         f"{TAG_VALUE_LEN[0]}-{TAG_VALUE_LEN[1]} characters"),
+        (
+            "tags per workgroup",
+            f"{MAX_TAGS}; key {TAG_KEY_LEN[0]}-{TAG_KEY_LEN[1]}, value "
+            f"{TAG_VALUE_LEN[0]}-{TAG_VALUE_LEN[1]} characters",
+        ),
         ("sources per workgroup", f"{MAX_SOURCES_PER_WORKGROUP} (a source is in at most one workgroup)"),
         ("activation code uses", f"{CODE_USES[0]}-{CODE_USES[1]}, default {CODE_USES_DEFAULT}"),
         ("activation code validity", f"{CODE_DAYS[0]}-{CODE_DAYS[1]} days, default {CODE_DAYS_DEFAULT}"),
         ("bandwidth limit", f"{BANDWIDTH_MBPS[0]}-{BANDWIDTH_MBPS[1]} Mbit/s, 0 = unlimited (default)"),
         ("compression level", f"{COMPRESSION[0]}-{COMPRESSION[1]}, default {COMPRESSION_DEFAULT}, 0 = off"),
         ("images kept per task", f"{KEEP_IMAGES[0]}-{KEEP_IMAGES[1]}, default {KEEP_IMAGES_DEFAULT}"),
-        ("automatic sync interval", f"{SYNC_EVERY_S[0]} s - {SYNC_EVERY_S[1] // 86400} days, or off (default)"),
+        (
+            "automatic sync interval",
+            f"{SYNC_EVERY_S[0]} s - {SYNC_EVERY_S[1] // 86400} days, or off (default)",
+        ),
         ("paths per task", f"1-{MAX_PATHS} absolute, normalised paths"),
         ("task name", f"{TASK_NAME_LEN[0]}-{TASK_NAME_LEN[1]} characters"),
         ("request body", "1 MiB"),

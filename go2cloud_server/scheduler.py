@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, service: Service, tick_s: float = 1.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, service: Service, tick_s: float = 1.0, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self.service = service
         self.tick_s = tick_s
         self._monotonic = monotonic

@@ -52,7 +52,7 @@ LOCAL_FSTYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "jfs"
 MAX_EVENTS_PER_SOURCE = 1000
 _ALNUM_LOWER = string.ascii_lowercase + string.digits
 _ALNUM = string.ascii_letters + string.digits
-_SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
 
 class RsyncTarget(Protocol):
@@ -93,7 +93,9 @@ def hash_code(code: str, salt: bytes) -> bytes:
 
 def install_commands(url: str, fingerprint: str, token_id: str, token_code: str) -> Dict[str, str]:
     """The ready-to-paste commands shown for an activation code (one place to change them)."""
-    args = f"--server {url} --server-fingerprint {fingerprint} --token-id {token_id} --token-code {token_code}"
+    args = (
+        f"--server {url} --server-fingerprint {fingerprint} --token-id {token_id} --token-code {token_code}"
+    )
     return {
         "linux": f"sudo ./go2cloud_client {args}",
         "powershell": f".\\go2cloud_client.exe {args}",
@@ -101,8 +103,11 @@ def install_commands(url: str, fingerprint: str, token_id: str, token_code: str)
 
 
 def cycle_spec(number: int, last_committed: Optional[int]) -> Dict[str, Any]:
-    return {"number": number, "dest": "%06d" % number,
-            "link_dest": ("%06d" % last_committed) if last_committed else None}
+    return {
+        "number": number,
+        "dest": f"{number:06d}",
+        "link_dest": f"{last_committed:06d}" if last_committed else None,
+    }
 
 
 def default_paths(inventory: Mapping[str, Any]) -> List[str]:
@@ -162,8 +167,14 @@ class Service:
         return self.tree_factory(self.tree_root(task_id))
 
     def target(self, task: Mapping[str, Any]) -> Dict[str, Any]:
-        return {"kind": "rsync", "host": self.public_host, "port": int(self.rsyncd.port),
-                "module": task["id"], "user": task["id"], "password": task["rsync_password"]}
+        return {
+            "kind": "rsync",
+            "host": self.public_host,
+            "port": int(self.rsyncd.port),
+            "module": task["id"],
+            "user": task["id"],
+            "password": task["rsync_password"],
+        }
 
     def close(self) -> None:
         with self.commands_cv:
@@ -180,18 +191,26 @@ class Service:
             raise InvalidInput("workgroup: is required")
         q = Store.q_one if conn is not None else None
         sql = "SELECT * FROM workgroups WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1"
-        row = q(conn, sql, (ref, ref, ref)) if q and conn is not None else self.store.one(sql, (ref, ref, ref))
+        row = (
+            q(conn, sql, (ref, ref, ref)) if q and conn is not None else self.store.one(sql, (ref, ref, ref))
+        )
         if row is None:
             raise NotFound(f"no workgroup {ref!r}: see 'go2cloud_server workgroup list'")
         return row
 
     def _wg_view(self, row: Mapping[str, Any]) -> Dict[str, Any]:
-        n = self.store.one("SELECT COUNT(*) AS n FROM sources WHERE workgroup_id = ? AND state = 'active'",
-                           (row["id"],))
-        return {"id": row["id"], "name": row["name"], "description": row["description"],
-                "tags": loads(row["tags"], {}), "created_at": row["created_at"],
-                "source_count": n["n"] if n else 0,
-                "migration_status": self._wg_status(row["id"])}
+        n = self.store.one(
+            "SELECT COUNT(*) AS n FROM sources WHERE workgroup_id = ? AND state = 'active'", (row["id"],)
+        )
+        return {
+            "id": row["id"],
+            "name": row["name"],
+            "description": row["description"],
+            "tags": loads(row["tags"], {}),
+            "created_at": row["created_at"],
+            "source_count": n["n"] if n else 0,
+            "migration_status": self._wg_status(row["id"]),
+        }
 
     def create_workgroup(self, body: Any) -> Dict[str, Any]:
         body = rules.require_object(body)
@@ -202,11 +221,15 @@ class Service:
         with self.store.transaction() as conn:
             n = conn.execute("SELECT COUNT(*) FROM workgroups").fetchone()[0]
             if n >= rules.MAX_WORKGROUPS:
-                raise Conflict(f"workgroup limit reached ({rules.MAX_WORKGROUPS}): delete an unused workgroup first")
+                raise Conflict(
+                    f"workgroup limit reached ({rules.MAX_WORKGROUPS}): delete an unused workgroup first"
+                )
             if conn.execute("SELECT 1 FROM workgroups WHERE name = ?", (name,)).fetchone():
                 raise Conflict(f"a workgroup named {name!r} already exists: pick another name")
-            conn.execute("INSERT INTO workgroups (id, name, description, tags, created_at) VALUES (?, ?, ?, ?, ?)",
-                         (wg_id, name, description, dumps(tags), self.now_iso()))
+            conn.execute(
+                "INSERT INTO workgroups (id, name, description, tags, created_at) VALUES (?, ?, ?, ?, ?)",
+                (wg_id, name, description, dumps(tags), self.now_iso()),
+            )
         log.info("workgroup %s (%s) created", wg_id, name)
         return self._wg_view(self._workgroup(None, wg_id))
 
@@ -226,8 +249,10 @@ class Service:
             wg = self._workgroup(conn, ref)
             n = conn.execute("SELECT COUNT(*) FROM sources WHERE workgroup_id = ?", (wg["id"],)).fetchone()[0]
             if n:
-                raise Conflict(f"workgroup {wg['name']!r} still has {n} source(s): disassociate them first "
-                               "('go2cloud_server source disassociate S')")
+                raise Conflict(
+                    f"workgroup {wg['name']!r} still has {n} source(s): disassociate them first "
+                    "('go2cloud_server source disassociate S')"
+                )
             conn.execute("DELETE FROM codes WHERE workgroup_id = ?", (wg["id"],))
             conn.execute("DELETE FROM workgroups WHERE id = ?", (wg["id"],))
         log.info("workgroup %s (%s) deleted", wg["id"], wg["name"])
@@ -245,9 +270,16 @@ class Service:
 
     def _code_view(self, row: Mapping[str, Any]) -> Dict[str, Any]:
         wg = self.store.one("SELECT id, name FROM workgroups WHERE id = ?", (row["workgroup_id"],))
-        return {"token_id": row["token_id"], "workgroup": wg, "uses": row["uses"], "uses_left": row["uses_left"],
-                "created_at": row["created_at"], "expires_at": row["expires_at"],
-                "revoked_at": row["revoked_at"], "state": self._code_state(row)}
+        return {
+            "token_id": row["token_id"],
+            "workgroup": wg,
+            "uses": row["uses"],
+            "uses_left": row["uses_left"],
+            "created_at": row["created_at"],
+            "expires_at": row["expires_at"],
+            "revoked_at": row["revoked_at"],
+            "state": self._code_state(row),
+        }
 
     def create_code(self, wg_ref: str, body: Any) -> Dict[str, Any]:
         body = rules.require_object(body if body is not None else {})
@@ -264,8 +296,11 @@ class Service:
             conn.execute(
                 "INSERT INTO codes (token_id, workgroup_id, salt, code_hash, uses, uses_left, created_at, "
                 "expires_at, expires_epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (token_id, wg["id"], salt, digest, uses, uses, iso(now), iso(expires), expires))
-        log.info("activation code %s created for workgroup %s (uses %d, days %d)", token_id, wg["id"], uses, days)
+                (token_id, wg["id"], salt, digest, uses, uses, iso(now), iso(expires), expires),
+            )
+        log.info(
+            "activation code %s created for workgroup %s (uses %d, days %d)", token_id, wg["id"], uses, days
+        )
         row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
         assert row is not None
         view = self._code_view(row)
@@ -276,7 +311,9 @@ class Service:
     def list_codes(self, wg_ref: Optional[str] = None) -> Dict[str, Any]:
         if wg_ref:
             wg = self._workgroup(None, wg_ref)
-            rows = self.store.all("SELECT * FROM codes WHERE workgroup_id = ? ORDER BY created_at", (wg["id"],))
+            rows = self.store.all(
+                "SELECT * FROM codes WHERE workgroup_id = ? ORDER BY created_at", (wg["id"],)
+            )
         else:
             rows = self.store.all("SELECT * FROM codes ORDER BY created_at")
         return {"codes": [self._code_view(r) for r in rows]}
@@ -313,32 +350,45 @@ class Service:
         # Verify the code outside of the write transaction (scrypt is deliberately slow) ...
         row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
         if row is None or not hmac.compare_digest(hash_code(token_code, row["salt"]), row["code_hash"]):
-            raise CodeRejected("unknown activation code (check the token id and token code)", code="code_unknown")
+            raise CodeRejected(
+                "unknown activation code (check the token id and token code)", code="code_unknown"
+            )
         source_id = rand_id("s-", 16)
         replaced: Optional[Dict[str, Any]] = None
         # ... then consume one use atomically.
         with self.store.transaction() as conn:
             code = Store.q_one(conn, "SELECT * FROM codes WHERE token_id = ?", (token_id,))
             if code is None:
-                raise CodeRejected("unknown activation code (check the token id and token code)", code="code_unknown")
+                raise CodeRejected(
+                    "unknown activation code (check the token id and token code)", code="code_unknown"
+                )
             state = self._code_state(code)
             if state == "revoked":
-                raise CodeRejected("this activation code was revoked: ask the operator for a new one",
-                                   code="code_revoked")
+                raise CodeRejected(
+                    "this activation code was revoked: ask the operator for a new one", code="code_revoked"
+                )
             if state == "expired":
-                raise CodeRejected(f"this activation code expired at {code['expires_at']}: ask the operator for "
-                                   "a new one", code="code_expired")
+                raise CodeRejected(
+                    f"this activation code expired at {code['expires_at']}: ask the operator for a new one",
+                    code="code_expired",
+                )
             if state == "exhausted":
-                raise CodeRejected(f"this activation code has no uses left (it allowed {code['uses']}): ask the "
-                                   "operator for a new one", code="code_exhausted")
+                raise CodeRejected(
+                    f"this activation code has no uses left (it allowed {code['uses']}): ask the "
+                    "operator for a new one",
+                    code="code_exhausted",
+                )
             wg = Store.q_one(conn, "SELECT * FROM workgroups WHERE id = ?", (code["workgroup_id"],))
             if wg is None:
                 raise CodeRejected("unknown activation code (its workgroup was deleted)", code="code_unknown")
-            n = conn.execute("SELECT COUNT(*) FROM sources WHERE workgroup_id = ? AND state = 'active'",
-                             (wg["id"],)).fetchone()[0]
+            n = conn.execute(
+                "SELECT COUNT(*) FROM sources WHERE workgroup_id = ? AND state = 'active'", (wg["id"],)
+            ).fetchone()[0]
             if n >= rules.MAX_SOURCES_PER_WORKGROUP:
-                raise ImportRejected(f"workgroup {wg['name']!r} already has {rules.MAX_SOURCES_PER_WORKGROUP} "
-                                     "sources: ask the operator to use another workgroup")
+                raise ImportRejected(
+                    f"workgroup {wg['name']!r} already has {rules.MAX_SOURCES_PER_WORKGROUP} "
+                    "sources: ask the operator to use another workgroup"
+                )
             conn.execute("UPDATE codes SET uses_left = uses_left - 1 WHERE token_id = ?", (token_id,))
             now = self.now()
             if previous:
@@ -346,31 +396,65 @@ class Service:
                 if old and old["state"] == "active" and machine_id and old["machine_id"] == machine_id:
                     replaced = self._replace_source(conn, old, source_id)
                 elif old:
-                    log.warning("import: previous_source_id %s not replaced (machine id differs or not active)",
-                                previous)
+                    log.warning(
+                        "import: previous_source_id %s not replaced (machine id differs or not active)",
+                        previous,
+                    )
             conn.execute(
-                "INSERT INTO sources (id, workgroup_id, public_key, hostname, machine_id, agent_version, inventory, "
-                "token_id, imported_at, imported_epoch, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active')",
-                (source_id, wg["id"], public_key, hostname, machine_id, agent_version, dumps(inventory), token_id,
-                 iso(now), now))
+                "INSERT INTO sources (id, workgroup_id, public_key, hostname, machine_id, agent_version, "
+                "inventory, token_id, imported_at, imported_epoch, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active')",
+                (
+                    source_id,
+                    wg["id"],
+                    public_key,
+                    hostname,
+                    machine_id,
+                    agent_version,
+                    dumps(inventory),
+                    token_id,
+                    iso(now),
+                    now,
+                ),
+            )
         if replaced:
             self._release_target(replaced)
             self._notify()
-        log.info("source %s (%s) imported into workgroup %s with code %s", source_id, hostname, wg["id"], token_id)
-        return {"source_id": source_id, "workgroup": {"id": wg["id"], "name": wg["name"]},
-                "heartbeat_interval": self.heartbeat_interval, "server_time": iso(now), "server_time_epoch": now}
+        log.info(
+            "source %s (%s) imported into workgroup %s with code %s", source_id, hostname, wg["id"], token_id
+        )
+        return {
+            "source_id": source_id,
+            "workgroup": {"id": wg["id"], "name": wg["name"]},
+            "heartbeat_interval": self.heartbeat_interval,
+            "server_time": iso(now),
+            "server_time_epoch": now,
+        }
 
-    def _replace_source(self, conn: sqlite3.Connection, old: Mapping[str, Any], new_id: str) -> Optional[Dict[str, Any]]:
-        conn.execute("UPDATE sources SET state = 'replaced', replaced_by = ?, workgroup_id = NULL WHERE id = ?",
-                     (new_id, old["id"]))
+    def _replace_source(
+        self, conn: sqlite3.Connection, old: Mapping[str, Any], new_id: str
+    ) -> Optional[Dict[str, Any]]:
+        conn.execute(
+            "UPDATE sources SET state = 'replaced', replaced_by = ?, workgroup_id = NULL WHERE id = ?",
+            (new_id, old["id"]),
+        )
         task = self._active_task(conn, old["id"])
         log.info("source %s replaced by %s", old["id"], new_id)
         if task is None:
             return None
-        self._set_task(conn, task["id"], status="cancelled", error_code="source_replaced",
-                       error_message=f"source replaced by {new_id}", finished_at=self.now_iso())
-        conn.execute("UPDATE commands SET status = 'superseded', updated_at = ? WHERE task_id = ? AND status = 'queued'",
-                     (self.now_iso(), task["id"]))
+        self._set_task(
+            conn,
+            task["id"],
+            status="cancelled",
+            error_code="source_replaced",
+            error_message=f"source replaced by {new_id}",
+            finished_at=self.now_iso(),
+        )
+        conn.execute(
+            "UPDATE commands SET status = 'superseded', updated_at = ? "
+            "WHERE task_id = ? AND status = 'queued'",
+            (self.now_iso(), task["id"]),
+        )
         return task
 
     def _release_target(self, task: Mapping[str, Any]) -> None:
@@ -383,7 +467,9 @@ class Service:
             try:
                 self.tree(task["id"]).discard_cycle(int(task["current_cycle"]))
             except Exception:  # noqa: BLE001
-                log.warning("could not discard cycle %s of %s", task["current_cycle"], task["id"], exc_info=True)
+                log.warning(
+                    "could not discard cycle %s of %s", task["current_cycle"], task["id"], exc_info=True
+                )
 
     # sources: operator view --------------------------------------------------------------------
     def _source(self, conn: Optional[sqlite3.Connection], ref: Any) -> Dict[str, Any]:
@@ -400,8 +486,10 @@ class Service:
         return Store.q_one(conn, sql, (source_id,)) if conn is not None else self.store.one(sql, (source_id,))
 
     def _active_task(self, conn: Optional[sqlite3.Connection], source_id: str) -> Optional[Dict[str, Any]]:
-        sql = ("SELECT * FROM tasks WHERE source_id = ? AND status IN ('syncing','pending','paused','failed') "
-               "ORDER BY created_at DESC, rowid DESC LIMIT 1")
+        sql = (
+            "SELECT * FROM tasks WHERE source_id = ? AND status IN ('syncing','pending','paused','failed') "
+            "ORDER BY created_at DESC, rowid DESC LIMIT 1"
+        )
         return Store.q_one(conn, sql, (source_id,)) if conn is not None else self.store.one(sql, (source_id,))
 
     def is_offline(self, src: Mapping[str, Any], now: Optional[float] = None) -> bool:
@@ -409,8 +497,9 @@ class Service:
         last = src["last_seen_epoch"] or src["imported_epoch"]
         return now - last > OFFLINE_AFTER_INTERVALS * self.heartbeat_interval
 
-    def source_status(self, src: Mapping[str, Any], task: Optional[Mapping[str, Any]],
-                      now: Optional[float] = None) -> str:
+    def source_status(
+        self, src: Mapping[str, Any], task: Optional[Mapping[str, Any]], now: Optional[float] = None
+    ) -> str:
         """Real-time status: replaced > offline > the task's status > online."""
         if src["state"] != "active":
             return "replaced"
@@ -422,20 +511,32 @@ class Service:
 
     def _source_view(self, src: Mapping[str, Any]) -> Dict[str, Any]:
         task = self._latest_task(None, src["id"])
-        wg = (self.store.one("SELECT id, name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
-              if src["workgroup_id"] else None)
+        wg = (
+            self.store.one("SELECT id, name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
+            if src["workgroup_id"]
+            else None
+        )
         inv = loads(src["inventory"], {})
         os_info = inv.get("os") if isinstance(inv.get("os"), dict) else {}
-        return {"id": src["id"], "hostname": src["hostname"], "workgroup": wg,
-                "status": self.source_status(src, task), "os": os_info.get("pretty_name") or os_info.get("id") or "",
-                "agent_version": src["agent_version"], "imported_at": src["imported_at"],
-                "last_seen_at": src["last_seen_at"], "task_id": task["id"] if task else None,
-                "replaced_by": src["replaced_by"]}
+        return {
+            "id": src["id"],
+            "hostname": src["hostname"],
+            "workgroup": wg,
+            "status": self.source_status(src, task),
+            "os": os_info.get("pretty_name") or os_info.get("id") or "",
+            "agent_version": src["agent_version"],
+            "imported_at": src["imported_at"],
+            "last_seen_at": src["last_seen_at"],
+            "task_id": task["id"] if task else None,
+            "replaced_by": src["replaced_by"],
+        }
 
     def list_sources(self, wg_ref: Optional[str] = None) -> Dict[str, Any]:
         if wg_ref:
             wg = self._workgroup(None, wg_ref)
-            rows = self.store.all("SELECT * FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],))
+            rows = self.store.all(
+                "SELECT * FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)
+            )
         else:
             rows = self.store.all("SELECT * FROM sources ORDER BY imported_epoch")
         return {"sources": [self._source_view(r) for r in rows]}
@@ -450,7 +551,9 @@ class Service:
         view["agent"] = {k: hb.get(k) for k in ("state", "phase", "cycle", "task_id", "last_error", "load")}
         view["progress"] = hb.get("progress")
         view["events"] = self.store.all(
-            "SELECT time, level, code, message FROM events WHERE source_id = ? ORDER BY id DESC LIMIT 20", (src["id"],))
+            "SELECT time, level, code, message FROM events WHERE source_id = ? ORDER BY id DESC LIMIT 20",
+            (src["id"],),
+        )
         return view
 
     def associate(self, ref: str, body: Any) -> Dict[str, Any]:
@@ -465,10 +568,13 @@ class Service:
             elif src["workgroup_id"]:
                 raise Conflict(f"source {src['id']} is already in another workgroup: disassociate it first")
             else:
-                n = conn.execute("SELECT COUNT(*) FROM sources WHERE workgroup_id = ? AND state = 'active'",
-                                 (wg["id"],)).fetchone()[0]
+                n = conn.execute(
+                    "SELECT COUNT(*) FROM sources WHERE workgroup_id = ? AND state = 'active'", (wg["id"],)
+                ).fetchone()[0]
                 if n >= rules.MAX_SOURCES_PER_WORKGROUP:
-                    raise Conflict(f"workgroup {wg['name']!r} already has {rules.MAX_SOURCES_PER_WORKGROUP} sources")
+                    raise Conflict(
+                        f"workgroup {wg['name']!r} already has {rules.MAX_SOURCES_PER_WORKGROUP} sources"
+                    )
                 conn.execute("UPDATE sources SET workgroup_id = ? WHERE id = ?", (wg["id"], src["id"]))
         return self._source_view(self._source(None, ref))
 
@@ -477,8 +583,10 @@ class Service:
             src = self._source(conn, ref)
             task = self._active_task(conn, src["id"])
             if task is not None:
-                raise Conflict(f"source {src['id']} has an active migration task {task['id']} ({task['status']}): "
-                               "complete or cancel it first")
+                raise Conflict(
+                    f"source {src['id']} has an active migration task {task['id']} ({task['status']}): "
+                    "complete or cancel it first"
+                )
             conn.execute("UPDATE sources SET workgroup_id = NULL WHERE id = ?", (src["id"],))
         return self._source_view(self._source(None, ref))
 
@@ -494,28 +602,56 @@ class Service:
 
     def heartbeat(self, source_id: str, body: Any) -> Dict[str, Any]:
         body = rules.require_object(body)
-        keep = {k: body.get(k) for k in ("agent_version", "state", "task_id", "phase", "cycle", "progress",
-                                         "last_error", "load")}
+        keep = {
+            k: body.get(k)
+            for k in ("agent_version", "state", "task_id", "phase", "cycle", "progress", "last_error", "load")
+        }
         now = self.now()
         with self.store.transaction() as conn:
-            conn.execute("UPDATE sources SET last_seen_epoch = ?, last_seen_at = ?, heartbeat = ?, "
-                         "agent_version = COALESCE(?, agent_version) WHERE id = ?",
-                         (now, iso(now), dumps(keep),
-                          str(body["agent_version"])[:64] if isinstance(body.get("agent_version"), str) else None,
-                          source_id))
-            waiting = conn.execute("SELECT 1 FROM commands WHERE source_id = ? AND status IN ('queued','accepted') "
-                                   "LIMIT 1", (source_id,)).fetchone() is not None
-        return {"server_time": iso(now), "server_time_epoch": now, "commands_waiting": waiting,
-                "heartbeat_interval": self.heartbeat_interval}
+            conn.execute(
+                "UPDATE sources SET last_seen_epoch = ?, last_seen_at = ?, heartbeat = ?, "
+                "agent_version = COALESCE(?, agent_version) WHERE id = ?",
+                (
+                    now,
+                    iso(now),
+                    dumps(keep),
+                    str(body["agent_version"])[:64] if isinstance(body.get("agent_version"), str) else None,
+                    source_id,
+                ),
+            )
+            waiting = (
+                conn.execute(
+                    "SELECT 1 FROM commands WHERE source_id = ? AND status IN ('queued','accepted') LIMIT 1",
+                    (source_id,),
+                ).fetchone()
+                is not None
+            )
+        return {
+            "server_time": iso(now),
+            "server_time_epoch": now,
+            "commands_waiting": waiting,
+            "heartbeat_interval": self.heartbeat_interval,
+        }
 
     def _pending_commands(self, source_id: str) -> List[Dict[str, Any]]:
-        rows = self.store.all("SELECT id, type, params, created_at FROM commands WHERE source_id = ? "
-                              "AND status IN ('queued','accepted') ORDER BY seq", (source_id,))
-        return [{"id": r["id"], "type": r["type"], "params": loads(r["params"], {}), "created_at": r["created_at"]}
-                for r in rows]
+        rows = self.store.all(
+            "SELECT id, type, params, created_at FROM commands WHERE source_id = ? "
+            "AND status IN ('queued','accepted') ORDER BY seq",
+            (source_id,),
+        )
+        return [
+            {
+                "id": r["id"],
+                "type": r["type"],
+                "params": loads(r["params"], {}),
+                "created_at": r["created_at"],
+            }
+            for r in rows
+        ]
 
-    def poll_commands(self, source_id: str, wait: float, monotonic: Callable[[], float] = time.monotonic
-                      ) -> Dict[str, Any]:
+    def poll_commands(
+        self, source_id: str, wait: float, monotonic: Callable[[], float] = time.monotonic
+    ) -> Dict[str, Any]:
         deadline = monotonic() + max(0.0, wait)
         with self.commands_cv:
             while True:
@@ -542,22 +678,39 @@ class Service:
         error_code = (error_code or None) and error_code[:64]
         message = (message or None) and message[:2000]
         with self.store.transaction() as conn:
-            cmd = Store.q_one(conn, "SELECT * FROM commands WHERE id = ? AND source_id = ?", (command_id, source_id))
+            cmd = Store.q_one(
+                conn, "SELECT * FROM commands WHERE id = ? AND source_id = ?", (command_id, source_id)
+            )
             if cmd is None:
                 raise NotFound(f"no command {command_id} for source {source_id}")
             if cmd["status"] in FINAL_COMMAND_STATUSES:
                 return {}
-            conn.execute("UPDATE commands SET status = ?, error_code = ?, message = ?, result = ?, updated_at = ? "
-                         "WHERE id = ?", (status, error_code, message, dumps(result or {}), self.now_iso(), command_id))
+            conn.execute(
+                "UPDATE commands SET status = ?, error_code = ?, message = ?, result = ?, updated_at = ? "
+                "WHERE id = ?",
+                (status, error_code, message, dumps(result or {}), self.now_iso(), command_id),
+            )
         if status == "accepted":
             return {}
-        log.info("command %s (%s) of %s acknowledged %s%s", command_id, cmd["type"], source_id, status,
-                 f" ({error_code})" if error_code else "")
+        log.info(
+            "command %s (%s) of %s acknowledged %s%s",
+            command_id,
+            cmd["type"],
+            source_id,
+            status,
+            f" ({error_code})" if error_code else "",
+        )
         self._on_command_final(cmd, status, error_code, message, result or {})
         return {}
 
-    def _on_command_final(self, cmd: Mapping[str, Any], status: str, error_code: Optional[str],
-                          message: Optional[str], result: Mapping[str, Any]) -> None:
+    def _on_command_final(
+        self,
+        cmd: Mapping[str, Any],
+        status: str,
+        error_code: Optional[str],
+        message: Optional[str],
+        result: Mapping[str, Any],
+    ) -> None:
         task_id = cmd["task_id"]
         if not task_id:
             return
@@ -570,13 +723,22 @@ class Service:
                 with self.store.transaction() as conn:
                     task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
                     if task and task["status"] in ("syncing", "pending", "paused"):
-                        self._set_task(conn, task_id, status="failed", finalizing=0,
-                                       error_code=error_code or "replication_failed",
-                                       error_message=message or f"{ctype} command {status}")
+                        self._set_task(
+                            conn,
+                            task_id,
+                            status="failed",
+                            finalizing=0,
+                            error_code=error_code or "replication_failed",
+                            error_message=message or f"{ctype} command {status}",
+                        )
             else:
                 with self.store.transaction() as conn:
-                    self._set_task(conn, task_id, error_code=error_code or f"{ctype}_{status}",
-                                   error_message=message or f"{ctype} command {status}")
+                    self._set_task(
+                        conn,
+                        task_id,
+                        error_code=error_code or f"{ctype}_{status}",
+                        error_message=message or f"{ctype} command {status}",
+                    )
             return
         if ctype not in CYCLE_COMMANDS:
             return
@@ -593,8 +755,14 @@ class Service:
                 log.warning("committing cycle %d of %s failed: %s", number, task_id, exc)
                 log.debug("commit failure", exc_info=True)
                 with self.store.transaction() as conn:
-                    self._set_task(conn, task_id, status="failed", finalizing=0, error_code="target_commit_failed",
-                                   error_message=f"the target could not record cycle {number}: {exc}")
+                    self._set_task(
+                        conn,
+                        task_id,
+                        status="failed",
+                        finalizing=0,
+                        error_code="target_commit_failed",
+                        error_message=f"the target could not record cycle {number}: {exc}",
+                    )
                 return
             removed = tree.retain(int(task["keep_images"]))
         finished = ctype == "finalize"
@@ -603,10 +771,18 @@ class Service:
             if task is None:
                 return
             if artifact is not None:
-                conn.execute("INSERT OR REPLACE INTO artifacts (task_id, cycle, path, bytes, files, created_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?)",
-                             (task_id, number, str(artifact.path), int(artifact.bytes), int(artifact.files),
-                              str(artifact.created_at)))
+                conn.execute(
+                    "INSERT OR REPLACE INTO artifacts (task_id, cycle, path, bytes, files, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        task_id,
+                        number,
+                        str(artifact.path),
+                        int(artifact.bytes),
+                        int(artifact.files),
+                        str(artifact.created_at),
+                    ),
+                )
             for n in removed:
                 conn.execute("DELETE FROM artifacts WHERE task_id = ? AND cycle = ?", (task_id, n))
             changes: Dict[str, Any] = {"error_code": None, "error_message": None}
@@ -630,10 +806,17 @@ class Service:
         if task is None:
             raise NotFound(f"no task {task_id} for source {source_id}")
         cycle = cycle_spec(task["current_cycle"], task["last_committed"]) if task["current_cycle"] else None
-        return {"task_id": task["id"], "mode": task["mode"], "paths": loads(task["paths"], []),
-                "bandwidth_mbps": task["bandwidth_mbps"], "compression": task["compression"],
-                "checksum": bool(task["checksum"]), "target": self.target(task), "status": task["status"],
-                "cycle": cycle}
+        return {
+            "task_id": task["id"],
+            "mode": task["mode"],
+            "paths": loads(task["paths"], []),
+            "bandwidth_mbps": task["bandwidth_mbps"],
+            "compression": task["compression"],
+            "checksum": bool(task["checksum"]),
+            "target": self.target(task),
+            "status": task["status"],
+            "cycle": cycle,
+        }
 
     def post_events(self, source_id: str, body: Any) -> Dict[str, Any]:
         body = rules.require_object(body)
@@ -645,12 +828,24 @@ class Service:
             if not isinstance(ev, dict):
                 raise InvalidInput("events: each event must be an object")
             level = ev.get("level") if ev.get("level") in ("info", "warning", "error") else "info"
-            rows.append((source_id, str(ev.get("time") or self.now_iso())[:40], level,
-                         str(ev.get("code") or "")[:64], str(ev.get("message") or "")[:2000]))
+            rows.append(
+                (
+                    source_id,
+                    str(ev.get("time") or self.now_iso())[:40],
+                    level,
+                    str(ev.get("code") or "")[:64],
+                    str(ev.get("message") or "")[:2000],
+                )
+            )
         with self.store.transaction() as conn:
-            conn.executemany("INSERT INTO events (source_id, time, level, code, message) VALUES (?, ?, ?, ?, ?)", rows)
-            conn.execute("DELETE FROM events WHERE source_id = ? AND id NOT IN (SELECT id FROM events "
-                         "WHERE source_id = ? ORDER BY id DESC LIMIT ?)", (source_id, source_id, MAX_EVENTS_PER_SOURCE))
+            conn.executemany(
+                "INSERT INTO events (source_id, time, level, code, message) VALUES (?, ?, ?, ?, ?)", rows
+            )
+            conn.execute(
+                "DELETE FROM events WHERE source_id = ? AND id NOT IN (SELECT id FROM events "
+                "WHERE source_id = ? ORDER BY id DESC LIMIT ?)",
+                (source_id, source_id, MAX_EVENTS_PER_SOURCE),
+            )
         return {}
 
     # tasks ---------------------------------------------------------------------------------------
@@ -659,34 +854,60 @@ class Service:
         cols = ", ".join(f"{k} = ?" for k in changes)
         conn.execute(f"UPDATE tasks SET {cols} WHERE id = ?", (*changes.values(), task_id))  # noqa: S608
 
-    def _queue(self, conn: sqlite3.Connection, source_id: str, task_id: Optional[str], ctype: str,
-               params: Mapping[str, Any]) -> str:
+    def _queue(
+        self,
+        conn: sqlite3.Connection,
+        source_id: str,
+        task_id: Optional[str],
+        ctype: str,
+        params: Mapping[str, Any],
+    ) -> str:
         cid = rand_id("c-", 16)
         now = self.now_iso()
-        conn.execute("INSERT INTO commands (id, source_id, task_id, type, params, created_at, updated_at) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)", (cid, source_id, task_id, ctype, dumps(params), now, now))
+        conn.execute(
+            "INSERT INTO commands (id, source_id, task_id, type, params, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (cid, source_id, task_id, ctype, dumps(params), now, now),
+        )
         return cid
 
     def _artifacts(self, task_id: str) -> List[Dict[str, Any]]:
-        return self.store.all("SELECT cycle, path, created_at, bytes, files FROM artifacts WHERE task_id = ? "
-                              "ORDER BY cycle", (task_id,))
+        return self.store.all(
+            "SELECT cycle, path, created_at, bytes, files FROM artifacts WHERE task_id = ? ORDER BY cycle",
+            (task_id,),
+        )
 
     def _task_view(self, task: Mapping[str, Any]) -> Dict[str, Any]:
         src = self.store.one("SELECT heartbeat FROM sources WHERE id = ?", (task["source_id"],))
         hb = loads(src["heartbeat"], None) if src else None
         progress = hb.get("progress") if isinstance(hb, dict) and hb.get("task_id") == task["id"] else None
         return {
-            "task_id": task["id"], "source_id": task["source_id"], "workgroup_id": task["workgroup_id"],
-            "name": task["name"], "description": task["description"], "mode": task["mode"],
-            "paths": loads(task["paths"], []), "bandwidth_mbps": task["bandwidth_mbps"],
-            "compression": task["compression"], "checksum": bool(task["checksum"]),
-            "sync_every_s": task["sync_every_s"], "keep_images": task["keep_images"], "status": task["status"],
-            "cycle": task["current_cycle"], "last_committed_cycle": task["last_committed"],
+            "task_id": task["id"],
+            "source_id": task["source_id"],
+            "workgroup_id": task["workgroup_id"],
+            "name": task["name"],
+            "description": task["description"],
+            "mode": task["mode"],
+            "paths": loads(task["paths"], []),
+            "bandwidth_mbps": task["bandwidth_mbps"],
+            "compression": task["compression"],
+            "checksum": bool(task["checksum"]),
+            "sync_every_s": task["sync_every_s"],
+            "keep_images": task["keep_images"],
+            "status": task["status"],
+            "cycle": task["current_cycle"],
+            "last_committed_cycle": task["last_committed"],
             "finalizing": bool(task["finalizing"]),
-            "error": ({"code": task["error_code"], "message": task["error_message"]}
-                      if task["error_code"] or task["error_message"] else None),
-            "created_at": task["created_at"], "updated_at": task["updated_at"], "finished_at": task["finished_at"],
-            "progress": progress, "artifacts": self._artifacts(task["id"]),
+            "error": (
+                {"code": task["error_code"], "message": task["error_message"]}
+                if task["error_code"] or task["error_message"]
+                else None
+            ),
+            "created_at": task["created_at"],
+            "updated_at": task["updated_at"],
+            "finished_at": task["finished_at"],
+            "progress": progress,
+            "artifacts": self._artifacts(task["id"]),
         }
 
     def _start_params(self, body: Mapping[str, Any]) -> Dict[str, Any]:
@@ -694,22 +915,31 @@ class Service:
             "name": rules.text(body.get("name"), "name", rules.TASK_NAME_LEN[1]) or None,
             "description": rules.text(body.get("description"), "description"),
             "paths": rules.paths(body.get("paths")),
-            "bandwidth_mbps": rules.integer(body.get("bandwidth_mbps"), "bandwidth_mbps", rules.BANDWIDTH_MBPS, 0),
-            "compression": rules.integer(body.get("compression"), "compression", rules.COMPRESSION,
-                                         rules.COMPRESSION_DEFAULT),
+            "bandwidth_mbps": rules.integer(
+                body.get("bandwidth_mbps"), "bandwidth_mbps", rules.BANDWIDTH_MBPS, 0
+            ),
+            "compression": rules.integer(
+                body.get("compression"), "compression", rules.COMPRESSION, rules.COMPRESSION_DEFAULT
+            ),
             "checksum": rules.boolean(body.get("checksum"), "checksum"),
             "sync_every_s": rules.sync_every(body.get("sync_every_s")),
-            "keep_images": rules.integer(body.get("keep_images"), "keep_images", rules.KEEP_IMAGES,
-                                         rules.KEEP_IMAGES_DEFAULT),
+            "keep_images": rules.integer(
+                body.get("keep_images"), "keep_images", rules.KEEP_IMAGES, rules.KEEP_IMAGES_DEFAULT
+            ),
         }
 
-    def start_migration(self, body: Any, *, workgroup: Optional[str] = None,
-                        source: Optional[str] = None) -> Dict[str, Any]:
+    def start_migration(
+        self, body: Any, *, workgroup: Optional[str] = None, source: Optional[str] = None
+    ) -> Dict[str, Any]:
         params = self._start_params(rules.require_object(body if body is not None else {}))
         if workgroup is not None:
             wg = self._workgroup(None, workgroup)
-            source_ids = [r["id"] for r in self.store.all(
-                "SELECT id FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],))]
+            source_ids = [
+                r["id"]
+                for r in self.store.all(
+                    "SELECT id FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)
+                )
+            ]
         else:
             source_ids = [self._source(None, source)["id"]]
         out: Dict[str, List[Dict[str, Any]]] = {"started": [], "skipped": [], "not_migratable": []}
@@ -732,38 +962,70 @@ class Service:
             with self.store.transaction() as conn:
                 src = self._source(conn, source_id)
                 if src["state"] != "active":
-                    return "not_migratable", {"source_id": source_id,
-                                              "reason": f"replaced by {src['replaced_by']}"}
+                    return "not_migratable", {
+                        "source_id": source_id,
+                        "reason": f"replaced by {src['replaced_by']}",
+                    }
                 if not src["workgroup_id"]:
-                    return "not_migratable", {"source_id": source_id,
-                                              "reason": "not associated with a workgroup"}
+                    return "not_migratable", {
+                        "source_id": source_id,
+                        "reason": "not associated with a workgroup",
+                    }
                 if self.is_offline(src):
-                    return "not_migratable", {"source_id": source_id,
-                                              "reason": f"offline (last heartbeat {src['last_seen_at'] or 'never'})"}
+                    return "not_migratable", {
+                        "source_id": source_id,
+                        "reason": f"offline (last heartbeat {src['last_seen_at'] or 'never'})",
+                    }
                 active = self._active_task(conn, source_id)
                 if active is not None:
-                    return "skipped", {"source_id": source_id,
-                                       "reason": f"already has migration task {active['id']} ({active['status']})"}
+                    return "skipped", {
+                        "source_id": source_id,
+                        "reason": f"already has migration task {active['id']} ({active['status']})",
+                    }
                 wg = Store.q_one(conn, "SELECT name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
                 paths = params["paths"] or default_paths(loads(src["inventory"], {}))
-                name = params["name"] or f"{wg['name'] if wg else 'migration'}-{src['hostname'] or source_id}"[:128]
+                name = (
+                    params["name"]
+                    or f"{wg['name'] if wg else 'migration'}-{src['hostname'] or source_id}"[:128]
+                )
                 now = self.now_iso()
                 conn.execute(
-                    "INSERT INTO tasks (id, source_id, workgroup_id, name, description, mode, paths, bandwidth_mbps, "
-                    "compression, checksum, sync_every_s, keep_images, status, current_cycle, rsync_password, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, 'syncing', 1, ?, ?, ?)",
-                    (task_id, source_id, src["workgroup_id"], name, params["description"], dumps(paths),
-                     params["bandwidth_mbps"], params["compression"], int(params["checksum"]),
-                     params["sync_every_s"], params["keep_images"], password, now, now))
+                    "INSERT INTO tasks (id, source_id, workgroup_id, name, description, mode, paths, "
+                    "bandwidth_mbps, compression, checksum, sync_every_s, keep_images, status, "
+                    "current_cycle, rsync_password, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, 'syncing', 1, ?, ?, ?)",
+                    (
+                        task_id,
+                        source_id,
+                        src["workgroup_id"],
+                        name,
+                        params["description"],
+                        dumps(paths),
+                        params["bandwidth_mbps"],
+                        params["compression"],
+                        int(params["checksum"]),
+                        params["sync_every_s"],
+                        params["keep_images"],
+                        password,
+                        now,
+                        now,
+                    ),
+                )
                 task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
                 assert task is not None
                 tree.prepare_cycle(1)
                 self.rsyncd.add_module(task_id, self.tree_root(task_id), task_id, password)
                 module_added = True
-                cmd_params = {"task_id": task_id, "mode": "file", "paths": paths,
-                              "bandwidth_mbps": params["bandwidth_mbps"], "compression": params["compression"],
-                              "checksum": params["checksum"], "target": self.target(task),
-                              "cycle": cycle_spec(1, None)}
+                cmd_params = {
+                    "task_id": task_id,
+                    "mode": "file",
+                    "paths": paths,
+                    "bandwidth_mbps": params["bandwidth_mbps"],
+                    "compression": params["compression"],
+                    "checksum": params["checksum"],
+                    "target": self.target(task),
+                    "cycle": cycle_spec(1, None),
+                }
                 cid = self._queue(conn, source_id, task_id, "start", cmd_params)
         except Exception:
             if module_added:
@@ -784,7 +1046,9 @@ class Service:
         if "description" in body:
             out["description"] = rules.text(body["description"], "description")
         if body.get("bandwidth_mbps") is not None:
-            out["bandwidth_mbps"] = rules.integer(body["bandwidth_mbps"], "bandwidth_mbps", rules.BANDWIDTH_MBPS)
+            out["bandwidth_mbps"] = rules.integer(
+                body["bandwidth_mbps"], "bandwidth_mbps", rules.BANDWIDTH_MBPS
+            )
         if body.get("compression") is not None:
             out["compression"] = rules.integer(body["compression"], "compression", rules.COMPRESSION)
         if body.get("checksum") is not None:
@@ -794,19 +1058,26 @@ class Service:
         if body.get("keep_images") is not None:
             out["keep_images"] = rules.integer(body["keep_images"], "keep_images", rules.KEEP_IMAGES)
         if not out:
-            raise InvalidInput("modify: give at least one of name, description, bandwidth_mbps, compression, "
-                               "checksum, sync_every_s, keep_images")
+            raise InvalidInput(
+                "modify: give at least one of name, description, bandwidth_mbps, compression, "
+                "checksum, sync_every_s, keep_images"
+            )
         return out
 
-    def migration_action(self, action: str, body: Any = None, *, workgroup: Optional[str] = None,
-                         source: Optional[str] = None) -> Dict[str, Any]:
+    def migration_action(
+        self, action: str, body: Any = None, *, workgroup: Optional[str] = None, source: Optional[str] = None
+    ) -> Dict[str, Any]:
         if action not in ACTIONS:
             raise NotFound(f"no migration action {action!r} (one of {', '.join(ACTIONS)})")
         params = self._action_params(action, rules.require_object(body if body is not None else {}))
         if workgroup is not None:
             wg = self._workgroup(None, workgroup)
-            source_ids = [r["id"] for r in self.store.all(
-                "SELECT id FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],))]
+            source_ids = [
+                r["id"]
+                for r in self.store.all(
+                    "SELECT id FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)
+                )
+            ]
         else:
             source_ids = [self._source(None, source)["id"]]
         out: Dict[str, List[Dict[str, Any]]] = {"affected": [], "skipped": []}
@@ -825,7 +1096,9 @@ class Service:
             raise Conflict(f"{action}: {out['skipped'][0]['reason']}")
         return out
 
-    def task_action(self, task_id: str, action: str, params: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    def task_action(
+        self, task_id: str, action: str, params: Optional[Mapping[str, Any]] = None
+    ) -> Optional[str]:
         """Apply one action to one task; raises Conflict when its status does not allow it."""
         params = params or {}
         after: List[Callable[[], None]] = []
@@ -846,8 +1119,13 @@ class Service:
         if task["status"] not in allowed:
             raise Conflict(f"task {task['id']} is {task['status']}: cannot {what}")
 
-    def _do_modify(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
-                   after: List[Callable[[], None]]) -> Optional[str]:
+    def _do_modify(
+        self,
+        conn: sqlite3.Connection,
+        task: Mapping[str, Any],
+        params: Mapping[str, Any],
+        after: List[Callable[[], None]],
+    ) -> Optional[str]:
         self._need(task, ACTIVE_TASK_STATUSES, "modify it")
         changes = dict(params)
         if "checksum" in changes:
@@ -859,7 +1137,9 @@ class Service:
             after.append(lambda: self._apply_retention(tid, keep))
         if not agent_fields:
             return None
-        return self._queue(conn, task["source_id"], task["id"], "modify", {"task_id": task["id"], **agent_fields})
+        return self._queue(
+            conn, task["source_id"], task["id"], "modify", {"task_id": task["id"], **agent_fields}
+        )
 
     def _apply_retention(self, task_id: str, keep: int) -> None:
         removed = self.tree(task_id).retain(keep)
@@ -868,16 +1148,26 @@ class Service:
                 for n in removed:
                     conn.execute("DELETE FROM artifacts WHERE task_id = ? AND cycle = ?", (task_id, n))
 
-    def _do_pause(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
-                  after: List[Callable[[], None]]) -> Optional[str]:
+    def _do_pause(
+        self,
+        conn: sqlite3.Connection,
+        task: Mapping[str, Any],
+        params: Mapping[str, Any],
+        after: List[Callable[[], None]],
+    ) -> Optional[str]:
         self._need(task, ("syncing", "pending"), "pause it")
         if task["finalizing"] and not task["current_cycle"]:
             raise Conflict(f"task {task['id']} is completing: cannot pause it")
         self._set_task(conn, task["id"], status="paused", paused_from=task["status"])
         return self._queue(conn, task["source_id"], task["id"], "pause", {"task_id": task["id"]})
 
-    def _do_resume(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
-                   after: List[Callable[[], None]]) -> Optional[str]:
+    def _do_resume(
+        self,
+        conn: sqlite3.Connection,
+        task: Mapping[str, Any],
+        params: Mapping[str, Any],
+        after: List[Callable[[], None]],
+    ) -> Optional[str]:
         self._need(task, ("paused",), "resume it (only a paused task can be resumed)")
         status = "syncing" if task["current_cycle"] else "pending"
         self._set_task(conn, task["id"], status=status, paused_from=None)
@@ -889,8 +1179,13 @@ class Service:
         self._set_task(conn, task["id"], current_cycle=number)
         return cycle_spec(number, task["last_committed"])
 
-    def _do_sync(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
-                 after: List[Callable[[], None]]) -> Optional[str]:
+    def _do_sync(
+        self,
+        conn: sqlite3.Connection,
+        task: Mapping[str, Any],
+        params: Mapping[str, Any],
+        after: List[Callable[[], None]],
+    ) -> Optional[str]:
         if task["status"] == "syncing":
             raise Conflict(f"task {task['id']} is already syncing: wait for the cycle to finish")
         self._need(task, ("pending", "failed"), "sync it")
@@ -898,10 +1193,17 @@ class Service:
             raise Conflict(f"task {task['id']} is completing: no more syncs")
         cycle = self._next_cycle(conn, task)
         self._set_task(conn, task["id"], status="syncing", error_code=None, error_message=None)
-        return self._queue(conn, task["source_id"], task["id"], "sync", {"task_id": task["id"], "cycle": cycle})
+        return self._queue(
+            conn, task["source_id"], task["id"], "sync", {"task_id": task["id"], "cycle": cycle}
+        )
 
-    def _do_complete(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
-                     after: List[Callable[[], None]]) -> Optional[str]:
+    def _do_complete(
+        self,
+        conn: sqlite3.Connection,
+        task: Mapping[str, Any],
+        params: Mapping[str, Any],
+        after: List[Callable[[], None]],
+    ) -> Optional[str]:
         if task["status"] == "syncing":
             raise Conflict(f"task {task['id']} is syncing: wait until it is pending, then complete")
         self._need(task, ("pending",), "complete it (it must be pending)")
@@ -913,15 +1215,26 @@ class Service:
             self._set_task(conn, task["id"], status="syncing", finalizing=1)
         else:
             self._set_task(conn, task["id"], finalizing=1)
-        return self._queue(conn, task["source_id"], task["id"], "finalize", {"task_id": task["id"], "cycle": cycle})
+        return self._queue(
+            conn, task["source_id"], task["id"], "finalize", {"task_id": task["id"], "cycle": cycle}
+        )
 
-    def _do_cancel(self, conn: sqlite3.Connection, task: Mapping[str, Any], params: Mapping[str, Any],
-                   after: List[Callable[[], None]]) -> Optional[str]:
+    def _do_cancel(
+        self,
+        conn: sqlite3.Connection,
+        task: Mapping[str, Any],
+        params: Mapping[str, Any],
+        after: List[Callable[[], None]],
+    ) -> Optional[str]:
         self._need(task, ACTIVE_TASK_STATUSES, "cancel it")
-        self._set_task(conn, task["id"], status="cancelled", finalizing=0, current_cycle=None,
-                       finished_at=self.now_iso())
-        conn.execute("UPDATE commands SET status = 'superseded', updated_at = ? WHERE task_id = ? AND status = 'queued'",
-                     (self.now_iso(), task["id"]))
+        self._set_task(
+            conn, task["id"], status="cancelled", finalizing=0, current_cycle=None, finished_at=self.now_iso()
+        )
+        conn.execute(
+            "UPDATE commands SET status = 'superseded', updated_at = ? "
+            "WHERE task_id = ? AND status = 'queued'",
+            (self.now_iso(), task["id"]),
+        )
         snapshot = dict(task)
         after.append(lambda: self._release_target(snapshot))
         return self._queue(conn, task["source_id"], task["id"], "abort", {"task_id": task["id"]})
@@ -939,7 +1252,9 @@ class Service:
         wg = self._workgroup(None, ref)
         tasks: List[Dict[str, Any]] = []
         counts: Dict[str, int] = {}
-        for src in self.store.all("SELECT * FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)):
+        for src in self.store.all(
+            "SELECT * FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)
+        ):
             task = self._latest_task(None, src["id"])
             status = self.source_status(src, task)
             counts[status] = counts.get(status, 0) + 1
@@ -948,17 +1263,25 @@ class Service:
                 view["source_status"] = status
                 view["hostname"] = src["hostname"]
                 tasks.append(view)
-        return {"workgroup": {"id": wg["id"], "name": wg["name"]}, "status": self._wg_status(wg["id"]),
-                "source_status_counts": counts, "tasks": tasks}
+        return {
+            "workgroup": {"id": wg["id"], "name": wg["name"]},
+            "status": self._wg_status(wg["id"]),
+            "source_status_counts": counts,
+            "tasks": tasks,
+        }
 
     def source_migration(self, ref: str) -> Dict[str, Any]:
         src = self._source(None, ref)
-        rows = self.store.all("SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, rowid DESC",
-                              (src["id"],))
-        return {"source_id": src["id"], "hostname": src["hostname"],
-                "source_status": self.source_status(src, rows[0] if rows else None),
-                "status": rows[0]["status"] if rows else "not_started",
-                "tasks": [self._task_view(t) for t in rows]}
+        rows = self.store.all(
+            "SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, rowid DESC", (src["id"],)
+        )
+        return {
+            "source_id": src["id"],
+            "hostname": src["hostname"],
+            "source_status": self.source_status(src, rows[0] if rows else None),
+            "status": rows[0]["status"] if rows else "not_started",
+            "tasks": [self._task_view(t) for t in rows],
+        }
 
     def task_artifacts(self, task_id: str) -> Dict[str, Any]:
         if self.store.one("SELECT 1 AS x FROM tasks WHERE id = ?", (task_id,)) is None:
@@ -977,8 +1300,10 @@ class Service:
 
     def auto_sync_candidates(self) -> List[Dict[str, Any]]:
         """Pending tasks with an automatic sync interval: id, interval and last committed cycle."""
-        return self.store.all("SELECT id, sync_every_s, last_committed FROM tasks WHERE status = 'pending' "
-                              "AND finalizing = 0 AND sync_every_s IS NOT NULL")
+        return self.store.all(
+            "SELECT id, sync_every_s, last_committed FROM tasks WHERE status = 'pending' "
+            "AND finalizing = 0 AND sync_every_s IS NOT NULL"
+        )
 
 
 def workgroup_status(task_statuses: List[str]) -> str:

@@ -143,8 +143,9 @@ class Store:
     def _conn(self) -> sqlite3.Connection:
         conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(
+                str(self.path), timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -211,13 +212,16 @@ class Store:
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(
                     f"{self.path} has schema version {version}, newer than this server's {SCHEMA_VERSION}: "
-                    "run a newer go2cloud_server or use another --data-dir")
+                    "run a newer go2cloud_server or use another --data-dir"
+                )
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 log.info("migrating %s to schema version %d", self.path, v)
                 for stmt in _MIGRATIONS[v].split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
-                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(v),))
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(v),)
+                )
         try:
             self.path.chmod(0o600)
         except OSError:  # pragma: no cover - e.g. a filesystem without modes

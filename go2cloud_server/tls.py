@@ -69,8 +69,9 @@ def ensure_certificate(tls_dir: Path, hosts: Iterable[str]) -> Tuple[Path, Path]
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     write_atomic(key_path, key_pem, mode=0o600)
     write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     log.info("generated TLS certificate %s (%s)", cert_path, fingerprint(cert_path))

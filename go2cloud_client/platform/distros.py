@@ -36,7 +36,7 @@ class Distro:
 
 class Debian(Distro):
     name = "debian"
-    ids = ("debian", "ubuntu", "linuxmint", "raspbian", "pop", "kali")
+    ids: ClassVar[Tuple[str, ...]] = ("debian", "ubuntu", "linuxmint", "raspbian", "pop", "kali")
     package_manager = "apt-get"
     install = ("apt-get", "-y", "install")
     remove = ("apt-get", "-y", "remove")
@@ -47,7 +47,7 @@ class RHEL(Distro):
     """RHEL 8+ and rebuilds (CentOS Stream, Rocky, Alma, Oracle): dnf."""
 
     name = "rhel"
-    ids = ("rhel", "centos", "rocky", "almalinux", "ol")
+    ids: ClassVar[Tuple[str, ...]] = ("rhel", "centos", "rocky", "almalinux", "ol")
     package_manager = "dnf"
     install = ("dnf", "-y", "install")
     remove = ("dnf", "-y", "remove")
@@ -57,7 +57,7 @@ class RHELLegacy(RHEL):
     """RHEL/CentOS 7 and Amazon Linux 2: yum."""
 
     name = "rhel-legacy"
-    ids = ("amzn",)
+    ids: ClassVar[Tuple[str, ...]] = ("amzn",)
     package_manager = "yum"
     install = ("yum", "-y", "install")
     remove = ("yum", "-y", "remove")
@@ -65,12 +65,13 @@ class RHELLegacy(RHEL):
 
 class Fedora(RHEL):
     name = "fedora"
-    ids = ("fedora",)
+    ids: ClassVar[Tuple[str, ...]] = ("fedora",)
 
 
 class SUSE(Distro):
     name = "suse"
-    ids = ("sles", "sled", "opensuse", "opensuse-leap", "opensuse-tumbleweed", "suse")
+    ids: ClassVar[Tuple[str, ...]] = ("sles", "sled", "opensuse", "opensuse-leap", "opensuse-tumbleweed",
+                                      "suse")
     package_manager = "zypper"
     install = ("zypper", "--non-interactive", "install")
     remove = ("zypper", "--non-interactive", "remove")
@@ -78,7 +79,7 @@ class SUSE(Distro):
 
 class Alpine(Distro):
     name = "alpine"
-    ids = ("alpine",)
+    ids: ClassVar[Tuple[str, ...]] = ("alpine",)
     package_manager = "apk"
     install = ("apk", "add")
     remove = ("apk", "del")

@@ -42,8 +42,9 @@ def read_machine_id() -> Optional[str]:
     try:
         import winreg  # type: ignore[import-not-found]
 
-        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SOFTWARE\Microsoft\Cryptography") as key:
-            value, _ = winreg.QueryValueEx(key, "MachineGuid")
+        hive = winreg.HKEY_LOCAL_MACHINE  # type: ignore[attr-defined]
+        with winreg.OpenKey(hive, r"SOFTWARE\Microsoft\Cryptography") as key:  # type: ignore[attr-defined]
+            value, _ = winreg.QueryValueEx(key, "MachineGuid")  # type: ignore[attr-defined]
             return str(value)
     except Exception:  # noqa: BLE001 - any failure means "unknown"; the caller generates one
         return None
@@ -61,7 +62,7 @@ def lock_exclusive(fd: int) -> bool:
     import msvcrt  # type: ignore[import-not-found]
 
     try:
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
     except OSError:
         return False
     return True
@@ -71,7 +72,7 @@ def unlock(fd: int) -> None:
     import msvcrt  # type: ignore[import-not-found]
 
     os.lseek(fd, 0, os.SEEK_SET)
-    msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
 
 
 def pid_alive(pid: int) -> bool:

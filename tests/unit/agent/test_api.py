@@ -22,7 +22,8 @@ IMPORT_OK = {"source_id": SID, "workgroup": {"id": "wg-1", "name": "wg"}, "heart
 
 
 def do_import(cp):
-    return cp.import_source(token_id="at-1", token_code=TOKEN_CODE, public_key="pk", inventory={"hostname": "h"})
+    return cp.import_source(token_id="at-1", token_code=TOKEN_CODE, public_key="pk",
+                            inventory={"hostname": "h"})
 
 
 def err(status, code, message="m"):

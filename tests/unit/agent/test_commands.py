@@ -7,7 +7,8 @@ import pytest
 from go2cloud_client.commands import parse_command
 from go2cloud_client.errors import CommandRejectedError
 
-TARGET = {"kind": "rsync", "host": "127.0.0.1", "port": 8873, "module": "t-1", "user": "t-1", "password": "pw"}
+TARGET = {"kind": "rsync", "host": "127.0.0.1", "port": 8873, "module": "t-1", "user": "t-1",
+          "password": "pw"}
 START = {"id": "c-1", "type": "start", "params": {
     "task_id": "t-1", "mode": "file", "paths": ["/srv/data", "/"], "bandwidth_mbps": 0, "compression": 7,
     "checksum": False, "target": TARGET, "cycle": {"number": 1, "dest": "000001", "link_dest": None}}}
@@ -95,6 +96,7 @@ def test_modify_partial_and_ranges():
 
 
 def test_finalize_requires_cycle_key_but_allows_null():
-    assert parse_command({"id": "c", "type": "finalize", "params": {"task_id": "t", "cycle": None}}).cycle is None
+    raw = {"id": "c", "type": "finalize", "params": {"task_id": "t", "cycle": None}}
+    assert parse_command(raw).cycle is None
     with pytest.raises(CommandRejectedError, match="cycle"):
         parse_command({"id": "c", "type": "finalize", "params": {"task_id": "t"}})

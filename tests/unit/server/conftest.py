@@ -58,7 +58,7 @@ class FakeTrees:
         self.committed: Dict[Path, List[int]] = {}
         self.discarded: Dict[Path, List[int]] = {}
 
-    def __call__(self, root: Path) -> "FakeTree":
+    def __call__(self, root: Path) -> FakeTree:
         return FakeTree(self, Path(root))
 
 
@@ -115,9 +115,17 @@ def trees() -> FakeTrees:
 
 @pytest.fixture
 def service(tmp_path: Path, store: Store, rsyncd: FakeRsyncd, trees: FakeTrees, clock: Clock) -> Service:
-    return Service(store, tmp_path, rsyncd=rsyncd, tree_factory=trees, public_host="10.0.0.1",
-                   public_url="https://10.0.0.1:8443", fingerprint="sha256:" + "ab" * 32,
-                   heartbeat_interval=10, clock=clock)
+    return Service(
+        store,
+        tmp_path,
+        rsyncd=rsyncd,
+        tree_factory=trees,
+        public_host="10.0.0.1",
+        public_url="https://10.0.0.1:8443",
+        fingerprint="sha256:" + "ab" * 32,
+        heartbeat_interval=10,
+        clock=clock,
+    )
 
 
 def new_key() -> tuple:
@@ -127,20 +135,31 @@ def new_key() -> tuple:
 
 
 def inventory(hostname: str = "web01", machine_id: str = "m-1", mounts: Optional[list] = None) -> dict:
-    return {"hostname": hostname, "machine_id": machine_id,
-            "os": {"family": "linux", "id": "debian", "version_id": "12", "pretty_name": "Debian 12"},
-            "mounts": mounts if mounts is not None else [
-                {"mountpoint": "/", "device": "/dev/vda1", "fstype": "ext4"},
-                {"mountpoint": "/boot/efi", "device": "/dev/vda15", "fstype": "vfat"},
-                {"mountpoint": "/proc", "device": "proc", "fstype": "proc"},
-                {"mountpoint": "/srv", "device": "/dev/vdb1", "fstype": "xfs"},
-                {"mountpoint": "/run", "device": "tmpfs", "fstype": "tmpfs"},
-            ]}
+    return {
+        "hostname": hostname,
+        "machine_id": machine_id,
+        "os": {"family": "linux", "id": "debian", "version_id": "12", "pretty_name": "Debian 12"},
+        "mounts": mounts
+        if mounts is not None
+        else [
+            {"mountpoint": "/", "device": "/dev/vda1", "fstype": "ext4"},
+            {"mountpoint": "/boot/efi", "device": "/dev/vda15", "fstype": "vfat"},
+            {"mountpoint": "/proc", "device": "proc", "fstype": "proc"},
+            {"mountpoint": "/srv", "device": "/dev/vdb1", "fstype": "xfs"},
+            {"mountpoint": "/run", "device": "tmpfs", "fstype": "tmpfs"},
+        ],
+    }
 
 
 def import_body(code: dict, **kw) -> dict:
     _, pub = new_key()
-    body = {"token_id": code["token_id"], "token_code": code["token_code"], "public_key": pub,
-            "agent_version": "0.1.0", "previous_source_id": None, "inventory": inventory()}
+    body = {
+        "token_id": code["token_id"],
+        "token_code": code["token_code"],
+        "public_key": pub,
+        "agent_version": "0.1.0",
+        "previous_source_id": None,
+        "inventory": inventory(),
+    }
     body.update(kw)
     return body

@@ -17,8 +17,13 @@ def make_tree(root: Path) -> Path:
     r = os.fsencode(root)
     os.makedirs(os.path.join(r, b"d/sub"))
     os.makedirs(os.path.join(r, b"empty"))
-    for name, data in ((b"d/a", b"alpha"), (b"d/sub/b", b"beta"), (b"bad-\xff\xfe", b"non-utf8"),
-                       (b"new\nline", b"nl"), (b"h1", b"hard")):
+    for name, data in (
+        (b"d/a", b"alpha"),
+        (b"d/sub/b", b"beta"),
+        (b"bad-\xff\xfe", b"non-utf8"),
+        (b"new\nline", b"nl"),
+        (b"h1", b"hard"),
+    ):
         with open(os.path.join(r, name), "wb") as fh:
             fh.write(data)
     os.link(os.path.join(r, b"h1"), os.path.join(r, b"d/h2"))
@@ -76,27 +81,43 @@ PLANTS = {
     "symlink owner": (lambda b: os.lchown(p(b, b"link"), 42, 42), "link: uid"),
     "mtime of a file": (lambda b: os.utime(p(b, b"d/a"), ns=(T, T + 1)), "d/a: mtime_ns"),
     "mtime of a dir": (lambda b: os.utime(p(b, b"empty"), ns=(T, T + 1000)), "empty: mtime_ns"),
-    "mtime of a symlink": (lambda b: os.utime(p(b, b"link"), ns=(T, 5), follow_symlinks=False),
-                           "link: mtime_ns"),
+    "mtime of a symlink": (
+        lambda b: os.utime(p(b, b"link"), ns=(T, 5), follow_symlinks=False),
+        "link: mtime_ns",
+    ),
     "xattr value": (lambda b: os.setxattr(p(b, b"d/a"), "user.k", b"w"), "xattr user.k differs"),
     "xattr missing": (lambda b: os.removexattr(p(b, b"d/a"), "user.k"), "xattr user.k missing"),
     "xattr extra": (lambda b: os.setxattr(p(b, b"d/sub"), "user.x", b"1"), "unexpected xattr user.x"),
-    "acl": (lambda b: os.setxattr(p(b, b"d/sub/b"), "system.posix_acl_access",
-                                  bytes.fromhex("02000000" "01000600ffffffff" "02000400d2040000"
-                                                "04000400ffffffff" "10000400ffffffff" "20000400ffffffff")),
-            "xattr system.posix_acl_access"),
-    "symlink target": (lambda b: (os.unlink(p(b, b"link")), os.symlink(b"d/sub/b", p(b, b"link"))),
-                       "link: target"),
+    "acl": (
+        lambda b: os.setxattr(
+            p(b, b"d/sub/b"),
+            "system.posix_acl_access",
+            bytes.fromhex(
+                "0200000001000600ffffffff02000400d204000004000400ffffffff10000400ffffffff20000400ffffffff"
+            ),
+        ),
+        "xattr system.posix_acl_access",
+    ),
+    "symlink target": (
+        lambda b: (os.unlink(p(b, b"link")), os.symlink(b"d/sub/b", p(b, b"link"))),
+        "link: target",
+    ),
     "missing file": (lambda b: os.unlink(p(b, b"new\nline")), "missing file"),
     "extra file": (lambda b: open(p(b, b"d/extra"), "wb").close(), "d/extra: unexpected file"),
-    "non-utf8 name": (lambda b: os.rename(p(b, b"bad-\xff\xfe"), p(b, b"bad-\xfe\xff")),
-                      "bad-\\xff\\xfe: missing"),
+    "non-utf8 name": (
+        lambda b: os.rename(p(b, b"bad-\xff\xfe"), p(b, b"bad-\xfe\xff")),
+        "bad-\\xff\\xfe: missing",
+    ),
     "type": (lambda b: (os.unlink(p(b, b"fifo")), open(p(b, b"fifo"), "wb").close()), "fifo: type"),
     "empty dir missing": (lambda b: os.rmdir(p(b, b"empty")), "empty: missing dir"),
-    "hard link broken": (lambda b: (os.unlink(p(b, b"d/h3")), shutil.copy2(p(b, b"h1"), p(b, b"d/h3"))),
-                         "hard-link group missing"),
-    "hard link added": (lambda b: (os.unlink(p(b, b"d/a")), os.link(p(b, b"d/sub/b"), p(b, b"d/a"))),
-                        "unexpected hard-link group"),
+    "hard link broken": (
+        lambda b: (os.unlink(p(b, b"d/h3")), shutil.copy2(p(b, b"h1"), p(b, b"d/h3"))),
+        "hard-link group missing",
+    ),
+    "hard link added": (
+        lambda b: (os.unlink(p(b, b"d/a")), os.link(p(b, b"d/sub/b"), p(b, b"d/a"))),
+        "unexpected hard-link group",
+    ),
 }
 
 

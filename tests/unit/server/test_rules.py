@@ -6,22 +6,27 @@ from go2cloud_server import rules
 from go2cloud_server.errors import InvalidInput
 
 
-@pytest.mark.parametrize("name", ["ab", "web-tier", "Prod:db.01_x", "東京-db", "データベース", "a" * 64, "Zz9"])
+@pytest.mark.parametrize(
+    "name", ["ab", "web-tier", "Prod:db.01_x", "東京-db", "データベース", "a" * 64, "Zz9"]
+)
 def test_valid_workgroup_names(name):
     assert rules.workgroup_name(name) == name
 
 
-@pytest.mark.parametrize("name, fragment", [
-    ("a", "2-64"),
-    ("a" * 65, "2-64"),
-    ("1abc", "start with a letter"),
-    ("-abc", "start with a letter"),
-    ("http://x", "http"),
-    ("HTTPS://example", "http"),
-    ("web tier", "' '"),
-    ("web/tier", "'/'"),
-    ("ab\n", "'\\n'"),
-])
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("a", "2-64"),
+        ("a" * 65, "2-64"),
+        ("1abc", "start with a letter"),
+        ("-abc", "start with a letter"),
+        ("http://x", "http"),
+        ("HTTPS://example", "http"),
+        ("web tier", "' '"),
+        ("web/tier", "'/'"),
+        ("ab\n", "'\\n'"),
+    ],
+)
 def test_invalid_workgroup_names(name, fragment):
     with pytest.raises(InvalidInput) as err:
         rules.workgroup_name(name)
@@ -40,8 +45,19 @@ def test_tags_limits():
     assert len(rules.tags({f"k{i}": "v" for i in range(20)})) == 20
 
 
-@pytest.mark.parametrize("text, seconds", [("30s", 30), ("15m", 900), ("2h", 7200), ("1d", 86400),
-                                           ("90", 90), ("off", None), ("0", None), (" 5M ", 300)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("30s", 30),
+        ("15m", 900),
+        ("2h", 7200),
+        ("1d", 86400),
+        ("90", 90),
+        ("off", None),
+        ("0", None),
+        (" 5M ", 300),
+    ],
+)
 def test_parse_duration(text, seconds):
     assert rules.parse_duration(text) == seconds
 
@@ -80,7 +96,9 @@ def test_valid_paths(path):
     assert rules.source_path(path) == path
 
 
-@pytest.mark.parametrize("path", ["relative", "", "/a/../b", "/a/", "/a//b", "//a", "/a/./b", "/a\nb", "/a\x00"])
+@pytest.mark.parametrize(
+    "path", ["relative", "", "/a/../b", "/a/", "/a//b", "//a", "/a/./b", "/a\nb", "/a\x00"]
+)
 def test_invalid_paths(path):
     with pytest.raises(InvalidInput, match="paths"):
         rules.source_path(path)
@@ -97,6 +115,13 @@ def test_paths_dedup_and_limits():
 
 def test_limits_table_mentions_every_limit():
     table = rules.limits_table()
-    for needle in ("50", "1-1000, default 200", "1-90 days, default 90", "0-100000", "0-10, default 7",
-                   "1-100, default 3", "60 s"):
+    for needle in (
+        "50",
+        "1-1000, default 200",
+        "1-90 days, default 90",
+        "0-100000",
+        "0-10, default 7",
+        "1-100, default 3",
+        "60 s",
+    ):
         assert needle in table

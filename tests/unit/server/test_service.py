@@ -6,7 +6,14 @@ import time
 import pytest
 
 from go2cloud_server import rules
-from go2cloud_server.errors import CodeRejected, Conflict, ImportRejected, InvalidInput, NotFound, SourceReplaced
+from go2cloud_server.errors import (
+    CodeRejected,
+    Conflict,
+    ImportRejected,
+    InvalidInput,
+    NotFound,
+    SourceReplaced,
+)
 from go2cloud_server.scheduler import Scheduler
 from go2cloud_server.service import Service, default_paths, install_commands, workgroup_status
 from go2cloud_server.store import Store
@@ -29,7 +36,11 @@ def _cmds(service: Service, sid: str) -> list:
 # workgroups ------------------------------------------------------------------------------------
 def test_workgroup_create_rules(service):
     wg = service.create_workgroup({"name": "東京-db", "description": "d", "tags": {"env": "prod"}})
-    assert wg["id"].startswith("wg-") and wg["tags"] == {"env": "prod"} and wg["migration_status"] == "not_started"
+    assert (
+        wg["id"].startswith("wg-")
+        and wg["tags"] == {"env": "prod"}
+        and wg["migration_status"] == "not_started"
+    )
     with pytest.raises(Conflict, match="already exists"):
         service.create_workgroup({"name": "東京-db"})
     with pytest.raises(InvalidInput, match="name"):
@@ -68,7 +79,8 @@ def test_code_create_defaults_and_secret_not_stored(service, store):
     assert code["token_id"].startswith("at-") and len(code["token_code"]) >= 24
     assert code["commands"]["linux"] == (
         f"sudo ./go2cloud_client --server https://10.0.0.1:8443 --server-fingerprint sha256:{'ab' * 32} "
-        f"--token-id {code['token_id']} --token-code {code['token_code']}")
+        f"--token-id {code['token_id']} --token-code {code['token_code']}"
+    )
     assert code["commands"]["powershell"].startswith(".\\go2cloud_client.exe --server https://10.0.0.1:8443 ")
     row = store.one("SELECT * FROM codes WHERE token_id = ?", (code["token_id"],))
     assert code["token_code"].encode() not in bytes(row["code_hash"]) and len(row["salt"]) == 16
@@ -78,8 +90,16 @@ def test_code_create_defaults_and_secret_not_stored(service, store):
     assert [c["token_id"] for c in listed] == [code["token_id"]] and "token_code" not in listed[0]
 
 
-@pytest.mark.parametrize("body, field", [({"uses": 0}, "uses"), ({"uses": 1001}, "uses"), ({"days": 0}, "days"),
-                                         ({"days": 91}, "days"), ({"uses": "5"}, "uses")])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"uses": 0}, "uses"),
+        ({"uses": 1001}, "uses"),
+        ({"days": 0}, "days"),
+        ({"days": 91}, "days"),
+        ({"uses": "5"}, "uses"),
+    ],
+)
 def test_code_limits(service, body, field):
     _wg(service)
     with pytest.raises(InvalidInput, match=field):
@@ -112,7 +132,11 @@ def test_code_errors_are_distinct(service, clock):
         service.import_source(import_body(code3))
     assert err.value.code == "code_revoked"
     states = {c["token_id"]: c["state"] for c in service.list_codes()["codes"]}
-    assert states == {code["token_id"]: "exhausted", code2["token_id"]: "expired", code3["token_id"]: "revoked"}
+    assert states == {
+        code["token_id"]: "exhausted",
+        code2["token_id"]: "expired",
+        code3["token_id"]: "revoked",
+    }
     with pytest.raises(NotFound):
         service.revoke_code("at-nope")
 
@@ -218,16 +242,23 @@ def test_start_skips_and_not_migratable(service, clock, rsyncd):
     service.heartbeat(a, {})
     again = service.start_migration({"paths": ["/srv"]}, workgroup="web-tier")
     assert [e["source_id"] for e in again["started"]] == [a]
-    assert again["skipped"] == [{"source_id": b, "reason": f"already has migration task "
-                                 f"{out['started'][0]['task_id']} (syncing)"}]
+    assert again["skipped"] == [
+        {"source_id": b, "reason": f"already has migration task {out['started'][0]['task_id']} (syncing)"}
+    ]
     cmd = _cmds(service, b)[0]
     assert cmd["type"] == "start"
     p = cmd["params"]
     assert p["paths"] == ["/", "/boot/efi", "/srv"] and p["compression"] == 7 and p["bandwidth_mbps"] == 0
     assert p["cycle"] == {"number": 1, "dest": "000001", "link_dest": None}
     tid = p["task_id"]
-    assert p["target"] == {"kind": "rsync", "host": "10.0.0.1", "port": 18873, "module": tid, "user": tid,
-                           "password": rsyncd.modules[tid][2]}
+    assert p["target"] == {
+        "kind": "rsync",
+        "host": "10.0.0.1",
+        "port": 18873,
+        "module": tid,
+        "user": tid,
+        "password": rsyncd.modules[tid][2],
+    }
     assert len(p["target"]["password"]) >= 24
     assert _cmds(service, a)[0]["params"]["paths"] == ["/srv"]
     with pytest.raises(Conflict, match="already has migration task"):
@@ -235,8 +266,12 @@ def test_start_skips_and_not_migratable(service, clock, rsyncd):
 
 
 def _ack(service, sid, cmd, status="succeeded", **kw):
-    body = {"status": status, "error_code": kw.get("error_code"), "message": kw.get("message"),
-            "result": kw.get("result", {})}
+    body = {
+        "status": status,
+        "error_code": kw.get("error_code"),
+        "message": kw.get("message"),
+        "result": kw.get("result", {}),
+    }
     return service.ack_command(sid, cmd["id"], body)
 
 
@@ -306,7 +341,10 @@ def test_failed_cycle_then_retry_reuses_the_cycle(service, trees):
     start = _cmds(service, sid)[0]
     _ack(service, sid, start, "failed", error_code="replication_failed", message="rsync exit 23: /srv/x")
     t = service.source_migration(sid)["tasks"][0]
-    assert t["status"] == "failed" and t["error"] == {"code": "replication_failed", "message": "rsync exit 23: /srv/x"}
+    assert t["status"] == "failed" and t["error"] == {
+        "code": "replication_failed",
+        "message": "rsync exit 23: /srv/x",
+    }
     assert service.show_workgroup("web-tier")["migration_status"] == "failed"
     service.migration_action("sync", source=sid)
     retry = _cmds(service, sid)[0]
@@ -328,15 +366,27 @@ def test_pause_resume_modify(service):
     assert service.show_workgroup("web-tier")["migration_status"] == "paused"
     with pytest.raises(Conflict, match="paused"):
         service.migration_action("sync", source=sid)
-    service.migration_action("modify", {"bandwidth_mbps": 50, "checksum": True, "sync_every_s": 3600,
-                                        "name": "renamed"}, source=sid)
+    service.migration_action(
+        "modify",
+        {"bandwidth_mbps": 50, "checksum": True, "sync_every_s": 3600, "name": "renamed"},
+        source=sid,
+    )
     service.migration_action("resume", source=sid)
     cmds = _cmds(service, sid)
     assert [c["type"] for c in cmds] == ["start", "pause", "modify", "resume"]
-    assert cmds[2]["params"] == {"task_id": start["params"]["task_id"], "bandwidth_mbps": 50, "checksum": True}
+    assert cmds[2]["params"] == {
+        "task_id": start["params"]["task_id"],
+        "bandwidth_mbps": 50,
+        "checksum": True,
+    }
     t = service.source_migration(sid)["tasks"][0]
     assert (t["status"], t["bandwidth_mbps"], t["checksum"], t["sync_every_s"], t["name"]) == (
-        "syncing", 50, True, 3600, "renamed")
+        "syncing",
+        50,
+        True,
+        3600,
+        "renamed",
+    )
     with pytest.raises(InvalidInput):
         service.migration_action("modify", {}, source=sid)
     with pytest.raises(InvalidInput, match="compression"):
@@ -375,8 +425,9 @@ def test_reimport_with_previous_source_id_replaces(service, rsyncd):
     service.start_migration({}, source=old)
     tid = _cmds(service, old)[0]["params"]["task_id"]
     code = service.create_code("web-tier", {"uses": 2})
-    other_machine = service.import_source(import_body(code, previous_source_id=old,
-                                                      inventory=inventory(machine_id="different")))
+    other_machine = service.import_source(
+        import_body(code, previous_source_id=old, inventory=inventory(machine_id="different"))
+    )
     assert service.agent_source(old)["state"] == "active"  # a different machine cannot replace it
     new = service.import_source(import_body(code, previous_source_id=old))["source_id"]
     with pytest.raises(SourceReplaced):
@@ -418,7 +469,9 @@ def test_events_are_capped(service, monkeypatch):
     monkeypatch.setattr(svc, "MAX_EVENTS_PER_SOURCE", 5)
     _wg(service)
     sid = _imported(service)
-    service.post_events(sid, {"events": [{"level": "info", "code": f"e{i}", "message": "m"} for i in range(8)]})
+    service.post_events(
+        sid, {"events": [{"level": "info", "code": f"e{i}", "message": "m"} for i in range(8)]}
+    )
     events = service.show_source(sid)["events"]
     assert [e["code"] for e in events] == ["e7", "e6", "e5", "e4", "e3"]
     with pytest.raises(InvalidInput):
@@ -455,7 +508,9 @@ def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock):
     tid = _cmds(service, sid)[0]["params"]["task_id"]
     password = rsyncd.modules[tid][2]
     rsyncd.modules.clear()
-    restarted = Service(Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees, clock=clock)
+    restarted = Service(
+        Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees, clock=clock
+    )
     assert restarted.restore_targets() == 1
     assert rsyncd.modules[tid] == (restarted.tree_root(tid), tid, password)
 

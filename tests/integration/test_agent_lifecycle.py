@@ -164,7 +164,7 @@ def test_modify_takes_effect_on_the_running_cycle(server, agents, tmp_path):
              "--compression", "0")
     wait_for(lambda: _rsync_children(agent.home), 30, "rsync running")
     time.sleep(1)
-    assert any("--bwlimit=125" in " ".join(p.cmdline()) for p in _rsync_children(agent.home))
+    assert any("--bwlimit=122" in " ".join(p.cmdline()) for p in _rsync_children(agent.home))
     server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "0")
     wait_for(lambda: not any("--bwlimit" in " ".join(p.cmdline()) for p in _rsync_children(agent.home)),
              30, "rsync restarted without a limit")
@@ -231,7 +231,8 @@ def junk_server() -> Iterator[Tuple[str, type]]:
 
 
 @pytest.mark.parametrize("body", [b"this is not json", b'{"source_id": 42}', b"[" * 10 + b"]" * 10,
-                                  b'{"pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'])
+                                  b'{"pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'],
+                         ids=["not-json", "wrong-type", "nested-list", "oversized"])
 def test_malformed_or_oversized_server_response(tmp_path, junk_server, body):
     url, handler = junk_server
     handler.body = body

@@ -171,14 +171,27 @@ SERVER_CODES: Dict[str, Type[Go2CloudError]] = {
 }
 
 
+#: Modules that define error types of their own (imported before the table is built, so the
+#: table does not depend on what happened to be imported already).
+_ERROR_MODULES = (
+    "go2cloud_client.subp",
+    "go2cloud_client.replication.excludes",
+    "go2cloud_client.replication.rsync",
+)
+
+
 def all_error_types() -> List[Type[Go2CloudError]]:
+    import importlib
+
+    for name in _ERROR_MODULES:
+        importlib.import_module(name)
     seen: List[Type[Go2CloudError]] = []
     stack: List[Type[Go2CloudError]] = [Go2CloudError]
     while stack:
         cls = stack.pop(0)
         seen.append(cls)
         stack.extend(cls.__subclasses__())
-    return sorted(seen, key=lambda c: c.exit_code)
+    return sorted(seen, key=lambda c: (c.exit_code, c.code))
 
 
 def exit_code_table() -> str:

@@ -217,16 +217,16 @@ def main() -> int:
         entries = len(tree_manifest(source).entries)
         print()
         print("go2cloud demo summary")
-        print(f"  source          {source} ({entries} entries)")
-        print(f"  source server   {source_id}, task {task_id}")
+        print(f"  source            {source} ({entries} entries)")
+        print(f"  source server     {source_id}, task {task_id}")
         for k, v in timings.items():
-            print(f"  {k:<15} {v:6.1f} s")
-        print(f"  artifacts       {', '.join(str(a['cycle']) for a in sorted(artifacts, key=lambda a: a['cycle']))}")
+            print(f"  {k:<17} {v:6.1f} s")
+        print(f"  artifacts         {', '.join(str(a['cycle']) for a in sorted(artifacts, key=lambda a: a['cycle']))}")
         if differences:
-            print(f"  result          DIFFERENT: {len(differences)} differences, first: {differences[:5]}")
+            print(f"  result            DIFFERENT: {len(differences)} differences, first: {differences[:5]}")
             return 1
-        print("  result          identical (type, mode, owner, size, content, mtime, xattrs, ACLs, links)")
-        print(f"  total time      {time.monotonic() - started:.1f} s")
+        print("  result            identical (type, mode, owner, size, content, mtime, xattrs, ACLs, links)")
+        print(f"  total time        {time.monotonic() - started:.1f} s")
         return 0
     finally:
         if agent:

@@ -14,7 +14,8 @@ What it does, all in one run so the ratios compare like with like:
    request to the task being ``pending``, i.e. including command delivery, the rsync run and the
    acknowledgement), then a plain rsync with exactly the same arguments as the agent's rsync (read
    from the running process) into a fresh module of a second, identically configured rsync
-   daemon;
+   daemon, followed by ``sync`` (the target commits each cycle durably, so the baseline does too);
+   the page cache is flushed before every timed run so one run's dirty pages do not bill the next;
 4. prints the medians, the ratio agent/plain and the overhead, as a Markdown table.
 """
 
@@ -37,11 +38,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import psutil
-import requests
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from go2cloud_server.client import pinned_session  # noqa: E402
 from go2cloud_server.rsyncd import RsyncDaemon  # noqa: E402
 
 
@@ -70,12 +70,11 @@ class Api:
         info = json.loads((data_dir / "server.json").read_text())
         self.url = info["url"]
         self.fingerprint = info["fingerprint"]
-        self.s = requests.Session()
-        self.s.verify = str(data_dir / "tls" / "cert.pem")
+        self.s = pinned_session(self.fingerprint)
         self.s.headers["Authorization"] = "Bearer " + (data_dir / "admin.token").read_text().strip()
 
     def call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
-        r = self.s.request(method, self.url + "/api/v1" + path, json=body, timeout=60)
+        r = self.s.request(method, self.url + "/api/v1" + path, json=body, timeout=60, verify=False)
         if r.status_code >= 400:
             raise SystemExit(f"{method} {path}: {r.status_code} {r.text}")
         return r.json()
@@ -93,12 +92,28 @@ def rsync_children(agent_pid: int) -> List[psutil.Process]:
     return out or [p for p in procs if p.name() == "rsync"]
 
 
+def agent_cycle_seconds(log: Path) -> float:
+    """Seconds from the agent receiving the last `start` command to the cycle being finished (its
+    own log, millisecond timestamps): the agent's share, without the target's commit."""
+    from datetime import datetime
+
+    def ts(line: str) -> float:
+        return datetime.strptime(line[:23], "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+
+    lines = log.read_text().splitlines()
+    start = max(i for i, line in enumerate(lines) if ": start t-" in line)
+    end = next(i for i in range(start, len(lines)) if "Full sync finished" in lines[i])
+    return ts(lines[end]) - ts(lines[start])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--idle-seconds", type=float, default=30)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--target-dir", type=Path, default=Path("/dev/shm/go2cloud-bench-target"),
+                    help="where both targets write (default: tmpfs, so disk noise does not swamp the ratio)")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="go2cloud-bench-", dir="/var/tmp"))
@@ -111,7 +126,8 @@ def main() -> int:
     print(f"tree: {args.files} files, {total / 2**20:.1f} MiB", flush=True)
     subprocess.run(["tar", "cf", "/dev/null", "-C", str(src), "."], check=True)  # warm the page cache
 
-    data_dir = work / "server"
+    args.target_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = args.target_dir / "server"
     shutil.rmtree(data_dir, ignore_errors=True)
     srv_log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "go2cloud_server", "serve", "--listen", "127.0.0.1:0",
@@ -155,7 +171,7 @@ def main() -> int:
               f"over {args.idle_seconds:g}s", flush=True)
 
         # plain rsync target: a second daemon, same configuration code ---------------------------
-        plain_root = work / "plain"
+        plain_root = args.target_dir / "plain"
         shutil.rmtree(plain_root, ignore_errors=True)
         plain_root.mkdir()
         plain_daemon = RsyncDaemon(work / "plain-rsyncd", host="127.0.0.1", port=0)
@@ -164,11 +180,14 @@ def main() -> int:
 
         agent_times: List[float] = []
         plain_times: List[float] = []
+        plain_nosync_times: List[float] = []
+        agent_cycle_times: List[float] = []
         agent_argv: List[str] = []
         peak_busy = 0
 
         def run_agent() -> float:
             nonlocal agent_argv, peak_busy
+            os.sync()  # start clean: no dirty pages left over from the previous run
             t = time.monotonic()
             api.call("POST", f"/sources/{sid}/migration", {"paths": [str(src)], "compression": 7})
             while True:
@@ -186,8 +205,10 @@ def main() -> int:
                     raise SystemExit(f"task failed: {task}")
                 time.sleep(0.05)
             elapsed = time.monotonic() - t
+            agent_cycle_times.append(agent_cycle_seconds(home / "Logs" / "go2cloud_client.log"))
             api.call("POST", f"/sources/{sid}/migration/cancel", {})
             time.sleep(0.5)
+            shutil.rmtree(data_dir / "tasks", ignore_errors=True)  # cancel keeps images; free the tmpfs
             return elapsed
 
         def run_plain(n: int) -> float:
@@ -196,10 +217,15 @@ def main() -> int:
             url = f"rsync://plain@127.0.0.1:{plain_daemon.port}/plain/round{n}{src}/"
             argv[-1] = url
             argv = [a for a in argv if not a.startswith("--link-dest")]
+            os.sync()
             t = time.monotonic()
             subprocess.run(argv, check=True, stdout=subprocess.DEVNULL,
                            env={**os.environ, "RSYNC_PASSWORD": "plain-password"})
-            return time.monotonic() - t
+            plain_nosync_times.append(time.monotonic() - t)
+            os.sync()  # the target commits durably (fsync) before a cycle counts as done; so does this
+            elapsed = time.monotonic() - t
+            shutil.rmtree(plain_root / f"round{n}", ignore_errors=True)
+            return elapsed
 
         for n in range(args.rounds):
             if n % 2 == 0:
@@ -208,15 +234,21 @@ def main() -> int:
             else:
                 plain_times.append(run_plain(n))
                 agent_times.append(run_agent())
-            print(f"round {n + 1}: agent {agent_times[-1]:.2f}s, plain rsync {plain_times[-1]:.2f}s", flush=True)
+            print(f"round {n + 1}: agent cycle {agent_cycle_times[-1]:.2f}s (end to end {agent_times[-1]:.2f}s), "
+                  f"plain rsync {plain_nosync_times[-1]:.2f}s (+sync {plain_times[-1]:.2f}s)", flush=True)
 
         a, p = statistics.median(agent_times), statistics.median(plain_times)
         print()
         print(f"| measure | value |\n| --- | --- |")
         print(f"| tree | {args.files} files, {total / 2**20:.1f} MiB |")
-        print(f"| plain rsync, same arguments (median of {args.rounds}) | {p:.2f} s |")
-        print(f"| agent full sync, start request to `pending` (median of {args.rounds}) | {a:.2f} s |")
-        print(f"| ratio agent / plain | {a / p:.3f} (overhead {100 * (a / p - 1):+.1f}%) |")
+        print(f"| plain rsync, same arguments, without the final sync (median) | "
+              f"{statistics.median(plain_nosync_times):.2f} s |")
+        print(f"| plain rsync, same arguments, then `sync` (median of {args.rounds}) | {p:.2f} s |")
+        c, pn = statistics.median(agent_cycle_times), statistics.median(plain_nosync_times)
+        print(f"| agent cycle: command received to cycle finished, agent log (median) | {c:.2f} s |")
+        print(f"| **agent overhead: agent cycle / plain rsync** | **{c / pn:.3f} ({100 * (c / pn - 1):+.1f}%)** |")
+        print(f"| end to end: start request to `pending`, incl. the target's durable commit (median) | {a:.2f} s |")
+        print(f"| end to end / (plain rsync + sync) | {a / p:.3f} ({100 * (a / p - 1):+.1f}%) |")
         print(f"| agent RSS while syncing (peak, agent process only) | {peak_busy / 2**20:.1f} MiB |")
         print(f"| idle agent peak RSS | {peak / 2**20:.1f} MiB |")
         print(f"| idle agent CPU | {idle_cpu:.2f}% of one core |")

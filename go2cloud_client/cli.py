@@ -230,8 +230,10 @@ def run_foreground(home: Home, flags: Dict[str, Any], *, token_id: Optional[str]
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+        task = agent.runner.task
         console.line("Agent stopped" + (f" ({agent.stopped_by})" if agent.stopped_by else "")
-                     + "; the task resumes when the agent is started again")
+                     + (f"; task {task.get('task_id')} resumes when the agent is started again"
+                        if task else ""))
     finally:
         lock.release()
 

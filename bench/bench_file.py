@@ -32,12 +32,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -239,7 +239,7 @@ def main() -> int:
 
         a, p = statistics.median(agent_times), statistics.median(plain_times)
         print()
-        print(f"| measure | value |\n| --- | --- |")
+        print("| measure | value |\n| --- | --- |")
         print(f"| tree | {args.files} files, {total / 2**20:.1f} MiB |")
         print(f"| plain rsync, same arguments, without the final sync (median) | "
               f"{statistics.median(plain_nosync_times):.2f} s |")

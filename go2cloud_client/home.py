@@ -27,12 +27,12 @@ import logging
 import logging.handlers
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from go2cloud_client import platform
+from go2cloud_client.atomicfile import atomic_write
 from go2cloud_client.errors import AlreadyRunningError, ConfigError
 
 LOG = logging.getLogger(__name__)
@@ -40,43 +40,6 @@ LOG = logging.getLogger(__name__)
 STATE_VERSION = 1
 HOME_ENV = "GO2CLOUD_HOME"
 LOG_NAME = "go2cloud_client.log"
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically: temp file in the same directory (created with
-    ``mode``), fsync, rename over the target, fsync the directory. A crash leaves either the old
-    or the new content, never a mix."""
-    path = Path(path)
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(directory))
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dfd = os.open(str(directory), os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _launcher_dir() -> Optional[Path]:

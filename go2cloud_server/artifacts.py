@@ -19,11 +19,12 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Set, Tuple
+
+from go2cloud_server.atomicfile import write_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -116,25 +117,7 @@ class TaskTree:
         nbytes, files = _tree_size(path)
         os.sync()
         info = ArtifactInfo(cycle=n, path=path, bytes=nbytes, files=files, created_at=_utc_now())
-        fd, tmp = tempfile.mkstemp(prefix=".cycle-", dir=str(self.root))
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(info.to_dict(), fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self._record(n))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        dfd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self._record(n), json.dumps(info.to_dict(), sort_keys=True), 0o644)
         LOG.info("cycle %s committed: %s bytes, %s files", n, nbytes, files)
         return info
 

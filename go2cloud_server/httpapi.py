@@ -93,7 +93,7 @@ class Api:
         r(
             "POST",
             f"{p}/sources/{{s}}/commands/{{c}}",
-            lambda q: (200, s.ack_command(*q.args, q.body)),
+            lambda q: (200, s.ack_command(q.args[0], q.args[1], q.body)),
             "agent",
         )
         r("GET", f"{p}/sources/{{s}}/tasks/{{t}}", lambda q: (200, s.agent_task(*q.args)), "agent")
@@ -286,7 +286,7 @@ class ApiServer(ThreadingHTTPServer):
             return
         try:
             tls.settimeout(SOCKET_TIMEOUT_S)
-            self.RequestHandlerClass(tls, client_address, self)
+            self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
         finally:
             try:
                 tls.close()

@@ -18,12 +18,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from go2cloud_server.atomicfile import write_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -45,23 +46,6 @@ class _Module:
 def _check_name(kind: str, value: str) -> None:
     if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
         raise ValueError(f"invalid rsync {kind} {value!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=str(path.parent))
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _free_port(host: str) -> int:
@@ -151,7 +135,7 @@ class RsyncDaemon:
 
     def _write_config(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.config_path, self._render().encode(), 0o600)
+        write_atomic(self.config_path, self._render().encode(), 0o600)
 
     def add_module(self, name: str, path: Path, user: str, password: str) -> None:
         """Add (or replace) module ``name`` serving ``path`` to ``user`` with ``password``."""
@@ -167,7 +151,7 @@ class RsyncDaemon:
             self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.secrets_dir, 0o700)
             secrets = self.secrets_dir / f"{name}.secrets"
-            _atomic_write(secrets, f"{user}:{password}\n".encode(), 0o600)
+            write_atomic(secrets, f"{user}:{password}\n".encode(), 0o600)
             self._modules[name] = _Module(name, path, user, secrets)
             self._write_config()
         LOG.info("rsync module %s added (path %s, user %s)", name, path, user)

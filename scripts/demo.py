@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from go2cloud_server.manifest import build as tree_manifest, diff  # noqa: E402
+from go2cloud_server.manifest import build as tree_manifest  # noqa: E402
+from go2cloud_server.manifest import diff
 
 WORDS = ("migration source target cycle image rsync agent server workgroup disk block file "
          "snapshot change sync final pending complete").split()

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (unit + integration) after installing what it needs.
+# Runs the linters and the whole test suite (unit + integration) after installing what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec "${PYTHON:-python3}" -m pytest -q "$@"
+PY="${PYTHON:-python3}"
+"$PY" -m ruff check .
+"$PY" -m mypy go2cloud_client go2cloud_server
+exec "$PY" -m pytest -q "$@"

@@ -18,12 +18,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
+from go2cloud_client.atomicfile import atomic_write
 from go2cloud_client.errors import ConfigError
 
 LOG = logging.getLogger(__name__)
@@ -122,20 +121,7 @@ def write_filter_file(rules: Sequence[Rule], path: Union[str, Path]) -> Path:
         lines.append(f"- {rule.pattern}\n")
     data = "".join(lines).encode("utf-8", "surrogateescape")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".filter-", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, data, 0o600)
     return path
 
 
@@ -147,20 +133,7 @@ def ensure_home_excludes(home: Path) -> Path:
     os.chmod(directory, 0o700)
     target = directory / EXCLUDES_NAME
     if not target.exists():
-        fd, tmp = tempfile.mkstemp(prefix=".excludes-", dir=str(directory))
-        try:
-            with os.fdopen(fd, "wb") as out, open(DEFAULT_EXCLUDES, "rb") as src:
-                shutil.copyfileobj(src, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(target, Path(DEFAULT_EXCLUDES).read_bytes(), 0o600)
         LOG.info("installed the default exclusion list at %s", target)
     return target
 

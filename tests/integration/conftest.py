@@ -30,7 +30,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 @pytest.fixture
-def agents(tmp_path: Path, server: Server) -> Iterator["AgentFactory"]:
+def agents(tmp_path: Path, server: Server) -> Iterator[AgentFactory]:
     factory = AgentFactory(tmp_path, server)
     yield factory
     factory.close()

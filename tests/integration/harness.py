@@ -44,14 +44,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class Server:
     """``go2cloud_server serve`` on 127.0.0.1 with a free API port and a free rsync port."""
 
-    def __init__(self, data_dir: Path, heartbeat_interval: float = 1, extra_env: Optional[Dict[str, str]] = None):
+    def __init__(self, data_dir: Path, heartbeat_interval: float = 1,
+                 extra_env: Optional[Dict[str, str]] = None):
         self.data_dir = data_dir
         self.heartbeat_interval = heartbeat_interval
         self.extra_env = extra_env or {}
         self.proc: Optional[subprocess.Popen] = None
         self.info: Dict[str, Any] = {}
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         info_file = self.data_dir / "server.json"
         if info_file.exists():
@@ -148,7 +149,7 @@ class Agent:
         self.lines: List[str] = []
         self._reader: Optional[threading.Thread] = None
 
-    def start(self, *extra: str, code: Optional[Dict[str, Any]] = None) -> "Agent":
+    def start(self, *extra: str, code: Optional[Dict[str, Any]] = None) -> Agent:
         argv = [sys.executable, "-m", "go2cloud_client", "--home", str(self.home), "--no-prompt", "--yes",
                 "--server", self.server.url, "--server-fingerprint", self.server.fingerprint, *extra]
         if code:

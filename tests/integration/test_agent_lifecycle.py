@@ -15,7 +15,8 @@ from typing import Iterator, Tuple
 import psutil
 import pytest
 
-from go2cloud_server.manifest import build as tree_manifest, diff
+from go2cloud_server.manifest import build as tree_manifest
+from go2cloud_server.manifest import diff
 from tests.integration.harness import Server, wait_for
 
 pytestmark = pytest.mark.integration
@@ -78,7 +79,7 @@ def test_code_uses_are_exact_under_concurrent_agent_imports(server, agents):
         def done(a=a):
             if a.proc.poll() is not None:
                 return "exited"
-            return "imported" if any(l.endswith("] Successfully!") for l in a.lines) else None
+            return "imported" if any(line.endswith("] Successfully!") for line in a.lines) else None
         results.append(wait_for(done, 60, "import outcome"))
     assert results.count("imported") == 3, results
     exhausted = [a for a, r in zip(procs, results) if r == "exited"]
@@ -126,7 +127,7 @@ def test_agent_killed_mid_cycle_resumes_and_runs_the_cycle_once(server, agents, 
     agent.kill(signal.SIGKILL)
     # the orphaned rsync is gone or finishing; a restarted agent resumes the same cycle
     agent.start()
-    wait_for(lambda: any("Successfully" in l or sid in l for l in agent.lines), 30, "agent back")
+    wait_for(lambda: any("Successfully" in line or sid in line for line in agent.lines), 30, "agent back")
     server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "0")
     server.wait_task(sid, "pending", timeout=120)
     arts = server.artifacts(sid)

@@ -61,7 +61,8 @@ def test_streaming_splits_carriage_returns_and_collects_stderr():
 
 
 def test_terminate_stops_the_whole_process_group():
-    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+    code = ("import subprocess, sys, time;"
+            " subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
             " print('started', flush=True); time.sleep(60)")
     lines = []
     p = subp.StreamingProcess([sys.executable, "-c", code], on_line=lines.append)

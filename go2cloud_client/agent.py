@@ -21,6 +21,7 @@ import psutil
 
 from go2cloud_client import __version__, platform
 from go2cloud_client.api import ControlPlane, RetryingControlPlane
+from go2cloud_client.blockcycle import recover_snapshots
 from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, parse_command
 from go2cloud_client.config import Config
 from go2cloud_client.console import WAITING_LINE, Console
@@ -357,6 +358,8 @@ class Agent:
         leftovers = kill_children(self.home)  # rsync left running by a killed agent
         if leftovers:
             LOG.warning("stopped rsync process groups left by the previous agent run: %s", leftovers)
+        for line in recover_snapshots(self.home):  # snapshots / frozen filesystems of a killed agent
+            LOG.warning("left by the previous agent run: %s", line)
         self.ledger.load()
         self.runner.load(resume=False)
         task = self.runner.task

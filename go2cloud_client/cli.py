@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import click
 from go2cloud_client import __version__, platform, subp
 from go2cloud_client.agent import Agent, kill_children
 from go2cloud_client.api import ControlPlane, RetryingControlPlane
+from go2cloud_client.blockcycle import recover_snapshots
 from go2cloud_client.config import Config, load_config
 from go2cloud_client.console import Console, human_bytes, progress_line
 from go2cloud_client.errors import (
@@ -271,6 +273,11 @@ def abort(home: Home, console: Console) -> None:
         killed = kill_children(home)
         if killed:
             done.append("stopped rsync process groups " + ", ".join(map(str, killed)))
+        done.extend(recover_snapshots(home, purge=True))  # snapshots, frozen filesystems, bases
+        for work in (home.state_dir / "block", home.state_dir / "snapshots"):
+            if work.is_dir():
+                shutil.rmtree(work, ignore_errors=True)
+                done.append(f"removed the block replication state {work}")
         try:
             source = home.read_state(home.source_file)
         except ConfigError:

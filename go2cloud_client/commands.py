@@ -13,8 +13,10 @@ import ipaddress
 import os
 import posixpath
 import re
+import stat
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 from go2cloud_client.errors import CommandRejectedError
 
@@ -29,6 +31,12 @@ _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
 MAX_BANDWIDTH_MBPS = 100000
 MAX_PATHS = 64
+MAX_DISKS = 16
+MODES = ("file", "block")
+#: ``snapshot: auto`` picks the first usable of these (by probe()), else ``live``
+AUTO_SNAPSHOT_ORDER = ("reflink", "btrfs", "elastio-snap", "dattobd", "lvm")
+_DISK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,30 @@ class TargetSpec:
 
 
 @dataclass(frozen=True)
+class BlockTargetSpec:
+    """The block receiver of the task: its URL, the per-task token and the pinned certificate."""
+
+    url: str
+    token: str = field(repr=False)
+    fingerprint: str = ""
+
+    def __repr__(self) -> str:  # never show the token
+        return f"BlockTargetSpec(url={self.url!r}, fingerprint={self.fingerprint!r})"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    name: str
+    path: str
+
+    def to_dict(self) -> Dict[str, str]:
+        return {"name": self.name, "path": self.path}
+
+
+AnyTarget = Union[TargetSpec, BlockTargetSpec]
+
+
+@dataclass(frozen=True)
 class Options:
     bandwidth_mbps: int = 0
     compression: int = 7
@@ -74,8 +106,11 @@ class Command:
     options: Optional[Options] = None
     #: modify: only the options that were given
     changes: Dict[str, Any] = field(default_factory=dict)
-    target: Optional[TargetSpec] = None
+    target: Optional[AnyTarget] = None
     cycle: Optional[CycleSpec] = None
+    #: mode block: the disks and the snapshot backend name (or "auto")
+    disks: Tuple[DiskSpec, ...] = ()
+    snapshot: Optional[str] = None
 
 
 def _reject(name: str, why: str) -> CommandRejectedError:
@@ -137,6 +172,91 @@ def _paths(params: Mapping[str, Any], isdir: Callable[[str], bool]) -> Tuple[str
     if len(set(out)) != len(out):
         raise _reject("paths", "contains a path twice")
     return tuple(out)
+
+
+def is_disk(path: str) -> bool:
+    """An existing block device or regular file (an image), following symlinks (/dev/mapper/x)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISBLK(mode) or stat.S_ISREG(mode)
+
+
+def snapshot_backends() -> Tuple[str, ...]:
+    """The snapshot backends this agent has (``snapshot_driver.registry.names()``), or () when the
+    snapshot driver is not installed."""
+    try:
+        from snapshot_driver import registry
+    except ImportError:
+        return ()
+    return tuple(registry.names())
+
+
+def validate_disk_path(value: Any, name: str, isdisk: Callable[[str], bool] = is_disk) -> str:
+    if not isinstance(value, str) or not value:
+        raise _reject(name, "must be a non-empty string")
+    if "\x00" in value or "\n" in value or "\r" in value:
+        raise _reject(name, "must not contain NUL or newline characters")
+    if not value.startswith("/"):
+        raise _reject(name, f"must be an absolute path, got {value!r}")
+    if ".." in value.split("/") or posixpath.normpath(value) != value or value.startswith("//"):
+        raise _reject(name, f"must be normalised (no '..', '.', '//' or trailing '/'), got {value!r}")
+    if not isdisk(value):
+        raise _reject(name, f"{value!r} is not an existing block device or image file on this host")
+    return value
+
+
+def _disks(params: Mapping[str, Any], isdisk: Callable[[str], bool]) -> Tuple[DiskSpec, ...]:
+    value = _get(params, "disks")
+    if not isinstance(value, list) or not value:
+        raise _reject("disks", "must be a non-empty list of {name, path} objects")
+    if len(value) > MAX_DISKS:
+        raise _reject("disks", f"at most {MAX_DISKS} disks")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise _reject(f"disks[{i}]", "must be an object with name and path")
+        dname = item.get("name")
+        if not isinstance(dname, str) or not _DISK_NAME_RE.match(dname):
+            raise _reject(f"disks[{i}].name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+        out.append(DiskSpec(dname, validate_disk_path(item.get("path"), f"disks[{i}].path", isdisk)))
+    if len({d.name for d in out}) != len(out):
+        raise _reject("disks", "contains a name twice")
+    if len({d.path for d in out}) != len(out):
+        raise _reject("disks", "contains a path twice")
+    return tuple(out)
+
+
+def _snapshot(params: Mapping[str, Any], backends: Callable[[], Tuple[str, ...]]) -> str:
+    value = _get(params, "snapshot")
+    known = backends()
+    if not known:
+        raise _reject("snapshot", "the snapshot driver is not installed with this agent: "
+                                  "block-level migration is not available")
+    if not isinstance(value, str) or (value != "auto" and value not in known):
+        raise _reject("snapshot", f"must be 'auto' or one of {', '.join(sorted(known))}, got {value!r}")
+    return value
+
+
+def validate_block_target(value: Any, name: str = "target") -> BlockTargetSpec:
+    if not isinstance(value, dict):
+        raise _reject(name, "must be an object")
+    if value.get("kind") != "block":
+        raise _reject(f"{name}.kind", "must be 'block' for mode 'block'")
+    url = value.get("url")
+    if not isinstance(url, str) or len(url) > 2048 or any(c in url for c in "\x00\n\r "):
+        raise _reject(f"{name}.url", "must be an https:// URL")
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise _reject(f"{name}.url", "must be an https:// URL")
+    token = value.get("token")
+    if not isinstance(token, str) or not token or len(token) > 1024 or any(c in token for c in "\x00\n\r"):
+        raise _reject(f"{name}.token", "must be a non-empty single-line string")
+    fingerprint = value.get("fingerprint")
+    if not isinstance(fingerprint, str) or not _FINGERPRINT_RE.match(fingerprint):
+        raise _reject(f"{name}.fingerprint", "must be sha256: followed by 64 lowercase hex digits")
+    return BlockTargetSpec(url, token, fingerprint)
 
 
 def _cycle(value: Any, name: str = "cycle") -> CycleSpec:
@@ -201,7 +321,9 @@ def validate_options(params: Mapping[str, Any], *, partial: bool) -> Dict[str, A
     return out
 
 
-def parse_command(raw: Mapping[str, Any], isdir: Callable[[str], bool] = os.path.isdir) -> Command:
+def parse_command(raw: Mapping[str, Any], isdir: Callable[[str], bool] = os.path.isdir,
+                  isdisk: Callable[[str], bool] = is_disk,
+                  backends: Callable[[], Tuple[str, ...]] = snapshot_backends) -> Command:
     """Validate a command of a supported type into a :class:`Command`."""
     cid = raw["id"]
     ctype = raw["type"]
@@ -210,8 +332,17 @@ def parse_command(raw: Mapping[str, Any], isdir: Callable[[str], bool] = os.path
         raise _reject("params", "must be an object")
     if ctype == "start":
         task_id = _task_id(params)
-        if params.get("mode") != "file":
-            raise _reject("mode", "must be 'file' (block mode is not supported by this agent yet)")
+        mode = params.get("mode")
+        if mode not in MODES:
+            raise _reject("mode", f"must be one of {', '.join(MODES)}")
+        if mode == "block":
+            disks = _disks(params, isdisk)
+            snapshot = _snapshot(params, backends)
+            options = Options(**validate_options(params, partial=False))
+            block_target = validate_block_target(_get(params, "target"))
+            cycle = _cycle(_get(params, "cycle"))
+            return Command(cid, ctype, task_id, "block", (), options, target=block_target, cycle=cycle,
+                           disks=disks, snapshot=snapshot)
         paths = _paths(params, isdir)
         options = Options(**validate_options(params, partial=False))
         target = validate_target(_get(params, "target"))
@@ -235,8 +366,12 @@ def parse_command(raw: Mapping[str, Any], isdir: Callable[[str], bool] = os.path
 
 def parse_task(
     doc: Mapping[str, Any], isdir: Callable[[str], bool] = os.path.isdir
-) -> Tuple[Tuple[str, ...], Options, TargetSpec]:
-    """Validate a task document from ``GET /tasks/{id}`` into (paths, options, target)."""
-    paths = _paths(doc, isdir)
+) -> Tuple[Tuple[str, ...], Options, AnyTarget]:
+    """Validate a task document from ``GET /tasks/{id}`` into (paths, options, target). For a
+    block task ``paths`` is empty and the target is a :class:`BlockTargetSpec` (the disks and the
+    snapshot backend were validated with the ``start`` command and are kept in the task file)."""
     options = Options(**validate_options(doc, partial=False))
+    if doc.get("mode") == "block":
+        return (), options, validate_block_target(_get(doc, "target"))
+    paths = _paths(doc, isdir)
     return paths, options, validate_target(_get(doc, "target"))

@@ -153,6 +153,12 @@ class CommandRejectedError(Go2CloudError):
     summary = "a command from the control plane had invalid parameters and was not run"
 
 
+class SnapshotFailedError(Go2CloudError):
+    exit_code = 34
+    code = "snapshot_failed"
+    summary = "a snapshot of a disk could not be taken or released (block-level migration)"
+
+
 class InterruptedByOperator(Go2CloudError):
     exit_code = 130
     code = "interrupted"
@@ -177,6 +183,7 @@ _ERROR_MODULES = (
     "go2cloud_client.subp",
     "go2cloud_client.replication.excludes",
     "go2cloud_client.replication.rsync",
+    "go2cloud_client.replication.block.errors",
 )
 
 

@@ -1,4 +1,5 @@
-"""The task runner for mode ``file``: one task at a time, its sync cycles on a worker thread.
+"""The task runner: one task at a time (mode ``file`` or ``block``), its sync cycles on a worker
+thread.
 
 State machine (``status`` in ``state/task.json``)::
 
@@ -13,6 +14,11 @@ cycle's result, or ``failed`` with an error code); other commands are answered a
 file never holds the target password: when a cycle (re)starts without the ``start`` command at
 hand the target is fetched again with ``fetch_task`` (``GET /tasks/{id}``). After an agent
 restart a cycle that was running (not paused) is resumed automatically.
+
+Mode ``block`` runs each cycle through :class:`~go2cloud_client.blockcycle.BlockCycleRunner`
+(snapshots of the disks around the block engine); the task file also keeps the disks, the
+snapshot backend and each disk's change-tracking token of the last successful cycle, and
+``modify`` changes the options of the running engine (``set_options``) without restarting it.
 """
 
 from __future__ import annotations
@@ -22,9 +28,17 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
-from go2cloud_client.commands import Command, CycleSpec, Options, TargetSpec, parse_task
+from go2cloud_client.commands import (
+    AnyTarget,
+    BlockTargetSpec,
+    Command,
+    CycleSpec,
+    DiskSpec,
+    Options,
+    parse_task,
+)
 from go2cloud_client.console import human_bytes
 from go2cloud_client.errors import Go2CloudError, ReplicationError
 from go2cloud_client.home import Home
@@ -76,6 +90,7 @@ class TaskRunner:
         retry_delay: float = 5.0,
         isdir: Callable[[str], bool] = os.path.isdir,
         join_timeout: float = 60.0,
+        block_cycles: Optional[Any] = None,
     ) -> None:
         self.home = home
         self._factory = replicator_factory
@@ -90,13 +105,23 @@ class TaskRunner:
         self._join_timeout = join_timeout
         self._lock = threading.RLock()
         self._task: Optional[Dict[str, Any]] = None
-        self._target: Optional[TargetSpec] = None
+        self._target: Optional[AnyTarget] = None
+        self._block_cycles = block_cycles
+        self._replicator: Any = None  # the running block engine (modify calls set_options)
         self._worker: Optional[threading.Thread] = None
         self._cancel = threading.Event()
         self._gen = 0
         self._progress: Any = None
         self._last_state = "idle"
         self._old: Optional[threading.Thread] = None
+
+    @property
+    def block_cycles(self) -> Any:
+        if self._block_cycles is None:
+            from go2cloud_client.blockcycle import BlockCycleRunner, default_block_factory
+
+            self._block_cycles = BlockCycleRunner(self.home, replicator_factory=default_block_factory())
+        return self._block_cycles
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -189,6 +214,9 @@ class TaskRunner:
                 "options": cmd.options.to_dict(), "status": RUNNING, "cycle": cmd.cycle.to_dict(),
                 "cycle_kind": "full", "cycle_command": cmd.id, "last_cycle": None, "last_error": None,
             }
+            if cmd.mode == "block":
+                self._task.update({"disks": [d.to_dict() for d in cmd.disks], "snapshot": cmd.snapshot,
+                                   "change_tokens": {}})
             self._target = cmd.target
             self._save()
             self._start_worker()
@@ -231,7 +259,10 @@ class TaskRunner:
                 return _fail("task_busy", f"cycle {self._task['cycle']['number']} of task "
                                           f"{cmd.task_id} is still running")
             last = self._task.get("last_cycle")
+            block = self._task.get("mode") == "block"
             self._forget(COMPLETED)
+        if block:
+            self.block_cycles.forget(cmd.task_id)
         self._notify("info", "task_completed", f"Task {cmd.task_id} completed (no final sync)")
         return _ok("task completed", last_cycle=last)
 
@@ -281,7 +312,12 @@ class TaskRunner:
             options.update(cmd.changes)
             self._task["options"] = options
             self._save()
-            restart = self._task["status"] == RUNNING and self._worker is not None
+            if self._task.get("mode") == "block":
+                if self._replicator is not None:
+                    self._set_block_options(self._replicator, Options(**options))
+                restart = False  # a block cycle that has no engine yet reads the options when it starts
+            else:
+                restart = self._task["status"] == RUNNING and self._worker is not None
             if restart:
                 self._cancel_worker()
         if restart:
@@ -299,9 +335,12 @@ class TaskRunner:
             if self._task is None or self._task["task_id"] != cmd.task_id:
                 return _ok(f"task {cmd.task_id} is not active here; nothing to abort")
             pending = self._task.get("cycle_command") if self._task.get("cycle") else None
+            block = self._task.get("mode") == "block"
             self._cancel_worker()
             self._forget("idle")
-        self._join_old()
+        self._join_old()  # a block cycle releases its snapshots on the way out
+        if block:
+            self.block_cycles.forget(cmd.task_id)
         if pending:
             self._ack(pending, "failed", "task_aborted", "the task was aborted", {})
         self._notify("info", "task_aborted", f"Task {cmd.task_id} aborted; the agent forgot it")
@@ -325,7 +364,8 @@ class TaskRunner:
         task = self._task
         args = (self._gen, self._cancel, task["task_id"], CycleSpec(**task["cycle"]), task["cycle_kind"],
                 task["cycle_command"], tuple(task["paths"]), Options(**task["options"]))
-        self._worker = threading.Thread(target=self._work, args=args, name=f"cycle-{task['cycle']['number']}",
+        work = self._work_block if task.get("mode") == "block" else self._work
+        self._worker = threading.Thread(target=work, args=args, name=f"cycle-{task['cycle']['number']}",
                                         daemon=True)
         self._worker.start()
 
@@ -335,6 +375,7 @@ class TaskRunner:
         self._cancel.set()
         self._old = self._worker
         self._worker = None
+        self._replicator = None
 
     def _join_old(self) -> None:
         old = self._old
@@ -366,7 +407,7 @@ class TaskRunner:
         return on_progress
 
     def _resolve(self, task_id: str, paths: Tuple[str, ...], options: Options,
-                 cancel: threading.Event) -> Tuple[TargetSpec, Tuple[str, ...], Options]:
+                 cancel: threading.Event) -> Tuple[Any, Tuple[str, ...], Options]:
         with self._lock:
             target = self._target
         if target is not None:
@@ -424,24 +465,121 @@ class TaskRunner:
                 self._finish_failed(gen, cancel, cid, err.code, str(err))
                 return
         result_doc = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+        if not self._finish_succeeded(gen, cancel, cid, kind, cycle, result_doc):
+            return
+        elapsed = time.monotonic() - started
+        self._notify("info", "cycle_succeeded",
+                     f"{label} finished: cycle {cycle.number}, "
+                     f"{human_bytes(result_doc.get('bytes_total', 0))} in {result_doc.get('files', 0)} "
+                     f"files, {human_bytes(result_doc.get('bytes_sent', 0))} sent, {elapsed:.0f}s")
+        if kind == "final":
+            self._notify("info", "task_completed", f"Task {task_id} completed")
+
+    def _finish_succeeded(self, gen: int, cancel: threading.Event, cid: str, kind: str, cycle: CycleSpec,
+                          result_doc: Dict[str, Any], **task_changes: Any) -> bool:
+        """Record a successful cycle (ack, task file); False when the cycle was superseded."""
         with self._lock:
             if not self._current(gen, cancel) or self._task is None:
-                return
+                return False
             self._ack(cid, "succeeded", None, None, result_doc)
             task = self._task
             task.update({"last_cycle": cycle.number, "last_result": result_doc, "last_error": None,
-                         "cycle": None, "cycle_kind": None, "cycle_command": None})
+                         "cycle": None, "cycle_kind": None, "cycle_command": None, **task_changes})
             self._worker = None
             if kind == "final":
                 self._forget(COMPLETED)
             else:
                 task["status"] = WAITING
                 self._save()
+        return True
+
+    # -- block cycles -----------------------------------------------------------------------
+
+    @staticmethod
+    def _set_block_options(replicator: Any, options: Options) -> None:
+        from go2cloud_client.blockcycle import block_options
+
+        try:
+            replicator.set_options(block_options(options))
+        except Exception:  # noqa: BLE001 - the options apply from the next cycle at the latest
+            LOG.warning("could not apply the new options to the running transfer", exc_info=True)
+
+    def _on_replicator(self, gen: int, used: Options) -> Callable[[Any], None]:
+        def on_replicator(replicator: Any) -> None:
+            with self._lock:
+                if gen != self._gen:
+                    return
+                self._replicator = replicator
+                if replicator is not None and self._task is not None:
+                    now = Options(**self._task["options"])
+                    if now != used:  # modified while the snapshots were being taken
+                        self._set_block_options(replicator, now)
+        return on_replicator
+
+    def _work_block(self, gen: int, cancel: threading.Event, task_id: str, cycle: CycleSpec, kind: str,
+                    cid: str, paths: Tuple[str, ...], options: Options) -> None:
+        label = _KIND_LABEL.get(kind, "Sync")
+        with self._lock:
+            task = dict(self._task or {})
+        disks = tuple(DiskSpec(d["name"], d["path"]) for d in task.get("disks") or [])
+        snapshot = str(task.get("snapshot") or "auto")
+        tokens = dict(task.get("change_tokens") or {})
+        names = ", ".join(d.path for d in disks)
+        self._notify("info", "cycle_started",
+                     f"{label} started: {len(disks)} disk(s) ({names}), snapshot {snapshot}, "
+                     f"cycle {cycle.number}")
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                target, _, _ = self._resolve(task_id, (), options, cancel)
+                if not isinstance(target, BlockTargetSpec):
+                    raise ReplicationError(f"the control plane gave task {task_id} a target that is not "
+                                           "a block receiver")
+                with self._lock:
+                    options = Options(**self._task["options"]) if self._task else options
+                result_doc, new_tokens = self.block_cycles.run(
+                    task_id=task_id, cycle=cycle, kind=kind, disks=disks, snapshot=snapshot, tokens=tokens,
+                    target=target, options=options, cancel=cancel, on_progress=self._progress_cb(gen),
+                    on_replicator=self._on_replicator(gen, options))
+                break
+            except TransferCancelled:
+                LOG.info("cycle %s of task %s: transfer stopped (snapshots released)", cycle.number, task_id)
+                return
+            except _TaskGone as exc:
+                self._finish_failed(gen, cancel, cid, "task_cancelled", str(exc), forget=True)
+                self.block_cycles.forget(task_id)
+                return
+            except Go2CloudError as exc:
+                if cancel.is_set():
+                    return
+                if exc.retryable and attempt <= self.transient_retries:
+                    delay = self.retry_delay * (3 ** (attempt - 1))
+                    LOG.warning("cycle %s of task %s: %s; retrying in %.0fs (%d/%d)", cycle.number, task_id,
+                                exc, delay, attempt, self.transient_retries)
+                    self._notify("warning", exc.code, f"{label} cycle {cycle.number}: {exc}; retrying")
+                    if cancel.wait(delay):
+                        return
+                    continue
+                self._finish_failed(gen, cancel, cid, exc.code, str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug must fail the cycle, not kill the thread silently
+                if cancel.is_set():
+                    return
+                LOG.exception("cycle %s of task %s: unexpected error", cycle.number, task_id)
+                err = ReplicationError(f"internal error during the transfer: {type(exc).__name__}: {exc}")
+                self._finish_failed(gen, cancel, cid, err.code, str(err))
+                return
+        if not self._finish_succeeded(gen, cancel, cid, kind, cycle, result_doc, change_tokens=new_tokens):
+            return
+        if kind == "final":
+            self.block_cycles.forget(task_id)
         elapsed = time.monotonic() - started
         self._notify("info", "cycle_succeeded",
-                     f"{label} finished: cycle {cycle.number}, "
-                     f"{human_bytes(result_doc.get('bytes_total', 0))} in {result_doc.get('files', 0)} "
-                     f"files, {human_bytes(result_doc.get('bytes_sent', 0))} sent, {elapsed:.0f}s")
+                     f"{label} finished: cycle {cycle.number}, {len(disks)} disk(s), "
+                     f"{human_bytes(result_doc.get('bytes_total', 0))} read, "
+                     f"{human_bytes(result_doc.get('bytes_sent', 0))} sent, {elapsed:.0f}s")
         if kind == "final":
             self._notify("info", "task_completed", f"Task {task_id} completed")
 
@@ -464,6 +602,3 @@ class TaskRunner:
 
 class _TaskGone(Exception):
     pass
-
-
-__all__: List[str] = ["Outcome", "TaskRunner"]

@@ -275,6 +275,7 @@ def serve(
     from go2cloud_server import auth, tls
     from go2cloud_server.artifacts import TaskTree
     from go2cloud_server.atomicfile import write_atomic
+    from go2cloud_server.blockrx import BlockReceiver
     from go2cloud_server.httpapi import Api, ApiServer
     from go2cloud_server.rsyncd import RsyncDaemon
     from go2cloud_server.scheduler import Scheduler
@@ -321,8 +322,11 @@ def serve(
             clock=clock,
         )
         restored = service.restore_targets()
+        receiver = BlockReceiver(resolve=service.block_store_for)  # type: ignore[arg-type]  # Protocol of the store
         httpd = ApiServer(
-            (host, port), Api(service, auth.AgentAuth(), admin_token), tls.server_context(cert, key)
+            (host, port),
+            Api(service, auth.AgentAuth(), admin_token, block_receiver=receiver),
+            tls.server_context(cert, key),
         )
         service.public_url = f"https://{_url_host(public)}:{httpd.port}"
         local_url = f"https://{_url_host(local_host)}:{httpd.port}"
@@ -752,19 +756,60 @@ def _start_human(d: Dict[str, Any]) -> str:
 @migration.command("start")
 @scope_options
 @click.option(
+    "--mode",
+    type=click.Choice(rules.MODES),
+    default="file",
+    show_default=True,
+    help="file: rsync of paths; block: whole disks or image files through a snapshot.",
+)
+@click.option(
     "--path",
     "paths",
     multiple=True,
     metavar="P",
-    help="Absolute source path to migrate (repeat; default: the source's local mount points).",
+    help="Mode file: absolute source path to migrate (repeat; default: the source's local mount points).",
+)
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    metavar="DEV_OR_IMAGE",
+    help="Mode block: block device or image file on the source, e.g. /dev/vdb (repeat; required).",
+)
+@click.option(
+    "--snapshot",
+    type=click.Choice(rules.SNAPSHOT_BACKENDS),
+    help=f"Mode block: snapshot backend on the source (default {rules.SNAPSHOT_DEFAULT}: the first "
+    "usable of reflink, btrfs, elastio-snap, dattobd, lvm, else live).",
 )
 @task_options
 @operator_options
-def migration_start(wg: Optional[str], src: Optional[str], paths: Tuple[str, ...], **kw: Any) -> None:
+def migration_start(
+    wg: Optional[str],
+    src: Optional[str],
+    mode: str,
+    paths: Tuple[str, ...],
+    disks: Tuple[str, ...],
+    snapshot: Optional[str],
+    **kw: Any,
+) -> None:
     """Start migrating every source of a workgroup (or one source)."""
     body = _task_body(**{k: kw.pop(k) for k in _TASK_KEYS})
-    if paths:
-        body["paths"] = rules.paths(list(paths))
+    if mode == "block":
+        if paths:
+            raise InvalidInput("--path: only for --mode file (mode block migrates disks: use --disk)")
+        if not disks:
+            raise InvalidInput(
+                "--disk: required with --mode block (a block device or image file, e.g. /dev/vdb)"
+            )
+        body.update(mode="block", disks=rules.disks(list(disks)), snapshot=rules.snapshot(snapshot))
+    else:
+        if disks:
+            raise InvalidInput("--disk: only for --mode block (file mode migrates paths: use --path)")
+        if snapshot:
+            raise InvalidInput("--snapshot: only for --mode block")
+        if paths:
+            body["paths"] = rules.paths(list(paths))
     scope = _scope(wg, src)
     op = _op(kw)
     op.out(op.call("POST", f"{scope}/migration", body), _start_human)
@@ -829,6 +874,44 @@ for _action, _help in (
     _make_action(_action, _help)
 
 
+def _eta(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _disk_progress(t: Dict[str, Any]) -> str:
+    """Per-disk progress of a block task (from the agent's last heartbeat)."""
+    prog = t.get("progress") or {}
+    by_name = {d.get("name"): d for d in prog.get("disks") or [] if isinstance(d, dict)}
+    last_image = {a.get("disk"): a for a in t.get("artifacts") or []}  # ordered by cycle
+    rows = []
+    for disk in t.get("disks") or []:
+        p = by_name.get(disk["name"]) or {}
+        art = last_image.get(disk["name"])
+        total = p.get("bytes_total")
+        done = p.get("bytes_done")
+        pct = f" ({100.0 * float(done or 0) / float(total):.0f}%)" if total else ""
+        rows.append(
+            [
+                disk["name"],
+                disk["path"],
+                p.get("state"),
+                _bytes(total),
+                _bytes(done) + pct if done is not None else "-",
+                _bytes(p.get("bytes_sent")),
+                _bytes(p.get("bytes_zero")),
+                f"{_bytes(p['rate_bps'])}/s" if p.get("rate_bps") else "-",
+                _eta(p.get("eta_s")),
+                f"{art['cycle']}: {_check_text(art.get('report'))}" if art else "-",
+            ]
+        )
+    return f"Disks of {t['task_id']} (snapshot {t.get('snapshot') or '-'}):\n" + _table(
+        ["DISK", "PATH", "STATE", "TOTAL", "DONE", "SENT", "ZERO SKIPPED", "RATE", "ETA", "LAST IMAGE"], rows
+    )
+
+
 def _show_human(d: Dict[str, Any]) -> str:
     head: List[Tuple[str, Any]] = []
     if "workgroup" in d:
@@ -861,6 +944,9 @@ def _show_human(d: Dict[str, Any]) -> str:
                 for t in tasks
             ],
         )
+    for t in tasks:
+        if t.get("mode") == "block" and t.get("disks"):
+            text += "\n\n" + _disk_progress(t)
     return text
 
 
@@ -891,17 +977,40 @@ def migration_artifacts(src: Optional[str], task_id: Optional[str], **kw: Any) -
             raise NotFound(f"source {src} has no migration task yet")
         task_id = tasks[0]["task_id"]
     data = op.call("GET", f"/tasks/{seg(task_id or '')}/artifacts")
-    op.out(
-        data,
-        lambda d: (
-            _table(
-                ["CYCLE", "CREATED", "SIZE", "FILES", "PATH"],
+    op.out(data, _artifacts_human)
+
+
+def _check_text(report: Optional[Dict[str, Any]]) -> str:
+    """A block artifact's verification report in one cell: filesystem and check result."""
+    report = report or {}
+    check = report.get("check")
+    if isinstance(check, dict):
+        check = "ok" if check.get("ok") else f"failed (rc {check.get('rc')}): {check.get('summary') or ''}"
+    fs = report.get("fs")
+    return " ".join(str(x) for x in (fs, check) if x) or "-"
+
+
+def _artifacts_human(d: Dict[str, Any]) -> str:
+    arts = d["artifacts"]
+    if not arts:
+        return "No images yet."
+    if any(a.get("disk") for a in arts):
+        return _table(
+            ["CYCLE", "DISK", "CREATED", "SIZE", "SHA256", "CHECK", "PATH"],
+            [
                 [
-                    [a["cycle"], a["created_at"], _bytes(a["bytes"]), a["files"], a["path"]]
-                    for a in d["artifacts"]
-                ],
-            )
-            if d["artifacts"]
-            else "No images yet."
-        ),
+                    a["cycle"],
+                    a.get("disk"),
+                    a["created_at"],
+                    _bytes(a["bytes"]),
+                    (a.get("sha256") or "")[:16],
+                    _check_text(a.get("report")),
+                    a["path"],
+                ]
+                for a in arts
+            ],
+        )
+    return _table(
+        ["CYCLE", "CREATED", "SIZE", "FILES", "PATH"],
+        [[a["cycle"], a["created_at"], _bytes(a["bytes"]), a["files"], a["path"]] for a in arts],
     )

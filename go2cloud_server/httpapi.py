@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Pattern, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from go2cloud_server import auth
+from go2cloud_server.blockrx import BlockReceiver
 from go2cloud_server.errors import InvalidInput, NotFound, ServerError, TooLarge
 from go2cloud_server.service import Service
 
@@ -76,8 +77,15 @@ class Routes:
 class Api:
     """Binds the routes of the protocol to the service."""
 
-    def __init__(self, service: Service, agent_auth: auth.AgentAuth, admin_token: str) -> None:
+    def __init__(
+        self,
+        service: Service,
+        agent_auth: auth.AgentAuth,
+        admin_token: str,
+        block_receiver: Optional[BlockReceiver] = None,
+    ) -> None:
         self.service = service
+        self.block_receiver = block_receiver
         self.agent_auth = agent_auth
         self.admin_token = admin_token
         self.routes = Routes()
@@ -176,6 +184,15 @@ class Api:
         return handler(req)
 
 
+class _Answered(Exception):
+    """The block receiver answered (carries its status and body to the common reply code)."""
+
+    def __init__(self, status: int, payload: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.payload = payload
+
+
 class RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "go2cloud_server"
@@ -223,12 +240,49 @@ class RequestHandler(BaseHTTPRequestHandler):
         except (UnicodeDecodeError, ValueError):
             raise InvalidInput("body: not valid UTF-8 JSON") from None
 
+    def _read_raw(self, limit: int) -> bytes:
+        """Raw body of a block-target request (``limit`` from the receiver's route)."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            raise InvalidInput("chunked request bodies are not supported: send Content-Length")
+        raw_len = self.headers.get("Content-Length") or "0"
+        if not raw_len.strip().isdigit():
+            self.close_connection = True
+            raise InvalidInput("Content-Length: not a non-negative number")
+        length = int(raw_len)
+        if length > limit:
+            self.close_connection = True
+            self._drain(length)
+            raise TooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
+        data = self.rfile.read(length) if length else b""
+        if len(data) != length:
+            self.close_connection = True
+            raise InvalidInput("request body shorter than its Content-Length")
+        return data
+
+    def _handle_block(self, receiver: BlockReceiver) -> Tuple[int, Any]:
+        # many small request/answer pairs on one connection: without TCP_NODELAY the answer's
+        # body waits for the client's delayed ACK (40 ms per chunk)
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        path = urlsplit(self.path).path
+        body = self._read_raw(receiver.max_body(self.command, path))
+        return receiver.handle(self.command, path, self.headers, body)
+
     def _dispatch(self) -> None:
         started = time.monotonic()
         status = 500
         try:
+            receiver = self.server.api.block_receiver
+            if receiver is not None and receiver.owns(urlsplit(self.path).path):
+                status, payload = self._handle_block(receiver)
+                raise _Answered(status, payload)
             body = self._read_body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else None
             status, payload = self.server.api.handle(self.command, self.path, self.headers, body)
+        except _Answered as done:
+            status, payload = done.status, done.payload
         except ServerError as exc:
             status = exc.http_status
             payload = {"error": {"code": exc.code, "message": exc.message}}

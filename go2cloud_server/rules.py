@@ -33,6 +33,12 @@ KEEP_IMAGES = (1, 100)
 KEEP_IMAGES_DEFAULT = 3
 SYNC_EVERY_S = (60, 30 * 86400)
 MAX_PATHS = 64
+MAX_DISKS = 16
+MODES = ("file", "block")
+#: snapshot backends an operator may choose for mode block (the agent refuses one it lacks)
+SNAPSHOT_BACKENDS = ("live", "fsfreeze", "reflink", "btrfs", "lvm", "elastio-snap", "dattobd", "auto")
+SNAPSHOT_DEFAULT = "auto"
+DISK_NAME_MAX = 64
 PATH_MAX = 4096
 WAIT_S = (0, 60)
 
@@ -188,6 +194,61 @@ def paths(value: Any) -> Optional[List[str]]:
     return out
 
 
+def mode(value: Any) -> str:
+    if value is None:
+        return "file"
+    if value not in MODES:
+        raise InvalidInput(f"mode: must be one of {', '.join(MODES)} (got {value!r})")
+    return str(value)
+
+
+def snapshot(value: Any) -> str:
+    if value is None:
+        return SNAPSHOT_DEFAULT
+    if value not in SNAPSHOT_BACKENDS:
+        raise InvalidInput(f"snapshot: must be one of {', '.join(SNAPSHOT_BACKENDS)} (got {value!r})")
+    return str(value)
+
+
+def disks(value: Any) -> Optional[List[str]]:
+    """Block devices or image files of a block-mode task (absolute paths), or None when not given."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise InvalidInput("disks: must be a non-empty list of absolute device or image paths")
+    if len(value) > MAX_DISKS:
+        raise InvalidInput(f"disks: at most {MAX_DISKS} disks per task")
+    out: List[str] = []
+    for p in value:
+        p = source_path(p, "disks")
+        if p == "/":
+            raise InvalidInput("disks: '/' is a directory, not a disk (give a device such as /dev/vdb)")
+        if p in out:
+            raise InvalidInput(f"disks: {p!r} is given twice")
+        out.append(p)
+    return out
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def disk_names(paths: List[str]) -> List[Dict[str, str]]:
+    """``[{"name", "path"}]``: a safe, unique name per disk derived from its path (``/dev/vdb`` ->
+    ``vdb``, ``/dev/mapper/vg-root`` -> ``vg-root``, ``/srv/img/a b.img`` -> ``a_b.img``)."""
+    out: List[Dict[str, str]] = []
+    used: set = set()
+    for p in paths:
+        base = _UNSAFE.sub("_", posixpath.basename(p)).strip("._-") or "disk"
+        base = base[: DISK_NAME_MAX - 4]
+        name, n = base, 2
+        while name in used:
+            name = f"{base}-{n}"
+            n += 1
+        used.add(name)
+        out.append({"name": name, "path": p})
+    return out
+
+
 def require_object(body: Any, what: str = "body") -> Mapping[str, Any]:
     if not isinstance(body, dict):
         raise InvalidInput(f"{what}: must be a JSON object")
@@ -229,6 +290,7 @@ def limits_table() -> str:
             f"{SYNC_EVERY_S[0]} s - {SYNC_EVERY_S[1] // 86400} days, or off (default)",
         ),
         ("paths per task", f"1-{MAX_PATHS} absolute, normalised paths"),
+        ("disks per task (mode block)", f"1-{MAX_DISKS} absolute paths of block devices or image files"),
         ("task name", f"{TASK_NAME_LEN[0]}-{TASK_NAME_LEN[1]} characters"),
         ("request body", "1 MiB"),
     ]

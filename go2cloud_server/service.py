@@ -65,6 +65,25 @@ class RsyncTarget(Protocol):
     def remove_module(self, name: str) -> None: ...
 
 
+class BlockStore(Protocol):
+    """What the service needs from ``go2cloud_server.blockstore.BlockTaskStore`` (one per block task,
+    rooted at ``<data-dir>/tasks/<task_id>/block``)."""
+
+    def commit_cycle(self, cycle: int) -> List[Dict[str, Any]]: ...
+
+    def retain(self, keep: int) -> List[int]: ...
+
+    def discard_cycle(self, cycle: int) -> None: ...
+
+    def destroy(self) -> None: ...
+
+
+def default_block_store_factory(root: Path) -> BlockStore:
+    from go2cloud_server.blockstore import BlockTaskStore
+
+    return BlockTaskStore(root)  # type: ignore[no-any-return]
+
+
 class Tree(Protocol):
     """What the service needs from ``go2cloud_server.artifacts.TaskTree``."""
 
@@ -135,6 +154,7 @@ class Service:
         *,
         rsyncd: RsyncTarget,
         tree_factory: Callable[[Path], Tree],
+        block_store_factory: Callable[[Path], BlockStore] = default_block_store_factory,
         public_host: str = "127.0.0.1",
         public_url: str = "",
         fingerprint: str = "",
@@ -145,6 +165,9 @@ class Service:
         self.data_dir = Path(data_dir)
         self.rsyncd = rsyncd
         self.tree_factory = tree_factory
+        self.block_store_factory = block_store_factory
+        self._block_stores: Dict[str, BlockStore] = {}
+        self._block_lock = threading.Lock()
         self.public_host = public_host
         self.public_url = public_url
         self.fingerprint = fingerprint
@@ -166,7 +189,44 @@ class Service:
     def tree(self, task_id: str) -> Tree:
         return self.tree_factory(self.tree_root(task_id))
 
+    def block_root(self, task_id: str) -> Path:
+        return self.data_dir / "tasks" / task_id / "block"
+
+    def block_store(self, task_id: str) -> BlockStore:
+        """The block store of a task (one object per task, shared by the receiver and commits)."""
+        with self._block_lock:
+            bs = self._block_stores.get(task_id)
+            if bs is None:
+                bs = self.block_store_factory(self.block_root(task_id))
+                self._block_stores[task_id] = bs
+            return bs
+
+    def block_store_for(self, task_id: str, token: str) -> Optional[BlockStore]:
+        """The block receiver's resolver: the store of an active block task whose per-task token is
+        ``token`` (constant-time comparison), else None. Never raises for bad input."""
+        if not isinstance(task_id, str) or not isinstance(token, str) or not token:
+            return None
+        try:
+            task = self.store.one("SELECT id, mode, status, block_token FROM tasks WHERE id = ?", (task_id,))
+        except sqlite3.Error:
+            log.warning("block receiver: cannot look up task %s", task_id, exc_info=True)
+            return None
+        expected = (task or {}).get("block_token") or ""
+        ok = hmac.compare_digest(token.encode("utf-8"), expected.encode("utf-8"))
+        if task is None or not ok or not expected:
+            return None
+        if task["mode"] != "block" or task["status"] not in ACTIVE_TASK_STATUSES:
+            return None
+        return self.block_store(task_id)
+
     def target(self, task: Mapping[str, Any]) -> Dict[str, Any]:
+        if task["mode"] == "block":
+            return {
+                "kind": "block",
+                "url": f"{self.public_url}/block/v1/tasks/{task['id']}",
+                "token": task["block_token"],
+                "fingerprint": self.fingerprint,
+            }
         return {
             "kind": "rsync",
             "host": self.public_host,
@@ -458,7 +518,20 @@ class Service:
         return task
 
     def _release_target(self, task: Mapping[str, Any]) -> None:
-        """Remove the task's rsync module and its unfinished cycle (committed images are kept)."""
+        """Remove the task's rsync module and its unfinished cycle (committed images are kept).
+        Block tasks: discard the running cycle of the block store (committed generations stay);
+        the receiver refuses the task's token from now on (it is no longer active)."""
+        if task.get("mode") == "block":
+            if task.get("current_cycle"):
+                try:
+                    self.block_store(task["id"]).discard_cycle(int(task["current_cycle"]))
+                except Exception:  # noqa: BLE001
+                    log.warning(
+                        "could not discard cycle %s of %s", task["current_cycle"], task["id"], exc_info=True
+                    )
+            with self._block_lock:
+                self._block_stores.pop(task["id"], None)
+            return
         try:
             self.rsyncd.remove_module(task["id"])
         except Exception:  # noqa: BLE001 - keep going: the module may be gone already
@@ -742,15 +815,14 @@ class Service:
             return
         if ctype not in CYCLE_COMMANDS:
             return
-        artifact = None
+        rows: List[Dict[str, Any]] = []
         removed: List[int] = []
         task = self.store.one("SELECT * FROM tasks WHERE id = ?", (task_id,))
         if task is None or task["status"] in ("cancelled", "completed"):
             return
-        tree = self.tree(task_id)
         if number is not None:
             try:
-                artifact = tree.commit_cycle(number)
+                rows = self._commit_cycle(task, number)
             except Exception as exc:  # noqa: BLE001 - reported to the operator as the task's error
                 log.warning("committing cycle %d of %s failed: %s", number, task_id, exc)
                 log.debug("commit failure", exc_info=True)
@@ -764,23 +836,26 @@ class Service:
                         error_message=f"the target could not record cycle {number}: {exc}",
                     )
                 return
-            removed = tree.retain(int(task["keep_images"]))
+            removed = self._retain(task, int(task["keep_images"]))
         finished = ctype == "finalize"
         with self.store.transaction() as conn:
             task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
             if task is None:
                 return
-            if artifact is not None:
+            for row in rows:
                 conn.execute(
-                    "INSERT OR REPLACE INTO artifacts (task_id, cycle, path, bytes, files, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO artifacts (task_id, cycle, disk, path, bytes, files, created_at, "
+                    "sha256, report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         task_id,
                         number,
-                        str(artifact.path),
-                        int(artifact.bytes),
-                        int(artifact.files),
-                        str(artifact.created_at),
+                        row["disk"],
+                        row["path"],
+                        row["bytes"],
+                        row["files"],
+                        row["created_at"],
+                        row["sha256"],
+                        row["report"],
                     ),
                 )
             for n in removed:
@@ -801,12 +876,49 @@ class Service:
             self._release_target(dict(task, current_cycle=None))
             log.info("task %s completed", task_id)
 
+    def _commit_cycle(self, task: Mapping[str, Any], number: int) -> List[Dict[str, Any]]:
+        """Commit cycle ``number`` on the target; the artifact rows to record (one per disk for a
+        block task, one for a file task)."""
+        if task["mode"] != "block":
+            art = self.tree(task["id"]).commit_cycle(number)
+            return [
+                {
+                    "disk": "",
+                    "path": str(art.path),
+                    "bytes": int(art.bytes),
+                    "files": int(art.files),
+                    "created_at": str(art.created_at),
+                    "sha256": None,
+                    "report": None,
+                }
+            ]
+        rows = []
+        for rec in self.block_store(task["id"]).commit_cycle(number):
+            report = {k: v for k, v in rec.items() if k not in ("disk", "cycle", "path", "bytes", "sha256")}
+            rows.append(
+                {
+                    "disk": str(rec["disk"]),
+                    "path": str(rec["path"]),
+                    "bytes": int(rec.get("bytes") or 0),
+                    "files": 0,
+                    "created_at": str(rec.get("created_at") or self.now_iso()),
+                    "sha256": rec.get("sha256"),
+                    "report": dumps(report),
+                }
+            )
+        return rows
+
+    def _retain(self, task: Mapping[str, Any], keep: int) -> List[int]:
+        if task["mode"] == "block":
+            return list(self.block_store(task["id"]).retain(keep))
+        return list(self.tree(task["id"]).retain(keep))
+
     def agent_task(self, source_id: str, task_id: str) -> Dict[str, Any]:
         task = self.store.one("SELECT * FROM tasks WHERE id = ? AND source_id = ?", (task_id, source_id))
         if task is None:
             raise NotFound(f"no task {task_id} for source {source_id}")
         cycle = cycle_spec(task["current_cycle"], task["last_committed"]) if task["current_cycle"] else None
-        return {
+        doc = {
             "task_id": task["id"],
             "mode": task["mode"],
             "paths": loads(task["paths"], []),
@@ -817,6 +929,10 @@ class Service:
             "status": task["status"],
             "cycle": cycle,
         }
+        if task["mode"] == "block":
+            doc["disks"] = loads(task["disks"], [])
+            doc["snapshot"] = task["snapshot"]
+        return doc
 
     def post_events(self, source_id: str, body: Any) -> Dict[str, Any]:
         body = rules.require_object(body)
@@ -872,10 +988,21 @@ class Service:
         return cid
 
     def _artifacts(self, task_id: str) -> List[Dict[str, Any]]:
-        return self.store.all(
-            "SELECT cycle, path, created_at, bytes, files FROM artifacts WHERE task_id = ? ORDER BY cycle",
+        rows = self.store.all(
+            "SELECT cycle, disk, path, created_at, bytes, files, sha256, report FROM artifacts "
+            "WHERE task_id = ? ORDER BY cycle, disk",
             (task_id,),
         )
+        out = []
+        for r in rows:
+            report = loads(r.pop("report"), None)
+            r["disk"] = r["disk"] or None
+            if r["disk"] is None:
+                r.pop("sha256")
+            else:
+                r["report"] = report if isinstance(report, dict) else {}
+            out.append(r)
+        return out
 
     def _task_view(self, task: Mapping[str, Any]) -> Dict[str, Any]:
         src = self.store.one("SELECT heartbeat FROM sources WHERE id = ?", (task["source_id"],))
@@ -889,6 +1016,8 @@ class Service:
             "description": task["description"],
             "mode": task["mode"],
             "paths": loads(task["paths"], []),
+            "disks": loads(task["disks"], []),
+            "snapshot": task["snapshot"],
             "bandwidth_mbps": task["bandwidth_mbps"],
             "compression": task["compression"],
             "checksum": bool(task["checksum"]),
@@ -911,7 +1040,21 @@ class Service:
         }
 
     def _start_params(self, body: Mapping[str, Any]) -> Dict[str, Any]:
+        mode = rules.mode(body.get("mode"))
+        if mode == "file":
+            if body.get("disks") is not None:
+                raise InvalidInput("disks: only for mode block (file mode migrates paths; use mode block)")
+            if body.get("snapshot") is not None:
+                raise InvalidInput("snapshot: only for mode block")
+        else:
+            if body.get("paths") is not None:
+                raise InvalidInput("paths: only for mode file (mode block migrates disks: give disks)")
+            if body.get("disks") is None:
+                raise InvalidInput("disks: required for mode block (absolute paths of devices or images)")
         return {
+            "mode": mode,
+            "disks": rules.disks(body.get("disks")),
+            "snapshot": rules.snapshot(body.get("snapshot")) if mode == "block" else None,
             "name": rules.text(body.get("name"), "name", rules.TASK_NAME_LEN[1]) or None,
             "description": rules.text(body.get("description"), "description"),
             "paths": rules.paths(body.get("paths")),
@@ -983,7 +1126,9 @@ class Service:
                         "reason": f"already has migration task {active['id']} ({active['status']})",
                     }
                 wg = Store.q_one(conn, "SELECT name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
-                paths = params["paths"] or default_paths(loads(src["inventory"], {}))
+                block = params["mode"] == "block"
+                paths = [] if block else (params["paths"] or default_paths(loads(src["inventory"], {})))
+                disks = rules.disk_names(params["disks"]) if block else []
                 name = (
                     params["name"]
                     or f"{wg['name'] if wg else 'migration'}-{src['hostname'] or source_id}"[:128]
@@ -991,47 +1136,61 @@ class Service:
                 now = self.now_iso()
                 conn.execute(
                     "INSERT INTO tasks (id, source_id, workgroup_id, name, description, mode, paths, "
-                    "bandwidth_mbps, compression, checksum, sync_every_s, keep_images, status, "
-                    "current_cycle, rsync_password, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, 'syncing', 1, ?, ?, ?)",
+                    "disks, snapshot, block_token, bandwidth_mbps, compression, checksum, sync_every_s, "
+                    "keep_images, status, current_cycle, rsync_password, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'syncing', 1, ?, ?, ?)",
                     (
                         task_id,
                         source_id,
                         src["workgroup_id"],
                         name,
                         params["description"],
+                        params["mode"],
                         dumps(paths),
+                        dumps(disks),
+                        params["snapshot"],
+                        secrets.token_urlsafe(32) if block else None,
                         params["bandwidth_mbps"],
                         params["compression"],
                         int(params["checksum"]),
                         params["sync_every_s"],
                         params["keep_images"],
-                        password,
+                        "" if block else password,
                         now,
                         now,
                     ),
                 )
                 task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
                 assert task is not None
-                tree.prepare_cycle(1)
-                self.rsyncd.add_module(task_id, self.tree_root(task_id), task_id, password)
-                module_added = True
-                cmd_params = {
-                    "task_id": task_id,
-                    "mode": "file",
-                    "paths": paths,
-                    "bandwidth_mbps": params["bandwidth_mbps"],
-                    "compression": params["compression"],
-                    "checksum": params["checksum"],
-                    "target": self.target(task),
-                    "cycle": cycle_spec(1, None),
-                }
+                cmd_params: Dict[str, Any] = {"task_id": task_id, "mode": params["mode"]}
+                if block:
+                    cmd_params.update(disks=disks, snapshot=params["snapshot"])
+                else:
+                    tree.prepare_cycle(1)
+                    self.rsyncd.add_module(task_id, self.tree_root(task_id), task_id, password)
+                    module_added = True
+                    cmd_params["paths"] = paths
+                cmd_params.update(
+                    {
+                        "bandwidth_mbps": params["bandwidth_mbps"],
+                        "compression": params["compression"],
+                        "checksum": params["checksum"],
+                        "target": self.target(task),
+                        "cycle": cycle_spec(1, None),
+                    }
+                )
                 cid = self._queue(conn, source_id, task_id, "start", cmd_params)
         except Exception:
             if module_added:
                 self.rsyncd.remove_module(task_id)
             raise
-        log.info("task %s started for source %s (paths %s)", task_id, source_id, ", ".join(paths))
+        log.info(
+            "task %s started for source %s (%s %s)",
+            task_id,
+            source_id,
+            "disks" if disks else "paths",
+            ", ".join([d["path"] for d in disks] or paths),
+        )
         return "started", {"source_id": source_id, "task_id": task_id, "command_id": cid}
 
     # migration actions ---------------------------------------------------------------------------
@@ -1142,7 +1301,10 @@ class Service:
         )
 
     def _apply_retention(self, task_id: str, keep: int) -> None:
-        removed = self.tree(task_id).retain(keep)
+        task = self.store.one("SELECT id, mode FROM tasks WHERE id = ?", (task_id,))
+        if task is None:
+            return
+        removed = self._retain(task, keep)
         if removed:
             with self.store.transaction() as conn:
                 for n in removed:
@@ -1175,7 +1337,8 @@ class Service:
 
     def _next_cycle(self, conn: sqlite3.Connection, task: Mapping[str, Any]) -> Dict[str, Any]:
         number = task["current_cycle"] or (task["last_committed"] or 0) + 1
-        self.tree(task["id"]).prepare_cycle(number)
+        if task["mode"] != "block":
+            self.tree(task["id"]).prepare_cycle(number)
         self._set_task(conn, task["id"], current_cycle=number)
         return cycle_spec(number, task["last_committed"])
 
@@ -1293,6 +1456,8 @@ class Service:
         """Re-add the rsync modules of every task that still needs its target (after a restart)."""
         rows = self.store.all("SELECT * FROM tasks WHERE status IN ('syncing','pending','paused','failed')")
         for task in rows:
+            if task["mode"] == "block":
+                continue  # the block receiver resolves active tasks from the database
             self.rsyncd.add_module(task["id"], self.tree_root(task["id"]), task["id"], task["rsync_password"])
             if task["current_cycle"]:
                 self.tree(task["id"]).prepare_cycle(int(task["current_cycle"]))

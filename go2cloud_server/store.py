@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -122,7 +122,31 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_source ON events (source_id, id);
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1}
+# v2: block-level tasks (disks, snapshot backend, per-task receiver token) and one artifact row
+# per disk of a cycle (the primary key gains ``disk``; file-mode rows keep ``disk = ''``).
+_SCHEMA_V2 = """
+ALTER TABLE tasks ADD COLUMN disks TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE tasks ADD COLUMN snapshot TEXT;
+ALTER TABLE tasks ADD COLUMN block_token TEXT;
+CREATE TABLE artifacts_v2 (
+    task_id TEXT NOT NULL,
+    cycle INTEGER NOT NULL,
+    disk TEXT NOT NULL DEFAULT '',
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    files INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    sha256 TEXT,
+    report TEXT,
+    PRIMARY KEY (task_id, cycle, disk)
+);
+INSERT INTO artifacts_v2 (task_id, cycle, disk, path, bytes, files, created_at)
+    SELECT task_id, cycle, '', path, bytes, files, created_at FROM artifacts;
+DROP TABLE artifacts;
+ALTER TABLE artifacts_v2 RENAME TO artifacts
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 
 class SchemaTooNew(RuntimeError):

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 PY="${PYTHON:-python3}"
 "$PY" -m ruff check .
-"$PY" -m mypy go2cloud_client go2cloud_server
+"$PY" -m mypy go2cloud_client go2cloud_server snapshot_driver
 exec "$PY" -m pytest -q "$@"

@@ -26,6 +26,7 @@ arch = _impl.arch
 boot_mode = _impl.boot_mode
 read_machine_id = _impl.read_machine_id
 block_devices = _impl.block_devices
+mounted_device = _impl.mounted_device
 system_home = _impl.system_home
 lock_exclusive = _impl.lock_exclusive
 unlock = _impl.unlock
@@ -42,6 +43,6 @@ def distro() -> Distro | None:
 
 __all__ = [
     "NAME", "SUPPORTS_FILE_MODE", "Distro", "arch", "block_devices", "boot_mode", "distro",
-    "distro_for", "graceful_signals", "kernel", "kill_process_group", "lock_exclusive",
+    "distro_for", "graceful_signals", "kernel", "kill_process_group", "lock_exclusive", "mounted_device",
     "os_release", "pid_alive", "read_machine_id", "system_home", "terminate_pid", "unlock",
 ]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
+import stat
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -101,6 +103,49 @@ def block_devices(sys_block: Path = _SYS_BLOCK) -> List[Dict[str, Any]]:
                 partitions.append({"name": child.name, "size_bytes": _read_int(child / "size") * 512})
         disks.append({"name": name, "size_bytes": size, "partitions": partitions})
     return disks
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounted_device(path: str, *, mountinfo: Path = Path("/proc/self/mountinfo"),
+                   sys_block: Path = _SYS_BLOCK) -> Optional[Tuple[str, str]]:
+    """(block device, mount point) when the filesystem on ``path`` is mounted: ``path`` is a
+    mounted block device, or an image file attached to a loop device that is mounted (then the
+    device is the loop device). None when it is not mounted (or unknown)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    devs: Dict[str, str] = {}
+    if stat.S_ISBLK(st.st_mode):
+        devs[f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"] = path
+    elif stat.S_ISREG(st.st_mode):
+        real = os.path.realpath(path)
+        try:
+            loops = [p for p in sys_block.iterdir() if p.name.startswith("loop")]
+        except OSError:
+            loops = []
+        for loop in loops:
+            try:
+                backing = (loop / "loop" / "backing_file").read_text().strip()
+                dev = (loop / "dev").read_text().strip()
+            except OSError:
+                continue
+            if backing == real:
+                devs[dev] = f"/dev/{loop.name}"
+    if not devs:
+        return None
+    try:
+        lines = mountinfo.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and fields[2] in devs:
+            return devs[fields[2]], _unescape_mountinfo(fields[4])
+    return None
 
 
 def system_home() -> Path:

@@ -54,6 +54,11 @@ def block_devices() -> List[Dict[str, Any]]:
     return []  # disks are reported through the mounts (psutil) until block mode lands
 
 
+def mounted_device(path: str) -> Optional[Tuple[str, str]]:
+    """Block-level reads on Windows go through VSS; freezing a mount is not a thing there."""
+    return None
+
+
 def system_home() -> Path:
     return Path(os.environ.get("ProgramData", r"C:\ProgramData")) / "go2cloud_client"
 

@@ -16,7 +16,7 @@ from go2cloud_server.errors import (
 )
 from go2cloud_server.scheduler import Scheduler
 from go2cloud_server.service import Service, default_paths, install_commands, workgroup_status
-from go2cloud_server.store import Store
+from go2cloud_server.store import SCHEMA_VERSION, Store
 from tests.unit.server.conftest import import_body, inventory
 
 
@@ -518,7 +518,7 @@ def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock):
 def test_schema_version_and_newer_refused(tmp_path):
     st = Store(tmp_path / "x.db")
     st.migrate()
-    assert st.schema_version() == 1
+    assert st.schema_version() == SCHEMA_VERSION == 2
     with st.transaction() as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     from go2cloud_server.store import SchemaTooNew

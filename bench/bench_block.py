@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""Block engine benchmark (run by hand as root, never in CI). Prints ratios against baselines
+measured in the same run:
+
+* full pass of a 2 GiB image with a realistic mix (random, text and binaries from /usr, written
+  zeros, holes) vs ``cp --sparse=always`` + ``sync`` of the same image to the same target dir;
+* incremental after changing 5% of the chunks vs ``rsync --inplace --no-whole-file`` of the new
+  image onto a copy of the old one;
+* peak RSS of an engine process replicating a 64 GiB sparse image;
+* physical limits: read rate of the image (cold cache), xxh3-128 and zstd rates on one core.
+
+The target is the real go2cloud_server HTTPS server with its block receiver, in its own process.
+Page caches are dropped before every timed run.
+
+    python3 bench/bench_block.py --workdir /var/tmp/g2c-bench --target-dir /dev/shm/g2c-bench-target
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import xxhash  # noqa: E402
+import zstandard  # noqa: E402
+
+from go2cloud_client.replication.block import (  # noqa: E402
+    BlockCycle,
+    BlockOptions,
+    BlockReplicator,
+    BlockTarget,
+    Disk,
+    codec,  # noqa: E402
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def usr_corpus(limit: int) -> bytes:
+    """Text and binaries from /usr (what real disks hold), up to ``limit`` bytes."""
+    out = bytearray()
+    for top in ("/usr/share/doc", "/usr/bin", "/usr/lib/python3", "/usr/share", "/usr/lib"):
+        for dirpath, _dirs, files in os.walk(top):
+            for name in sorted(files):
+                p = os.path.join(dirpath, name)
+                try:
+                    if os.path.islink(p) or not os.path.isfile(p):
+                        continue
+                    with open(p, "rb") as f:
+                        out += f.read(limit - len(out))
+                except OSError:
+                    continue
+                if len(out) >= limit:
+                    return bytes(out)
+    return bytes(out)
+
+
+def make_image(path: Path, size: int, seed: int = 42) -> dict:
+    """Segments of 1-16 MiB: 25% random, 40% /usr content, 20% written zeros, 15% holes."""
+    rnd = random.Random(seed)
+    corpus = usr_corpus(512 * MiB)
+    kinds = {"random": 0, "usr": 0, "zeros": 0, "hole": 0}
+    cpos = 0
+    with open(path, "wb") as f:
+        f.truncate(size)
+        pos = 0
+        while pos < size:
+            n = min(size - pos, rnd.randint(1, 16) * MiB)
+            r = rnd.random()
+            kind = "random" if r < 0.25 else "usr" if r < 0.65 else "zeros" if r < 0.85 else "hole"
+            if kind == "random":
+                os.pwrite(f.fileno(), os.urandom(n), pos)
+            elif kind == "usr":
+                if cpos + n > len(corpus):
+                    cpos = 0
+                os.pwrite(f.fileno(), corpus[cpos:cpos + n], pos)
+                cpos += n
+            elif kind == "zeros":
+                os.pwrite(f.fileno(), bytes(n), pos)
+            kinds[kind] += n
+            pos += n
+    return {k: round(v / size * 100, 1) for k, v in kinds.items()}
+
+
+def change_chunks(path: Path, size: int, fraction: float, seed: int = 7) -> int:
+    rnd = random.Random(seed)
+    count = size // MiB
+    picked = rnd.sample(range(count), int(count * fraction))
+    with open(path, "r+b") as f:
+        for i in picked:
+            os.pwrite(f.fileno(), os.urandom(64 * 1024), i * MiB + rnd.randrange(MiB - 64 * 1024))
+    return len(picked)
+
+
+class ServerProc:
+    def __init__(self, data_dir: Path) -> None:
+        code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r})\n"
+                "from tests.support.blockserver import BlockServer\n"
+                f"s = BlockServer({str(data_dir)!r}).start()\n"
+                "print(json.dumps({'url': s.url, 'token': s.token, 'fp': s.fingerprint}), flush=True)\n"
+                "sys.stdin.read()\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        self.info = json.loads(self.proc.stdout.readline())
+        self.data_dir = data_dir
+
+    def target(self) -> BlockTarget:
+        return BlockTarget(self.info["url"], self.info["token"], self.info["fp"])
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def timed(fn) -> float:
+    t = time.monotonic()
+    fn()
+    return time.monotonic() - t
+
+
+def physical(image: Path) -> dict:
+    drop_caches()
+    fd = os.open(str(image), os.O_RDONLY)
+    t = time.monotonic()
+    n = 0
+    while True:
+        buf = os.read(fd, 4 * MiB)
+        if not buf:
+            break
+        n += len(buf)
+    read_s = time.monotonic() - t
+    os.close(fd)
+    sample = open(image, "rb").read(256 * MiB)  # noqa: SIM115
+    chunks = [sample[i:i + MiB] for i in range(0, len(sample), MiB)]
+    t = time.monotonic()
+    for c in chunks:
+        xxhash.xxh3_128(c).digest()
+    xxh_s = time.monotonic() - t
+    cctx = zstandard.ZstdCompressor(level=codec.zstd_level(7) or 1)  # the console default
+    t = time.monotonic()
+    out = sum(len(cctx.compress(c)) for c in chunks)
+    zstd_s = time.monotonic() - t
+    return {"read_MBps": n / read_s / 1e6, "xxh3_MBps_1core": len(sample) / xxh_s / 1e6,
+            "zstd_default_MBps_1core": len(sample) / zstd_s / 1e6, "zstd_ratio_on_sample": out / len(sample)}
+
+
+RSS_CHILD = r"""
+import sys, json, threading
+sys.path.insert(0, %(root)r)
+from go2cloud_client.replication.block import *
+t = BlockTarget(%(url)r, %(token)r, %(fp)r)
+rep = BlockReplicator(target=t, disks=[Disk("big", %(path)r)], options=BlockOptions(), state_dir=%(state)r)
+r = rep.run_cycle(BlockCycle(1, False), threading.Event())
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a child would report the
+# benchmark's own peak (the 512 MiB corpus) instead of the engine's
+hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+print(json.dumps({"maxrss_kib": hwm, "sent": r.chunks_sent,
+                  "holes": r.chunks_holes}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/var/tmp/g2c-bench")
+    ap.add_argument("--target-dir", default="/dev/shm/g2c-bench-target")
+    ap.add_argument("--size-gib", type=float, default=2)
+    ap.add_argument("--rss-gib", type=int, default=64)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    tdir = Path(args.target_dir)
+    for d in (work, tdir):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    size = int(args.size_gib * GiB)
+    image = work / "source.img"
+    mix = make_image(image, size)
+    print(f"image {size / GiB:.1f} GiB, mix % {mix}")
+    phys = physical(image)
+    print("physical: " + ", ".join(f"{k}={v:.2f}" for k, v in phys.items()))
+
+    # full pass vs cp --sparse=always + sync
+    drop_caches()
+    cp_dst = tdir / "cp-copy.img"
+    def cp() -> None:
+        subprocess.run(["cp", "--sparse=always", "--", str(image), str(cp_dst)], check=True)
+        os.sync()
+
+    cp_s = timed(cp)
+    server = ServerProc(tdir / "server")
+    try:
+        rep = BlockReplicator(target=server.target(), disks=[Disk("d0", str(image))], options=BlockOptions(),
+                              state_dir=work / "state")
+        drop_caches()
+        res: dict = {}
+        full_s = timed(lambda: res.update(r1=rep.run_cycle(BlockCycle(1, False), threading.Event())))
+        r1 = res["r1"]
+        print(f"full pass: engine {full_s:.2f} s (sent {r1.bytes_sent / MiB:.0f} MiB, {r1.chunks_sent} chunks, "
+              f"{r1.chunks_holes} holes)  cp+sync {cp_s:.2f} s  ratio {full_s / cp_s:.2f} (target <= 1.5)")
+
+        # incremental after changing 5% of the chunks vs rsync --inplace --no-whole-file
+        changed = change_chunks(image, size, 0.05)
+        drop_caches()
+        inc_s = timed(lambda: res.update(r2=rep.run_cycle(BlockCycle(2, True), threading.Event())))
+        r2 = res["r2"]
+        drop_caches()
+        def rsync() -> None:
+            subprocess.run(["rsync", "--inplace", "--no-whole-file", "--", str(image), str(cp_dst)], check=True)
+            os.sync()
+
+        rs_s = timed(rsync)
+        print(f"incremental ({changed} of {size // MiB} chunks changed): engine {inc_s:.2f} s "
+              f"(sent {r2.chunks_sent} chunks, {r2.bytes_sent / MiB:.1f} MiB)  rsync {rs_s:.2f} s  "
+              f"ratio {inc_s / rs_s:.2f} (target <= 0.5)")
+        assert subprocess.run(["cmp", "--", str(image), str(cp_dst)]).returncode == 0
+    finally:
+        server.stop()
+    shutil.rmtree(tdir, ignore_errors=True)
+    tdir.mkdir(parents=True)
+
+    # peak RSS for a 64 GiB sparse image (256 MiB of data scattered over it)
+    big = work / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(args.rss_gib * GiB)
+        rnd = random.Random(3)
+        for _ in range(256):
+            os.pwrite(f.fileno(), os.urandom(MiB), rnd.randrange(args.rss_gib * 1024) * MiB)
+    server = ServerProc(tdir / "server")
+    try:
+        code = RSS_CHILD % {"root": str(ROOT), "url": server.info["url"], "token": server.info["token"],
+                            "fp": server.info["fp"], "path": str(big), "state": str(work / "state-big")}
+        t = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.PIPE, text=True).stdout
+        big_s = time.monotonic() - t
+        doc = json.loads(out.strip().splitlines()[-1])
+        print(f"{args.rss_gib} GiB sparse image: {big_s:.1f} s, peak RSS {doc['maxrss_kib'] / 1024:.1f} MiB "
+              f"(target <= 200), {doc['sent']} data chunks, {doc['holes']} hole chunks")
+    finally:
+        server.stop()
+    shutil.rmtree(tdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""HTTPS client of the block target (docs/protocol.md, "Block target").
+
+One ``requests`` session per thread (connections kept alive, never shared between threads), the
+target's certificate pinned by its SHA-256 fingerprint (urllib3 ``assert_fingerprint``; ``verify``
+is forced off per request because the pin replaces CA checks and ``REQUESTS_CA_BUNDLE`` would
+otherwise override a session-level setting). The task token travels only in the
+``Authorization`` header; it is never logged or put in a URL or message.
+
+Retries: connection errors, timeouts and 5xx (but 507) are retried with backoff, interruptibly;
+507 -> :class:`BlockTargetFullError`; 401/403/404/4xx -> :class:`BlockTargetRejectedError`;
+422 ``chunk_hash_mismatch`` -> :class:`ChunkRefused` (the engine re-reads the chunk and tries again).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from go2cloud_client.config import is_loopback_host, normalize_fingerprint
+from go2cloud_client.replication.block.codec import HOLE, Encoded
+from go2cloud_client.replication.block.errors import (
+    BlockTargetError,
+    BlockTargetFullError,
+    BlockTargetRejectedError,
+)
+
+LOG = logging.getLogger(__name__)
+
+CHUNK_TIMEOUT = (15.0, 120.0)
+LONG_TIMEOUT = (15.0, 3600.0)
+RETRIES = 5
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+VERIFY_RECORD = struct.Struct(">I16s")
+VERIFY_BATCH = 65536
+MAX_ANSWER = 4 * 1024 * 1024
+_URL_RE = re.compile(r"^/block/v1/tasks/[A-Za-z0-9._-]{1,64}$")
+
+
+class ChunkRefused(Exception):
+    """The target refused a chunk because its data did not match its hash (nothing written)."""
+
+
+class _PinnedAdapter(HTTPAdapter):
+    def __init__(self, fingerprint_hex: str) -> None:
+        self._fingerprint_hex = fingerprint_hex
+        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=1)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["assert_fingerprint"] = self._fingerprint_hex
+        super().init_poolmanager(*args, **kwargs)
+
+    def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["verify"] = False
+        return super().send(request, **kwargs)
+
+
+def check_target_url(url: str) -> str:
+    """``https://HOST:PORT/block/v1/tasks/<task>`` (plain http only to a loopback host)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"invalid block target URL {url!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError("a block target over plain http is allowed only on a loopback address")
+    if not _URL_RE.match(parts.path.rstrip("/")):
+        raise ValueError(f"invalid block target URL path {parts.path!r}: expected /block/v1/tasks/<task>")
+    return url.rstrip("/")
+
+
+class BlockClient:
+    def __init__(self, url: str, token: str, fingerprint: str, *, cancel: Optional[threading.Event] = None
+                 ) -> None:
+        self.url = check_target_url(url)
+        self._token = token
+        self.fingerprint = normalize_fingerprint(fingerprint) if fingerprint else ""
+        self.cancel = cancel or threading.Event()
+        self._local = threading.local()
+        self._sessions: List[requests.Session] = []
+        self._lock = threading.Lock()
+        self.where = urlsplit(self.url).netloc
+
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.trust_env = False
+            if self.fingerprint:
+                s.mount("https://", _PinnedAdapter(self.fingerprint[len("sha256:"):]))
+            self._local.session = s
+            with self._lock:
+                self._sessions.append(s)
+        return s
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._sessions:
+                s.close()
+            self._sessions.clear()
+
+    def _request(self, method: str, path: str, *, headers: Optional[Dict[str, str]] = None,
+                 body: bytes = b"", timeout: Tuple[float, float] = CHUNK_TIMEOUT, what: str,
+                 ok_404: bool = False) -> Optional[Any]:
+        hdrs = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/octet-stream"}
+        hdrs.update(headers or {})
+        last = ""
+        for attempt in range(RETRIES + 1):
+            if attempt:
+                if self.cancel.wait(BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)]):
+                    raise BlockTargetError(f"{what}: cancelled while retrying")
+            try:
+                resp = self._session().request(method, self.url + path, data=body, headers=hdrs,
+                                               timeout=timeout, allow_redirects=False)
+            except requests.exceptions.SSLError as exc:
+                if "ingerprint" in str(exc):
+                    raise BlockTargetRejectedError(
+                        f"the certificate of the block target {self.where} does not match the pinned "
+                        f"fingerprint {self.fingerprint}: the target changed or this is not the task's "
+                        "target; ask the control plane for the task again") from None
+                last = f"TLS error: {exc}"
+                continue
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                LOG.debug("%s: attempt %s failed: %s", what, attempt + 1, last)
+                continue
+            if resp.status_code == 200:
+                if len(resp.content) > MAX_ANSWER:
+                    raise BlockTargetError(f"{what}: the target's answer is over {MAX_ANSWER} bytes")
+                try:
+                    return resp.json()
+                except ValueError:
+                    raise BlockTargetError(f"{what}: the target's answer is not JSON") from None
+            code, message = _error_of(resp)
+            if resp.status_code == 404 and ok_404:
+                return None
+            if resp.status_code == 507:
+                raise BlockTargetFullError(
+                    f"{what}: the block target {self.where} is out of space ({message}); free space "
+                    "on the target (or move its data directory), then sync again: the generations "
+                    "committed before are intact")
+            if resp.status_code == 422 and code == "chunk_hash_mismatch":
+                raise ChunkRefused(message)
+            if resp.status_code in (401, 403):
+                raise BlockTargetRejectedError(
+                    f"{what}: the block target {self.where} refused the task token ({code}): the task "
+                    "was cancelled or its token replaced; the control plane must start it again")
+            if 400 <= resp.status_code < 500:
+                raise BlockTargetRejectedError(
+                    f"{what}: the block target {self.where} refused the request with HTTP "
+                    f"{resp.status_code} {code}: {message}")
+            last = f"HTTP {resp.status_code} {code}: {message}"
+        raise BlockTargetError(f"{what}: the block target {self.where} failed {RETRIES + 1} times "
+                               f"(last: {last}); check that the target is running and reachable")
+
+    # -- protocol --------------------------------------------------------------------------------
+    def put_chunk(self, disk: str, enc: Encoded, chunk_size: int, disk_size: int) -> None:
+        headers = {"X-Chunk-Size": str(chunk_size), "X-Disk-Size": str(disk_size),
+                   "X-Encoding": enc.encoding}
+        if enc.encoding == HOLE:
+            if enc.count > 1:
+                headers["X-Chunk-Count"] = str(enc.count)
+        else:
+            headers["X-Chunk-Xxh3"] = enc.digest.hex()
+            if enc.blake3:
+                headers["X-Chunk-Blake3"] = enc.blake3
+        self._request("PUT", f"/disks/{disk}/chunks/{enc.index}", headers=headers, body=enc.body,
+                      what=f"disk {disk} chunk {enc.index}")
+
+    def state(self, disk: str) -> Optional[dict]:
+        """What the target committed for ``disk``; None if it has nothing for it."""
+        doc = self._request("GET", f"/disks/{disk}", timeout=CHUNK_TIMEOUT, what=f"state of disk {disk}",
+                            ok_404=True)
+        return doc if isinstance(doc, dict) else None
+
+    def verify(self, disk: str, chunk_size: int, items: Sequence[Tuple[int, bytes]]) -> List[int]:
+        """Indices among ``items`` (index, xxh3) whose data on the target differs."""
+        differ: List[int] = []
+        for start in range(0, len(items), VERIFY_BATCH):
+            batch = items[start:start + VERIFY_BATCH]
+            body = b"".join(VERIFY_RECORD.pack(i, h) for i, h in batch)
+            doc = self._request("POST", f"/disks/{disk}/verify", headers={"X-Chunk-Size": str(chunk_size)},
+                                body=body, timeout=LONG_TIMEOUT, what=f"verify of disk {disk}")
+            found = doc.get("differ") if isinstance(doc, dict) else None
+            if not isinstance(found, list) or not all(isinstance(i, int) for i in found):
+                raise BlockTargetError(f"verify of disk {disk}: malformed answer from the target")
+            differ.extend(found)
+        return sorted(set(differ))
+
+    def commit(self, disk: str, cycle: int, disk_size: int, chunk_size: int, hashes: bytes) -> dict:
+        doc = self._request("POST", f"/disks/{disk}/commit", body=hashes, timeout=LONG_TIMEOUT,
+                            headers={"X-Cycle": str(cycle), "X-Disk-Size": str(disk_size),
+                                     "X-Chunk-Size": str(chunk_size)},
+                            what=f"commit of disk {disk}")
+        return doc if isinstance(doc, dict) else {}
+
+
+def _error_of(resp: Any) -> Tuple[str, str]:
+    try:
+        err = resp.json().get("error", {})
+        return str(err.get("code", "")), str(err.get("message", ""))[:300]
+    except (ValueError, AttributeError):
+        return "", (resp.text or "")[:200]

@@ -1,0 +1,179 @@
+"""HTTPS receiver of the block data path (docs/protocol.md, section "Block target").
+
+Served by the control plane's HTTPS server (``httpapi``) under ``/block/v1/``; the agent pins
+the same certificate. Every request carries the task's own bearer token, which ``resolve``
+checks (the control plane's task table) and turns into the task's :class:`BlockTaskStore`.
+
+Routes (``{task}`` and ``{disk}`` are ``[A-Za-z0-9._-]{1,64}``, ``{index}`` a decimal chunk index):
+
+* ``PUT  /block/v1/tasks/{task}/disks/{disk}/chunks/{index}`` one chunk (raw, zstd or hole)
+* ``POST /block/v1/tasks/{task}/disks/{disk}/verify``         read-back check of chunk hashes
+* ``POST /block/v1/tasks/{task}/disks/{disk}/commit``         end of a cycle for this disk
+* ``GET  /block/v1/tasks/{task}/disks/{disk}``                what the target has committed
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+from typing import Any, Callable, List, Optional, Tuple
+
+from go2cloud_server.blockstore import (
+    HASH_LEN,
+    MAX_CHUNK,
+    MAX_CHUNKS,
+    BlockTaskStore,
+    chunk_len,
+    decompress_chunk,
+)
+from go2cloud_server.errors import AuthFailed, InvalidInput, NotFound, ServerError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/block/v1/"
+#: body caps: a chunk (raw or zstd; zstd adds a few bytes per 128 KiB block), a verify request
+#: (up to 65536 records of 20 bytes), a commit (16 bytes per chunk of the largest disk)
+MAX_CHUNK_BODY = MAX_CHUNK + 64 * 1024
+VERIFY_RECORD = struct.Struct(">I16s")
+MAX_VERIFY_RECORDS = 65536
+MAX_COMMIT_BODY = MAX_CHUNKS * HASH_LEN
+MAX_HOLE_RUN = 1 << 20
+_ID = r"([A-Za-z0-9._-]{1,64})"
+_ROUTES = [
+    ("PUT", re.compile(rf"^/block/v1/tasks/{_ID}/disks/{_ID}/chunks/([0-9]{{1,10}})$"), "chunk"),
+    ("POST", re.compile(rf"^/block/v1/tasks/{_ID}/disks/{_ID}/verify$"), "verify"),
+    ("POST", re.compile(rf"^/block/v1/tasks/{_ID}/disks/{_ID}/commit$"), "commit"),
+    ("GET", re.compile(rf"^/block/v1/tasks/{_ID}/disks/{_ID}$"), "state"),
+]
+_HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+Resolver = Callable[[str, str], Optional[BlockTaskStore]]
+
+
+def _int_header(headers: Any, name: str, *, default: Optional[int] = None) -> int:
+    raw = headers.get(name)
+    if raw is None:
+        if default is not None:
+            return default
+        raise InvalidInput(f"header {name} is missing")
+    raw = raw.strip()
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidInput(f"header {name}: {raw[:40]!r} is not a non-negative integer")
+    return int(raw)
+
+
+def _error(exc: ServerError) -> Tuple[int, dict]:
+    return exc.http_status, {"error": {"code": exc.code, "message": exc.message}}
+
+
+class BlockReceiver:
+    """Routes ``/block/v1/...`` requests to the task's store. ``handle`` never raises for a
+    client error: it answers with the protocol's error body."""
+
+    routes = [(m, rx.pattern, name) for m, rx, name in _ROUTES]
+
+    def __init__(self, resolve: Resolver) -> None:
+        self.resolve = resolve
+
+    @staticmethod
+    def owns(path: str) -> bool:
+        return path.startswith(PREFIX)
+
+    @staticmethod
+    def max_body(method: str, path: str) -> int:
+        """Largest request body accepted on this route (read before :meth:`handle`)."""
+        if method == "PUT":
+            return MAX_CHUNK_BODY
+        if path.endswith("/verify"):
+            return MAX_VERIFY_RECORDS * VERIFY_RECORD.size
+        if path.endswith("/commit"):
+            return MAX_COMMIT_BODY
+        return 0
+
+    def _match(self, method: str, path: str) -> Tuple[str, Tuple[str, ...]]:
+        path_found = False
+        for m, regex, name in _ROUTES:
+            found = regex.match(path)
+            if found:
+                path_found = True
+                if m == method:
+                    return name, found.groups()
+        if path_found:
+            raise InvalidInput(f"method {method} not allowed on {path}")
+        raise NotFound(f"no such endpoint: {method} {path}")
+
+    def _store(self, task: str, headers: Any) -> BlockTaskStore:
+        value = headers.get("Authorization") or ""
+        if not value.startswith("Bearer ") or not value[7:].strip():
+            raise AuthFailed("block target: missing bearer token (Authorization: Bearer <task token>)")
+        store = self.resolve(task, value[7:].strip())
+        if store is None:
+            raise AuthFailed("block target: unknown task or wrong task token")
+        return store
+
+    def handle(self, method: str, path: str, headers: Any, body: bytes) -> Tuple[int, dict]:
+        try:
+            name, args = self._match(method, path.split("?", 1)[0].rstrip("/"))
+            store = self._store(args[0], headers)
+            disk = args[1]
+            if name == "chunk":
+                return 200, self._chunk(store, disk, int(args[2]), headers, body or b"")
+            if name == "verify":
+                return 200, self._verify(store, disk, headers, body or b"")
+            if name == "commit":
+                return 200, self._commit(store, disk, headers, body or b"")
+            return 200, store.state(disk)
+        except ServerError as exc:
+            if exc.http_status >= 500 and exc.http_status != 507:
+                log.error("block %s %s: %s", method, path, exc)
+            return _error(exc)
+
+    def _chunk(self, store: BlockTaskStore, disk: str, index: int, headers: Any, body: bytes) -> dict:
+        chunk_size = _int_header(headers, "X-Chunk-Size")
+        disk_size = _int_header(headers, "X-Disk-Size")
+        encoding = (headers.get("X-Encoding") or "").strip().lower()
+        length = chunk_len(index, chunk_size, disk_size)
+        xxh3 = (headers.get("X-Chunk-Xxh3") or "").strip()
+        b3 = headers.get("X-Chunk-Blake3")
+        if xxh3 and not _HEX32.match(xxh3):
+            raise InvalidInput("header X-Chunk-Xxh3: must be 32 hex digits (xxh3-128)")
+        if b3 is not None and not _HEX64.match(b3.strip()):
+            raise InvalidInput("header X-Chunk-Blake3: must be 64 hex digits (BLAKE3-256)")
+        if encoding == "hole":
+            if body:
+                raise InvalidInput("a hole has no body")
+            count = _int_header(headers, "X-Chunk-Count", default=1)
+            if not 1 <= count <= MAX_HOLE_RUN:
+                raise InvalidInput(f"header X-Chunk-Count: {count} must be 1-{MAX_HOLE_RUN}")
+            if count == 1:
+                store.write_chunk(disk, index, chunk_size, disk_size, None, xxh3)
+            else:
+                store.write_holes(disk, index, count, chunk_size, disk_size)
+            return {"disk": disk, "index": index, "count": count, "bytes": 0}
+        if not xxh3:
+            raise InvalidInput("header X-Chunk-Xxh3 is missing")
+        if encoding == "raw":
+            data = body
+        elif encoding == "zstd":
+            data = decompress_chunk(body, length)
+        else:
+            raise InvalidInput(f"header X-Encoding: {encoding[:20]!r} must be raw, zstd or hole")
+        store.write_chunk(disk, index, chunk_size, disk_size, data, xxh3, b3.strip() if b3 else None)
+        return {"disk": disk, "index": index, "count": 1, "bytes": len(body)}
+
+    def _verify(self, store: BlockTaskStore, disk: str, headers: Any, body: bytes) -> dict:
+        chunk_size = _int_header(headers, "X-Chunk-Size")
+        if len(body) % VERIFY_RECORD.size:
+            raise InvalidInput(f"body: verify records are {VERIFY_RECORD.size} bytes each")
+        items: List[Tuple[int, bytes]] = [VERIFY_RECORD.unpack_from(body, off)
+                                          for off in range(0, len(body), VERIFY_RECORD.size)]
+        differ = store.verify_indices(disk, items, chunk_size)
+        return {"disk": disk, "checked": len(items), "differ": differ}
+
+    def _commit(self, store: BlockTaskStore, disk: str, headers: Any, body: bytes) -> dict:
+        cycle = _int_header(headers, "X-Cycle")
+        disk_size = _int_header(headers, "X-Disk-Size")
+        chunk_size = _int_header(headers, "X-Chunk-Size")
+        return store.commit(disk, cycle, disk_size, body, chunk_size)

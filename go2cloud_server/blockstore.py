@@ -1,0 +1,609 @@
+"""Block target storage of one task: disk images written chunk by chunk, committed generations.
+
+Layout under ``<data-dir>/tasks/<task_id>/block`` (the store's root)::
+
+    <disk>/current.img          the image being written (sparse; chunk i at i * chunk_size)
+    <disk>/committed.hashes     xxh3-128 of every chunk at the last commit (16 bytes per chunk)
+    <disk>/state.json           {"version", "disk", "chunk_size", "disk_size", "committed_cycle",
+                                 "hashes_count", "hashes_digest", "committed_at"}
+    <disk>/gen-000003.img       generation of cycle 3: full, independent point-in-time image
+    <disk>/gen-000003.json      its verification report (size, sha256, filesystem, fsck result)
+
+Rules:
+
+* Every chunk is checked against the sender's xxh3-128 (and BLAKE3 when given) *after*
+  decompression and *before* it is written; a mismatch writes nothing (:class:`ChunkHashMismatch`).
+* Nothing is written outside ``<root>/<disk>/``: disk names are ``[A-Za-z0-9._-]{1,64}`` (not
+  ``.``/``..``), the disk directory must not be a symlink, image files are opened with
+  ``O_NOFOLLOW``, and index, chunk size and disk size are range-checked so a write never lands
+  past the image's end.
+* Holes stay sparse: an all-zero chunk is punched with ``fallocate(PUNCH_HOLE | KEEP_SIZE)``;
+  where punching is not supported the range is written with zeros only if it holds data.
+* Chunk writes are idempotent (same index, same bytes, same place). ``commit`` truncates the image
+  to the disk size, fsyncs image and directory and records the cycle and the chunk hashes;
+  committing the same cycle with the same hashes again is a no-op.
+* ``commit_cycle`` turns the committed ``current.img`` of every disk into ``gen-<cycle>.img``
+  (a reflink where the filesystem supports FICLONE, else a sparse copy that skips holes) plus its
+  report. The generations are never written again; later passes only touch ``current.img``.
+* A full target filesystem (ENOSPC/EDQUOT) raises :class:`TargetFull` (HTTP 507); what was
+  committed before stays intact.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import blake3
+import xxhash
+import zstandard
+
+from go2cloud_server.atomicfile import write_atomic
+from go2cloud_server.errors import Conflict, InvalidInput, NotFound, ServerError
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+HASH_LEN = 16
+MIN_CHUNK = 4096
+MAX_CHUNK = 4 * 1024 * 1024
+MAX_DISK = 1 << 50          # 1 PiB
+MAX_CHUNKS = 1 << 22        # per disk (4 TiB at 1 MiB chunks, 16 TiB at 4 MiB)
+CURRENT = "current.img"
+_DISK_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_GEN_RE = re.compile(r"^gen-(\d{6})\.img$")
+_FICLONE = 0x40049409
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_NOSPACE = (errno.ENOSPC, errno.EDQUOT)
+FSCK_TIMEOUT_S = 3600
+_COPY_BLOCK = 1 << 20
+
+
+class TargetFull(ServerError):
+    http_status = 507
+    code = "target_full"
+    summary = "the target's storage is full"
+
+
+class ChunkHashMismatch(ServerError):
+    http_status = 422
+    code = "chunk_hash_mismatch"
+    summary = "a chunk did not match the hash it was sent with (nothing was written)"
+
+
+_LOCKS: Dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(path: Path) -> threading.Lock:
+    """One lock per disk directory, shared by every store object of the process."""
+    key = str(path)
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.Lock())
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_disk_name(name: str) -> str:
+    if not isinstance(name, str) or not _DISK_RE.match(name) or name in (".", ".."):
+        raise InvalidInput(f"disk: invalid name {name!r} (1-64 of A-Z a-z 0-9 . _ -)")
+    return name
+
+
+def check_geometry(chunk_size: int, disk_size: int) -> int:
+    """Validate chunk and disk size; return the number of chunks."""
+    if not isinstance(chunk_size, int) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_size % MIN_CHUNK:
+        raise InvalidInput(f"chunk_size: {chunk_size!r} must be a multiple of 4096 in 4096-{MAX_CHUNK}")
+    if not isinstance(disk_size, int) or not 0 < disk_size <= MAX_DISK:
+        raise InvalidInput(f"disk_size: {disk_size!r} must be 1-{MAX_DISK}")
+    count = -(-disk_size // chunk_size)
+    if count > MAX_CHUNKS:
+        raise InvalidInput(f"disk_size: {disk_size} is {count} chunks of {chunk_size}, over {MAX_CHUNKS}")
+    return count
+
+
+def chunk_len(index: int, chunk_size: int, disk_size: int) -> int:
+    count = check_geometry(chunk_size, disk_size)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
+        raise InvalidInput(f"index: {index!r} out of range 0-{count - 1}")
+    return min(chunk_size, disk_size - index * chunk_size)
+
+
+_ZERO_HASHES: Dict[int, str] = {}
+
+
+def zero_xxh3(length: int) -> str:
+    found = _ZERO_HASHES.get(length)
+    if found is None:
+        found = xxhash.xxh3_128(bytes(length)).hexdigest()
+        if len(_ZERO_HASHES) < 64:
+            _ZERO_HASHES[length] = found
+    return found
+
+
+def decompress_chunk(payload: bytes, expected_len: int) -> bytes:
+    """zstd frame -> exactly ``expected_len`` bytes. Never inflates past ``expected_len + 1``
+    bytes (a decompression bomb is refused, whatever content size its header claims)."""
+    try:
+        params = zstandard.get_frame_parameters(payload)
+    except zstandard.ZstdError as exc:
+        raise InvalidInput(f"body: not a zstd frame ({exc})") from None
+    declared = params.content_size
+    unknown = (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR)
+    if declared not in unknown and declared != expected_len:
+        raise InvalidInput(f"body: zstd frame declares {declared} bytes, the chunk has {expected_len}")
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as reader:
+            data = reader.read(expected_len + 1)
+            while len(data) <= expected_len:
+                more = reader.read(expected_len + 1 - len(data))
+                if not more:
+                    break
+                data += more
+    except zstandard.ZstdError as exc:
+        raise InvalidInput(f"body: corrupt zstd data ({exc})") from None
+    if len(data) != expected_len:
+        raise InvalidInput(f"body: decompresses to {'more than ' if len(data) > expected_len else ''}"
+                           f"{len(data)} bytes, the chunk has {expected_len}")
+    return data
+
+
+# -- sparse files ------------------------------------------------------------------------------
+_libc: Optional[ctypes.CDLL] = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2); False when unsupported here (EOPNOTSUPP, ENOSYS, no libc)."""
+    global _libc
+    if _libc is None:
+        try:  # the process already has libc loaded (find_library would run ldconfig)
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.fallocate  # noqa: B018 - AttributeError when missing
+        except (OSError, AttributeError):
+            return False
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    """True if [offset, offset+length) holds no data (or lies past the end of the file)."""
+    try:
+        nxt = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data at or after offset
+            return True
+        return False
+    return nxt >= offset + length
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros without allocating blocks where possible."""
+    if length <= 0 or _is_hole(fd, offset, length):
+        return
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+        return
+    zeros = bytes(min(length, _COPY_BLOCK))
+    done = 0
+    while done < length:
+        n = min(len(zeros), length - done)
+        os.pwrite(fd, zeros[:n], offset + done)
+        done += n
+
+
+def data_extents(fd: int, size: int) -> Iterator[Tuple[int, int]]:
+    """(offset, length) of the data regions of a file (the whole file where SEEK_DATA fails)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            yield pos, size - pos
+            return
+        if start >= size:
+            return
+        try:
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError:
+            end = size
+        yield start, end - start
+        pos = end
+
+
+def sparse_copy(src: Path, dst: Path) -> str:
+    """Copy ``src`` to ``dst`` (created 0600): reflink when the filesystem can, else copy the
+    data regions only. Returns ``"reflink"`` or ``"sparse"``."""
+    sfd = os.open(str(src), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dfd = os.open(str(dst), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(sfd).st_size
+            try:
+                fcntl.ioctl(dfd, _FICLONE, sfd)
+                how = "reflink"
+            except OSError:
+                how = "sparse"
+                for off, length in data_extents(sfd, size):
+                    done = 0
+                    while done < length:
+                        buf = os.pread(sfd, min(_COPY_BLOCK, length - done), off + done)
+                        if not buf:
+                            break
+                        if buf.count(0) != len(buf):
+                            os.pwrite(dfd, buf, off + done)
+                        done += len(buf)
+                os.ftruncate(dfd, size)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    return how
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _run_check(args: List[str]) -> Tuple[Optional[int], str]:
+    try:
+        proc = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=FSCK_TIMEOUT_S,
+                              env={**os.environ, "LC_ALL": "C", "LANG": "C"})
+    except FileNotFoundError:
+        return None, f"{args[0]} is not installed"
+    except subprocess.TimeoutExpired:
+        return None, f"{args[0]} did not finish within {FSCK_TIMEOUT_S} s"
+    out = proc.stdout.decode("utf-8", "replace").strip().splitlines()
+    return proc.returncode, " | ".join(out[-4:])[-1000:]
+
+
+def detect_fs(path: Path) -> Optional[str]:
+    rc, out = _run_check(["blkid", "-p", "-o", "value", "-s", "TYPE", "--", str(path)])
+    if rc != 0 or not out:
+        return None
+    return out.split(" | ")[-1].strip() or None
+
+
+def fs_check(path: Path, fs: Optional[str]) -> Optional[dict]:
+    """Read-only filesystem check of an image file: ``e2fsck -fn`` (ext2/3/4), ``xfs_repair -n``."""
+    if fs in ("ext2", "ext3", "ext4"):
+        args = ["e2fsck", "-f", "-n", "--", str(path)]
+    elif fs == "xfs":
+        args = ["xfs_repair", "-n", "-f", str(path)]  # xfs_repair takes no "--"
+    else:
+        return None
+    rc, summary = _run_check(args)
+    return {"tool": " ".join(args[:-2] if args[-2] == "--" else args[:-1]), "rc": rc, "ok": rc == 0,
+            "summary": summary}
+
+
+class BlockTaskStore:
+    """The block images of one task. Thread-safe for concurrent chunk writes (each write opens
+    the image on its own); commits and generations of one disk are serialised."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # -- paths -----------------------------------------------------------------------------------
+    def _disk_dir(self, disk: str, create: bool = False) -> Path:
+        check_disk_name(disk)
+        path = self.root / disk
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise InvalidInput(f"disk {disk}: the target path is not a plain directory")
+        return path
+
+    def _open_image(self, disk: str, disk_size: int) -> int:
+        path = self._disk_dir(disk, create=True) / CURRENT
+        try:
+            fd = os.open(str(path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self._raise_io(exc, f"cannot open the image of disk {disk}")
+        try:
+            if os.fstat(fd).st_size < disk_size:
+                os.ftruncate(fd, disk_size)
+        except OSError as exc:
+            os.close(fd)
+            self._raise_io(exc, f"cannot size the image of disk {disk}")
+        return fd
+
+    def _raise_io(self, exc: OSError, what: str) -> None:
+        if exc.errno in _NOSPACE:
+            raise TargetFull(f"{what}: the target's storage ({self.root}) is full") from exc
+        raise exc
+
+    def disks(self) -> List[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.is_symlink() and _DISK_RE.match(p.name))
+
+    # -- chunks ----------------------------------------------------------------------------------
+    def write_chunk(self, disk: str, index: int, chunk_size: int, disk_size: int, data: Optional[bytes],
+                    xxh3: str, blake3_hex: Optional[str] = None) -> None:
+        """Write one plain chunk (``data`` None = all zeros, written as a hole) after checking it
+        against ``xxh3`` (hex xxh3-128) and, when given, ``blake3_hex``."""
+        length = chunk_len(index, chunk_size, disk_size)
+        check_disk_name(disk)
+        if data is None:
+            if xxh3 and xxh3.lower() != zero_xxh3(length):
+                raise ChunkHashMismatch(f"disk {disk} chunk {index}: a hole with the hash of non-zero data")
+        else:
+            if len(data) != length:
+                raise InvalidInput(f"disk {disk} chunk {index}: {len(data)} bytes, expected {length}")
+            if xxhash.xxh3_128(data).hexdigest() != (xxh3 or "").lower():
+                raise ChunkHashMismatch(f"disk {disk} chunk {index}: xxh3-128 does not match the data")
+            if blake3_hex is not None and blake3.blake3(data).hexdigest() != blake3_hex.lower():
+                raise ChunkHashMismatch(f"disk {disk} chunk {index}: BLAKE3 does not match the data")
+        fd = self._open_image(disk, disk_size)
+        try:
+            offset = index * chunk_size
+            if data is None or data.count(0) == len(data):
+                punch_hole(fd, offset, length)
+            else:
+                view = memoryview(data)
+                done = 0
+                while done < length:
+                    done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            self._raise_io(exc, f"cannot write chunk {index} of disk {disk}")
+        finally:
+            os.close(fd)
+
+    def write_holes(self, disk: str, first: int, count: int, chunk_size: int, disk_size: int) -> None:
+        """Chunks ``first`` .. ``first+count-1`` are all zeros."""
+        chunk_len(first, chunk_size, disk_size)
+        if not isinstance(count, int) or count < 1:
+            raise InvalidInput(f"count: {count!r} must be >= 1")
+        last = first + count - 1
+        end = min(disk_size, (last + 1) * chunk_size)
+        chunk_len(last, chunk_size, disk_size)
+        fd = self._open_image(disk, disk_size)
+        try:
+            punch_hole(fd, first * chunk_size, end - first * chunk_size)
+        except OSError as exc:
+            self._raise_io(exc, f"cannot write chunks {first}-{last} of disk {disk}")
+        finally:
+            os.close(fd)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _read_state(self, disk: str) -> Optional[dict]:
+        path = self._disk_dir(disk) / "state.json"
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def state(self, disk: str) -> dict:
+        """What the target holds for ``disk``; NotFound if it never received anything."""
+        ddir = self._disk_dir(disk)
+        img = ddir / CURRENT
+        if not ddir.is_dir():
+            raise NotFound(f"disk {disk}: nothing received yet")
+        st = self._read_state(disk) or {}
+        size = img.lstat().st_size if img.exists() else 0
+        return {"disk": disk, "size": size, "chunk_size": st.get("chunk_size"),
+                "disk_size": st.get("disk_size"), "committed_cycle": st.get("committed_cycle"),
+                "hashes_count": st.get("hashes_count", 0), "hashes_digest": st.get("hashes_digest"),
+                "committed_at": st.get("committed_at")}
+
+    def committed_hashes(self, disk: str) -> bytes:
+        try:
+            return (self._disk_dir(disk) / "committed.hashes").read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def commit(self, disk: str, cycle: int, disk_size: int, chunk_hashes: bytes, chunk_size: int = 0) -> dict:
+        """Make ``current.img`` of ``disk`` the state of ``cycle``: truncate to ``disk_size``,
+        fsync image and directory, record the cycle and the chunk hashes (16 bytes per chunk)."""
+        if not isinstance(cycle, int) or not 0 < cycle <= 999999:
+            raise InvalidInput(f"cycle: {cycle!r} must be 1-999999")
+        if len(chunk_hashes) % HASH_LEN:
+            raise InvalidInput("hashes: length is not a multiple of 16")
+        count = len(chunk_hashes) // HASH_LEN
+        if not chunk_size:  # derive it: the smallest multiple of 4096 that gives ``count`` chunks
+            chunk_size = -(-disk_size // max(count, 1)) if isinstance(disk_size, int) else 0
+            chunk_size += -chunk_size % MIN_CHUNK
+        if check_geometry(chunk_size, disk_size) != count:
+            raise InvalidInput(f"hashes: {count} given, the disk has {-(-disk_size // chunk_size)} chunks")
+        ddir = self._disk_dir(disk, create=True)
+        digest = xxhash.xxh3_128(chunk_hashes).hexdigest()
+        with _lock_for(ddir):
+            old = self._read_state(disk)
+            if old and old.get("committed_cycle") == cycle and old.get("hashes_digest") == digest:
+                return self.state(disk)
+            if old and isinstance(old.get("committed_cycle"), int) and old["committed_cycle"] > cycle:
+                raise Conflict(f"disk {disk}: cycle {old['committed_cycle']} is already committed, "
+                               f"cannot commit the older cycle {cycle}")
+            fd = self._open_image(disk, disk_size)
+            try:
+                os.ftruncate(fd, disk_size)
+                os.fsync(fd)
+                write_atomic(ddir / "committed.hashes", chunk_hashes)
+                write_atomic(ddir / "state.json", json.dumps({
+                    "version": STATE_VERSION, "disk": disk, "chunk_size": chunk_size, "disk_size": disk_size,
+                    "committed_cycle": cycle, "hashes_count": count, "hashes_digest": digest,
+                    "committed_at": _utc_now()}, indent=1) + "\n")
+                _fsync_dir(ddir)
+            except OSError as exc:
+                self._raise_io(exc, f"cannot commit disk {disk}")
+            finally:
+                os.close(fd)
+        log.info("block %s: disk %s committed cycle %s (%s bytes, %s chunks)", self.root, disk, cycle,
+                 disk_size, count)
+        return self.state(disk)
+
+    def verify(self, disk: str, hashes: bytes, first: int = 0, chunk_size: int = 0) -> List[int]:
+        """Read back ``current.img`` from chunk ``first`` on; return the indices whose xxh3-128
+        differs from ``hashes`` (16 bytes per chunk). ``chunk_size`` defaults to the committed one."""
+        return self.verify_indices(disk, [(first + i, hashes[i * HASH_LEN:(i + 1) * HASH_LEN])
+                                          for i in range(len(hashes) // HASH_LEN)], chunk_size)
+
+    def verify_indices(self, disk: str, items: List[Tuple[int, bytes]], chunk_size: int = 0) -> List[int]:
+        ddir = self._disk_dir(disk)
+        if not chunk_size:
+            chunk_size = int((self._read_state(disk) or {}).get("chunk_size") or 0)
+        check_geometry(chunk_size, MIN_CHUNK)
+        try:
+            fd = os.open(str(ddir / CURRENT), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return [i for i, _ in items]
+        bad: List[int] = []
+        try:
+            size = os.fstat(fd).st_size
+            for index, want in items:
+                off = index * chunk_size
+                if index < 0 or off >= size:
+                    bad.append(index)
+                    continue
+                length = min(chunk_size, size - off)
+                if _is_hole(fd, off, length):
+                    got = bytes.fromhex(zero_xxh3(length))
+                else:
+                    got = xxhash.xxh3_128(os.pread(fd, length, off)).digest()
+                if got != want:
+                    bad.append(index)
+        finally:
+            os.close(fd)
+        return bad
+
+    # -- generations -----------------------------------------------------------------------------
+    def gen_path(self, disk: str, cycle: int) -> Path:
+        return self._disk_dir(disk) / f"gen-{cycle:06d}.img"
+
+    def commit_cycle(self, cycle: int) -> List[dict]:
+        """Record generation ``cycle`` of every disk committed at that cycle (idempotent)."""
+        out: List[dict] = []
+        disks = [d for d in self.disks()
+                 if (self._read_state(d) or {}).get("committed_cycle") == cycle
+                 or self.gen_path(d, cycle).with_suffix(".json").exists()]
+        if not disks:
+            raise Conflict(f"cycle {cycle}: no disk of this task is committed at that cycle")
+        for disk in disks:
+            out.append(self._make_generation(disk, cycle))
+        return out
+
+    def _make_generation(self, disk: str, cycle: int) -> dict:
+        ddir = self._disk_dir(disk)
+        img = self.gen_path(disk, cycle)
+        report_path = img.with_suffix(".json")
+        with _lock_for(ddir):
+            if report_path.exists() and img.exists():
+                return dict(json.loads(report_path.read_text()))
+            for stale in (img, report_path):
+                if stale.exists():
+                    stale.unlink()
+            try:
+                how = sparse_copy(ddir / CURRENT, img)
+                _fsync_dir(ddir)
+            except OSError as exc:
+                if img.exists():
+                    img.unlink()
+                self._raise_io(exc, f"cannot create generation {cycle} of disk {disk}")
+            sha = hashlib.sha256()
+            size = 0
+            fd = os.open(str(img), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                zeros = bytes(_COPY_BLOCK)
+                pos = 0
+                for off, length in data_extents(fd, size):
+                    while pos < off:  # the hole before this extent
+                        n = min(_COPY_BLOCK, off - pos)
+                        sha.update(zeros[:n])
+                        pos += n
+                    end = off + length
+                    while pos < end:
+                        buf = os.pread(fd, min(_COPY_BLOCK, end - pos), pos)
+                        if not buf:
+                            raise OSError(errno.EIO, f"short read of {img}")
+                        sha.update(buf)
+                        pos += len(buf)
+                while pos < size:
+                    n = min(_COPY_BLOCK, size - pos)
+                    sha.update(zeros[:n])
+                    pos += n
+            finally:
+                os.close(fd)
+            fs = detect_fs(img)
+            report = {"disk": disk, "cycle": cycle, "path": str(img), "bytes": size,
+                      "sha256": sha.hexdigest(), "fs": fs, "copy": how, "check": fs_check(img, fs),
+                      "created_at": _utc_now()}
+            try:
+                write_atomic(report_path, json.dumps(report, indent=1) + "\n")
+            except OSError as exc:
+                img.unlink()
+                self._raise_io(exc, f"cannot write the report of generation {cycle} of disk {disk}")
+        check = report["check"]
+        log.info("block %s: generation %s of disk %s: %s bytes (%s), fs %s, check ok: %s", self.root, cycle,
+                 disk, size, how, fs, check.get("ok") if isinstance(check, dict) else None)
+        return report
+
+    def generations(self) -> List[int]:
+        """Cycles that have a complete generation (image + report) for at least one disk."""
+        found = set()
+        for disk in self.disks():
+            for p in (self.root / disk).iterdir():
+                m = _GEN_RE.match(p.name)
+                if m and p.with_suffix(".json").exists():
+                    found.add(int(m.group(1)))
+        return sorted(found)
+
+    def discard_cycle(self, cycle: int) -> None:
+        for disk in self.disks():
+            img = self.gen_path(disk, cycle)
+            for p in (img.with_suffix(".json"), img):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+
+    def retain(self, keep: int) -> List[int]:
+        """Keep the newest ``keep`` generations (at least 1); return the removed cycles."""
+        keep = max(1, int(keep))
+        gens = self.generations()
+        removed = gens[:-keep] if len(gens) > keep else []
+        for cycle in removed:
+            self.discard_cycle(cycle)
+        return removed
+
+    def destroy(self) -> None:
+        if self.root.is_symlink():
+            self.root.unlink()
+        elif self.root.exists():
+            shutil.rmtree(self.root)

@@ -1,0 +1,451 @@
+"""Block replication end to end: the real engine, the real HTTPS server of go2cloud_server with
+its block receiver (in this process, tests/support/blockserver.py), real ext4/xfs filesystems in
+image files and on loop devices, kill -9 of an engine process. Every check compares the
+target's generation with the source bit for bit (sha256)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+import requests
+import xxhash
+
+from go2cloud_client.replication.block import (
+    BlockCycle,
+    BlockOptions,
+    BlockReplicator,
+    BlockSourceError,
+    BlockTarget,
+    BlockTargetFullError,
+    Disk,
+)
+from go2cloud_server.blockstore import BlockTaskStore
+from tests.support.blockserver import BlockServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.root]
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+CS = 256 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _needs_root() -> None:
+    assert os.geteuid() == 0, "block integration tests need root (loop devices, mount)"
+
+
+def run(*args: str) -> str:
+    return subprocess.run(list(args), check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300).stdout
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(4 * MiB)
+            if not buf:
+                return h.hexdigest()
+            h.update(buf)
+
+
+@contextmanager
+def loop_device(image: Path) -> Iterator[str]:
+    dev = run("losetup", "--find", "--show", "--", str(image)).strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@contextmanager
+def mounted(image: Path, where: Path) -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    run("mount", "-o", "loop", "--", str(image), str(where))
+    try:
+        yield where
+    finally:
+        run("umount", str(where))
+
+
+def make_fs(image: Path, fs: str, size: int, work: Path, seed: int = 1) -> None:
+    """A filesystem with real content: random files, text, copies of /usr binaries, a zeroed file."""
+    with open(image, "wb") as f:
+        f.truncate(size)
+    if fs == "ext4":
+        run("mkfs.ext4", "-q", "-F", "--", str(image))
+    else:
+        run("mkfs.xfs", "-q", "-f", "--", str(image))
+    rnd = random.Random(seed)
+    with mounted(image, work / "mnt") as mnt:
+        (mnt / "random").mkdir()
+        for i in range(8):
+            (mnt / "random" / f"r{i}.bin").write_bytes(rnd.randbytes(rnd.randint(256 * 1024, 3 * MiB)))
+        (mnt / "text").mkdir()
+        words = ["migration", "block", "chunk", "zstd", "server", "disk", "cloud", "snapshot", "\n"]
+        for i in range(20):
+            (mnt / "text" / f"t{i}.txt").write_text(" ".join(rnd.choice(words) for _ in range(40000)))
+        (mnt / "bin").mkdir()
+        for name in ("bash", "ls", "cp", "tar", "python3"):
+            src = shutil.which(name)
+            if src:
+                shutil.copy(os.path.realpath(src), mnt / "bin" / name)
+        (mnt / "zeros.dat").write_bytes(bytes(4 * MiB))
+        os.sync()
+
+
+def change_fs(image: Path, work: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    with mounted(image, work / "mnt") as mnt:
+        (mnt / "random" / "r0.bin").unlink()
+        (mnt / "new").mkdir(exist_ok=True)
+        for i in range(3):
+            (mnt / "new" / f"n{seed}-{i}.bin").write_bytes(rnd.randbytes(MiB))
+        with open(mnt / "text" / "t3.txt", "a") as f:
+            f.write("appended line\n" * 1000)
+        os.sync()
+
+
+def replicator(server: BlockServer, path: str, state: Path, **opts) -> BlockReplicator:
+    opts.setdefault("chunk_size", CS)
+    return BlockReplicator(target=BlockTarget(server.url, server.token, server.fingerprint),
+                           disks=[Disk("d0", path)], options=BlockOptions(**opts), state_dir=state)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[BlockServer]:
+    srv = BlockServer(tmp_path / "server").start()
+    yield srv
+    srv.stop()
+
+
+class WriteCounter:
+    """Counts the chunk writes the store receives per index (data chunks only)."""
+
+    def __init__(self, store: BlockTaskStore) -> None:
+        self.counts: Counter = Counter()
+        self._lock = threading.Lock()
+        real = store.write_chunk
+
+        def write_chunk(disk, index, chunk_size, disk_size, data, xxh3, blake3_hex=None):
+            real(disk, index, chunk_size, disk_size, data, xxh3, blake3_hex)
+            if data is not None:
+                with self._lock:
+                    self.counts[index] += 1
+
+        store.write_chunk = write_chunk  # type: ignore[method-assign]
+
+    def resent(self) -> int:
+        return sum(n - 1 for n in self.counts.values() if n > 1)
+
+
+# -- full and incremental on real filesystems ----------------------------------------------------
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_filesystem_image_full_then_incremental(tmp_path: Path, server: BlockServer, fs: str) -> None:
+    image = tmp_path / f"{fs}.img"
+    size = 160 * MiB if fs == "ext4" else 320 * MiB  # mkfs.xfs wants more than 300 MB
+    make_fs(image, fs, size, tmp_path)
+    seen: List = []
+    # ext4: replicate the image file; xfs: replicate it through a loop device (a block device)
+    with (loop_device(image) if fs == "xfs" else _nullpath(image)) as path:
+        rep = replicator(server, path, tmp_path / "state", checksum=True)
+        rep.on_progress = seen.append
+        r1 = rep.run_cycle(BlockCycle(1, False), threading.Event())
+    gen1 = server.store.commit_cycle(1)[0]
+    assert gen1["sha256"] == sha256(image)
+    assert gen1["fs"] == fs and gen1["check"]["ok"], gen1["check"]
+    assert gen1["bytes"] == size
+    assert r1.chunks_total == size // CS and r1.chunks_holes > 0 and r1.verify_rounds == 1
+    last = seen[-1].paths[0]
+    assert last.state == "done" and last.bytes_done == last.bytes_total == size
+    assert last.bytes_zero == r1.bytes_zero > 0 and last.bytes_sent == r1.bytes_sent
+    assert r1.bytes_sent < r1.bytes_total - r1.bytes_zero  # text and binaries compressed
+
+    change_fs(image, tmp_path, seed=2)
+    with (loop_device(image) if fs == "xfs" else _nullpath(image)) as path:
+        rep = replicator(server, path, tmp_path / "state", checksum=True)
+        r2 = rep.run_cycle(BlockCycle(2, True), threading.Event())
+    gen2 = server.store.commit_cycle(2)[0]
+    assert gen2["sha256"] == sha256(image)
+    assert gen2["check"]["ok"], gen2["check"]
+    assert r2.chunks_unchanged > 0.8 * r2.chunks_total
+    assert server.store.commit_cycle(1)[0]["sha256"] == gen1["sha256"]  # generation 1 untouched
+    assert sha256(Path(gen1["path"])) == gen1["sha256"]
+
+
+@contextmanager
+def _nullpath(path: Path) -> Iterator[str]:
+    yield str(path)
+
+
+def test_incremental_sends_about_the_changed_chunks(tmp_path: Path, server: BlockServer) -> None:
+    image = tmp_path / "disk.img"
+    rnd = random.Random(7)
+    image.write_bytes(rnd.randbytes(64 * MiB))  # 256 chunks of 256 KiB
+    rep = replicator(server, str(image), tmp_path / "state")
+    r1 = rep.run_cycle(BlockCycle(1, False), threading.Event())
+    assert r1.chunks_sent == 256
+    server.store.commit_cycle(1)
+    changed = sorted(rnd.sample(range(256), 13))  # ~5%
+    with open(image, "r+b") as f:
+        for i in changed:
+            f.seek(i * CS + rnd.randrange(CS - 100))
+            f.write(rnd.randbytes(100))
+    r2 = rep.run_cycle(BlockCycle(2, True), threading.Event())
+    assert r2.chunks_sent == 13 and r2.chunks_unchanged == 243
+    assert 13 * CS <= r2.bytes_sent <= 14 * CS
+    assert server.store.commit_cycle(2)[0]["sha256"] == sha256(image)
+
+    # with changed extents from a snapshot driver, only those chunks are even read
+    changed2 = sorted(rnd.sample(range(256), 13))
+    with open(image, "r+b") as f:
+        for i in changed2:
+            f.seek(i * CS)
+            f.write(rnd.randbytes(4096))
+    asked: List[str] = []
+
+    def extents(disk: str):
+        asked.append(disk)
+        return [(i * CS, 4096) for i in changed2]
+
+    rep3 = BlockReplicator(target=rep.target, disks=rep.disks, options=rep.options,
+                           state_dir=rep.state_dir, changed_extents=extents)
+    r3 = rep3.run_cycle(BlockCycle(3, True), threading.Event())
+    assert asked == ["d0"] and r3.chunks_sent == 13 and r3.bytes_read == 13 * CS
+    assert server.store.commit_cycle(3)[0]["sha256"] == sha256(image)
+
+
+# -- interruption --------------------------------------------------------------------------------
+def _spawn(server: BlockServer, path: Path, state: Path, cycle: int, incremental: bool,
+           mbps: int) -> subprocess.Popen:
+    env = {**os.environ, "G2C_BLOCK_TOKEN": server.token, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.support.block_agent", server.url, "-", server.fingerprint, str(path),
+         str(state), str(cycle), "1" if incremental else "0", str(mbps)],
+        cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_kill_9_at_random_points_resumes_with_bounded_resend(tmp_path: Path, server: BlockServer) -> None:
+    image = tmp_path / "disk.img"
+    rnd = random.Random(11)
+    image.write_bytes(rnd.randbytes(96 * MiB))  # 384 chunks, incompressible
+    counter = WriteCounter(server.store)
+    state = tmp_path / "state"
+    window = 3 * 2  # inflight_window of the child: 3 x workers (2)
+    kills = 0
+    for _ in range(4):
+        proc = _spawn(server, image, state, 1, False, mbps=48)  # 6 MB/s: ~16 s for the pass
+        time.sleep(rnd.uniform(0.8, 2.0))
+        if proc.poll() is not None:
+            break
+        before = sum(counter.counts.values())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        assert sum(counter.counts.values()) >= before
+    assert kills == 4
+    proc = _spawn(server, image, state, 1, False, mbps=0)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["chunks_resumed"] > 0
+    assert set(counter.counts) == set(range(384))
+    print(f"kills={kills} resent={counter.resent()} resumed={result['chunks_resumed']}")
+    assert counter.resent() <= kills * window, (counter.resent(), kills)
+    assert server.store.commit_cycle(1)[0]["sha256"] == sha256(image)
+
+    # an incremental pass, killed too
+    with open(image, "r+b") as f:
+        for i in rnd.sample(range(384), 40):
+            f.seek(i * CS)
+            f.write(rnd.randbytes(CS))
+    counter.counts.clear()
+    proc = _spawn(server, image, state, 2, True, mbps=8)  # 1 MB/s: 40 chunks take ~10 s
+    time.sleep(3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = _spawn(server, image, state, 2, True, mbps=0)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert len(counter.counts) == 40 and counter.resent() <= window
+    assert server.store.commit_cycle(2)[0]["sha256"] == sha256(image)
+
+
+def test_cancel_then_resume_in_process(tmp_path: Path, server: BlockServer) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(3).randbytes(32 * MiB))
+    cancel = threading.Event()
+    rep = replicator(server, str(image), tmp_path / "state", bandwidth_mbps=40)  # 5 MB/s
+
+    def stop_soon(p) -> None:
+        if p.bytes_sent > 8 * MiB:
+            cancel.set()
+
+    rep.on_progress = stop_soon
+    from go2cloud_client.replication.rsync import TransferCancelled
+
+    with pytest.raises(TransferCancelled):
+        rep.run_cycle(BlockCycle(1, False), cancel)
+    rep.on_progress = lambda p: None
+    rep.set_options(BlockOptions(chunk_size=CS, bandwidth_mbps=0))  # "modify" between runs
+    r = rep.run_cycle(BlockCycle(1, False), threading.Event())
+    assert r.chunks_resumed >= 32 and r.chunks_sent <= 128 - 32 + rep.inflight_window
+    assert server.store.commit_cycle(1)[0]["sha256"] == sha256(image)
+
+
+def test_bandwidth_limit_changes_mid_pass(tmp_path: Path, server: BlockServer) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(5).randbytes(24 * MiB))
+    rep = replicator(server, str(image), tmp_path / "state", bandwidth_mbps=16)  # 2 MB/s
+    marks: List[float] = []
+
+    def on_progress(p) -> None:
+        if not marks and p.bytes_sent >= 4 * MiB:
+            marks.append(time.monotonic())
+            rep.set_options(BlockOptions(chunk_size=CS, bandwidth_mbps=0))
+
+    rep.on_progress = on_progress
+    t0 = time.monotonic()
+    rep.run_cycle(BlockCycle(1, False), threading.Event())
+    total = time.monotonic() - t0
+    assert marks and marks[0] - t0 >= 1.2  # ~4 MB at 2 MB/s (minus one burst)
+    assert total - (marks[0] - t0) < 5     # the remaining 20 MB at full speed
+
+
+# -- verification and the receiver's checks -------------------------------------------------------
+def test_corrupted_chunk_on_target_is_found_and_repaired(tmp_path: Path, server: BlockServer) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(9).randbytes(16 * MiB))
+    rep = replicator(server, str(image), tmp_path / "state", checksum=True)
+    rep.run_cycle(BlockCycle(1, False), threading.Event())
+    server.store.commit_cycle(1)
+    current = server.store.root / "d0" / "current.img"
+    with open(current, "r+b") as f:
+        f.seek(5 * CS + 1000)
+        byte = f.read(1)
+        f.seek(5 * CS + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    r = rep.run_cycle(BlockCycle(2, True), threading.Event())
+    assert r.chunks_repaired == 1 and r.verify_rounds == 2 and r.chunks_sent == 1
+    assert server.store.commit_cycle(2)[0]["sha256"] == sha256(image)
+
+
+def _pinned(server: BlockServer) -> requests.Session:
+    from go2cloud_client.replication.block.transport import _PinnedAdapter
+
+    s = requests.Session()
+    s.mount("https://", _PinnedAdapter(server.fingerprint[len("sha256:"):]))
+    return s
+
+
+def test_receiver_refuses_bad_chunks_over_https(tmp_path: Path, server: BlockServer) -> None:
+    s = _pinned(server)
+    data = os.urandom(CS)
+    url = f"{server.url}/disks/d0/chunks/0"
+    headers = {"Authorization": f"Bearer {server.token}", "X-Chunk-Size": str(CS), "X-Disk-Size": str(4 * CS),
+               "X-Encoding": "raw", "X-Chunk-Xxh3": xxhash.xxh3_128(data + b"x").hexdigest()[:32]}
+    r = s.put(url, data=data, headers=headers)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "chunk_hash_mismatch"
+    assert not (server.store.root / "d0" / "current.img").exists()
+    r = s.put(url, data=data, headers={**headers, "Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = s.put(url, data=b"\0" * (5 * MiB), headers=headers)
+    assert r.status_code == 413
+    headers["X-Chunk-Xxh3"] = xxhash.xxh3_128(data).hexdigest()
+    assert s.put(url, data=data, headers=headers).status_code == 200
+    assert s.put(url, data=data, headers=headers).status_code == 200  # idempotent
+    with open(server.store.root / "d0" / "current.img", "rb") as f:
+        assert f.read(CS) == data
+    # the control plane's own API is still there (and still needs its admin token)
+    assert s.get(server.url.replace("/block/v1/tasks/t-blocktest", "/api/v1/workgroups")).status_code == 401
+    # wrong pin: the agent refuses the target
+    bad = BlockReplicator(target=BlockTarget(server.url, server.token, "sha256:" + "00" * 32),
+                          disks=[Disk("d0", str(tmp_path))], options=BlockOptions(), state_dir=tmp_path / "s")
+    image = tmp_path / "one.img"
+    image.write_bytes(data)
+    bad.disks = [Disk("d0", str(image))]
+    from go2cloud_client.replication.block import BlockTargetRejectedError
+
+    with pytest.raises(BlockTargetRejectedError, match="does not match the pinned fingerprint"):
+        bad.run_cycle(BlockCycle(1, False), threading.Event())
+
+
+def test_zero_region_stays_sparse(tmp_path: Path, server: BlockServer) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+        f.seek(CS, os.SEEK_CUR)             # a one-chunk hole between data
+        f.write(os.urandom(4 * MiB - CS))
+        f.write(bytes(96 * MiB))           # written zeros (allocated on the source)
+        f.write(os.urandom(4 * MiB))
+        f.truncate(256 * MiB)               # and a real hole at the end
+    rep = replicator(server, str(image), tmp_path / "state")
+    r = rep.run_cycle(BlockCycle(1, False), threading.Event())
+    gen = server.store.commit_cycle(1)[0]
+    assert gen["sha256"] == sha256(image)
+    st = os.stat(gen["path"])
+    assert st.st_size == 256 * MiB and st.st_blocks * 512 <= 12 * MiB
+    cur = os.stat(server.store.root / "d0" / "current.img")
+    assert cur.st_blocks * 512 <= 12 * MiB
+    assert r.bytes_zero == 244 * MiB + CS and r.chunks_sent == 47
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_unknown_device_and_shrunk_device(tmp_path: Path, server: BlockServer) -> None:
+    with pytest.raises(BlockSourceError, match="does not exist"):
+        replicator(server, "/dev/g2c-no-such-disk", tmp_path / "s0").run_cycle(BlockCycle(1, False),
+                                                                             threading.Event())
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(1).randbytes(8 * MiB))
+    rep = replicator(server, str(image), tmp_path / "state")
+    rep.run_cycle(BlockCycle(1, False), threading.Event())
+    gen = server.store.commit_cycle(1)[0]
+    committed = server.store.state("d0")
+    small = tmp_path / "small.img"
+    small.write_bytes(image.read_bytes()[:6 * MiB])
+    with loop_device(small) as dev:
+        rep2 = replicator(server, dev, tmp_path / "state")
+        with pytest.raises(BlockSourceError, match="smaller than the 8388608 bytes replicated in cycle 1"):
+            rep2.run_cycle(BlockCycle(2, True), threading.Event())
+    assert server.store.state("d0") == committed
+    assert sha256(Path(gen["path"])) == gen["sha256"]
+
+
+def test_target_full_is_a_clear_error_and_keeps_the_last_generation(tmp_path: Path) -> None:
+    small_fs = tmp_path / "target.img"
+    with open(small_fs, "wb") as f:
+        f.truncate(48 * MiB)
+    run("mkfs.ext4", "-q", "-F", "--", str(small_fs))
+    data_dir = tmp_path / "target"
+    with mounted(small_fs, data_dir):
+        server = BlockServer(data_dir).start()
+        try:
+            image = tmp_path / "disk.img"
+            with open(image, "wb") as f:
+                f.write(os.urandom(2 * MiB))
+                f.truncate(64 * MiB)
+            rep = replicator(server, str(image), tmp_path / "state")
+            rep.run_cycle(BlockCycle(1, False), threading.Event())
+            gen = server.store.commit_cycle(1)[0]
+            with open(image, "r+b") as f:
+                f.write(os.urandom(60 * MiB))
+            with pytest.raises(BlockTargetFullError, match=r"block target 127\.0\.0\.1:\d+ is out of space"):
+                rep.run_cycle(BlockCycle(2, True), threading.Event())
+            assert server.store.state("d0")["committed_cycle"] == 1
+            assert sha256(Path(gen["path"])) == gen["sha256"]
+            assert server.store.generations() == [1]
+        finally:
+            server.stop()

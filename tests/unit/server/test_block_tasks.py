@@ -1,0 +1,254 @@
+"""Block-mode tasks in the control plane: start parameters, commands, target, the receiver's
+resolver, commits per disk, retention, cancel, and the schema migration of an old data dir."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from go2cloud_server import rules
+from go2cloud_server.errors import Conflict, InvalidInput
+from go2cloud_server.service import Service
+from go2cloud_server.store import _SCHEMA_V1, SCHEMA_VERSION, Store
+from tests.unit.server.conftest import import_body
+
+
+class FakeBlockStore:
+    def __init__(self, log: FakeBlockStores, root: Path) -> None:
+        self.log, self.root = log, root
+        self.committed: List[int] = []
+
+    def commit_cycle(self, cycle: int) -> List[dict]:
+        if self.log.fail_commit:
+            raise OSError("disk full")
+        self.committed.append(cycle)
+        return [
+            {"disk": d, "cycle": cycle, "path": str(self.root / d / f"{cycle:06d}.img"), "bytes": 1 << 20,
+             "sha256": f"{cycle:064x}", "fs": "ext4", "check": {"tool": "e2fsck -n", "ok": True,
+                                                              "result": "clean"}}
+            for d in self.log.disks
+        ]
+
+    def retain(self, keep: int) -> List[int]:
+        removed = self.committed[:-keep] if len(self.committed) > keep else []
+        self.committed = self.committed[len(removed):]
+        return removed
+
+    def discard_cycle(self, cycle: int) -> None:
+        self.log.discarded.append((self.root, cycle))
+
+    def destroy(self) -> None:
+        pass
+
+
+class FakeBlockStores:
+    def __init__(self) -> None:
+        self.disks = ["vdb", "disk.img"]
+        self.made: Dict[Path, FakeBlockStore] = {}
+        self.discarded: list = []
+        self.fail_commit = False
+
+    def __call__(self, root: Path) -> FakeBlockStore:
+        self.made[root] = FakeBlockStore(self, root)
+        return self.made[root]
+
+
+@pytest.fixture
+def blocks() -> FakeBlockStores:
+    return FakeBlockStores()
+
+
+@pytest.fixture
+def bservice(tmp_path, store, rsyncd, trees, clock, blocks) -> Service:
+    return Service(store, tmp_path, rsyncd=rsyncd, tree_factory=trees, block_store_factory=blocks,
+                   public_host="10.0.0.1", public_url="https://10.0.0.1:8443",
+                   fingerprint="sha256:" + "ab" * 32, heartbeat_interval=10, clock=clock)
+
+
+def _source(service: Service) -> str:
+    service.create_workgroup({"name": "wg"})
+    code = service.create_code("wg", {"uses": 5})
+    return service.import_source(import_body(code))["source_id"]
+
+
+def _cmds(service: Service, sid: str) -> list:
+    return service.poll_commands(sid, 0)["commands"]
+
+
+def _ack(service: Service, sid: str, cmd: dict, status: str = "succeeded") -> None:
+    service.ack_command(sid, cmd["id"], {"status": status, "result": {}})
+
+
+def test_disk_names_are_safe_and_unique():
+    assert rules.disk_names(["/dev/vdb", "/dev/mapper/vg-root", "/srv/img/a b.img", "/x/vdb", "/d/..."]) == [
+        {"name": "vdb", "path": "/dev/vdb"},
+        {"name": "vg-root", "path": "/dev/mapper/vg-root"},
+        {"name": "a_b.img", "path": "/srv/img/a b.img"},
+        {"name": "vdb-2", "path": "/x/vdb"},
+        {"name": "disk", "path": "/d/..."},
+    ]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"mode": "tape", "disks": ["/dev/vdb"]}, "mode"),
+        ({"mode": "block"}, "disks"),
+        ({"mode": "block", "disks": []}, "disks"),
+        ({"mode": "block", "disks": ["vdb"]}, "disks"),
+        ({"mode": "block", "disks": ["/dev/../etc/passwd"]}, "disks"),
+        ({"mode": "block", "disks": ["/"]}, "disks"),
+        ({"mode": "block", "disks": ["/dev/vdb", "/dev/vdb"]}, "disks"),
+        ({"mode": "block", "disks": ["/dev/vdb"], "paths": ["/srv"]}, "paths"),
+        ({"mode": "block", "disks": ["/dev/vdb"], "snapshot": "zfs"}, "snapshot"),
+        ({"disks": ["/dev/vdb"]}, "disks"),
+        ({"paths": ["/srv"], "snapshot": "live"}, "snapshot"),
+    ],
+)
+def test_start_parameters_are_checked(bservice, body, field):
+    sid = _source(bservice)
+    with pytest.raises(InvalidInput, match=field):
+        bservice.start_migration(body, source=sid)
+    assert bservice.source_migration(sid)["tasks"] == []
+
+
+def test_block_start_command_target_and_task_document(bservice, rsyncd, trees):
+    sid = _source(bservice)
+    out = bservice.start_migration(
+        {"mode": "block", "disks": ["/dev/vdb", "/srv/disk.img"], "snapshot": "reflink"}, source=sid
+    )
+    tid = out["started"][0]["task_id"]
+    (cmd,) = _cmds(bservice, sid)
+    p = cmd["params"]
+    assert cmd["type"] == "start" and p["mode"] == "block" and "paths" not in p
+    assert p["disks"] == [{"name": "vdb", "path": "/dev/vdb"}, {"name": "disk.img", "path": "/srv/disk.img"}]
+    assert p["snapshot"] == "reflink" and p["cycle"]["number"] == 1
+    target = p["target"]
+    assert target["kind"] == "block" and target["url"] == f"https://10.0.0.1:8443/block/v1/tasks/{tid}"
+    assert target["fingerprint"] == "sha256:" + "ab" * 32 and len(target["token"]) >= 32
+    assert tid not in rsyncd.modules and not trees.prepared  # no rsync module, no tree
+    doc = bservice.agent_task(sid, tid)
+    assert doc["mode"] == "block" and doc["target"] == target and doc["snapshot"] == "reflink"
+    assert doc["disks"] == p["disks"] and doc["cycle"]["number"] == 1
+    view = bservice.source_migration(sid)["tasks"][0]
+    assert view["mode"] == "block" and view["disks"] == p["disks"] and "token" not in str(view)
+
+    # the receiver's resolver: right token and active block task only, constant-time compare
+    assert bservice.block_store_for(tid, target["token"]) is bservice.block_store(tid)
+    assert bservice.block_store_for(tid, target["token"] + "x") is None
+    assert bservice.block_store_for(tid, "") is None
+    assert bservice.block_store_for("t-nope", target["token"]) is None
+    assert bservice.block_store_for(tid, None) is None  # type: ignore[arg-type]
+
+
+def test_default_snapshot_is_auto_and_file_tasks_have_no_block_store(bservice):
+    sid = _source(bservice)
+    bservice.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    assert _cmds(bservice, sid)[0]["params"]["snapshot"] == "auto"
+    tid = bservice.source_migration(sid)["tasks"][0]["task_id"]
+    bservice.migration_action("cancel", source=sid)
+    sid2 = _source_again(bservice)
+    bservice.start_migration({"paths": ["/srv"]}, source=sid2)
+    ftid = bservice.source_migration(sid2)["tasks"][0]["task_id"]
+    assert bservice.block_store_for(ftid, "") is None
+    assert bservice.store.one("SELECT block_token FROM tasks WHERE id = ?", (ftid,))["block_token"] is None
+    assert tid != ftid
+
+
+def _source_again(service: Service) -> str:
+    code = service.create_code("wg", {"uses": 1})
+    return service.import_source(import_body(code, inventory={"hostname": "h2", "machine_id": "m-2"}))[
+        "source_id"
+    ]
+
+
+def test_cycles_commit_one_artifact_per_disk_with_report_and_retention(bservice, blocks):
+    sid = _source(bservice)
+    bservice.start_migration({"mode": "block", "disks": ["/dev/vdb", "/srv/disk.img"], "keep_images": 2},
+                             source=sid)
+    start = _cmds(bservice, sid)[0]
+    tid = start["params"]["task_id"]
+    _ack(bservice, sid, start)
+    arts = bservice.task_artifacts(tid)["artifacts"]
+    assert [(a["cycle"], a["disk"]) for a in arts] == [(1, "disk.img"), (1, "vdb")]
+    vdb = arts[1]
+    assert vdb["sha256"] == f"{1:064x}" and vdb["bytes"] == 1 << 20 and vdb["path"].endswith("vdb/000001.img")
+    assert vdb["report"] == {"fs": "ext4", "check": {"tool": "e2fsck -n", "ok": True, "result": "clean"}}
+    for n in (2, 3):
+        bservice.migration_action("sync", source=sid)
+        cmd = _cmds(bservice, sid)[0]
+        assert cmd["params"]["cycle"]["number"] == n
+        _ack(bservice, sid, cmd)
+    assert sorted({a["cycle"] for a in bservice.task_artifacts(tid)["artifacts"]}) == [2, 3]
+    bservice.migration_action("modify", {"keep_images": 1}, source=sid)
+    assert {a["cycle"] for a in bservice.task_artifacts(tid)["artifacts"]} == {3}
+
+    # a failing commit fails the task and records nothing
+    blocks.fail_commit = True
+    bservice.migration_action("sync", source=sid)
+    _ack(bservice, sid, _cmds(bservice, sid)[0])
+    task = bservice.source_migration(sid)["tasks"][0]
+    assert task["status"] == "failed" and task["error"]["code"] == "target_commit_failed"
+    assert {a["cycle"] for a in bservice.task_artifacts(tid)["artifacts"]} == {3}
+
+
+def test_cancel_discards_the_running_cycle_and_refuses_the_token(bservice, blocks):
+    sid = _source(bservice)
+    bservice.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    start = _cmds(bservice, sid)[0]
+    tid, token = start["params"]["task_id"], start["params"]["target"]["token"]
+    _ack(bservice, sid, start)
+    bservice.migration_action("sync", source=sid)
+    bservice.migration_action("cancel", source=sid)
+    assert (bservice.block_root(tid), 2) in blocks.discarded
+    assert bservice.block_store_for(tid, token) is None
+    assert {a["cycle"] for a in bservice.task_artifacts(tid)["artifacts"]} == {1}  # kept
+    assert [c["type"] for c in _cmds(bservice, sid)] == ["abort"]  # the queued sync was dropped
+    with pytest.raises(Conflict):
+        bservice.migration_action("resume", source=sid)
+
+
+def test_completion_with_final_sync(bservice):
+    sid = _source(bservice)
+    bservice.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    start = _cmds(bservice, sid)[0]
+    tid, token = start["params"]["task_id"], start["params"]["target"]["token"]
+    _ack(bservice, sid, start)
+    bservice.migration_action("complete", {"final_sync": True}, source=sid)
+    fin = _cmds(bservice, sid)[0]
+    assert fin["type"] == "finalize" and fin["params"]["cycle"]["number"] == 2
+    assert bservice.block_store_for(tid, token) is not None
+    _ack(bservice, sid, fin)
+    assert bservice.source_migration(sid)["status"] == "completed"
+    assert bservice.block_store_for(tid, token) is None
+    assert {a["cycle"] for a in bservice.task_artifacts(tid)["artifacts"]} == {1, 2}
+
+
+def test_schema_v1_data_dir_is_migrated(tmp_path):
+    db = tmp_path / "server.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(_SCHEMA_V1)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.execute(
+        "INSERT INTO tasks (id, source_id, name, paths, bandwidth_mbps, compression, checksum, keep_images, "
+        "status, rsync_password, created_at, updated_at) "
+        "VALUES ('t-1', 's-1', 'n', '[\"/srv\"]', 0, 7, 0, 3, 'pending', 'pw', 'x', 'x')"
+    )
+    conn.execute("INSERT INTO artifacts VALUES ('t-1', 1, '/data/t-1/tree/000001', 10, 2, 'x')")
+    conn.commit()
+    conn.close()
+    st = Store(db)
+    st.migrate()
+    assert st.schema_version() == SCHEMA_VERSION == 2
+    task = st.one("SELECT * FROM tasks WHERE id = 't-1'")
+    assert task["mode"] == "file" and task["disks"] == "[]" and task["block_token"] is None
+    art = st.one("SELECT * FROM artifacts")
+    assert (art["cycle"], art["disk"], art["files"], art["path"]) == (1, "", 2, "/data/t-1/tree/000001")
+    with st.transaction() as c:  # the new primary key allows one row per disk
+        c.execute("INSERT INTO artifacts (task_id, cycle, disk, path, bytes, files, created_at) "
+                  "VALUES ('t-1', 1, 'vdb', 'p', 1, 0, 'x')")
+    st.migrate()  # idempotent
+    st.close()

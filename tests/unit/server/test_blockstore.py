@@ -1,0 +1,204 @@
+"""Block target storage and receiver, without sockets or processes (the HTTPS path and the
+generations' fsck are in tests/integration/test_block_replication.py)."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import blake3
+import pytest
+import xxhash
+import zstandard
+
+from go2cloud_server.blockrx import BlockReceiver
+from go2cloud_server.blockstore import BlockTaskStore, ChunkHashMismatch, decompress_chunk
+from go2cloud_server.errors import InvalidInput, NotFound
+
+CS = 65536
+SIZE = 16 * CS
+TOKEN = "tok-1"
+
+
+def xh(data: bytes) -> str:
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return BlockTaskStore(tmp_path / "tasks" / "t-1" / "block")
+
+
+@pytest.fixture
+def rx(store):
+    return BlockReceiver(lambda task, token: store if (task, token) == ("t-1", TOKEN) else None)
+
+
+def put(rx, index, body, encoding="raw", xxh3=None, b3=None, token=TOKEN, cs=CS, size=SIZE, extra=None):
+    headers = {"Authorization": f"Bearer {token}", "X-Chunk-Size": str(cs), "X-Disk-Size": str(size),
+               "X-Encoding": encoding}
+    if xxh3:
+        headers["X-Chunk-Xxh3"] = xxh3
+    if b3:
+        headers["X-Chunk-Blake3"] = b3
+    headers.update(extra or {})
+    return rx.handle("PUT", f"/block/v1/tasks/t-1/disks/d0/chunks/{index}", headers, body)
+
+
+def test_write_verify_commit_state(store):
+    data = os.urandom(CS)
+    store.write_chunk("d0", 3, CS, SIZE, data, xh(data))
+    img = store.root / "d0" / "current.img"
+    assert img.stat().st_size == SIZE
+    with open(img, "rb") as f:
+        f.seek(3 * CS)
+        assert f.read(CS) == data
+    hashes = [xxhash.xxh3_128(bytes(CS)).digest()] * 16
+    hashes[3] = xxhash.xxh3_128(data).digest()
+    assert store.verify("d0", b"".join(hashes), chunk_size=CS) == []
+    wrong = list(hashes)
+    wrong[5] = b"\1" * 16
+    assert store.verify("d0", b"".join(wrong), chunk_size=CS) == [5]
+    with pytest.raises(NotFound):
+        store.state("d1")
+    store.commit("d0", 1, SIZE, b"".join(hashes))
+    st = store.state("d0")
+    assert st["committed_cycle"] == 1 and st["hashes_count"] == 16 and st["chunk_size"] == CS
+    assert store.committed_hashes("d0") == b"".join(hashes)
+    store.commit("d0", 1, SIZE, b"".join(hashes))  # idempotent
+
+
+def test_hash_checked_before_writing(store):
+    data = os.urandom(CS)
+    with pytest.raises(ChunkHashMismatch):
+        store.write_chunk("d0", 0, CS, SIZE, data, xh(data[:-1] + b"x"))
+    with pytest.raises(ChunkHashMismatch):
+        store.write_chunk("d0", 0, CS, SIZE, data, xh(data), blake3.blake3(b"other").hexdigest())
+    assert not (store.root / "d0" / "current.img").exists()
+    with pytest.raises(ChunkHashMismatch):  # a "hole" whose hash says it has data
+        store.write_chunk("d0", 0, CS, SIZE, None, xh(data))
+
+
+@pytest.mark.parametrize("disk", ["..", ".", "a/b", "", "x" * 65, "../../etc"])
+def test_disk_names_are_validated(store, disk):
+    with pytest.raises(InvalidInput):
+        store.write_chunk(disk, 0, CS, SIZE, bytes(CS), xh(bytes(CS)))
+
+
+@pytest.mark.parametrize("index,cs,size,length", [
+    (16, CS, SIZE, CS),            # index past the end
+    (-1, CS, SIZE, CS),
+    (0, 1000, SIZE, 1000),         # chunk size not a multiple of 4096
+    (0, 8 << 20, 8 << 20, 8 << 20),  # chunk size over 4 MiB
+    (0, CS, 0, CS),                # empty disk
+    (15, CS, SIZE - 10, CS),       # last chunk is short: a full one would write past the end
+])
+def test_ranges_are_validated(store, index, cs, size, length):
+    data = b"\1" * length
+    with pytest.raises(InvalidInput):
+        store.write_chunk("d0", index, cs, size, data, xh(data))
+
+
+def test_symlinked_disk_dir_is_refused(store, tmp_path):
+    store.root.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", store.root / "d0")
+    with pytest.raises(InvalidInput):
+        store.write_chunk("d0", 0, CS, SIZE, b"\1" * CS, xh(b"\1" * CS))
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_holes_keep_the_image_sparse(store):
+    big = 64 * 1024 * 1024
+    cs = 1 << 20
+    data = os.urandom(cs)
+    for i in range(64):
+        store.write_chunk("d0", i, cs, big, data, xh(data))
+    img = store.root / "d0" / "current.img"
+    full = img.stat().st_blocks
+    assert full * 512 >= big
+    for i in range(64):  # the source became all zeros: every chunk is punched out
+        store.write_chunk("d0", i, cs, big, None, "")
+    assert img.stat().st_blocks * 512 <= 1 << 20
+    with open(img, "rb") as f:
+        assert f.read(cs) == bytes(cs)
+    store.write_holes("d0", 0, 64, cs, big)  # idempotent
+    # zeros sent as data are written sparsely too
+    store.write_chunk("d0", 5, cs, big, bytes(cs), xh(bytes(cs)))
+    assert img.stat().st_blocks * 512 <= 1 << 20
+
+
+def test_decompression_bomb_is_refused():
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(64 << 20))
+    assert len(bomb) < 10_000
+    with pytest.raises(InvalidInput, match="declares 67108864 bytes"):
+        decompress_chunk(bomb, CS)
+    hidden = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(bytes(64 << 20))
+    with pytest.raises(InvalidInput, match="more than"):
+        decompress_chunk(hidden, CS)
+    short = zstandard.ZstdCompressor(write_content_size=False).compress(b"a" * 100)
+    with pytest.raises(InvalidInput):
+        decompress_chunk(short, CS)
+    with pytest.raises(InvalidInput):
+        decompress_chunk(b"not zstd at all", CS)
+
+
+def test_receiver_auth_and_errors(rx, store):
+    data = os.urandom(CS)
+    status, doc = put(rx, 0, data, xxh3=xh(data), token="wrong")
+    assert status == 401 and doc["error"]["code"] == "unauthorized"
+    status, doc = rx.handle("PUT", "/block/v1/tasks/t-1/disks/d0/chunks/0", {}, data)
+    assert status == 401
+    status, doc = put(rx, 0, data, xxh3=xh(b"other"))
+    assert status == 422 and doc["error"]["code"] == "chunk_hash_mismatch"
+    status, doc = put(rx, 0, data, encoding="gzip", xxh3=xh(data))
+    assert status == 400
+    status, doc = put(rx, 99, data, xxh3=xh(data))
+    assert status == 400 and "index" in doc["error"]["message"]
+    bomb = zstandard.ZstdCompressor().compress(bytes(CS * 4))
+    status, doc = put(rx, 0, bomb, encoding="zstd", xxh3=xh(bytes(CS)))
+    assert status == 400
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    status, doc = rx.handle("GET", "/block/v1/tasks/t-1/disks/../x", bearer, b"")
+    assert status == 404
+    status, doc = rx.handle("DELETE", "/block/v1/tasks/t-1/disks/d0", bearer, b"")
+    assert status == 400
+
+
+def test_receiver_chunk_verify_commit(rx, store):
+    text = b"hello block world\n" * 4000
+    text = text[:CS]
+    frame = zstandard.ZstdCompressor().compress(text)
+    assert put(rx, 1, frame, encoding="zstd", xxh3=xh(text), b3=blake3.blake3(text).hexdigest())[0] == 200
+    assert put(rx, 2, b"", encoding="hole", extra={"X-Chunk-Count": "14"})[0] == 200
+    auth = {"Authorization": f"Bearer {TOKEN}", "X-Chunk-Size": str(CS)}
+    z = xxhash.xxh3_128(bytes(CS)).digest()
+    records = struct.pack(">I16s", 1, xxhash.xxh3_128(text).digest()) + struct.pack(">I16s", 2, z) \
+        + struct.pack(">I16s", 0, b"\7" * 16)
+    status, doc = rx.handle("POST", "/block/v1/tasks/t-1/disks/d0/verify", auth, records)
+    assert status == 200 and doc["differ"] == [0] and doc["checked"] == 3
+    hashes = z + xxhash.xxh3_128(text).digest() + z * 14
+    status, doc = rx.handle("POST", "/block/v1/tasks/t-1/disks/d0/commit",
+                            {**auth, "X-Cycle": "1", "X-Disk-Size": str(SIZE)}, hashes)
+    assert status == 200 and doc["committed_cycle"] == 1
+    assert doc["hashes_digest"] == xxhash.xxh3_128(hashes).hexdigest()
+    status, doc = rx.handle("POST", "/block/v1/tasks/t-1/disks/d0/commit",
+                            {**auth, "X-Cycle": "2", "X-Disk-Size": str(SIZE)}, hashes[:-16])
+    assert status == 400
+    status, doc = rx.handle("GET", "/block/v1/tasks/t-1/disks/d0", auth, b"")
+    assert status == 200 and doc["committed_cycle"] == 1
+
+
+def test_retain_and_discard(store):
+    d = store.root / "d0"
+    d.mkdir(parents=True)
+    for n in (1, 2, 3, 4):
+        (d / f"gen-{n:06d}.img").write_bytes(b"x")
+        (d / f"gen-{n:06d}.json").write_text("{}")
+    assert store.generations() == [1, 2, 3, 4]
+    assert store.retain(2) == [1, 2]
+    assert store.generations() == [3, 4]
+    store.discard_cycle(4)
+    assert store.generations() == [3]
+    store.destroy()
+    assert not store.root.exists()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import struct
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from go2cloud_server.blockstore import (
     HASH_LEN,
@@ -113,24 +113,26 @@ class BlockReceiver:
             raise AuthFailed("block target: unknown task or wrong task token")
         return store
 
-    def handle(self, method: str, path: str, headers: Any, body: bytes) -> Tuple[int, dict]:
+    def handle(self, method: str, path: str, headers: Any, body: Union[bytes, bytearray]) -> Tuple[int, dict]:
         try:
             name, args = self._match(method, path.split("?", 1)[0].rstrip("/"))
             store = self._store(args[0], headers)
             disk = args[1]
             if name == "chunk":
                 return 200, self._chunk(store, disk, int(args[2]), headers, body or b"")
+            # verify and commit bodies are small: plain bytes; a chunk stays in its buffer
             if name == "verify":
-                return 200, self._verify(store, disk, headers, body or b"")
+                return 200, self._verify(store, disk, headers, bytes(body))
             if name == "commit":
-                return 200, self._commit(store, disk, headers, body or b"")
+                return 200, self._commit(store, disk, headers, bytes(body))
             return 200, store.state(disk)
         except ServerError as exc:
             if exc.http_status >= 500 and exc.http_status != 507:
                 log.error("block %s %s: %s", method, path, exc)
             return _error(exc)
 
-    def _chunk(self, store: BlockTaskStore, disk: str, index: int, headers: Any, body: bytes) -> dict:
+    def _chunk(self, store: BlockTaskStore, disk: str, index: int, headers: Any,
+               body: Union[bytes, bytearray]) -> dict:
         chunk_size = _int_header(headers, "X-Chunk-Size")
         disk_size = _int_header(headers, "X-Disk-Size")
         encoding = (headers.get("X-Encoding") or "").strip().lower()

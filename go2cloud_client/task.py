@@ -429,41 +429,18 @@ class TaskRunner:
         self._notify("info", "cycle_started",
                      f"{label} started: {len(paths)} {plural} ({', '.join(paths)}), cycle {cycle.number}")
         started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                target, paths, options = self._resolve(task_id, paths, options, cancel)
-                replicator = self._factory(target=target, paths=list(paths), options=options,
-                                           on_progress=self._progress_cb(gen), on_child=self._on_child)
-                incremental = kind != "full" or cycle.link_dest is not None
-                spec = Cycle(cycle.number, cycle.dest, cycle.link_dest, incremental)
-                result = replicator.run_cycle(spec, cancel)
-                break
-            except TransferCancelled:
-                LOG.info("cycle %s of task %s: transfer stopped", cycle.number, task_id)
-                return
-            except _TaskGone as exc:
-                self._finish_failed(gen, cancel, cid, "task_cancelled", str(exc), forget=True)
-                return
-            except Go2CloudError as exc:
-                if cancel.is_set():
-                    return
-                if exc.retryable and attempt <= self.transient_retries:
-                    delay = self.retry_delay * (3 ** (attempt - 1))
-                    LOG.warning("cycle %s of task %s: %s; retrying in %.0fs (%d/%d)", cycle.number, task_id,
-                                exc, delay, attempt, self.transient_retries)
-                    self._notify("warning", exc.code, f"{label} cycle {cycle.number}: {exc}; retrying")
-                    if cancel.wait(delay):
-                        return
-                    continue
-                self._finish_failed(gen, cancel, cid, exc.code, str(exc))
-                return
-            except Exception as exc:  # noqa: BLE001 - a bug must fail the cycle, not kill the thread silently
-                LOG.exception("cycle %s of task %s: unexpected error", cycle.number, task_id)
-                err = ReplicationError(f"internal error during the transfer: {type(exc).__name__}: {exc}")
-                self._finish_failed(gen, cancel, cid, err.code, str(err))
-                return
+
+        def attempt() -> Any:
+            target, resolved_paths, resolved_options = self._resolve(task_id, paths, options, cancel)
+            replicator = self._factory(target=target, paths=list(resolved_paths), options=resolved_options,
+                                       on_progress=self._progress_cb(gen), on_child=self._on_child)
+            incremental = kind != "full" or cycle.link_dest is not None
+            spec = Cycle(cycle.number, cycle.dest, cycle.link_dest, incremental)
+            return replicator.run_cycle(spec, cancel)
+
+        result = self._with_retries(gen, cancel, cid, task_id, cycle, label, attempt, "transfer stopped")
+        if result is _STOPPED:
+            return
         result_doc = result.to_dict() if hasattr(result, "to_dict") else dict(result)
         if not self._finish_succeeded(gen, cancel, cid, kind, cycle, result_doc):
             return
@@ -529,48 +506,25 @@ class TaskRunner:
                      f"{label} started: {len(disks)} disk(s) ({names}), snapshot {snapshot}, "
                      f"cycle {cycle.number}")
         started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                target, _, _ = self._resolve(task_id, (), options, cancel)
-                if not isinstance(target, BlockTargetSpec):
-                    raise ReplicationError(f"the control plane gave task {task_id} a target that is not "
-                                           "a block receiver")
-                with self._lock:
-                    options = Options(**self._task["options"]) if self._task else options
-                result_doc, new_tokens = self.block_cycles.run(
-                    task_id=task_id, cycle=cycle, kind=kind, disks=disks, snapshot=snapshot, tokens=tokens,
-                    target=target, options=options, cancel=cancel, on_progress=self._progress_cb(gen),
-                    on_replicator=self._on_replicator(gen, options))
-                break
-            except TransferCancelled:
-                LOG.info("cycle %s of task %s: transfer stopped (snapshots released)", cycle.number, task_id)
-                return
-            except _TaskGone as exc:
-                self._finish_failed(gen, cancel, cid, "task_cancelled", str(exc), forget=True)
-                self.block_cycles.forget(task_id)
-                return
-            except Go2CloudError as exc:
-                if cancel.is_set():
-                    return
-                if exc.retryable and attempt <= self.transient_retries:
-                    delay = self.retry_delay * (3 ** (attempt - 1))
-                    LOG.warning("cycle %s of task %s: %s; retrying in %.0fs (%d/%d)", cycle.number, task_id,
-                                exc, delay, attempt, self.transient_retries)
-                    self._notify("warning", exc.code, f"{label} cycle {cycle.number}: {exc}; retrying")
-                    if cancel.wait(delay):
-                        return
-                    continue
-                self._finish_failed(gen, cancel, cid, exc.code, str(exc))
-                return
-            except Exception as exc:  # noqa: BLE001 - a bug must fail the cycle, not kill the thread silently
-                if cancel.is_set():
-                    return
-                LOG.exception("cycle %s of task %s: unexpected error", cycle.number, task_id)
-                err = ReplicationError(f"internal error during the transfer: {type(exc).__name__}: {exc}")
-                self._finish_failed(gen, cancel, cid, err.code, str(err))
-                return
+
+        def attempt() -> Any:
+            target, _, _ = self._resolve(task_id, (), options, cancel)
+            if not isinstance(target, BlockTargetSpec):
+                raise ReplicationError(f"the control plane gave task {task_id} a target that is not "
+                                       "a block receiver")
+            with self._lock:
+                current = Options(**self._task["options"]) if self._task else options
+            return self.block_cycles.run(
+                task_id=task_id, cycle=cycle, kind=kind, disks=disks, snapshot=snapshot, tokens=tokens,
+                target=target, options=current, cancel=cancel, on_progress=self._progress_cb(gen),
+                on_replicator=self._on_replicator(gen, current))
+
+        outcome = self._with_retries(gen, cancel, cid, task_id, cycle, label, attempt,
+                                     "transfer stopped (snapshots released)",
+                                     on_gone=lambda: self.block_cycles.forget(task_id))
+        if outcome is _STOPPED:
+            return
+        result_doc, new_tokens = outcome
         if not self._finish_succeeded(gen, cancel, cid, kind, cycle, result_doc, change_tokens=new_tokens):
             return
         if kind == "final":
@@ -582,6 +536,46 @@ class TaskRunner:
                      f"{human_bytes(result_doc.get('bytes_sent', 0))} sent, {elapsed:.0f}s")
         if kind == "final":
             self._notify("info", "task_completed", f"Task {task_id} completed")
+
+    def _with_retries(self, gen: int, cancel: threading.Event, cid: str, task_id: str, cycle: CycleSpec,
+                      label: str, attempt: Callable[[], Any], stopped: str,
+                      on_gone: Optional[Callable[[], None]] = None) -> Any:
+        """Run one cycle's transfer (``attempt``), retrying retryable errors with backoff
+        (5, 15, 45 s by default). Returns its result, or ``_STOPPED`` when the cycle ended otherwise:
+        cancelled (pause, modify, abort, stop), the task gone, or failed (then acknowledged)."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return attempt()
+            except TransferCancelled:
+                LOG.info("cycle %s of task %s: %s", cycle.number, task_id, stopped)
+                return _STOPPED
+            except _TaskGone as exc:
+                self._finish_failed(gen, cancel, cid, "task_cancelled", str(exc), forget=True)
+                if on_gone is not None:
+                    on_gone()
+                return _STOPPED
+            except Go2CloudError as exc:
+                if cancel.is_set():
+                    return _STOPPED
+                if exc.retryable and tries <= self.transient_retries:
+                    delay = self.retry_delay * (3 ** (tries - 1))
+                    LOG.warning("cycle %s of task %s: %s; retrying in %.0fs (%d/%d)", cycle.number, task_id,
+                                exc, delay, tries, self.transient_retries)
+                    self._notify("warning", exc.code, f"{label} cycle {cycle.number}: {exc}; retrying")
+                    if cancel.wait(delay):
+                        return _STOPPED
+                    continue
+                self._finish_failed(gen, cancel, cid, exc.code, str(exc))
+                return _STOPPED
+            except Exception as exc:  # noqa: BLE001 - a bug must fail the cycle, not kill the thread silently
+                if cancel.is_set():
+                    return _STOPPED
+                LOG.exception("cycle %s of task %s: unexpected error", cycle.number, task_id)
+                err = ReplicationError(f"internal error during the transfer: {type(exc).__name__}: {exc}")
+                self._finish_failed(gen, cancel, cid, err.code, str(err))
+                return _STOPPED
 
     def _finish_failed(self, gen: int, cancel: threading.Event, cid: str, code: str, message: str,
                        *, forget: bool = False) -> None:
@@ -602,3 +596,7 @@ class TaskRunner:
 
 class _TaskGone(Exception):
     pass
+
+
+#: What _with_retries returns when the cycle ended without a result.
+_STOPPED = object()

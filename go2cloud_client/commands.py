@@ -146,7 +146,8 @@ def _task_id(params: Mapping[str, Any]) -> str:
     return value
 
 
-def validate_path(value: Any, name: str, isdir: Callable[[str], bool] = os.path.isdir) -> str:
+def _absolute_path(value: Any, name: str) -> str:
+    """The syntax shared by source paths and disk paths: a single-line, absolute, normalised path."""
     if not isinstance(value, str) or not value:
         raise _reject(name, "must be a non-empty string")
     if "\x00" in value or "\n" in value or "\r" in value:
@@ -157,6 +158,11 @@ def validate_path(value: Any, name: str, isdir: Callable[[str], bool] = os.path.
         raise _reject(name, f"must not contain '..', got {value!r}")
     if posixpath.normpath(value) != value or value.startswith("//"):
         raise _reject(name, f"must be normalised (no '.', '//' or trailing '/'), got {value!r}")
+    return value
+
+
+def validate_path(value: Any, name: str, isdir: Callable[[str], bool] = os.path.isdir) -> str:
+    _absolute_path(value, name)
     if not isdir(value):
         raise _reject(name, f"{value!r} is not an existing directory on this host")
     return value
@@ -194,14 +200,7 @@ def snapshot_backends() -> Tuple[str, ...]:
 
 
 def validate_disk_path(value: Any, name: str, isdisk: Callable[[str], bool] = is_disk) -> str:
-    if not isinstance(value, str) or not value:
-        raise _reject(name, "must be a non-empty string")
-    if "\x00" in value or "\n" in value or "\r" in value:
-        raise _reject(name, "must not contain NUL or newline characters")
-    if not value.startswith("/"):
-        raise _reject(name, f"must be an absolute path, got {value!r}")
-    if ".." in value.split("/") or posixpath.normpath(value) != value or value.startswith("//"):
-        raise _reject(name, f"must be normalised (no '..', '.', '//' or trailing '/'), got {value!r}")
+    _absolute_path(value, name)
     if not isdisk(value):
         raise _reject(name, f"{value!r} is not an existing block device or image file on this host")
     return value

@@ -13,6 +13,12 @@ The target is the real go2cloud_server HTTPS server with its block receiver, in 
 Page caches are dropped before every timed run.
 
     python3 bench/bench_block.py --workdir /var/tmp/g2c-bench --target-dir /dev/shm/g2c-bench-target
+
+The CPU seconds of the engine (this process) and of the receiver (the server process) are
+printed next to each wall time: on a shared VM they vary less than the wall clock. To compare
+two versions of the code in the same session, point ``G2C_BENCH_ROOT`` at another checkout (its
+engine and server are used, this script's measurements): ``mkdir /tmp/old && git archive HEAD~1 |
+tar -x -C /tmp/old``, then ``G2C_BENCH_ROOT=/tmp/old python3 bench/bench_block.py ...``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("G2C_BENCH_ROOT") or Path(__file__).resolve().parents[1]).resolve()
 sys.path.insert(0, str(ROOT))
 
 import xxhash  # noqa: E402
@@ -136,6 +142,19 @@ def timed(fn) -> float:
     return time.monotonic() - t
 
 
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_cpu(fn, server_pid: int) -> tuple:
+    """(wall s, CPU s of this process, CPU s of the server process) of ``fn()``."""
+    a, r = cpu_s(os.getpid()), cpu_s(server_pid)
+    wall = timed(fn)
+    return wall, cpu_s(os.getpid()) - a, cpu_s(server_pid) - r
+
+
 def physical(image: Path) -> dict:
     drop_caches()
     fd = os.open(str(image), os.O_RDONLY)
@@ -183,6 +202,8 @@ def main() -> int:
     ap.add_argument("--target-dir", default="/dev/shm/g2c-bench-target")
     ap.add_argument("--size-gib", type=float, default=2)
     ap.add_argument("--rss-gib", type=int, default=64)
+    ap.add_argument("--compression", type=int, default=BlockOptions().compression,
+                    help="console level 0-10 of the full and incremental passes (default: the engine's)")
     args = ap.parse_args()
     work = Path(args.workdir)
     tdir = Path(args.target_dir)
@@ -206,19 +227,24 @@ def main() -> int:
     cp_s = timed(cp)
     server = ServerProc(tdir / "server")
     try:
-        rep = BlockReplicator(target=server.target(), disks=[Disk("d0", str(image))], options=BlockOptions(),
+        opts = BlockOptions(compression=args.compression)
+        print(f"engine options: {opts}")
+        rep = BlockReplicator(target=server.target(), disks=[Disk("d0", str(image))], options=opts,
                               state_dir=work / "state")
         drop_caches()
         res: dict = {}
-        full_s = timed(lambda: res.update(r1=rep.run_cycle(BlockCycle(1, False), threading.Event())))
+        full_s, agent_cpu, recv_cpu = timed_cpu(
+            lambda: res.update(r1=rep.run_cycle(BlockCycle(1, False), threading.Event())), server.proc.pid)
         r1 = res["r1"]
         print(f"full pass: engine {full_s:.2f} s (sent {r1.bytes_sent / MiB:.0f} MiB, {r1.chunks_sent} chunks, "
-              f"{r1.chunks_holes} holes)  cp+sync {cp_s:.2f} s  ratio {full_s / cp_s:.2f} (target <= 1.5)")
+              f"{r1.chunks_holes} holes; CPU: engine {agent_cpu:.2f} s, receiver {recv_cpu:.2f} s)  "
+              f"cp+sync {cp_s:.2f} s  ratio {full_s / cp_s:.2f} (target <= 1.5)")
 
         # incremental after changing 5% of the chunks vs rsync --inplace --no-whole-file
         changed = change_chunks(image, size, 0.05)
         drop_caches()
-        inc_s = timed(lambda: res.update(r2=rep.run_cycle(BlockCycle(2, True), threading.Event())))
+        inc_s, agent_cpu, recv_cpu = timed_cpu(
+            lambda: res.update(r2=rep.run_cycle(BlockCycle(2, True), threading.Event())), server.proc.pid)
         r2 = res["r2"]
         drop_caches()
         def rsync() -> None:
@@ -227,7 +253,8 @@ def main() -> int:
 
         rs_s = timed(rsync)
         print(f"incremental ({changed} of {size // MiB} chunks changed): engine {inc_s:.2f} s "
-              f"(sent {r2.chunks_sent} chunks, {r2.bytes_sent / MiB:.1f} MiB)  rsync {rs_s:.2f} s  "
+              f"(sent {r2.chunks_sent} chunks, {r2.bytes_sent / MiB:.1f} MiB; CPU: engine {agent_cpu:.2f} s, "
+              f"receiver {recv_cpu:.2f} s)  rsync {rs_s:.2f} s  "
               f"ratio {inc_s / rs_s:.2f} (target <= 0.5)")
         assert subprocess.run(["cmp", "--", str(image), str(cp_dst)]).returncode == 0
     finally:

@@ -22,7 +22,7 @@ import psutil
 from go2cloud_client import __version__, platform
 from go2cloud_client.api import ControlPlane, RetryingControlPlane
 from go2cloud_client.blockcycle import recover_snapshots
-from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, parse_command
+from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, Command, parse_command
 from go2cloud_client.config import Config
 from go2cloud_client.console import WAITING_LINE, Console
 from go2cloud_client.errors import CommandRejectedError, Go2CloudError, IdentityRejectedError
@@ -132,6 +132,7 @@ class Agent:
             on_progress=self.console.progress,
             on_child=home.set_child,
         )
+        self.rsync_path = rsync_path
         self.interval = float(source.get("heartbeat_interval") or 10)
         self.fatal: Optional[Go2CloudError] = None
         self._connected = True
@@ -218,6 +219,9 @@ class Agent:
         if not self.ledger.accept(cid, ctype):  # persisted before acting: at most once
             return False
         LOG.info("command %s: %s %s", cid, ctype, cmd.task_id or "")
+        if ctype == "drill":  # runs on its own thread; acknowledged when the report is ready
+            threading.Thread(target=self.run_drill, args=(cmd,), name="drill", daemon=True).start()
+            return True
         try:
             outcome = self.runner.handle(cmd)
         except Go2CloudError as exc:
@@ -230,6 +234,35 @@ class Agent:
                                result=outcome.result)
         self._ack_wakeup.set()
         return True
+
+    def run_drill(self, cmd: Command) -> None:
+        """Run the drill of a ``drill`` command and acknowledge it with the report."""
+        from go2cloud_client.drill.checks import Target
+        from go2cloud_client.drill.model import summary_line
+        from go2cloud_client.drill.runner import build_context, run_drill
+
+        spec = cmd.drill
+        assert spec is not None
+        self.console.line(f"Drill of task {cmd.task_id} ({spec.mode} mode) started")
+        try:
+            ctx = build_context(mode=spec.mode, paths=spec.paths, disks=spec.disks, snapshot=spec.snapshot,
+                                home=str(self.home.root), server_url=self.cp.server,
+                                targets=[Target(*t) for t in spec.targets], rsync_path=self.rsync_path,
+                                server_time=self.cp.server_time)
+            report = run_drill(ctx).to_dict()
+        except Exception as exc:  # noqa: BLE001 - reported to the control plane as a failed drill
+            LOG.exception("the drill of task %s failed", cmd.task_id)
+            self._finish_command(cmd.id, "failed", "drill_failed",
+                                 f"the drill could not run: {type(exc).__name__}: {exc}", None)
+            return
+        line = summary_line(report)
+        self.notify("info" if report["passed"] else "warning",
+                    "drill_passed" if report["passed"] else "drill_abnormal", f"{line} (task {cmd.task_id})")
+        for item in report["items"]:
+            if item["severity"] in ("critical", "warning"):
+                self.console.line(f"  {item['severity']}: {item['finding']}"
+                                  + (f" -> fix: {item['fix']}" if item.get("fix") else ""))
+        self._finish_command(cmd.id, "succeeded", None, None, {"drill": report})
 
     def _send_ack(self, cid: str, entry: Dict[str, Any]) -> bool:
         try:

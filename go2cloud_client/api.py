@@ -350,6 +350,11 @@ class ControlPlane:
         doc["heartbeat_interval"] = interval or 10
         return doc
 
+    def server_time(self) -> float:
+        """The control plane's clock (``GET /api/v1/time``, no authentication) as epoch seconds."""
+        doc = _obj(self._send("GET", "/time", auth=False, what="time"), "time")
+        return float(_field(doc, "server_time_epoch", (int, float), "time"))
+
     def heartbeat(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
         sid = quote(self._require_source(), safe="")
         doc = _obj(self._send("POST", f"/sources/{sid}/heartbeat", body=payload, what="heartbeat"),

@@ -1,8 +1,11 @@
 """Command line of the agent (click).
 
-``go2cloud_client [OPTIONS]`` imports the host if needed and runs the agent in the foreground;
-``--abort`` stops a running agent and forgets the import; ``status [--json]`` shows what the agent
-is doing. :func:`main` is the only place where errors become exit codes (docs/exit-codes.md).
+``go2cloud_client [OPTIONS]`` prepares the host and imports it if needed (``--import-only`` stops
+there), then runs the agent in the foreground; ``--abort`` stops a running agent and forgets the
+import; ``status [--json]`` shows what the agent is doing; ``stop`` stops the running agent and
+keeps its task; ``service install|uninstall`` runs it under the service manager; ``uninstall
+[--revert]`` removes the agent and, with ``--revert``, the changes it made to the host.
+:func:`main` is the only place where errors become exit codes (docs/exit-codes.md).
 """
 
 from __future__ import annotations
@@ -15,97 +18,33 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import click
 
-from go2cloud_client import __version__, platform, subp
+from go2cloud_client import __version__, hostprep, platform, servicemode
 from go2cloud_client.agent import Agent, kill_children
 from go2cloud_client.api import ControlPlane, RetryingControlPlane
 from go2cloud_client.blockcycle import recover_snapshots
 from go2cloud_client.config import Config, load_config
 from go2cloud_client.console import Console, human_bytes, progress_line
 from go2cloud_client.errors import (
-    AlreadyRunningError,
     ConfigError,
     Go2CloudError,
-    PackageInstallError,
-    RsyncMissingError,
+    UninstallError,
     UsageError,
 )
 from go2cloud_client.events import utc_now
 from go2cloud_client.home import Home, HomeLock, configure_logging, lock_held, log_path, resolve_home
+from go2cloud_client.hostchanges import HostChanges, describe, revert_all
+from go2cloud_client.hostprep import HostPrep, ensure_rsync
 from go2cloud_client.identity import Identity
 from go2cloud_client.inventory import collect
 
 LOG = logging.getLogger("go2cloud_client.cli")
 
 ABORT_WAIT_S = 30.0
-
-
-def _can_prompt(no_prompt: bool) -> bool:
-    if no_prompt:
-        return False
-    try:
-        return sys.stdin.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-# -- rsync --------------------------------------------------------------------------------------
-
-
-def record_host_change(home: Home, change: Dict[str, Any]) -> None:
-    """Append to the undo ledger ``state/host_changes.json`` (kept across --abort)."""
-    doc = home.read_state(home.host_changes_file) or {}
-    changes = list(doc.get("changes") or [])
-    changes.append({"time": utc_now(), **change})
-    home.write_state(home.host_changes_file, {"changes": changes})
-
-
-def ensure_rsync(home: Home, config: Config, console: Console, *, yes: bool, no_prompt: bool) -> str:
-    """The rsync binary to use; offers to install it with the distro's package manager."""
-    from go2cloud_client.replication.rsync import find_rsync
-
-    if config.rsync_path:
-        return config.rsync_path
-    if not platform.SUPPORTS_FILE_MODE:
-        LOG.warning("file-level replication (rsync) is not supported on %s", platform.NAME)
-        return "rsync"
-    found = find_rsync()
-    if found:
-        return found
-    distro = platform.distro()
-    if distro is None:
-        raise RsyncMissingError(
-            "rsync is not installed and this distribution is not known to go2cloud_client; install "
-            "rsync with your package manager and run go2cloud_client again"
-        )
-    cmd = distro.install_command(["rsync"])
-    shown = " ".join(cmd)
-    if not yes:
-        if not _can_prompt(no_prompt):
-            raise RsyncMissingError(
-                f"rsync is not installed: re-run with --yes to install it, or install it yourself "
-                f"with: {shown}"
-            )
-        if not click.confirm(f"rsync is not installed. Install it now with '{shown}'?", default=True):
-            raise RsyncMissingError(f"rsync is not installed; install it with: {shown}")
-    console.line(f"Installing rsync: {shown}")
-    try:
-        subp.run(cmd, timeout=1800, env=subp.child_env(distro.env))
-    except subp.ProcessError as exc:
-        raise PackageInstallError(
-            f"installing rsync failed ({exc}); install it yourself with: {shown}") from exc
-    record_host_change(home, {"kind": "package_installed", "package": "rsync",
-                              "manager": distro.package_manager, "undo": distro.remove_command(["rsync"])})
-    found = find_rsync()
-    if not found:
-        raise RsyncMissingError(f"rsync is still not found after '{shown}'; install it and try again")
-    console.line(f"Installed rsync ({found})")
-    return found
 
 
 # -- import -------------------------------------------------------------------------------------
@@ -115,7 +54,7 @@ def _ask_missing(server: Optional[str], token_id: Optional[str], token_code: Opt
                  no_prompt: bool) -> Dict[str, str]:
     missing = [flag for flag, value in (("--server", server), ("--token-id", token_id),
                                         ("--token-code", token_code)) if not value]
-    if missing and not _can_prompt(no_prompt):
+    if missing and not hostprep.can_prompt(no_prompt):
         raise UsageError(
             "this host is not imported yet and " + ", ".join(missing) + " " +
             ("is" if len(missing) == 1 else "are") + " missing: pass "
@@ -133,8 +72,10 @@ def _ask_missing(server: Optional[str], token_id: Optional[str], token_code: Opt
 
 
 def import_source(home: Home, config: Config, console: Console, *, token_id: str, token_code: str,
-                  control_plane: Optional[ControlPlane] = None) -> Dict[str, Any]:
-    """Generate the key pair, import this host, persist the identity. The code is not stored."""
+                  control_plane: Optional[ControlPlane] = None,
+                  capabilities: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Generate the key pair, import this host, persist the identity. The code is not stored.
+    ``capabilities`` (from host preparation) goes into the inventory and into source.json."""
     assert config.server
     previous = home.previous_source_id()
     console.line(f"Importing source into {config.server} with activation code {token_id} ...")
@@ -142,7 +83,7 @@ def import_source(home: Home, config: Config, console: Console, *, token_id: str
     cp = control_plane or ControlPlane(config.server, fingerprint=config.server_fingerprint,
                                        connect_timeout=config.connect_timeout_s,
                                        read_timeout=config.read_timeout_s)
-    inventory = collect(home)
+    inventory = collect(home, capabilities)
     try:
         doc = RetryingControlPlane(cp, attempts=3, max_wait=5).import_source(
             token_id=token_id, token_code=token_code, public_key=identity.public_key_b64,
@@ -158,6 +99,8 @@ def import_source(home: Home, config: Config, console: Console, *, token_id: str
         "heartbeat_interval": doc.get("heartbeat_interval") or 10, "imported_at": utc_now(),
         "replaced_source_id": previous,
     }
+    if capabilities:
+        source["capabilities"] = capabilities
     home.write_state(home.source_file, source)
     home.remove(home.previous_source_file)
     LOG.info("imported as %s into workgroup %s (%s)", source["source_id"], source["workgroup"]["name"],
@@ -187,8 +130,31 @@ def _install_signals(agent: Agent) -> Dict[int, Any]:
     return previous
 
 
+def _already_imported(home: Home) -> Optional[Dict[str, Any]]:
+    """source.json of a complete import (identity key present), else None."""
+    if not home.exists():
+        return None
+    try:
+        source = home.read_state(home.source_file)
+    except ConfigError:
+        return None
+    return source if source and source.get("source_id") and home.key_file.exists() else None
+
+
+def _imported_line(source: Dict[str, Any]) -> str:
+    return (f"Already imported as source {source['source_id']} (workgroup "
+            f"{(source.get('workgroup') or {}).get('name', '?')})")
+
+
 def run_foreground(home: Home, flags: Dict[str, Any], *, token_id: Optional[str], token_code: Optional[str],
-                   yes: bool, no_prompt: bool, console: Console) -> None:
+                   yes: bool, no_prompt: bool, console: Console, import_only: bool = False) -> None:
+    """Prepare the host and import it if needed, then run the agent (unless ``import_only``)."""
+    if import_only:
+        done = _already_imported(home)
+        if done:  # no lock needed: nothing is written, and a running agent may hold it
+            console.line(_imported_line(done) + (
+                "; --token-id/--token-code ignored" if token_id or token_code else ""))
+            return
     home.ensure()
     config = load_config(home, flags=flags)
     configure_logging(home, config.log_level)
@@ -199,6 +165,9 @@ def run_foreground(home: Home, flags: Dict[str, Any], *, token_id: Optional[str]
         source = home.read_state(home.source_file)
         identity = Identity.load(home)
         if source and identity:
+            if import_only:
+                console.line(_imported_line(source))
+                return
             if token_id or token_code:
                 console.line(f"This host is already imported as {source['source_id']}; "
                              "--token-id/--token-code ignored (go2cloud_client --abort forgets the import)")
@@ -220,11 +189,14 @@ def run_foreground(home: Home, flags: Dict[str, Any], *, token_id: Optional[str]
             asked = _ask_missing(config.server, token_id, token_code, no_prompt)
             if not config.server:
                 config = load_config(home, flags={**flags, "server": asked["server"]})
-            rsync_path = ensure_rsync(home, config, console, yes=yes, no_prompt=no_prompt)
+            prepared = HostPrep(home, config, console, yes=yes, no_prompt=no_prompt).run()
+            rsync_path = prepared.rsync_path
             source = import_source(home, config, console, token_id=asked["token_id"],
-                                   token_code=asked["token_code"])
+                                   token_code=asked["token_code"], capabilities=prepared.capabilities)
             identity = Identity.load(home)
             assert identity is not None
+            if import_only:
+                return
         agent = Agent(home, config, source, identity, console=console, rsync_path=rsync_path)
         previous = _install_signals(agent)
         try:
@@ -243,32 +215,15 @@ def run_foreground(home: Home, flags: Dict[str, Any], *, token_id: Optional[str]
 # -- abort --------------------------------------------------------------------------------------
 
 
-def abort(home: Home, console: Console) -> None:
+def abort(home: Home, console: Console, *, final_line: bool = True) -> None:
     """Stop a running agent of this home and its rsync children, forget the import."""
     if not home.exists():
         console.line(f"Nothing to abort: {home.root} has no agent home")
         return
     done: List[str] = []
-    pid = home.read_pid()
-    if lock_held(home):
-        if not pid or not platform.pid_alive(pid):
-            raise AlreadyRunningError(
-                f"an agent holds the lock of {home.root} but its pid is unknown; stop it first")
-        try:
-            platform.terminate_pid(pid)
-            deadline = time.monotonic() + ABORT_WAIT_S
-            while time.monotonic() < deadline and lock_held(home):
-                time.sleep(0.2)
-            if lock_held(home):
-                platform.terminate_pid(pid, force=True)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and lock_held(home):
-                    time.sleep(0.2)
-                done.append(f"killed the agent (pid {pid}; it did not stop within {ABORT_WAIT_S:.0f}s)")
-            else:
-                done.append(f"stopped the agent (pid {pid})")
-        except PermissionError as exc:
-            raise ConfigError(f"cannot stop the agent (pid {pid}): permission denied; run as root") from exc
+    stopped = servicemode.stop_agent(home, wait=ABORT_WAIT_S)
+    if stopped:
+        done.append(stopped)
     with HomeLock(home):
         killed = kill_children(home)
         if killed:
@@ -295,8 +250,9 @@ def abort(home: Home, console: Console) -> None:
         LOG.info("abort: %s", "; ".join(done))
         for line in done:
             console.line(line[0].upper() + line[1:])
-        console.line("Aborted. Run go2cloud_client again to import this host as a new source.")
-    else:
+        if final_line:
+            console.line("Aborted. Run go2cloud_client again to import this host as a new source.")
+    elif final_line:
         console.line(f"Nothing to abort in {home.root} (no import, no running agent)")
 
 
@@ -307,13 +263,14 @@ def collect_status(home: Home) -> Dict[str, Any]:
     doc: Dict[str, Any] = {"home": str(home.root), "imported": False, "source_id": None, "workgroup": None,
                            "server": None, "running": False, "pid": None, "state": None, "task_id": None,
                            "phase": None, "cycle": None, "progress": None, "last_error": None,
-                           "connected": None, "updated_at": None}
+                           "connected": None, "updated_at": None, "block": None}
     if not home.exists():
         return doc
     source = home.read_state(home.source_file)
     if source:
         doc.update({"imported": True, "source_id": source.get("source_id"),
-                    "workgroup": source.get("workgroup"), "server": source.get("server")})
+                    "workgroup": source.get("workgroup"), "server": source.get("server"),
+                    "block": (source.get("capabilities") or {}).get("block")})
     pid = home.read_pid()
     running = bool(pid and platform.pid_alive(pid) and lock_held(home))
     doc.update({"running": running, "pid": pid if running else None})
@@ -344,6 +301,9 @@ def print_status(doc: Dict[str, Any]) -> None:
     click.echo("Agent:      " + (f"running (pid {doc['pid']})" + ("" if doc.get("connected") in (None, True)
                                                                    else ", control plane unreachable")
                                  if doc["running"] else "not running"))
+    block = doc.get("block")
+    if block and block.get("available") is False:
+        click.echo(f"Block mode: disabled ({block.get('reason')})")
     click.echo(f"State:      {doc.get('state') or '-'}")
     if doc.get("task_id"):
         click.echo(f"Task:       {doc['task_id']}  phase {doc.get('phase') or '-'}  "
@@ -368,8 +328,15 @@ _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=Fal
 @click.option("--server-fingerprint", metavar="sha256:HEX",
               help="Pin the control plane's certificate. Env: GO2CLOUD_SERVER_FINGERPRINT.")
 @click.option("--home", "home_dir", metavar="DIR", help="Agent home (env GO2CLOUD_HOME).")
-@click.option("--yes", "-y", is_flag=True, help="Answer yes to every question (e.g. install rsync).")
-@click.option("--no-prompt", is_flag=True, help="Never ask; fail with a message saying which flag to pass.")
+@click.option("--yes", "-y", is_flag=True,
+              help="Answer yes to every question (install the snapshot driver and rsync, set SELinux "
+                   "to permissive).")
+@click.option("--no-prompt", is_flag=True,
+              help="Never ask: optional host changes are skipped (with a warning naming the flag), a "
+                   "required one fails with a message saying which flag to pass.")
+@click.option("--import-only", is_flag=True,
+              help="Prepare the host and import it (or say it is already imported), then exit without "
+                   "running the agent.")
 @click.option("--abort", "do_abort", is_flag=True,
               help="Stop the running agent and its transfers and forget the import.")
 @click.option("--log-level", type=_LEVELS, help="Log level of <home>/Logs/go2cloud_client.log.")
@@ -377,14 +344,15 @@ _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=Fal
 @click.pass_context
 def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], token_code: Optional[str],
         server_fingerprint: Optional[str], home_dir: Optional[str], yes: bool, no_prompt: bool,
-        do_abort: bool, log_level: Optional[str]) -> None:
+        import_only: bool, do_abort: bool, log_level: Optional[str]) -> None:
     """go2cloud_client: imports this server into a workgroup and migrates it.
 
-    Without a subcommand: import this host (if it is not imported yet), then run the agent in the
-    foreground until Ctrl-C or SIGTERM (a running task resumes when the agent starts again).
+    Without a subcommand: prepare the host (snapshot driver, rsync, SELinux) and import it (if it
+    is not imported yet), then run the agent in the foreground until Ctrl-C or SIGTERM (a running
+    task resumes when the agent starts again).
     """
     ctx.ensure_object(dict)
-    ctx.obj["home_dir"] = home_dir
+    ctx.obj.update(home_dir=home_dir, yes=yes, no_prompt=no_prompt)
     if ctx.invoked_subcommand:
         return
     home = Home(resolve_home(home_dir))
@@ -396,7 +364,7 @@ def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], toke
         return
     flags = {"server": server, "server_fingerprint": server_fingerprint, "log_level": log_level}
     run_foreground(home, flags, token_id=token_id, token_code=token_code, yes=yes, no_prompt=no_prompt,
-                   console=console)
+                   console=console, import_only=import_only)
 
 
 @cli.command()
@@ -411,6 +379,140 @@ def status(ctx: click.Context, as_json: bool, home_dir: Optional[str]) -> None:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
         print_status(doc)
+
+
+def _home(ctx: click.Context, home_dir: Optional[str]) -> Home:
+    return Home(resolve_home(home_dir or (ctx.obj or {}).get("home_dir")))
+
+
+@cli.command()
+@click.option("--home", "home_dir", metavar="DIR", help="Agent home (env GO2CLOUD_HOME).")
+@click.pass_context
+def stop(ctx: click.Context, home_dir: Optional[str]) -> None:
+    """Stop the running agent gracefully (SIGTERM, SIGKILL after 30 s); keep the import and task."""
+    home = _home(ctx, home_dir)
+    done = servicemode.stop_agent(home)
+    console = Console()
+    if done is None:
+        console.line("No agent is running")
+        return
+    task = None
+    try:
+        task = home.read_state(home.task_file)
+    except ConfigError:
+        pass
+    console.line(done[0].upper() + done[1:] + "; the import is kept" + (
+        f" and task {task.get('task_id')} resumes when the agent starts again" if task else ""))
+
+
+@cli.group()
+def service() -> None:
+    """Run the agent under systemd (Linux) or as a Windows service."""
+
+
+@service.command("install")
+@click.option("--home", "home_dir", metavar="DIR", help="Agent home (env GO2CLOUD_HOME).")
+@click.option("--no-start", is_flag=True, help="Install and enable, but do not start the agent now.")
+@click.pass_context
+def service_install(ctx: click.Context, home_dir: Optional[str], no_start: bool) -> None:
+    """Install (or replace) the service running this home's agent, enable it at boot, start it."""
+    home = _home(ctx, home_dir)
+    if home.exists():
+        configure_logging(home)
+    servicemode.install(home, Console(), start=not no_start)
+
+
+@service.command("uninstall")
+@click.option("--home", "home_dir", metavar="DIR", help="Agent home (env GO2CLOUD_HOME).")
+@click.pass_context
+def service_uninstall(ctx: click.Context, home_dir: Optional[str]) -> None:
+    """Stop the agent and remove the service (the import and the task are kept)."""
+    home = _home(ctx, home_dir)
+    if home.exists():
+        configure_logging(home)
+    servicemode.uninstall(home, Console())
+
+
+def is_package_folder(root: Path) -> bool:
+    """Whether ``root`` is an installed package folder (an executable ``go2cloud_client`` next
+    to ``Excludes/``), which uninstall removes; never ``/`` or a top-level directory."""
+    root = root.absolute()
+    if len(root.parts) < 3:
+        return False
+    return (root / "Excludes").is_dir() and any(
+        (root / name).is_file() for name in ("go2cloud_client", "go2cloud_client.exe"))
+
+
+def _close_log() -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_go2cloud", False):
+            root.removeHandler(handler)
+            handler.close()
+
+
+def uninstall(home: Home, console: Console, *, revert: bool, yes: bool, no_prompt: bool) -> None:
+    """Stop the agent, remove the service, forget the import, revert the host changes (with
+    ``revert``), remove the package folder. Asks once on a terminal unless ``yes``."""
+    if not home.exists():
+        console.line(f"Nothing to uninstall: {home.root} has no agent home")
+        return
+    configure_logging(home)
+    package = is_package_folder(home.root)
+    changes = HostChanges(home).list()
+    if not yes and hostprep.can_prompt(no_prompt):
+        plan = ["stop the agent and remove its service", "forget the import (release snapshots)"]
+        if revert and changes:
+            plan.append(f"revert {len(changes)} host change(s): " + "; ".join(describe(c) for c in changes))
+        if package:
+            plan.append(f"delete the package folder {home.root}")
+        if not click.confirm("Uninstall go2cloud_client: " + ", ".join(plan) + ". Proceed?", default=True):
+            console.line("Nothing changed")
+            return
+    unit_home = platform.service_home()
+    if unit_home == home.root or any(c.get("kind") == "service_installed" for c in changes):
+        servicemode.uninstall(home, console)
+    abort(home, console, final_line=False)
+    if revert:
+        revert_all(home, say=console.line)  # HostRevertError: the folder and the ledger stay
+    else:
+        left = HostChanges(home).list()
+        if left:
+            console.line("Host changes left in place (go2cloud_client uninstall --revert undoes them):")
+            for change in left:
+                console.line("  " + describe(change))
+    if not package:
+        console.line(f"Uninstalled. The agent home {home.root} is kept (logs"
+                     + (", undo ledger" if HostChanges(home).list() else "") + "); delete it by hand if "
+                     "you no longer need it")
+        return
+    LOG.info("removing the package folder %s", home.root)
+    _close_log()
+    try:
+        shutil.rmtree(home.root)
+    except OSError as exc:
+        raise UninstallError(
+            f"removing the package folder {home.root} failed: {exc.strerror or exc}") from exc
+    console.line(f"Removed the package folder {home.root}. Uninstalled.")
+
+
+@cli.command("uninstall")
+@click.option("--revert", is_flag=True, help="Also undo the host changes of the undo ledger (newest first).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--no-prompt", is_flag=True, help="Never ask (the command itself is the consent).")
+@click.option("--home", "home_dir", metavar="DIR", help="Agent home (env GO2CLOUD_HOME).")
+@click.pass_context
+def uninstall_cmd(ctx: click.Context, revert: bool, yes: bool, no_prompt: bool,
+                  home_dir: Optional[str]) -> None:
+    """Stop and remove the agent: service, import, package folder; --revert undoes the host changes."""
+    obj = ctx.obj or {}
+    uninstall(_home(ctx, home_dir), Console(), revert=revert, yes=yes or bool(obj.get("yes")),
+              no_prompt=no_prompt or bool(obj.get("no_prompt")))
+
+
+from go2cloud_client.drill.command import check as _drill_check  # noqa: E402 - the drill (helper D)
+
+cli.add_command(_drill_check)
 
 
 # -- entry point --------------------------------------------------------------------------------

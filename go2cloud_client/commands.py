@@ -22,7 +22,7 @@ from go2cloud_client.errors import CommandRejectedError
 
 KNOWN_TYPES = ("drill", "start", "sync", "finalize", "pause", "resume", "modify", "abort")
 #: Types this agent version implements (the rest are answered ``unsupported``).
-SUPPORTED_TYPES = ("start", "sync", "finalize", "pause", "resume", "modify", "abort")
+SUPPORTED_TYPES = ("drill", "start", "sync", "finalize", "pause", "resume", "modify", "abort")
 
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -86,6 +86,19 @@ AnyTarget = Union[TargetSpec, BlockTargetSpec]
 
 
 @dataclass(frozen=True)
+class DrillSpec:
+    """What the ``drill`` command asks to check. Paths and disks are checked for syntax only:
+    whether they exist is one of the drill's findings, not a reason to refuse the command.
+    ``targets`` are (label, host, port) of the target ports to try."""
+
+    mode: str
+    paths: Tuple[str, ...] = ()
+    disks: Tuple[str, ...] = ()
+    snapshot: Optional[str] = None
+    targets: Tuple[Tuple[str, str, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class Options:
     bandwidth_mbps: int = 0
     compression: int = 7
@@ -111,6 +124,8 @@ class Command:
     #: mode block: the disks and the snapshot backend name (or "auto")
     disks: Tuple[DiskSpec, ...] = ()
     snapshot: Optional[str] = None
+    #: drill: what to check
+    drill: Optional[DrillSpec] = None
 
 
 def _reject(name: str, why: str) -> CommandRejectedError:
@@ -320,6 +335,57 @@ def validate_options(params: Mapping[str, Any], *, partial: bool) -> Dict[str, A
     return out
 
 
+def _drill_target(value: Any) -> Tuple[Tuple[str, str, int], ...]:
+    """The target of a drill: only where it is (no password or token is needed to check a port)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _reject("target", "must be an object")
+    kind = value.get("kind")
+    if kind == "rsync":
+        host = validate_host(value.get("host"), "target.host")
+        return (("rsync daemon", host, _int(value.get("port"), "target.port", 1, 65535)),)
+    if kind == "block":
+        url = value.get("url")
+        if not isinstance(url, str) or len(url) > 2048 or any(c in url for c in "\x00\n\r "):
+            raise _reject("target.url", "must be an https:// URL")
+        parts = urlsplit(url)
+        try:
+            port = parts.port or 443
+        except ValueError:
+            raise _reject("target.url", "has an invalid port") from None
+        if parts.scheme != "https" or not parts.hostname:
+            raise _reject("target.url", "must be an https:// URL")
+        return (("block receiver", validate_host(parts.hostname, "target.url"), port),)
+    raise _reject("target.kind", "must be 'rsync' or 'block'")
+
+
+def _parse_drill(cid: str, params: Mapping[str, Any]) -> Command:
+    task_id = _task_id(params)
+    mode = params.get("mode")
+    if mode not in MODES:
+        raise _reject("mode", f"must be one of {', '.join(MODES)}")
+    paths: Tuple[str, ...] = ()
+    disks: Tuple[str, ...] = ()
+    snapshot = None
+    if mode == "block":
+        value = _get(params, "disks")
+        if not isinstance(value, list) or not value or len(value) > MAX_DISKS:
+            raise _reject("disks", f"must be a list of 1-{MAX_DISKS} {{name, path}} objects")
+        disks = tuple(_absolute_path(d.get("path") if isinstance(d, dict) else None, f"disks[{i}].path")
+                      for i, d in enumerate(value))
+        snapshot = params.get("snapshot")
+        if snapshot is not None and (not isinstance(snapshot, str) or not _NAME_RE.match(snapshot)):
+            raise _reject("snapshot", "must be a backend name or 'auto'")
+    else:
+        value = _get(params, "paths")
+        if not isinstance(value, list) or not value or len(value) > MAX_PATHS:
+            raise _reject("paths", f"must be a list of 1-{MAX_PATHS} absolute paths")
+        paths = tuple(_absolute_path(p, f"paths[{i}]") for i, p in enumerate(value))
+    spec = DrillSpec(mode, paths, disks, snapshot, _drill_target(params.get("target")))
+    return Command(cid, "drill", task_id, mode, paths, drill=spec)
+
+
 def parse_command(raw: Mapping[str, Any], isdir: Callable[[str], bool] = os.path.isdir,
                   isdisk: Callable[[str], bool] = is_disk,
                   backends: Callable[[], Tuple[str, ...]] = snapshot_backends) -> Command:
@@ -347,6 +413,8 @@ def parse_command(raw: Mapping[str, Any], isdir: Callable[[str], bool] = os.path
         target = validate_target(_get(params, "target"))
         cycle = _cycle(_get(params, "cycle"))
         return Command(cid, ctype, task_id, "file", paths, options, target=target, cycle=cycle)
+    if ctype == "drill":
+        return _parse_drill(cid, params)
     if ctype == "sync":
         return Command(cid, ctype, _task_id(params), cycle=_cycle(_get(params, "cycle")))
     if ctype == "finalize":

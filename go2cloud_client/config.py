@@ -36,6 +36,9 @@ class Config:
     read_timeout_s: float = 30.0
     #: rsync binary (default: found on PATH).
     rsync_path: Optional[str] = None
+    #: Snapshot driver step at import: ``ask`` (check, offer to install the kernel driver) or
+    #: ``skip`` (neither check nor install; block mode is not restricted by the agent).
+    snapshot_driver: str = "ask"
 
 
 #: config key -> environment variable
@@ -47,6 +50,7 @@ ENV_VARS: Dict[str, str] = {
     "connect_timeout_s": "GO2CLOUD_CONNECT_TIMEOUT",
     "read_timeout_s": "GO2CLOUD_READ_TIMEOUT",
     "rsync_path": "GO2CLOUD_RSYNC",
+    "snapshot_driver": "GO2CLOUD_SNAPSHOT_DRIVER",
 }
 
 
@@ -133,6 +137,16 @@ def _float_range(lo: float, hi: float) -> Callable[[Any], float]:
     return check
 
 
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        text = _str(value).lower()
+        if text not in allowed:
+            raise ValueError("must be one of " + ", ".join(allowed))
+        return text
+
+    return check
+
+
 def _log_level(value: Any) -> str:
     text = _str(value).upper()
     if text not in _LOG_LEVELS:
@@ -148,6 +162,7 @@ _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
     "connect_timeout_s": _float_range(1, 300),
     "read_timeout_s": _float_range(1, 600),
     "rsync_path": _str,
+    "snapshot_driver": _choice("ask", "skip"),
 }
 
 assert set(_VALIDATORS) == {f.name for f in fields(Config)}

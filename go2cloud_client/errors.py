@@ -159,6 +159,37 @@ class SnapshotFailedError(Go2CloudError):
     summary = "a snapshot of a disk could not be taken or released (block-level migration)"
 
 
+class DrillCriticalError(Go2CloudError):
+    exit_code = 35
+    code = "drill_critical"
+    summary = "the drill (go2cloud_client check) found at least one critical item: fix it before migrating"
+
+
+class HostRevertError(Go2CloudError):
+    exit_code = 40
+    code = "host_revert_failed"
+    summary = ("reverting a recorded host change failed (the rest was reverted; fix the cause and "
+               "run uninstall --revert again)")
+
+
+class ServiceError(Go2CloudError):
+    exit_code = 41
+    code = "service_failed"
+    summary = "installing, starting or removing the agent service (systemd unit / Windows service) failed"
+
+
+class AgentStopError(Go2CloudError):
+    exit_code = 42
+    code = "agent_stop_failed"
+    summary = "the running agent could not be stopped (permission denied, or it did not exit)"
+
+
+class UninstallError(Go2CloudError):
+    exit_code = 43
+    code = "uninstall_failed"
+    summary = "removing the installed package folder failed"
+
+
 class InterruptedByOperator(Go2CloudError):
     exit_code = 130
     code = "interrupted"

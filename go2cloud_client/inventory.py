@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import uuid
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import psutil
 
@@ -116,10 +116,13 @@ def _prefix_len(netmask: Any) -> Any:
         return None
 
 
-def collect(home: Home) -> Dict[str, Any]:
-    """The inventory document for the import request."""
+def collect(home: Home, capabilities: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The inventory document for the import request. ``capabilities`` comes from host
+    preparation (:mod:`go2cloud_client.hostprep`): ``{"block": {"available": bool, "reason":
+    str or None, "backends": [names]}}``; without it the key is left out (the control plane then
+    treats block mode as available, as for older agents)."""
     mount_list = mounts()
-    return {
+    doc: Dict[str, Any] = {
         "hostname": socket.gethostname(),
         "machine_id": machine_id(home),
         "agent_home": str(home.root),
@@ -133,3 +136,6 @@ def collect(home: Home) -> Dict[str, Any]:
         "mounts": mount_list,
         "nics": nics(),
     }
+    if capabilities:
+        doc["capabilities"] = capabilities
+    return doc

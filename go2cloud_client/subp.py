@@ -123,6 +123,26 @@ def run(
     return Result(cmd, proc.returncode, out, err)
 
 
+def spawn_detached(args: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
+                   cwd: Optional[str] = None) -> int:
+    """Start ``args`` as a daemon-like child: its own session (no controlling terminal, so it
+    survives the caller's logout), stdin/stdout/stderr on /dev/null, not waited for. Returns
+    its pid. Used to start the agent when no service manager runs."""
+    if isinstance(args, (str, bytes)):
+        raise TypeError("spawn_detached takes an argument list, never a shell string")
+    cmd = [os.fspath(a) for a in args]
+    LOG.debug("starting detached %s", cmd)
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=dict(env) if env is not None else child_env(lang_c=False), cwd=cwd or "/",
+            start_new_session=True, close_fds=True,
+        )
+    except OSError as exc:
+        raise ProcessError(cmd, None, reason=f"could not be started ({exc.strerror or exc})") from exc
+    return proc.pid
+
+
 class StreamingProcess:
     """A long-running child in its own process group with live output.
 

@@ -7,6 +7,7 @@ checks (the control plane's task table) and turns into the task's :class:`BlockT
 Routes (``{task}`` and ``{disk}`` are ``[A-Za-z0-9._-]{1,64}``, ``{index}`` a decimal chunk index):
 
 * ``PUT  /block/v1/tasks/{task}/disks/{disk}/chunks/{index}`` one chunk (raw, zstd or hole)
+* ``POST /block/v1/tasks/{task}/disks/{disk}/chunks``         a batch of framed chunks
 * ``POST /block/v1/tasks/{task}/disks/{disk}/verify``         read-back check of chunk hashes
 * ``POST /block/v1/tasks/{task}/disks/{disk}/commit``         end of a cycle for this disk
 * ``GET  /block/v1/tasks/{task}/disks/{disk}``                what the target has committed
@@ -17,13 +18,15 @@ from __future__ import annotations
 import logging
 import re
 import struct
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple
 
 from go2cloud_server.blockstore import (
     HASH_LEN,
     MAX_CHUNK,
     MAX_CHUNKS,
+    BatchItem,
     BlockTaskStore,
+    Buffer,
     chunk_len,
     decompress_chunk,
 )
@@ -33,15 +36,26 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/block/v1/"
 #: body caps: a chunk (raw or zstd; zstd adds a few bytes per 128 KiB block), a verify request
-#: (up to 65536 records of 20 bytes), a commit (16 bytes per chunk of the largest disk)
+#: (up to 65536 records of 20 bytes), a commit (16 bytes per chunk of the largest disk), a batch
+#: (MAX_BATCH_BODY)
 MAX_CHUNK_BODY = MAX_CHUNK + 64 * 1024
 VERIFY_RECORD = struct.Struct(">I16s")
 MAX_VERIFY_RECORDS = 65536
 MAX_COMMIT_BODY = MAX_CHUNKS * HASH_LEN
 MAX_HOLE_RUN = 1 << 20
+#: a batch: frames of ``FRAME`` (index, count, payload length, encoding, flags, xxh3-128), each
+#: followed by a 32-byte BLAKE3 when ``flags & FLAG_BLAKE3``, then its payload
+FRAME = struct.Struct(">IIIBB2x16s")
+FLAG_BLAKE3 = 1
+ENCODINGS = {0: "raw", 1: "zstd", 2: "hole"}
+MAX_BATCH_BODY = 16 * 1024 * 1024
+MAX_BATCH_FRAMES = 1024
+MAX_BATCH_PLAIN = 64 * 1024 * 1024  # sum of the plain lengths of a batch's data chunks
+_NO_HASH = bytes(16)
 _ID = r"([A-Za-z0-9._-]{1,64})"
 _ROUTES = [
     ("PUT", re.compile(rf"^/block/v1/tasks/{_ID}/disks/{_ID}/chunks/([0-9]{{1,10}})$"), "chunk"),
+    ("POST", re.compile(rf"^/block/v1/tasks/{_ID}/disks/{_ID}/chunks$"), "batch"),
     ("POST", re.compile(rf"^/block/v1/tasks/{_ID}/disks/{_ID}/verify$"), "verify"),
     ("POST", re.compile(rf"^/block/v1/tasks/{_ID}/disks/{_ID}/commit$"), "commit"),
     ("GET", re.compile(rf"^/block/v1/tasks/{_ID}/disks/{_ID}$"), "state"),
@@ -86,6 +100,8 @@ class BlockReceiver:
         """Largest request body accepted on this route (read before :meth:`handle`)."""
         if method == "PUT":
             return MAX_CHUNK_BODY
+        if path.rstrip("/").endswith("/chunks"):
+            return MAX_BATCH_BODY
         if path.endswith("/verify"):
             return MAX_VERIFY_RECORDS * VERIFY_RECORD.size
         if path.endswith("/commit"):
@@ -113,13 +129,15 @@ class BlockReceiver:
             raise AuthFailed("block target: unknown task or wrong task token")
         return store
 
-    def handle(self, method: str, path: str, headers: Any, body: Union[bytes, bytearray]) -> Tuple[int, dict]:
+    def handle(self, method: str, path: str, headers: Any, body: Buffer) -> Tuple[int, dict]:
         try:
             name, args = self._match(method, path.split("?", 1)[0].rstrip("/"))
             store = self._store(args[0], headers)
             disk = args[1]
             if name == "chunk":
                 return 200, self._chunk(store, disk, int(args[2]), headers, body or b"")
+            if name == "batch":
+                return 200, self._batch(store, disk, headers, body or b"")
             # verify and commit bodies are small: plain bytes; a chunk stays in its buffer
             if name == "verify":
                 return 200, self._verify(store, disk, headers, bytes(body))
@@ -131,8 +149,7 @@ class BlockReceiver:
                 log.error("block %s %s: %s", method, path, exc)
             return _error(exc)
 
-    def _chunk(self, store: BlockTaskStore, disk: str, index: int, headers: Any,
-               body: Union[bytes, bytearray]) -> dict:
+    def _chunk(self, store: BlockTaskStore, disk: str, index: int, headers: Any, body: Buffer) -> dict:
         chunk_size = _int_header(headers, "X-Chunk-Size")
         disk_size = _int_header(headers, "X-Disk-Size")
         encoding = (headers.get("X-Encoding") or "").strip().lower()
@@ -164,6 +181,60 @@ class BlockReceiver:
             raise InvalidInput(f"header X-Encoding: {encoding[:20]!r} must be raw, zstd or hole")
         store.write_chunk(disk, index, chunk_size, disk_size, data, xxh3, b3.strip() if b3 else None)
         return {"disk": disk, "index": index, "count": 1, "bytes": len(body)}
+
+    def _batch(self, store: BlockTaskStore, disk: str, headers: Any, body: Buffer) -> dict:
+        """Parse every frame, decompress and check every chunk, then write them all; a malformed
+        or refused frame refuses the whole batch before anything of it is written."""
+        chunk_size = _int_header(headers, "X-Chunk-Size")
+        disk_size = _int_header(headers, "X-Disk-Size")
+        view = memoryview(body)
+        items: List[BatchItem] = []
+        plain = 0
+        off = 0
+        while off < len(view):
+            if len(items) == MAX_BATCH_FRAMES:
+                raise InvalidInput(f"batch: more than {MAX_BATCH_FRAMES} frames")
+            if off + FRAME.size > len(view):
+                raise InvalidInput(f"batch: truncated frame header at byte {off}")
+            index, count, size, enc_code, flags, digest = FRAME.unpack_from(view, off)
+            off += FRAME.size
+            encoding = ENCODINGS.get(enc_code)
+            if encoding is None or flags & ~FLAG_BLAKE3:
+                raise InvalidInput(f"batch: frame {len(items)} (chunk {index}): unknown encoding or flags")
+            b3: Optional[str] = None
+            if flags & FLAG_BLAKE3:
+                if off + 32 > len(view):
+                    raise InvalidInput(f"batch: truncated frame {len(items)} (chunk {index})")
+                b3 = view[off:off + 32].hex()
+                off += 32
+            if off + size > len(view) or size > MAX_CHUNK_BODY:
+                raise InvalidInput(f"batch: truncated frame {len(items)} (chunk {index}): payload of "
+                                   f"{size} bytes")
+            payload = view[off:off + size]
+            off += size
+            length = chunk_len(index, chunk_size, disk_size)
+            xxh3 = "" if digest == _NO_HASH else digest.hex()
+            if encoding == "hole":
+                if size or b3 is not None:
+                    raise InvalidInput(f"batch: chunk {index}: a hole has no payload")
+                if not 1 <= count <= MAX_HOLE_RUN or (count > 1 and xxh3):
+                    raise InvalidInput(f"batch: chunk {index}: a run of {count} holes (1-{MAX_HOLE_RUN}, "
+                                       "without a hash)")
+                items.append((index, count, None, xxh3, None))
+                continue
+            if count != 1:
+                raise InvalidInput(f"batch: chunk {index}: a {encoding} frame must have a count of 1")
+            if not xxh3:
+                raise InvalidInput(f"batch: chunk {index}: no xxh3-128")
+            plain += length
+            if plain > MAX_BATCH_PLAIN:
+                raise InvalidInput(f"batch: over {MAX_BATCH_PLAIN} bytes of chunk data")
+            data = payload if encoding == "raw" else decompress_chunk(payload, length)
+            items.append((index, 1, data, xxh3, b3))
+        if not items:
+            raise InvalidInput("batch: no frames")
+        store.write_batch(disk, chunk_size, disk_size, items)
+        return {"disk": disk, "chunks": len(items), "first": items[0][0], "bytes": len(body)}
 
     def _verify(self, store: BlockTaskStore, disk: str, headers: Any, body: bytes) -> dict:
         chunk_size = _int_header(headers, "X-Chunk-Size")

@@ -120,6 +120,18 @@ def _kv(pairs: List[Tuple[str, Any]]) -> str:
     return "\n".join(f"{(k + ':').ljust(width)} {'-' if v is None or v == '' else v}" for k, v in pairs)
 
 
+def _block_mode(inventory: Dict[str, Any]) -> str:
+    """The agent's block capability (inventory.capabilities.block) in words; agents that do not
+    report it are treated as able to do block mode."""
+    block = ((inventory.get("capabilities") or {}).get("block")) if isinstance(inventory, dict) else None
+    if not isinstance(block, dict):
+        return "not reported (allowed)"
+    if block.get("available") is False:
+        return f"disabled: {block.get('reason') or 'no reason given'}"
+    backends = ", ".join(str(b) for b in block.get("backends") or []) or "-"
+    return f"available (snapshot backends: {backends})"
+
+
 def _bytes(n: Any) -> str:
     if n is None:
         return "-"
@@ -263,6 +275,13 @@ def _setup_logging(level: str) -> None:
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True
 )
+@click.option(
+    "--packages",
+    "packages_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Agent packages served under /download/ without authentication: the files listed in this "
+    "directory's SHA256SUMS (packaging/build.py writes them to dist/). Default: <data-dir>/packages.",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -270,12 +289,14 @@ def serve(
     public_host: Optional[str],
     heartbeat_interval: float,
     log_level: str,
+    packages_dir: Optional[Path],
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
     from go2cloud_server import auth, tls
     from go2cloud_server.artifacts import TaskTree
     from go2cloud_server.atomicfile import write_atomic
     from go2cloud_server.blockrx import BlockReceiver
+    from go2cloud_server.downloads import Downloads
     from go2cloud_server.httpapi import Api, ApiServer
     from go2cloud_server.rsyncd import RsyncDaemon
     from go2cloud_server.scheduler import Scheduler
@@ -301,6 +322,7 @@ def serve(
 
     cert, key = tls.ensure_certificate(data_dir / "tls", [host, public])
     fingerprint = tls.fingerprint(cert)
+    spki_pin = tls.spki_pin(cert)
     admin_token = auth.ensure_admin_token(data_dir)
     store = Store(data_dir / "server.db")
     store.migrate()
@@ -318,14 +340,21 @@ def serve(
             tree_factory=TaskTree,
             public_host=public,
             fingerprint=fingerprint,
+            spki_pin=spki_pin,
             heartbeat_interval=heartbeat_interval,
             clock=clock,
         )
         restored = service.restore_targets()
+        downloads = Downloads(
+            packages_dir.absolute() if packages_dir else data_dir / "packages",
+            spki_pin=spki_pin,
+            fingerprint=fingerprint,
+        )
+        log.info("downloads: %s", downloads.describe())
         receiver = BlockReceiver(resolve=service.block_store_for)  # type: ignore[arg-type]  # Protocol of the store
         httpd = ApiServer(
             (host, port),
-            Api(service, auth.AgentAuth(), admin_token, block_receiver=receiver),
+            Api(service, auth.AgentAuth(), admin_token, block_receiver=receiver, downloads=downloads),
             tls.server_context(cert, key),
         )
         service.public_url = f"https://{_url_host(public)}:{httpd.port}"
@@ -337,6 +366,7 @@ def serve(
                     "url": local_url,
                     "public_url": service.public_url,
                     "fingerprint": fingerprint,
+                    "spki_pin": spki_pin,
                     "rsync_port": int(rsyncd.port),
                     "pid": os.getpid(),
                 },
@@ -621,6 +651,7 @@ def source_show(source_id: str, **kw: Any) -> None:
                 ("arch", inv.get("arch")),
                 ("cpus", inv.get("cpus")),
                 ("memory", _bytes(inv.get("memory_bytes"))),
+                ("block mode", _block_mode(inv)),
                 ("agent version", d.get("agent_version")),
                 ("imported", d.get("imported_at")),
                 ("last seen", d.get("last_seen_at")),
@@ -782,6 +813,12 @@ def _start_human(d: Dict[str, Any]) -> str:
     help=f"Mode block: snapshot backend on the source (default {rules.SNAPSHOT_DEFAULT}: the first "
     "usable of reflink, btrfs, elastio-snap, dattobd, lvm, else live).",
 )
+@click.option(
+    "--drill/--no-drill",
+    default=True,
+    show_default=True,
+    help="Run the drill on each source first; a critical item stops that source (drill_abnormal).",
+)
 @task_options
 @operator_options
 def migration_start(
@@ -791,10 +828,12 @@ def migration_start(
     paths: Tuple[str, ...],
     disks: Tuple[str, ...],
     snapshot: Optional[str],
+    drill: bool,
     **kw: Any,
 ) -> None:
-    """Start migrating every source of a workgroup (or one source)."""
+    """Start migrating every source of a workgroup (or one source); the drill runs first."""
     body = _task_body(**{k: kw.pop(k) for k in _TASK_KEYS})
+    body["drill"] = drill
     if mode == "block":
         if paths:
             raise InvalidInput("--path: only for --mode file (mode block migrates disks: use --disk)")
@@ -845,6 +884,10 @@ def _make_action(action: str, help_text: str) -> None:
                 raise InvalidInput("modify: give at least one option to change (see --help)")
         elif action == "complete":
             body = {"final_sync": bool(kw.pop("final_sync"))}
+        elif action == "drill":
+            body = {"override": bool(kw.pop("override"))}
+            if body["override"]:
+                body["by"] = _operator_name()
         scope = _scope(wg, src)
         op = _op(kw)
         op.out(op.call("POST", f"{scope}/migration/{action}", body), _action_human(action.capitalize()))
@@ -855,6 +898,12 @@ def _make_action(action: str, help_text: str) -> None:
     if action == "complete":
         fn = click.option(
             "--final-sync", is_flag=True, help="Run one last incremental sync before completing."
+        )(fn)
+    if action == "drill":
+        fn = click.option(
+            "--override",
+            is_flag=True,
+            help="Start the migration despite the drill's critical items (recorded: who and when).",
         )(fn)
     fn = scope_options(fn)
     migration.command(action, help=help_text)(fn)
@@ -870,8 +919,71 @@ for _action, _help in (
     ("sync", "Run one incremental sync now (also retries a failed task)."),
     ("complete", "Finish the migration (optionally after a final sync); no more syncs afterwards."),
     ("cancel", "Cancel the migration and release its target (images already taken are kept)."),
+    ("drill", "Run the drill again after fixing its critical items (or --override to start anyway)."),
 ):
     _make_action(_action, _help)
+
+
+def _operator_name() -> str:
+    """Who overrides a drill, as recorded in the task: user@host of this operator command."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"[:128]
+
+
+@main.group()
+def drill() -> None:
+    """Drill reports (the checks a source runs before its migration starts)."""
+
+
+_SEVERITY_TITLES = (("critical", "Critical"), ("warning", "Warning"), ("info", "Info"))
+
+
+def _drill_human(d: Dict[str, Any]) -> str:
+    report = d.get("report") or {}
+    counts = report.get("summary") or {}
+    head = [
+        ("source", f"{d['source_id']} ({d.get('hostname')})"),
+        ("task", f"{d.get('task_id')} ({d.get('task_status')})"),
+        ("drill", f"{d['drill_id']}: {d['status']}"),
+        ("requested", d.get("requested_at")),
+        ("finished", d.get("finished_at")),
+    ]
+    if report:
+        head.append(
+            ("items", ", ".join(f"{counts.get(k, 0)} {k}" for k, _ in _SEVERITY_TITLES))
+        )
+    if d.get("override"):
+        o = d["override"]
+        head.append(("override", f"started despite critical items by {o.get('by')} at {o.get('at')}"))
+    text = _kv(head)
+    items = report.get("items") or []
+    for sev, title in _SEVERITY_TITLES:
+        group = [i for i in items if i.get("severity") == sev]
+        if not group:
+            continue
+        text += f"\n\n{title} ({len(group)}):"
+        for item in group:
+            text += f"\n  [{item.get('check')}] {item.get('finding')}"
+            if item.get("fix"):
+                text += f"\n      fix: {item['fix']}"
+    if not report:
+        text += "\n\nThe drill is running: no report yet."
+    return text
+
+
+@drill.command("show")
+@click.option("--source", "src", required=True, metavar="S", help="The source.")
+@operator_options
+def drill_show(src: str, **kw: Any) -> None:
+    """The latest drill report of a source, items by severity with their fix."""
+    op = _op(kw)
+    op.out(op.call("GET", f"/sources/{seg(src)}/drill"), _drill_human)
 
 
 def _eta(seconds: Any) -> str:

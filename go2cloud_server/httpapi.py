@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from go2cloud_server import auth
 from go2cloud_server.blockrx import BlockReceiver
+from go2cloud_server.downloads import Download, Downloads
 from go2cloud_server.errors import InvalidInput, NotFound, ServerError, TooLarge
 from go2cloud_server.service import Service
 
@@ -83,9 +84,11 @@ class Api:
         agent_auth: auth.AgentAuth,
         admin_token: str,
         block_receiver: Optional[BlockReceiver] = None,
+        downloads: Optional[Downloads] = None,
     ) -> None:
         self.service = service
         self.block_receiver = block_receiver
+        self.downloads = downloads
         self.agent_auth = agent_auth
         self.admin_token = admin_token
         self.routes = Routes()
@@ -94,6 +97,7 @@ class Api:
         p = "/api/v1"
         # agent API
         r("POST", f"{p}/sources/import", lambda q: (201, s.import_source(q.body)), "none")
+        r("GET", f"{p}/time", lambda q: (200, s.server_time()), "none")
         r("POST", f"{p}/sources/{{s}}/challenge", self._challenge, "none")
         r("POST", f"{p}/sources/{{s}}/token", self._token, "none")
         r("POST", f"{p}/sources/{{s}}/heartbeat", lambda q: (200, s.heartbeat(q.args[0], q.body)), "agent")
@@ -150,6 +154,7 @@ class Api:
             "admin",
         )
         r("GET", f"{p}/tasks/{{t}}/artifacts", lambda q: (200, s.task_artifacts(q.args[0])), "admin")
+        r("GET", f"{p}/sources/{{s}}/drill", lambda q: (200, s.source_drill(q.args[0])), "admin")
 
     def _challenge(self, q: ApiRequest) -> Tuple[int, Any]:
         self.service.agent_source(q.args[0])
@@ -285,10 +290,44 @@ class RequestHandler(BaseHTTPRequestHandler):
         body = self._read_raw(receiver.max_body(self.command, path))
         return receiver.handle(self.command, path, self.headers, body)
 
+    def _send_download(self, download: Download) -> int:
+        """Stream a published file (headers, then the checked descriptor in 256 KiB pieces)."""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", download.content_type)
+            self.send_header("Content-Length", str(download.size))
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            left = download.size
+            while left > 0:
+                block = download.file.read(min(left, 256 * 1024))
+                if not block:
+                    break
+                self.wfile.write(block)
+                left -= len(block)
+            if left:  # the file shrank while it was sent: the client sees a short body
+                self.close_connection = True
+        except OSError as exc:
+            log.debug("download of %s interrupted: %s", download.name, exc)
+            self.close_connection = True
+        finally:
+            download.close()
+        return 200
+
     def _dispatch(self) -> None:
         started = time.monotonic()
         status = 500
         try:
+            downloads = self.server.api.downloads
+            if downloads is not None and downloads.owns(urlsplit(self.path).path):
+                if self.command != "GET":
+                    self.close_connection = True  # a body, if any, is not read
+                answer = downloads.open(self.command, urlsplit(self.path).path)
+                if isinstance(answer, Download):
+                    status = self._send_download(answer)
+                    self._log_request(status, started)
+                    return
+                raise _Answered(200, answer)
             receiver = self.server.api.block_receiver
             if receiver is not None and receiver.owns(urlsplit(self.path).path):
                 status, payload = self._handle_block(receiver)
@@ -316,6 +355,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         except OSError as exc:
             log.debug("could not send the answer: %s", exc)
             self.close_connection = True
+        self._log_request(status, started)
+
+    def _log_request(self, status: int, started: float) -> None:
         log.info(
             "%s %s %s -> %d (%.0f ms)",
             self.client_address[0],

@@ -43,16 +43,24 @@ log = logging.getLogger(__name__)
 
 OFFLINE_AFTER_INTERVALS = 3
 ACTIVE_TASK_STATUSES = ("syncing", "pending", "paused", "failed")
+#: statuses of a task before its first sync: the drill runs, passed (start queued) or found a
+#: critical item (nothing started until it is fixed and re-run, or overridden)
+DRILL_STATUSES = ("drilling", "drill_passed", "drill_abnormal")
+#: a source with a task in one of these has a migration (no second task; cancel works)
+OPEN_TASK_STATUSES = ACTIVE_TASK_STATUSES + DRILL_STATUSES
+DRILL_SEVERITIES = ("critical", "warning", "info")
+MAX_DRILL_ITEMS = 200
 FINAL_COMMAND_STATUSES = ("succeeded", "failed", "unsupported", "rejected", "superseded")
 ACK_STATUSES = ("accepted", "succeeded", "failed", "unsupported", "rejected")
 CYCLE_COMMANDS = ("start", "sync", "finalize")
-ACTIONS = ("modify", "pause", "resume", "sync", "complete", "cancel")
+ACTIONS = ("modify", "pause", "resume", "sync", "complete", "cancel", "drill")
 #: filesystems whose mount points are migrated by default (file mode)
 LOCAL_FSTYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "jfs", "reiserfs", "f2fs", "zfs"})
 MAX_EVENTS_PER_SOURCE = 1000
 _ALNUM_LOWER = string.ascii_lowercase + string.digits
 _ALNUM = string.ascii_letters + string.digits
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+_OPEN_SQL = ",".join(f"'{s}'" for s in OPEN_TASK_STATUSES)
 
 
 class RsyncTarget(Protocol):
@@ -110,15 +118,43 @@ def hash_code(code: str, salt: bytes) -> bytes:
     return hashlib.scrypt(code.encode("utf-8"), salt=salt, maxmem=64 * 1024 * 1024, **_SCRYPT)
 
 
-def install_commands(url: str, fingerprint: str, token_id: str, token_code: str) -> Dict[str, str]:
-    """The ready-to-paste commands shown for an activation code (one place to change them)."""
-    args = (
-        f"--server {url} --server-fingerprint {fingerprint} --token-id {token_id} --token-code {token_code}"
+def _sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def _ps_quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def install_commands(
+    url: str, fingerprint: str, token_id: str, token_code: str, spki_pin: str = ""
+) -> Dict[str, str]:
+    """The ready-to-paste one-liners shown for an activation code (one place to change them).
+
+    Linux: curl fetches ``install.sh`` with the server's public key pinned (``--pinnedpubkey``;
+    ``--insecure`` only skips the CA check of the self-signed certificate, the pin still applies)
+    and pipes it to ``sudo bash``. Windows: PowerShell fetches ``install.ps1`` with a certificate
+    validation callback that accepts only the certificate whose SHA-256 is the fingerprint. The
+    token code reaches the installers through ``GO2CLOUD_TOKEN_CODE`` in the environment, never
+    as an argument of go2cloud_client.
+    """
+    hex_digest = fingerprint.split(":", 1)[-1]
+    linux = (
+        f"curl -fsS --insecure --pinnedpubkey {_sh_quote(spki_pin)} {url}/download/install.sh"
+        f" | sudo GO2CLOUD_TOKEN_CODE={_sh_quote(token_code)} bash -s --"
+        f" --server {url} --server-fingerprint {fingerprint} --token-id {token_id}"
     )
-    return {
-        "linux": f"sudo ./go2cloud_client {args}",
-        "powershell": f".\\go2cloud_client.exe {args}",
-    }
+    powershell = (
+        f"$env:GO2CLOUD_TOKEN_CODE={_ps_quote(token_code)}; "
+        "[Net.ServicePointManager]::SecurityProtocol=[Net.SecurityProtocolType]::Tls12; "
+        "[Net.ServicePointManager]::ServerCertificateValidationCallback={param($s,$c) "
+        "(-join ([Security.Cryptography.SHA256]::Create().ComputeHash($c.GetRawCertData()) | "
+        f"ForEach-Object {{ $_.ToString('x2') }})) -eq {_ps_quote(hex_digest)}}}; "
+        "& ([scriptblock]::Create((New-Object Net.WebClient).DownloadString("
+        f"{_ps_quote(url + '/download/install.ps1')}))) -Server {_ps_quote(url)} "
+        f"-ServerFingerprint {_ps_quote(fingerprint)} -TokenId {_ps_quote(token_id)}"
+    )
+    return {"linux": linux, "powershell": powershell}
 
 
 def cycle_spec(number: int, last_committed: Optional[int]) -> Dict[str, Any]:
@@ -158,6 +194,7 @@ class Service:
         public_host: str = "127.0.0.1",
         public_url: str = "",
         fingerprint: str = "",
+        spki_pin: str = "",
         heartbeat_interval: float = 10,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -171,6 +208,7 @@ class Service:
         self.public_host = public_host
         self.public_url = public_url
         self.fingerprint = fingerprint
+        self.spki_pin = spki_pin
         self.heartbeat_interval = heartbeat_interval
         self.clock = clock
         self.commands_cv = threading.Condition()
@@ -244,6 +282,11 @@ class Service:
     def _notify(self) -> None:
         with self.commands_cv:
             self.commands_cv.notify_all()
+
+    def server_time(self) -> Dict[str, Any]:
+        """``GET /api/v1/time`` (no authentication): the clock agents compare theirs with."""
+        now = self.now()
+        return {"server_time": iso(now), "server_time_epoch": now}
 
     # workgroups -------------------------------------------------------------------------------
     def _workgroup(self, conn: Optional[sqlite3.Connection], ref: Any) -> Dict[str, Any]:
@@ -365,7 +408,9 @@ class Service:
         assert row is not None
         view = self._code_view(row)
         view["token_code"] = token_code
-        view["commands"] = install_commands(self.public_url, self.fingerprint, token_id, token_code)
+        view["commands"] = install_commands(
+            self.public_url, self.fingerprint, token_id, token_code, self.spki_pin
+        )
         return view
 
     def list_codes(self, wg_ref: Optional[str] = None) -> Dict[str, Any]:
@@ -560,7 +605,7 @@ class Service:
 
     def _active_task(self, conn: Optional[sqlite3.Connection], source_id: str) -> Optional[Dict[str, Any]]:
         sql = (
-            "SELECT * FROM tasks WHERE source_id = ? AND status IN ('syncing','pending','paused','failed') "
+            f"SELECT * FROM tasks WHERE source_id = ? AND status IN ({_OPEN_SQL}) "  # noqa: S608
             "ORDER BY created_at DESC, rowid DESC LIMIT 1"
         )
         return Store.q_one(conn, sql, (source_id,)) if conn is not None else self.store.one(sql, (source_id,))
@@ -764,6 +809,8 @@ class Service:
                 (status, error_code, message, dumps(result or {}), self.now_iso(), command_id),
             )
         if status == "accepted":
+            if cmd["type"] == "start":
+                self._start_taken(cmd)
             return {}
         log.info(
             "command %s (%s) of %s acknowledged %s%s",
@@ -775,6 +822,13 @@ class Service:
         )
         self._on_command_final(cmd, status, error_code, message, result or {})
         return {}
+
+    def _start_taken(self, cmd: Mapping[str, Any]) -> None:
+        """The agent accepted the ``start`` queued after a passed drill: the task is syncing now."""
+        with self.store.transaction() as conn:
+            task = Store.q_one(conn, "SELECT status FROM tasks WHERE id = ?", (cmd["task_id"],))
+            if task is not None and task["status"] == "drill_passed":
+                self._set_task(conn, cmd["task_id"], status="syncing")
 
     def _on_command_final(
         self,
@@ -789,13 +843,16 @@ class Service:
             return
         params = loads(cmd["params"], {})
         ctype = cmd["type"]
+        if ctype == "drill":
+            self._on_drill_final(cmd, status, message, result)
+            return
         cycle = params.get("cycle") if ctype in CYCLE_COMMANDS else None
         number = int(cycle["number"]) if isinstance(cycle, dict) and cycle.get("number") else None
         if status != "succeeded":
             if ctype in CYCLE_COMMANDS:
                 with self.store.transaction() as conn:
                     task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
-                    if task and task["status"] in ("syncing", "pending", "paused"):
+                    if task and task["status"] in ("syncing", "pending", "paused", "drill_passed"):
                         self._set_task(
                             conn,
                             task_id,
@@ -967,6 +1024,12 @@ class Service:
     # tasks ---------------------------------------------------------------------------------------
     def _set_task(self, conn: sqlite3.Connection, task_id: str, **changes: Any) -> None:
         changes["updated_at"] = self.now_iso()
+        if "status" in changes:  # the status history: [{"status", "at"}], a change appended once
+            row = conn.execute("SELECT status, history FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is not None and row[0] != changes["status"]:
+                history = loads(row[1], [])
+                history.append({"status": changes["status"], "at": changes["updated_at"]})
+                changes["history"] = dumps(history[-100:])
         cols = ", ".join(f"{k} = ?" for k in changes)
         conn.execute(f"UPDATE tasks SET {cols} WHERE id = ?", (*changes.values(), task_id))  # noqa: S608
 
@@ -1037,6 +1100,9 @@ class Service:
             "finished_at": task["finished_at"],
             "progress": progress,
             "artifacts": self._artifacts(task["id"]),
+            "drill_id": task["drill_command"],
+            "drill_override": loads(task["drill_override"], None),
+            "history": loads(task["history"], []),
         }
 
     def _start_params(self, body: Mapping[str, Any]) -> Dict[str, Any]:
@@ -1069,6 +1135,7 @@ class Service:
             "keep_images": rules.integer(
                 body.get("keep_images"), "keep_images", rules.KEEP_IMAGES, rules.KEEP_IMAGES_DEFAULT
             ),
+            "drill": True if body.get("drill") is None else rules.boolean(body.get("drill"), "drill"),
         }
 
     def start_migration(
@@ -1127,6 +1194,9 @@ class Service:
                     }
                 wg = Store.q_one(conn, "SELECT name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
                 block = params["mode"] == "block"
+                no_block = block_unavailable(loads(src["inventory"], {})) if block else None
+                if no_block is not None:
+                    return "not_migratable", {"source_id": source_id, "reason": no_block}
                 paths = [] if block else (params["paths"] or default_paths(loads(src["inventory"], {})))
                 disks = rules.disk_names(params["disks"]) if block else []
                 name = (
@@ -1134,11 +1204,12 @@ class Service:
                     or f"{wg['name'] if wg else 'migration'}-{src['hostname'] or source_id}"[:128]
                 )
                 now = self.now_iso()
+                status = "drilling" if params["drill"] else "syncing"
                 conn.execute(
                     "INSERT INTO tasks (id, source_id, workgroup_id, name, description, mode, paths, "
                     "disks, snapshot, block_token, bandwidth_mbps, compression, checksum, sync_every_s, "
-                    "keep_images, status, current_cycle, rsync_password, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'syncing', 1, ?, ?, ?)",
+                    "keep_images, status, current_cycle, rsync_password, created_at, updated_at, history) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
                     (
                         task_id,
                         source_id,
@@ -1155,31 +1226,23 @@ class Service:
                         int(params["checksum"]),
                         params["sync_every_s"],
                         params["keep_images"],
+                        status,
                         "" if block else password,
                         now,
                         now,
+                        dumps([{"status": status, "at": now}]),
                     ),
                 )
                 task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
                 assert task is not None
-                cmd_params: Dict[str, Any] = {"task_id": task_id, "mode": params["mode"]}
-                if block:
-                    cmd_params.update(disks=disks, snapshot=params["snapshot"])
-                else:
+                if not block:
                     tree.prepare_cycle(1)
                     self.rsyncd.add_module(task_id, self.tree_root(task_id), task_id, password)
                     module_added = True
-                    cmd_params["paths"] = paths
-                cmd_params.update(
-                    {
-                        "bandwidth_mbps": params["bandwidth_mbps"],
-                        "compression": params["compression"],
-                        "checksum": params["checksum"],
-                        "target": self.target(task),
-                        "cycle": cycle_spec(1, None),
-                    }
-                )
-                cid = self._queue(conn, source_id, task_id, "start", cmd_params)
+                if params["drill"]:
+                    cid = self._queue_drill(conn, task)
+                else:
+                    cid = self._queue_start(conn, task)
         except Exception:
             if module_added:
                 self.rsyncd.remove_module(task_id)
@@ -1193,10 +1256,154 @@ class Service:
         )
         return "started", {"source_id": source_id, "task_id": task_id, "command_id": cid}
 
+    def _start_params_of(self, task: Mapping[str, Any]) -> Dict[str, Any]:
+        """The ``start`` command's parameters, from the task row (its first cycle)."""
+        cmd_params: Dict[str, Any] = {"task_id": task["id"], "mode": task["mode"]}
+        if task["mode"] == "block":
+            cmd_params.update(disks=loads(task["disks"], []), snapshot=task["snapshot"])
+        else:
+            cmd_params["paths"] = loads(task["paths"], [])
+        cmd_params.update(
+            {
+                "bandwidth_mbps": task["bandwidth_mbps"],
+                "compression": task["compression"],
+                "checksum": bool(task["checksum"]),
+                "target": self.target(task),
+                "cycle": cycle_spec(int(task["current_cycle"] or 1), task["last_committed"]),
+            }
+        )
+        return cmd_params
+
+    def _queue_start(self, conn: sqlite3.Connection, task: Mapping[str, Any]) -> str:
+        return self._queue(conn, task["source_id"], task["id"], "start", self._start_params_of(task))
+
+    # the drill -------------------------------------------------------------------------------------
+    def _drill_params(self, task: Mapping[str, Any]) -> Dict[str, Any]:
+        """The ``drill`` command's parameters: what will be migrated and where the target is (its
+        address only: a drill needs no password or token)."""
+        params: Dict[str, Any] = {"task_id": task["id"], "mode": task["mode"]}
+        if task["mode"] == "block":
+            params.update(disks=loads(task["disks"], []), snapshot=task["snapshot"])
+        else:
+            params["paths"] = loads(task["paths"], [])
+        target = self.target(task)
+        params["target"] = {k: v for k, v in target.items() if k not in ("password", "token", "user")}
+        return params
+
+    def _queue_drill(self, conn: sqlite3.Connection, task: Mapping[str, Any]) -> str:
+        cid = self._queue(conn, task["source_id"], task["id"], "drill", self._drill_params(task))
+        conn.execute(
+            "INSERT INTO drills (id, source_id, task_id, status, created_at) VALUES (?, ?, ?, 'running', ?)",
+            (cid, task["source_id"], task["id"], self.now_iso()),
+        )
+        self._set_task(conn, task["id"], status="drilling", drill_command=cid)
+        return cid
+
+    def _on_drill_final(
+        self, cmd: Mapping[str, Any], status: str, message: Optional[str], result: Mapping[str, Any]
+    ) -> None:
+        """A drill's report arrived: record it; if it is the task's current drill, go on
+        (``drill_passed`` + start) or stop (``drill_abnormal``)."""
+        src = self.store.one("SELECT agent_version FROM sources WHERE id = ?", (cmd["source_id"],))
+        version = (src or {}).get("agent_version") or "unknown"
+        report = drill_report(status, message, result, agent_version=version)
+        passed = report["passed"]
+        with self.store.transaction() as conn:
+            conn.execute(
+                "UPDATE drills SET status = ?, report = ?, finished_at = ? "
+                "WHERE id = ? AND status = 'running'",
+                ("passed" if passed else "abnormal", dumps(report), self.now_iso(), cmd["id"]),
+            )
+            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (cmd["task_id"],))
+            if task is None or task["status"] != "drilling" or task["drill_command"] != cmd["id"]:
+                return
+            if passed:
+                self._set_task(conn, task["id"], status="drill_passed", error_code=None, error_message=None)
+                self._queue_start(conn, task)
+            else:
+                first = next(i for i in report["items"] if i["severity"] == "critical")
+                self._set_task(
+                    conn,
+                    task["id"],
+                    status="drill_abnormal",
+                    error_code="drill_abnormal",
+                    error_message=f"drill: {report['summary']['critical']} critical item(s), "
+                    f"first: {first['finding']}"[:2000],
+                )
+        log.info("drill %s of task %s: %s", cmd["id"], cmd["task_id"], "passed" if passed else "abnormal")
+        if passed:
+            self._notify()
+
+    def _do_drill(
+        self,
+        conn: sqlite3.Connection,
+        task: Mapping[str, Any],
+        params: Mapping[str, Any],
+        after: List[Callable[[], None]],
+    ) -> Optional[str]:
+        """Re-run the drill (``drill_abnormal``), or with ``override`` start the task despite its
+        critical items (``drill_abnormal``, or ``drilling`` when the report never comes)."""
+        if params.get("override"):
+            self._need(
+                task, ("drill_abnormal", "drilling"), "override its drill (only before the first sync)"
+            )
+            conn.execute(
+                "UPDATE commands SET status = 'superseded', updated_at = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (self.now_iso(), task["drill_command"]),
+            )
+            override = {
+                "by": params.get("by") or "operator",
+                "at": self.now_iso(),
+                "drill": task["drill_command"],
+            }
+            self._set_task(
+                conn,
+                task["id"],
+                status="drill_passed",
+                drill_override=dumps(override),
+                error_code=None,
+                error_message=None,
+            )
+            log.warning("task %s: drill overridden by %s", task["id"], override["by"])
+            return self._queue_start(conn, task)
+        if task["status"] == "drilling":
+            raise Conflict(f"the drill of task {task['id']} is running: wait for its report")
+        self._need(task, ("drill_abnormal",), "re-run its drill (the drill runs before the first sync)")
+        return self._queue_drill(conn, task)
+
+    def source_drill(self, ref: str) -> Dict[str, Any]:
+        """The latest drill of a source: status, report, and the task's override."""
+        src = self._source(None, ref)
+        row = self.store.one(
+            "SELECT * FROM drills WHERE source_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+            (src["id"],),
+        )
+        if row is None:
+            raise NotFound(f"source {src['id']} has no drill yet: start a migration (the drill runs first)")
+        task = self.store.one("SELECT status, drill_override FROM tasks WHERE id = ?", (row["task_id"],))
+        return {
+            "source_id": src["id"],
+            "hostname": src["hostname"],
+            "task_id": row["task_id"],
+            "drill_id": row["id"],
+            "status": row["status"],
+            "task_status": task["status"] if task else None,
+            "requested_at": row["created_at"],
+            "finished_at": row["finished_at"],
+            "override": loads(task["drill_override"], None) if task else None,
+            "report": loads(row["report"], None),
+        }
+
     # migration actions ---------------------------------------------------------------------------
     def _action_params(self, action: str, body: Mapping[str, Any]) -> Dict[str, Any]:
         if action == "complete":
             return {"final_sync": rules.boolean(body.get("final_sync"), "final_sync")}
+        if action == "drill":
+            by = body.get("by")
+            if by is not None and (not isinstance(by, str) or len(by) > 128):
+                raise InvalidInput("by: must be a string of at most 128 characters (who overrides)")
+            return {"override": rules.boolean(body.get("override"), "override"), "by": by}
         if action != "modify":
             return {}
         out: Dict[str, Any] = {}
@@ -1285,7 +1492,7 @@ class Service:
         params: Mapping[str, Any],
         after: List[Callable[[], None]],
     ) -> Optional[str]:
-        self._need(task, ACTIVE_TASK_STATUSES, "modify it")
+        self._need(task, OPEN_TASK_STATUSES, "modify it")
         changes = dict(params)
         if "checksum" in changes:
             changes["checksum"] = int(changes["checksum"])
@@ -1294,8 +1501,8 @@ class Service:
         if "keep_images" in params:
             keep, tid = int(params["keep_images"]), task["id"]
             after.append(lambda: self._apply_retention(tid, keep))
-        if not agent_fields:
-            return None
+        if not agent_fields or task["status"] in ("drilling", "drill_abnormal"):
+            return None  # before the start: the start command is built from the task then
         return self._queue(
             conn, task["source_id"], task["id"], "modify", {"task_id": task["id"], **agent_fields}
         )
@@ -1389,7 +1596,12 @@ class Service:
         params: Mapping[str, Any],
         after: List[Callable[[], None]],
     ) -> Optional[str]:
-        self._need(task, ACTIVE_TASK_STATUSES, "cancel it")
+        self._need(task, OPEN_TASK_STATUSES, "cancel it")
+        conn.execute(
+            "UPDATE drills SET status = 'cancelled', finished_at = ? "
+            "WHERE task_id = ? AND status = 'running'",
+            (self.now_iso(), task["id"]),
+        )
         self._set_task(
             conn, task["id"], status="cancelled", finalizing=0, current_cycle=None, finished_at=self.now_iso()
         )
@@ -1454,7 +1666,7 @@ class Service:
     # server start / scheduler ----------------------------------------------------------------------
     def restore_targets(self) -> int:
         """Re-add the rsync modules of every task that still needs its target (after a restart)."""
-        rows = self.store.all("SELECT * FROM tasks WHERE status IN ('syncing','pending','paused','failed')")
+        rows = self.store.all(f"SELECT * FROM tasks WHERE status IN ({_OPEN_SQL})")  # noqa: S608
         for task in rows:
             if task["mode"] == "block":
                 continue  # the block receiver resolves active tasks from the database
@@ -1469,6 +1681,93 @@ class Service:
             "SELECT id, sync_every_s, last_committed FROM tasks WHERE status = 'pending' "
             "AND finalizing = 0 AND sync_every_s IS NOT NULL"
         )
+
+
+def block_unavailable(inventory: Mapping[str, Any]) -> Optional[str]:
+    """Why block mode cannot migrate this source (``capabilities.block.available`` false in its
+    inventory), or None. A source without the key (an older agent) counts as available."""
+    caps = inventory.get("capabilities") if isinstance(inventory, Mapping) else None
+    block = caps.get("block") if isinstance(caps, Mapping) else None
+    if not isinstance(block, Mapping) or block.get("available") is not False:
+        return None
+    reason = block.get("reason") if isinstance(block.get("reason"), str) else ""
+    return f"block mode is not available on this source: {reason or 'no snapshot driver can run there'}"[:500]
+
+
+def _clip(value: Any, n: int) -> str:
+    return value[:n] if isinstance(value, str) else ""
+
+
+def drill_report(
+    status: str, message: Optional[str], result: Mapping[str, Any], *, agent_version: str = "unknown"
+) -> Dict[str, Any]:
+    """The stored report of a finished ``drill`` command, checked field by field (the agent's
+    report is input like any other). ``passed`` is recomputed here: no critical item.
+    ``unsupported`` (an older agent) passes with a warning saying the drill did not run; a failed
+    or rejected drill is one critical item saying it could not run."""
+    items: List[Dict[str, Any]] = []
+    raw = result.get("drill") if status == "succeeded" else None
+    doc: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    if status == "succeeded":
+        for item in (doc.get("items") or [])[:MAX_DRILL_ITEMS] if isinstance(doc.get("items"), list) else []:
+            if not isinstance(item, Mapping):
+                continue
+            severity = item.get("severity") if item.get("severity") in DRILL_SEVERITIES else "warning"
+            data = item.get("data") if isinstance(item.get("data"), Mapping) else {}
+            items.append(
+                {
+                    "check": _clip(item.get("check"), 64) or "unknown",
+                    "severity": severity,
+                    "finding": _clip(item.get("finding"), 2000),
+                    "fix": _clip(item.get("fix"), 2000),
+                    "data": data if len(dumps(data)) <= 4096 else {},
+                }
+            )
+        if not items:
+            items.append(
+                {
+                    "check": "drill",
+                    "severity": "critical",
+                    "finding": "the agent sent a drill report without items",
+                    "fix": "re-run the drill; if it happens again, upgrade go2cloud_client",
+                    "data": {},
+                }
+            )
+    elif status == "unsupported":
+        items.append(
+            {
+                "check": "drill_not_run",
+                "severity": "warning",
+                "finding": f"the agent (go2cloud_client {agent_version}) does not support the drill: "
+                "no check ran",
+                "fix": "upgrade go2cloud_client on the source and run 'go2cloud_client check' there",
+                "data": {},
+            }
+        )
+    else:
+        items.append(
+            {
+                "check": "drill_failed",
+                "severity": "critical",
+                "finding": f"the drill could not run on the source ({status}): {message or 'no message'}",
+                "fix": "re-run it (go2cloud_server migration drill --source S); if it fails again read "
+                "the agent log, or start anyway with --override",
+                "data": {},
+            }
+        )
+    summary = {sev: sum(1 for i in items if i["severity"] == sev) for sev in DRILL_SEVERITIES}
+    return {
+        "version": 1,
+        "mode": _clip(doc.get("mode"), 16) or None,
+        "passed": summary["critical"] == 0,
+        "summary": summary,
+        "ran": status == "succeeded",
+        "agent_version": _clip(doc.get("agent_version"), 64) or agent_version,
+        "hostname": _clip(doc.get("hostname"), 255),
+        "started_at": _clip(doc.get("started_at"), 40) or None,
+        "finished_at": _clip(doc.get("finished_at"), 40) or None,
+        "items": items,
+    }
 
 
 def workgroup_status(task_statuses: List[str]) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -146,7 +146,25 @@ DROP TABLE artifacts;
 ALTER TABLE artifacts_v2 RENAME TO artifacts
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# v3: the drill. One row per drill run (the ``drill`` command's id) with its report; the task
+# knows its current drill command, the operator's override (who / when) and its status history.
+_SCHEMA_V3 = """
+ALTER TABLE tasks ADD COLUMN drill_command TEXT;
+ALTER TABLE tasks ADD COLUMN drill_override TEXT;
+ALTER TABLE tasks ADD COLUMN history TEXT NOT NULL DEFAULT '[]';
+CREATE TABLE drills (
+    id TEXT PRIMARY KEY,
+    source_id TEXT NOT NULL,
+    task_id TEXT,
+    status TEXT NOT NULL,
+    report TEXT,
+    created_at TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE INDEX drills_source ON drills (source_id, created_at)
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 class SchemaTooNew(RuntimeError):

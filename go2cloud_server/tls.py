@@ -2,10 +2,13 @@
 
 Files: ``<data-dir>/tls/cert.pem`` (0644) and ``<data-dir>/tls/key.pem`` (0600). Agents pin the
 certificate by its fingerprint: ``sha256:`` + lowercase hex of SHA-256 over the DER encoding.
+curl pins the public key instead (``--pinnedpubkey``, used by the install one-liner): the SPKI pin
+is ``sha256//`` + base64 of SHA-256 over the certificate's DER SubjectPublicKeyInfo.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import ipaddress
@@ -86,6 +89,21 @@ def fingerprint(cert_path: Path) -> str:
     """``sha256:<hex>`` of the DER encoding of the PEM certificate at ``cert_path``."""
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
     return fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
+
+
+def spki_pin_der(der: bytes) -> str:
+    """``sha256//<base64>`` of the SubjectPublicKeyInfo of a DER certificate (curl's format)."""
+    cert = x509.load_der_x509_certificate(der)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256//" + base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
+
+
+def spki_pin(cert_path: Path) -> str:
+    """SPKI pin (``sha256//<base64>``) of the PEM certificate at ``cert_path``."""
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    return spki_pin_der(cert.public_bytes(serialization.Encoding.DER))
 
 
 def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:

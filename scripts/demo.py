@@ -186,6 +186,9 @@ def main() -> int:
                     return tasks[0]
                 if tasks and tasks[0]["status"] == "failed":
                     raise SystemExit(f"error: the task failed: {tasks[0]}")
+                if tasks and tasks[0]["status"] == "drill_abnormal":
+                    raise SystemExit("error: the drill found a critical item: "
+                                     f"{(tasks[0].get('error') or {}).get('message')}")
                 time.sleep(0.5)
             raise SystemExit(f"error: timed out waiting for the task to be {want}")
 
@@ -193,8 +196,12 @@ def main() -> int:
         res = op("migration", "start", "--workgroup", "demo-wg", "--path", str(source), "--keep-images", "3",
                  "--compression", "7")
         task_id = res["started"][0]["task_id"]
-        say(f"migration started: task {task_id}, full sync")
+        say(f"migration started: task {task_id}; the drill runs first, then the full sync")
         wait_status("pending")
+        drill = op("drill", "show", "--source", source_id)
+        counts = (drill.get("report") or {}).get("summary") or {}
+        say(f"drill {drill['status']}: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} "
+            f"warning, {counts.get('info', 0)} info (go2cloud_server drill show --source {source_id})")
         timings = {"full sync": time.monotonic() - t0}
 
         for round_no, label in ((1, "incremental sync"), (2, "final sync")):

@@ -1,7 +1,8 @@
 """Operating-system differences, chosen once at import.
 
 Everything that depends on the OS (os-release, machine id, block devices, boot mode, file locks,
-signals to process groups, the default agent home) is behind the functions re-exported here.
+signals to process groups, the default agent home, SELinux, the service manager) is behind the
+functions re-exported here.
 Nothing outside this package looks at ``sys.platform`` or reads ``/etc/os-release``.
 """
 
@@ -34,6 +35,21 @@ pid_alive = _impl.pid_alive
 terminate_pid = _impl.terminate_pid
 kill_process_group = _impl.kill_process_group
 graceful_signals = _impl.graceful_signals
+root_block_device = _impl.root_block_device
+# SELinux (None / no-ops where it does not exist)
+selinux_mode = _impl.selinux_mode
+selinux_config_mode = _impl.selinux_config_mode
+selinux_config_path = _impl.selinux_config_path
+set_selinux_runtime = _impl.set_selinux_runtime
+set_selinux_config = _impl.set_selinux_config
+# service mode: systemd unit (Linux) or Windows service (sc.exe)
+SERVICE_NAME: str = _impl.SERVICE_NAME
+service_manager_running = _impl.service_manager_running
+service_paths = _impl.service_paths
+service_home = _impl.service_home
+service_install = _impl.service_install
+service_uninstall = _impl.service_uninstall
+service_stop = _impl.service_stop
 
 
 def distro() -> Distro | None:
@@ -45,4 +61,7 @@ __all__ = [
     "NAME", "SUPPORTS_FILE_MODE", "Distro", "arch", "block_devices", "boot_mode", "distro",
     "distro_for", "graceful_signals", "kernel", "kill_process_group", "lock_exclusive", "mounted_device",
     "os_release", "pid_alive", "read_machine_id", "system_home", "terminate_pid", "unlock",
+    "root_block_device", "selinux_mode", "selinux_config_mode", "selinux_config_path",
+    "set_selinux_runtime", "set_selinux_config", "SERVICE_NAME", "service_manager_running",
+    "service_paths", "service_home", "service_install", "service_uninstall", "service_stop",
 ]

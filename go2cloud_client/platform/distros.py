@@ -18,6 +18,20 @@ class Distro:
     remove: ClassVar[Tuple[str, ...]] = ()
     #: Extra environment for the package manager (e.g. non-interactive apt).
     env: ClassVar[Dict[str, str]] = {}
+    #: Kernel copy-on-write snapshot driver: backend name (snapshot_driver registry) and the
+    #: packages that install it (dkms module + control tool), from the vendor's repository,
+    #: which may not be configured on the host. Empty: no packaged driver for this family.
+    snapshot_driver: ClassVar[str] = "elastio-snap"
+    snapshot_driver_packages: ClassVar[Tuple[str, ...]] = ()
+    #: Module name for ``modprobe`` once the driver packages are installed.
+    snapshot_driver_module: ClassVar[str] = "elastio_snap"
+    #: Headers of the running kernel, which dkms needs to build the module (``{kernel}`` is
+    #: ``uname -r``); empty when the family has no such package name.
+    kernel_headers: ClassVar[str] = ""
+    #: Argument list asking whether one package is installed (``{package}`` is replaced);
+    #: installed when it exits 0 and, if set, its output contains :attr:`installed_marker`.
+    installed_query: ClassVar[Tuple[str, ...]] = ("rpm", "-q", "{package}")
+    installed_marker: ClassVar[str] = ""
 
     def __init__(self, release: Optional[Mapping[str, str]] = None) -> None:
         self.release = dict(release or {})
@@ -30,6 +44,17 @@ class Distro:
     def remove_command(self, packages: List[str]) -> List[str]:
         return [*self.remove, *packages]
 
+    def driver_packages(self, kernel: str = "") -> List[str]:
+        """The snapshot driver packages of this family (empty when none is packaged), preceded by
+        the headers of ``kernel`` when the family names them."""
+        if not self.snapshot_driver_packages:
+            return []
+        headers = [self.kernel_headers.format(kernel=kernel)] if self.kernel_headers and kernel else []
+        return headers + list(self.snapshot_driver_packages)
+
+    def installed_command(self, package: str) -> List[str]:
+        return [a.replace("{package}", package) for a in self.installed_query]
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.release.get('ID', '?')} {self.release.get('VERSION_ID', '')}>"
 
@@ -41,6 +66,10 @@ class Debian(Distro):
     install = ("apt-get", "-y", "install")
     remove = ("apt-get", "-y", "remove")
     env = {"DEBIAN_FRONTEND": "noninteractive"}
+    snapshot_driver_packages = ("elastio-snap-dkms", "elastio-snap-utils")
+    kernel_headers = "linux-headers-{kernel}"
+    installed_query = ("dpkg-query", "-W", "-f=${Status}", "{package}")
+    installed_marker = "install ok installed"
 
 
 class RHEL(Distro):
@@ -51,6 +80,8 @@ class RHEL(Distro):
     package_manager = "dnf"
     install = ("dnf", "-y", "install")
     remove = ("dnf", "-y", "remove")
+    snapshot_driver_packages = ("dkms-elastio-snap", "elastio-snap-utils")
+    kernel_headers = "kernel-devel-{kernel}"
 
 
 class RHELLegacy(RHEL):
@@ -83,6 +114,7 @@ class Alpine(Distro):
     package_manager = "apk"
     install = ("apk", "add")
     remove = ("apk", "del")
+    installed_query = ("apk", "info", "-e", "{package}")
 
 
 _BY_ID: Dict[str, Type[Distro]] = {}

@@ -1,14 +1,19 @@
-"""Linux specifics: os-release, machine id, block devices, boot mode, locks, signals."""
+"""Linux specifics: os-release, machine id, block devices, boot mode, locks, signals, SELinux,
+and the systemd unit of service mode."""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import re
+import shutil
 import signal
 import stat
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from go2cloud_client import subp
+from go2cloud_client.atomicfile import atomic_write
 
 NAME = "linux"
 SUPPORTS_FILE_MODE = True
@@ -193,3 +198,227 @@ def kill_process_group(pgid: int, *, force: bool = False) -> None:
 
 def graceful_signals() -> Tuple[int, ...]:
     return (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def root_block_device(mountinfo: Path = Path("/proc/self/mountinfo")) -> Optional[str]:
+    """The block device mounted on ``/`` (``/dev/...``), or None (overlay, tmpfs, unknown)."""
+    try:
+        lines = mountinfo.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    found: Optional[str] = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10 or " - " not in line or _unescape_mountinfo(fields[4]) != "/":
+            continue
+        after = line.split(" - ", 1)[1].split()
+        if len(after) >= 2:
+            found = _unescape_mountinfo(after[1])  # the last mount on / wins (it hides the others)
+    if found and found.startswith("/dev/") and os.path.exists(found):
+        return found
+    return None
+
+
+# -- SELinux ------------------------------------------------------------------------------------
+
+#: The boot-time SELinux configuration. Module constant so that a test can point it elsewhere.
+SELINUX_CONFIG = Path("/etc/selinux/config")
+_SELINUX_ENFORCE = Path("/sys/fs/selinux/enforce")
+SELINUX_MODES = ("enforcing", "permissive", "disabled")
+
+
+def selinux_mode() -> Optional[str]:
+    """The running SELinux mode (``enforcing``, ``permissive``, ``disabled``), or None when
+    SELinux is not part of this system. ``getenforce`` when installed, else
+    ``/sys/fs/selinux/enforce``, else ``disabled`` if a config file exists."""
+    tool = shutil.which("getenforce")
+    if tool:
+        try:
+            answer = subp.run([tool], timeout=30).stdout.strip().lower()
+        except subp.ProcessError:
+            answer = ""
+        if answer in SELINUX_MODES:
+            return answer
+    try:
+        value = _SELINUX_ENFORCE.read_text().strip()
+    except OSError:
+        value = ""
+    if value in ("0", "1"):
+        return "enforcing" if value == "1" else "permissive"
+    return "disabled" if selinux_config_mode() is not None else None
+
+
+def selinux_config_path() -> Path:
+    return SELINUX_CONFIG
+
+
+def selinux_config_mode(path: Optional[Path] = None) -> Optional[str]:
+    """The ``SELINUX=`` value of the config file, or None when the file or the line is missing."""
+    path = path or SELINUX_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    mode = None
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key.strip() == "SELINUX":
+            mode = _unquote(value).strip().lower()
+    return mode
+
+
+def set_selinux_runtime(mode: str) -> None:
+    """``setenforce 0`` (permissive) or ``setenforce 1`` (enforcing); ProcessError on failure."""
+    if mode not in ("enforcing", "permissive"):
+        raise ValueError(f"runtime SELinux mode must be enforcing or permissive, not {mode!r}")
+    subp.run(["setenforce", "1" if mode == "enforcing" else "0"], timeout=60)
+
+
+def set_selinux_config(mode: str, path: Optional[Path] = None) -> None:
+    """Set ``SELINUX=<mode>`` in the config file (other lines kept, written atomically with the
+    file's mode); OSError on failure."""
+    if mode not in SELINUX_MODES:
+        raise ValueError(f"SELinux mode must be one of {', '.join(SELINUX_MODES)}, not {mode!r}")
+    path = path or SELINUX_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        perms = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        text, perms = "", 0o644
+    lines, done = [], False
+    for line in text.splitlines():
+        key, sep, _ = line.strip().partition("=")
+        if sep and key.strip() == "SELINUX":
+            if done:
+                continue
+            line, done = f"SELINUX={mode}", True
+        lines.append(line)
+    if not done:
+        lines.append(f"SELINUX={mode}")
+    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8", errors="surrogateescape"), mode=perms)
+
+
+# -- service mode (systemd) ---------------------------------------------------------------------
+
+SERVICE_NAME = "go2cloud_client"
+UNIT_NAME = f"{SERVICE_NAME}.service"
+SYSTEMD_DIR = Path("/etc/systemd/system")
+#: Tests (and unusual hosts) put the unit elsewhere; systemctl is then never called.
+SYSTEMD_DIR_ENV = "GO2CLOUD_SYSTEMD_DIR"
+_SYSTEMD_RUNNING = Path("/run/systemd/system")
+WANTED_BY = "multi-user.target"
+
+
+def service_unit_dir() -> Path:
+    override = os.environ.get(SYSTEMD_DIR_ENV)
+    return Path(override) if override else SYSTEMD_DIR
+
+
+def service_manager_running() -> bool:
+    """Whether systemd runs this host (``/run/systemd/system`` exists) and owns the unit
+    directory (not overridden by ``$GO2CLOUD_SYSTEMD_DIR``)."""
+    return not os.environ.get(SYSTEMD_DIR_ENV) and _SYSTEMD_RUNNING.is_dir()
+
+
+def _unit_quote(arg: str) -> str:
+    """One word of a systemd command line or assignment: ``%`` doubled (specifier), ``$``
+    doubled (variable expansion), double quotes when it has spaces, quotes or backslashes."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    if arg and not any(c.isspace() or c in "\"'\\;" for c in arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def service_unit_text(argv: Sequence[str], home: Path) -> str:
+    """The systemd unit of the agent (the only place the unit text is written)."""
+    exec_start = " ".join(_unit_quote(a) for a in argv)
+    return (
+        "# Written by go2cloud_client service install; go2cloud_client service uninstall removes it.\n"
+        "[Unit]\n"
+        f"Description=go2cloud_client migration agent (home {str(home).replace('%', '%%')})\n"
+        "After=network-online.target\n"
+        "Wants=network-online.target\n"
+        "\n"
+        "[Service]\n"
+        "Type=simple\n"
+        f"Environment={_unit_quote('GO2CLOUD_HOME=' + str(home))}\n"
+        f"ExecStart={exec_start}\n"
+        "Restart=always\n"
+        "RestartSec=5\n"
+        # usage (not imported, --no-prompt), config and identity-rejected errors do not heal by
+        # restarting: the agent stays stopped and systemctl status shows its exit code
+        "RestartPreventExitStatus=2 3 25\n"
+        "KillMode=mixed\n"
+        "TimeoutStopSec=60\n"
+        "\n"
+        "[Install]\n"
+        f"WantedBy={WANTED_BY}\n"
+    )
+
+
+def service_paths() -> Tuple[Path, Path]:
+    """(unit file, the ``multi-user.target.wants`` symlink that ``systemctl enable`` makes)."""
+    directory = service_unit_dir()
+    return directory / UNIT_NAME, directory / f"{WANTED_BY}.wants" / UNIT_NAME
+
+
+def service_home() -> Optional[Path]:
+    """The agent home of the installed unit (its ``GO2CLOUD_HOME``), or None without a unit."""
+    unit, _ = service_paths()
+    try:
+        text = unit.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    import shlex
+
+    for line in text.splitlines():
+        if line.startswith("Environment="):
+            for word in shlex.split(line[len("Environment="):].replace("$$", "$").replace("%%", "%")):
+                if word.startswith("GO2CLOUD_HOME="):
+                    return Path(word[len("GO2CLOUD_HOME="):])
+    return None
+
+
+def service_install(argv: Sequence[str], home: Path, *, start: bool) -> Dict[str, Any]:
+    """Write the unit and enable it. With systemd running: ``daemon-reload``, ``enable``, and
+    ``restart`` when ``start``; ``managed`` is True. Otherwise the ``.wants`` symlink is made
+    by hand (what enable does) and the caller starts the agent itself (``managed`` False).
+    OSError / subp.ProcessError on failure."""
+    unit, wants = service_paths()
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(unit, service_unit_text(argv, home).encode("utf-8"), mode=0o644)
+    managed = service_manager_running()
+    if managed:
+        subp.run(["systemctl", "daemon-reload"], timeout=120)
+        subp.run(["systemctl", "enable", UNIT_NAME], timeout=120)
+        if start:
+            subp.run(["systemctl", "restart", UNIT_NAME], timeout=180)
+    else:
+        wants.parent.mkdir(parents=True, exist_ok=True)
+        if wants.is_symlink() or wants.exists():
+            wants.unlink()
+        wants.symlink_to(unit)
+    return {"unit": str(unit), "wants_link": str(wants), "managed": managed}
+
+
+def service_uninstall() -> List[str]:
+    """Stop and disable the unit (systemd running) and remove the unit file and the symlink.
+    Returns what was removed; idempotent. OSError / subp.ProcessError on failure."""
+    unit, wants = service_paths()
+    done: List[str] = []
+    if service_manager_running() and unit.exists():
+        subp.run(["systemctl", "disable", "--now", UNIT_NAME], timeout=180)
+        done.append(f"stopped and disabled {UNIT_NAME}")
+    for path in (wants, unit):
+        if path.is_symlink() or path.exists():
+            path.unlink()
+            done.append(f"removed {path}")
+    if done and service_manager_running():
+        subp.run(["systemctl", "daemon-reload"], timeout=120)
+    return done
+
+
+def service_stop() -> None:
+    """Stop the unit through systemd (with ``Restart=always`` a signal alone would only make
+    systemd start it again). Only meaningful when :func:`service_manager_running`."""
+    subp.run(["systemctl", "stop", UNIT_NAME], timeout=180)

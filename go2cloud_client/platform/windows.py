@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import platform as _stdlib_platform
 import signal
+import subprocess
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from go2cloud_client import subp
 
 NAME = "windows"
 SUPPORTS_FILE_MODE = False
@@ -102,3 +105,111 @@ def kill_process_group(pgid: int, *, force: bool = False) -> None:
 
 def graceful_signals() -> Tuple[int, ...]:
     return (signal.SIGTERM, signal.SIGINT)
+
+
+def root_block_device() -> Optional[str]:
+    """The system volume (``C:\\``): what VSS snapshots."""
+    return os.environ.get("SystemDrive", "C:") + "\\"
+
+
+# -- SELinux (not a thing on Windows) -------------------------------------------------------------
+
+SELINUX_CONFIG = Path("nonexistent-selinux-config")
+
+
+def selinux_mode() -> Optional[str]:
+    return None
+
+
+def selinux_config_path() -> Path:
+    return SELINUX_CONFIG
+
+
+def selinux_config_mode(path: Optional[Path] = None) -> Optional[str]:
+    return None
+
+
+def set_selinux_runtime(mode: str) -> None:
+    raise NotImplementedError("SELinux does not exist on Windows")
+
+
+def set_selinux_config(mode: str, path: Optional[Path] = None) -> None:
+    raise NotImplementedError("SELinux does not exist on Windows")
+
+
+# -- service mode (sc.exe) ------------------------------------------------------------------------
+# UNTESTED ON WINDOWS: the argument lists below are unit-tested, never run. The agent must answer
+# the Service Control Manager to run as a service; a plain console program started by the SCM
+# is stopped after 30 s (error 1053), so a service host (pywin32's servicemanager, or a wrapper
+# such as WinSW) is still needed before this is usable.
+
+SERVICE_NAME = "go2cloud_client"
+DISPLAY_NAME = "go2cloud_client migration agent"
+DESCRIPTION = ("go2cloud migration agent: heartbeats to the control plane and replicates this "
+               "server; resumes its task after a restart")
+#: sc.exe exit codes that mean "already in the wanted state".
+_SERVICE_EXISTS = 1073
+_SERVICE_NOT_ACTIVE = 1062
+_SERVICE_DOES_NOT_EXIST = 1060
+
+
+def service_install_commands(argv: Sequence[str], home: Path) -> List[List[str]]:
+    """sc.exe argument lists creating the service (start=auto, restart on failure, description)
+    and starting it. sc.exe wants ``option=`` and the value as separate words."""
+    bin_path = subprocess.list2cmdline([*argv])
+    return [
+        ["sc.exe", "create", SERVICE_NAME, "binPath=", bin_path, "start=", "auto",
+         "DisplayName=", DISPLAY_NAME],
+        ["sc.exe", "description", SERVICE_NAME, f"{DESCRIPTION} (home {home})"],
+        ["sc.exe", "failure", SERVICE_NAME, "reset=", "86400",
+         "actions=", "restart/5000/restart/5000/restart/60000"],
+    ]
+
+
+def service_update_command(argv: Sequence[str]) -> List[str]:
+    """``sc.exe config`` for a service that already exists (re-install)."""
+    return ["sc.exe", "config", SERVICE_NAME, "binPath=", subprocess.list2cmdline([*argv]),
+            "start=", "auto", "DisplayName=", DISPLAY_NAME]
+
+
+def service_uninstall_commands() -> List[List[str]]:
+    return [["sc.exe", "stop", SERVICE_NAME], ["sc.exe", "delete", SERVICE_NAME]]
+
+
+def service_manager_running() -> bool:
+    return True
+
+
+def service_paths() -> Tuple[Path, Path]:
+    return Path(f"service:{SERVICE_NAME}"), Path("")
+
+
+def service_home() -> Optional[Path]:
+    return None
+
+
+def service_install(argv: Sequence[str], home: Path, *, start: bool) -> Dict[str, Any]:
+    create, *rest = service_install_commands(argv, home)
+    try:
+        subp.run(create, timeout=60)
+    except subp.ProcessError as exc:
+        if exc.returncode != _SERVICE_EXISTS:
+            raise
+        subp.run(service_update_command(argv), timeout=60)
+    for cmd in rest:
+        subp.run(cmd, timeout=60)
+    if start:
+        subp.run(["sc.exe", "stop", SERVICE_NAME], timeout=60, rcs=(0, _SERVICE_NOT_ACTIVE))
+        subp.run(["sc.exe", "start", SERVICE_NAME], timeout=60)
+    return {"unit": f"service:{SERVICE_NAME}", "wants_link": None, "managed": True}
+
+
+def service_uninstall() -> List[str]:
+    stop, delete = service_uninstall_commands()
+    subp.run(stop, timeout=60, rcs=(0, _SERVICE_NOT_ACTIVE, _SERVICE_DOES_NOT_EXIST))
+    rc = subp.run(delete, timeout=60, rcs=(0, _SERVICE_DOES_NOT_EXIST)).returncode
+    return [] if rc == _SERVICE_DOES_NOT_EXIST else [f"deleted the Windows service {SERVICE_NAME}"]
+
+
+def service_stop() -> None:
+    subp.run(["sc.exe", "stop", SERVICE_NAME], timeout=60, rcs=(0, _SERVICE_NOT_ACTIVE))

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator, List
 
 import pytest
 
-from tests.integration.harness import Agent, Server
+from tests.integration.harness import REPO, Agent, Server
 
 
 def pytest_collection_modifyitems(items):
@@ -20,6 +22,19 @@ def pytest_collection_modifyitems(items):
 def _needs_rsync() -> None:
     # Integration tests need the real rsync; CI installs it (scripts/setup.sh). Fail, never skip.
     assert shutil.which("rsync"), "rsync is not installed: run ./scripts/setup.sh as root"
+
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packages built by packaging/build.py (once per session; PyInstaller's work dir is
+    cached under build/ so an unchanged tree rebuilds in seconds)."""
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "packaging" / "build.py"), "--out", str(out),
+         "--work", str(REPO / "build" / "pyinstaller")],
+        capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
 
 
 @pytest.fixture

@@ -25,6 +25,9 @@ def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("GO2CLOUD_SERVER", None)
     env.pop("GO2CLOUD_HOME", None)
+    # agents started with --yes must not install the kernel snapshot driver on the test machine
+    # (tests/integration/test_host_prep.py exercises that step with a fake package manager)
+    env.setdefault("GO2CLOUD_SNAPSHOT_DRIVER", "skip")
     if extra:
         env.update(extra)
     return env
@@ -45,10 +48,11 @@ class Server:
     """``go2cloud_server serve`` on 127.0.0.1 with a free API port and a free rsync port."""
 
     def __init__(self, data_dir: Path, heartbeat_interval: float = 1,
-                 extra_env: Optional[Dict[str, str]] = None):
+                 extra_env: Optional[Dict[str, str]] = None, extra_args: Optional[List[str]] = None):
         self.data_dir = data_dir
         self.heartbeat_interval = heartbeat_interval
         self.extra_env = extra_env or {}
+        self.extra_args = list(extra_args or [])
         self.proc: Optional[subprocess.Popen] = None
         self.info: Dict[str, Any] = {}
 
@@ -61,7 +65,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "go2cloud_server", "serve", "--listen", "127.0.0.1:0",
              "--rsync-port", "0", "--data-dir", str(self.data_dir),
-             "--heartbeat-interval", str(self.heartbeat_interval)],
+             "--heartbeat-interval", str(self.heartbeat_interval), *self.extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(self.extra_env),
         )
 
@@ -126,14 +130,23 @@ class Server:
         raise AssertionError(f"source {source_id} not listed")
 
     def wait_task(self, source_id: str, status: str, timeout: float = 60) -> Dict[str, Any]:
+        """Wait for the source's latest task to be ``status`` (through the drill: ``drilling`` ->
+        ``drill_passed`` -> ``syncing``); a failed task or a drill that found a critical item
+        fails at once (with the drill report)."""
         def check() -> Optional[Dict[str, Any]]:
             m = self.source_migration(source_id)
             tasks = m.get("tasks") or []
             if tasks and tasks[0]["status"] == "failed" and status != "failed":
                 raise AssertionError(f"task failed: {tasks[0]}")
+            if tasks and tasks[0]["status"] == "drill_abnormal" and status != "drill_abnormal":
+                raise AssertionError(f"the drill found a critical item: {self.drill(source_id)}")
             return tasks[0] if tasks and tasks[0]["status"] == status else None
 
         return wait_for(check, timeout, f"task of {source_id} to be {status}", interval=0.5)
+
+    def drill(self, source_id: str) -> Dict[str, Any]:
+        """The latest drill of a source (``go2cloud_server drill show --source S --json``)."""
+        return self.j("drill", "show", "--source", source_id)
 
     def artifacts(self, source_id: str) -> List[Dict[str, Any]]:
         return self.j("migration", "artifacts", "--source", source_id)["artifacts"]

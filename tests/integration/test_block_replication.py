@@ -146,7 +146,17 @@ class WriteCounter:
                 with self._lock:
                     self.counts[index] += 1
 
+        real_batch = store.write_batch
+
+        def write_batch(disk, chunk_size, disk_size, items):
+            real_batch(disk, chunk_size, disk_size, items)
+            with self._lock:
+                for index, _count, data, _xxh3, _b3 in items:
+                    if data is not None:
+                        self.counts[index] += 1
+
         store.write_chunk = write_chunk  # type: ignore[method-assign]
+        store.write_batch = write_batch  # type: ignore[method-assign]
 
     def resent(self) -> int:
         return sum(n - 1 for n in self.counts.values() if n > 1)
@@ -244,7 +254,12 @@ def test_kill_9_at_random_points_resumes_with_bounded_resend(tmp_path: Path, ser
     image.write_bytes(rnd.randbytes(96 * MiB))  # 384 chunks, incompressible
     counter = WriteCounter(server.store)
     state = tmp_path / "state"
-    window = 3 * 2  # inflight_window of the child: 3 x workers (2)
+    # inflight_window of the child (2 workers, 256 KiB chunks): 2 being read + a batch queued +
+    # a batch per sender (16 chunks each)
+    window = BlockReplicator(target=BlockTarget(server.url, server.token, server.fingerprint),
+                             disks=[Disk("d0", str(image))], state_dir=tmp_path / "unused",
+                             options=BlockOptions(chunk_size=CS, workers=2)).inflight_window
+    assert window == 2 + 16 + 2 * 16
     kills = 0
     for _ in range(4):
         proc = _spawn(server, image, state, 1, False, mbps=48)  # 6 MB/s: ~16 s for the pass
@@ -401,6 +416,93 @@ def test_zero_region_stays_sparse(tmp_path: Path, server: BlockServer) -> None:
     cur = os.stat(server.store.root / "d0" / "current.img")
     assert cur.st_blocks * 512 <= 12 * MiB
     assert r.bytes_zero == 244 * MiB + CS and r.chunks_sent == 47
+
+
+def test_refused_batch_is_read_again_and_an_old_target_gets_single_chunks(
+        tmp_path: Path, server: BlockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from go2cloud_server.blockrx import BlockReceiver
+    from go2cloud_server.blockstore import ChunkHashMismatch
+    from go2cloud_server.errors import NotFound
+
+    image = tmp_path / "disk.img"
+    rnd = random.Random(21)
+    image.write_bytes(rnd.randbytes(6 * MiB) + b"text line\n" * (MiB // 10) + bytes(2 * MiB))
+    refused: List[int] = []
+    real_batch = server.store.write_batch
+
+    def flaky(disk, chunk_size, disk_size, items):  # the network "corrupts" the first batch once
+        if not refused:
+            refused.append(items[0][0])
+            raise ChunkHashMismatch(f"disk {disk} chunk {items[0][0]}: xxh3-128 does not match the data")
+        real_batch(disk, chunk_size, disk_size, items)
+
+    monkeypatch.setattr(server.store, "write_batch", flaky)
+    r = replicator(server, str(image), tmp_path / "state").run_cycle(BlockCycle(1, False), threading.Event())
+    assert refused and r.chunks_sent == 28
+    assert server.store.commit_cycle(1)[0]["sha256"] == sha256(image)
+
+    # a target without the batch route (404): the engine falls back to one PUT per chunk
+    def no_batches(self, store, disk, headers, body):
+        raise NotFound("no such endpoint: POST")
+
+    monkeypatch.setattr(BlockReceiver, "_batch", no_batches)
+    counter = WriteCounter(server.store)
+    with open(image, "r+b") as f:
+        f.write(rnd.randbytes(3 * CS))
+    rep = replicator(server, str(image), tmp_path / "state")
+    r = rep.run_cycle(BlockCycle(2, True), threading.Event())
+    assert r.chunks_sent == 3 and set(counter.counts) == {0, 1, 2} and not rep._batches
+    assert server.store.commit_cycle(2)[0]["sha256"] == sha256(image)
+
+    # the receiver before batches sized the body of an unknown POST at 0 bytes: 413
+    monkeypatch.undo()
+    real_max = BlockReceiver.max_body
+    monkeypatch.setattr(BlockReceiver, "max_body", staticmethod(
+        lambda method, path: 0 if path.endswith("/chunks") else real_max(method, path)))
+    counter.counts.clear()
+    with open(image, "r+b") as f:
+        f.write(rnd.randbytes(2 * CS))
+    rep = replicator(server, str(image), tmp_path / "state")
+    r = rep.run_cycle(BlockCycle(3, True), threading.Event())
+    assert r.chunks_sent == 2 and set(counter.counts) == {0, 1} and not rep._batches
+    assert server.store.commit_cycle(3)[0]["sha256"] == sha256(image)
+
+
+def test_xfs_copied_while_frozen_is_checked_on_a_replayed_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from go2cloud_server import blockstore
+
+    image = tmp_path / "xfs.img"
+    with open(image, "wb") as f:
+        f.truncate(320 * MiB)
+    run("mkfs.xfs", "-q", "-f", "--", str(image))
+    gen = tmp_path / "gen-000001.img"
+    with mounted(image, tmp_path / "mnt") as mnt:
+        (mnt / "a.bin").write_bytes(os.urandom(5 * MiB))
+        os.sync()
+        (mnt / "b.txt").write_text("written just before the freeze\n")
+        run("xfs_freeze", "-f", str(mnt))
+        try:
+            shutil.copyfile(image, gen)
+        finally:
+            run("xfs_freeze", "-u", str(mnt))
+    before = sha256(gen)
+    assert subprocess.run(["xfs_repair", "-n", "-f", str(gen)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode != 0  # the log needs replay
+    report = blockstore.fs_check(gen, "xfs")
+    assert report is not None and report["ok"] and report["log"] == "replayed on a copy", report
+    assert sha256(gen) == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".replay")]
+
+    # where the copy cannot be mounted, the report says so instead of a bare failure
+    real = blockstore._run_check
+
+    def no_mount(args, full=None):
+        return (32, "mount: permission denied") if args[0] == "mount" else real(args, full)
+
+    monkeypatch.setattr(blockstore, "_run_check", no_mount)
+    report = blockstore.fs_check(gen, "xfs")
+    assert report is not None and not report["ok"] and report["log"] == "needs replay"
+    assert "log needs replay" in report["summary"] and sha256(gen) == before
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -216,14 +216,14 @@ def test_codes_limits_revoke_and_distinct_errors(server: Server, api: Api):
     default = server.new_code("apps", uses=200)
     assert default["uses_left"] == 200 and default["token_id"].startswith("at-")
     human = server.cli("code", "create", "--workgroup", "apps", json_out=False).stdout
-    assert "sudo ./go2cloud_client --server " + server.url in human
-    assert ".\\go2cloud_client.exe --server " + server.url in human
-    assert f"--server-fingerprint {server.fingerprint}" in human
+    pin = server.info["spki_pin"]
+    assert f"curl -fsS --insecure --pinnedpubkey '{pin}' {server.url}/download/install.sh" in human
+    assert f"DownloadString('{server.url}/download/install.ps1')" in human
+    assert f"--server {server.url} --server-fingerprint {server.fingerprint}" in human
 
     code = server.new_code("apps", uses=2)
-    assert code["commands"]["linux"].endswith(
-        f"--token-id {code['token_id']} --token-code {code['token_code']}"
-    )
+    assert code["commands"]["linux"].endswith(f"--token-id {code['token_id']}")
+    assert f"GO2CLOUD_TOKEN_CODE='{code['token_code']}'" in code["commands"]["linux"]
     listed = server.cli("code", "list", "--workgroup", "apps").stdout
     assert code["token_id"] in listed and code["token_code"] not in listed
 
@@ -338,15 +338,33 @@ def test_agent_auth_heartbeat_offline_and_long_poll(server: Server, api: Api):
     th.join(30)
     assert out["started"], out
     assert got["dt"] < 10
-    assert [c["type"] for c in got["cmds"]] == ["start"]
-    params = got["cmds"][0]["params"]
-    assert params["task_id"] == out["started"][0]["task_id"] and params["paths"] == ["/srv/data"]
+    # the drill comes first: what to check and where the target is, without its password
+    assert [c["type"] for c in got["cmds"]] == ["drill"]
+    drill = got["cmds"][0]["params"]
+    assert drill["task_id"] == out["started"][0]["task_id"] and drill["paths"] == ["/srv/data"]
+    assert drill["target"] == {
+        "kind": "rsync", "host": "127.0.0.1", "port": server.info["rsync_port"], "module": drill["task_id"]
+    }
+    assert server.task_status(agent.source_id) == "drilling"
+    assert server.j("migration", "show", "--workgroup", "edge")["status"] == "in_progress"
+    # this fake agent is "older": it does not know the drill -> passed with a warning, start queued
+    assert agent.ack(got["cmds"][0]["id"], "unsupported", error_code="unsupported").status_code == 200
+    assert server.task_status(agent.source_id) == "drill_passed"
+    report = server.drill(agent.source_id)
+    assert report["status"] == "passed" and report["report"]["ran"] is False
+    assert [(i["check"], i["severity"]) for i in report["report"]["items"]] == [("drill_not_run", "warning")]
+    (start,) = agent.commands()
+    params = start["params"]
+    assert start["type"] == "start" and params["task_id"] == drill["task_id"]
     assert (
         params["target"]["port"] == server.info["rsync_port"]
         and params["target"]["module"] == params["task_id"]
     )
+    agent.ack(start["id"], "accepted")  # the agent took the start: syncing from now on
     task = agent.get(f"/tasks/{params['task_id']}").json()
     assert task["target"]["password"] == params["target"]["password"] and task["status"] == "syncing"
+    history = server.source_migration(agent.source_id)["tasks"][0]["history"]
+    assert [h["status"] for h in history] == ["drilling", "drill_passed", "syncing"]
 
     # offline after 3 missed heartbeats (interval 1 s)
     wait_for(lambda: server.source(agent.source_id)["status"] == "offline", 10, "offline status")
@@ -360,10 +378,13 @@ def test_migration_cycles_artifacts_and_completion(server: Server, api: Api):
     agent.import_(server.new_code("db"))
     agent.login()
     agent.heartbeat()
-    out = server.j("migration", "start", "--workgroup", "db", "--keep-images", "2", "--sync-every", "1h")
+    out = server.j(
+        "migration", "start", "--workgroup", "db", "--keep-images", "2", "--sync-every", "1h", "--no-drill"
+    )
     tid = out["started"][0]["task_id"]
     again = server.j("migration", "start", "--workgroup", "db")
     assert again["started"] == [] and "already has migration task" in again["skipped"][0]["reason"]
+    agent.heartbeat()  # not offline (3 missed 1-second heartbeats) on a loaded machine
     one = server.cli("migration", "start", "--source", agent.source_id, check=False)
     assert one.returncode == 4 and "already has migration task" in one.stderr
 

@@ -11,12 +11,21 @@ percent (thin links)::
     zstd     off -7  -5  -4  -3  -2  -1  1  3  9  19
 
 A chunk is sent compressed only when the frame is smaller than the plain chunk; otherwise raw.
+Chunks of :data:`SAMPLE_MIN` bytes or more are first probed: when none of three 4 KiB samples
+(start, middle, end) compresses by :data:`SAMPLE_GAIN` or better, the chunk goes raw without
+compressing it (random or already compressed data: zstd 1 spends ~0.35 ms per MiB finding that
+out, the probe ~0.01 ms). A chunk compressible only away from the samples is then sent raw.
+
+Batches (docs/protocol.md, "Block target"): several chunks travel in one request, each as a
+frame :data:`FRAME` (index, count, payload length, encoding, flags, xxh3-128), then the 32-byte
+BLAKE3 when ``flags & FLAG_BLAKE3``, then the payload (:func:`frame`).
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import blake3
 import xxhash
@@ -27,6 +36,14 @@ ZSTD_LEVELS = (0, -7, -5, -4, -3, -2, -1, 1, 3, 9, 19)
 RAW = "raw"
 ZSTD = "zstd"
 HOLE = "hole"
+#: batch frame header: index, count, payload length, encoding code, flags, 2 pad bytes, xxh3-128
+FRAME = struct.Struct(">IIIBB2x16s")
+ENCODING_CODES = {RAW: 0, ZSTD: 1, HOLE: 2}
+FLAG_BLAKE3 = 1
+_NO_HASH = bytes(16)
+SAMPLE = 4096
+SAMPLE_MIN = 64 * 1024
+SAMPLE_GAIN = 0.95
 
 _ZERO_CACHE: Dict[int, bytes] = {}
 _ZERO_HASH: Dict[int, bytes] = {}
@@ -99,18 +116,40 @@ class Encoder:
         if self._cctx is None or self._level != zl:
             self._cctx = zstandard.ZstdCompressor(level=zl, write_content_size=True, write_checksum=False)
             self._level = zl
+        if len(data) >= SAMPLE_MIN and not self._samples_compress(self._cctx, data):
+            return None  # random or already compressed data
         frame = self._cctx.compress(data)
         return frame if len(frame) < len(data) else None
+
+    @staticmethod
+    def _samples_compress(cctx: zstandard.ZstdCompressor, data: bytes) -> bool:
+        view = memoryview(data)
+        for off in (0, len(data) // 2 - SAMPLE // 2, len(data) - SAMPLE):
+            if len(cctx.compress(view[off:off + SAMPLE])) < SAMPLE * SAMPLE_GAIN:
+                return True
+        return False
 
     def encode(self, index: int, data: bytes, level: int, checksum: bool,
                digest: Optional[bytes] = None) -> Encoded:
         length = len(data)
+        if is_zero(data):
+            return Encoded(index, length, zero_hash(length), HOLE, b"")
         if digest is None:
             digest = xxh3(data)
-        if is_zero(data):
-            return Encoded(index, length, digest, HOLE, b"")
         b3 = blake3_hex(data) if checksum else None
         frame = self.compress(data, level)
         if frame is None:
             return Encoded(index, length, digest, RAW, data, b3)
         return Encoded(index, length, digest, ZSTD, frame, b3)
+
+
+def frame(enc: Encoded) -> List[bytes]:
+    """The parts of ``enc``'s frame in a batch (header, BLAKE3 when set, payload)."""
+    flags = FLAG_BLAKE3 if enc.blake3 else 0
+    digest = enc.digest if enc.count == 1 and enc.digest else _NO_HASH
+    parts = [FRAME.pack(enc.index, enc.count, len(enc.body), ENCODING_CODES[enc.encoding], flags, digest)]
+    if enc.blake3:
+        parts.append(bytes.fromhex(enc.blake3))
+    if enc.body:
+        parts.append(enc.body)
+    return parts

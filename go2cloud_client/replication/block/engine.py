@@ -16,16 +16,19 @@ One pass per disk per cycle:
    image file, and the kernel still does read-ahead), hash them (xxh3-128; BLAKE3 when checksum
    verification is on), skip unchanged ones, and compress the rest with their own zstd context.
    All-zero chunks become holes (no body); on image files the holes are found with SEEK_DATA
-   without reading them, and runs of them travel as one request. ``workers`` sender threads take
-   the bytes from the shared token bucket and PUT the chunks (one keep-alive connection each).
-   Every acknowledged chunk is appended to the journal.
+   without reading them, and a run of them travels as one item. ``workers`` sender threads take
+   the bytes from the shared token bucket and send what is ready as one batch (one request of up
+   to :data:`BATCH_BYTES` of chunks; one keep-alive connection each): the per-request cost (HTTP
+   parsing on both ends, the answer's round trip) is paid once per batch instead of per chunk,
+   and the receiver checks every chunk of a batch before it writes any. Every acknowledged
+   chunk is appended to the journal.
 4. **Verify** (checksum on): the target reads its image back and names the chunks whose hash
    differs; those are sent again, and verified again (up to :data:`VERIFY_ROUNDS`).
 5. **Commit.** ``POST .../commit`` with every chunk's hash; the target fsyncs and records the
    cycle; then the manifest is replaced atomically and the journal removed.
 
-In flight at any moment: at most ``workers`` chunks being encoded, ``workers`` queued and
-``workers`` being sent (:attr:`BlockReplicator.inflight_window`); a resumed pass re-sends at most
+In flight at any moment: at most ``workers`` chunks being encoded, one batch queued and one batch
+per sender being sent (:attr:`BlockReplicator.inflight_window`); a resumed pass re-sends at most
 those. ``set_options`` changes bandwidth and compression at once and checksum from the next chunk.
 """
 
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from go2cloud_client.replication.block import codec
-from go2cloud_client.replication.block.bucket import TokenBucket, mbps_to_bytes
+from go2cloud_client.replication.block.bucket import BURST_S, TokenBucket, mbps_to_bytes
 from go2cloud_client.replication.block.errors import (
     BlockSourceError,
     BlockTargetError,
@@ -65,6 +68,9 @@ LOG = logging.getLogger(__name__)
 MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
 MAX_HOLE_RUN = 4096
+#: a batch (one request) carries at most this many bytes of chunks, and at most BATCH_FRAMES items
+BATCH_BYTES = 8 * 1024 * 1024
+BATCH_FRAMES = 16
 VERIFY_ROUNDS = 3
 REFUSED_RETRIES = 3
 PROGRESS_INTERVAL = 0.5
@@ -72,6 +78,10 @@ _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _DONE = object()
 
 Extents = List[Tuple[int, int]]
+
+
+def batch_frames(chunk_size: int) -> int:
+    return max(2, min(BATCH_FRAMES, BATCH_BYTES // chunk_size))
 
 
 @dataclass(frozen=True)
@@ -292,15 +302,22 @@ class BlockReplicator:
         self._lock = threading.Lock()
         self._last_emit = 0.0
         self._progress: List[PathProgress] = []
+        self._batches = True  # False once the target said it takes no batches
 
     @property
     def options(self) -> BlockOptions:
         return self._options
 
     @property
+    def batch_frames(self) -> int:
+        """Most chunks (or runs of holes) in one request: :data:`BATCH_BYTES` of chunks, 2-16."""
+        return batch_frames(self._options.chunk_size)
+
+    @property
     def inflight_window(self) -> int:
-        """Chunks that can be read but not yet acknowledged at any moment (encoding + queued + sending)."""
-        return 3 * self.workers
+        """Chunks that can be read but not yet acknowledged at any moment: one being encoded per
+        worker, a batch queued, a batch being sent per sender."""
+        return self.workers + self.batch_frames + self.workers * self.batch_frames
 
     def set_options(self, options: BlockOptions) -> None:
         """Bandwidth and compression apply at once (the next token taken, the next chunk
@@ -549,7 +566,8 @@ class BlockReplicator:
         stop = threading.Event()
         errors: List[BaseException] = []
         item_lock = threading.Lock()
-        q: queue.Queue = queue.Queue(maxsize=self.workers)
+        frames = batch_frames(dp.chunk_size)
+        q: queue.Queue = queue.Queue(maxsize=frames)
 
         def fail(exc: BaseException) -> None:
             with item_lock:
@@ -602,7 +620,27 @@ class BlockReplicator:
                         continue
                     if enc is _DONE or stop.is_set() or cancel.is_set():
                         return
-                    self._send(dp, client, encoder, enc, cancel)
+                    # whatever else is ready joins the batch (never waits for more); under a
+                    # bandwidth limit a batch is at most the bucket's burst (a quarter second of
+                    # the rate), so the rate stays as smooth as with single chunks
+                    batch = [enc]
+                    size = len(enc.body)
+                    last = False
+                    rate = self.bucket.rate
+                    cap = min(BATCH_BYTES, int(rate * BURST_S)) if rate else BATCH_BYTES
+                    while len(batch) < frames and size < cap:
+                        try:
+                            more = q.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more is _DONE:
+                            last = True
+                            break
+                        batch.append(more)
+                        size += len(more.body)
+                    self._send(dp, client, encoder, batch, cancel)
+                    if last:
+                        return
             except BaseException as exc:  # noqa: BLE001
                 fail(exc)
 
@@ -636,7 +674,9 @@ class BlockReplicator:
         data = dp.src.read(index * dp.chunk_size, length)
         with self._lock:
             dp.bytes_read += length
-        digest = codec.xxh3(data)
+        # a memcmp against zeros stops at the first non-zero byte: nearly free on data, and an
+        # all-zero chunk (written zeros) gets its hash from the cache instead of hashing it
+        digest = codec.zero_hash(length) if codec.is_zero(data) else codec.xxh3(data)
         if digest == dp.base_hash(index):
             dp.journal.mark(index, digest, sent=False)
             with self._lock:
@@ -646,39 +686,49 @@ class BlockReplicator:
         opts = self._options
         return encoder.encode(index, data, opts.compression, opts.checksum, digest)
 
-    def _send(self, dp: _DiskPass, client: BlockClient, encoder: codec.Encoder, enc: codec.Encoded,
+    def _send(self, dp: _DiskPass, client: BlockClient, encoder: codec.Encoder, batch: List[codec.Encoded],
               cancel: threading.Event) -> None:
+        """Send ``batch`` in one request (one by one to a target without batches), then journal it."""
         for attempt in range(REFUSED_RETRIES + 1):
-            if enc.body and not self.bucket.take(len(enc.body), cancel):
+            size = sum(len(enc.body) for enc in batch)
+            if size and not self.bucket.take(size, cancel):
                 return  # cancelled while waiting for bandwidth
             try:
-                client.put_chunk(dp.disk.name, enc, dp.chunk_size, dp.size)
+                if not (self._batches and len(batch) > 1
+                        and client.put_batch(dp.disk.name, batch, dp.chunk_size, dp.size)):
+                    if len(batch) > 1 and self._batches:
+                        LOG.info("the block target takes no batches: sending chunks one by one")
+                        self._batches = False
+                    for enc in batch:
+                        client.put_chunk(dp.disk.name, enc, dp.chunk_size, dp.size)
                 break
             except ChunkRefused as exc:
+                first, last = batch[0].index, batch[-1].index
                 if attempt == REFUSED_RETRIES:
                     raise BlockTargetRejectedError(
-                        f"disk {dp.disk.name} chunk {enc.index}: the target refused the chunk "
-                        f"{REFUSED_RETRIES + 1} times because its data did not match its hash ({exc}); "
+                        f"disk {dp.disk.name} chunks {first}-{last}: the target refused them "
+                        f"{REFUSED_RETRIES + 1} times because data did not match its hash ({exc}); "
                         "check the network path (a proxy rewriting data?) and the source's memory") from None
-                LOG.warning("disk %s chunk %s refused by the target (hash mismatch): reading it again",
-                            dp.disk.name, enc.index)
-                if enc.encoding != codec.HOLE:
-                    data = dp.src.read(enc.index * dp.chunk_size, enc.length)
-                    opts = self._options
-                    enc = encoder.encode(enc.index, data, opts.compression, opts.checksum)
+                LOG.warning("disk %s chunks %s-%s refused by the target (hash mismatch): reading them again",
+                            dp.disk.name, first, last)
+                opts = self._options
+                batch = [enc if enc.encoding == codec.HOLE else
+                         encoder.encode(enc.index, dp.src.read(enc.index * dp.chunk_size, enc.length),
+                                        opts.compression, opts.checksum)
+                         for enc in batch]
             except BlockTargetError:
                 if cancel.is_set():
                     return
                 raise
-        dp.journal.mark(enc.index, enc.digest, count=enc.count)
+        dp.journal.mark_many([(enc.index, enc.digest, enc.count) for enc in batch])
+        holes = [enc for enc in batch if enc.encoding == codec.HOLE]
         with self._lock:
-            if enc.encoding == codec.HOLE:
-                dp.holes += enc.count
-                dp.bytes_zero += enc.length
-            else:
-                dp.sent += 1
-        self._account(dp, done=enc.length, sent=len(enc.body),
-                      zero=enc.length if enc.encoding == codec.HOLE else 0)
+            dp.holes += sum(enc.count for enc in holes)
+            dp.bytes_zero += sum(enc.length for enc in holes)
+            dp.sent += len(batch) - len(holes)
+        zero = sum(enc.length for enc in holes)
+        self._account(dp, done=sum(enc.length for enc in batch), sent=sum(len(enc.body) for enc in batch),
+                      zero=zero)
 
     def _verify(self, dp: _DiskPass, client: BlockClient) -> List[int]:
         hashes = dp.journal.hashes

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from requests.adapters import HTTPAdapter
 
 from go2cloud_client.config import is_loopback_host, normalize_fingerprint
-from go2cloud_client.replication.block.codec import HOLE, Encoded
+from go2cloud_client.replication.block.codec import HOLE, Encoded, frame
 from go2cloud_client.replication.block.errors import (
     BlockTargetError,
     BlockTargetFullError,
@@ -47,6 +47,7 @@ BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 VERIFY_RECORD = struct.Struct(">I16s")
 VERIFY_BATCH = 65536
 MAX_ANSWER = 4 * 1024 * 1024
+SMALL_PART = 64 * 1024
 _URL_RE = re.compile(r"^/block/v1/tasks/[A-Za-z0-9._-]{1,64}$")
 
 
@@ -89,6 +90,7 @@ class _PlainConnection(http.client.HTTPConnection):
 
 
 _Conn = Union[_Connection, _PlainConnection]
+Body = Union[bytes, List[bytes]]
 
 
 def _dropped(conn: _Conn) -> bool:
@@ -200,7 +202,7 @@ class BlockClient:
                 c.close()
             self._conns.clear()
 
-    def _exchange(self, method: str, path: str, hdrs: Dict[str, str], body: bytes,
+    def _exchange(self, method: str, path: str, hdrs: Dict[str, str], body: Body,
                   timeout: Tuple[float, float]) -> _Response:
         conn = self._connection()
         conn.timeout = timeout[0]
@@ -219,9 +221,12 @@ class BlockClient:
         return _Response(resp.status, content)
 
     def _request(self, method: str, path: str, *, headers: Optional[Dict[str, str]] = None,
-                 body: bytes = b"", timeout: Tuple[float, float] = CHUNK_TIMEOUT, what: str,
-                 ok_404: bool = False) -> Optional[Any]:
+                 body: Body = b"", timeout: Tuple[float, float] = CHUNK_TIMEOUT, what: str,
+                 ok_404: bool = False, absent: Tuple[int, ...] = ()) -> Optional[Any]:
+        """``body``: bytes, or a list of parts sent one after the other (no copy into one buffer)."""
         hdrs = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/octet-stream"}
+        if isinstance(body, list):
+            hdrs["Content-Length"] = str(sum(len(part) for part in body))
         hdrs.update(headers or {})
         last = ""
         for attempt in range(RETRIES + 1):
@@ -250,7 +255,7 @@ class BlockClient:
                 except ValueError:
                     raise BlockTargetError(f"{what}: the target's answer is not JSON") from None
             code, message = _error_of(resp)
-            if resp.status_code == 404 and ok_404:
+            if (resp.status_code == 404 and ok_404) or resp.status_code in absent:
                 return None
             if resp.status_code == 507:
                 raise BlockTargetFullError(
@@ -284,6 +289,31 @@ class BlockClient:
                 headers["X-Chunk-Blake3"] = enc.blake3
         self._request("PUT", f"/disks/{disk}/chunks/{enc.index}", headers=headers, body=enc.body,
                       what=f"disk {disk} chunk {enc.index}")
+
+    def put_batch(self, disk: str, encs: Sequence[Encoded], chunk_size: int, disk_size: int) -> bool:
+        """Send ``encs`` in one request (all or nothing on the target: one refused chunk refuses
+        the batch, :class:`ChunkRefused`). False when the target has no batch route (an older
+        target: send the chunks one by one)."""
+        # chunk bodies go out as they are (no copy of the whole batch); the small parts between
+        # them (frame headers, hole frames) are joined so they do not each make a TLS record
+        body: List[bytes] = []
+        small: List[bytes] = []
+        for enc in encs:
+            for part in frame(enc):
+                if len(part) < SMALL_PART:
+                    small.append(part)
+                    continue
+                if small:
+                    body.append(b"".join(small))
+                    small = []
+                body.append(part)
+        if small:
+            body.append(b"".join(small))
+        # an older target has no such route: 404, or 413 when it sizes the body before routing
+        doc = self._request("POST", f"/disks/{disk}/chunks", body=body, absent=(404, 413),
+                            headers={"X-Chunk-Size": str(chunk_size), "X-Disk-Size": str(disk_size)},
+                            what=f"disk {disk} chunks {encs[0].index}-{encs[-1].index}")
+        return doc is not None
 
     def state(self, disk: str) -> Optional[dict]:
         """What the target committed for ``disk``; None if it has nothing for it."""

@@ -5,6 +5,13 @@ import pytest
 from go2cloud_client.home import Home
 
 
+@pytest.fixture(autouse=True)
+def _no_snapshot_driver_step(monkeypatch):
+    """Imports in unit tests skip the snapshot driver step (it probes the host and asks the
+    package manager); tests/unit/agent/test_hostprep.py drives that step with fakes."""
+    monkeypatch.setenv("GO2CLOUD_SNAPSHOT_DRIVER", "skip")
+
+
 @pytest.fixture
 def home(tmp_path) -> Home:
     h = Home(tmp_path / "home")

@@ -63,13 +63,13 @@ def make_agent(home):
     return make
 
 
-def test_unknown_type_and_drill_are_unsupported(make_agent):
+def test_unknown_type_is_unsupported_and_a_bad_drill_rejected(make_agent):
     agent, cp = make_agent()
     assert agent.dispatch({"id": "c-1", "type": "reboot", "params": {}})
     assert agent.dispatch({"id": "c-2", "type": "drill", "params": {}})
     agent.flush_acks()
     assert [(a[0], a[1], a[2]) for a in cp.acks] == [("c-1", "unsupported", "unsupported"),
-                                                     ("c-2", "unsupported", "unsupported")]
+                                                     ("c-2", "rejected", "command_rejected")]
 
 
 def test_invalid_params_rejected_naming_field(make_agent):
@@ -105,7 +105,7 @@ def test_acks_kept_while_unreachable_and_sent_later(make_agent, caplog):
     caplog.set_level(logging.INFO)
     agent, cp = make_agent()
     cp.down = True
-    agent.dispatch({"id": "c-1", "type": "drill", "params": {}})
+    agent.dispatch({"id": "c-1", "type": "reboot", "params": {}})
     agent.flush_acks()
     agent.heartbeat_once()
     agent.heartbeat_once()

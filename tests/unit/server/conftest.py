@@ -123,6 +123,7 @@ def service(tmp_path: Path, store: Store, rsyncd: FakeRsyncd, trees: FakeTrees, 
         public_host="10.0.0.1",
         public_url="https://10.0.0.1:8443",
         fingerprint="sha256:" + "ab" * 32,
+        spki_pin="sha256//" + "A" * 43 + "=",
         heartbeat_interval=10,
         clock=clock,
     )

@@ -117,8 +117,9 @@ def test_start_parameters_are_checked(bservice, body, field):
 
 def test_block_start_command_target_and_task_document(bservice, rsyncd, trees):
     sid = _source(bservice)
-    out = bservice.start_migration(
-        {"mode": "block", "disks": ["/dev/vdb", "/srv/disk.img"], "snapshot": "reflink"}, source=sid
+    out = bservice.start_migration(  # no drill: the start is queued at once
+        {"drill": False, "mode": "block", "disks": ["/dev/vdb", "/srv/disk.img"], "snapshot": "reflink"},
+        source=sid,
     )
     tid = out["started"][0]["task_id"]
     (cmd,) = _cmds(bservice, sid)
@@ -146,12 +147,12 @@ def test_block_start_command_target_and_task_document(bservice, rsyncd, trees):
 
 def test_default_snapshot_is_auto_and_file_tasks_have_no_block_store(bservice):
     sid = _source(bservice)
-    bservice.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    bservice.start_migration({"drill": False, "mode": "block", "disks": ["/dev/vdb"]}, source=sid)
     assert _cmds(bservice, sid)[0]["params"]["snapshot"] == "auto"
     tid = bservice.source_migration(sid)["tasks"][0]["task_id"]
     bservice.migration_action("cancel", source=sid)
     sid2 = _source_again(bservice)
-    bservice.start_migration({"paths": ["/srv"]}, source=sid2)
+    bservice.start_migration({"drill": False, "paths": ["/srv"]}, source=sid2)
     ftid = bservice.source_migration(sid2)["tasks"][0]["task_id"]
     assert bservice.block_store_for(ftid, "") is None
     assert bservice.store.one("SELECT block_token FROM tasks WHERE id = ?", (ftid,))["block_token"] is None
@@ -167,8 +168,10 @@ def _source_again(service: Service) -> str:
 
 def test_cycles_commit_one_artifact_per_disk_with_report_and_retention(bservice, blocks):
     sid = _source(bservice)
-    bservice.start_migration({"mode": "block", "disks": ["/dev/vdb", "/srv/disk.img"], "keep_images": 2},
-                             source=sid)
+    bservice.start_migration(
+        {"drill": False, "mode": "block", "disks": ["/dev/vdb", "/srv/disk.img"], "keep_images": 2},
+        source=sid,
+    )
     start = _cmds(bservice, sid)[0]
     tid = start["params"]["task_id"]
     _ack(bservice, sid, start)
@@ -197,7 +200,7 @@ def test_cycles_commit_one_artifact_per_disk_with_report_and_retention(bservice,
 
 def test_cancel_discards_the_running_cycle_and_refuses_the_token(bservice, blocks):
     sid = _source(bservice)
-    bservice.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    bservice.start_migration({"drill": False, "mode": "block", "disks": ["/dev/vdb"]}, source=sid)
     start = _cmds(bservice, sid)[0]
     tid, token = start["params"]["task_id"], start["params"]["target"]["token"]
     _ack(bservice, sid, start)
@@ -213,7 +216,7 @@ def test_cancel_discards_the_running_cycle_and_refuses_the_token(bservice, block
 
 def test_completion_with_final_sync(bservice):
     sid = _source(bservice)
-    bservice.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    bservice.start_migration({"drill": False, "mode": "block", "disks": ["/dev/vdb"]}, source=sid)
     start = _cmds(bservice, sid)[0]
     tid, token = start["params"]["task_id"], start["params"]["target"]["token"]
     _ack(bservice, sid, start)
@@ -242,9 +245,12 @@ def test_schema_v1_data_dir_is_migrated(tmp_path):
     conn.close()
     st = Store(db)
     st.migrate()
-    assert st.schema_version() == SCHEMA_VERSION == 2
+    assert st.schema_version() == SCHEMA_VERSION == 3
     task = st.one("SELECT * FROM tasks WHERE id = 't-1'")
     assert task["mode"] == "file" and task["disks"] == "[]" and task["block_token"] is None
+    # v3: the drill columns, and an old task has no drill and an empty history
+    assert task["drill_command"] is None and task["drill_override"] is None and task["history"] == "[]"
+    assert st.all("SELECT * FROM drills") == []
     art = st.one("SELECT * FROM artifacts")
     assert (art["cycle"], art["disk"], art["files"], art["path"]) == (1, "", 2, "/data/t-1/tree/000001")
     with st.transaction() as c:  # the new primary key allows one row per disk

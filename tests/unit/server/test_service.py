@@ -78,10 +78,12 @@ def test_code_create_defaults_and_secret_not_stored(service, store):
     assert code["uses"] == 200 and code["uses_left"] == 200
     assert code["token_id"].startswith("at-") and len(code["token_code"]) >= 24
     assert code["commands"]["linux"] == (
-        f"sudo ./go2cloud_client --server https://10.0.0.1:8443 --server-fingerprint sha256:{'ab' * 32} "
-        f"--token-id {code['token_id']} --token-code {code['token_code']}"
+        f"curl -fsS --insecure --pinnedpubkey 'sha256//{'A' * 43}=' https://10.0.0.1:8443/download/install.sh"
+        f" | sudo GO2CLOUD_TOKEN_CODE='{code['token_code']}' bash -s -- --server https://10.0.0.1:8443"
+        f" --server-fingerprint sha256:{'ab' * 32} --token-id {code['token_id']}"
     )
-    assert code["commands"]["powershell"].startswith(".\\go2cloud_client.exe --server https://10.0.0.1:8443 ")
+    assert code["commands"]["powershell"].startswith(f"$env:GO2CLOUD_TOKEN_CODE='{code['token_code']}'; ")
+    assert "DownloadString('https://10.0.0.1:8443/download/install.ps1')" in code["commands"]["powershell"]
     row = store.one("SELECT * FROM codes WHERE token_id = ?", (code["token_id"],))
     assert code["token_code"].encode() not in bytes(row["code_hash"]) and len(row["salt"]) == 16
     dump = b"".join(bytes(str(v), "utf-8") for v in row.values())
@@ -225,8 +227,10 @@ def test_default_paths_are_local_mount_points():
 
 
 def test_install_commands_single_builder():
-    cmds = install_commands("https://h:1", "sha256:00", "at-1", "C0DE")
-    assert cmds["linux"].endswith("--token-id at-1 --token-code C0DE") and cmds["linux"].startswith("sudo ./")
+    cmds = install_commands("https://h:1", "sha256:00", "at-1", "C0DE", "sha256//pin=")
+    assert cmds["linux"].startswith("curl -fsS --insecure --pinnedpubkey 'sha256//pin=' https://h:1/")
+    assert cmds["linux"].endswith("--token-id at-1") and "--token-code" not in cmds["linux"]
+    assert "--token-code" not in cmds["powershell"] and cmds["powershell"].endswith("-TokenId 'at-1'")
 
 
 # migration ------------------------------------------------------------------------------------------
@@ -236,11 +240,11 @@ def test_start_skips_and_not_migratable(service, clock, rsyncd):
     clock.advance(25)
     b = _imported(service, inventory=inventory("b", "mb"))
     clock.advance(10)  # a: offline (35 s), b: online (10 s)
-    out = service.start_migration({}, workgroup="web-tier")
+    out = service.start_migration({"drill": False}, workgroup="web-tier")
     assert [e["source_id"] for e in out["started"]] == [b]
     assert out["not_migratable"][0]["source_id"] == a and "offline" in out["not_migratable"][0]["reason"]
     service.heartbeat(a, {})
-    again = service.start_migration({"paths": ["/srv"]}, workgroup="web-tier")
+    again = service.start_migration({"drill": False, "paths": ["/srv"]}, workgroup="web-tier")
     assert [e["source_id"] for e in again["started"]] == [a]
     assert again["skipped"] == [
         {"source_id": b, "reason": f"already has migration task {out['started'][0]['task_id']} (syncing)"}
@@ -262,7 +266,7 @@ def test_start_skips_and_not_migratable(service, clock, rsyncd):
     assert len(p["target"]["password"]) >= 24
     assert _cmds(service, a)[0]["params"]["paths"] == ["/srv"]
     with pytest.raises(Conflict, match="already has migration task"):
-        service.start_migration({}, source=a)
+        service.start_migration({"drill": False}, source=a)
 
 
 def _ack(service, sid, cmd, status="succeeded", **kw):
@@ -278,7 +282,7 @@ def _ack(service, sid, cmd, status="succeeded", **kw):
 def test_full_lifecycle_cycles_artifacts_retention_complete(service, rsyncd, trees):
     _wg(service)
     sid = _imported(service)
-    service.start_migration({"keep_images": 2}, workgroup="web-tier")
+    service.start_migration({"drill": False, "keep_images": 2}, workgroup="web-tier")
     start = _cmds(service, sid)[0]
     tid = start["params"]["task_id"]
     _ack(service, sid, start, "accepted")
@@ -323,7 +327,7 @@ def test_full_lifecycle_cycles_artifacts_retention_complete(service, rsyncd, tre
 def test_complete_without_final_sync(service, rsyncd):
     _wg(service)
     sid = _imported(service)
-    service.start_migration({}, source=sid)
+    service.start_migration({"drill": False}, source=sid)
     _ack(service, sid, _cmds(service, sid)[0])
     service.migration_action("complete", {}, source=sid)
     fin = _cmds(service, sid)[0]
@@ -337,7 +341,7 @@ def test_complete_without_final_sync(service, rsyncd):
 def test_failed_cycle_then_retry_reuses_the_cycle(service, trees):
     _wg(service)
     sid = _imported(service)
-    service.start_migration({}, source=sid)
+    service.start_migration({"drill": False}, source=sid)
     start = _cmds(service, sid)[0]
     _ack(service, sid, start, "failed", error_code="replication_failed", message="rsync exit 23: /srv/x")
     t = service.source_migration(sid)["tasks"][0]
@@ -357,7 +361,7 @@ def test_failed_cycle_then_retry_reuses_the_cycle(service, trees):
 def test_pause_resume_modify(service):
     _wg(service)
     sid = _imported(service)
-    service.start_migration({}, source=sid)
+    service.start_migration({"drill": False}, source=sid)
     start = _cmds(service, sid)[0]
     with pytest.raises(Conflict, match="resume"):
         service.migration_action("resume", source=sid)
@@ -401,7 +405,7 @@ def test_pause_resume_modify(service):
 def test_cancel_releases_target_and_drops_queued_commands(service, rsyncd, trees):
     _wg(service)
     sid = _imported(service)
-    service.start_migration({}, source=sid)
+    service.start_migration({"drill": False}, source=sid)
     start = _cmds(service, sid)[0]
     tid = start["params"]["task_id"]
     _ack(service, sid, start)
@@ -416,13 +420,13 @@ def test_cancel_releases_target_and_drops_queued_commands(service, rsyncd, trees
     assert m["status"] == "cancelled" and [a["cycle"] for a in m["tasks"][0]["artifacts"]] == [1]
     assert service.show_workgroup("web-tier")["migration_status"] == "not_started"
     # a new migration may start after a cancel
-    assert service.start_migration({}, source=sid)["started"]
+    assert service.start_migration({"drill": False}, source=sid)["started"]
 
 
 def test_reimport_with_previous_source_id_replaces(service, rsyncd):
     _wg(service)
     old = _imported(service)
-    service.start_migration({}, source=old)
+    service.start_migration({"drill": False}, source=old)
     tid = _cmds(service, old)[0]["params"]["task_id"]
     code = service.create_code("web-tier", {"uses": 2})
     other_machine = service.import_source(
@@ -437,7 +441,7 @@ def test_reimport_with_previous_source_id_replaces(service, rsyncd):
     assert service.source_migration(old)["tasks"][0]["status"] == "cancelled"
     assert tid not in rsyncd.modules
     assert {s["id"] for s in service.list_sources("web-tier")["sources"]} == {new, other_machine["source_id"]}
-    out = service.start_migration({}, workgroup="web-tier")
+    out = service.start_migration({"drill": False}, workgroup="web-tier")
     assert {e["source_id"] for e in out["started"]} == {new, other_machine["source_id"]}
 
 
@@ -454,7 +458,7 @@ def test_long_poll_wakes_when_a_command_is_queued(service):
     th = threading.Thread(target=poll)
     th.start()
     time.sleep(0.3)
-    service.start_migration({}, source=sid)
+    service.start_migration({"drill": False}, source=sid)
     th.join(10)
     assert [c["type"] for c in got["cmds"]] == ["start"]
     assert got["dt"] < 5
@@ -481,7 +485,7 @@ def test_events_are_capped(service, monkeypatch):
 def test_scheduler_queues_sync_after_interval(service):
     _wg(service)
     sid = _imported(service)
-    service.start_migration({"sync_every_s": 120}, source=sid)
+    service.start_migration({"drill": False, "sync_every_s": 120}, source=sid)
     _ack(service, sid, _cmds(service, sid)[0])
     now = [0.0]
     sched = Scheduler(service, monotonic=lambda: now[0])
@@ -504,7 +508,7 @@ def test_scheduler_queues_sync_after_interval(service):
 def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock):
     _wg(service)
     sid = _imported(service)
-    service.start_migration({}, source=sid)
+    service.start_migration({"drill": False}, source=sid)
     tid = _cmds(service, sid)[0]["params"]["task_id"]
     password = rsyncd.modules[tid][2]
     rsyncd.modules.clear()
@@ -518,7 +522,7 @@ def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock):
 def test_schema_version_and_newer_refused(tmp_path):
     st = Store(tmp_path / "x.db")
     st.migrate()
-    assert st.schema_version() == SCHEMA_VERSION == 2
+    assert st.schema_version() == SCHEMA_VERSION == 3
     with st.transaction() as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     from go2cloud_server.store import SchemaTooNew

@@ -23,3 +23,16 @@ def test_certificate_generated_once_with_san_and_fingerprint(tmp_path):
     before = cert_path.read_bytes()
     tls.ensure_certificate(tmp_path / "tls", ["other"])
     assert cert_path.read_bytes() == before  # kept: agents pinned it
+
+
+def test_spki_pin_is_curls_sha256_of_the_public_key(tmp_path):
+    import base64
+
+    cert_path, key_path = tls.ensure_certificate(tmp_path / "tls", [])
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    expected = "sha256//" + base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    assert tls.spki_pin(cert_path) == expected and len(expected) == 8 + 44
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert tls.spki_pin_der(cert.public_bytes(serialization.Encoding.DER)) == expected

@@ -73,12 +73,24 @@ def test_flush_every_n_records(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
-    j = _journal(tmp_path / "d0.pass").open()
+    j = _journal(tmp_path / "d0.pass", size=500 * CS).open()
     synced.clear()
     for i in range(FLUSH_EVERY * 3):
         j.mark(i, h(i))
     assert len(synced) == 3
+    # unchanged chunks (a hash scan) never wait for the disk by themselves...
+    for i in range(FLUSH_EVERY * 3, FLUSH_EVERY * 4 + 10):
+        j.mark(i, h(i), sent=False)
+    assert len(synced) == 3
+    # ...sent batches count per chunk, and the final flush syncs whatever is left
+    j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY * 5, FLUSH_EVERY * 6)])
+    assert len(synced) == 4
+    j.mark(0, h(0), sent=False)
     j.close()
+    assert len(synced) == 5
+    back = _journal(tmp_path / "d0.pass", size=500 * CS).open()
+    assert back.done_count == FLUSH_EVERY * 5 + 10
+    back.close()
 
 
 def test_journal_of_another_pass_is_abandoned_but_its_sent_chunks_stay_dirty(tmp_path):

@@ -1,0 +1,209 @@
+"""Service mode: the agent under the host's service manager, and stopping a running agent.
+
+``service install`` writes the systemd unit (Linux) or creates the Windows service (sc.exe) that
+runs ``<exe> --home <home> --no-prompt``: the agent then survives logout, SSH disconnects and
+reboots, and resumes its task by itself when it starts. What differs per OS (unit text,
+systemctl, sc.exe) is in :mod:`go2cloud_client.platform`; this module decides what to run and
+tells the operator what happened.
+
+Where systemd does not run (containers, chroots), the unit and the ``multi-user.target.wants``
+symlink are still written, and the agent is started detached (own session, stdio on
+/dev/null) so that it outlives the shell: nothing restarts it after a crash or a reboot there,
+and the operator is told so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from go2cloud_client import platform, subp
+from go2cloud_client.console import Console
+from go2cloud_client.errors import AgentStopError, NotImportedError, ServiceError
+from go2cloud_client.home import HOME_ENV, Home, lock_held
+
+LOG = logging.getLogger(__name__)
+
+#: How long ``stop`` waits for a graceful exit before SIGKILL (the contract says 30 s).
+STOP_WAIT_S = 30.0
+KILL_WAIT_S = 10.0
+#: How long ``service install`` waits for a detached agent to hold its home lock.
+START_WAIT_S = 30.0
+
+
+def agent_argv(home: Path) -> List[str]:
+    """The command the service runs: the frozen executable when frozen, else this Python with
+    ``-m go2cloud_client`` (works for a pip install and a source checkout alike)."""
+    if getattr(sys, "frozen", False):
+        exe = [sys.executable]
+    else:
+        exe = [sys.executable, "-m", "go2cloud_client"]
+    return [*exe, "--home", str(home), "--no-prompt"]
+
+
+def running_pid(home: Home) -> Optional[int]:
+    """The pid of the agent running with ``home``, or None."""
+    if not home.exists() or not lock_held(home):
+        return None
+    pid = home.read_pid()
+    return pid if pid and platform.pid_alive(pid) else None
+
+
+def _wait_unlocked(home: Home, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not lock_held(home):
+            return True
+        time.sleep(0.2)
+    return not lock_held(home)
+
+
+def stop_agent(home: Home, *, wait: float = STOP_WAIT_S) -> Optional[str]:
+    """Stop the agent of ``home`` gracefully: SIGTERM, up to ``wait`` seconds, then SIGKILL.
+    The import and the task are kept (the task resumes at the next start). Returns what was
+    done, or None when no agent was running. AgentStopError when it cannot be stopped."""
+    if not home.exists() or not lock_held(home):
+        return None
+    pid = home.read_pid()
+    if not pid or not platform.pid_alive(pid):
+        raise AgentStopError(
+            f"an agent holds the lock of {home.root} but its pid is unknown; stop it by hand "
+            "(see agent.pid) and try again")
+    if platform.service_manager_running() and platform.service_home() == home.root:
+        # under systemd with Restart=always a signal would only make systemd start it again
+        try:
+            platform.service_stop()
+        except subp.ProcessError as exc:
+            raise AgentStopError(f"stopping the service failed: {exc}") from exc
+        if _wait_unlocked(home, KILL_WAIT_S):
+            return (f"stopped the service {platform.SERVICE_NAME} (pid {pid}); it starts again at "
+                    "boot, or now with: go2cloud_client service install")
+    try:
+        platform.terminate_pid(pid)
+        if _wait_unlocked(home, wait):
+            return f"stopped the agent (pid {pid})"
+        platform.terminate_pid(pid, force=True)
+        if _wait_unlocked(home, KILL_WAIT_S):
+            return f"killed the agent (pid {pid}; it did not stop within {wait:.0f}s)"
+    except PermissionError as exc:
+        raise AgentStopError(f"cannot stop the agent (pid {pid}): permission denied; run as root") from exc
+    raise AgentStopError(f"the agent (pid {pid}) did not exit even after SIGKILL")
+
+
+def start_detached(home: Home) -> int:
+    """Start ``agent_argv(home)`` detached and wait until it holds the home lock; its pid.
+    ServiceError when it exits first (the reason is in its log)."""
+    env = subp.child_env({HOME_ENV: str(home.root)}, lang_c=False)
+    pid = subp.spawn_detached(agent_argv(home.root), env=env)
+    deadline = time.monotonic() + START_WAIT_S
+    while time.monotonic() < deadline:
+        if lock_held(home) and home.read_pid() == pid:
+            return pid
+        if not platform.pid_alive(pid) or _is_zombie(pid):
+            break
+        time.sleep(0.2)
+    else:
+        raise ServiceError(f"the agent (pid {pid}) did not start within {START_WAIT_S:.0f}s; "
+                           f"see {home.log_file}")
+    raise ServiceError(f"the agent exited right after it was started; see {home.log_file}")
+
+
+def wait_running(home: Home, seconds: float) -> Optional[int]:
+    """The pid of the agent of ``home`` once it holds its lock, or None after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        pid = running_pid(home)
+        if pid is not None or time.monotonic() >= deadline:
+            return pid
+        time.sleep(0.2)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, OSError, AttributeError):
+        return False
+    return reaped == pid
+
+
+def install(home: Home, console: Console, *, start: bool = True) -> None:
+    """``service install``: idempotent (the unit is replaced and the agent restarted)."""
+    if not home.read_state(home.source_file) or not home.key_file.exists():
+        raise NotImportedError(
+            f"{home.root} is not imported yet: import first with go2cloud_client --home {home.root} "
+            "--import-only --server URL --server-fingerprint sha256:... --token-id at-... "
+            "(token code from $GO2CLOUD_TOKEN_CODE), then run service install again")
+    installed = platform.service_home()
+    if installed is not None and installed != home.root:
+        console.line(f"Replacing the service of the home {installed} by the home {home.root}")
+        stop_agent(Home(installed))
+    was = stop_agent(home)  # a foreground agent of this home would hold the lock
+    if was:
+        console.line(was[0].upper() + was[1:])
+    argv = agent_argv(home.root)
+    try:
+        result = platform.service_install(argv, home.root, start=start)
+    except (OSError, subp.ProcessError) as exc:
+        raise ServiceError(f"installing the service failed: {exc}") from exc
+    from go2cloud_client.hostchanges import HostChanges
+
+    HostChanges(home).replace("service_installed", unit=result["unit"], wants_link=result["wants_link"],
+                              home=str(home.root))
+    console.line(f"Installed the service {platform.SERVICE_NAME}: {result['unit']}")
+    if result["managed"]:
+        if not start:
+            console.line("Enabled at boot; not started (--no-start)")
+            return
+        pid = wait_running(home, START_WAIT_S)
+        if pid is None:
+            raise ServiceError(
+                f"the service {platform.SERVICE_NAME} was installed but its agent is not running after "
+                f"{START_WAIT_S:.0f}s; see 'systemctl status {platform.SERVICE_NAME}' and {home.log_file}")
+        console.line(f"Enabled at boot and started (pid {pid})")
+        return
+    if result.get("wants_link"):
+        console.line(f"Enabled at boot: {result['wants_link']}")
+    if not start:
+        console.line("systemd is not running on this host; the agent was not started (--no-start)")
+        return
+    pid = start_detached(home)
+    console.line(f"systemd is not running on this host, so the agent was started without it "
+                 f"(pid {pid}, detached); nothing restarts it after a crash or a reboot until "
+                 "systemd runs the unit")
+
+
+def remove_service_files(home: Optional[Home] = None) -> List[str]:
+    """Stop the service's agent and remove the service (unit + symlink, or the Windows service).
+    With ``home``: only when the installed service runs that home. Returns what was done."""
+    installed = platform.service_home()
+    unit, _ = platform.service_paths()
+    if home is not None and installed is not None and installed != home.root:
+        return [f"the installed service runs the home {installed}, not {home.root}; left in place"]
+    done: List[str] = []
+    if not platform.service_manager_running() and installed is not None:
+        was = stop_agent(Home(installed))
+        if was:
+            done.append(was)
+    try:
+        done.extend(platform.service_uninstall())
+    except (OSError, subp.ProcessError) as exc:
+        raise ServiceError(f"removing the service ({unit}) failed: {exc}") from exc
+    return done
+
+
+def uninstall(home: Home, console: Console) -> List[str]:
+    """``service uninstall``: stop the agent, remove the service, forget it in the ledger."""
+    from go2cloud_client.hostchanges import HostChanges
+
+    done = remove_service_files(home)
+    if home.exists():
+        HostChanges(home).forget_kind("service_installed")
+    for line in done:
+        console.line(line[0].upper() + line[1:])
+    if not done:
+        console.line("No service is installed")
+    return done

@@ -1,0 +1,1 @@
+../go2cloud_server/data/install.ps1

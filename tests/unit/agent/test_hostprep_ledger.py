@@ -1,0 +1,170 @@
+"""The undo ledger: record, describe, revert newest first, keep what failed so a re-run
+finishes the job."""
+
+from __future__ import annotations
+
+import pytest
+
+from go2cloud_client import hostchanges, subp
+from go2cloud_client.errors import HostRevertError
+from go2cloud_client.hostchanges import HostChanges, record_host_change, revert_all
+from go2cloud_client.platform import linux
+
+
+def test_record_list_forget(home):
+    ledger = HostChanges(home)
+    a = ledger.record(
+        "package_installed", package="rsync", manager="apt-get", undo=["apt-get", "-y", "remove", "rsync"]
+    )
+    b = record_host_change(
+        home,
+        {
+            "kind": "selinux_mode",
+            "previous_runtime": "enforcing",
+            "previous_config": "enforcing",
+            "config_path": "/etc/selinux/config",
+        },
+    )
+    assert [c["kind"] for c in ledger.list()] == ["package_installed", "selinux_mode"]
+    assert a["id"] != b["id"] and a["time"].endswith("Z")
+    ledger.forget(a)
+    assert [c["id"] for c in ledger.list()] == [b["id"]]
+    with pytest.raises(ValueError):
+        ledger.record("frobnicated")
+
+
+def test_old_entries_without_id_are_forgotten_by_content(home):
+    home.write_state(
+        home.host_changes_file,
+        {
+            "changes": [
+                {
+                    "time": "t",
+                    "kind": "package_installed",
+                    "package": "rsync",
+                    "manager": "apt-get",
+                    "undo": ["apt-get", "-y", "remove", "rsync"],
+                }
+            ]
+        },
+    )
+    calls = []
+    revert_all(home, say=lambda s: None, reverters={"package_installed": lambda c: calls.append(c) or "ok"})
+    assert len(calls) == 1 and HostChanges(home).list() == []
+
+
+def test_revert_runs_newest_first_and_a_failure_can_be_rerun(home):
+    ledger = HostChanges(home)
+    for name in ("one", "two", "three"):
+        ledger.record(
+            "package_installed", package=name, manager="apt-get", undo=["apt-get", "-y", "remove", name]
+        )
+    order = []
+    broken = {"two"}
+
+    def revert(change):
+        order.append(change["package"])
+        if change["package"] in broken:
+            raise subp.ProcessError(["apt-get"], 100, "", "E: dpkg was interrupted")
+        return f"removed {change['package']}"
+
+    said = []
+    with pytest.raises(HostRevertError) as err:
+        revert_all(home, say=said.append, reverters={"package_installed": revert})
+    assert order == ["three", "two", "one"]  # newest first, and a failure does not stop the others
+    assert err.value.exit_code == 40 and "uninstall --revert" in str(err.value) and "dpkg" in str(err.value)
+    assert [c["package"] for c in ledger.list()] == ["two"]
+    assert any(line.startswith("Could not revert package two") for line in said)
+    broken.clear()
+    order.clear()
+    assert revert_all(home, say=said.append, reverters={"package_installed": revert}) == ["removed two"]
+    assert order == ["two"] and ledger.list() == []
+    assert revert_all(home, say=said.append) == []  # nothing left: idempotent
+
+
+def test_package_revert_runs_the_recorded_argv_with_its_env(home, monkeypatch):
+    calls = []
+    monkeypatch.setattr(subp, "run", lambda argv, **kw: calls.append((list(argv), kw.get("env") or {})))
+    HostChanges(home).record(
+        "snapshot_driver_installed",
+        packages=["elastio-snap-dkms", "elastio-snap-utils"],
+        manager="apt-get",
+        env={"DEBIAN_FRONTEND": "noninteractive"},
+        undo=["apt-get", "-y", "remove", "elastio-snap-dkms", "elastio-snap-utils"],
+        unload=["modprobe", "-r", "elastio_snap"],
+    )
+    HostChanges(home).record(
+        "package_installed",
+        package="rsync",
+        manager="apt-get",
+        env={"DEBIAN_FRONTEND": "noninteractive"},
+        undo=["apt-get", "-y", "remove", "rsync"],
+    )
+    revert_all(home, say=lambda s: None)
+    assert [c[0] for c in calls] == [
+        ["apt-get", "-y", "remove", "rsync"],
+        ["modprobe", "-r", "elastio_snap"],
+        ["apt-get", "-y", "remove", "elastio-snap-dkms", "elastio-snap-utils"],
+    ]
+    assert calls[0][1]["DEBIAN_FRONTEND"] == "noninteractive"
+    assert HostChanges(home).list() == []
+
+
+def test_a_failed_unload_does_not_stop_the_driver_removal(home, monkeypatch):
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv[0])
+        if argv[0] == "modprobe":
+            raise subp.ProcessError(argv, 1, "", "modprobe: FATAL: Module elastio_snap is in use.")
+
+    monkeypatch.setattr(subp, "run", fake_run)
+    HostChanges(home).record(
+        "snapshot_driver_installed",
+        packages=["p"],
+        manager="apt-get",
+        undo=["apt-get", "x"],
+        unload=["modprobe", "-r", "elastio_snap"],
+    )
+    revert_all(home, say=lambda s: None)
+    assert calls == ["modprobe", "apt-get"] and HostChanges(home).list() == []
+
+
+def test_bad_undo_entry_is_kept(home):
+    HostChanges(home).record("package_installed", package="x", manager="apt-get", undo="rm -rf /")
+    with pytest.raises(HostRevertError):
+        revert_all(home, say=lambda s: None)
+    assert len(HostChanges(home).list()) == 1
+
+
+def test_selinux_revert_restores_config_and_runtime(home, tmp_path, monkeypatch):
+    config = tmp_path / "selinux-config"
+    config.write_text("# comment\nSELINUX=permissive\nSELINUXTYPE=targeted\n")
+    monkeypatch.setattr(linux, "SELINUX_CONFIG", config)
+    calls = []
+    monkeypatch.setattr(subp, "run", lambda argv, **kw: calls.append(list(argv)))
+    monkeypatch.setattr("go2cloud_client.platform.selinux_mode", lambda: "permissive")
+    HostChanges(home).record(
+        "selinux_mode", previous_runtime="enforcing", previous_config="enforcing", config_path=str(config)
+    )
+    done = revert_all(home, say=lambda s: None)
+    assert config.read_text() == "# comment\nSELINUX=enforcing\nSELINUXTYPE=targeted\n"
+    assert calls == [["setenforce", "1"]]
+    assert "SELINUX=enforcing" in done[0] and HostChanges(home).list() == []
+
+
+def test_describe_every_kind():
+    assert "undo: apt-get -y remove rsync" in hostchanges.describe(
+        {
+            "kind": "package_installed",
+            "package": "rsync",
+            "manager": "apt-get",
+            "undo": ["apt-get", "-y", "remove", "rsync"],
+        }
+    )
+    assert "permissive" in hostchanges.describe({"kind": "selinux_mode", "previous_runtime": "enforcing"})
+    assert (
+        hostchanges.describe({"kind": "service_installed", "unit": "/u", "wants_link": "/w"})
+        == "service installed (/u, /w)"
+    )
+    assert "newer agent" in hostchanges.describe({"kind": "teleported"})

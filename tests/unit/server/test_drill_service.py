@@ -1,0 +1,213 @@
+"""The drill on the control plane: drilling -> drill_passed -> syncing, drill_abnormal, re-run,
+override, an older agent answering unsupported, a failed drill, and the block capability."""
+
+from __future__ import annotations
+
+import pytest
+
+from go2cloud_server.errors import Conflict
+from go2cloud_server.service import Service, drill_report
+from tests.unit.server.conftest import import_body, inventory
+
+
+def _source(service: Service, **inv) -> str:
+    service.create_workgroup({"name": "web-tier"})
+    code = service.create_code("web-tier", {"uses": 10})
+    body = import_body(code)
+    body["inventory"] = {**inventory(), **inv}
+    return service.import_source(body)["source_id"]
+
+
+def _cmds(service: Service, sid: str) -> list:
+    return service.poll_commands(sid, 0)["commands"]
+
+
+def _ack(service: Service, sid: str, cmd: dict, status: str = "succeeded", **kw) -> None:
+    service.ack_command(sid, cmd["id"], {"status": status, "error_code": kw.get("error_code"),
+                                         "message": kw.get("message"), "result": kw.get("result", {})})
+
+
+def _report(*severities: str) -> dict:
+    items = [{"check": f"c{i}", "severity": s, "finding": f"finding {i}", "fix": f"fix {i}", "data": {}}
+             for i, s in enumerate(severities)]
+    return {"drill": {"version": 1, "mode": "file", "passed": "critical" not in severities, "items": items}}
+
+
+def _task(service: Service, sid: str) -> dict:
+    return service.source_migration(sid)["tasks"][0]
+
+
+def test_drill_passes_then_start_then_syncing(service):
+    sid = _source(service)
+    service.start_migration({"paths": ["/srv"]}, source=sid)
+    (drill,) = _cmds(service, sid)
+    assert drill["type"] == "drill" and drill["params"]["paths"] == ["/srv"]
+    assert set(drill["params"]["target"]) == {"kind", "host", "port", "module"}  # no password
+    assert _task(service, sid)["status"] == "drilling"
+    assert service.list_sources()["sources"][0]["status"] == "drilling"
+    assert service.workgroup_migration("web-tier")["status"] == "in_progress"
+    _ack(service, sid, drill, "accepted")
+    _ack(service, sid, drill, result=_report("info", "warning"))
+    assert _task(service, sid)["status"] == "drill_passed"
+    (start,) = _cmds(service, sid)
+    assert start["type"] == "start" and start["params"]["target"]["password"]
+    _ack(service, sid, start, "accepted")
+    task = _task(service, sid)
+    assert task["status"] == "syncing"
+    _ack(service, sid, start, result={"cycle": 1})
+    task = _task(service, sid)
+    assert [h["status"] for h in task["history"]] == ["drilling", "drill_passed", "syncing", "pending"]
+    shown = service.source_drill(sid)
+    assert shown["status"] == "passed"
+    assert shown["report"]["summary"] == {"critical": 0, "warning": 1, "info": 1}
+    assert shown["drill_id"] == drill["id"] and shown["override"] is None
+
+
+def test_critical_item_stops_then_rerun_passes(service):
+    sid = _source(service)
+    service.start_migration({}, source=sid)
+    (drill,) = _cmds(service, sid)
+    _ack(service, sid, drill, result=_report("critical", "info"))
+    task = _task(service, sid)
+    assert task["status"] == "drill_abnormal" and "finding 0" in task["error"]["message"]
+    assert _cmds(service, sid) == []  # nothing started
+    assert service.workgroup_migration("web-tier")["status"] == "in_progress"
+    with pytest.raises(Conflict, match="pause"):
+        service.migration_action("pause", source=sid)
+    again = service.migration_action("drill", {"override": False}, source=sid)
+    (drill2,) = _cmds(service, sid)
+    assert drill2["type"] == "drill" and again["affected"][0]["command_id"] == drill2["id"]
+    with pytest.raises(Conflict, match="running"):
+        service.migration_action("drill", {}, source=sid)
+    _ack(service, sid, drill, result=_report("info"))  # a late answer of the old drill changes nothing
+    assert _task(service, sid)["status"] == "drilling"
+    _ack(service, sid, drill2, result=_report("info"))
+    assert _task(service, sid)["status"] == "drill_passed"
+    assert [c["type"] for c in _cmds(service, sid)] == ["start"]
+    with pytest.raises(Conflict, match="before the first sync"):
+        service.migration_action("drill", {}, source=sid)
+
+
+def test_override_records_who_and_when(service, clock):
+    sid = _source(service)
+    service.start_migration({}, source=sid)
+    (drill,) = _cmds(service, sid)
+    _ack(service, sid, drill, result=_report("critical"))
+    service.migration_action("drill", {"override": True, "by": "alice@ops"}, source=sid)
+    task = _task(service, sid)
+    assert task["status"] == "drill_passed"
+    assert task["drill_override"]["by"] == "alice@ops" and task["drill_override"]["drill"] == drill["id"]
+    assert service.source_drill(sid)["override"]["by"] == "alice@ops"
+    assert [c["type"] for c in _cmds(service, sid)] == ["start"]
+
+
+def test_override_while_drilling_supersedes_the_queued_drill(service):
+    sid = _source(service)
+    service.start_migration({}, source=sid)
+    service.migration_action("drill", {"override": True}, source=sid)
+    assert [c["type"] for c in _cmds(service, sid)] == ["start"]
+    assert _task(service, sid)["drill_override"]["by"] == "operator"
+
+
+def test_older_agent_unsupported_passes_with_a_warning_and_failed_drill_is_critical(service):
+    sid = _source(service)
+    service.start_migration({}, source=sid)
+    (drill,) = _cmds(service, sid)
+    _ack(service, sid, drill, "unsupported", error_code="unsupported", message="no drill here")
+    assert _task(service, sid)["status"] == "drill_passed"
+    report = service.source_drill(sid)["report"]
+    assert report["ran"] is False and [i["check"] for i in report["items"]] == ["drill_not_run"]
+    assert report["items"][0]["severity"] == "warning" and "0.1.0" in report["items"][0]["finding"]
+    service.migration_action("cancel", source=sid)
+    assert service.source_drill(sid)["task_status"] == "cancelled"
+
+    service.start_migration({}, source=sid)
+    drill = [c for c in _cmds(service, sid) if c["type"] == "drill"][0]
+    _ack(service, sid, drill, "failed", error_code="drill_failed", message="the drill could not run: boom")
+    assert _task(service, sid)["status"] == "drill_abnormal"
+    assert service.source_drill(sid)["report"]["items"][0]["check"] == "drill_failed"
+
+
+def test_no_drill_starts_at_once_and_cancel_while_drilling(service):
+    sid = _source(service)
+    service.start_migration({"drill": False}, source=sid)
+    assert [c["type"] for c in _cmds(service, sid)] == ["start"]
+    assert _task(service, sid)["status"] == "syncing"
+    service.migration_action("cancel", source=sid)
+    service.start_migration({}, source=sid)
+    assert _task(service, sid)["status"] == "drilling"
+    service.migration_action("cancel", source=sid)
+    assert service.source_drill(sid)["status"] == "cancelled"
+
+
+def test_modify_while_drilling_goes_into_the_start(service):
+    sid = _source(service)
+    service.start_migration({}, source=sid)
+    (drill,) = _cmds(service, sid)
+    out = service.migration_action("modify", {"compression": 2}, source=sid)
+    assert out["affected"][0]["command_id"] is None
+    _ack(service, sid, drill, result=_report("info"))
+    (start,) = _cmds(service, sid)
+    assert start["params"]["compression"] == 2
+
+
+def test_report_is_checked_field_by_field():
+    doc = drill_report("succeeded", None, {"drill": {"items": [
+        {"check": "x" * 100, "severity": "fatal", "finding": 3, "fix": "f", "data": {"k": "v" * 5000}},
+        "junk"]}})
+    (item,) = doc["items"]
+    assert item["severity"] == "warning" and len(item["check"]) == 64 and item["finding"] == ""
+    assert item["data"] == {} and doc["passed"] is True
+    empty = drill_report("succeeded", None, {"drill": {"items": []}})
+    assert empty["passed"] is False
+
+
+def test_block_mode_refused_when_capability_says_unavailable(service):
+    caps = {"block": {"available": False, "reason": "no snapshot driver for kernel 2.6", "backends": []}}
+    sid = _source(service, capabilities=caps)
+    with pytest.raises(Conflict, match="no snapshot driver for kernel 2.6"):
+        service.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    out = service.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, workgroup="web-tier")
+    assert out["not_migratable"][0]["reason"].startswith("block mode is not available on this source")
+    assert service.start_migration({}, source=sid)["started"]  # file mode is fine
+
+
+def test_block_mode_allowed_without_the_key_or_when_available(service):
+    sid = _source(service, capabilities={"block": {"available": True, "reason": None, "backends": ["live"]}})
+    assert service.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)["started"]
+    service.create_workgroup({"name": "old-agents"})
+    code = service.create_code("old-agents", {"uses": 1})
+    sid2 = service.import_source(import_body(code))["source_id"]
+    assert service.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid2)["started"]
+
+
+def test_server_time(service, clock):
+    assert service.server_time() == {"server_time": "2027-01-15T08:00:00Z", "server_time_epoch": clock.t}
+
+
+def test_schema_v2_database_gains_the_drill(tmp_path):
+    import sqlite3
+
+    from go2cloud_server.store import _SCHEMA_V1, _SCHEMA_V2, SCHEMA_VERSION, Store
+
+    db = tmp_path / "server.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(_SCHEMA_V1 + ";" + _SCHEMA_V2)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    conn.execute(
+        "INSERT INTO tasks (id, source_id, name, paths, bandwidth_mbps, compression, checksum, keep_images, "
+        "status, rsync_password, created_at, updated_at) "
+        "VALUES ('t-1', 's-1', 'n', '[\"/srv\"]', 0, 7, 0, 3, 'syncing', 'pw', 'x', 'x')"
+    )
+    conn.commit()
+    conn.close()
+    st = Store(db)
+    st.migrate()
+    assert st.schema_version() == SCHEMA_VERSION == 3
+    task = st.one("SELECT * FROM tasks WHERE id = 't-1'")
+    assert task["status"] == "syncing" and task["history"] == "[]" and task["drill_command"] is None
+    with st.transaction() as c:
+        c.execute("INSERT INTO drills (id, source_id, task_id, status, created_at) "
+                  "VALUES ('c-1', 's-1', 't-1', 'running', 'x')")
+    st.migrate()  # idempotent
+    st.close()

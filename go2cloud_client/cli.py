@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import click
 
@@ -147,8 +147,11 @@ def _imported_line(source: Dict[str, Any]) -> str:
 
 
 def run_foreground(home: Home, flags: Dict[str, Any], *, token_id: Optional[str], token_code: Optional[str],
-                   yes: bool, no_prompt: bool, console: Console, import_only: bool = False) -> None:
-    """Prepare the host and import it if needed, then run the agent (unless ``import_only``)."""
+                   yes: bool, no_prompt: bool, console: Console, import_only: bool = False,
+                   attach: Optional[Callable[[Agent], None]] = None) -> None:
+    """Prepare the host and import it if needed, then run the agent (unless ``import_only``).
+    With ``attach`` (Windows service) the agent is handed to it, to be stopped by the Service
+    Control Manager, and no signal handlers are installed."""
     if import_only:
         done = _already_imported(home)
         if done:  # no lock needed: nothing is written, and a running agent may hold it
@@ -198,7 +201,11 @@ def run_foreground(home: Home, flags: Dict[str, Any], *, token_id: Optional[str]
             if import_only:
                 return
         agent = Agent(home, config, source, identity, console=console, rsync_path=rsync_path)
-        previous = _install_signals(agent)
+        if attach is None:
+            previous = _install_signals(agent)
+        else:  # Windows service: the Service Control Manager stops the agent, not signals
+            previous = {}
+            attach(agent)
         try:
             agent.run()
         finally:
@@ -340,11 +347,13 @@ _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=Fal
 @click.option("--abort", "do_abort", is_flag=True,
               help="Stop the running agent and its transfers and forget the import.")
 @click.option("--log-level", type=_LEVELS, help="Log level of <home>/Logs/go2cloud_client.log.")
+@click.option("--windows-service", is_flag=True, hidden=True,
+              help="Answer the Windows Service Control Manager (the binPath of 'service install').")
 @click.version_option(__version__, "--version", prog_name="go2cloud_client", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], token_code: Optional[str],
         server_fingerprint: Optional[str], home_dir: Optional[str], yes: bool, no_prompt: bool,
-        import_only: bool, do_abort: bool, log_level: Optional[str]) -> None:
+        import_only: bool, do_abort: bool, log_level: Optional[str], windows_service: bool) -> Optional[int]:
     """go2cloud_client: imports this server into a workgroup and migrates it.
 
     Without a subcommand: prepare the host (snapshot driver, rsync, SELinux) and import it (if it
@@ -354,17 +363,22 @@ def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], toke
     ctx.ensure_object(dict)
     ctx.obj.update(home_dir=home_dir, yes=yes, no_prompt=no_prompt)
     if ctx.invoked_subcommand:
-        return
+        return None
     home = Home(resolve_home(home_dir))
     console = Console()
     if do_abort:
         if home.exists():
             configure_logging(home, log_level or "INFO")
         abort(home, console)
-        return
+        return None
     flags = {"server": server, "server_fingerprint": server_fingerprint, "log_level": log_level}
+    if windows_service:  # started by the Service Control Manager: its exit status is the agent's
+        return platform.run_windows_service(lambda attach: run_foreground(
+            home, flags, token_id=token_id, token_code=token_code, yes=yes, no_prompt=no_prompt,
+            console=Console(), import_only=import_only, attach=attach))
     run_foreground(home, flags, token_id=token_id, token_code=token_code, yes=yes, no_prompt=no_prompt,
                    console=console, import_only=import_only)
+    return None
 
 
 @cli.command()

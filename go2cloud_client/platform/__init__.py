@@ -50,6 +50,8 @@ service_home = _impl.service_home
 service_install = _impl.service_install
 service_uninstall = _impl.service_uninstall
 service_stop = _impl.service_stop
+#: --windows-service: the agent under the Windows Service Control Manager (UsageError elsewhere)
+run_windows_service = _impl.run_windows_service
 
 
 def distro() -> Distro | None:
@@ -64,4 +66,5 @@ __all__ = [
     "root_block_device", "selinux_mode", "selinux_config_mode", "selinux_config_path",
     "set_selinux_runtime", "set_selinux_config", "SERVICE_NAME", "service_manager_running",
     "service_paths", "service_home", "service_install", "service_uninstall", "service_stop",
+    "run_windows_service",
 ]

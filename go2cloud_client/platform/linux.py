@@ -10,10 +10,11 @@ import shutil
 import signal
 import stat
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from go2cloud_client import subp
 from go2cloud_client.atomicfile import atomic_write
+from go2cloud_client.errors import UsageError
 
 NAME = "linux"
 SUPPORTS_FILE_MODE = True
@@ -422,3 +423,9 @@ def service_stop() -> None:
     """Stop the unit through systemd (with ``Restart=always`` a signal alone would only make
     systemd start it again). Only meaningful when :func:`service_manager_running`."""
     subp.run(["systemctl", "stop", UNIT_NAME], timeout=180)
+
+
+def run_windows_service(run_agent: Callable[[Callable[[Any], None]], None]) -> int:
+    """``--windows-service`` is the binPath of the Windows service; systemd needs nothing of it."""
+    raise UsageError("--windows-service is only for the Windows Service Control Manager; on Linux "
+                     "run go2cloud_client without it (systemd runs the agent as it is)")

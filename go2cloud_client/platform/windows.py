@@ -10,8 +10,9 @@ import os
 import platform as _stdlib_platform
 import signal
 import subprocess
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from go2cloud_client import subp
 
@@ -138,10 +139,10 @@ def set_selinux_config(mode: str, path: Optional[Path] = None) -> None:
 
 
 # -- service mode (sc.exe) ------------------------------------------------------------------------
-# UNTESTED ON WINDOWS: the argument lists below are unit-tested, never run. The agent must answer
-# the Service Control Manager to run as a service; a plain console program started by the SCM
-# is stopped after 30 s (error 1053), so a service host (pywin32's servicemanager, or a wrapper
-# such as WinSW) is still needed before this is usable.
+# UNTESTED ON WINDOWS: the argument lists below are unit-tested, never run. A plain console
+# program started by the SCM is stopped after 30 s (error 1053), so the binPath carries
+# --windows-service: the agent then answers the Service Control Manager through advapi32
+# (winservice.py; its state machine is unit-tested, the advapi32 calls have never run).
 
 SERVICE_NAME = "go2cloud_client"
 DISPLAY_NAME = "go2cloud_client migration agent"
@@ -151,24 +152,36 @@ DESCRIPTION = ("go2cloud migration agent: heartbeats to the control plane and re
 _SERVICE_EXISTS = 1073
 _SERVICE_NOT_ACTIVE = 1062
 _SERVICE_DOES_NOT_EXIST = 1060
+_SERVICE_ALREADY_RUNNING = 1056
+#: How long ``service install`` retries ``sc.exe start`` while the old agent stops (its stop
+#: timeout is 60 s, see winservice.STOP_TIMEOUT_S).
+SERVICE_RESTART_WAIT_S = 90.0
+#: The hidden CLI flag that makes the agent answer the Service Control Manager.
+SERVICE_FLAG = "--windows-service"
+
+
+def _bin_path(argv: Sequence[str]) -> str:
+    return subprocess.list2cmdline([*argv, SERVICE_FLAG])
 
 
 def service_install_commands(argv: Sequence[str], home: Path) -> List[List[str]]:
-    """sc.exe argument lists creating the service (start=auto, restart on failure, description)
-    and starting it. sc.exe wants ``option=`` and the value as separate words."""
-    bin_path = subprocess.list2cmdline([*argv])
+    """sc.exe argument lists creating the service (start=auto, restart on failure, description).
+    sc.exe wants ``option=`` and the value as separate words. ``failureflag 1`` makes the
+    recovery actions also apply when the agent reports STOPPED with an error (a non-zero exit
+    status), not only when the process dies without reporting."""
     return [
-        ["sc.exe", "create", SERVICE_NAME, "binPath=", bin_path, "start=", "auto",
+        ["sc.exe", "create", SERVICE_NAME, "binPath=", _bin_path(argv), "start=", "auto",
          "DisplayName=", DISPLAY_NAME],
         ["sc.exe", "description", SERVICE_NAME, f"{DESCRIPTION} (home {home})"],
         ["sc.exe", "failure", SERVICE_NAME, "reset=", "86400",
          "actions=", "restart/5000/restart/5000/restart/60000"],
+        ["sc.exe", "failureflag", SERVICE_NAME, "1"],
     ]
 
 
 def service_update_command(argv: Sequence[str]) -> List[str]:
     """``sc.exe config`` for a service that already exists (re-install)."""
-    return ["sc.exe", "config", SERVICE_NAME, "binPath=", subprocess.list2cmdline([*argv]),
+    return ["sc.exe", "config", SERVICE_NAME, "binPath=", _bin_path(argv),
             "start=", "auto", "DisplayName=", DISPLAY_NAME]
 
 
@@ -200,8 +213,22 @@ def service_install(argv: Sequence[str], home: Path, *, start: bool) -> Dict[str
         subp.run(cmd, timeout=60)
     if start:
         subp.run(["sc.exe", "stop", SERVICE_NAME], timeout=60, rcs=(0, _SERVICE_NOT_ACTIVE))
-        subp.run(["sc.exe", "start", SERVICE_NAME], timeout=60)
+        _start_when_stopped()
     return {"unit": f"service:{SERVICE_NAME}", "wants_link": None, "managed": True}
+
+
+def _start_when_stopped() -> None:
+    """``sc.exe start``, again while the agent stopped by ``sc.exe stop`` is still stopping (sc.exe
+    does not wait: the service answers 1056 until it has reported STOPPED, up to 60 s later)."""
+    deadline = time.monotonic() + SERVICE_RESTART_WAIT_S
+    while True:
+        try:
+            subp.run(["sc.exe", "start", SERVICE_NAME], timeout=60)
+            return
+        except subp.ProcessError as exc:
+            if exc.returncode != _SERVICE_ALREADY_RUNNING or time.monotonic() >= deadline:
+                raise
+        time.sleep(1.0)
 
 
 def service_uninstall() -> List[str]:
@@ -213,3 +240,11 @@ def service_uninstall() -> List[str]:
 
 def service_stop() -> None:
     subp.run(["sc.exe", "stop", SERVICE_NAME], timeout=60, rcs=(0, _SERVICE_NOT_ACTIVE))
+
+
+def run_windows_service(run_agent: Callable[[Callable[[Any], None]], None]) -> int:
+    """``--windows-service``: run ``run_agent(attach)`` under the Service Control Manager; the
+    agent's exit status (see :mod:`go2cloud_client.platform.winservice`)."""
+    from go2cloud_client.platform import winservice
+
+    return winservice.run_service(run_agent, name=SERVICE_NAME)

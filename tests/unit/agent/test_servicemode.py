@@ -1,5 +1,6 @@
 """Service mode without processes: the unit text, the unit files, the sc.exe argument lists
-(never run here: no Windows machine), and the decisions of ``service install``/``stop``."""
+(never run here: no Windows machine), and the decisions of ``service install``/``stop``. The
+Windows service host itself is in test_winservice.py."""
 
 from __future__ import annotations
 
@@ -120,14 +121,14 @@ def test_windows_sc_argv_built_not_run():
         r"C:\Program Files\go2cloud_client",
         "--no-prompt",
     ]
-    create, description, failure = windows.service_install_commands(argv, Path(r"C:\g"))
+    create, description, failure, failureflag = windows.service_install_commands(argv, Path(r"C:\g"))
     assert create == [
         "sc.exe",
         "create",
         "go2cloud_client",
         "binPath=",
         r'"C:\Program Files\go2cloud_client\go2cloud_client.exe" --home '
-        r'"C:\Program Files\go2cloud_client" --no-prompt',
+        r'"C:\Program Files\go2cloud_client" --no-prompt --windows-service',
         "start=",
         "auto",
         "DisplayName=",
@@ -143,6 +144,10 @@ def test_windows_sc_argv_built_not_run():
         "actions=",
         "restart/5000/restart/5000/restart/60000",
     ]
+    # recovery actions also when the agent reports STOPPED with an error (non-zero exit status)
+    assert failureflag == ["sc.exe", "failureflag", "go2cloud_client", "1"]
+    update = windows.service_update_command(argv)
+    assert update[:5] == ["sc.exe", "config", "go2cloud_client", "binPath=", create[4]]
     assert windows.service_uninstall_commands() == [
         ["sc.exe", "stop", "go2cloud_client"],
         ["sc.exe", "delete", "go2cloud_client"],
@@ -160,7 +165,32 @@ def test_windows_reinstall_uses_config_when_the_service_exists(monkeypatch):
 
     monkeypatch.setattr(subp, "run", fake_run)
     windows.service_install(["C:\\a.exe"], Path("C:\\g"), start=True)
-    assert [c[1] for c in calls] == ["create", "config", "description", "failure", "stop", "start"]
+    assert [c[1] for c in calls] == ["create", "config", "description", "failure", "failureflag", "stop",
+                                     "start"]
+    assert calls[1][4] == "C:\\a.exe --windows-service"
+
+
+def test_windows_reinstall_starts_again_once_the_old_agent_has_stopped(monkeypatch):
+    """sc.exe stop does not wait: while the old agent stops, sc.exe start fails with 1056."""
+    calls = []
+    busy = [2]
+
+    def fake_run(argv, **kw):
+        calls.append(argv[1])
+        if argv[1] == "start" and busy[0]:
+            busy[0] -= 1
+            raise subp.ProcessError(argv, 1056, "", "[SC] StartService FAILED 1056")
+        return subp.Result(list(argv), 0, "", "")
+
+    monkeypatch.setattr(subp, "run", fake_run)
+    monkeypatch.setattr(windows.time, "sleep", lambda s: None)
+    windows.service_install(["C:\\a.exe"], Path("C:\\g"), start=True)
+    assert calls[-4:] == ["stop", "start", "start", "start"]
+    busy[0] = 10**6
+    monkeypatch.setattr(windows, "SERVICE_RESTART_WAIT_S", 0.0)
+    with pytest.raises(subp.ProcessError) as err:
+        windows.service_install(["C:\\a.exe"], Path("C:\\g"), start=True)
+    assert err.value.returncode == 1056
 
 
 def test_install_refuses_a_home_that_is_not_imported(home):

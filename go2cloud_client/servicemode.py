@@ -162,7 +162,7 @@ def install(home: Home, console: Console, *, start: bool = True) -> None:
         if pid is None:
             raise ServiceError(
                 f"the service {platform.SERVICE_NAME} was installed but its agent is not running after "
-                f"{START_WAIT_S:.0f}s; see 'systemctl status {platform.SERVICE_NAME}' and {home.log_file}")
+                f"{START_WAIT_S:.0f}s; see {platform.service_status_hint()} and {home.log_file}")
         console.line(f"Enabled at boot and started (pid {pid})")
         return
     if result.get("wants_link"):

@@ -47,6 +47,7 @@ SERVICE_NAME: str = _impl.SERVICE_NAME
 service_manager_running = _impl.service_manager_running
 service_paths = _impl.service_paths
 service_home = _impl.service_home
+service_status_hint = _impl.service_status_hint
 service_install = _impl.service_install
 service_uninstall = _impl.service_uninstall
 service_stop = _impl.service_stop
@@ -65,6 +66,7 @@ __all__ = [
     "os_release", "pid_alive", "read_machine_id", "system_home", "terminate_pid", "unlock",
     "root_block_device", "selinux_mode", "selinux_config_mode", "selinux_config_path",
     "set_selinux_runtime", "set_selinux_config", "SERVICE_NAME", "service_manager_running",
-    "service_paths", "service_home", "service_install", "service_uninstall", "service_stop",
+    "service_paths", "service_home", "service_status_hint", "service_install", "service_uninstall",
+    "service_stop",
     "run_windows_service",
 ]

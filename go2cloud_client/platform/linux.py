@@ -363,6 +363,10 @@ def service_paths() -> Tuple[Path, Path]:
     return directory / UNIT_NAME, directory / f"{WANTED_BY}.wants" / UNIT_NAME
 
 
+def service_status_hint() -> str:
+    return f"'systemctl status {UNIT_NAME}'"
+
+
 def service_home() -> Optional[Path]:
     """The agent home of the installed unit (its ``GO2CLOUD_HOME``), or None without a unit."""
     unit, _ = service_paths()

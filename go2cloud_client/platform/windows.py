@@ -197,8 +197,55 @@ def service_paths() -> Tuple[Path, Path]:
     return Path(f"service:{SERVICE_NAME}"), Path("")
 
 
-def service_home() -> Optional[Path]:
+def home_from_qc(output: str) -> Optional[Path]:
+    """The ``--home`` of the ``BINARY_PATH_NAME`` line printed by ``sc.exe qc``, or None.
+    The path is a command line quoted as :func:`subprocess.list2cmdline` writes it."""
+    for line in output.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().upper() == "BINARY_PATH_NAME":
+            words = _split_cmdline(value.strip())
+            if "--home" in words[:-1]:
+                return Path(words[words.index("--home") + 1])
     return None
+
+
+def _split_cmdline(text: str) -> List[str]:
+    """Split a command line the way list2cmdline quotes it (double quotes, backslash-escaped quotes)."""
+    words: List[str] = []
+    word: List[str] = []
+    quoted = started = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] == '"':
+            word.append('"')
+            i += 2
+            continue
+        if ch == '"':
+            quoted, started = not quoted, True
+        elif ch in " \t" and not quoted:
+            if word or started:
+                words.append("".join(word))
+            word, started = [], False
+        else:
+            word.append(ch)
+        i += 1
+    if word or started:
+        words.append("".join(word))
+    return words
+
+
+def service_home() -> Optional[Path]:
+    """The agent home of the installed service (from ``sc.exe qc``), None when there is none."""
+    try:
+        out = subp.run(["sc.exe", "qc", SERVICE_NAME], timeout=60).stdout
+    except subp.ProcessError:
+        return None  # 1060: the service does not exist
+    return home_from_qc(out)
+
+
+def service_status_hint() -> str:
+    return f"'sc.exe query {SERVICE_NAME}' and the Windows event log"
 
 
 def service_install(argv: Sequence[str], home: Path, *, start: bool) -> Dict[str, Any]:

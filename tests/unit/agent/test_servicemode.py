@@ -282,3 +282,21 @@ def test_install_under_systemd_checks_that_the_agent_runs(home, monkeypatch):
     monkeypatch.setattr(console, "line", lines.append)
     servicemode.install(home, console)
     assert lines[-1] == "Enabled at boot and started (pid 777)"
+
+
+def test_windows_service_home_read_back_from_sc_qc_output():
+    """`stop`/`--abort` must go through the SCM for the home the service runs (else the SCM sees a
+    crash and restarts the agent): the home is read back from the binPath that install wrote."""
+    argv = [r"C:\Program Files\go2cloud_client\go2cloud_client.exe", "--home",
+            r"C:\Program Files\go2cloud_client", "--no-prompt"]
+    bin_path = windows.service_install_commands(argv, Path(r"C:\g"))[0][4]
+    qc = ("[SC] QueryServiceConfig SUCCESS\r\n\r\nSERVICE_NAME: go2cloud_client\r\n"
+          "        TYPE               : 10  WIN32_OWN_PROCESS\r\n"
+          f"        BINARY_PATH_NAME   : {bin_path}\r\n"
+          "        DISPLAY_NAME       : go2cloud_client migration agent\r\n")
+    assert windows.home_from_qc(qc) == Path(r"C:\Program Files\go2cloud_client")
+    odd = [r"C:\a b\go2cloud_client.exe", "--home", r'C:\say "hi"\x', "--no-prompt"]
+    assert windows.home_from_qc("BINARY_PATH_NAME : " + windows.service_update_command(odd)[4]) == \
+        Path(r'C:\say "hi"\x')
+    assert windows.home_from_qc("BINARY_PATH_NAME : C:\\x\\go2cloud_client.exe --no-prompt") is None
+    assert windows.home_from_qc("[SC] OpenService FAILED 1060") is None

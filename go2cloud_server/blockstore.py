@@ -7,9 +7,10 @@ Layout under ``<data-dir>/tasks/<task_id>/block`` (the store's root)::
     <disk>/state.json           {"version", "disk", "chunk_size", "disk_size", "committed_cycle",
                                  "hashes_count", "hashes_digest", "committed_at"}
     <disk>/gen-000003.img       generation of cycle 3: full, independent point-in-time image
-    <disk>/gen-000003.json      its verification report (size, sha256, filesystem, fsck result;
-                                an XFS copied while frozen is checked on a copy whose log was
-                                replayed, see :func:`fs_check`)
+    <disk>/gen-000003.json      its verification report: "state" pending (image made, not yet
+                                verified), verified (size, sha256, filesystem, fsck result; an
+                                XFS copied while frozen is checked on a copy whose log was
+                                replayed, see :func:`fs_check`) or failed (image unreadable)
 
 Rules:
 
@@ -27,8 +28,11 @@ Rules:
   to the disk size, fsyncs image and directory and records the cycle and the chunk hashes;
   committing the same cycle with the same hashes again is a no-op.
 * ``commit_cycle`` turns the committed ``current.img`` of every disk into ``gen-<cycle>.img``
-  (a reflink where the filesystem supports FICLONE, else a sparse copy that skips holes) plus its
-  report. The generations are never written again; later passes only touch ``current.img``.
+  (a reflink where the filesystem supports FICLONE, else a sparse copy that skips holes) plus a
+  ``pending`` report; ``verify_generation`` (slow: sha256 and fsck, run by the control plane's
+  background verifier) turns it into the final report. Both are idempotent and crash-safe: an
+  image without a report is an interrupted copy (made again), a pending report is verified
+  again. The generations are never written again; later passes only touch ``current.img``.
 * A full target filesystem (ENOSPC/EDQUOT) raises :class:`TargetFull` (HTTP 507); what was
   committed before stays intact.
 """
@@ -74,6 +78,10 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _NOSPACE = (errno.ENOSPC, errno.EDQUOT)
 FSCK_TIMEOUT_S = 3600
+#: the ``state`` of a generation's report
+REPORT_PENDING = "pending"
+REPORT_VERIFIED = "verified"
+REPORT_FAILED = "failed"
 _COPY_BLOCK = 1 << 20
 
 
@@ -307,6 +315,31 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _sha256_sparse(fd: int, name: Path) -> Tuple[int, str]:
+    """(size, sha256 hex) of an open file, holes hashed as zeros without reading them."""
+    sha = hashlib.sha256()
+    size = os.fstat(fd).st_size
+    zeros = bytes(_COPY_BLOCK)
+    pos = 0
+    for off, length in data_extents(fd, size):
+        while pos < off:  # the hole before this extent
+            n = min(_COPY_BLOCK, off - pos)
+            sha.update(zeros[:n])
+            pos += n
+        end = off + length
+        while pos < end:
+            buf = os.pread(fd, min(_COPY_BLOCK, end - pos), pos)
+            if not buf:
+                raise OSError(errno.EIO, f"short read of {name}")
+            sha.update(buf)
+            pos += len(buf)
+    while pos < size:
+        n = min(_COPY_BLOCK, size - pos)
+        sha.update(zeros[:n])
+        pos += n
+    return size, sha.hexdigest()
 
 
 def _run_check(args: List[str], full: Optional[List[str]] = None) -> Tuple[Optional[int], str]:
@@ -639,7 +672,10 @@ class BlockTaskStore:
         return self._disk_dir(disk) / f"gen-{cycle:06d}.img"
 
     def commit_cycle(self, cycle: int) -> List[dict]:
-        """Record generation ``cycle`` of every disk committed at that cycle (idempotent)."""
+        """Make generation ``cycle`` of every disk committed at that cycle (idempotent): the image
+        and a ``pending`` report. Fast (a reflink where possible, else a sparse copy); the slow
+        part (sha256, filesystem check) is :meth:`verify_generation`, run later by the caller.
+        Returns the reports as they are now (``pending``, or final when already verified)."""
         out: List[dict] = []
         disks = [d for d in self.disks()
                  if (self._read_state(d) or {}).get("committed_cycle") == cycle
@@ -650,61 +686,115 @@ class BlockTaskStore:
             out.append(self._make_generation(disk, cycle))
         return out
 
+    @staticmethod
+    def _read_report(path: Path) -> Optional[dict]:
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        if not isinstance(doc, dict):
+            return None
+        doc.setdefault("state", REPORT_VERIFIED)  # reports written before verification was split
+        return doc
+
     def _make_generation(self, disk: str, cycle: int) -> dict:
+        """The image of generation ``cycle`` of ``disk`` plus its ``pending`` report.
+
+        Crash-safe: the report is written (atomically) only after the image is complete and
+        fsynced, so an image without a report is an interrupted copy and is made again."""
         ddir = self._disk_dir(disk)
         img = self.gen_path(disk, cycle)
         report_path = img.with_suffix(".json")
         with _lock_for(ddir):
-            if report_path.exists() and img.exists():
-                return dict(json.loads(report_path.read_text()))
+            found = self._read_report(report_path)
+            if found is not None and img.exists():
+                return found
             for stale in (img, report_path):
                 if stale.exists():
                     stale.unlink()
             try:
                 how = sparse_copy(ddir / CURRENT, img)
                 _fsync_dir(ddir)
+                size = img.stat().st_size
             except OSError as exc:
                 if img.exists():
                     img.unlink()
                 self._raise_io(exc, f"cannot create generation {cycle} of disk {disk}")
-            sha = hashlib.sha256()
-            size = 0
-            fd = os.open(str(img), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                zeros = bytes(_COPY_BLOCK)
-                pos = 0
-                for off, length in data_extents(fd, size):
-                    while pos < off:  # the hole before this extent
-                        n = min(_COPY_BLOCK, off - pos)
-                        sha.update(zeros[:n])
-                        pos += n
-                    end = off + length
-                    while pos < end:
-                        buf = os.pread(fd, min(_COPY_BLOCK, end - pos), pos)
-                        if not buf:
-                            raise OSError(errno.EIO, f"short read of {img}")
-                        sha.update(buf)
-                        pos += len(buf)
-                while pos < size:
-                    n = min(_COPY_BLOCK, size - pos)
-                    sha.update(zeros[:n])
-                    pos += n
-            finally:
-                os.close(fd)
-            fs = detect_fs(img)
-            report = {"disk": disk, "cycle": cycle, "path": str(img), "bytes": size,
-                      "sha256": sha.hexdigest(), "fs": fs, "copy": how, "check": fs_check(img, fs),
-                      "created_at": _utc_now()}
+            report = {"state": REPORT_PENDING, "disk": disk, "cycle": cycle, "path": str(img), "bytes": size,
+                      "sha256": None, "fs": None, "copy": how, "check": None, "created_at": _utc_now()}
             try:
                 write_atomic(report_path, json.dumps(report, indent=1) + "\n")
             except OSError as exc:
                 img.unlink()
                 self._raise_io(exc, f"cannot write the report of generation {cycle} of disk {disk}")
-        check = report["check"]
-        log.info("block %s: generation %s of disk %s: %s bytes (%s), fs %s, check ok: %s", self.root, cycle,
-                 disk, size, how, fs, check.get("ok") if isinstance(check, dict) else None)
+        log.info("block %s: generation %s of disk %s: %s bytes (%s), verification pending", self.root, cycle,
+                 disk, size, how)
         return report
+
+    def pending_generations(self) -> List[Tuple[str, int]]:
+        """(disk, cycle) of every generation whose report is still ``pending``."""
+        out: List[Tuple[str, int]] = []
+        for disk in self.disks():
+            for p in sorted((self.root / disk).iterdir()):
+                m = _GEN_RE.match(p.name)
+                if m and (self._read_report(p.with_suffix(".json")) or {}).get("state") == REPORT_PENDING:
+                    out.append((disk, int(m.group(1))))
+        return out
+
+    def verify_generation(self, disk: str, cycle: int) -> Optional[dict]:
+        """Verify generation ``cycle`` of ``disk``: sha256 of the image, filesystem found, read-only
+        check; write the final report (``verified``, or ``failed`` with ``error`` when the image
+        cannot be read) and return it.
+
+        Idempotent: a final report is returned as it is. Returns None when the generation is gone
+        (discarded by retention or cancel, before or during the verification): nothing is written
+        then. Runs without the disk's lock (a check may take long and the next cycle's commit must
+        not wait); the report is written under the lock, and only if the report is still the
+        pending one of the same image (same inode) that was verified."""
+        ddir = self._disk_dir(disk)
+        img = self.gen_path(disk, cycle)
+        report_path = img.with_suffix(".json")
+        report = self._read_report(report_path)
+        if report is None:
+            return None
+        if report.get("state") != REPORT_PENDING:
+            return report
+        try:
+            fd = os.open(str(img), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        final = dict(report)
+        inode: Optional[int] = None
+        try:
+            inode = os.fstat(fd).st_ino
+            size, digest = _sha256_sparse(fd, img)
+            final.update(bytes=size, sha256=digest)
+        except OSError as exc:
+            final.update(state=REPORT_FAILED, error=f"cannot read {img}: {exc}")
+        finally:
+            os.close(fd)
+        if final["state"] == REPORT_PENDING:
+            fs = detect_fs(img)
+            final.update(state=REPORT_VERIFIED, fs=fs, check=fs_check(img, fs))
+        final["verified_at"] = _utc_now()
+        with _lock_for(ddir):
+            now = self._read_report(report_path)
+            try:
+                same = inode is None or img.stat().st_ino == inode
+            except FileNotFoundError:
+                same = False
+            if now is None or not same:
+                log.info("block %s: generation %s of disk %s was discarded while it was verified", self.root,
+                         cycle, disk)
+                return None
+            if now.get("state") != REPORT_PENDING:
+                return now
+            write_atomic(report_path, json.dumps(final, indent=1) + "\n")
+        check = final.get("check")
+        log.info("block %s: generation %s of disk %s %s: sha256 %s, fs %s, check ok: %s", self.root, cycle,
+                 disk, final["state"], final.get("sha256"), final.get("fs"),
+                 check.get("ok") if isinstance(check, dict) else None)
+        return final
 
     def generations(self) -> List[int]:
         """Cycles that have a complete generation (image + report) for at least one disk."""
@@ -717,13 +807,16 @@ class BlockTaskStore:
         return sorted(found)
 
     def discard_cycle(self, cycle: int) -> None:
+        """Remove generation ``cycle`` of every disk (report first, then image), also one still
+        being verified: :meth:`verify_generation` then finds it gone and writes nothing."""
         for disk in self.disks():
             img = self.gen_path(disk, cycle)
-            for p in (img.with_suffix(".json"), img):
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+            with _lock_for(self._disk_dir(disk)):
+                for p in (img.with_suffix(".json"), img):
+                    try:
+                        p.unlink()
+                    except FileNotFoundError:
+                        pass
 
     def retain(self, keep: int) -> List[int]:
         """Keep the newest ``keep`` generations (at least 1); return the removed cycles."""

@@ -345,6 +345,7 @@ def serve(
             clock=clock,
         )
         restored = service.restore_targets()
+        service.start()  # the generation verifier, with what a previous run left unverified
         downloads = Downloads(
             packages_dir.absolute() if packages_dir else data_dir / "packages",
             spki_pin=spki_pin,
@@ -1093,8 +1094,13 @@ def migration_artifacts(src: Optional[str], task_id: Optional[str], **kw: Any) -
 
 
 def _check_text(report: Optional[Dict[str, Any]]) -> str:
-    """A block artifact's verification report in one cell: filesystem and check result."""
+    """A block artifact's verification report in one cell: filesystem and check result (or that
+    the verification is still running, or why it could not be done)."""
     report = report or {}
+    if report.get("state") == "pending":
+        return "verifying"
+    if report.get("state") == "failed":
+        return f"not verified: {report.get('error') or 'unknown error'}"
     check = report.get("check")
     if isinstance(check, dict):
         check = "ok" if check.get("ok") else f"failed (rc {check.get('rc')}): {check.get('summary') or ''}"
@@ -1108,14 +1114,15 @@ def _artifacts_human(d: Dict[str, Any]) -> str:
         return "No images yet."
     if any(a.get("disk") for a in arts):
         return _table(
-            ["CYCLE", "DISK", "CREATED", "SIZE", "SHA256", "CHECK", "PATH"],
+            ["CYCLE", "DISK", "CREATED", "SIZE", "STATE", "SHA256", "CHECK", "PATH"],
             [
                 [
                     a["cycle"],
                     a.get("disk"),
                     a["created_at"],
                     _bytes(a["bytes"]),
-                    (a.get("sha256") or "")[:16],
+                    (a.get("report") or {}).get("state") or "-",
+                    (a.get("sha256") or "-")[:16],
                     _check_text(a.get("report")),
                     a["path"],
                 ]

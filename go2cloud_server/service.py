@@ -38,9 +38,12 @@ from go2cloud_server.errors import (
     SourceUnknown,
 )
 from go2cloud_server.store import Store, dumps, loads
+from go2cloud_server.verifier import GenerationVerifier
 
 log = logging.getLogger(__name__)
 
+#: the ``state`` of a block artifact's report (see ``go2cloud_server.blockstore``)
+REPORT_PENDING, REPORT_VERIFIED, REPORT_FAILED = "pending", "verified", "failed"
 OFFLINE_AFTER_INTERVALS = 3
 ACTIVE_TASK_STATUSES = ("syncing", "pending", "paused", "failed")
 #: statuses of a task before its first sync: the drill runs, passed (start queued) or found a
@@ -78,6 +81,8 @@ class BlockStore(Protocol):
     rooted at ``<data-dir>/tasks/<task_id>/block``)."""
 
     def commit_cycle(self, cycle: int) -> List[Dict[str, Any]]: ...
+
+    def verify_generation(self, disk: str, cycle: int) -> Optional[Dict[str, Any]]: ...
 
     def retain(self, keep: int) -> List[int]: ...
 
@@ -213,6 +218,8 @@ class Service:
         self.clock = clock
         self.commands_cv = threading.Condition()
         self._closed = False
+        #: verifies block generations (sha256, fsck) after their cycle was acknowledged
+        self.verifier = GenerationVerifier(self._verify_generation)
 
     # helpers ----------------------------------------------------------------------------------
     def now(self) -> float:
@@ -274,10 +281,30 @@ class Service:
             "password": task["rsync_password"],
         }
 
+    def start(self) -> int:
+        """Start the background work: the generation verifier, with every block artifact whose
+        verification is still pending (the server stopped or crashed before it finished) or
+        failed queued again (an image that cannot be read keeps its final ``failed`` report on disk,
+        which is returned at once; an unexpected error gets another try). Returns how many were
+        queued. Without ``start`` the verifier starts on its first generation."""
+        self.verifier.start()
+        rows = self.store.all(
+            "SELECT task_id, cycle, disk, report FROM artifacts WHERE disk != '' AND sha256 IS NULL "
+            "ORDER BY task_id, cycle, disk"
+        )
+        again = (REPORT_PENDING, REPORT_FAILED)
+        pending = [r for r in rows if (loads(r["report"], None) or {}).get("state") in again]
+        for r in pending:
+            self.verifier.submit(r["task_id"], int(r["cycle"]), r["disk"])
+        if pending:
+            log.info("%d block generation(s) not verified yet: queued again", len(pending))
+        return len(pending)
+
     def close(self) -> None:
         with self.commands_cv:
             self._closed = True
             self.commands_cv.notify_all()
+        self.verifier.stop()
 
     def _notify(self) -> None:
         with self.commands_cv:
@@ -929,6 +956,9 @@ class Service:
             else:
                 changes.update(status="pending")
             self._set_task(conn, task_id, **changes)
+        for row in rows:  # block generations: verified in the background, after this answer
+            if row["disk"] and row["sha256"] is None and number is not None:
+                self.verifier.submit(task_id, number, row["disk"])
         if finished:
             self._release_target(dict(task, current_cycle=None))
             log.info("task %s completed", task_id)
@@ -949,21 +979,62 @@ class Service:
                     "report": None,
                 }
             ]
-        rows = []
-        for rec in self.block_store(task["id"]).commit_cycle(number):
-            report = {k: v for k, v in rec.items() if k not in ("disk", "cycle", "path", "bytes", "sha256")}
-            rows.append(
-                {
-                    "disk": str(rec["disk"]),
-                    "path": str(rec["path"]),
-                    "bytes": int(rec.get("bytes") or 0),
-                    "files": 0,
-                    "created_at": str(rec.get("created_at") or self.now_iso()),
-                    "sha256": rec.get("sha256"),
-                    "report": dumps(report),
-                }
+        # the images only (a reflink is instant): their sha256 and check are the verifier's job,
+        # the agent's acknowledgement must not wait for them
+        return [self._generation_row(rec) for rec in self.block_store(task["id"]).commit_cycle(number)]
+
+    def _generation_row(self, rec: Mapping[str, Any]) -> Dict[str, Any]:
+        """The artifact row of a block generation's report (``state`` pending, verified or failed;
+        ``sha256`` null until verified)."""
+        report = {k: v for k, v in rec.items() if k not in ("disk", "cycle", "path", "bytes", "sha256")}
+        report.setdefault("state", REPORT_VERIFIED if rec.get("sha256") else REPORT_PENDING)
+        return {
+            "disk": str(rec["disk"]),
+            "path": str(rec["path"]),
+            "bytes": int(rec.get("bytes") or 0),
+            "files": 0,
+            "created_at": str(rec.get("created_at") or self.now_iso()),
+            "sha256": rec.get("sha256") if report["state"] == REPORT_VERIFIED else None,
+            "report": dumps(report),
+        }
+
+    def _verify_generation(self, task_id: str, cycle: int, disk: str) -> None:
+        """The verifier's job: verify one generation and fill in its artifact row. A generation
+        discarded meanwhile (retention, a removed task) is skipped; a row deleted meanwhile is
+        not recreated. An unexpected error marks the row ``failed`` (the on-disk report stays
+        pending, so the operator can see the error now and a restart tries again)."""
+        with self._block_lock:  # not cached again for a task that ended meanwhile
+            bs = self._block_stores.get(task_id) or self.block_store_factory(self.block_root(task_id))
+        try:
+            rec = bs.verify_generation(disk, cycle)
+        except Exception as exc:  # noqa: BLE001 - shown to the operator in the artifact's report
+            log.warning("cannot verify generation %s of disk %s of task %s: %s", cycle, disk, task_id, exc)
+            log.debug("verification failure", exc_info=True)
+            with self.store.transaction() as conn:
+                row = Store.q_one(
+                    conn,
+                    "SELECT report FROM artifacts WHERE task_id = ? AND cycle = ? AND disk = ?",
+                    (task_id, cycle, disk),
+                )
+                if row is not None:
+                    report = dict(loads(row["report"], None) or {})
+                    report.update(state=REPORT_FAILED, error=str(exc)[:2000])
+                    conn.execute(
+                        "UPDATE artifacts SET report = ? WHERE task_id = ? AND cycle = ? AND disk = ?",
+                        (dumps(report), task_id, cycle, disk),
+                    )
+            return
+        if rec is None:
+            log.info("generation %s of disk %s of task %s was discarded before it was verified", cycle, disk,
+                     task_id)
+            return
+        row = self._generation_row(rec)
+        with self.store.transaction() as conn:
+            conn.execute(
+                "UPDATE artifacts SET bytes = ?, sha256 = ?, report = ? "
+                "WHERE task_id = ? AND cycle = ? AND disk = ?",
+                (row["bytes"], row["sha256"], row["report"], task_id, cycle, disk),
             )
-        return rows
 
     def _retain(self, task: Mapping[str, Any], keep: int) -> List[int]:
         if task["mode"] == "block":
@@ -1064,6 +1135,8 @@ class Service:
                 r.pop("sha256")
             else:
                 r["report"] = report if isinstance(report, dict) else {}
+                # rows recorded before verification ran in the background were verified at once
+                r["report"].setdefault("state", REPORT_VERIFIED if r["sha256"] else REPORT_PENDING)
             out.append(r)
         return out
 

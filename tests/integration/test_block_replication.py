@@ -174,7 +174,7 @@ def test_filesystem_image_full_then_incremental(tmp_path: Path, server: BlockSer
         rep = replicator(server, path, tmp_path / "state", checksum=True)
         rep.on_progress = seen.append
         r1 = rep.run_cycle(BlockCycle(1, False), threading.Event())
-    gen1 = server.store.commit_cycle(1)[0]
+    gen1 = server.generation(1)[0]
     assert gen1["sha256"] == sha256(image)
     assert gen1["fs"] == fs and gen1["check"]["ok"], gen1["check"]
     assert gen1["bytes"] == size
@@ -188,11 +188,11 @@ def test_filesystem_image_full_then_incremental(tmp_path: Path, server: BlockSer
     with (loop_device(image) if fs == "xfs" else _nullpath(image)) as path:
         rep = replicator(server, path, tmp_path / "state", checksum=True)
         r2 = rep.run_cycle(BlockCycle(2, True), threading.Event())
-    gen2 = server.store.commit_cycle(2)[0]
+    gen2 = server.generation(2)[0]
     assert gen2["sha256"] == sha256(image)
     assert gen2["check"]["ok"], gen2["check"]
     assert r2.chunks_unchanged > 0.8 * r2.chunks_total
-    assert server.store.commit_cycle(1)[0]["sha256"] == gen1["sha256"]  # generation 1 untouched
+    assert server.generation(1)[0]["sha256"] == gen1["sha256"]  # generation 1 untouched
     assert sha256(Path(gen1["path"])) == gen1["sha256"]
 
 
@@ -208,7 +208,7 @@ def test_incremental_sends_about_the_changed_chunks(tmp_path: Path, server: Bloc
     rep = replicator(server, str(image), tmp_path / "state")
     r1 = rep.run_cycle(BlockCycle(1, False), threading.Event())
     assert r1.chunks_sent == 256
-    server.store.commit_cycle(1)
+    server.generation(1)
     changed = sorted(rnd.sample(range(256), 13))  # ~5%
     with open(image, "r+b") as f:
         for i in changed:
@@ -217,7 +217,7 @@ def test_incremental_sends_about_the_changed_chunks(tmp_path: Path, server: Bloc
     r2 = rep.run_cycle(BlockCycle(2, True), threading.Event())
     assert r2.chunks_sent == 13 and r2.chunks_unchanged == 243
     assert 13 * CS <= r2.bytes_sent <= 14 * CS
-    assert server.store.commit_cycle(2)[0]["sha256"] == sha256(image)
+    assert server.generation(2)[0]["sha256"] == sha256(image)
 
     # with changed extents from a snapshot driver, only those chunks are even read
     changed2 = sorted(rnd.sample(range(256), 13))
@@ -235,7 +235,7 @@ def test_incremental_sends_about_the_changed_chunks(tmp_path: Path, server: Bloc
                            state_dir=rep.state_dir, changed_extents=extents)
     r3 = rep3.run_cycle(BlockCycle(3, True), threading.Event())
     assert asked == ["d0"] and r3.chunks_sent == 13 and r3.bytes_read == 13 * CS
-    assert server.store.commit_cycle(3)[0]["sha256"] == sha256(image)
+    assert server.generation(3)[0]["sha256"] == sha256(image)
 
 
 # -- interruption --------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_kill_9_at_random_points_resumes_with_bounded_resend(tmp_path: Path, ser
     assert set(counter.counts) == set(range(384))
     print(f"kills={kills} resent={counter.resent()} resumed={result['chunks_resumed']}")
     assert counter.resent() <= kills * window, (counter.resent(), kills)
-    assert server.store.commit_cycle(1)[0]["sha256"] == sha256(image)
+    assert server.generation(1)[0]["sha256"] == sha256(image)
 
     # an incremental pass, killed too
     with open(image, "r+b") as f:
@@ -296,7 +296,7 @@ def test_kill_9_at_random_points_resumes_with_bounded_resend(tmp_path: Path, ser
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()
     assert len(counter.counts) == 40 and counter.resent() <= window
-    assert server.store.commit_cycle(2)[0]["sha256"] == sha256(image)
+    assert server.generation(2)[0]["sha256"] == sha256(image)
 
 
 def test_cancel_then_resume_in_process(tmp_path: Path, server: BlockServer) -> None:
@@ -318,7 +318,7 @@ def test_cancel_then_resume_in_process(tmp_path: Path, server: BlockServer) -> N
     rep.set_options(BlockOptions(chunk_size=CS, bandwidth_mbps=0))  # "modify" between runs
     r = rep.run_cycle(BlockCycle(1, False), threading.Event())
     assert r.chunks_resumed >= 32 and r.chunks_sent <= 128 - 32 + rep.inflight_window
-    assert server.store.commit_cycle(1)[0]["sha256"] == sha256(image)
+    assert server.generation(1)[0]["sha256"] == sha256(image)
 
 
 def test_bandwidth_limit_changes_mid_pass(tmp_path: Path, server: BlockServer) -> None:
@@ -346,7 +346,7 @@ def test_corrupted_chunk_on_target_is_found_and_repaired(tmp_path: Path, server:
     image.write_bytes(random.Random(9).randbytes(16 * MiB))
     rep = replicator(server, str(image), tmp_path / "state", checksum=True)
     rep.run_cycle(BlockCycle(1, False), threading.Event())
-    server.store.commit_cycle(1)
+    server.generation(1)
     current = server.store.root / "d0" / "current.img"
     with open(current, "r+b") as f:
         f.seek(5 * CS + 1000)
@@ -355,7 +355,7 @@ def test_corrupted_chunk_on_target_is_found_and_repaired(tmp_path: Path, server:
         f.write(bytes([byte[0] ^ 0xFF]))
     r = rep.run_cycle(BlockCycle(2, True), threading.Event())
     assert r.chunks_repaired == 1 and r.verify_rounds == 2 and r.chunks_sent == 1
-    assert server.store.commit_cycle(2)[0]["sha256"] == sha256(image)
+    assert server.generation(2)[0]["sha256"] == sha256(image)
 
 
 def _pinned(server: BlockServer) -> requests.Session:
@@ -409,7 +409,7 @@ def test_zero_region_stays_sparse(tmp_path: Path, server: BlockServer) -> None:
         f.truncate(256 * MiB)               # and a real hole at the end
     rep = replicator(server, str(image), tmp_path / "state")
     r = rep.run_cycle(BlockCycle(1, False), threading.Event())
-    gen = server.store.commit_cycle(1)[0]
+    gen = server.generation(1)[0]
     assert gen["sha256"] == sha256(image)
     st = os.stat(gen["path"])
     assert st.st_size == 256 * MiB and st.st_blocks * 512 <= 12 * MiB
@@ -439,7 +439,7 @@ def test_refused_batch_is_read_again_and_an_old_target_gets_single_chunks(
     monkeypatch.setattr(server.store, "write_batch", flaky)
     r = replicator(server, str(image), tmp_path / "state").run_cycle(BlockCycle(1, False), threading.Event())
     assert refused and r.chunks_sent == 28
-    assert server.store.commit_cycle(1)[0]["sha256"] == sha256(image)
+    assert server.generation(1)[0]["sha256"] == sha256(image)
 
     # a target without the batch route (404): the engine falls back to one PUT per chunk
     tried: List[str] = []  # a pass whose chunks happen to leave one by one never tries a batch
@@ -455,7 +455,7 @@ def test_refused_batch_is_read_again_and_an_old_target_gets_single_chunks(
     rep = replicator(server, str(image), tmp_path / "state")
     r = rep.run_cycle(BlockCycle(2, True), threading.Event())
     assert r.chunks_sent == 3 and set(counter.counts) == {0, 1, 2} and rep._batches is not bool(tried)
-    assert server.store.commit_cycle(2)[0]["sha256"] == sha256(image)
+    assert server.generation(2)[0]["sha256"] == sha256(image)
 
     # the receiver before batches sized the body of an unknown POST at 0 bytes: 413
     monkeypatch.undo()
@@ -475,7 +475,7 @@ def test_refused_batch_is_read_again_and_an_old_target_gets_single_chunks(
     rep = replicator(server, str(image), tmp_path / "state")
     r = rep.run_cycle(BlockCycle(3, True), threading.Event())
     assert r.chunks_sent == 2 and set(counter.counts) == {0, 1} and rep._batches is not bool(tried)
-    assert server.store.commit_cycle(3)[0]["sha256"] == sha256(image)
+    assert server.generation(3)[0]["sha256"] == sha256(image)
 
 
 def test_xfs_copied_while_frozen_is_checked_on_a_replayed_copy(
@@ -524,7 +524,7 @@ def test_unknown_device_and_shrunk_device(tmp_path: Path, server: BlockServer) -
     image.write_bytes(random.Random(1).randbytes(8 * MiB))
     rep = replicator(server, str(image), tmp_path / "state")
     rep.run_cycle(BlockCycle(1, False), threading.Event())
-    gen = server.store.commit_cycle(1)[0]
+    gen = server.generation(1)[0]
     committed = server.store.state("d0")
     small = tmp_path / "small.img"
     small.write_bytes(image.read_bytes()[:6 * MiB])
@@ -551,7 +551,7 @@ def test_target_full_is_a_clear_error_and_keeps_the_last_generation(tmp_path: Pa
                 f.truncate(64 * MiB)
             rep = replicator(server, str(image), tmp_path / "state")
             rep.run_cycle(BlockCycle(1, False), threading.Event())
-            gen = server.store.commit_cycle(1)[0]
+            gen = server.generation(1)[0]
             with open(image, "r+b") as f:
                 f.write(os.urandom(60 * MiB))
             with pytest.raises(BlockTargetFullError, match=r"block target 127\.0\.0\.1:\d+ is out of space"):

@@ -120,6 +120,18 @@ def wait_cycle(server, sid: str, n: int, timeout: float = 180) -> Dict[str, Any]
 
     wait_for(done, timeout, f"artifact of cycle {n}", interval=0.5)
     server.wait_task(sid, "pending", timeout=60)
+    return wait_verified(server, sid, n)
+
+
+def wait_verified(server, sid: str, n: int, timeout: float = 180) -> Dict[str, Any]:
+    """The artifact of cycle ``n`` once the server's background verifier has filled in its
+    sha256 and check (the acknowledgement of the cycle records it ``pending``)."""
+    def verified() -> bool:
+        state = artifacts_by_cycle(server, sid)[n]["report"]["state"]
+        assert state in ("pending", "verified"), artifacts_by_cycle(server, sid)[n]
+        return state == "verified"
+
+    wait_for(verified, timeout, f"verification of the artifact of cycle {n}", interval=0.5)
     return artifacts_by_cycle(server, sid)[n]
 
 
@@ -170,7 +182,7 @@ def test_full_incremental_and_final_sync_equal_the_source(server, agents, tmp_pa
         server.j("migration", "complete", "--source", sid, "--final-sync")
         server.wait_task(sid, "completed", timeout=180)
         (mnt / "after.txt").write_text("the filesystem is writable again (thawed)\n")
-    art3 = artifacts_by_cycle(server, sid)[3]
+    art3 = wait_verified(server, sid, 3)
     # a frozen ext4 has its journal flushed: clean as it is; a frozen xfs keeps a log to replay,
     # which xfs_repair -n cannot judge: the target checks a copy whose log it replayed
     assert art3["report"]["check"]["ok"], art3["report"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hmac
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from go2cloud_server import tls
 from go2cloud_server.blockrx import BlockReceiver
@@ -40,6 +40,16 @@ class BlockServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="block-server", daemon=True)
         self._thread.start()
         return self
+
+    def generation(self, cycle: int) -> List[dict]:
+        """What the control plane does when a cycle is acknowledged, then what its verifier does
+        in the background: make generation ``cycle`` of every disk, verify each; the final reports."""
+        out = []
+        for made in self.store.commit_cycle(cycle):
+            report = self.store.verify_generation(made["disk"], cycle)
+            assert report is not None and report["state"] == "verified", report
+            out.append(report)
+        return out
 
     @property
     def url(self) -> str:

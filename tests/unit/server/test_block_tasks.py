@@ -3,9 +3,12 @@ resolver, commits per disk, retention, cancel, and the schema migration of an ol
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
+import threading
+import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -26,11 +29,20 @@ class FakeBlockStore:
             raise OSError("disk full")
         self.committed.append(cycle)
         return [
-            {"disk": d, "cycle": cycle, "path": str(self.root / d / f"{cycle:06d}.img"), "bytes": 1 << 20,
-             "sha256": f"{cycle:064x}", "fs": "ext4", "check": {"tool": "e2fsck -n", "ok": True,
-                                                              "result": "clean"}}
+            {"state": "pending", "disk": d, "cycle": cycle, "path": str(self.root / d / f"{cycle:06d}.img"),
+             "bytes": 1 << 20, "sha256": None, "fs": None, "check": None}
             for d in self.log.disks
         ]
+
+    def verify_generation(self, disk: str, cycle: int) -> Optional[dict]:
+        self.log.verifying.set()
+        assert self.log.gate.wait(30), "the test never opened the gate"
+        if cycle not in self.committed:
+            return None  # discarded
+        return {"state": "verified", "disk": disk, "cycle": cycle,
+                "path": str(self.root / disk / f"{cycle:06d}.img"), "bytes": 1 << 20,
+                "sha256": f"{cycle:064x}", "fs": "ext4",
+                "check": {"tool": "e2fsck -n", "ok": True, "result": "clean"}}
 
     def retain(self, keep: int) -> List[int]:
         removed = self.committed[:-keep] if len(self.committed) > keep else []
@@ -50,9 +62,13 @@ class FakeBlockStores:
         self.made: Dict[Path, FakeBlockStore] = {}
         self.discarded: list = []
         self.fail_commit = False
+        self.gate = threading.Event()  # verifications wait for it
+        self.gate.set()
+        self.verifying = threading.Event()  # a verification started
 
     def __call__(self, root: Path) -> FakeBlockStore:
-        self.made[root] = FakeBlockStore(self, root)
+        if root not in self.made:
+            self.made[root] = FakeBlockStore(self, root)
         return self.made[root]
 
 
@@ -61,11 +77,30 @@ def blocks() -> FakeBlockStores:
     return FakeBlockStores()
 
 
-@pytest.fixture
-def bservice(tmp_path, store, rsyncd, trees, clock, blocks) -> Service:
-    return Service(store, tmp_path, rsyncd=rsyncd, tree_factory=trees, block_store_factory=blocks,
+def _service(tmp_path, store, rsyncd, trees, clock, factory) -> Service:
+    return Service(store, tmp_path, rsyncd=rsyncd, tree_factory=trees, block_store_factory=factory,
                    public_host="10.0.0.1", public_url="https://10.0.0.1:8443",
                    fingerprint="sha256:" + "ab" * 32, heartbeat_interval=10, clock=clock)
+
+
+@pytest.fixture
+def bservice(tmp_path, store, rsyncd, trees, clock, blocks) -> Iterator[Service]:
+    service = _service(tmp_path, store, rsyncd, trees, clock, blocks)
+    yield service
+    blocks.gate.set()
+    service.close()
+
+
+def wait_verified(service: Service, tid: str, timeout: float = 30) -> List[dict]:
+    """Poll until no artifact of ``tid`` is pending (the verifier is a background thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        arts = service.task_artifacts(tid)["artifacts"]
+        if all(a["report"].get("state") != "pending" for a in arts) and service.verifier.idle():
+            return arts
+        if time.monotonic() > deadline:
+            raise AssertionError(f"artifacts still pending after {timeout} s: {arts}")
+        time.sleep(0.01)
 
 
 def _source(service: Service) -> str:
@@ -175,17 +210,18 @@ def test_cycles_commit_one_artifact_per_disk_with_report_and_retention(bservice,
     start = _cmds(bservice, sid)[0]
     tid = start["params"]["task_id"]
     _ack(bservice, sid, start)
-    arts = bservice.task_artifacts(tid)["artifacts"]
+    arts = wait_verified(bservice, tid)
     assert [(a["cycle"], a["disk"]) for a in arts] == [(1, "disk.img"), (1, "vdb")]
     vdb = arts[1]
     assert vdb["sha256"] == f"{1:064x}" and vdb["bytes"] == 1 << 20 and vdb["path"].endswith("vdb/000001.img")
-    assert vdb["report"] == {"fs": "ext4", "check": {"tool": "e2fsck -n", "ok": True, "result": "clean"}}
+    assert vdb["report"] == {"state": "verified", "fs": "ext4",
+                             "check": {"tool": "e2fsck -n", "ok": True, "result": "clean"}}
     for n in (2, 3):
         bservice.migration_action("sync", source=sid)
         cmd = _cmds(bservice, sid)[0]
         assert cmd["params"]["cycle"]["number"] == n
         _ack(bservice, sid, cmd)
-    assert sorted({a["cycle"] for a in bservice.task_artifacts(tid)["artifacts"]}) == [2, 3]
+    assert sorted({a["cycle"] for a in wait_verified(bservice, tid)}) == [2, 3]
     bservice.migration_action("modify", {"keep_images": 1}, source=sid)
     assert {a["cycle"] for a in bservice.task_artifacts(tid)["artifacts"]} == {3}
 
@@ -258,3 +294,125 @@ def test_schema_v1_data_dir_is_migrated(tmp_path):
                   "VALUES ('t-1', 1, 'vdb', 'p', 1, 0, 'x')")
     st.migrate()  # idempotent
     st.close()
+
+
+# -- the verifier: acknowledgements do not wait for sha256 and fsck ---------------------------------
+def test_ack_returns_before_the_check_and_the_artifact_goes_pending_then_verified(
+    tmp_path, store, rsyncd, trees, clock, monkeypatch
+):
+    from go2cloud_server import blockstore
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_check(path, fs):  # a check that takes "minutes": until the test releases it
+        started.set()
+        assert release.wait(30), "the test never released the check"
+        return {"tool": "e2fsck -f -n", "rc": 0, "ok": True, "summary": "clean"}
+
+    monkeypatch.setattr(blockstore, "detect_fs", lambda path: "ext4")
+    monkeypatch.setattr(blockstore, "fs_check", slow_check)
+    service = _service(tmp_path, store, rsyncd, trees, clock, blockstore.BlockTaskStore)
+    try:
+        sid = _source(service)
+        service.start_migration({"drill": False, "mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+        start = _cmds(service, sid)[0]
+        tid = start["params"]["task_id"]
+        want = _write_and_commit(service.block_store(tid), 1)
+
+        _ack(service, sid, start)  # returns while the check is blocked (else this would hang)
+        assert started.wait(30), "the verifier never started the check"
+        (art,) = service.task_artifacts(tid)["artifacts"]
+        assert art["sha256"] is None and art["report"]["state"] == "pending" and art["bytes"] == 4 * 65536
+        assert service.source_migration(sid)["tasks"][0]["status"] == "pending"  # the cycle is done
+        release.set()
+        (art,) = wait_verified(service, tid)
+        assert art["sha256"] == want and art["report"]["state"] == "verified" and art["report"]["check"]["ok"]
+    finally:
+        release.set()
+        service.close()
+
+
+def _write_and_commit(bs, cycle: int) -> str:
+    """Write one data chunk into disk vdb of a real block store, commit ``cycle``; the sha256 of
+    the image."""
+    import xxhash
+
+    cs, size = 65536, 4 * 65536
+    data = bytes([cycle]) * cs
+    bs.write_chunk("vdb", 1, cs, size, data, xxhash.xxh3_128(data).hexdigest())
+    hashes = [xxhash.xxh3_128(bytes(cs)).digest()] * 4
+    hashes[1] = xxhash.xxh3_128(data).digest()
+    bs.commit("vdb", cycle, size, b"".join(hashes), cs)
+    return hashlib.sha256((bs.root / "vdb" / "current.img").read_bytes()).hexdigest()
+
+
+def test_a_restarted_service_verifies_what_was_left_pending(
+    tmp_path, store, rsyncd, trees, clock, monkeypatch
+):
+    from go2cloud_server import blockstore
+
+    monkeypatch.setattr(blockstore, "detect_fs", lambda path: None)
+    first = _service(tmp_path, store, rsyncd, trees, clock, blockstore.BlockTaskStore)
+    monkeypatch.setattr(first.verifier, "submit", lambda *job: None)  # the server dies before verifying
+    sid = _source(first)
+    first.start_migration({"drill": False, "mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    start = _cmds(first, sid)[0]
+    tid = start["params"]["task_id"]
+    want = _write_and_commit(first.block_store(tid), 1)
+    _ack(first, sid, start)
+    (art,) = first.task_artifacts(tid)["artifacts"]
+    assert art["report"]["state"] == "pending" and art["sha256"] is None
+    first.close()
+
+    again = _service(tmp_path, store, rsyncd, trees, clock, blockstore.BlockTaskStore)
+    try:
+        assert again.start() == 1
+        (art,) = wait_verified(again, tid)
+        assert art["sha256"] == want and art["report"]["state"] == "verified"
+        assert art["report"]["check"] is None  # no filesystem found: nothing to check
+        assert again.start() == 0  # nothing left
+    finally:
+        again.close()
+
+
+def test_retention_discards_a_generation_while_it_is_verified(bservice, blocks):
+    blocks.disks = ["vdb"]
+    sid = _source(bservice)
+    bservice.start_migration({"drill": False, "mode": "block", "disks": ["/dev/vdb"], "keep_images": 1},
+                             source=sid)
+    start = _cmds(bservice, sid)[0]
+    tid = start["params"]["task_id"]
+    blocks.gate.clear()
+    _ack(bservice, sid, start)
+    assert blocks.verifying.wait(30)  # cycle 1 is being verified (blocked)
+    bservice.migration_action("sync", source=sid)
+    _ack(bservice, sid, _cmds(bservice, sid)[0])  # cycle 2; keep 1: cycle 1 is discarded
+    assert [(a["cycle"], a["report"]["state"]) for a in bservice.task_artifacts(tid)["artifacts"]] == [
+        (2, "pending")
+    ]
+    blocks.gate.set()
+    arts = wait_verified(bservice, tid)
+    assert [(a["cycle"], a["sha256"]) for a in arts] == [(2, f"{2:064x}")]  # cycle 1 not recreated
+
+
+def test_a_verification_error_marks_the_artifact_failed(bservice, blocks, monkeypatch):
+    blocks.disks = ["vdb"]
+    sid = _source(bservice)
+    bservice.start_migration({"drill": False, "mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    start = _cmds(bservice, sid)[0]
+    tid = start["params"]["task_id"]
+
+    def broken(self, disk, cycle):
+        raise OSError(5, "Input/output error")
+
+    working = FakeBlockStore.verify_generation
+    monkeypatch.setattr(FakeBlockStore, "verify_generation", broken)
+    _ack(bservice, sid, start)
+    (art,) = wait_verified(bservice, tid)
+    assert art["sha256"] is None and art["report"]["state"] == "failed"
+    assert "Input/output error" in art["report"]["error"]
+    # the next start of the server tries again
+    monkeypatch.setattr(FakeBlockStore, "verify_generation", working)
+    assert bservice.start() == 1
+    (art,) = wait_verified(bservice, tid)
+    assert art["sha256"] == f"{1:064x}" and art["report"]["state"] == "verified"

@@ -3,14 +3,18 @@ generations' fsck are in tests/integration/test_block_replication.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import struct
+from pathlib import Path
 
 import blake3
 import pytest
 import xxhash
 import zstandard
 
+from go2cloud_server import blockstore
 from go2cloud_server.blockrx import BlockReceiver
 from go2cloud_server.blockstore import BlockTaskStore, ChunkHashMismatch, decompress_chunk
 from go2cloud_server.errors import InvalidInput, NotFound
@@ -202,3 +206,108 @@ def test_retain_and_discard(store):
     assert store.generations() == [3]
     store.destroy()
     assert not store.root.exists()
+
+
+# -- generations: made at once (pending), verified later -------------------------------------------
+@pytest.fixture
+def checks(monkeypatch):
+    """No blkid or fsck in unit tests: the filesystem is "ext4" and its check records each call."""
+    calls: list = []
+
+    def fs_check(path, fs):
+        calls.append((str(path), fs))
+        return {"tool": "e2fsck -f -n", "rc": 0, "ok": True, "summary": "clean"}
+
+    monkeypatch.setattr(blockstore, "detect_fs", lambda path: "ext4")
+    monkeypatch.setattr(blockstore, "fs_check", fs_check)
+    return calls
+
+
+def _committed(store, cycle=1, seed=b"a"):
+    data = (seed * CS)[:CS]
+    store.write_chunk("d0", 2, CS, SIZE, data, xh(data))
+    hashes = [xxhash.xxh3_128(bytes(CS)).digest()] * 16
+    hashes[2] = xxhash.xxh3_128(data).digest()
+    store.commit("d0", cycle, SIZE, b"".join(hashes), CS)
+    return hashlib.sha256((store.root / "d0" / "current.img").read_bytes()).hexdigest()
+
+
+def test_generation_is_pending_then_verified(store, checks):
+    want = _committed(store)
+    (gen,) = store.commit_cycle(1)
+    assert gen["state"] == "pending" and gen["sha256"] is None and gen["check"] is None
+    assert gen["bytes"] == SIZE and gen["copy"] in ("reflink", "sparse") and checks == []
+    assert store.pending_generations() == [("d0", 1)] and store.generations() == [1]
+    img = Path(gen["path"])
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == want
+
+    done = store.verify_generation("d0", 1)
+    assert done is not None and done["state"] == "verified" and done["sha256"] == want
+    assert done["fs"] == "ext4" and done["check"]["ok"] and done["bytes"] == SIZE and done["verified_at"]
+    assert checks == [(str(img), "ext4")]
+    assert json.loads(img.with_suffix(".json").read_text()) == done  # the report on disk is final
+    assert store.pending_generations() == []
+    # idempotent: neither verifying nor committing again redoes anything
+    assert store.verify_generation("d0", 1) == done and store.commit_cycle(1) == [done]
+    assert len(checks) == 1
+
+
+def test_crash_between_copy_and_verification_leaves_a_pending_report(store, checks, monkeypatch):
+    want = _committed(store)
+
+    def crash(path, fs):
+        raise KeyboardInterrupt("server killed during the check")
+
+    store.commit_cycle(1)
+    monkeypatch.setattr(blockstore, "fs_check", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.verify_generation("d0", 1)
+    # "restart": a new store object finds the generation still pending and completes it
+    again = BlockTaskStore(store.root)
+    assert again.pending_generations() == [("d0", 1)]
+    assert again.commit_cycle(1)[0]["state"] == "pending"  # the image is not made again
+    monkeypatch.setattr(blockstore, "fs_check", lambda path, fs: {"ok": True, "rc": 0, "summary": ""})
+    done = again.verify_generation("d0", 1)
+    assert done is not None and done["state"] == "verified" and done["sha256"] == want
+
+
+def test_an_interrupted_copy_is_made_again(store, checks):
+    want = _committed(store)
+    d = store.root / "d0"
+    (d / "gen-000001.img").write_bytes(b"half a copy")  # no report: the copy did not finish
+    assert store.generations() == []
+    (gen,) = store.commit_cycle(1)
+    assert gen["state"] == "pending" and hashlib.sha256(Path(gen["path"]).read_bytes()).hexdigest() == want
+
+
+def test_generation_discarded_while_queued_or_being_verified(store, checks, monkeypatch):
+    _committed(store)
+    store.commit_cycle(1)
+    store.discard_cycle(1)  # retention removed it before the verifier got to it
+    assert store.verify_generation("d0", 1) is None
+    assert not list((store.root / "d0").glob("gen-000001.*"))
+
+    _committed(store, cycle=2, seed=b"b")
+    store.commit_cycle(2)
+
+    def discard_during_check(path, fs):
+        store.discard_cycle(2)
+        return {"ok": True, "rc": 0, "summary": ""}
+
+    monkeypatch.setattr(blockstore, "fs_check", discard_during_check)
+    assert store.verify_generation("d0", 2) is None
+    assert not list((store.root / "d0").glob("gen-000002.*"))  # no orphan report written
+
+
+def test_unreadable_generation_is_reported_failed(store, checks, monkeypatch):
+    _committed(store)
+    store.commit_cycle(1)
+
+    def unreadable(fd, name):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(blockstore, "_sha256_sparse", unreadable)
+    done = store.verify_generation("d0", 1)
+    assert done is not None and done["state"] == "failed" and "Input/output error" in done["error"]
+    assert done["sha256"] is None and checks == []
+    assert store.verify_generation("d0", 1) == done  # final: not retried

@@ -210,6 +210,7 @@ class Service:
         self.block_store_factory = block_store_factory
         self._block_stores: Dict[str, BlockStore] = {}
         self._block_lock = threading.Lock()
+        self._apply_locks: Dict[str, threading.Lock] = {}
         self.public_host = public_host
         self.public_url = public_url
         self.fingerprint = fingerprint
@@ -287,6 +288,7 @@ class Service:
         failed queued again (an image that cannot be read keeps its final ``failed`` report on disk,
         which is returned at once; an unexpected error gets another try). Returns how many were
         queued. Without ``start`` the verifier starts on its first generation."""
+        self.apply_unfinished()
         self.verifier.start()
         rows = self.store.all(
             "SELECT task_id, cycle, disk, report FROM artifacts WHERE disk != '' AND sha256 IS NULL "
@@ -828,13 +830,18 @@ class Service:
             )
             if cmd is None:
                 raise NotFound(f"no command {command_id} for source {source_id}")
-            if cmd["status"] in FINAL_COMMAND_STATUSES:
-                return {}
-            conn.execute(
-                "UPDATE commands SET status = ?, error_code = ?, message = ?, result = ?, updated_at = ? "
-                "WHERE id = ?",
-                (status, error_code, message, dumps(result or {}), self.now_iso(), command_id),
-            )
+            already_final = cmd["status"] in FINAL_COMMAND_STATUSES
+            if not already_final:
+                conn.execute(
+                    "UPDATE commands SET status = ?, error_code = ?, message = ?, result = ?, "
+                    "updated_at = ?, applied = ? WHERE id = ?",
+                    (status, error_code, message, dumps(result or {}), self.now_iso(),
+                     0 if status != "accepted" else 1, command_id),
+                )
+        if already_final:  # a repeated acknowledgement; applied now if a stop interrupted that
+            if not cmd["applied"]:
+                self._apply_final(cmd)
+            return {}
         if status == "accepted":
             if cmd["type"] == "start":
                 self._start_taken(cmd)
@@ -847,8 +854,33 @@ class Service:
             status,
             f" ({error_code})" if error_code else "",
         )
-        self._on_command_final(cmd, status, error_code, message, result or {})
+        self._apply_final({**cmd, "status": status, "error_code": error_code, "message": message,
+                           "result": dumps(result or {})})
         return {}
+
+    def _apply_final(self, cmd: Mapping[str, Any]) -> None:
+        """Apply a command's final acknowledgement (stored with ``applied = 0``), then mark it
+        applied. Idempotent: the cycle commit and retention are, and one lock per task keeps a
+        retried acknowledgement from applying it twice at the same time."""
+        with self._block_lock:
+            lock = self._apply_locks.setdefault(str(cmd["task_id"] or cmd["id"]), threading.Lock())
+        with lock:
+            row = self.store.one("SELECT applied FROM commands WHERE id = ?", (cmd["id"],))
+            if row is None or row["applied"]:
+                return
+            self._on_command_final(cmd, cmd["status"], cmd["error_code"], cmd["message"],
+                                   loads(cmd["result"], {}) or {})
+            with self.store.transaction() as conn:
+                conn.execute("UPDATE commands SET applied = 1 WHERE id = ?", (cmd["id"],))
+
+    def apply_unfinished(self) -> int:
+        """Apply the final acknowledgements whose application a stop or crash interrupted."""
+        rows = self.store.all("SELECT * FROM commands WHERE applied = 0 ORDER BY created_at")
+        for cmd in rows:
+            log.info("command %s (%s) of %s: applying its %s acknowledgement again after a restart",
+                     cmd["id"], cmd["type"], cmd["source_id"], cmd["status"])
+            self._apply_final(cmd)
+        return len(rows)
 
     def _start_taken(self, cmd: Mapping[str, Any]) -> None:
         """The agent accepted the ``start`` queued after a passed drill: the task is syncing now."""

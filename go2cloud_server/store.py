@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -164,7 +164,14 @@ CREATE TABLE drills (
 CREATE INDEX drills_source ON drills (source_id, created_at)
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+# v4: a final acknowledgement is applied (cycle committed, artifacts recorded, task moved on) after
+# the transaction that stores it; ``applied = 0`` marks one whose application has not finished, so a
+# retried acknowledgement or the next server start applies it (a crash in between loses nothing).
+_SCHEMA_V4 = """
+ALTER TABLE commands ADD COLUMN applied INTEGER NOT NULL DEFAULT 1
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
 
 
 class SchemaTooNew(RuntimeError):

@@ -522,10 +522,60 @@ def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock):
 def test_schema_version_and_newer_refused(tmp_path):
     st = Store(tmp_path / "x.db")
     st.migrate()
-    assert st.schema_version() == SCHEMA_VERSION == 3
+    assert st.schema_version() == SCHEMA_VERSION == 4
     with st.transaction() as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     from go2cloud_server.store import SchemaTooNew
 
     with pytest.raises(SchemaTooNew, match="newer"):
         st.migrate()
+
+
+class _Crash(BaseException):
+    """Stands for the server process dying (not an error the service would handle)."""
+
+
+def test_acknowledgement_applied_after_a_crash_by_the_retry_or_the_next_start(
+        tmp_path, service, store, rsyncd, trees, clock, monkeypatch):
+    """The ack is stored, then applied (cycle committed, artifact recorded, task moved on) in a
+    second step: a crash between the two must not lose the cycle's artifact."""
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({"drill": False}, source=sid)
+    start = _cmds(service, sid)[0]
+    tid = start["params"]["task_id"]
+
+    def crash(*_a, **_k):
+        raise _Crash()
+
+    monkeypatch.setattr(service, "_on_command_final", crash)
+    with pytest.raises(_Crash):
+        _ack(service, sid, start)
+    assert store.one("SELECT status, applied FROM commands WHERE id = ?", (start["id"],)) == \
+        {"status": "succeeded", "applied": 0}
+    assert service.task_artifacts(tid)["artifacts"] == []
+
+    # the agent did not get its answer and retries: the retry applies the stored acknowledgement
+    monkeypatch.undo()
+    _ack(service, sid, start)
+    assert [a["cycle"] for a in service.task_artifacts(tid)["artifacts"]] == [1]
+    assert service.source_migration(sid)["tasks"][0]["status"] == "pending"
+    _ack(service, sid, start)  # applied now: a further retry changes nothing
+    assert trees.committed[service.tree_root(tid)] == [1]
+
+    # the same crash on the next cycle, and this time the server restarts before any retry
+    service.migration_action("sync", source=sid)
+    sync = _cmds(service, sid)[0]
+    monkeypatch.setattr(service, "_on_command_final", crash)
+    with pytest.raises(_Crash):
+        _ack(service, sid, sync)
+    monkeypatch.undo()
+    restarted = Service(Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees,
+                        clock=clock)
+    try:
+        assert restarted.apply_unfinished() == 1
+        assert [a["cycle"] for a in restarted.task_artifacts(tid)["artifacts"]] == [1, 2]
+        assert restarted.source_migration(sid)["tasks"][0]["status"] == "pending"
+        assert restarted.apply_unfinished() == 0
+    finally:
+        restarted.close()

@@ -197,11 +197,15 @@ def main() -> int:
                  "--compression", "7")
         task_id = res["started"][0]["task_id"]
         say(f"migration started: task {task_id}; the drill runs first, then the full sync")
-        wait_status("pending")
+        end = time.monotonic() + 120
         drill = op("drill", "show", "--source", source_id)
+        while drill.get("status") not in ("passed", "abnormal") and time.monotonic() < end:
+            time.sleep(0.3)
+            drill = op("drill", "show", "--source", source_id)
         counts = (drill.get("report") or {}).get("summary") or {}
         say(f"drill {drill['status']}: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} "
             f"warning, {counts.get('info', 0)} info (go2cloud_server drill show --source {source_id})")
+        wait_status("pending")
         timings = {"full sync": time.monotonic() - t0}
 
         for round_no, label in ((1, "incremental sync"), (2, "final sync")):

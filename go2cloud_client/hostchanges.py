@@ -189,7 +189,7 @@ def revert_all(home: Home, *, say: Callable[[str], None],
             continue
         try:
             result = revert(change)
-        except (Go2CloudError, OSError, ValueError, NotImplementedError) as exc:
+        except (Go2CloudError, OSError, ValueError) as exc:
             LOG.warning("reverting %s failed: %s", what, exc)
             failed.append(f"{what}: {exc}")
             say(f"Could not revert {what}: {exc}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from go2cloud_client import subp
+from go2cloud_client.errors import UsageError
 
 NAME = "windows"
 SUPPORTS_FILE_MODE = False
@@ -131,11 +132,13 @@ def selinux_config_mode(path: Optional[Path] = None) -> Optional[str]:
 
 
 def set_selinux_runtime(mode: str) -> None:
-    raise NotImplementedError("SELinux does not exist on Windows")
+    """Never called on Windows (:func:`selinux_mode` is None, so host preparation asks nothing);
+    a ledger entry copied from a Linux host gets a clear refusal instead of a silent success."""
+    raise UsageError("SELinux does not exist on Windows: there is no SELinux mode to change or restore")
 
 
 def set_selinux_config(mode: str, path: Optional[Path] = None) -> None:
-    raise NotImplementedError("SELinux does not exist on Windows")
+    set_selinux_runtime(mode)
 
 
 # -- service mode (sc.exe) ------------------------------------------------------------------------

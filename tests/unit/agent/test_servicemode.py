@@ -300,3 +300,13 @@ def test_windows_service_home_read_back_from_sc_qc_output():
         Path(r'C:\say "hi"\x')
     assert windows.home_from_qc("BINARY_PATH_NAME : C:\\x\\go2cloud_client.exe --no-prompt") is None
     assert windows.home_from_qc("[SC] OpenService FAILED 1060") is None
+
+
+def test_windows_has_no_selinux_to_change():
+    from go2cloud_client.errors import UsageError
+
+    assert windows.selinux_mode() is None and windows.selinux_config_mode() is None
+    with pytest.raises(UsageError, match="SELinux does not exist on Windows"):
+        windows.set_selinux_runtime("enforcing")
+    with pytest.raises(UsageError, match="SELinux does not exist on Windows"):
+        windows.set_selinux_config("enforcing")

@@ -359,7 +359,7 @@ def test_corrupted_chunk_on_target_is_found_and_repaired(tmp_path: Path, server:
 
 
 def _pinned(server: BlockServer) -> requests.Session:
-    from go2cloud_client.replication.block.transport import _PinnedAdapter
+    from go2cloud_client.api import _PinnedAdapter
 
     s = requests.Session()
     s.mount("https://", _PinnedAdapter(server.fingerprint[len("sha256:"):]))

@@ -28,8 +28,6 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import urlsplit
 
-from requests.adapters import HTTPAdapter
-
 from go2cloud_client.config import is_loopback_host, normalize_fingerprint
 from go2cloud_client.replication.block.codec import HOLE, Encoded, frame
 from go2cloud_client.replication.block.errors import (
@@ -122,23 +120,6 @@ class _Response:
 
     def json(self) -> Any:
         return json.loads(self.content)
-
-
-class _PinnedAdapter(HTTPAdapter):
-    """``requests`` adapter with the same pin (kept for scripts and tests that talk to the
-    target with ``requests``; the engine uses :class:`_Connection`)."""
-
-    def __init__(self, fingerprint_hex: str) -> None:
-        self._fingerprint_hex = fingerprint_hex
-        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=1)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["assert_fingerprint"] = self._fingerprint_hex
-        super().init_poolmanager(*args, **kwargs)
-
-    def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        kwargs["verify"] = False
-        return super().send(request, **kwargs)
 
 
 def check_target_url(url: str) -> str:

@@ -420,7 +420,8 @@ def test_install_sh_environment_errors(case: str, tmp_path: Path):
                         fake={"uname": "echo aarch64"} if case == "arch" else None)
     cmd = f"bash {script} {args}"
     if case == "not_root":
-        cmd = f"setpriv --reuid 65534 --regid 65534 --clear-groups bash {script} {args}"
+        # fed on stdin as the one-liner does (the checkout may sit in a directory nobody cannot read)
+        cmd = f"setpriv --reuid 65534 --regid 65534 --clear-groups bash -s -- {args} < {script}"
     elif case == "no_pin":
         cmd = cmd.replace(f" --pin sha256//{'A' * 43}=", "")
     elif case == "usage":

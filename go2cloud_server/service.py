@@ -138,14 +138,18 @@ def install_commands(
 
     Linux: curl fetches ``install.sh`` with the server's public key pinned (``--pinnedpubkey``;
     ``--insecure`` only skips the CA check of the self-signed certificate, the pin still applies)
-    and pipes it to ``sudo bash``. Windows: PowerShell fetches ``install.ps1`` with a certificate
+    and pipes it to ``sudo bash``; when curl fails (wrong pin, server unreachable) it prints
+    ``exit <curl's code>`` instead, so the pipeline fails with curl's exit code and nothing runs
+    (a bare pipe would give bash an empty script and exit 0, which fleet automation would count
+    as an install). Windows: PowerShell fetches ``install.ps1`` with a certificate
     validation callback that accepts only the certificate whose SHA-256 is the fingerprint. The
     token code reaches the installers through ``GO2CLOUD_TOKEN_CODE`` in the environment, never
     as an argument of go2cloud_client.
     """
     hex_digest = fingerprint.split(":", 1)[-1]
     linux = (
-        f"curl -fsS --insecure --pinnedpubkey {_sh_quote(spki_pin)} {url}/download/install.sh"
+        f"{{ curl -fsS --insecure --pinnedpubkey {_sh_quote(spki_pin)} {url}/download/install.sh"
+        ' || echo "exit $?"; }'
         f" | sudo GO2CLOUD_TOKEN_CODE={_sh_quote(token_code)} bash -s --"
         f" --server {url} --server-fingerprint {fingerprint} --token-id {token_id}"
     )

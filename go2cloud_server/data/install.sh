@@ -2,7 +2,7 @@
 # go2cloud_client installer for Linux x86_64 (served by go2cloud_server at /download/install.sh).
 #
 # The one-liner printed by `go2cloud_server code create` runs it:
-#   curl -fsS --insecure --pinnedpubkey 'sha256//PIN' https://HOST:PORT/download/install.sh \
+#   { curl -fsS --insecure --pinnedpubkey 'sha256//PIN' https://HOST:PORT/download/install.sh || echo "exit $?"; } \
 #     | sudo GO2CLOUD_TOKEN_CODE='CODE' bash -s -- --server https://HOST:PORT \
 #         --server-fingerprint sha256:HEX --token-id at-...
 #

@@ -319,6 +319,17 @@ def test_install_sh_refuses_wrong_pin_and_fingerprint_with_nothing_installed(pkg
     proc = _bash(cmd + f" --pin '{wrong_pin}'", tmp_path)
     assert proc.returncode == 4 and "pin mismatch" in proc.stderr, proc.stdout + proc.stderr
     assert not prefix.exists()
+    # a wrong pin in the one-liner itself: curl refuses the server, and the whole command fails
+    # with curl's exit code (not bash's 0 for an empty script), nothing run or installed
+    pin = pkg_server.info["spki_pin"]
+    assert f"'{pin}'" in cmd
+    proc = _bash(cmd.replace(pin, wrong_pin), tmp_path)
+    assert proc.returncode == 90, proc.stdout + proc.stderr
+    assert "pinned public key" in proc.stderr and not prefix.exists()
+    # so does an unreachable server (curl 7: connection refused)
+    proc = _bash(cmd.replace(f"{pkg_server.url}/download/", "https://127.0.0.1:9/download/"), tmp_path)
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert not prefix.exists()
     wrong_fp = cmd.replace(pkg_server.fingerprint, "sha256:" + "0" * 64)
     proc = _bash(wrong_fp, tmp_path)
     assert proc.returncode == 4 and "pin mismatch" in proc.stderr, proc.stdout + proc.stderr

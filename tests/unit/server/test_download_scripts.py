@@ -25,8 +25,9 @@ def test_linux_one_liner_round_trip():
     line = install_commands(URL, FP, "at-0123456789abcdef", CODE, PIN)["linux"]
     tokens = shlex.split(line)
     pipe = tokens.index("|")
-    assert tokens[:pipe] == ["curl", "-fsS", "--insecure", "--pinnedpubkey", PIN,
-                             f"{URL}/download/install.sh"]
+    # a failed download becomes `exit <curl's code>` for bash (the pipeline fails, nothing runs)
+    assert tokens[:pipe] == ["{", "curl", "-fsS", "--insecure", "--pinnedpubkey", PIN,
+                             f"{URL}/download/install.sh", "||", "echo", "exit $?;", "}"]
     assert tokens[pipe + 1:] == [
         "sudo", f"GO2CLOUD_TOKEN_CODE={CODE}", "bash", "-s", "--", "--server", URL,
         "--server-fingerprint", FP, "--token-id", "at-0123456789abcdef"]

@@ -78,7 +78,8 @@ def test_code_create_defaults_and_secret_not_stored(service, store):
     assert code["uses"] == 200 and code["uses_left"] == 200
     assert code["token_id"].startswith("at-") and len(code["token_code"]) >= 24
     assert code["commands"]["linux"] == (
-        f"curl -fsS --insecure --pinnedpubkey 'sha256//{'A' * 43}=' https://10.0.0.1:8443/download/install.sh"
+        f"{{ curl -fsS --insecure --pinnedpubkey 'sha256//{'A' * 43}=' https://10.0.0.1:8443/download/install.sh"
+        ' || echo "exit $?"; }'
         f" | sudo GO2CLOUD_TOKEN_CODE='{code['token_code']}' bash -s -- --server https://10.0.0.1:8443"
         f" --server-fingerprint sha256:{'ab' * 32} --token-id {code['token_id']}"
     )
@@ -228,7 +229,7 @@ def test_default_paths_are_local_mount_points():
 
 def test_install_commands_single_builder():
     cmds = install_commands("https://h:1", "sha256:00", "at-1", "C0DE", "sha256//pin=")
-    assert cmds["linux"].startswith("curl -fsS --insecure --pinnedpubkey 'sha256//pin=' https://h:1/")
+    assert cmds["linux"].startswith("{ curl -fsS --insecure --pinnedpubkey 'sha256//pin=' https://h:1/")
     assert cmds["linux"].endswith("--token-id at-1") and "--token-code" not in cmds["linux"]
     assert "--token-code" not in cmds["powershell"] and cmds["powershell"].endswith("-TokenId 'at-1'")
 

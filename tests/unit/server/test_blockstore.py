@@ -72,6 +72,38 @@ def test_write_verify_commit_state(store):
     store.commit("d0", 1, SIZE, b"".join(hashes))  # idempotent
 
 
+def test_writes_start_their_writeback(store, monkeypatch):
+    """Every write starts the writeback of the range it wrote (sync_file_range, so the commit's
+    fsync does not write a whole pass at once); a refused batch writes and starts nothing. What
+    the kernel then does with the pages cannot be observed reliably here: the calls are."""
+    calls = []
+    real = blockstore.start_writeback
+
+    def spy(fd, offset, length):
+        calls.append((offset, length))
+        real(fd, offset, length)  # the real system call, on the real file
+
+    monkeypatch.setattr(blockstore, "start_writeback", spy)
+    data = os.urandom(CS)
+    store.write_chunk("d0", 3, CS, SIZE, data, xh(data))
+    store.write_batch("d0", CS, SIZE, [(5, 1, data, xh(data), None), (6, 1, data, xh(data), None),
+                                       (7, 2, None, "", None)])
+    assert calls == [(3 * CS, CS), (5 * CS, 4 * CS)]
+    assert blockstore._libc_fns["sync_file_range"] is not None, "sync_file_range not found in libc"
+    # the last chunk of a disk whose size is not a multiple of the chunk size: clipped to the disk
+    size = SIZE - 100
+    tail = os.urandom(CS - 100)
+    store.write_batch("d1", CS, size, [(14, 1, data, xh(data), None), (15, 1, tail, xh(tail), None)])
+    assert calls[-1] == (14 * CS, size - 14 * CS)
+    calls.clear()
+    with pytest.raises(ChunkHashMismatch):
+        store.write_batch("d0", CS, SIZE, [(8, 1, data, xh(data), None), (9, 1, data, xh(b"x"), None)])
+    assert calls == []
+    with open(store.root / "d0" / "current.img", "rb") as f:
+        f.seek(8 * CS)
+        assert f.read(CS) == bytes(CS)
+
+
 def test_hash_checked_before_writing(store):
     data = os.urandom(CS)
     with pytest.raises(ChunkHashMismatch):

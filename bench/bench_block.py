@@ -290,6 +290,10 @@ def main() -> int:
     server = None
     try:
         for run in range(1, args.runs + 1):
+            if server is not None:  # the previous run's target: gone before the next baseline
+                server.stop()
+                server = None
+            shutil.rmtree(tdir / "server", ignore_errors=True)
             cp_dst.unlink(missing_ok=True)
             drop_caches()
             cp_s = timed(lambda: (subprocess.run(["cp", "--sparse=always", "--", str(image), str(cp_dst)],
@@ -299,9 +303,6 @@ def main() -> int:
                 print(f"run {run}: TLS floor (socat + OpenSSL, {floor.size / MiB:.0f} MiB of non-zero data, "
                       f"no hashing or compression): {floor_s:.2f} s, CPU {floor_cpu:.2f} s, "
                       f"{floor_s / cp_s:.2f} x cp+sync")
-            if server is not None:
-                server.stop()
-            shutil.rmtree(tdir / "server", ignore_errors=True)
             shutil.rmtree(work / "state", ignore_errors=True)
             server = ServerProc(tdir / "server")
             rep = BlockReplicator(target=server.target(), disks=[Disk("d0", str(image))], options=opts,

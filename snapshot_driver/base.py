@@ -20,10 +20,13 @@ Contracts every backend keeps (the conformance suite in ``tests/snapshot`` check
 from __future__ import annotations
 
 import os
+import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, List, Optional
+
+from snapshot_driver import _mounts
 
 #: Stable error codes. Callers may switch on these; messages are for humans.
 SNAPSHOT_UNSUPPORTED = "snapshot_unsupported"   # mechanism not usable here (permanent)
@@ -221,6 +224,20 @@ class Backend(ABC):
         """recover() plus everything kept for change tracking (bases, tracking devices): what
         an abort of the migration calls. Idempotent."""
         return self.recover(workdir)
+
+
+def image_file_mount(backend: str, volume: str, use_instead: str) -> Optional[_mounts.Mount]:
+    """The mount holding ``volume``, which must be a disk image file (the backends that copy
+    or snapshot image files: reflink, btrfs); ``use_instead`` ends the message for anything else."""
+    try:
+        st = os.stat(volume)
+    except OSError as exc:
+        raise SnapshotError(f"{backend}: {volume} does not exist ({exc.strerror}); give the path "
+                            "of the disk image file", code=BAD_VOLUME, backend=backend) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"{backend}: {volume} is not a regular file; {use_instead}",
+                            code=BAD_VOLUME, backend=backend)
+    return _mounts.mount_of_path(volume)
 
 
 def device_or_file_size(path: str) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -28,7 +27,6 @@ from snapshot_driver import _kept, _mounts, _proc
 from snapshot_driver._extentmap import diff_maps, fiemap_path
 from snapshot_driver._ledger import Ledger
 from snapshot_driver.base import (
-    BAD_VOLUME,
     NO_SPACE,
     RELEASE_FAILED,
     SNAPSHOT_FAILED,
@@ -39,6 +37,7 @@ from snapshot_driver.base import (
     ProbeResult,
     Snapshot,
     SnapshotError,
+    image_file_mount,
     merge_extents,
 )
 
@@ -140,16 +139,8 @@ class BtrfsBackend(Backend):
         self.keep = int(keep)
 
     def _check(self, volume: str) -> _mounts.Mount:
-        try:
-            st = os.stat(volume)
-        except OSError as exc:
-            raise SnapshotError(f"btrfs: {volume} does not exist ({exc.strerror}); give the path "
-                                "of the disk image file", code=BAD_VOLUME, backend=self.name) from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise SnapshotError(f"btrfs: {volume} is not a regular file; this backend snapshots "
-                                "disk image files kept in a btrfs subvolume", code=BAD_VOLUME,
-                                backend=self.name)
-        m = _mounts.mount_of_path(volume)
+        m = image_file_mount(self.name, volume, "this backend snapshots disk image files kept in a "
+                                                "btrfs subvolume")
         if m is None or m.fstype != "btrfs":
             fs = m.fstype if m else "an unknown filesystem"
             raise SnapshotError(f"btrfs: {volume} is on {fs}, not btrfs; use the reflink backend on "

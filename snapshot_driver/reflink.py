@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import stat
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,7 +29,6 @@ from snapshot_driver import _kept, _mounts, _proc
 from snapshot_driver._extentmap import clone_file, diff_maps, fiemap_path
 from snapshot_driver._ledger import Ledger
 from snapshot_driver.base import (
-    BAD_VOLUME,
     NO_SPACE,
     SNAPSHOT_FAILED,
     SNAPSHOT_UNSUPPORTED,
@@ -39,6 +37,7 @@ from snapshot_driver.base import (
     ProbeResult,
     Snapshot,
     SnapshotError,
+    image_file_mount,
 )
 
 REFLINK_FS = ("xfs", "btrfs")
@@ -104,16 +103,8 @@ class ReflinkBackend(Backend):
         self.keep = int(keep)
 
     def _check(self, volume: str) -> _mounts.Mount:
-        try:
-            st = os.stat(volume)
-        except OSError as exc:
-            raise SnapshotError(f"reflink: {volume} does not exist ({exc.strerror}); give the path "
-                                "of the disk image file", code=BAD_VOLUME, backend=self.name) from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise SnapshotError(f"reflink: {volume} is not a regular file; this backend snapshots "
-                                "disk image files (use fsfreeze, lvm or a kernel driver for "
-                                "devices)", code=BAD_VOLUME, backend=self.name)
-        m = _mounts.mount_of_path(volume)
+        m = image_file_mount(self.name, volume, "this backend snapshots disk image files (use "
+                                                "fsfreeze, lvm or a kernel driver for devices)")
         if m is None or m.fstype not in REFLINK_FS:
             fs = m.fstype if m else "an unknown filesystem"
             where = m.mountpoint if m else os.path.dirname(volume)

@@ -49,6 +49,9 @@ ACTIVE_TASK_STATUSES = ("syncing", "pending", "paused", "failed")
 #: statuses of a task before its first sync: the drill runs, passed (start queued) or found a
 #: critical item (nothing started until it is fixed and re-run, or overridden)
 DRILL_STATUSES = ("drilling", "drill_passed", "drill_abnormal")
+#: interrupted drills (the agent restarted while one ran) queued again per task before the task
+#: stops at ``drill_abnormal`` like any drill that could not run
+DRILL_REQUEUES = 2
 #: a source with a task in one of these has a migration (no second task; cancel works)
 OPEN_TASK_STATUSES = ACTIVE_TASK_STATUSES + DRILL_STATUSES
 DRILL_SEVERITIES = ("critical", "warning", "info")
@@ -907,7 +910,7 @@ class Service:
         params = loads(cmd["params"], {})
         ctype = cmd["type"]
         if ctype == "drill":
-            self._on_drill_final(cmd, status, message, result)
+            self._on_drill_final(cmd, status, error_code, message, result)
             return
         cycle = params.get("cycle") if ctype in CYCLE_COMMANDS else None
         number = int(cycle["number"]) if isinstance(cycle, dict) and cycle.get("number") else None
@@ -1409,14 +1412,23 @@ class Service:
         return cid
 
     def _on_drill_final(
-        self, cmd: Mapping[str, Any], status: str, message: Optional[str], result: Mapping[str, Any]
+        self,
+        cmd: Mapping[str, Any],
+        status: str,
+        error_code: Optional[str],
+        message: Optional[str],
+        result: Mapping[str, Any],
     ) -> None:
         """A drill's report arrived: record it; if it is the task's current drill, go on
-        (``drill_passed`` + start) or stop (``drill_abnormal``)."""
+        (``drill_passed`` + start) or stop (``drill_abnormal``). A drill the agent's restart
+        interrupted (``interrupted``: it never finished, nothing was found) is queued again, up to
+        :data:`DRILL_REQUEUES` times per task: the drill only reads, so running it again is safe."""
         src = self.store.one("SELECT agent_version FROM sources WHERE id = ?", (cmd["source_id"],))
         version = (src or {}).get("agent_version") or "unknown"
         report = drill_report(status, message, result, agent_version=version)
         passed = report["passed"]
+        if status == "failed" and error_code == "interrupted" and self._requeue_drill(cmd, report):
+            return
         with self.store.transaction() as conn:
             conn.execute(
                 "UPDATE drills SET status = ?, report = ?, finished_at = ? "
@@ -1442,6 +1454,34 @@ class Service:
         log.info("drill %s of task %s: %s", cmd["id"], cmd["task_id"], "passed" if passed else "abnormal")
         if passed:
             self._notify()
+
+    def _requeue_drill(self, cmd: Mapping[str, Any], report: Mapping[str, Any]) -> bool:
+        """Record ``cmd``'s drill as interrupted and queue it again if it is still the task's
+        current drill and the task has re-run fewer than :data:`DRILL_REQUEUES` interrupted
+        drills; False (nothing done) otherwise."""
+        with self.store.transaction() as conn:
+            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (cmd["task_id"],))
+            if task is None or task["status"] != "drilling" or task["drill_command"] != cmd["id"]:
+                return False
+            done = Store.q_one(
+                conn,
+                "SELECT COUNT(*) AS n FROM drills WHERE task_id = ? AND status = 'interrupted'",
+                (task["id"],),
+            )
+            if int(done["n"] if done else 0) >= DRILL_REQUEUES:
+                return False
+            conn.execute(
+                "UPDATE drills SET status = 'interrupted', report = ?, finished_at = ? "
+                "WHERE id = ? AND status = 'running'",
+                (dumps(report), self.now_iso(), cmd["id"]),
+            )
+            again = self._queue_drill(conn, task)
+        log.warning(
+            "drill %s of task %s was interrupted by the agent's restart: running it again (%s)",
+            cmd["id"], cmd["task_id"], again,
+        )
+        self._notify()
+        return True
 
     def _do_drill(
         self,

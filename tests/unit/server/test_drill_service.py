@@ -128,6 +128,52 @@ def test_older_agent_unsupported_passes_with_a_warning_and_failed_drill_is_criti
     assert service.source_drill(sid)["report"]["items"][0]["check"] == "drill_failed"
 
 
+def test_drill_interrupted_by_an_agent_restart_runs_again_then_stops(service):
+    """The agent answers a drill its restart cut short with failed/interrupted (it fails every
+    command left running, tests/unit/agent): the drill only reads, so the control plane queues it
+    again, up to DRILL_REQUEUES times; then the task stops at drill_abnormal as for any drill
+    that could not run."""
+    from go2cloud_server.service import DRILL_REQUEUES
+
+    interrupted = {"error_code": "interrupted",
+                   "message": "the agent stopped while this command was running; it was not completed, "
+                              "issue it again"}
+    sid = _source(service)
+    service.start_migration({"paths": ["/srv"]}, source=sid)
+    (drill,) = _cmds(service, sid)
+    _ack(service, sid, drill, "accepted")
+    seen = [drill["id"]]
+    for _ in range(DRILL_REQUEUES):
+        _ack(service, sid, drill, "failed", **interrupted)
+        (drill,) = _cmds(service, sid)  # queued again, same parameters
+        assert drill["type"] == "drill" and drill["id"] not in seen and drill["params"]["paths"] == ["/srv"]
+        seen.append(drill["id"])
+        task = _task(service, sid)
+        assert task["status"] == "drilling" and task["error"] is None
+        assert service.source_drill(sid)["drill_id"] == drill["id"]
+    _ack(service, sid, drill, "failed", **interrupted)  # once too often: stop and say why
+    task = _task(service, sid)
+    assert task["status"] == "drill_abnormal" and "not completed" in task["error"]["message"]
+    assert _cmds(service, sid) == []
+    assert [h["status"] for h in task["history"]] == ["drilling", "drill_abnormal"]
+    # the operator re-runs it as before
+    service.migration_action("drill", {}, source=sid)
+    (rerun,) = _cmds(service, sid)
+    _ack(service, sid, {"id": seen[0]}, "failed", **interrupted)  # the first drill again: nothing changes
+    assert _task(service, sid)["status"] == "drilling"
+    _ack(service, sid, rerun, result=_report("info"))
+    assert _task(service, sid)["status"] == "drill_passed"
+    assert [c["type"] for c in _cmds(service, sid)] == ["start"]
+
+
+def test_a_failed_drill_that_was_not_interrupted_is_not_run_again(service):
+    sid = _source(service)
+    service.start_migration({}, source=sid)
+    (drill,) = _cmds(service, sid)
+    _ack(service, sid, drill, "failed", error_code="drill_failed", message="the drill could not run: boom")
+    assert _task(service, sid)["status"] == "drill_abnormal" and _cmds(service, sid) == []
+
+
 def test_no_drill_starts_at_once_and_cancel_while_drilling(service):
     sid = _source(service)
     service.start_migration({"drill": False}, source=sid)

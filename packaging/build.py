@@ -7,7 +7,8 @@ Writes, in ``--out``:
 
 - ``go2cloud_client_linux_x86_64.tar.gz``: folder ``go2cloud_client_linux_x86_64/`` with the
   one-file ``go2cloud_client`` executable (PyInstaller), ``Excludes/rsync_excludes_linux.txt``,
-  ``config.yaml.example``, ``README.txt``, ``LICENSE`` and ``VERSION``;
+  ``config.yaml.example``, ``README.txt``, ``LICENSE``, ``VERSION`` and ``GLIBC`` (the oldest
+  glibc the executable runs on, measured at each build; install.sh checks it);
 - ``go2cloud_client_windows_x86_64.zip``: folder ``go2cloud_client_windows_x86_64/`` with
   ``go2cloud_client.pyz`` (zipapp of the pure-Python agent), ``install.ps1``,
   ``Excludes/``, ``config.yaml.example``, ``README.txt``, ``LICENSE`` and ``VERSION``;
@@ -276,9 +277,12 @@ def _common_files() -> Dict[str, Tuple[bytes, int]]:
     }
 
 
-def linux_entries(exe: Path) -> List[Entry]:
+def linux_entries(exe: Path, glibc: str) -> List[Entry]:
+    """The Linux package; ``GLIBC`` holds the oldest glibc the executable runs on (install.sh
+    compares it with the host's before it installs anything)."""
     files = _common_files()
     files["go2cloud_client"] = (exe.read_bytes(), 0o755)
+    files["GLIBC"] = ((glibc + "\n").encode(), 0o644)
     files["README.txt"] = ((FILES / "README-linux.txt").read_bytes(), 0o644)
     return [Entry(name, data, mode) for name, (data, mode) in files.items()]
 
@@ -329,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         glibc, rows = glibc_report(exe, work)
         (work / "glibc.txt").write_text(f"oldest glibc: {glibc}\n" + "".join(f"{v}\t{n}\n" for n, v in rows))
         log(f"oldest glibc needed: {glibc} ({rows[0][0] if rows else '-'}; details in {work / 'glibc.txt'})")
-        linux = linux_entries(exe)
+        linux = linux_entries(exe, glibc)
 
     names = [LINUX_NAME + ".tar.gz"]
     write_tar_gz(out / names[0], LINUX_NAME, linux, mtime)

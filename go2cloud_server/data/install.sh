@@ -18,7 +18,8 @@
 #                                wrote into this script when it served it)
 #
 # Steps: checks (root, curl, sha256sum, tar, x86_64, pin), download SHA256SUMS and the package into
-# a temporary directory with the public key pinned, sha256 check, stop a running agent, install
+# a temporary directory with the public key pinned, sha256 check, can this host run it (glibc
+# version, then the new executable's --version), stop a running agent, install
 # in place (state/, identity/, Logs/, config.yaml and an existing Excludes/ list are kept),
 # `go2cloud_client --home PREFIX --import-only ...` (prompts read from /dev/tty when there is one;
 # a home that is already imported is not imported again), then
@@ -26,7 +27,7 @@
 # Nothing is installed when a check, the download or the checksum fails.
 #
 # Exit status: 0 done, 2 usage, 3 this host cannot run it (not root, curl/tar/sha256sum
-# missing, architecture), 4 download failed or the server's key does not match the pin,
+# missing, architecture, glibc too old, the executable does not start), 4 download failed or the server's key does not match the pin,
 # 5 checksum mismatch or bad package, 6 installing the files failed, 7 the agent's import or
 # service step failed (the files stay installed: fix the cause and run the one-liner again).
 
@@ -175,6 +176,32 @@ NEW=$TMP/x/$PACKAGE
 [ -f "$NEW/go2cloud_client" ] || die 5 "$PACKAGE.tar.gz has no go2cloud_client executable"
 VERSION=$(cat "$NEW/VERSION" 2>/dev/null || echo '?')
 
+# -- can this host run it? (before anything is installed or stopped) -----------------------------
+# the executable needs the glibc of its build host or newer (GLIBC in the package, measured at
+# each build); an older one fails at start with "version `GLIBC_2.xx' not found"
+NEED_GLIBC=$(cat "$NEW/GLIBC" 2>/dev/null || echo none)
+if [ "$NEED_GLIBC" != none ]; then
+    HAVE_GLIBC=$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{ print $2 }') || HAVE_GLIBC=''
+    if [ -z "$HAVE_GLIBC" ]; then
+        die 3 "this host's C library is not glibc (or getconf is missing): go2cloud_client $VERSION needs glibc $NEED_GLIBC or newer; nothing was installed"
+    fi
+    if [ "$(printf '%s\n%s\n' "$NEED_GLIBC" "$HAVE_GLIBC" | sort -V | head -n 1)" != "$NEED_GLIBC" ]; then
+        die 3 "this host has glibc $HAVE_GLIBC; the go2cloud_client $VERSION package needs glibc $NEED_GLIBC or newer (Debian 12, Ubuntu 22.04, RHEL 10, Fedora 36 and newer); nothing was installed. Publish a package built on a system as old as this one (packaging/README.md, 'Requirements of the Linux executable')"
+    fi
+fi
+# then run it once (it unpacks itself into TMPDIR: only where programs may run; a noexec /tmp is
+# handled after the install, below)
+probe=$TMP/exec_probe
+true_bin=$(type -P true || echo /bin/true)
+TMP_EXEC=1
+if cp -- "$true_bin" "$probe" 2>/dev/null && chmod 0755 "$probe" && ! "$probe" 2>/dev/null; then
+    TMP_EXEC=0
+fi
+if [ "$TMP_EXEC" = 1 ]; then
+    "$NEW/go2cloud_client" --version >"$TMP/version.out" 2>"$TMP/version.err" ||
+        die 3 "the go2cloud_client $VERSION executable does not run on this host ($(head -c 300 "$TMP/version.err" | tr '\n' ' ')); nothing was installed"
+fi
+
 # -- install in place ------------------------------------------------------------------------------
 EXE=$PREFIX/go2cloud_client
 if [ -x "$EXE" ]; then
@@ -210,9 +237,7 @@ say "installed go2cloud_client $VERSION in $PREFIX"
 
 # The one-file executable unpacks itself into $TMPDIR at each start: /tmp mounted noexec would
 # stop it, so use a folder of the prefix then.
-probe=$TMP/exec_probe
-true_bin=$(type -P true || echo /bin/true)
-if cp -- "$true_bin" "$probe" 2>/dev/null && chmod 0755 "$probe" && ! "$probe" 2>/dev/null; then
+if [ "$TMP_EXEC" = 0 ]; then
     say "note: ${TMPDIR:-/tmp} does not allow running programs (noexec); using TMPDIR=$PREFIX/tmp"
     mkdir -p -m 0700 -- "$PREFIX/tmp"
     export TMPDIR="$PREFIX/tmp"

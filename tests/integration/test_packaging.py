@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import json
 import os
 import shutil
@@ -88,13 +89,13 @@ def test_tarball_layout_modes_and_sums(dist: Path):
     assert names == sorted(names)
     assert set(names) == {LINUX, f"{LINUX}/Excludes", f"{LINUX}/Excludes/rsync_excludes_linux.txt",
                           f"{LINUX}/go2cloud_client", f"{LINUX}/config.yaml.example", f"{LINUX}/README.txt",
-                          f"{LINUX}/LICENSE", f"{LINUX}/VERSION"}
+                          f"{LINUX}/LICENSE", f"{LINUX}/VERSION", f"{LINUX}/GLIBC"}
     by_name = {m.name: m for m in members}
     assert all((m.uid, m.gid, m.uname, m.gname) == (0, 0, "root", "root") for m in members)
     assert len({m.mtime for m in members}) == 1
     assert by_name[f"{LINUX}/go2cloud_client"].mode == 0o755
     assert by_name[f"{LINUX}/Excludes"].isdir() and by_name[f"{LINUX}/Excludes"].mode == 0o755
-    for name in ("config.yaml.example", "README.txt", "LICENSE", "VERSION",
+    for name in ("config.yaml.example", "README.txt", "LICENSE", "VERSION", "GLIBC",
                  "Excludes/rsync_excludes_linux.txt"):
         assert by_name[f"{LINUX}/{name}"].mode == 0o644, name
     with tarfile.open(dist / f"{LINUX}.tar.gz") as tar:
@@ -350,6 +351,66 @@ def test_install_sh_refuses_wrong_pin_and_fingerprint_with_nothing_installed(pkg
     bad = [p for p in index["packages"] if p["name"] == tarball.name][0]
     assert "does not match its SHA256SUMS line" in bad["error"]
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("go2cloud_install.*/SHA256SUMS"))
+
+
+def _tree(root: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"") for p in root.rglob("*")}
+
+
+def test_install_sh_refuses_a_host_that_cannot_run_the_executable(pkg_server: Server, dist: Path,
+                                                                   tmp_path: Path):
+    """Checked after the download and before anything is stopped or installed: a glibc older
+    than the package's GLIBC (getconf answers 2.28 here), then an executable that does not start
+    (a package whose executable fails like an old loader would). An earlier installation in the
+    prefix stays exactly as it was, and its agent is not stopped."""
+    prefix = tmp_path / "opt"
+    (prefix / "state").mkdir(parents=True)
+    (prefix / "state" / "source.json").write_text('{"source_id": "s-earlier"}')
+    old_exe = prefix / "go2cloud_client"
+    old_exe.write_text(f"#!/bin/sh\necho \"$@\" >> '{tmp_path}/old-agent-was-called'\n")
+    old_exe.chmod(0o755)
+    before = _tree(prefix)
+    with tarfile.open(dist / f"{LINUX}.tar.gz") as tar:
+        member = tar.extractfile(f"{LINUX}/GLIBC")
+        assert member is not None
+        need = member.read().decode().strip()
+    assert need == (REPO / "build" / "pyinstaller" / "glibc.txt").read_text().split(": ")[1].split()[0]
+    # run as root without sudo (sudo would reset PATH and hide the fake getconf)
+    cmd = _one_liner(pkg_server).replace(" | sudo ", " | ") + f" --prefix {prefix} --no-prompt --no-service"
+    fakebin = tmp_path / "fakebin"
+    fakebin.mkdir()
+    getconf = fakebin / "getconf"
+    getconf.write_text('#!/bin/sh\nif [ "$1" = GNU_LIBC_VERSION ]; then echo "glibc 2.28"; exit 0; fi\n'
+                       f'exec {shutil.which("getconf")} "$@"\n')
+    getconf.chmod(0o755)
+    proc = _bash(cmd, tmp_path, env={"PATH": f"{fakebin}:{os.environ.get('PATH', CLEAN_PATH)}"})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "this host has glibc 2.28; the go2cloud_client" in proc.stderr
+    assert f"needs glibc {need} or newer" in proc.stderr and "nothing was installed" in proc.stderr
+    assert _tree(prefix) == before and not (tmp_path / "old-agent-was-called").exists()
+
+    # this host's glibc is new enough, but the package's executable does not start
+    packages = Path(pkg_server.extra_args[1])
+    tarball = packages / f"{LINUX}.tar.gz"
+    broken = tmp_path / "broken.tar.gz"
+    failing = (b"#!/bin/sh\n"
+               b"echo \"./go2cloud_client: /lib64/libc.so.6: version \\`GLIBC_2.99' not found\" >&2\n"
+               b"exit 1\n")
+    with tarfile.open(tarball) as src, tarfile.open(broken, "w:gz") as out:
+        for m in src.getmembers():
+            if m.name == f"{LINUX}/go2cloud_client":
+                m.size = len(failing)
+                out.addfile(m, io.BytesIO(failing))
+            else:
+                out.addfile(m, src.extractfile(m) if m.isfile() else None)
+    shutil.move(str(broken), str(tarball))
+    sums = packages / "SHA256SUMS"
+    sums.write_text("".join(f"{_sha256(tarball)}  {tarball.name}\n" if line.endswith(f"  {tarball.name}") else
+                            line + "\n" for line in sums.read_text().splitlines()))
+    proc = _bash(cmd, tmp_path)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "executable does not run on this host" in proc.stderr and "GLIBC_2.99" in proc.stderr
+    assert _tree(prefix) == before and not (tmp_path / "old-agent-was-called").exists()
 
 
 class _FileServer(http.server.ThreadingHTTPServer):

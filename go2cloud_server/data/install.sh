@@ -186,7 +186,7 @@ if [ "$NEED_GLIBC" != none ]; then
         die 3 "this host's C library is not glibc (or getconf is missing): go2cloud_client $VERSION needs glibc $NEED_GLIBC or newer; nothing was installed"
     fi
     if [ "$(printf '%s\n%s\n' "$NEED_GLIBC" "$HAVE_GLIBC" | sort -V | head -n 1)" != "$NEED_GLIBC" ]; then
-        die 3 "this host has glibc $HAVE_GLIBC; the go2cloud_client $VERSION package needs glibc $NEED_GLIBC or newer (Debian 12, Ubuntu 22.04, RHEL 10, Fedora 36 and newer); nothing was installed. Publish a package built on a system as old as this one (packaging/README.md, 'Requirements of the Linux executable')"
+        die 3 "this host has glibc $HAVE_GLIBC; the go2cloud_client $VERSION package needs glibc $NEED_GLIBC or newer; nothing was installed. This host needs a package built on a system as old as itself (go2cloud's packaging/README.md, 'Requirements of the Linux executable')"
     fi
 fi
 # then run it once (it unpacks itself into TMPDIR: only where programs may run; a noexec /tmp is

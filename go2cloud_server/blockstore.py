@@ -109,7 +109,7 @@ _LOCKS_GUARD = threading.Lock()
 
 
 def _lock_for(path: Path) -> threading.Lock:
-    """One lock per disk directory, shared by every store object of the process."""
+    """One lock per path (a disk directory, an image), shared by every store object of the process."""
     key = str(path)
     with _LOCKS_GUARD:
         return _LOCKS.setdefault(key, threading.Lock())
@@ -493,6 +493,9 @@ class BlockTaskStore:
             self._raise_io(exc, f"cannot size the image of disk {disk}")
         return fd
 
+    def _write_lock(self, disk: str) -> threading.Lock:
+        return _lock_for(self.root / disk / CURRENT)
+
     def _raise_io(self, exc: OSError, what: str) -> None:
         if exc.errno in _NOSPACE:
             raise TargetFull(f"{what}: the target's storage ({self.root}) is full") from exc
@@ -543,8 +546,9 @@ class BlockTaskStore:
         self._check_chunk(disk, index, length, data, xxh3, blake3_hex)
         fd = self._open_image(disk, disk_size)
         try:
-            self._put(fd, index * chunk_size, length, data, xxh3)
-            start_writeback(fd, index * chunk_size, length)
+            with self._write_lock(disk):
+                self._put(fd, index * chunk_size, length, data, xxh3)
+                start_writeback(fd, index * chunk_size, length)
         except OSError as exc:
             self._raise_io(exc, f"cannot write chunk {index} of disk {disk}")
         finally:
@@ -569,14 +573,19 @@ class BlockTaskStore:
             return
         fd = self._open_image(disk, disk_size)
         try:
-            for index, count, data, xxh3, _b3 in items:
-                offset = index * chunk_size
-                if count != 1:
-                    punch_hole(fd, offset, min(disk_size, (index + count) * chunk_size) - offset)
-                else:
-                    self._put(fd, offset, min(chunk_size, disk_size - offset), data, xxh3)
-            first, last = min(i[0] for i in items), max(i[0] + i[1] for i in items)
-            start_writeback(fd, first * chunk_size, min(disk_size, last * chunk_size) - first * chunk_size)
+            # one writer per image at a time: the filesystem serialises writes to one file anyway
+            # (the inode lock), and a second thread waiting here sleeps, where waiting for the
+            # inode lock spins (measured: ~0.35 CPU-s per 2 GiB pass with two senders on ext4)
+            with self._write_lock(disk):
+                for index, count, data, xxh3, _b3 in items:
+                    offset = index * chunk_size
+                    if count != 1:
+                        punch_hole(fd, offset, min(disk_size, (index + count) * chunk_size) - offset)
+                    else:
+                        self._put(fd, offset, min(chunk_size, disk_size - offset), data, xxh3)
+                start = min(i[0] for i in items) * chunk_size
+                end = min(disk_size, max(i[0] + i[1] for i in items) * chunk_size)
+                start_writeback(fd, start, end - start)
         except OSError as exc:
             self._raise_io(exc, f"cannot write chunks {items[0][0]}-{items[-1][0]} of disk {disk}")
         finally:

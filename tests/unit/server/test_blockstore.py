@@ -104,6 +104,47 @@ def test_writes_start_their_writeback(store, monkeypatch):
         assert f.read(CS) == bytes(CS)
 
 
+def test_one_writer_per_image_at_a_time(store, monkeypatch):
+    """Two receiver threads never write the same image at once (the second sleeps on the store's
+    lock instead of spinning on the inode lock); two different disks are written in parallel."""
+    import threading
+    import time
+
+    active = {"d0": 0, "d1": 0}
+    peak = {"d0": 0, "d1": 0, "both": 0}
+    guard = threading.Lock()
+    real = BlockTaskStore._put
+
+    def slow_put(fd, offset, length, data, xxh3):
+        disk = "d0" if os.readlink(f"/proc/self/fd/{fd}").split("/")[-2] == "d0" else "d1"
+        with guard:
+            active[disk] += 1
+            peak[disk] = max(peak[disk], active[disk])
+            peak["both"] = max(peak["both"], active["d0"] + active["d1"])
+        time.sleep(0.02)
+        real(fd, offset, length, data, xxh3)
+        with guard:
+            active[disk] -= 1
+
+    monkeypatch.setattr(BlockTaskStore, "_put", staticmethod(slow_put))
+    data = os.urandom(CS)
+
+    def writer(disk, first):
+        for i in range(first, first + 4):
+            store.write_batch(disk, CS, SIZE, [(i, 1, data, xh(data), None)])
+
+    threads = [threading.Thread(target=writer, args=(d, f)) for d, f in
+               (("d0", 0), ("d0", 4), ("d1", 0), ("d1", 4))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak["d0"] == 1 and peak["d1"] == 1 and peak["both"] == 2, peak
+    for disk in ("d0", "d1"):
+        with open(store.root / disk / "current.img", "rb") as f:
+            assert f.read(8 * CS) == data * 8
+
+
 def test_hash_checked_before_writing(store):
     data = os.urandom(CS)
     with pytest.raises(ChunkHashMismatch):

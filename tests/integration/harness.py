@@ -151,6 +151,10 @@ class Server:
     def artifacts(self, source_id: str) -> List[Dict[str, Any]]:
         return self.j("migration", "artifacts", "--source", source_id)["artifacts"]
 
+    def artifact_tree(self, source_id: str, src: Path, index: int = 0) -> Path:
+        """Where the copy of the source path ``src`` is in the ``index``-th file-level artifact."""
+        return Path(self.artifacts(source_id)[index]["path"]) / str(src).lstrip("/")
+
 
 class Agent:
     """One ``go2cloud_client`` foreground process with its own home."""

@@ -130,10 +130,8 @@ def test_agent_killed_mid_cycle_resumes_and_runs_the_cycle_once(server, agents, 
     wait_for(lambda: any("Successfully" in line or sid in line for line in agent.lines), 30, "agent back")
     server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "0")
     server.wait_task(sid, "pending", timeout=120)
-    arts = server.artifacts(sid)
-    assert [a["cycle"] for a in arts] == [1]
-    image = Path(arts[0]["path"]) / str(src).lstrip("/")
-    assert diff(tree_manifest(src), tree_manifest(image)) == []
+    assert [a["cycle"] for a in server.artifacts(sid)] == [1]
+    assert diff(tree_manifest(src), tree_manifest(server.artifact_tree(sid, src))) == []
     # the next cycle is 2, not a second run of the first start command
     server.j("migration", "sync", "--source", sid)
     server.wait_task(sid, "pending", timeout=120)
@@ -153,8 +151,7 @@ def test_pause_stops_rsync_and_resume_finishes(server, agents, tmp_path):
     server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "0")
     server.j("migration", "resume", "--source", sid)
     server.wait_task(sid, "pending", timeout=120)
-    image = Path(server.artifacts(sid)[0]["path"]) / str(src).lstrip("/")
-    assert diff(tree_manifest(src), tree_manifest(image)) == []
+    assert diff(tree_manifest(src), tree_manifest(server.artifact_tree(sid, src))) == []
 
 
 def test_modify_takes_effect_on_the_running_cycle(server, agents, tmp_path):

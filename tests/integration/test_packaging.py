@@ -298,9 +298,7 @@ def test_one_liner_installs_imports_and_migrates_with_the_frozen_agent(pkg_serve
         wait_for(lambda: pkg_server.source(sid)["status"] == "online", 60, "installed agent online")
         pkg_server.j("migration", "start", "--source", sid, "--path", str(src))
         pkg_server.wait_task(sid, "pending", timeout=180)
-        arts = pkg_server.artifacts(sid)
-        image = Path(arts[0]["path"]) / str(src).lstrip("/")
-        assert diff(tree_manifest(src), tree_manifest(image)) == []
+        assert diff(tree_manifest(src), tree_manifest(pkg_server.artifact_tree(sid, src))) == []
     finally:
         agent.send_signal(signal.SIGTERM)
         try:

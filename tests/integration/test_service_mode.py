@@ -237,10 +237,8 @@ def test_service_install_stop_crash_resume_uninstall(server, svc, tmp_path):
     try:
         server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "0")
         server.wait_task(sid, "pending", timeout=120)
-        arts = server.artifacts(sid)
-        assert [a["cycle"] for a in arts] == [1]
-        image = Path(arts[0]["path"]) / str(src).lstrip("/")
-        assert diff(tree_manifest(src), tree_manifest(image)) == []
+        assert [a["cycle"] for a in server.artifacts(sid)] == [1]
+        assert diff(tree_manifest(src), tree_manifest(server.artifact_tree(sid, src))) == []
         assert agent_pids(home) == [proc.pid]
 
         # uninstall: unit and symlink removed, the agent (started by "systemd") stopped

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from go2cloud_client.home import Home
@@ -17,3 +19,14 @@ def home(tmp_path) -> Home:
     h = Home(tmp_path / "home")
     h.ensure()
     return h
+
+
+@pytest.fixture
+def reset_logging():
+    """Remove the log handlers a CLI run installed on the root logger (used by the CLI tests)."""
+    yield
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_go2cloud", False):
+            root.removeHandler(h)
+            h.close()

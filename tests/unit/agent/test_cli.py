@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import responses
@@ -11,15 +10,7 @@ from go2cloud_client import cli as cli_mod
 from go2cloud_client.identity import Identity
 from go2cloud_client.platform import distros
 
-
-@pytest.fixture(autouse=True)
-def _reset_logging():
-    yield
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_go2cloud", False):
-            root.removeHandler(h)
-            h.close()
+pytestmark = pytest.mark.usefixtures("reset_logging")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ probes and SELinux tools are faked at the function boundary (no process runs).""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import responses
@@ -23,14 +22,7 @@ from go2cloud_client.platform import distros, linux
 DEBIAN = distros.Debian({"ID": "debian", "VERSION_ID": "12"})
 
 
-@pytest.fixture(autouse=True)
-def _reset_logging():
-    yield
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_go2cloud", False):
-            root.removeHandler(h)
-            h.close()
+pytestmark = pytest.mark.usefixtures("reset_logging")
 
 
 class Host:

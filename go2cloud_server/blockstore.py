@@ -62,6 +62,7 @@ import zstandard
 
 from go2cloud_server.atomicfile import write_atomic
 from go2cloud_server.errors import Conflict, InvalidInput, NotFound, ServerError
+from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,6 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _NOSPACE = (errno.ENOSPC, errno.EDQUOT)
 FSCK_TIMEOUT_S = 3600
-#: the ``state`` of a generation's report
-REPORT_PENDING = "pending"
-REPORT_VERIFIED = "verified"
-REPORT_FAILED = "failed"
 _COPY_BLOCK = 1 << 20
 
 

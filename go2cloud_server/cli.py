@@ -25,6 +25,7 @@ import click
 from go2cloud_server import rules
 from go2cloud_server.client import Endpoint, OperatorClient, resolve
 from go2cloud_server.errors import InvalidInput, ServerError
+from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
 
 log = logging.getLogger(__name__)
 
@@ -1097,9 +1098,9 @@ def _check_text(report: Optional[Dict[str, Any]]) -> str:
     """A block artifact's verification report in one cell: filesystem and check result (or that
     the verification is still running, or why it could not be done)."""
     report = report or {}
-    if report.get("state") == "pending":
+    if report.get("state") == REPORT_PENDING:
         return "verifying"
-    if report.get("state") == "failed":
+    if report.get("state") == REPORT_FAILED:
         return f"not verified: {report.get('error') or 'unknown error'}"
     check = report.get("check")
     if isinstance(check, dict):

@@ -38,12 +38,10 @@ from go2cloud_server.errors import (
     SourceUnknown,
 )
 from go2cloud_server.store import Store, dumps, loads
-from go2cloud_server.verifier import GenerationVerifier
+from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED, GenerationVerifier
 
 log = logging.getLogger(__name__)
 
-#: the ``state`` of a block artifact's report (see ``go2cloud_server.blockstore``)
-REPORT_PENDING, REPORT_VERIFIED, REPORT_FAILED = "pending", "verified", "failed"
 OFFLINE_AFTER_INTERVALS = 3
 ACTIVE_TASK_STATUSES = ("syncing", "pending", "paused", "failed")
 #: statuses of a task before its first sync: the drill runs, passed (start queued) or found a
@@ -1368,13 +1366,19 @@ class Service:
         )
         return "started", {"source_id": source_id, "task_id": task_id, "command_id": cid}
 
+    @staticmethod
+    def _scope_params(task: Mapping[str, Any]) -> Dict[str, Any]:
+        """What a task migrates, as the ``start`` and ``drill`` commands carry it."""
+        params: Dict[str, Any] = {"task_id": task["id"], "mode": task["mode"]}
+        if task["mode"] == "block":
+            params.update(disks=loads(task["disks"], []), snapshot=task["snapshot"])
+        else:
+            params["paths"] = loads(task["paths"], [])
+        return params
+
     def _start_params_of(self, task: Mapping[str, Any]) -> Dict[str, Any]:
         """The ``start`` command's parameters, from the task row (its first cycle)."""
-        cmd_params: Dict[str, Any] = {"task_id": task["id"], "mode": task["mode"]}
-        if task["mode"] == "block":
-            cmd_params.update(disks=loads(task["disks"], []), snapshot=task["snapshot"])
-        else:
-            cmd_params["paths"] = loads(task["paths"], [])
+        cmd_params = self._scope_params(task)
         cmd_params.update(
             {
                 "bandwidth_mbps": task["bandwidth_mbps"],
@@ -1393,11 +1397,7 @@ class Service:
     def _drill_params(self, task: Mapping[str, Any]) -> Dict[str, Any]:
         """The ``drill`` command's parameters: what will be migrated and where the target is (its
         address only: a drill needs no password or token)."""
-        params: Dict[str, Any] = {"task_id": task["id"], "mode": task["mode"]}
-        if task["mode"] == "block":
-            params.update(disks=loads(task["disks"], []), snapshot=task["snapshot"])
-        else:
-            params["paths"] = loads(task["paths"], [])
+        params = self._scope_params(task)
         target = self.target(task)
         params["target"] = {k: v for k, v in target.items() if k not in ("password", "token", "user")}
         return params

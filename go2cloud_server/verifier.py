@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 #: (task id, cycle, disk)
 Job = Tuple[str, int, str]
+#: the ``state`` of a block generation's report: made, not yet verified / verified / unreadable
+REPORT_PENDING = "pending"
+REPORT_VERIFIED = "verified"
+REPORT_FAILED = "failed"
 
 
 class GenerationVerifier:

@@ -14,9 +14,10 @@ acknowledgement and the output of ``go2cloud_client check --json``.
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from go2cloud_client.events import utc_now
 
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
 SEVERITIES = (CRITICAL, WARNING, INFO)
@@ -50,10 +51,6 @@ def warning(check: str, finding: str, fix: str, **data: Any) -> Item:
 
 def info(check: str, finding: str, fix: str = "", **data: Any) -> Item:
     return Item(check, INFO, finding, fix, data)
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass

@@ -11,11 +11,11 @@ import logging
 import socket
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
 
 from go2cloud_client import __version__
 from go2cloud_client.drill.checks import ALL_CHECKS, Context, Target
-from go2cloud_client.drill.model import Item, Report, utc_now, warning
+from go2cloud_client.drill.model import Item, Report, warning
+from go2cloud_client.events import utc_now
 
 LOG = logging.getLogger(__name__)
 
@@ -38,18 +38,6 @@ def run_drill(ctx: Context, checks: Sequence[Tuple[str, CheckFn]] = ALL_CHECKS) 
     LOG.info("drill (%s): %d critical, %d warning, %d info", ctx.mode, report.count("critical"),
              report.count("warning"), report.count("info"))
     return report
-
-
-def target_from_url(label: str, url: str) -> Optional[Target]:
-    """host:port of an https:// or http:// URL (default ports 443 / 80)."""
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return None
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return None
-    return Target(label, parts.hostname, port)
 
 
 def parse_host_port(value: str) -> Tuple[str, int]:

@@ -90,20 +90,8 @@ def probe_backends(volume: Optional[str]) -> Tuple[List[str], Dict[str, str]]:
     """(usable backend names, reason per backend) for ``volume`` (the root device or None)."""
     from snapshot_driver import registry
 
-    usable: List[str] = []
-    reasons: Dict[str, str] = {}
-    for name in registry.names():
-        if name == "failing":
-            continue
-        try:
-            result = registry.get(name).probe(volume)
-            ok, why = bool(result.usable), str(result.reason)
-        except Exception as exc:  # noqa: BLE001 - a probe that breaks means "not usable"
-            ok, why = False, f"{name}: probe failed ({exc})"
-        reasons[name] = why
-        if ok:
-            usable.append(name)
-    return usable, reasons
+    results = registry.probe_all(volume)
+    return ([n for n, r in results.items() if r.usable], {n: str(r.reason) for n, r in results.items()})
 
 
 def block_capability(available: bool, reason: Optional[str], backends: List[str]) -> Dict[str, Any]:

@@ -44,5 +44,14 @@ def get(name: str, **options: Any) -> Backend:
 
 
 def probe_all(volume: Optional[str] = None) -> Dict[str, ProbeResult]:
-    """probe() of every backend except ``failing`` (a test backend), by name."""
-    return {n: get(n).probe(volume) for n in names() if n != "failing"}
+    """probe() of every backend except ``failing`` (a test backend), by name. A probe that
+    raises (its contract says it never does) reads as unusable, with the error as the reason."""
+    out: Dict[str, ProbeResult] = {}
+    for n in names():
+        if n == "failing":
+            continue
+        try:
+            out[n] = get(n).probe(volume)
+        except Exception as exc:  # noqa: BLE001 - one broken probe must not hide the others
+            out[n] = ProbeResult(False, f"{n}: probe failed ({exc})")
+    return out

@@ -58,6 +58,20 @@ def test_probe_all_explains_every_backend(tmp_path):
     assert not results["vss"].usable
 
 
+def test_probe_all_survives_a_probe_that_breaks_its_contract(tmp_path, monkeypatch):
+    """probe() must never raise; if one does anyway (a bug, an odd host), that backend reads as
+    unusable with the error and the others are still probed."""
+    from snapshot_driver import lvm
+
+    def broken(self, volume=None):
+        raise RuntimeError("lvs crashed")
+
+    monkeypatch.setattr(lvm.LvmBackend, "probe", broken)
+    results = probe_all(None)
+    assert not results["lvm"].usable and results["lvm"].reason == "lvm: probe failed (lvs crashed)"
+    assert results["live"].usable and sorted(results) == [n for n in ALL if n != "failing"]
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 def test_merge_extents():

@@ -16,7 +16,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from go2cloud_client.errors import CommandRejectedError
 
@@ -253,24 +253,30 @@ def _snapshot(params: Mapping[str, Any], backends: Callable[[], Tuple[str, ...]]
     return value
 
 
+def _https_url(url: Any, name: str) -> SplitResult:
+    """An https:// URL with a host name (single line, at most 2048 characters), split."""
+    if not isinstance(url, str) or len(url) > 2048 or any(c in url for c in "\x00\n\r "):
+        raise _reject(name, "must be an https:// URL")
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise _reject(name, "must be an https:// URL")
+    return parts
+
+
 def validate_block_target(value: Any, name: str = "target") -> BlockTargetSpec:
     if not isinstance(value, dict):
         raise _reject(name, "must be an object")
     if value.get("kind") != "block":
         raise _reject(f"{name}.kind", "must be 'block' for mode 'block'")
     url = value.get("url")
-    if not isinstance(url, str) or len(url) > 2048 or any(c in url for c in "\x00\n\r "):
-        raise _reject(f"{name}.url", "must be an https:// URL")
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise _reject(f"{name}.url", "must be an https:// URL")
+    _https_url(url, f"{name}.url")
     token = value.get("token")
     if not isinstance(token, str) or not token or len(token) > 1024 or any(c in token for c in "\x00\n\r"):
         raise _reject(f"{name}.token", "must be a non-empty single-line string")
     fingerprint = value.get("fingerprint")
     if not isinstance(fingerprint, str) or not _FINGERPRINT_RE.match(fingerprint):
         raise _reject(f"{name}.fingerprint", "must be sha256: followed by 64 lowercase hex digits")
-    return BlockTargetSpec(url, token, fingerprint)
+    return BlockTargetSpec(str(url), token, fingerprint)
 
 
 def _cycle(value: Any, name: str = "cycle") -> CycleSpec:
@@ -346,16 +352,11 @@ def _drill_target(value: Any) -> Tuple[Tuple[str, str, int], ...]:
         host = validate_host(value.get("host"), "target.host")
         return (("rsync daemon", host, _int(value.get("port"), "target.port", 1, 65535)),)
     if kind == "block":
-        url = value.get("url")
-        if not isinstance(url, str) or len(url) > 2048 or any(c in url for c in "\x00\n\r "):
-            raise _reject("target.url", "must be an https:// URL")
-        parts = urlsplit(url)
+        parts = _https_url(value.get("url"), "target.url")
         try:
             port = parts.port or 443
         except ValueError:
             raise _reject("target.url", "has an invalid port") from None
-        if parts.scheme != "https" or not parts.hostname:
-            raise _reject("target.url", "must be an https:// URL")
         return (("block receiver", validate_host(parts.hostname, "target.url"), port),)
     raise _reject("target.kind", "must be 'rsync' or 'block'")
 

@@ -169,14 +169,13 @@ class HostPrep:
             return self._block_disabled(
                 f"installing the snapshot driver failed ({exc}); the {distro.snapshot_driver} package "
                 f"repository may not be configured on this host: {DRIVER_HELP}", usable)
-        module = distro.snapshot_driver_module
         self.changes.record("snapshot_driver_installed", packages=packages, manager=distro.package_manager,
                             undo=distro.remove_command(packages), env=dict(distro.env),
-                            unload=["modprobe", "-r", module])
+                            unload=distro.unload_driver_command())
         usable, reasons = self.probe(volume)
         if distro.snapshot_driver not in usable:
             try:
-                subp.run(["modprobe", module], timeout=120)
+                subp.run(distro.load_driver_command(), timeout=120)
             except subp.ProcessError as exc:
                 LOG.warning("loading the snapshot driver failed: %s", exc)
             usable, reasons = self.probe(volume)

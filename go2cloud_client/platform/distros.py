@@ -44,6 +44,13 @@ class Distro:
     def remove_command(self, packages: List[str]) -> List[str]:
         return [*self.remove, *packages]
 
+    def load_driver_command(self) -> List[str]:
+        """Argument list loading the snapshot driver's kernel module."""
+        return ["modprobe", self.snapshot_driver_module]
+
+    def unload_driver_command(self) -> List[str]:
+        return ["modprobe", "-r", self.snapshot_driver_module]
+
     def driver_packages(self, kernel: str = "") -> List[str]:
         """The snapshot driver packages of this family (empty when none is packaged), preceded by
         the headers of ``kernel`` when the family names them."""

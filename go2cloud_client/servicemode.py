@@ -15,7 +15,6 @@ and the operator is told so.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -98,12 +97,13 @@ def start_detached(home: Home) -> int:
     """Start ``agent_argv(home)`` detached and wait until it holds the home lock; its pid.
     ServiceError when it exits first (the reason is in its log)."""
     env = subp.child_env({HOME_ENV: str(home.root)}, lang_c=False)
-    pid = subp.spawn_detached(agent_argv(home.root), env=env)
+    proc = subp.spawn_detached(agent_argv(home.root), env=env)
+    pid = proc.pid
     deadline = time.monotonic() + START_WAIT_S
     while time.monotonic() < deadline:
         if lock_held(home) and home.read_pid() == pid:
             return pid
-        if not platform.pid_alive(pid) or _is_zombie(pid):
+        if proc.poll() is not None:
             break
         time.sleep(0.2)
     else:
@@ -120,14 +120,6 @@ def wait_running(home: Home, seconds: float) -> Optional[int]:
         if pid is not None or time.monotonic() >= deadline:
             return pid
         time.sleep(0.2)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-    except (ChildProcessError, OSError, AttributeError):
-        return False
-    return reaped == pid
 
 
 def install(home: Home, console: Console, *, start: bool = True) -> None:

@@ -124,10 +124,11 @@ def run(
 
 
 def spawn_detached(args: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
-                   cwd: Optional[str] = None) -> int:
+                   cwd: Optional[str] = None) -> subprocess.Popen[bytes]:
     """Start ``args`` as a daemon-like child: its own session (no controlling terminal, so it
     survives the caller's logout), stdin/stdout/stderr on /dev/null, not waited for. Returns
-    its pid. Used to start the agent when no service manager runs."""
+    the Popen (``poll()`` tells whether it exited already). Used to start the agent when no
+    service manager runs."""
     if isinstance(args, (str, bytes)):
         raise TypeError("spawn_detached takes an argument list, never a shell string")
     cmd = [os.fspath(a) for a in args]
@@ -140,7 +141,7 @@ def spawn_detached(args: Sequence[str], *, env: Optional[Mapping[str, str]] = No
         )
     except OSError as exc:
         raise ProcessError(cmd, None, reason=f"could not be started ({exc.strerror or exc})") from exc
-    return proc.pid
+    return proc
 
 
 class StreamingProcess:

@@ -314,9 +314,13 @@ def main() -> int:
             r1 = res["r1"]
             ratios.append(full_s / cp_s)
             print(f"run {run}: full pass: engine {full_s:.2f} s (sent {r1.bytes_sent / MiB:.0f} MiB, "
-                  f"{r1.chunks_sent} chunks, {r1.chunks_holes} holes; CPU: engine {agent_cpu:.2f} s, "
-                  f"receiver {recv_cpu:.2f} s)  cp+sync {cp_s:.2f} s  ratio {full_s / cp_s:.2f} (target <= 1.5)",
-                  flush=True)
+                  f"{r1.chunks_sent} chunks ({r1.chunks_compressed} compressed), {r1.chunks_holes} holes; "
+                  f"CPU: engine {agent_cpu:.2f} s, receiver {recv_cpu:.2f} s)  cp+sync {cp_s:.2f} s  "
+                  f"ratio {full_s / cp_s:.2f} (target <= 1.5)", flush=True)
+            for n, raw, packed, choice in rep.adaptive.rounds:
+                rates = ["not measured" if r is None else f"{r / 1e6:.0f} MB/s" for r in (raw, packed)]
+                print(f"run {run}:   adaptive compression round {n}: raw {rates[0]}, compressed {rates[1]} "
+                      f"-> {choice}")
         if args.runs > 1:
             print(f"full pass ratio, median of {args.runs}: {statistics.median(ratios):.2f} (target <= 1.5)")
         assert server is not None

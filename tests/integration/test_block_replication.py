@@ -32,6 +32,7 @@ from go2cloud_client.replication.block import (
     BlockTarget,
     BlockTargetFullError,
     Disk,
+    adaptive,
 )
 from go2cloud_server.blockstore import BlockTaskStore
 from tests.support.blockserver import BlockServer
@@ -339,6 +340,32 @@ def test_bandwidth_limit_changes_mid_pass(tmp_path: Path, server: BlockServer) -
     assert marks and marks[0] - t0 >= 1.2  # ~4 MB at 2 MB/s (minus one burst)
     assert total - (marks[0] - t0) < 5     # the remaining 20 MB at full speed
 
+
+def test_adaptive_compression_tries_both_ways_and_a_limit_always_compresses(
+        tmp_path: Path, server: BlockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no bandwidth limit the first round's trial windows are compressed, raw, compressed,
+    whichever then wins on this machine; under a limit every chunk is compressed; level 0
+    compresses none. Trial windows are made small here (at least 64 MiB in the engine)."""
+    monkeypatch.setattr(adaptive, "TRIAL_MIN", 2 * MiB)
+    monkeypatch.setattr(adaptive, "TRIAL_INFLIGHT", 1)
+    rnd = random.Random(9)
+    words = ["migration", "block", "chunk", "zstd", "server", "disk", "cloud", "snapshot", "\n"]
+    text = " ".join(rnd.choice(words) for _ in range(2 * MiB)).encode()[:8 * MiB]
+    assert len(text) == 8 * MiB
+    image = tmp_path / "text.img"
+    image.write_bytes(text * 6)  # 48 MiB, every chunk compressible: 192 chunks of 256 KiB
+    window = (2 + 16 + 2 * 16)  # chunks in flight with 2 workers and 256 KiB chunks = one trial window
+    for cycle, opts, check in [
+        (1, {}, lambda r: 2 * window <= r.chunks_compressed <= r.chunks_sent - window),
+        (2, {"bandwidth_mbps": 4000}, lambda r: r.chunks_compressed == r.chunks_sent),
+        (3, {"compression": 0}, lambda r: r.chunks_compressed == 0),
+    ]:
+        state = tmp_path / f"state{cycle}"
+        rep = replicator(server, str(image), state, workers=2, **opts)
+        r = rep.run_cycle(BlockCycle(cycle, False), threading.Event())
+        assert r.chunks_sent == 192 and check(r), (opts, r.chunks_compressed, rep.adaptive.rounds)
+        assert server.generation(cycle)[0]["sha256"] == sha256(image)
+    assert len(rep.adaptive.rounds) == 0
 
 # -- verification and the receiver's checks -------------------------------------------------------
 def test_corrupted_chunk_on_target_is_found_and_repaired(tmp_path: Path, server: BlockServer) -> None:

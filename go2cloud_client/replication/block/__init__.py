@@ -1,8 +1,9 @@
 """Block-level replication (DESIGN section 5): whole disks in fixed chunks to the HTTPS block target.
 
-Modules: ``codec`` (zero detection, hashes, zstd level map), ``bucket`` (shared bandwidth token
-bucket), ``manifest`` (committed chunk hashes and the resumable pass journal), ``transport`` (the
-pinned HTTPS client of the receiver), ``engine`` (:class:`BlockReplicator`), ``errors``.
+Modules: ``codec`` (zero detection, hashes, zstd level map), ``adaptive`` (compressed or raw,
+whichever measures faster), ``bucket`` (shared bandwidth token bucket), ``manifest`` (committed
+chunk hashes and the resumable pass journal), ``transport`` (the pinned HTTPS client of the
+receiver), ``engine`` (:class:`BlockReplicator`), ``errors``.
 """
 
 from go2cloud_client.replication.block.engine import (

@@ -11,6 +11,7 @@ percent (thin links)::
     zstd     off -7  -5  -4  -3  -2  -1  1  3  9  19
 
 A chunk is sent compressed only when the frame is smaller than the plain chunk; otherwise raw.
+(Which level a chunk gets, the task's or 0, is the engine's choice: :mod:`.adaptive`.)
 Chunks of :data:`SAMPLE_MIN` bytes or more are first probed: when none of three 4 KiB samples
 (start, middle, end) compresses by :data:`SAMPLE_GAIN` or better, the chunk goes raw without
 compressing it (random or already compressed data: zstd 1 spends ~0.35 ms per MiB finding that
@@ -99,6 +100,7 @@ class Encoded:
     body: bytes
     blake3: Optional[str] = None
     count: int = 1  # > 1 only for a run of holes
+    window: int = 0  # the adaptive-compression trial window it was encoded in (0 = none)
 
 
 class Encoder:

@@ -15,7 +15,10 @@ baseline N times (interleaved) and prints the median ratio. With ``socat`` insta
 times a TLS floor: the image's non-zero data moved by socat over TLS on loopback (OpenSSL, C) into
 the target dir: what encrypting, sending, decrypting and writing those bytes costs on this machine
 with an open tool, before any of the engine's own work. The target's image and the rsync copy are
-compared with the source by sha256 after each pass.
+compared with the source by sha256 after each pass. Each pass prints the adaptive-compression
+rounds (measured raw and compressed rates, the choice). ``--link-mbit N`` puts the target behind
+a link of N Mbit/s (a network namespace, a veth pair, ``tc`` token bucket filter) to see the
+choice on a WAN-like link.
 
     python3 bench/bench_block.py --workdir /var/tmp/g2c-bench --target-dir /dev/shm/g2c-bench-target
 
@@ -122,14 +125,16 @@ def change_chunks(path: Path, size: int, fraction: float, seed: int = 7) -> int:
 
 
 class ServerProc:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, link: Link | None = None) -> None:
+        host = link.server_ip if link else "127.0.0.1"
         code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r})\n"
                 "from tests.support.blockserver import BlockServer\n"
-                f"s = BlockServer({str(data_dir)!r}).start()\n"
+                f"s = BlockServer({str(data_dir)!r}, host={host!r}).start()\n"
                 "print(json.dumps({'url': s.url, 'token': s.token, 'fp': s.fingerprint}), flush=True)\n"
                 "sys.stdin.read()\n")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+        netns = ["ip", "netns", "exec", link.netns] if link else []
+        self.proc = subprocess.Popen([*netns, sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         self.info = json.loads(self.proc.stdout.readline())
         self.data_dir = data_dir
@@ -141,6 +146,32 @@ class ServerProc:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait(30)
+
+
+class Link:
+    """A link of ``mbit`` Mbit/s to the target: the server runs in a network namespace behind a
+    veth pair whose host end shapes what the engine sends (``tc`` token bucket filter)."""
+
+    netns = "g2c-bench-link"
+    host_if, peer_if = "g2cb-host", "g2cb-peer"
+    host_ip, server_ip = "10.231.0.1", "10.231.0.2"
+
+    def __init__(self, mbit: int) -> None:
+        self.close()
+        for cmd in (f"ip netns add {self.netns}",
+                    f"ip link add {self.host_if} type veth peer name {self.peer_if}",
+                    f"ip link set {self.peer_if} netns {self.netns}",
+                    f"ip addr add {self.host_ip}/24 dev {self.host_if}",
+                    f"ip link set {self.host_if} up",
+                    f"ip netns exec {self.netns} ip addr add {self.server_ip}/24 dev {self.peer_if}",
+                    f"ip netns exec {self.netns} ip link set {self.peer_if} up",
+                    f"ip netns exec {self.netns} ip link set lo up",
+                    f"tc qdisc add dev {self.host_if} root tbf rate {mbit}mbit burst 256kb latency 100ms"):
+            subprocess.run(cmd.split(), check=True)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(["ip", "netns", "del", self.netns], stderr=subprocess.DEVNULL, check=False)
 
 
 def sha256_file(path: Path) -> str:
@@ -263,6 +294,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1, help="full passes (each with its own cp baseline)")
     ap.add_argument("--compression", type=int, default=BlockOptions().compression,
                     help="console level 0-10 of the full and incremental passes (default: the engine's)")
+    ap.add_argument("--link-mbit", type=int, default=0,
+                    help="put the target behind a link of this many Mbit/s (a network namespace and tc); "
+                         "the cp and TLS-floor baselines then say nothing about it")
     args = ap.parse_args()
     work = Path(args.workdir)
     tdir = Path(args.target_dir)
@@ -288,6 +322,9 @@ def main() -> int:
     ratios: list = []
     res: dict = {}
     server = None
+    link = Link(args.link_mbit) if args.link_mbit else None
+    if link is not None:
+        print(f"target behind a {args.link_mbit} Mbit/s link (tc tbf on a veth pair)")
     try:
         for run in range(1, args.runs + 1):
             if server is not None:  # the previous run's target: gone before the next baseline
@@ -304,7 +341,7 @@ def main() -> int:
                       f"no hashing or compression): {floor_s:.2f} s, CPU {floor_cpu:.2f} s, "
                       f"{floor_s / cp_s:.2f} x cp+sync")
             shutil.rmtree(work / "state", ignore_errors=True)
-            server = ServerProc(tdir / "server")
+            server = ServerProc(tdir / "server", link)
             rep = BlockReplicator(target=server.target(), disks=[Disk("d0", str(image))], options=opts,
                                   state_dir=work / "state")
             drop_caches()
@@ -349,6 +386,8 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
+        if link is not None:
+            link.close()
     shutil.rmtree(tdir, ignore_errors=True)
     tdir.mkdir(parents=True)
 

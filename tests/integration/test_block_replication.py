@@ -367,6 +367,44 @@ def test_adaptive_compression_tries_both_ways_and_a_limit_always_compresses(
         assert server.generation(cycle)[0]["sha256"] == sha256(image)
     assert len(rep.adaptive.rounds) == 0
 
+
+@contextmanager
+def shaped_namespace(mbit: int) -> Iterator[str]:
+    """A network namespace whose loopback carries ``mbit`` Mbit/s (tc token bucket filter; MTU 1500
+    so that every packet fits the bucket)."""
+    name = f"g2c-thin-{os.getpid()}"
+    run("ip", "netns", "add", name)
+    try:
+        run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", "1500", "up")
+        run("ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
+            f"{mbit}mbit", "burst", "32kb", "latency", "100ms")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_adaptive_compression_keeps_compressing_on_a_thin_link(tmp_path: Path) -> None:
+    """Agent and target in a namespace whose loopback carries 160 Mbit/s (a WAN link): the raw trial
+    window is measured clearly slower than the compressed ones, and everything else is compressed.
+    Trial windows are made small (twice what can be in flight: 25 MiB)."""
+    rnd = random.Random(11)
+    words = ["migration", "block", "chunk", "zstd", "server", "disk", "cloud", "snapshot", "\n"]
+    text = " ".join(rnd.choice(words) for _ in range(2 * MiB)).encode()[:8 * MiB]
+    image = tmp_path / "text.img"
+    image.write_bytes(text * 14)  # 112 MiB: a round of three 25 MiB windows, then compressed
+    with shaped_namespace(160) as ns:
+        out = run("ip", "netns", "exec", ns, sys.executable, "-m", "tests.support.blockpass", str(image),
+                  str(tmp_path), "--trial-mib", "4", "--trial-inflight", "2")
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["sha256"] == sha256(image)
+    (_, raw, packed, choice), *_ = doc["rounds"]
+    assert raw is not None and packed is not None, doc["rounds"]
+    assert choice == "compressed" and packed > 1.05 * raw, doc["rounds"]
+    window = 2 * doc["inflight_chunks"]
+    result = doc["result"]
+    assert result["chunks_sent"] == 448
+    assert result["chunks_compressed"] == 448 - window  # all but the raw trial window
+
 # -- verification and the receiver's checks -------------------------------------------------------
 def test_corrupted_chunk_on_target_is_found_and_repaired(tmp_path: Path, server: BlockServer) -> None:
     image = tmp_path / "disk.img"

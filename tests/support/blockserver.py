@@ -19,8 +19,9 @@ TOKEN = "tok-" + "x" * 40
 
 
 class BlockServer:
-    def __init__(self, data_dir: Path, task: str = TASK, token: str = TOKEN) -> None:
+    def __init__(self, data_dir: Path, task: str = TASK, token: str = TOKEN, host: str = "127.0.0.1") -> None:
         self.data_dir = Path(data_dir)
+        self.host = host
         self.task = task
         self.token = token
         self.store = BlockTaskStore(self.data_dir / "tasks" / task / "block")
@@ -33,10 +34,10 @@ class BlockServer:
         return None
 
     def start(self) -> BlockServer:
-        cert, key = tls.ensure_certificate(self.data_dir / "tls", ["127.0.0.1"])
+        cert, key = tls.ensure_certificate(self.data_dir / "tls", [self.host])
         self.fingerprint = tls.fingerprint(cert)
         api = Api(None, None, "unused-admin-token", block_receiver=BlockReceiver(self.resolve))  # type: ignore[arg-type]
-        self.httpd = ApiServer(("127.0.0.1", 0), api, tls.server_context(cert, key))
+        self.httpd = ApiServer((self.host, 0), api, tls.server_context(cert, key))
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="block-server", daemon=True)
         self._thread.start()
         return self
@@ -54,7 +55,7 @@ class BlockServer:
     @property
     def url(self) -> str:
         assert self.httpd is not None
-        return f"https://127.0.0.1:{self.httpd.port}/block/v1/tasks/{self.task}"
+        return f"https://{self.host}:{self.httpd.port}/block/v1/tasks/{self.task}"
 
     def stop(self) -> None:
         if self.httpd is not None:

@@ -56,6 +56,7 @@ from go2cloud_client.replication.block import (  # noqa: E402
     BlockReplicator,
     BlockTarget,
     Disk,
+    adaptive,
     codec,  # noqa: E402
 )
 
@@ -158,16 +159,21 @@ class Link:
 
     def __init__(self, mbit: int) -> None:
         self.close()
-        for cmd in (f"ip netns add {self.netns}",
-                    f"ip link add {self.host_if} type veth peer name {self.peer_if}",
-                    f"ip link set {self.peer_if} netns {self.netns}",
-                    f"ip addr add {self.host_ip}/24 dev {self.host_if}",
-                    f"ip link set {self.host_if} up",
-                    f"ip netns exec {self.netns} ip addr add {self.server_ip}/24 dev {self.peer_if}",
-                    f"ip netns exec {self.netns} ip link set {self.peer_if} up",
-                    f"ip netns exec {self.netns} ip link set lo up",
-                    f"tc qdisc add dev {self.host_if} root tbf rate {mbit}mbit burst 256kb latency 100ms"):
-            subprocess.run(cmd.split(), check=True)
+        cmds = (f"ip netns add {self.netns}",
+                f"ip link add {self.host_if} type veth peer name {self.peer_if}",
+                f"ip link set {self.peer_if} netns {self.netns}",
+                f"ip addr add {self.host_ip}/24 dev {self.host_if}",
+                f"ip link set {self.host_if} up",
+                f"ip netns exec {self.netns} ip addr add {self.server_ip}/24 dev {self.peer_if}",
+                f"ip netns exec {self.netns} ip link set {self.peer_if} up",
+                f"ip netns exec {self.netns} ip link set lo up",
+                f"tc qdisc add dev {self.host_if} root tbf rate {mbit}mbit burst 256kb latency 100ms")
+        try:
+            for cmd in cmds:
+                subprocess.run(cmd.split(), check=True)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         subprocess.run(["ip", "link", "del", self.host_if], stderr=subprocess.DEVNULL, check=False)
@@ -322,10 +328,11 @@ def main() -> int:
     ratios: list = []
     res: dict = {}
     server = None
-    link = Link(args.link_mbit) if args.link_mbit else None
-    if link is not None:
-        print(f"target behind a {args.link_mbit} Mbit/s link (tc tbf on a veth pair)")
+    link = None
     try:
+        if args.link_mbit:
+            link = Link(args.link_mbit)
+            print(f"target behind a {args.link_mbit} Mbit/s link (tc tbf on a veth pair)")
         for run in range(1, args.runs + 1):
             if server is not None:  # the previous run's target: gone before the next baseline
                 server.stop()
@@ -355,9 +362,8 @@ def main() -> int:
                   f"CPU: engine {agent_cpu:.2f} s, receiver {recv_cpu:.2f} s)  cp+sync {cp_s:.2f} s  "
                   f"ratio {full_s / cp_s:.2f} (target <= 1.5)", flush=True)
             for n, raw, packed, choice in rep.adaptive.rounds:
-                rates = ["not measured" if r is None else f"{r / 1e6:.0f} MB/s" for r in (raw, packed)]
-                print(f"run {run}:   adaptive compression round {n}: raw {rates[0]}, compressed {rates[1]} "
-                      f"-> {choice}")
+                print(f"run {run}:   adaptive compression round {n}: raw {adaptive.rate_text(raw)}, "
+                      f"compressed {adaptive.rate_text(packed)} -> {choice}")
         if args.runs > 1:
             print(f"full pass ratio, median of {args.runs}: {statistics.median(ratios):.2f} (target <= 1.5)")
         assert server is not None

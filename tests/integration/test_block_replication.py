@@ -342,30 +342,35 @@ def test_bandwidth_limit_changes_mid_pass(tmp_path: Path, server: BlockServer) -
 
 
 def test_adaptive_compression_tries_both_ways_and_a_limit_always_compresses(
-        tmp_path: Path, server: BlockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, server: BlockServer) -> None:
     """With no bandwidth limit the first round's trial windows are compressed, raw, compressed,
-    whichever then wins on this machine; under a limit every chunk is compressed; level 0
-    compresses none. Trial windows are made small here (at least 64 MiB in the engine)."""
-    monkeypatch.setattr(adaptive, "TRIAL_MIN", 2 * MiB)
-    monkeypatch.setattr(adaptive, "TRIAL_INFLIGHT", 1)
+    each measured from the target's acknowledgements, and the chunks after them all go the way
+    the round chose (whichever wins on this machine); under a limit every chunk is compressed;
+    level 0 compresses none. Trial windows are made small here: twice what can be in flight,
+    50 chunks of 256 KiB with 2 workers (the engine uses four times, at least 64 MiB)."""
     rnd = random.Random(9)
     words = ["migration", "block", "chunk", "zstd", "server", "disk", "cloud", "snapshot", "\n"]
     text = " ".join(rnd.choice(words) for _ in range(2 * MiB)).encode()[:8 * MiB]
     assert len(text) == 8 * MiB
     image = tmp_path / "text.img"
-    image.write_bytes(text * 6)  # 48 MiB, every chunk compressible: 192 chunks of 256 KiB
-    window = (2 + 16 + 2 * 16)  # chunks in flight with 2 workers and 256 KiB chunks = one trial window
-    for cycle, opts, check in [
-        (1, {}, lambda r: 2 * window <= r.chunks_compressed <= r.chunks_sent - window),
-        (2, {"bandwidth_mbps": 4000}, lambda r: r.chunks_compressed == r.chunks_sent),
-        (3, {"compression": 0}, lambda r: r.chunks_compressed == 0),
-    ]:
-        state = tmp_path / f"state{cycle}"
-        rep = replicator(server, str(image), state, workers=2, **opts)
+    image.write_bytes(text * 12)  # 96 MiB, every chunk compressible: 384 chunks of 256 KiB
+    chunks, window = 384, 2 * (2 + 16 + 2 * 16)
+    for cycle, opts in [(1, {}), (2, {"bandwidth_mbps": 4000}), (3, {"compression": 0})]:
+        rep = replicator(server, str(image), tmp_path / f"state{cycle}", workers=2, **opts)
+        rep.adaptive = adaptive.AdaptiveCompression(trial_min=MiB, trial_inflight=2)
         r = rep.run_cycle(BlockCycle(cycle, False), threading.Event())
-        assert r.chunks_sent == 192 and check(r), (opts, r.chunks_compressed, rep.adaptive.rounds)
+        assert r.chunks_sent == chunks
         assert server.generation(cycle)[0]["sha256"] == sha256(image)
-    assert len(rep.adaptive.rounds) == 0
+        rounds = rep.adaptive.rounds
+        if cycle == 1:
+            (_, raw, packed, choice), = rounds
+            assert raw is not None and packed is not None, rounds  # both measured
+            after = chunks - 3 * window
+            assert r.chunks_compressed == 2 * window + (after if choice == adaptive.ON else 0), rounds
+        elif cycle == 2:
+            assert rounds == [] and r.chunks_compressed == chunks
+        else:
+            assert rounds == [] and r.chunks_compressed == 0
 
 
 @contextmanager

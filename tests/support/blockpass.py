@@ -32,10 +32,6 @@ def main() -> int:
     ap.add_argument("--trial-mib", type=int, default=0, help="smaller trial windows than the engine's")
     ap.add_argument("--trial-inflight", type=int, default=0)
     args = ap.parse_args()
-    if args.trial_mib:
-        adaptive.TRIAL_MIN = args.trial_mib << 20
-    if args.trial_inflight:
-        adaptive.TRIAL_INFLIGHT = args.trial_inflight
     work = Path(args.workdir)
     server = BlockServer(work / "server").start()
     try:
@@ -43,6 +39,9 @@ def main() -> int:
                               disks=[Disk("d0", args.image)],
                               options=BlockOptions(chunk_size=args.chunk_kib << 10, workers=2),
                               state_dir=work / "state")
+        rep.adaptive = adaptive.AdaptiveCompression(
+            trial_min=args.trial_mib << 20 if args.trial_mib else adaptive.TRIAL_MIN,
+            trial_inflight=args.trial_inflight or adaptive.TRIAL_INFLIGHT)
         result = rep.run_cycle(BlockCycle(1, False), threading.Event())
         report = server.generation(1)[0]
     finally:

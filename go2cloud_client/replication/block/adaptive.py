@@ -9,28 +9,33 @@ CPU and disk, and when both ends share cores, compressing takes CPU from the rec
 measured, by trials (``zstd --adapt`` watches its output buffer instead: that predicts).
 
 **Trials.** With no bandwidth limit, the pass's data chunks go in *trial windows* of
-``trial_bytes`` each (at least four times the bytes that can be in flight, so that most of a
-window is measured in steady state). A round is three windows: the current choice, the other
-mode, the current choice again (A-B-A: a target that slows down along the pass, a disk whose write
-cache fills, would otherwise favour whichever mode went first). A window is measured from its
-first acknowledgement by the target until the workers move on to the next window; later
-acknowledgements are not counted (they share the CPU with the next window's work). A mode's rate
-is the mean of its windows' rates.
+``trial_bytes`` each (four times the bytes that can be in flight, so that most of a window is
+measured in steady state; at least :data:`TRIAL_MIN`, at most :data:`TRIAL_MAX`). A round is
+three windows: the current choice, the other mode, the current choice again (A-B-A: a target
+that slows down along the pass, a disk whose write cache fills, would otherwise favour whichever
+mode went first). A window is measured from its first acknowledgement by the target until the
+workers move on to the next window; later acknowledgements are not counted (they share the CPU
+with the next window's work). A mode's rate is the mean of its windows' rates. Only data chunks
+count; the time also covers the holes and unchanged chunks read in between, so in an incremental
+pass with scattered changes the rates say less (A-B-A evens out changes spread alike).
 
-**Choice.** The first choice is to compress, so a small disk is compressed as the level says. A
+**Choice.** The first choice is to compress: a disk with less data than one trial window is
+compressed as the level says (a larger one sends one trial window raw, even on a thin link). A
 round replaces the choice only when the other mode was at least :data:`MARGIN` faster: a tie (a
 pass bound by the target's disk, say) keeps what is running, and noise does not flip it back and
 forth. The choice then holds for :data:`EXPLOIT_TRIALS` trial sizes of data before the next round
 (the data and the link change along a disk); each round costs the losing mode's windows, so a
 round that clearly confirms the choice doubles that period, up to :data:`MAX_EXPLOIT_TRIALS`, and
 one that changes it starts again from :data:`EXPLOIT_TRIALS`. A tie, or a round that could not
-measure (too little data acknowledged: small incremental passes), keeps the choice for only
-:data:`TIE_EXPLOIT_TRIALS`: a tie says the pass is bound elsewhere for now (by a target disk that
-is flushing, say) and that can change soon.
+measure (too little data acknowledged: small incremental passes, or windows capped below what a
+source with many cores has in flight), keeps the choice for only :data:`TIE_EXPLOIT_TRIALS`: a
+tie says the pass is bound elsewhere for now (by a target disk that is flushing, say) and that can
+change soon.
 
 **Bandwidth limit.** Under a limit every data chunk is compressed: the limit is the bottleneck
-the operator chose, and each byte saved is time saved. Level 0 is off. A change of level or of
-the limit (``modify``) starts over, compressed first.
+the operator chose, and each byte saved is time saved. Level 0 is off. Any change of level or of
+the limit (``modify``) starts over, compressed first; a new pipeline (the next disk, the repair
+after a verify) measures its open window again and keeps the windows already measured.
 """
 
 from __future__ import annotations
@@ -46,8 +51,11 @@ LOG = logging.getLogger(__name__)
 MiB = 1024 * 1024
 #: smallest trial window (bytes of data chunks)
 TRIAL_MIN = 64 * MiB
-#: a trial window is this many times the bytes that can be in flight
+#: a trial window is this many times the bytes that can be in flight ...
 TRIAL_INFLIGHT = 4
+#: ... but at most this (a source with many cores has much in flight; a window that cannot be
+#: measured keeps the choice, compression)
+TRIAL_MAX = 1024 * MiB
 #: after a round, its choice holds for this many trial sizes of data before the next round
 EXPLOIT_TRIALS = 16
 #: ... doubled by each round that confirms the choice, up to this many
@@ -98,10 +106,13 @@ class AdaptiveCompression:
     once the target acknowledged the chunk; the window id returned by ``choose`` travels with the
     chunk (0 = not part of a trial)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, trial_min: int = TRIAL_MIN,
+                 trial_inflight: int = TRIAL_INFLIGHT) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._trial_bytes = TRIAL_MIN
+        self._trial_min = trial_min
+        self._trial_inflight = trial_inflight
+        self._trial_bytes = trial_min
         self._key: Optional[Tuple[int, bool]] = None
         self._choice = ON
         self._next_id = 1
@@ -119,17 +130,17 @@ class AdaptiveCompression:
         return self._choice
 
     def start_transfer(self, inflight_bytes: int) -> None:
-        """A new pipeline starts (a pass, or the repair of a verify): an open trial window would
-        measure the time between pipelines, so the round starts over."""
+        """A new pipeline starts (a disk, or the repair after a verify): an open trial window would
+        measure the time between pipelines, so it is opened again (its mode first in the plan);
+        windows already closed keep their measurement."""
         with self._lock:
-            self._trial_bytes = max(TRIAL_MIN, TRIAL_INFLIGHT * inflight_bytes)
-            if self._window is not None or self._plan:
-                self._new_round()
+            self._trial_bytes = min(TRIAL_MAX, max(self._trial_min, self._trial_inflight * inflight_bytes))
+            if self._window is not None:
+                self._plan.insert(0, self._window.mode)
+                self._window = None
 
     def choose(self, level: int, limited: bool, nbytes: int) -> Tuple[int, int]:
         """(zstd console level to use, trial window id) for a data chunk of ``nbytes``."""
-        if level == 0:
-            return 0, 0
         with self._lock:
             key = (level, limited)
             if key != self._key:
@@ -138,7 +149,7 @@ class AdaptiveCompression:
                 self._exploit_trials = EXPLOIT_TRIALS
                 self._measured = None
                 self._new_round()
-            if limited:
+            if level == 0 or limited:
                 return level, 0
             if self._window is None and self._exploit_left <= 0:
                 self._open_next()
@@ -155,8 +166,8 @@ class AdaptiveCompression:
         """The target acknowledged ``nbytes`` of data chunks encoded in trial ``window``."""
         if not window:
             return
-        now = self._clock()
         with self._lock:
+            now = self._clock()  # under the lock: two senders' acknowledgements stay in order
             w = self._window if self._window is not None and self._window.id == window else None
             if w is None:
                 return  # closed (its tail overlaps the next window's work) or an earlier round
@@ -192,11 +203,11 @@ class AdaptiveCompression:
         rate = {OFF: raw, ON: packed}
         current, other = rate[self._choice], rate[OFF if self._choice == ON else ON]
         if current is None or other is None:
-            how, trials = "could not measure", TIE_EXPLOIT_TRIALS
+            verdict, trials = "too little data acknowledged to compare", TIE_EXPLOIT_TRIALS
             self._measured = None
         elif other >= current * (1 + MARGIN):  # the other mode is clearly faster: switch
             self._choice = self._measured = OFF if self._choice == ON else ON
-            how, trials = "switching", EXPLOIT_TRIALS
+            verdict, trials = f"{self._choice} is faster", EXPLOIT_TRIALS
             self._exploit_trials = EXPLOIT_TRIALS
         elif current >= other * (1 + MARGIN):  # clearly faster: keep, and check less often
             if self._measured == self._choice:
@@ -204,19 +215,20 @@ class AdaptiveCompression:
             else:
                 self._exploit_trials = EXPLOIT_TRIALS
             self._measured = self._choice
-            how, trials = "keeping", self._exploit_trials
+            verdict, trials = f"{self._choice} is faster", self._exploit_trials
         else:  # a tie: the pass is bound elsewhere now (the target's disk?); that may change soon
-            how, trials = "a tie, keeping", TIE_EXPLOIT_TRIALS
+            verdict, trials = "a tie", TIE_EXPLOIT_TRIALS
             self._measured = None
-        LOG.info("adaptive compression: raw %s, compressed %s: %s %s for the next %s MiB of data",
-                 _mbps(raw), _mbps(packed), how, self._choice, trials * self._trial_bytes // MiB)
+        LOG.info("adaptive compression: raw %s, compressed %s (%s): sending %s for the next %s MiB of data",
+                 rate_text(raw), rate_text(packed), verdict, self._choice, trials * self._trial_bytes // MiB)
         self.rounds.append((self._round, raw, packed, self._choice))
         self._exploit_left = trials * self._trial_bytes
 
 
-def _mbps(rate: Optional[float]) -> str:
+def rate_text(rate: Optional[float]) -> str:
+    """A measured rate for the operator: ``290 MB/s`` or ``not measured``."""
     return "not measured" if rate is None else f"{rate / 1e6:.0f} MB/s"
 
 
 __all__ = ["AdaptiveCompression", "EXPLOIT_TRIALS", "MARGIN", "MAX_EXPLOIT_TRIALS", "OFF", "ON",
-           "TIE_EXPLOIT_TRIALS", "TRIAL_INFLIGHT", "TRIAL_MIN"]
+           "TIE_EXPLOIT_TRIALS", "TRIAL_INFLIGHT", "TRIAL_MAX", "TRIAL_MIN", "rate_text"]

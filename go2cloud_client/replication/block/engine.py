@@ -43,6 +43,7 @@ import queue
 import stat
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -574,7 +575,7 @@ class BlockReplicator:
         item_lock = threading.Lock()
         frames = batch_frames(dp.chunk_size)
         q: queue.Queue = queue.Queue(maxsize=frames)
-        self.adaptive.start_transfer(self.inflight_window * dp.chunk_size)
+        self.adaptive.start_transfer((self.workers + frames + self.workers * frames) * dp.chunk_size)
 
         def fail(exc: BaseException) -> None:
             with item_lock:
@@ -731,10 +732,10 @@ class BlockReplicator:
                     return
                 raise
         dp.journal.mark_many([(enc.index, enc.digest, enc.count) for enc in batch])
-        windows: dict = {}
+        windows: Counter = Counter()
         for enc in batch:
             if enc.window:
-                windows[enc.window] = windows.get(enc.window, 0) + enc.length
+                windows[enc.window] += enc.length
         for window, nbytes in windows.items():  # once per window: a batch is one acknowledgement
             self.adaptive.acked(window, nbytes)
         holes = [enc for enc in batch if enc.encoding == codec.HOLE]

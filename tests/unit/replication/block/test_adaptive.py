@@ -176,17 +176,49 @@ def test_a_round_that_cannot_measure_keeps_the_previous_choice(caplog):
     levels = run(ac, clock, 3 * TRIAL + 8 * MiB, {ON: 100e6, OFF: 300e6}, lag=4 * n)
     assert ac.rounds[0][1:] == (None, None, ON)
     assert set(levels[3 * n:]) == {LEVEL}
-    assert "could not measure" in caplog.text
+    assert "too little data acknowledged to compare" in caplog.text
 
 
-def test_a_new_transfer_restarts_an_open_round():
+def test_a_new_transfer_measures_its_open_window_again_and_keeps_the_closed_ones():
     ac, clock = make()
-    run(ac, clock, TRIAL // 2, {ON: 100e6, OFF: 300e6})
-    ac.start_transfer(INFLIGHT)  # e.g. the next disk: the time in between must not be measured
-    levels = run(ac, clock, 3 * TRIAL + 8 * MiB, {ON: 100e6, OFF: 300e6})
     n = TRIAL // CHUNK
-    assert set(levels[:n]) == {LEVEL} and set(levels[n:2 * n]) == {0} and set(levels[2 * n:3 * n]) == {LEVEL}
-    assert ac.choice == OFF and len(ac.rounds) == 1
+    rates = {ON: 100e6, OFF: 300e6}
+    first = run(ac, clock, TRIAL + TRIAL // 2, rates, lag=0, batch=1)  # compressed closed, raw half
+    clock.now += 100.0           # e.g. committing this disk and opening the next
+    ac.start_transfer(INFLIGHT)  # the raw window is opened again; the gap is measured by nobody
+    levels = first + run(ac, clock, 2 * TRIAL + 8 * MiB, rates, lag=0, batch=1)
+    assert set(levels[:n]) == {LEVEL} and set(levels[n:n + n // 2]) == {0}
+    rest = levels[n + n // 2:]
+    assert set(rest[:n]) == {0} and set(rest[n:2 * n]) == {LEVEL} and set(rest[2 * n:]) == {0}
+    (_, raw, packed, choice), = ac.rounds  # one round: the compressed window before the gap counted
+    assert choice == OFF and raw == pytest.approx(300e6) and packed == pytest.approx(100e6)
+
+
+def test_a_new_transfer_while_exploiting_changes_nothing():
+    ac, clock = make()
+    n = TRIAL // CHUNK
+    run(ac, clock, 3 * TRIAL + 8 * MiB, {ON: 100e6, OFF: 300e6})
+    ac.start_transfer(INFLIGHT)
+    levels = run(ac, clock, 8 * MiB, {ON: 100e6, OFF: 300e6})
+    assert set(levels) == {0} and len(ac.rounds) == 1 and n > 8
+
+
+def test_a_round_where_one_mode_was_not_measured_keeps_the_choice():
+    ac, clock = make()
+    n = TRIAL // CHUNK
+    for _ in range(3 * n):
+        level, window = ac.choose(LEVEL, False, CHUNK)
+        clock.now += 0.01
+        if level:  # only the compressed windows are ever acknowledged in time
+            ac.acked(window, CHUNK)
+    (_, raw, packed, choice), = ac.rounds
+    assert raw is None and packed == pytest.approx(CHUNK / 0.01) and choice == ON
+    # and the next round comes after TIE_EXPLOIT_TRIALS trial sizes: its compressed window is
+    # done after one more, the raw one open
+    levels = [ac.choose(LEVEL, False, CHUNK) for _ in range((TIE_EXPLOIT_TRIALS + 1) * n)]
+    assert {w for _, w in levels[:TIE_EXPLOIT_TRIALS * n]} == {0} and {lv for lv, _ in levels} == {LEVEL}
+    assert len({w for _, w in levels[TIE_EXPLOIT_TRIALS * n:]}) == 1 and levels[-1][0] == LEVEL
+    assert ac._window is not None and ac._window.mode == OFF and ac._plan == [ON]
 
 
 def test_changing_the_level_or_the_limit_starts_over_compressed():
@@ -197,6 +229,10 @@ def test_changing_the_level_or_the_limit_starts_over_compressed():
     assert ac.choice == ON
     ac.choose(5, True, CHUNK)                    # a limit set
     assert ac.choose(5, False, CHUNK)[0] == 5    # and removed: a new round, compressed first
+    run(ac, clock, 3 * TRIAL + 8 * MiB, {ON: 100e6, OFF: 300e6})
+    assert ac.choice == OFF
+    assert ac.choose(0, False, CHUNK) == (0, 0)  # modify --compression 0, then back to 7:
+    assert ac.choose(LEVEL, False, CHUNK)[0] == LEVEL and ac.choice == ON  # compressed first again
 
 
 def test_trial_windows_grow_with_the_chunks_in_flight():

@@ -35,6 +35,10 @@ MAX_DISKS = 16
 MODES = ("file", "block")
 #: ``snapshot: auto`` picks the first usable of these (by probe()), else ``live``
 AUTO_SNAPSHOT_ORDER = ("reflink", "btrfs", "elastio-snap", "dattobd", "lvm")
+#: Backends that give a crash-consistent copy of a running server's disks without stalling its
+#: writers for the whole copy (``live`` is not point-in-time; ``fsfreeze`` stalls writers, and
+#: ``auto`` uses it only for the final sync of a mounted filesystem)
+CONSISTENT_SNAPSHOT_BACKENDS = ("elastio-snap", "dattobd", "lvm", "btrfs", "reflink", "vss")
 _DISK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import click
 
 from go2cloud_client import platform, subp
+from go2cloud_client.commands import CONSISTENT_SNAPSHOT_BACKENDS
 from go2cloud_client.config import Config
 from go2cloud_client.console import Console
 from go2cloud_client.errors import PackageInstallError, RsyncMissingError
@@ -38,10 +39,6 @@ from go2cloud_client.home import Home
 from go2cloud_client.hostchanges import HostChanges
 
 LOG = logging.getLogger(__name__)
-
-#: Backends that give a crash-consistent copy of a running server's disks without stalling its
-#: writers for the whole copy (``live`` is not point-in-time; ``fsfreeze`` stalls writers).
-CONSISTENT_BACKENDS = ("elastio-snap", "dattobd", "lvm", "btrfs", "reflink", "vss")
 
 DRIVER_HELP = "https://github.com/elastio/elastio-snap (INSTALL.md: add the vendor's repository)"
 
@@ -128,7 +125,7 @@ class HostPrep:
             return block_capability(True, "not checked (snapshot_driver: skip)", [])
         volume = platform.root_block_device()
         usable, reasons = self.probe(volume)
-        good = [b for b in usable if b in CONSISTENT_BACKENDS]
+        good = [b for b in usable if b in CONSISTENT_SNAPSHOT_BACKENDS]
         if good:
             LOG.info("crash-consistent snapshot backends usable for %s: %s", volume or "this host", good)
             return block_capability(True, None, usable)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import psutil
 
 from go2cloud_client import platform
+from go2cloud_client.commands import CONSISTENT_SNAPSHOT_BACKENDS
 from go2cloud_client.drill import initramfs
 from go2cloud_client.drill.model import Item, critical, info, warning
 
@@ -619,7 +620,7 @@ def check_snapshot(ctx: Context) -> List[Item]:
     items = []
     for volume, probed in results.items():
         usable = [n for n, (ok, _) in sorted(probed.items()) if ok]
-        consistent = [n for n in usable if n != "live"]
+        consistent = [n for n in usable if n in CONSISTENT_SNAPSHOT_BACKENDS]
         on = f" for {volume}" if volume else ""
         wanted = ctx.snapshot if ctx.mode == "block" and ctx.snapshot not in (None, "auto") else None
         if wanted:
@@ -638,8 +639,11 @@ def check_snapshot(ctx: Context) -> List[Item]:
                              "run the agent as root and install a snapshot backend (LVM, btrfs, XFS reflink "
                              "or the elastio-snap/dattobd module)", usable=[]))
         elif not consistent and ctx.mode == "block":
-            items.append(warning("snapshot", f"only the live backend is usable{on}: the disk is read while "
-                                             "it changes, the copy is not consistent",
+            frozen = ("; the final sync freezes the filesystem (fsfreeze), which stalls its writers for "
+                      "the whole pass") if "fsfreeze" in usable else ""
+            items.append(warning("snapshot", f"no point-in-time snapshot backend is usable{on} (only "
+                                             f"{', '.join(usable)}): syncs read the disk while it changes, "
+                                             f"their copies are not consistent{frozen}",
                                  "install a snapshot backend (LVM, btrfs, XFS reflink, elastio-snap or "
                                  "dattobd), or stop writers before the final sync", usable=usable))
         else:

@@ -82,12 +82,6 @@ class HostChanges:
             self._save(kept)
 
 
-def record_host_change(home: Home, change: Dict[str, Any]) -> Dict[str, Any]:
-    """Append ``change`` (a dict with ``kind``) to the undo ledger of ``home``."""
-    fields = {k: v for k, v in change.items() if k != "kind"}
-    return HostChanges(home).record(change["kind"], **fields)
-
-
 def _shown(argv: Any) -> str:
     return " ".join(str(a) for a in argv) if isinstance(argv, list) else "?"
 

@@ -7,7 +7,7 @@ import pytest
 
 from go2cloud_client import hostchanges, subp
 from go2cloud_client.errors import HostRevertError
-from go2cloud_client.hostchanges import HostChanges, record_host_change, revert_all
+from go2cloud_client.hostchanges import HostChanges, revert_all
 from go2cloud_client.platform import linux
 
 
@@ -16,15 +16,8 @@ def test_record_list_forget(home):
     a = ledger.record(
         "package_installed", package="rsync", manager="apt-get", undo=["apt-get", "-y", "remove", "rsync"]
     )
-    b = record_host_change(
-        home,
-        {
-            "kind": "selinux_mode",
-            "previous_runtime": "enforcing",
-            "previous_config": "enforcing",
-            "config_path": "/etc/selinux/config",
-        },
-    )
+    b = ledger.record("selinux_mode", previous_runtime="enforcing", previous_config="enforcing",
+                      config_path="/etc/selinux/config")
     assert [c["kind"] for c in ledger.list()] == ["package_installed", "selinux_mode"]
     assert a["id"] != b["id"] and a["time"].endswith("Z")
     ledger.forget(a)

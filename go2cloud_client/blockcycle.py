@@ -145,7 +145,8 @@ def _as_dict(obj: Any) -> Dict[str, Any]:
     return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
 
 
-_DISK_KEYS = ("bytes_total", "bytes_done", "bytes_sent", "bytes_zero", "rate_bps", "eta_s", "state")
+_DISK_KEYS = ("bytes_total", "bytes_done", "bytes_sent", "bytes_zero", "rate_bps", "eta_s", "state",
+              "compression")
 
 
 @dataclass

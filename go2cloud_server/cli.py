@@ -1014,7 +1014,7 @@ def _disk_progress(t: Dict[str, Any]) -> str:
                 p.get("state"),
                 _bytes(total),
                 _bytes(done) + pct if done is not None else "-",
-                _bytes(p.get("bytes_sent")),
+                _bytes(p.get("bytes_sent")) + (f" ({p['compression']})" if p.get("compression") else ""),
                 _bytes(p.get("bytes_zero")),
                 f"{_bytes(p['rate_bps'])}/s" if p.get("rate_bps") else "-",
                 _eta(p.get("eta_s")),

@@ -134,12 +134,16 @@ class PathProgress:
     eta_s: Optional[float] = None
     state: str = "waiting"  # waiting|running|done
     bytes_zero: int = 0  # block mode: all-zero bytes sent as holes (always 0 for file level)
+    compression: Optional[str] = None  # block mode: how data chunks go now: compressed|raw|off
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
-                "bytes_sent": self.bytes_sent, "rate_bps": round(self.rate_bps, 1),
-                "eta_s": None if self.eta_s is None else round(self.eta_s, 1), "state": self.state,
-                "bytes_zero": self.bytes_zero}
+        doc = {"path": self.path, "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
+               "bytes_sent": self.bytes_sent, "rate_bps": round(self.rate_bps, 1),
+               "eta_s": None if self.eta_s is None else round(self.eta_s, 1), "state": self.state,
+               "bytes_zero": self.bytes_zero}
+        if self.compression is not None:
+            doc["compression"] = self.compression
+        return doc
 
 
 @dataclass

@@ -362,15 +362,17 @@ def test_adaptive_compression_tries_both_ways_and_a_limit_always_compresses(
         assert r.chunks_sent == chunks
         assert server.generation(cycle)[0]["sha256"] == sha256(image)
         rounds = rep.adaptive.rounds
+        shown = rep.snapshot().paths[0].compression  # what the disk's progress said last
         if cycle == 1:
             (_, raw, packed, choice), = rounds
             assert raw is not None and packed is not None, rounds  # both measured
             after = chunks - 3 * window
             assert r.chunks_compressed == 2 * window + (after if choice == adaptive.ON else 0), rounds
+            assert shown == choice
         elif cycle == 2:
-            assert rounds == [] and r.chunks_compressed == chunks
+            assert rounds == [] and r.chunks_compressed == chunks and shown == "compressed"
         else:
-            assert rounds == [] and r.chunks_compressed == 0
+            assert rounds == [] and r.chunks_compressed == 0 and shown == "off"
 
 
 @contextmanager

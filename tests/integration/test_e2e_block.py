@@ -209,6 +209,10 @@ def test_pause_resume_and_kill_mid_pass_give_the_same_image(server, agents, tmp_
     server.j("migration", "start", "--source", sid, "--mode", "block", "--disk", str(image),
              "--snapshot", "live", "--bandwidth-mbps", "40", "--compression", "0")
     wait_for(lambda: mid_pass(server, sid), 60, "the full pass to be under way", interval=0.3)
+    # the disk's progress says how its data goes (compression 0: off), in JSON and for people
+    assert task(server, sid)["progress"]["disks"][0]["compression"] == "off"
+    shown = server.cli("migration", "show", "--source", sid, json_out=False).stdout
+    assert "(off)" in shown.split("Disks of", 1)[1], shown
     server.j("migration", "pause", "--source", sid)
     server.wait_task(sid, "paused", timeout=30)
     server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "0")

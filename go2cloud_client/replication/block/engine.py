@@ -49,8 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from go2cloud_client.replication.block import codec
-from go2cloud_client.replication.block.adaptive import AdaptiveCompression
+from go2cloud_client.replication.block import adaptive, codec
 from go2cloud_client.replication.block.bucket import BURST_S, TokenBucket, mbps_to_bytes
 from go2cloud_client.replication.block.errors import (
     BlockSourceError,
@@ -304,7 +303,7 @@ class BlockReplicator:
         self.changed_extents = changed_extents
         self.workers = options.workers or os.cpu_count() or 1
         self.bucket = TokenBucket(mbps_to_bytes(options.bandwidth_mbps))
-        self.adaptive = AdaptiveCompression()
+        self.adaptive = adaptive.AdaptiveCompression()
         self._lock = threading.Lock()
         self._last_emit = 0.0
         self._progress: List[PathProgress] = []
@@ -696,6 +695,7 @@ class BlockReplicator:
         if zero:
             return encoder.encode(index, data, 0, opts.checksum, digest)
         level, window = self.adaptive.choose(opts.compression, self.bucket.rate > 0, length)
+        dp.progress.compression = adaptive.ON if level else "off" if opts.compression == 0 else adaptive.OFF
         enc = encoder.encode(index, data, level, opts.checksum, digest)
         enc.window = window
         return enc

@@ -141,7 +141,7 @@ class FakeEngine:
         w = self.world
         w.runs.append((cycle, self.kw, [s for s in w.created if not s.released]))
         self.kw["on_progress"](Progress(100, 50, 40, 10.0, 5.0, [PathProgress("vdb", 100, 50, 40, 10.0, 5.0,
-                                                                               "running", 30)]))
+                                                                               "running", 30, "raw")]))
         w.extents.append(self.kw["changed_extents"]("vdb"))
         w.started.set()
         if w.failures:
@@ -227,7 +227,8 @@ def test_cycle_snapshots_reads_the_snapshot_and_releases(world, home):
     assert result["cycle"] == 1 and result["snapshots"] == {"vdb": "reflink"}
     disk = world.progress[0]["disks"][0]
     assert disk == {"name": "vdb", "path": "/dev/vdb", "bytes_total": 100, "bytes_done": 50, "bytes_sent": 40,
-                    "bytes_zero": 30, "rate_bps": 10.0, "eta_s": 5.0, "state": "running"}
+                    "bytes_zero": 30, "rate_bps": 10.0, "eta_s": 5.0, "state": "running",
+                    "compression": "raw"}
     # the work directory stays listed (bases live there) until the task is forgotten
     assert [e["backend"] for e in SnapshotLedger(home).entries()] == ["reflink"]
 

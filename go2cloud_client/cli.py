@@ -36,7 +36,7 @@ from go2cloud_client.errors import (
     UsageError,
 )
 from go2cloud_client.events import utc_now
-from go2cloud_client.home import Home, HomeLock, configure_logging, lock_held, log_path, resolve_home
+from go2cloud_client.home import Home, HomeLock, configure_logging, log_path, resolve_home
 from go2cloud_client.hostchanges import HostChanges, describe, revert_all
 from go2cloud_client.hostprep import HostPrep, ensure_rsync
 from go2cloud_client.identity import Identity
@@ -131,14 +131,12 @@ def _install_signals(agent: Agent) -> Dict[int, Any]:
 
 
 def _already_imported(home: Home) -> Optional[Dict[str, Any]]:
-    """source.json of a complete import (identity key present), else None."""
-    if not home.exists():
-        return None
+    """source.json of a complete import, else None (also when it is unreadable: the import
+    reports that under the home's lock)."""
     try:
-        source = home.read_state(home.source_file)
+        return home.imported_source()
     except ConfigError:
         return None
-    return source if source and source.get("source_id") and home.key_file.exists() else None
 
 
 def _imported_line(source: Dict[str, Any]) -> str:
@@ -278,9 +276,9 @@ def collect_status(home: Home) -> Dict[str, Any]:
         doc.update({"imported": True, "source_id": source.get("source_id"),
                     "workgroup": source.get("workgroup"), "server": source.get("server"),
                     "block": (source.get("capabilities") or {}).get("block")})
-    pid = home.read_pid()
-    running = bool(pid and platform.pid_alive(pid) and lock_held(home))
-    doc.update({"running": running, "pid": pid if running else None})
+    pid = servicemode.running_pid(home)
+    running = pid is not None
+    doc.update({"running": running, "pid": pid})
     live = home.read_state(home.status_file) or {}
     task = home.read_state(home.task_file) or {}
     if running and live:

@@ -182,6 +182,15 @@ class Home:
         except ValueError:
             return None
 
+    def imported_source(self) -> Optional[Dict[str, Any]]:
+        """source.json of a complete import (a source id and the identity key), None when this
+        home is not imported; an unreadable source.json is the ConfigError of :meth:`read_state`
+        (the caller decides whether that is fatal)."""
+        if not self.exists():
+            return None
+        source = self.read_state(self.source_file)
+        return source if source and source.get("source_id") and self.key_file.exists() else None
+
     def previous_source_id(self) -> Optional[str]:
         text = self.read_text(self.previous_source_file)
         if not text:

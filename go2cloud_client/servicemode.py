@@ -124,7 +124,7 @@ def wait_running(home: Home, seconds: float) -> Optional[int]:
 
 def install(home: Home, console: Console, *, start: bool = True) -> None:
     """``service install``: idempotent (the unit is replaced and the agent restarted)."""
-    if not home.read_state(home.source_file) or not home.key_file.exists():
+    if home.imported_source() is None:
         raise NotImportedError(
             f"{home.root} is not imported yet: import first with go2cloud_client --home {home.root} "
             "--import-only --server URL --server-fingerprint sha256:... --token-id at-... "

@@ -23,10 +23,8 @@ LOG = logging.getLogger(__name__)
 
 
 def _imported_server(home: Home) -> Tuple[Optional[str], Optional[str]]:
-    if not home.exists():
-        return None, None
     try:
-        source = home.read_state(home.source_file) or {}
+        source = home.imported_source() or {}
     except ConfigError:
         return None, None
     return source.get("server"), source.get("server_fingerprint")

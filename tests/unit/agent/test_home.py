@@ -90,3 +90,17 @@ def test_unwritable_home_is_config_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot create the agent home"):
         Home(blocker / "home").ensure()
+
+
+def test_imported_source_needs_a_source_id_and_the_identity_key(tmp_path, home):
+    assert Home(tmp_path / "nowhere").imported_source() is None
+    assert home.imported_source() is None
+    home.write_state(home.source_file, {"source_id": "s-1", "server": "https://cp:8443"})
+    assert home.imported_source() is None  # no identity key: the import did not finish
+    home.key_file.write_bytes(b"key")
+    assert home.imported_source()["source_id"] == "s-1"
+    home.write_state(home.source_file, {"server": "https://cp:8443"})
+    assert home.imported_source() is None  # no source id
+    home.source_file.write_text("{not json")
+    with pytest.raises(ConfigError, match="corrupt"):
+        home.imported_source()

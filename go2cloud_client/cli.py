@@ -271,7 +271,7 @@ def collect_status(home: Home) -> Dict[str, Any]:
                            "connected": None, "updated_at": None, "block": None}
     if not home.exists():
         return doc
-    source = home.read_state(home.source_file)
+    source = home.imported_source()
     if source:
         doc.update({"imported": True, "source_id": source.get("source_id"),
                     "workgroup": source.get("workgroup"), "server": source.get("server"),

@@ -46,10 +46,12 @@ def agent_argv(home: Path) -> List[str]:
 
 def running_pid(home: Home) -> Optional[int]:
     """The pid of the agent running with ``home``, or None."""
-    if not home.exists() or not lock_held(home):
+    if not home.exists():
         return None
-    pid = home.read_pid()
-    return pid if pid and platform.pid_alive(pid) else None
+    pid = home.read_pid()  # the pid file and the process first: probing the lock takes it briefly
+    if not pid or not platform.pid_alive(pid):
+        return None
+    return pid if lock_held(home) else None
 
 
 def _wait_unlocked(home: Home, seconds: float) -> bool:

@@ -639,13 +639,19 @@ def check_snapshot(ctx: Context) -> List[Item]:
                              "run the agent as root and install a snapshot backend (LVM, btrfs, XFS reflink "
                              "or the elastio-snap/dattobd module)", usable=[]))
         elif not consistent and ctx.mode == "block":
-            frozen = ("; the final sync freezes the filesystem (fsfreeze), which stalls its writers for "
-                      "the whole pass") if "fsfreeze" in usable else ""
-            items.append(warning("snapshot", f"no point-in-time snapshot backend is usable{on} (only "
-                                             f"{', '.join(usable)}): syncs read the disk while it changes, "
-                                             f"their copies are not consistent{frozen}",
-                                 "install a snapshot backend (LVM, btrfs, XFS reflink, elastio-snap or "
-                                 "dattobd), or stop writers before the final sync", usable=usable))
+            if "fsfreeze" in usable:
+                finding = (f"no snapshot backend that keeps writers running is usable{on} (only "
+                           f"{', '.join(usable)}): the syncs before the final one read the disk while it "
+                           "changes (not consistent); the final sync freezes the filesystem (consistent, "
+                           "but its writers stall for the whole pass)")
+                fix = ("install a snapshot backend (LVM, btrfs, XFS reflink, elastio-snap or dattobd) so "
+                       "that the final sync does not stall the server's writers")
+            else:
+                finding = (f"no point-in-time snapshot backend is usable{on} (only {', '.join(usable)}): "
+                           "every sync reads the disk while it changes, the copies are not consistent")
+                fix = ("install a snapshot backend (LVM, btrfs, XFS reflink, elastio-snap or dattobd), or "
+                       "stop writers before the final sync")
+            items.append(warning("snapshot", finding, fix, usable=usable))
         else:
             items.append(info("snapshot", f"usable snapshot backends{on}: {', '.join(usable)}",
                               usable=usable))

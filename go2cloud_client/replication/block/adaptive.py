@@ -70,6 +70,8 @@ MIN_SECONDS = 0.02
 
 ON = "compressed"
 OFF = "raw"
+#: what a disk's progress says when the level is 0
+DISABLED = "off"
 
 
 @dataclass
@@ -230,5 +232,5 @@ def rate_text(rate: Optional[float]) -> str:
     return "not measured" if rate is None else f"{rate / 1e6:.0f} MB/s"
 
 
-__all__ = ["AdaptiveCompression", "EXPLOIT_TRIALS", "MARGIN", "MAX_EXPLOIT_TRIALS", "OFF", "ON",
+__all__ = ["DISABLED", "AdaptiveCompression", "EXPLOIT_TRIALS", "MARGIN", "MAX_EXPLOIT_TRIALS", "OFF", "ON",
            "TIE_EXPLOIT_TRIALS", "TRIAL_INFLIGHT", "TRIAL_MAX", "TRIAL_MIN", "rate_text"]

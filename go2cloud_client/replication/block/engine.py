@@ -695,7 +695,10 @@ class BlockReplicator:
         if zero:
             return encoder.encode(index, data, 0, opts.checksum, digest)
         level, window = self.adaptive.choose(opts.compression, self.bucket.rate > 0, length)
-        dp.progress.compression = adaptive.ON if level else "off" if opts.compression == 0 else adaptive.OFF
+        # what the disk's progress shows: the mode chosen for data chunks (an incompressible chunk
+        # still goes raw when compression is chosen; trial windows alternate)
+        dp.progress.compression = adaptive.ON if level else adaptive.DISABLED if opts.compression == 0 \
+            else adaptive.OFF
         enc = encoder.encode(index, data, level, opts.checksum, digest)
         enc.window = window
         return enc

@@ -351,13 +351,14 @@ def test_snapshot_driver(tmp_path):
     assert sev(checks.check_snapshot(named)) == [CRITICAL]
     good = _probe({"live": (True, "ok"), "reflink": (True, "reflink ok")})
     assert sev(checks.check_snapshot(ctx(tmp_path, snapshot_probe=good, **block))) == [INFO]
-    # fsfreeze is not a point-in-time snapshot of the syncs before the final one (and it stalls the
-    # writers): the same warning as live alone, saying what the final sync does (as host prep does)
+    # fsfreeze makes only the final sync consistent, and stalls the writers for that pass: a
+    # warning too (host preparation, too, offers the snapshot driver then), saying so
     frozen = _probe({"live": (True, "ok"), "fsfreeze": (True, "can freeze /"), "lvm": (False, "no LVM")})
     items = checks.check_snapshot(ctx(tmp_path, snapshot_probe=frozen, **block))
-    assert sev(items) == [WARNING] and "fsfreeze" in items[0].finding and "stalls" in items[0].finding
+    assert sev(items) == [WARNING] and "final sync freezes" in items[0].finding
+    assert "stall" in items[0].finding and "stall" in items[0].fix
     live_items = checks.check_snapshot(ctx(tmp_path, snapshot_probe=only_live, **block))
-    assert "fsfreeze" not in live_items[0].finding
+    assert "freezes" not in live_items[0].finding and "not consistent" in live_items[0].finding
 
 
 # -- runner, report, CLI -------------------------------------------------------------------------

@@ -82,6 +82,17 @@ def mounted(image: Path, where: Path) -> Iterator[Path]:
         run("umount", str(where))
 
 
+WORDS = ["migration", "block", "chunk", "zstd", "server", "disk", "cloud", "snapshot", "\n"]
+
+
+def text_image(image: Path, seed: int, copies: int) -> None:
+    """An image of ``copies`` x 8 MiB of text made of WORDS: every chunk compresses well."""
+    rnd = random.Random(seed)
+    text = " ".join(rnd.choice(WORDS) for _ in range(2 * MiB)).encode()[:8 * MiB]
+    assert len(text) == 8 * MiB
+    image.write_bytes(text * copies)
+
+
 def make_fs(image: Path, fs: str, size: int, work: Path, seed: int = 1) -> None:
     """A filesystem with real content: random files, text, copies of /usr binaries, a zeroed file."""
     with open(image, "wb") as f:
@@ -96,9 +107,8 @@ def make_fs(image: Path, fs: str, size: int, work: Path, seed: int = 1) -> None:
         for i in range(8):
             (mnt / "random" / f"r{i}.bin").write_bytes(rnd.randbytes(rnd.randint(256 * 1024, 3 * MiB)))
         (mnt / "text").mkdir()
-        words = ["migration", "block", "chunk", "zstd", "server", "disk", "cloud", "snapshot", "\n"]
         for i in range(20):
-            (mnt / "text" / f"t{i}.txt").write_text(" ".join(rnd.choice(words) for _ in range(40000)))
+            (mnt / "text" / f"t{i}.txt").write_text(" ".join(rnd.choice(WORDS) for _ in range(40000)))
         (mnt / "bin").mkdir()
         for name in ("bash", "ls", "cp", "tar", "python3"):
             src = shutil.which(name)
@@ -348,12 +358,8 @@ def test_adaptive_compression_tries_both_ways_and_a_limit_always_compresses(
     the round chose (whichever wins on this machine); under a limit every chunk is compressed;
     level 0 compresses none. Trial windows are made small here: twice what can be in flight,
     50 chunks of 256 KiB with 2 workers (the engine uses four times, at least 64 MiB)."""
-    rnd = random.Random(9)
-    words = ["migration", "block", "chunk", "zstd", "server", "disk", "cloud", "snapshot", "\n"]
-    text = " ".join(rnd.choice(words) for _ in range(2 * MiB)).encode()[:8 * MiB]
-    assert len(text) == 8 * MiB
     image = tmp_path / "text.img"
-    image.write_bytes(text * 12)  # 96 MiB, every chunk compressible: 384 chunks of 256 KiB
+    text_image(image, seed=9, copies=12)  # 96 MiB, every chunk compressible: 384 chunks of 256 KiB
     chunks, window = 384, 2 * (2 + 16 + 2 * 16)
     for cycle, opts in [(1, {}), (2, {"bandwidth_mbps": 4000}), (3, {"compression": 0})]:
         rep = replicator(server, str(image), tmp_path / f"state{cycle}", workers=2, **opts)
@@ -394,11 +400,8 @@ def test_adaptive_compression_keeps_compressing_on_a_thin_link(tmp_path: Path) -
     """Agent and target in a namespace whose loopback carries 160 Mbit/s (a WAN link): the raw trial
     window is measured clearly slower than the compressed ones, and everything else is compressed.
     Trial windows are made small (twice what can be in flight: 25 MiB)."""
-    rnd = random.Random(11)
-    words = ["migration", "block", "chunk", "zstd", "server", "disk", "cloud", "snapshot", "\n"]
-    text = " ".join(rnd.choice(words) for _ in range(2 * MiB)).encode()[:8 * MiB]
     image = tmp_path / "text.img"
-    image.write_bytes(text * 14)  # 112 MiB: a round of three 25 MiB windows, then compressed
+    text_image(image, seed=11, copies=14)  # 112 MiB: a round of three 25 MiB windows, then compressed
     with shaped_namespace(160) as ns:
         out = run("ip", "netns", "exec", ns, sys.executable, "-m", "tests.support.blockpass", str(image),
                   str(tmp_path), "--trial-mib", "4", "--trial-inflight", "2")

@@ -322,7 +322,10 @@ class BlockReplicator:
     def inflight_window(self) -> int:
         """Chunks that can be read but not yet acknowledged at any moment: one being encoded per
         worker, a batch queued, a batch being sent per sender."""
-        return self.workers + self.batch_frames + self.workers * self.batch_frames
+        return self._inflight(self.batch_frames)
+
+    def _inflight(self, frames: int) -> int:
+        return self.workers + frames + self.workers * frames
 
     def set_options(self, options: BlockOptions) -> None:
         """Bandwidth and compression apply at once (the next token taken, the next chunk
@@ -574,7 +577,7 @@ class BlockReplicator:
         item_lock = threading.Lock()
         frames = batch_frames(dp.chunk_size)
         q: queue.Queue = queue.Queue(maxsize=frames)
-        self.adaptive.start_transfer((self.workers + frames + self.workers * frames) * dp.chunk_size)
+        self.adaptive.start_transfer(self._inflight(frames) * dp.chunk_size)
 
         def fail(exc: BaseException) -> None:
             with item_lock:

@@ -34,6 +34,7 @@ from go2cloud_client.replication.block import (
     Disk,
     adaptive,
 )
+from go2cloud_client.replication.rsync import TransferCancelled
 from go2cloud_server.blockstore import BlockTaskStore
 from tests.support.blockserver import BlockServer
 
@@ -310,25 +311,70 @@ def test_kill_9_at_random_points_resumes_with_bounded_resend(tmp_path: Path, ser
     assert server.generation(2)[0]["sha256"] == sha256(image)
 
 
-def test_cancel_then_resume_in_process(tmp_path: Path, server: BlockServer) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(random.Random(3).randbytes(32 * MiB))
+def cancelled_pass(rep: BlockReplicator, after: int) -> None:
+    """Cycle 1 of ``rep``, cancelled (as a pause does) once ``after`` bytes were sent."""
     cancel = threading.Event()
-    rep = replicator(server, str(image), tmp_path / "state", bandwidth_mbps=40)  # 5 MB/s
 
     def stop_soon(p) -> None:
-        if p.bytes_sent > 8 * MiB:
+        if p.bytes_sent > after:
             cancel.set()
 
     rep.on_progress = stop_soon
-    from go2cloud_client.replication.rsync import TransferCancelled
-
     with pytest.raises(TransferCancelled):
         rep.run_cycle(BlockCycle(1, False), cancel)
     rep.on_progress = lambda p: None
+
+
+def test_cancel_then_resume_in_process(tmp_path: Path, server: BlockServer) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(3).randbytes(32 * MiB))
+    rep = replicator(server, str(image), tmp_path / "state", bandwidth_mbps=40)  # 5 MB/s
+    cancelled_pass(rep, 8 * MiB)
     rep.set_options(BlockOptions(chunk_size=CS, bandwidth_mbps=0))  # "modify" between runs
     r = rep.run_cycle(BlockCycle(1, False), threading.Event())
     assert r.chunks_resumed >= 32 and r.chunks_sent <= 128 - 32 + rep.inflight_window
+    assert server.generation(1)[0]["sha256"] == sha256(image)
+
+
+def test_pass_journal_is_synced_off_the_senders_path(tmp_path: Path, server: BlockServer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The senders never fsync: the journal's own thread does, every FLUSH_EVERY sent chunks; a
+    pass that stops syncs its journal before returning (it must survive a crash of the machine),
+    a pass that commits removes it without a sync."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(4).randbytes(48 * MiB))  # 192 chunks, 3 x FLUSH_EVERY
+    journal = tmp_path / "state" / "d0.pass"
+    syncs: List[tuple] = []   # (path, thread) of every fsync
+    events: List[str] = []    # "write" / "fsync" of the journal, in order
+    real_fsync, real_write = os.fsync, os.write
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        syncs.append((path, threading.current_thread().name))
+        real_fsync(fd)
+        if path == str(journal):
+            events.append("fsync")
+
+    def write(fd: int, data) -> int:
+        n = real_write(fd, data)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(journal):
+            events.append("write")
+        return n
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "write", write)
+    rep = replicator(server, str(image), tmp_path / "state", bandwidth_mbps=80)  # 10 MB/s
+    cancelled_pass(rep, 24 * MiB)
+    assert ("journal-d0.pass" in [name for path, name in syncs if path == str(journal)]
+            ), "no background fsync although > FLUSH_EVERY chunks were sent before the cancel"
+    assert "write" in events and events[-1] == "fsync"  # the stopped pass's journal is synced
+    assert not [name for _path, name in syncs if name.startswith("block-")]
+    syncs.clear()
+    rep.set_options(BlockOptions(chunk_size=CS, bandwidth_mbps=0))
+    r = rep.run_cycle(BlockCycle(1, False), threading.Event())
+    assert r.chunks_resumed >= 96 and not journal.exists()
+    assert [name for path, name in syncs if path == str(journal) and not name.startswith("journal-")] == []
+    assert not [name for _path, name in syncs if name.startswith("block-")]
     assert server.generation(1)[0]["sha256"] == sha256(image)
 
 

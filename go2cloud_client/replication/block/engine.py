@@ -473,9 +473,9 @@ class BlockReplicator:
                                 "again", name, len(differ))
                     for i in differ:
                         journal.mark_dirty(i)
+                    journal.flush()
                     dp.repaired += len(differ)
                     self._transfer(dp, iter(differ), cancel)
-            journal.flush()
             hashes = journal.hash_bytes()
             try:
                 client.commit(name, cycle.number, src.size, chunk_size, hashes)
@@ -660,6 +660,7 @@ class BlockReplicator:
                    for n in range(self.workers)]
         for t in workers + senders:
             t.start()
+        finished = False
         try:
             for t in workers:
                 t.join()
@@ -667,12 +668,14 @@ class BlockReplicator:
                 put(_DONE)
             for t in senders:
                 t.join()
+            finished = not (errors or cancel.is_set())
         finally:
             stop.set()
             for t in workers + senders:
                 t.join()
             client.close()
-            dp.journal.flush()
+            if not finished:  # the pass stops here: its journal must survive a crash of the machine
+                dp.journal.flush()
         if cancel.is_set():
             raise TransferCancelled("transfer cancelled")
         if errors:

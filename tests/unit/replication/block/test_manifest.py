@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -69,28 +70,95 @@ def test_torn_record_is_cut_off(tmp_path):
     assert _journal(path).open().done_count == 11
 
 
-def test_flush_every_n_records(tmp_path, monkeypatch):
-    synced = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+class _Fsyncs:
+    """os.fsync, recorded: which fd, from which thread; ``gate`` cleared = the next fsync blocks
+    until the test sets it (a disk that is slow to sync, which a test cannot make real here)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Semaphore(0)
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            self.calls.append((fd, threading.current_thread().name))
+            self.started.release()
+            assert self.gate.wait(30), "fsync held for 30 s"
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def wait_started(self) -> None:
+        assert self.started.acquire(timeout=30), "no fsync started"
+
+
+def _in_thread(fn) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+def test_journal_syncs_in_the_background_every_n_sent_records(tmp_path, monkeypatch):
     j = _journal(tmp_path / "d0.pass", size=500 * CS).open()
-    synced.clear()
-    for i in range(FLUSH_EVERY * 3):
+    fs = _Fsyncs(monkeypatch)
+    for i in range(FLUSH_EVERY - 1):
         j.mark(i, h(i))
-    assert len(synced) == 3
-    # unchanged chunks (a hash scan) never wait for the disk by themselves...
-    for i in range(FLUSH_EVERY * 3, FLUSH_EVERY * 4 + 10):
+    # unchanged chunks (a hash scan) never wait for the disk by themselves
+    for i in range(FLUSH_EVERY, FLUSH_EVERY * 3):
         j.mark(i, h(i), sent=False)
-    assert len(synced) == 3
-    # ...sent batches count per chunk, and the final flush syncs whatever is left
-    j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY * 5, FLUSH_EVERY * 6)])
-    assert len(synced) == 4
-    j.mark(0, h(0), sent=False)
+    assert fs.calls == []
+    j.mark(FLUSH_EVERY - 1, h(FLUSH_EVERY - 1))
+    fs.wait_started()
+    assert len(fs.calls) == 1 and fs.calls[0][1] == "journal-d0.pass"  # not the caller's thread
+    # a batch counts per chunk
+    j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY * 3, FLUSH_EVERY * 4)])
+    fs.wait_started()
+    assert [name for _fd, name in fs.calls] == ["journal-d0.pass"] * 2
     j.close()
-    assert len(synced) == 5
     back = _journal(tmp_path / "d0.pass", size=500 * CS).open()
-    assert back.done_count == FLUSH_EVERY * 5 + 10
+    assert back.done_count == FLUSH_EVERY * 4
     back.close()
+
+
+def test_senders_wait_for_a_slow_fsync_only_after_another_n_records(tmp_path, monkeypatch):
+    j = _journal(tmp_path / "d0.pass", size=500 * CS).open()
+    fs = _Fsyncs(monkeypatch)
+    fs.gate.clear()
+    j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY)])  # wakes the flusher, returns
+    fs.wait_started()                                        # the flusher's fsync is stuck
+    first = _in_thread(lambda: j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY, 2 * FLUSH_EVERY - 1)]))
+    first.join(30)
+    assert not first.is_alive(), "a sender waited for the disk before another FLUSH_EVERY records"
+    second = _in_thread(lambda: j.mark(2 * FLUSH_EVERY - 1, h(2 * FLUSH_EVERY - 1)))
+    second.join(0.5)
+    assert second.is_alive(), "the unsynced records grow without bound while an fsync is stuck"
+    fs.gate.set()
+    second.join(30)
+    assert not second.is_alive()
+    fs.wait_started()  # the records that came in meanwhile are synced next
+    j.close()
+    back = _journal(tmp_path / "d0.pass", size=500 * CS).open()
+    assert back.done_count == 2 * FLUSH_EVERY
+    back.close()
+
+
+def test_close_syncs_what_is_left_but_remove_does_not(tmp_path, monkeypatch):
+    path = tmp_path / "d0.pass"
+    j = _journal(path, size=500 * CS).open()
+    fs = _Fsyncs(monkeypatch)
+    for i in range(10):
+        j.mark(i, h(i))
+    j.mark(10, h(10), sent=False)
+    assert fs.calls == []
+    j.close()  # a pass that stops (pause, cancel, error): the journal must survive a crash
+    assert len(fs.calls) == 1 and fs.calls[0][1] == threading.current_thread().name
+    j2 = _journal(path, size=500 * CS).open()
+    assert j2.done_count == 11
+    fs.calls.clear()
+    j2.mark_many([(i, h(i), 1) for i in range(20, 30)])
+    j2.remove()  # the pass committed: nothing to sync in a file about to go
+    assert fs.calls == [] and not path.exists()
 
 
 def test_journal_of_another_pass_is_abandoned_but_its_sent_chunks_stay_dirty(tmp_path):

@@ -674,7 +674,9 @@ class BlockReplicator:
             for t in workers + senders:
                 t.join()
             client.close()
-            if not finished:  # the pass stops here: its journal must survive a crash of the machine
+            if finished:  # a verify or the commit comes next: sync, but do not wait for it
+                dp.journal.sync_soon()
+            else:  # the pass stops here: its journal must survive a crash of the machine
                 dp.journal.flush()
         if cancel.is_set():
             raise TransferCancelled("transfer cancelled")

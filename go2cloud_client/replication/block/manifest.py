@@ -9,20 +9,22 @@ records after a fixed header, CRC-32 at the end), replaced atomically after each
 
 ``<disk>.pass`` — the journal of the pass in progress: a header naming the cycle and the geometry
 it belongs to, then one 28-byte record per finished work item (chunk sent and acknowledged, or
-found unchanged), appended with ``write(2)`` as each completes. A background thread of the
-journal fsyncs it once :data:`FLUSH_EVERY` records of sent chunks are unsynced; the senders wait
-for that fsync only when another ``FLUSH_EVERY`` have come in while it runs (a disk slower than
-the transfer). The senders never wait for the disk otherwise: an fsync waits for every write the
-filesystem has to order before its journal commit, the server's own writes included, and took
-~90 ms per call on the benchmark VM while the target wrote to the same disk (31 of them, inline,
-made the pass 20-30% slower). Records of unchanged chunks alone never trigger an fsync (losing
-them costs a re-read, not a re-send). When a pass stops early (pause, cancel, error) the journal
-is fsynced before it is closed; a pass that commits removes it without one. Replaying it
-rebuilds the done-map (one bit per chunk) and the new hashes, so a resumed pass skips what the
-target already has: after a crash of the agent (kill -9: the records are in the page cache) it
-re-sends only the chunks that were in flight; after a crash of the whole machine also those
-whose records were not yet synced (about ``2 x FLUSH_EVERY``: those of the fsync in progress and
-those that came in meanwhile). A torn last record is detected by its CRC and cut off::
+found unchanged), appended with ``write(2)`` as each completes. The journal's own thread (the
+flusher) fsyncs it once :data:`FLUSH_EVERY` records of sent chunks are unsynced, and once more
+when the transfer ends; the senders wait for it only when another ``FLUSH_EVERY`` came in while
+it syncs, or ``2 x FLUSH_EVERY`` before it started (a disk slower than the transfer). They never
+wait for the disk otherwise: an fsync waits for every write the filesystem has to order before
+its journal commit, the server's own writes included; on the benchmark VM, with the target on
+the same disk, each took ~90 ms and 31 of them inline made the pass 20-30% slower. Records of
+unchanged chunks alone never wake the flusher (losing them costs a re-read, not a re-send). When
+a pass stops early (pause, cancel, error) the journal is fsynced before it is closed; a pass that
+commits removes it without waiting for the disk. Replaying it rebuilds the done-map (one bit per
+chunk) and the new hashes, so a resumed pass skips what the target already has: after a crash of
+the agent (kill -9: the records are in the page cache) it re-sends only the chunks that were in
+flight; after a crash of the whole machine also those whose records were not yet synced: those
+of the fsync in progress and those that came in meanwhile, typically ``FLUSH_EVERY`` and at most
+``3 x FLUSH_EVERY`` plus two batches per sender (a sender appends its whole batch before it
+checks). A torn last record is detected by its CRC and cut off::
 
     header  >8sIIIIQII  magic "G2CBPAS1", version, cycle, chunk_size, flags, disk_size,
                         base_cycle, CRC-32 of the preceding header bytes
@@ -140,7 +142,9 @@ class Manifest:
 class PassJournal:
     """Done-map and new hashes of one pass over one disk, persisted as an append-only journal.
 
-    Thread-safe: :meth:`mark` is called from the sender threads.
+    Thread-safe: :meth:`mark` is called from the sender threads, and the journal's flusher thread
+    (started at the first :data:`FLUSH_EVERY` sent records) fsyncs it; :meth:`close` stops the
+    flusher, so nothing may mark the journal after (or while) it is closed.
     """
 
     def __init__(self, path: Path, *, cycle: int, chunk_size: int, disk_size: int, incremental: bool,
@@ -168,6 +172,8 @@ class PassJournal:
         self._flusher: Optional[threading.Thread] = None
         self._syncing = False
         self._closing = False
+        self._sync_soon = False
+        self._sync_failed = False
 
     # -- bitmap ----------------------------------------------------------------------------------
     def is_done(self, index: int) -> bool:
@@ -209,6 +215,7 @@ class PassJournal:
         (carrying over the chunks an abandoned pass sent as dirty)."""
         header = self._header()
         carried: Set[int] = set()
+        self._closing = False
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -258,36 +265,58 @@ class PassJournal:
         os.write(self._fd, self._record(index, count, digest))
         self._unsynced += 1
 
+    def _wake_flusher(self) -> None:
+        """(Lock held.) Start the flusher if it is not running, and wake it."""
+        if self._flusher is None:
+            flusher = threading.Thread(target=self._flush_loop, name=f"journal-{self.path.name}",
+                                       daemon=True)
+            flusher.start()
+            self._flusher = flusher
+        self._wake.notify_all()
+
     def _sync_every(self, sent: int) -> None:
         """(Lock held.) Wake the flusher once :data:`FLUSH_EVERY` records of sent chunks are
-        unsynced; wait for it only while it is syncing and another ``FLUSH_EVERY`` came in."""
+        unsynced; wait for it while it syncs and another ``FLUSH_EVERY`` came in, or while twice
+        that wait for it to start."""
         self._unsynced_sent += sent
         if self._unsynced_sent < FLUSH_EVERY:
             return
-        if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_loop, name=f"journal-{self.path.name}",
-                                             daemon=True)
-            self._flusher.start()
-        self._wake.notify_all()
-        while self._syncing and self._unsynced_sent >= FLUSH_EVERY and not self._closing:
+        self._wake_flusher()
+        while not self._closing and (self._unsynced_sent >= 2 * FLUSH_EVERY
+                                     or (self._syncing and self._unsynced_sent >= FLUSH_EVERY)):
             self._wake.wait()
 
+    def sync_soon(self) -> None:
+        """Have the flusher fsync whatever is unsynced (records of unchanged chunks included),
+        without waiting for it: the transfer ended, a verify or the commit comes next."""
+        with self._lock:
+            if self._fd is not None and self._unsynced and not self._closing:
+                self._sync_soon = True
+                self._wake_flusher()
+
     def _flush_loop(self) -> None:
-        """The flusher: fsync, outside the lock, what was appended before each wake-up."""
+        """The flusher: fsync, outside the lock, what was appended before it took the records'
+        count (records appended meanwhile count for the next fsync)."""
         while True:
             with self._lock:
-                while self._unsynced_sent < FLUSH_EVERY and not self._closing:
+                while not (self._closing or self._unsynced_sent >= FLUSH_EVERY
+                           or (self._sync_soon and self._unsynced)):
                     self._wake.wait()
                 if self._closing or self._fd is None:
                     return
                 fd = self._fd
                 self._unsynced = self._unsynced_sent = 0
+                self._sync_soon = False
                 self._syncing = True
             try:
                 os.fsync(fd)
-            except OSError as exc:  # the synchronous flush when the pass stops tries again
-                LOG.warning("cannot sync the pass journal %s (%s): a crash of this machine now "
-                            "would make the next pass re-send more", self.path, exc.strerror)
+            except OSError as exc:
+                # the journal only bounds what a crash makes the next pass re-send: the pass goes
+                # on (the fsync when a pass stops early tries again; it may not see this error)
+                if not self._sync_failed:
+                    self._sync_failed = True
+                    LOG.warning("cannot sync the pass journal %s (%s): a crash of this machine during "
+                                "this pass would make the next one re-send more", self.path, exc.strerror)
                 with self._lock:
                     self._unsynced += 1
             finally:
@@ -343,19 +372,22 @@ class PassJournal:
             self._sync_now()
 
     def close(self, sync: bool = True) -> None:
-        """Stop the flusher and close the file, fsynced first unless ``sync`` is False."""
-        with self._lock:
+        """Stop the flusher and close the file, fsynced first unless ``sync`` is False (the
+        flusher is stopped and the file closed even when that fsync fails)."""
+        try:
             if sync:
-                self._sync_now()
-            self._closing = True
-            self._wake.notify_all()
-            flusher, self._flusher = self._flusher, None
-        if flusher is not None and flusher is not threading.current_thread():
-            flusher.join()
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+                self.flush()
+        finally:
+            with self._lock:
+                self._closing = True
+                self._wake.notify_all()
+                flusher, self._flusher = self._flusher, None
+            if flusher is not None:
+                flusher.join()  # it fsyncs outside the lock: the fd stays open until it is done
+            with self._lock:
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
 
     def remove(self) -> None:
         """Delete the journal (its pass is committed): no fsync of a file about to go."""

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import errno
 import os
 import threading
+from typing import Optional
 
 import pytest
 
@@ -79,13 +81,25 @@ class _Fsyncs:
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Semaphore(0)
+        self.error: Optional[OSError] = None
+        self.running = self.most_at_once = 0
+        lock = threading.Lock()
         real = os.fsync
 
         def fsync(fd: int) -> None:
             self.calls.append((fd, threading.current_thread().name))
-            self.started.release()
-            assert self.gate.wait(30), "fsync held for 30 s"
-            real(fd)
+            with lock:
+                self.running += 1
+                self.most_at_once = max(self.most_at_once, self.running)
+            try:
+                self.started.release()
+                assert self.gate.wait(30), "fsync held for 30 s"
+                if self.error is not None:
+                    raise self.error
+                real(fd)
+            finally:
+                with lock:
+                    self.running -= 1
 
         monkeypatch.setattr(os, "fsync", fsync)
 
@@ -115,10 +129,63 @@ def test_journal_syncs_in_the_background_every_n_sent_records(tmp_path, monkeypa
     j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY * 3, FLUSH_EVERY * 4)])
     fs.wait_started()
     assert [name for _fd, name in fs.calls] == ["journal-d0.pass"] * 2
-    j.close()
+    j.close()  # joins the flusher: an early or extra background fsync would show now
+    assert len(fs.calls) == 2
     back = _journal(tmp_path / "d0.pass", size=500 * CS).open()
     assert back.done_count == FLUSH_EVERY * 4
     back.close()
+
+
+def test_a_flush_waits_for_the_background_fsync_then_syncs_what_came_after(tmp_path, monkeypatch):
+    j = _journal(tmp_path / "d0.pass", size=500 * CS).open()
+    fs = _Fsyncs(monkeypatch)
+    fs.gate.clear()
+    j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY)])
+    fs.wait_started()                       # the background fsync is stuck
+    j.mark(FLUSH_EVERY, h(FLUSH_EVERY))     # not covered by it for sure
+    flush = _in_thread(j.flush)
+    flush.join(0.5)
+    assert flush.is_alive()
+    fs.gate.set()
+    flush.join(30)
+    assert not flush.is_alive()
+    assert [name for _fd, name in fs.calls] == ["journal-d0.pass", flush.name]
+    assert fs.most_at_once == 1             # the flush's fsync started after the background one
+    j.close()
+    assert len(fs.calls) == 2               # nothing left to sync
+
+
+def test_sync_soon_syncs_unchanged_records_in_the_background_without_waiting(tmp_path, monkeypatch):
+    j = _journal(tmp_path / "d0.pass", size=500 * CS).open()
+    fs = _Fsyncs(monkeypatch)
+    fs.gate.clear()
+    for i in range(10):
+        j.mark(i, h(i), sent=False)         # a hash scan: never wakes the flusher by itself
+    j.sync_soon()                           # returns although the fsync it asks for is stuck
+    fs.wait_started()
+    assert [name for _fd, name in fs.calls] == ["journal-d0.pass"]
+    fs.gate.set()
+    j.close()
+    assert len(fs.calls) == 1
+    j2 = _journal(tmp_path / "d0.pass", size=500 * CS).open()
+    j2.sync_soon()                          # nothing unsynced: no fsync, no thread
+    j2.close()
+    assert len(fs.calls) == 1
+
+
+def test_close_stops_the_flusher_and_closes_the_file_when_its_fsync_fails(tmp_path, monkeypatch):
+    j = _journal(tmp_path / "d0.pass", size=500 * CS).open()
+    fs = _Fsyncs(monkeypatch)
+    before = set(threading.enumerate())
+    j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY)])
+    fs.wait_started()
+    (flusher,) = set(threading.enumerate()) - before
+    j.mark(FLUSH_EVERY, h(FLUSH_EVERY))
+    fs.error = OSError(errno.EIO, "Input/output error")
+    with pytest.raises(OSError):
+        j.close()
+    assert not flusher.is_alive() and flusher.name == "journal-d0.pass"
+    assert j._fd is None
 
 
 def test_senders_wait_for_a_slow_fsync_only_after_another_n_records(tmp_path, monkeypatch):

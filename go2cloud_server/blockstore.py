@@ -537,19 +537,8 @@ class BlockTaskStore:
                     data: Optional[Buffer],
                     xxh3: str, blake3_hex: Optional[str] = None) -> None:
         """Write one plain chunk (``data`` None = all zeros, written as a hole) after checking it
-        against ``xxh3`` (hex xxh3-128) and, when given, ``blake3_hex``."""
-        length = chunk_len(index, chunk_size, disk_size)
-        check_disk_name(disk)
-        self._check_chunk(disk, index, length, data, xxh3, blake3_hex)
-        fd = self._open_image(disk, disk_size)
-        try:
-            with self._write_lock(disk):
-                self._put(fd, index * chunk_size, length, data, xxh3)
-                start_writeback(fd, index * chunk_size, length)
-        except OSError as exc:
-            self._raise_io(exc, f"cannot write chunk {index} of disk {disk}")
-        finally:
-            os.close(fd)
+        against ``xxh3`` (hex xxh3-128) and, when given, ``blake3_hex``: a batch of one."""
+        self.write_batch(disk, chunk_size, disk_size, [(index, 1, data, xxh3, blake3_hex)])
 
     def write_batch(self, disk: str, chunk_size: int, disk_size: int, items: Sequence[BatchItem]) -> None:
         """Write several chunks at once, all or nothing as far as checks go: every item is
@@ -584,25 +573,17 @@ class BlockTaskStore:
                 end = min(disk_size, max(i[0] + i[1] for i in items) * chunk_size)
                 start_writeback(fd, start, end - start)
         except OSError as exc:
-            self._raise_io(exc, f"cannot write chunks {items[0][0]}-{items[-1][0]} of disk {disk}")
+            first, last = min(i[0] for i in items), max(i[0] + i[1] for i in items) - 1
+            what = f"chunk {first}" if first == last else f"chunks {first}-{last}"
+            self._raise_io(exc, f"cannot write {what} of disk {disk}")
         finally:
             os.close(fd)
 
     def write_holes(self, disk: str, first: int, count: int, chunk_size: int, disk_size: int) -> None:
-        """Chunks ``first`` .. ``first+count-1`` are all zeros."""
-        chunk_len(first, chunk_size, disk_size)
-        if not isinstance(count, int) or count < 1:
+        """Chunks ``first`` .. ``first+count-1`` are all zeros: a batch of one run of holes."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise InvalidInput(f"count: {count!r} must be >= 1")
-        last = first + count - 1
-        end = min(disk_size, (last + 1) * chunk_size)
-        chunk_len(last, chunk_size, disk_size)
-        fd = self._open_image(disk, disk_size)
-        try:
-            punch_hole(fd, first * chunk_size, end - first * chunk_size)
-        except OSError as exc:
-            self._raise_io(exc, f"cannot write chunks {first}-{last} of disk {disk}")
-        finally:
-            os.close(fd)
+        self.write_batch(disk, chunk_size, disk_size, [(first, count, None, "", None)])
 
     # -- state -----------------------------------------------------------------------------------
     def _read_state(self, disk: str) -> Optional[dict]:

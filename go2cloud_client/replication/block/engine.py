@@ -676,8 +676,7 @@ class BlockReplicator:
             client.close()
             if finished:  # a verify or the commit comes next: sync, but do not wait for it
                 dp.journal.sync_soon()
-            else:  # the pass stops here: its journal must survive a crash of the machine
-                dp.journal.flush()
+            # else the pass stops here: _run_disk's journal.close() syncs it before it returns
         if cancel.is_set():
             raise TransferCancelled("transfer cancelled")
         if errors:

@@ -1,0 +1,29 @@
+"""Attack tests (docs/security.md): each finding of the trust review reproduced from outside, by a
+hostile source with valid credentials, a code holder of another workgroup, an outsider or a
+network observer, against the real server, rsync and agent on loopback. Each asserts that nothing
+was read, written, leaked or crashed.
+
+The integration fixtures (``server``, ``agents``) are shared with tests/integration.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests.integration.conftest import AgentFactory, agents, server  # noqa: F401 - fixtures
+
+__all__ = ["AgentFactory"]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/security/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _needs_rsync() -> None:
+    assert shutil.which("rsync"), "rsync is not installed: run ./scripts/setup.sh as root"

@@ -47,7 +47,7 @@ def default_replicator_factory(home: Home, rsync_path: str) -> Callable[..., Any
     def factory(*, target: Any, paths: List[str], options: Any, on_progress: Callable[[Any], None],
                 on_child: Callable[[Optional[int]], None]) -> FileReplicator:
         return FileReplicator(
-            target=RsyncTarget(target.host, target.port, target.module, target.user, target.password),
+            target=RsyncTarget(target.url, target.fingerprint, target.module, target.user, target.password),
             paths=paths,
             options=TransferOptions(options.bandwidth_mbps, options.compression, options.checksum),
             excludes_file=ensure_home_excludes(home.root),

@@ -543,6 +543,11 @@ def _crash_log() -> Path:
 
 def run(argv: Optional[List[str]] = None) -> int:
     """Run the CLI and return the exit status (errors mapped per docs/exit-codes.md)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["rsync-tunnel"]:  # started by rsync as its transport: no CLI, no logging setup
+        from go2cloud_client.replication import tunnel
+
+        return tunnel.main(args[1:])
     try:
         rv = cli.main(args=argv, prog_name="go2cloud_client", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

@@ -55,14 +55,17 @@ class CycleSpec:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    host: str
-    port: int
+    """The task's rsync module: reached through the control plane's HTTPS port (``url``,
+    ``https://HOST:PORT/rsync/v1/tasks/<task>``, certificate ``fingerprint`` pinned)."""
+
+    url: str
+    fingerprint: str
     module: str
     user: str
     password: str = field(repr=False)
 
     def __repr__(self) -> str:  # never show the password
-        return f"TargetSpec(host={self.host!r}, port={self.port}, module={self.module!r}, user={self.user!r})"
+        return f"TargetSpec(url={self.url!r}, module={self.module!r}, user={self.user!r})"
 
 
 @dataclass(frozen=True)
@@ -277,10 +280,14 @@ def validate_block_target(value: Any, name: str = "target") -> BlockTargetSpec:
     token = value.get("token")
     if not isinstance(token, str) or not token or len(token) > 1024 or any(c in token for c in "\x00\n\r"):
         raise _reject(f"{name}.token", "must be a non-empty single-line string")
-    fingerprint = value.get("fingerprint")
-    if not isinstance(fingerprint, str) or not _FINGERPRINT_RE.match(fingerprint):
-        raise _reject(f"{name}.fingerprint", "must be sha256: followed by 64 lowercase hex digits")
+    fingerprint = _fingerprint(value.get("fingerprint"), f"{name}.fingerprint")
     return BlockTargetSpec(str(url), token, fingerprint)
+
+
+def _fingerprint(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _FINGERPRINT_RE.match(value):
+        raise _reject(name, "must be sha256: followed by 64 lowercase hex digits")
+    return value
 
 
 def _cycle(value: Any, name: str = "cycle") -> CycleSpec:
@@ -318,8 +325,11 @@ def validate_target(value: Any, name: str = "target") -> TargetSpec:
         raise _reject(name, "must be an object")
     if value.get("kind") != "rsync":
         raise _reject(f"{name}.kind", "must be 'rsync' for mode 'file'")
-    host = validate_host(value.get("host"), f"{name}.host")
-    port = _int(value.get("port"), f"{name}.port", 1, 65535)
+    url = value.get("url")
+    parts = _https_url(url, f"{name}.url")
+    if not re.match(r"^/rsync/v1/tasks/[A-Za-z0-9._-]{1,64}$", parts.path):
+        raise _reject(f"{name}.url", "must be https://HOST:PORT/rsync/v1/tasks/<task>")
+    fingerprint = _fingerprint(value.get("fingerprint"), f"{name}.fingerprint")
     for key in ("module", "user"):
         if not isinstance(value.get(key), str) or not _NAME_RE.match(value[key]):
             raise _reject(f"{name}.{key}", "must match [A-Za-z0-9._-]{1,64}")
@@ -328,7 +338,7 @@ def validate_target(value: Any, name: str = "target") -> TargetSpec:
         c in password for c in "\x00\n\r"
     ):
         raise _reject(f"{name}.password", "must be a non-empty single-line string")
-    return TargetSpec(host, port, value["module"], value["user"], password)
+    return TargetSpec(str(url), fingerprint, value["module"], value["user"], password)
 
 
 def validate_options(params: Mapping[str, Any], *, partial: bool) -> Dict[str, Any]:
@@ -352,16 +362,14 @@ def _drill_target(value: Any) -> Tuple[Tuple[str, str, int], ...]:
     if not isinstance(value, dict):
         raise _reject("target", "must be an object")
     kind = value.get("kind")
-    if kind == "rsync":
-        host = validate_host(value.get("host"), "target.host")
-        return (("rsync daemon", host, _int(value.get("port"), "target.port", 1, 65535)),)
-    if kind == "block":
+    if kind in ("rsync", "block"):
         parts = _https_url(value.get("url"), "target.url")
         try:
             port = parts.port or 443
         except ValueError:
             raise _reject("target.url", "has an invalid port") from None
-        return (("block receiver", validate_host(parts.hostname, "target.url"), port),)
+        label = "rsync target" if kind == "rsync" else "block receiver"
+        return ((label, validate_host(parts.hostname, "target.url"), port),)
     raise _reject("target.kind", "must be 'rsync' or 'block'")
 
 

@@ -1,22 +1,21 @@
 """Per-task directory tree on the reference target: one point-in-time image per sync cycle.
 
-Layout under the task root (the rsync module path)::
+Layout under the task root (the rsync module's path)::
 
     <root>/000001/          image of cycle 1 (complete tree)
-    <root>/000001.json      its artifact record, written at commit
     <root>/000002/          cycle 2, written by rsync --link-dest=../000001...: unchanged files
                             are hard links into cycle 1, changed files are new inodes
 
-A cycle directory without its ``.json`` is in progress (or was discarded). rsync never modifies a
-linked file in place (it writes a temporary file and renames it), so older images stay intact.
+Which cycles are committed is recorded in the control plane's database only, never in this tree:
+the source writes below it (``go2cloud_server.rsyncd`` confines it to the cycle it is writing), so
+nothing here is read back as the server's state. rsync never modifies a linked file in place (it
+writes a temporary file and renames it; ``--inplace`` is refused), so older images stay intact.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import stat
 from dataclasses import asdict, dataclass
@@ -24,11 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Set, Tuple
 
-from go2cloud_server.atomicfile import write_atomic
-
 LOG = logging.getLogger(__name__)
 
-_CYCLE_JSON = re.compile(r"^(\d{6})\.json$")
 
 
 @dataclass
@@ -94,14 +90,10 @@ class TaskTree:
     def cycle_dir(self, n: int) -> Path:
         return self.root / f"{_check_cycle(n):06d}"
 
-    def _record(self, n: int) -> Path:
-        return self.root / f"{_check_cycle(n):06d}.json"
-
     def prepare_cycle(self, n: int) -> Path:
         """Create the (empty) directory of cycle ``n``, root-owned 0755; idempotent (a cycle that
-        was interrupted keeps its partial content so the rerun only sends what is missing)."""
-        if n in self.committed():
-            raise ValueError(f"cycle {n} is already committed")
+        was interrupted keeps its partial content so the rerun only sends what is missing). The
+        caller (the service, from its database) never prepares a committed cycle."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
         path = self.cycle_dir(n)
@@ -109,46 +101,26 @@ class TaskTree:
         return path
 
     def commit_cycle(self, n: int) -> ArtifactInfo:
-        """Record cycle ``n`` as a complete image: measure it, sync the file system, write the
-        record atomically. Idempotent: committing again re-measures and rewrites the record."""
+        """Measure cycle ``n`` as a complete image and sync the file system; the caller records
+        it (in its database). Idempotent."""
         path = self.cycle_dir(n)
-        if not path.is_dir():
+        if not path.is_dir() or path.is_symlink():
             raise FileNotFoundError(f"cycle {n} has no directory {path}")
         nbytes, files = _tree_size(path)
         os.sync()
         info = ArtifactInfo(cycle=n, path=path, bytes=nbytes, files=files, created_at=_utc_now())
-        write_atomic(self._record(n), json.dumps(info.to_dict(), sort_keys=True), 0o644)
         LOG.info("cycle %s committed: %s bytes, %s files", n, nbytes, files)
         return info
 
-    def info(self, n: int) -> ArtifactInfo:
-        data = json.loads(self._record(n).read_text())
-        return ArtifactInfo(cycle=data["cycle"], path=Path(data["path"]), bytes=data["bytes"],
-                            files=data["files"], created_at=data["created_at"])
-
     def discard_cycle(self, n: int) -> None:
-        """Remove cycle ``n`` (its record first, so a crash leaves at worst an orphan directory)."""
-        try:
-            self._record(n).unlink()
-        except FileNotFoundError:
-            pass
+        """Remove cycle ``n``'s directory."""
         _rmtree(self.cycle_dir(n))
 
-    def committed(self) -> List[int]:
-        if not self.root.is_dir():
-            return []
-        out = []
-        for name in os.listdir(self.root):
-            m = _CYCLE_JSON.match(name)
-            if m and (self.root / m.group(1)).is_dir():
-                out.append(int(m.group(1)))
-        return sorted(out)
-
-    def retain(self, keep: int) -> List[int]:
-        """Delete the oldest committed cycles so that at most ``max(keep, 1)`` remain; the newest
-        is never deleted. Returns the deleted cycle numbers."""
+    def retain(self, keep: int, committed: List[int]) -> List[int]:
+        """Delete the oldest of the ``committed`` cycles so that at most ``max(keep, 1)`` remain;
+        the newest is never deleted. Returns the deleted cycle numbers."""
         keep = max(int(keep), 1)
-        cycles = self.committed()
+        cycles = sorted(committed)
         doomed = cycles[:-keep] if len(cycles) > keep else []
         for n in doomed:
             self.discard_cycle(n)

@@ -257,14 +257,14 @@ def _setup_logging(level: str) -> None:
 @click.option(
     "--rsync-port",
     type=click.IntRange(0, 65535),
-    default=8873,
-    show_default=True,
-    help="Port of the rsync daemon (0 = pick a free port).",
+    default=None,
+    hidden=True,
+    help="Ignored: file-level data goes through the HTTPS port (no rsync listener any more).",
 )
 @click.option(
     "--public-host",
     metavar="HOST",
-    help="Address agents use to reach this server and its rsync daemon (default: the listen host).",
+    help="Address agents use to reach this server (default: the listen host).",
 )
 @click.option(
     "--heartbeat-interval",
@@ -286,7 +286,7 @@ def _setup_logging(level: str) -> None:
 def serve(
     listen: str,
     data_dir: Path,
-    rsync_port: int,
+    rsync_port: Optional[int],
     public_host: Optional[str],
     heartbeat_interval: float,
     log_level: str,
@@ -299,12 +299,14 @@ def serve(
     from go2cloud_server.blockrx import BlockReceiver
     from go2cloud_server.downloads import Downloads
     from go2cloud_server.httpapi import Api, ApiServer
-    from go2cloud_server.rsyncd import RsyncDaemon
+    from go2cloud_server.rsyncd import RsyncSessions
     from go2cloud_server.scheduler import Scheduler
     from go2cloud_server.service import Service
     from go2cloud_server.store import Store
 
     _setup_logging(log_level)
+    if rsync_port is not None:
+        log.warning("--rsync-port is ignored: file-level data goes through the HTTPS port now")
     host, port = _parse_listen(listen)
     local_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     public = public_host or local_host
@@ -327,8 +329,8 @@ def serve(
     admin_token = auth.ensure_admin_token(data_dir)
     store = Store(data_dir / "server.db")
     store.migrate()
-    rsyncd = RsyncDaemon(state_dir=data_dir / "rsyncd", host=host, port=rsync_port)
-    rsyncd.start()
+    rsyncd = RsyncSessions(state_dir=data_dir / "rsync-sessions")
+    rsyncd.check()
     info_file = data_dir / "server.json"
     httpd: Optional[ApiServer] = None
     scheduler: Optional[Scheduler] = None
@@ -356,7 +358,8 @@ def serve(
         receiver = BlockReceiver(resolve=service.block_store_for)  # type: ignore[arg-type]  # Protocol of the store
         httpd = ApiServer(
             (host, port),
-            Api(service, auth.AgentAuth(), admin_token, block_receiver=receiver, downloads=downloads),
+            Api(service, auth.AgentAuth(), admin_token, block_receiver=receiver, downloads=downloads,
+                rsync_sessions=rsyncd),
             tls.server_context(cert, key),
         )
         service.public_url = f"https://{_url_host(public)}:{httpd.port}"
@@ -369,7 +372,6 @@ def serve(
                     "public_url": service.public_url,
                     "fingerprint": fingerprint,
                     "spki_pin": spki_pin,
-                    "rsync_port": int(rsyncd.port),
                     "pid": os.getpid(),
                 },
                 indent=2,
@@ -388,12 +390,11 @@ def serve(
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         log.info(
-            "go2cloud_server listening on %s (public %s), fingerprint %s, rsync daemon on port %d, "
+            "go2cloud_server listening on %s (public %s), fingerprint %s (API, block and rsync data), "
             "%d task target(s) restored; admin token in %s",
             local_url,
             service.public_url,
             fingerprint,
-            rsyncd.port,
             restored,
             data_dir / "admin.token",
         )

@@ -21,12 +21,16 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from go2cloud_server import auth
 from go2cloud_server.blockrx import BlockReceiver
 from go2cloud_server.downloads import Download, Downloads
-from go2cloud_server.errors import InvalidInput, NotFound, ServerError, TooLarge
+from go2cloud_server.errors import AuthFailed, Conflict, InvalidInput, NotFound, ServerError, TooLarge
+from go2cloud_server.rsyncd import RsyncSessions
 from go2cloud_server.service import Service
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024
+#: file-level data: ``POST /rsync/v1/tasks/<task>/session`` upgraded to the rsync protocol
+RSYNC_SESSION = re.compile(r"^/rsync/v1/tasks/([A-Za-z0-9._-]{1,64})/session$")
+RSYNC_UPGRADE = "go2cloud-rsync"
 MAX_DRAIN = 16 * 1024 * 1024
 SOCKET_TIMEOUT_S = 90
 
@@ -112,8 +116,10 @@ class Api:
         admin_token: str,
         block_receiver: Optional[BlockReceiver] = None,
         downloads: Optional[Downloads] = None,
+        rsync_sessions: Optional[RsyncSessions] = None,
     ) -> None:
         self.service = service
+        self.rsync_sessions = rsync_sessions
         self.block_receiver = block_receiver
         self.downloads = downloads
         self.agent_auth = agent_auth
@@ -324,6 +330,40 @@ class RequestHandler(BaseHTTPRequestHandler):
                 buffers.give(self._rx)
                 self._rx = None
 
+    def _handle_rsync(self, task_id: str, sessions: RsyncSessions) -> int:
+        """An agent's rsync connection: the task's credentials, cycle and path are checked from
+        the headers (no body is read), then the connection is upgraded and handed to a
+        single-use rsync daemon until it ends (``go2cloud_server.rsyncd``)."""
+        self.close_connection = True
+        if self.command != "POST":
+            raise InvalidInput(f"method {self.command} not allowed on {urlsplit(self.path).path}")
+        if (self.headers.get("Upgrade") or "").strip().lower() != RSYNC_UPGRADE:
+            raise InvalidInput(f"this endpoint needs 'Upgrade: {RSYNC_UPGRADE}' (the agent's rsync "
+                               "transport)")
+        scheme, _, password = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not password:
+            raise AuthFailed("missing task credentials (Authorization: Bearer)")
+        raw_cycle = (self.headers.get("X-Go2cloud-Cycle") or "").strip()
+        if not raw_cycle.isdigit() or len(raw_cycle) > 6:
+            raise InvalidInput("header X-Go2cloud-Cycle: a cycle number is required")
+        path = unquote(self.headers.get("X-Go2cloud-Path") or "", errors="strict")
+        spec = self.server.api.service.rsync_session_spec(task_id, password.strip(), int(raw_cycle), path)
+        if sessions.busy(task_id):
+            raise Conflict(f"task {task_id} already has an rsync session running: one at a time")
+        self.send_response(101)
+        self.send_header("Upgrade", RSYNC_UPGRADE)
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            rc = sessions.run(self.connection, spec)
+        except Exception as exc:  # noqa: BLE001 - upgraded: there is no HTTP answer to send any more
+            log.warning("rsync session of %s could not run: %s", task_id, exc)
+            return 101
+        log.info("%s rsync session of %s (cycle %s, %s): exit %s", self.client_address[0], task_id,
+                 spec.cycle, spec.path, rc)
+        return 101
+
     def _send_download(self, download: Download) -> int:
         """Stream a published file (headers, then the checked descriptor in 256 KiB pieces)."""
         try:
@@ -362,6 +402,12 @@ class RequestHandler(BaseHTTPRequestHandler):
                     self._log_request(status, started)
                     return
                 raise _Answered(200, answer)
+            rsync_task = RSYNC_SESSION.match(urlsplit(self.path).path)
+            sessions = self.server.api.rsync_sessions
+            if rsync_task is not None and sessions is not None:
+                status = self._handle_rsync(rsync_task.group(1), sessions)
+                self._log_request(status, started)
+                return
             receiver = self.server.api.block_receiver
             if receiver is not None and receiver.owns(urlsplit(self.path).path):
                 status, payload = self._handle_block(receiver)

@@ -1,11 +1,25 @@
-"""The reference target's rsync daemon: one real ``rsync --daemon`` per server, one module per task.
+"""The reference target's file-level receiver: one single-use rsync daemon per agent connection.
 
-rsyncd re-reads its configuration file for every connection, so modules are added and removed
-by rewriting the file atomically; the daemon never needs a restart. Each module is confined to
-its task directory (``use chroot`` when running as root), authenticates one user from its own
-secrets file (0600, ``strict modes``), keeps numeric owners (``uid = 0``/``gid = 0`` when root so
-the receiver can set any owner) and stores symlinks verbatim (``munge symlinks = false``: safe
-because the module belongs to one task and chroot confines the daemon).
+There is no rsync listener. An agent's rsync reaches the target through the control plane's one
+HTTPS port: the agent's own executable is rsync's remote shell (``rsync -e``); it opens a TLS
+connection pinned to the control plane's certificate and asks for an upgrade of
+``POST /rsync/v1/tasks/<task>/session`` (``httpapi``). Once the service has checked the task's
+credentials, cycle and path, :meth:`RsyncSessions.run` starts ``rsync --server --daemon`` on one
+end of a socket pair, with a configuration written for this connection only, and pumps bytes
+between it and the TLS connection until either side ends. Every byte between the hosts is
+inside TLS; the single-use daemon dies with its connection (no pid file, no port, nothing left
+running after the server stops).
+
+Confinement (docs/security.md). The module is the task's tree (``use chroot`` as root), but the
+daemon's own filter lets the source write only below the cycle it is writing, for the path of
+this session (``/<cycle>/<path>``, minus the subtrees of the task's other paths nested in it),
+and lets its ``--link-dest`` name only ``/<previous cycle>/<path>``. Committed images, their
+records (in the database, not in the tree) and other tasks are out of reach. Options that
+write outside the destination or into existing inodes are refused (``--inplace``,
+``--temp-dir``, ``--partial-dir``, ``--backup-dir`` ...). Two effects of hard links are closed by
+the session itself: files an earlier session of the same cycle hard-linked to the previous
+image are unlinked before rsync starts (rsync would otherwise change their owner or mode in
+place, in both images), and the attributes of the link-dest directory are restored afterwards.
 """
 
 from __future__ import annotations
@@ -14,33 +28,72 @@ import errno
 import logging
 import os
 import re
+import secrets
+import selectors
 import shutil
 import signal
 import socket
+import ssl
+import stat
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from go2cloud_server.atomicfile import write_atomic
 
 LOG = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: rsync options a source may never use against the target (rsyncd.conf ``refuse options``):
+#: each writes outside the destination, into an existing inode, or reads the target's devices
+REFUSED_OPTIONS = (
+    "inplace", "append", "append-verify", "backup", "backup-dir", "suffix", "temp-dir",
+    "partial-dir", "delay-updates", "write-devices", "copy-devices", "compare-dest", "copy-dest",
+    "remove-source-files", "remove-sent-files", "keep-dirlinks", "only-write-batch",
+    "write-batch", "read-batch", "files-from", "fake-super", "log-file", "log-file-format",
+)
+PUMP_BUFFER = 256 * 1024
+#: a session with no byte in either direction for this long is ended (rsync's own keep-alive
+#: messages flow every few seconds while it works)
+IDLE_TIMEOUT_S = 600.0
 
 
-class RsyncDaemonError(RuntimeError):
-    """The rsync daemon could not be started or configured (the message says why)."""
+class RsyncSessionError(RuntimeError):
+    """An rsync session could not be started (the message says why)."""
 
 
 @dataclass(frozen=True)
-class _Module:
-    name: str
-    path: Path
-    user: str
-    secrets: Path
+class SessionSpec:
+    """What one agent connection may do: write ``path`` of ``cycle`` into ``tree_root``."""
+
+    task_id: str
+    tree_root: Path
+    cycle: int
+    path: str
+    link_cycle: Optional[int] = None
+    other_paths: Tuple[str, ...] = ()
+    user: str = ""
+    password: str = field(default="", repr=False)
+
+    def _under(self, cycle: int, path: str) -> Path:
+        return self.tree_root.joinpath(f"{cycle:06d}", *_parts(path))
+
+    def dest_dir(self) -> Path:
+        """Where this session writes: ``<tree>/<cycle>/<path>``."""
+        return self._under(self.cycle, self.path)
+
+    def nested_dirs(self) -> List[Path]:
+        """The task's other paths below this one, in this cycle (other sessions write them)."""
+        mine = _parts(self.path)
+        return [self._under(self.cycle, o) for o in self.other_paths
+                if len(_parts(o)) > len(mine) and _parts(o)[: len(mine)] == mine]
+
+    def link_dir(self) -> Optional[Path]:
+        """The ``--link-dest`` directory: this path in the previous image, if there is one."""
+        return self._under(self.link_cycle, self.path) if self.link_cycle else None
 
 
 def _check_name(kind: str, value: str) -> None:
@@ -48,209 +101,401 @@ def _check_name(kind: str, value: str) -> None:
         raise ValueError(f"invalid rsync {kind} {value!r}: use 1-64 of A-Z a-z 0-9 . _ -")
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def _parts(path: str) -> List[str]:
+    return [p for p in path.strip("/").split("/") if p]
 
 
-def _port_busy(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+def _glob_escape(part: str) -> str:
+    """A path component as an rsync filter pattern: wildcards escaped, and white space (which
+    splits the daemon's ``filter`` parameter into rules) matched by ``?``."""
+    return re.sub(r"\s", "?", re.sub(r"([*?\[\]\\])", r"\\\1", part))
+
+
+def filter_rules(spec: SessionSpec) -> List[str]:
+    """The daemon filter of a session (first match wins): the cycle directory and the parents of
+    the path (to create them), everything below the path except the task's other paths nested
+    in it, the link-dest directory itself, and nothing else."""
+    cycle = f"{spec.cycle:06d}"
+    parts = [_glob_escape(p) for p in _parts(spec.path)]
+    rules: List[str] = []
+    for depth in range(len(parts) + 1):
+        rules.append("+ /" + "/".join([cycle] + parts[:depth]))
+    base = "/" + "/".join([cycle] + parts)
+    mine = _parts(spec.path)
+    for other in spec.other_paths:
+        o = _parts(other)
+        if len(o) > len(mine) and o[: len(mine)] == mine:
+            rules.append("- /" + "/".join([cycle] + [_glob_escape(p) for p in o]) + "/**")
+    rules.append(f"+ {base}/**")
+    if spec.link_cycle:
+        rules.append("+ /" + "/".join([f"{spec.link_cycle:06d}"] + parts))
+    rules.append("- **")
+    return rules
+
+
+def render_config(spec: SessionSpec, secrets_file: Path, log_file: Path, as_root: bool) -> str:
+    lines = [
+        "# written by go2cloud_server for one agent connection; removed when it ends",
+        f"log file = {log_file}",
+        "reverse lookup = no",
+        "",
+        f"[{spec.task_id}]",
+        f"    path = {spec.tree_root}",
+        "    read only = false",
+        "    write only = true",
+        "    list = false",
+        f"    auth users = {spec.user}",
+        f"    secrets file = {secrets_file}",
+        "    strict modes = true",
+        "    numeric ids = true",
+        "    munge symlinks = false",
+        "    transfer logging = false",
+        "    open noatime = true",
+        f"    refuse options = {' '.join(REFUSED_OPTIONS)}",
+        f"    filter = {' '.join(filter_rules(spec))}",
+    ]
+    if as_root:
+        lines += ["    use chroot = true", "    uid = 0", "    gid = 0"]
+    else:
+        lines += ["    use chroot = false"]
+    return "\n".join(lines) + "\n"
+
+
+def unlink_shared(root: Path, skip: List[Path]) -> int:
+    """Remove the non-directories below ``root`` that have other hard links (what an earlier
+    rsync of the same cycle linked to the previous image with ``--link-dest``); the next rsync
+    links or copies them again. Subtrees in ``skip`` are left alone. Returns how many went."""
+    if not root.is_dir() or root.is_symlink():
+        return 0
+    skipped = {os.fsencode(str(p)) for p in skip}
+    removed = 0
+    stack = [os.fsencode(str(root))]
+    while stack:
+        top = stack.pop()
         try:
-            s.bind((host, port))
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if entry.path not in skipped:
+                    stack.append(entry.path)
+            elif st.st_nlink > 1:
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError as exc:
+                    LOG.warning("cannot unlink %r before an rsync session: %s", entry.path, exc)
+    return removed
+
+
+class _DirGuard:
+    """Attributes of a directory (mode, owner, times, extended attributes incl. ACLs), put back
+    after a session could have changed them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.st: Optional[os.stat_result] = None
+        self.xattrs: Dict[str, bytes] = {}
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        self.st = st
+        try:
+            for name in os.listxattr(path, follow_symlinks=False):
+                self.xattrs[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            pass
+
+    def restore(self) -> None:
+        if self.st is None:
+            return
+        st = self.st
+        try:
+            now = os.lstat(self.path)
+            if not stat.S_ISDIR(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                LOG.warning("%s is no longer the directory it was before the rsync session", self.path)
+                return
+            for name in os.listxattr(self.path, follow_symlinks=False):
+                if name not in self.xattrs:
+                    os.removexattr(self.path, name, follow_symlinks=False)
+            for name, value in self.xattrs.items():
+                os.setxattr(self.path, name, value, follow_symlinks=False)
+            os.chown(self.path, st.st_uid, st.st_gid, follow_symlinks=False)
+            os.chmod(self.path, stat.S_IMODE(st.st_mode))
+            os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
+            LOG.warning("cannot restore the attributes of %s: %s", self.path, exc)
 
 
-class RsyncDaemon:
-    """A real ``rsync --daemon`` listening on ``host:port`` with per-task modules."""
+class _Session:
+    def __init__(self, spec: SessionSpec, proc: subprocess.Popen) -> None:
+        self.spec = spec
+        self.proc = proc
+        self.stopped = threading.Event()
 
-    def __init__(self, state_dir: Path, host: str = "127.0.0.1", port: int = 8873,
-                 rsync_path: str = "rsync", max_connections: int = 8) -> None:
+
+class RsyncSessions:
+    """Single-use rsync daemons, one per agent connection, at most one per task at a time."""
+
+    def __init__(self, state_dir: Path, rsync_path: str = "rsync",
+                 idle_timeout: float = IDLE_TIMEOUT_S) -> None:
         self.state_dir = Path(state_dir)
-        self.host = host
-        self.port = port
         self.rsync_path = rsync_path
-        self.max_connections = max_connections
-        self._modules: Dict[str, _Module] = {}
+        self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
-        self._proc: Optional[subprocess.Popen] = None
+        self._running: Dict[str, _Session] = {}
         self._as_root = os.geteuid() == 0
 
-    # -- paths -------------------------------------------------------------------------------
-    @property
-    def config_path(self) -> Path:
-        return self.state_dir / "rsyncd.conf"
-
-    @property
-    def log_path(self) -> Path:
-        return self.state_dir / "rsyncd.log"
-
-    @property
-    def pid_path(self) -> Path:
-        return self.state_dir / "rsyncd.pid"
-
-    @property
-    def secrets_dir(self) -> Path:
-        return self.state_dir / "secrets"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    # -- configuration -------------------------------------------------------------------------
-    def _render(self) -> str:
-        lines = [
-            "# written by go2cloud_server; rewritten on every module change, do not edit",
-            f"pid file = {self.pid_path}",
-            f"lock file = {self.state_dir / 'rsyncd.lock'}",
-            f"log file = {self.log_path}",
-            "reverse lookup = no",
-            "",
-        ]
-        for mod in sorted(self._modules.values(), key=lambda m: m.name):
-            lines += [
-                f"[{mod.name}]",
-                f"    path = {mod.path}",
-                "    read only = false",
-                "    write only = false",
-                "    list = false",
-                f"    auth users = {mod.user}",
-                f"    secrets file = {mod.secrets}",
-                "    strict modes = true",
-                "    numeric ids = true",
-                "    munge symlinks = false",
-                f"    max connections = {self.max_connections}",
-                "    transfer logging = false",
-            ]
-            if self._as_root:
-                lines += ["    use chroot = true", "    uid = 0", "    gid = 0"]
-            else:
-                lines += ["    use chroot = false"]
-            lines.append("")
-        return "\n".join(lines)
-
-    def _write_config(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.config_path, self._render().encode(), 0o600)
-
-    def add_module(self, name: str, path: Path, user: str, password: str) -> None:
-        """Add (or replace) module ``name`` serving ``path`` to ``user`` with ``password``."""
-        _check_name("module name", name)
-        _check_name("user", user)
-        if not password or any(c in password for c in "\x00\r\n") or len(password) > 1024:
-            raise ValueError("invalid rsync password (empty, too long, or contains NUL/newline)")
-        path = Path(path).resolve()
-        if any(c in str(path) for c in "\n\r\x00"):
-            raise ValueError("module path contains a control character")
-        path.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.secrets_dir, 0o700)
-            secrets = self.secrets_dir / f"{name}.secrets"
-            write_atomic(secrets, f"{user}:{password}\n".encode(), 0o600)
-            self._modules[name] = _Module(name, path, user, secrets)
-            self._write_config()
-        LOG.info("rsync module %s added (path %s, user %s)", name, path, user)
-
-    def remove_module(self, name: str) -> None:
-        with self._lock:
-            mod = self._modules.pop(name, None)
-            if mod is None:
-                return
-            self._write_config()
-            try:
-                mod.secrets.unlink()
-            except FileNotFoundError:
-                pass
-        LOG.info("rsync module %s removed", name)
-
-    def modules(self) -> List[str]:
-        with self._lock:
-            return sorted(self._modules)
-
-    # -- process -------------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> None:
-        if self.running:
-            return
-        rsync = shutil.which(self.rsync_path)
-        if rsync is None:
-            raise RsyncDaemonError(
+    def check(self) -> str:
+        """The rsync executable (RsyncSessionError if it is missing: said at server start)."""
+        found = shutil.which(self.rsync_path)
+        if found is None:
+            raise RsyncSessionError(
                 f"rsync is not installed ({self.rsync_path!r} not found on PATH): install the "
-                "'rsync' package (e.g. apt-get install rsync) to serve file-level migrations"
-            )
-        if self.port == 0:
-            self.port = _free_port(self.host)
-        elif _port_busy(self.host, self.port):
-            raise RsyncDaemonError(
-                f"cannot start the rsync daemon: {self.host}:{self.port} is already in use; "
-                "choose another port"
-            )
+                "'rsync' package (e.g. apt-get install rsync) to serve file-level migrations")
+        return found
+
+    def busy(self, task_id: str) -> bool:
         with self._lock:
-            self._write_config()
-        args = [rsync, "--daemon", "--no-detach", f"--config={self.config_path}",
-                f"--address={self.host}", f"--port={self.port}"]
-        LOG.info("starting rsync daemon on %s:%s", self.host, self.port)
-        self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
-        )
+            return task_id in self._running
+
+    def _prepare(self, spec: SessionSpec) -> Tuple[Path, Path, Path]:
+        _check_name("module name", spec.task_id)
+        _check_name("user", spec.user)
+        if not spec.password or any(c in spec.password for c in "\x00\r\n") or len(spec.password) > 1024:
+            raise ValueError("invalid rsync password (empty, too long, or contains NUL/newline)")
+        if any(c in str(spec.tree_root) for c in "\n\r\x00"):
+            raise ValueError("tree root contains a control character")
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        sdir = self.state_dir / f"{spec.task_id}.{secrets.token_hex(4)}"
+        sdir.mkdir(mode=0o700)
+        secrets_file = sdir / "secrets"
+        write_atomic(secrets_file, f"{spec.user}:{spec.password}\n".encode(), 0o600)
+        log_file = sdir / "rsyncd.log"
+        conf = sdir / "rsyncd.conf"
+        write_atomic(conf, render_config(spec, secrets_file, log_file, self._as_root).encode(), 0o600)
+        return sdir, conf, log_file
+
+    def run(self, conn: socket.socket, spec: SessionSpec) -> int:
+        """Serve one agent connection (already upgraded) until it ends; returns rsync's exit
+        status (-1 when it had to be killed). One session per task: a second one for the same
+        task raises RsyncSessionError before anything starts."""
+        rsync = self.check()
+        with self._lock:
+            if spec.task_id in self._running:
+                raise RsyncSessionError(f"task {spec.task_id} already has an rsync session running")
+            self._running[spec.task_id] = None  # type: ignore[assignment]  # reserved
+        sdir: Optional[Path] = None
+        guards: List[_DirGuard] = []
+        try:
+            sdir, conf, log_file = self._prepare(spec)
+            removed = unlink_shared(spec.dest_dir(), spec.nested_dirs())
+            if removed:
+                LOG.info("task %s cycle %s: %d hard-linked file(s) of an earlier attempt unlinked "
+                         "before rsync", spec.task_id, spec.cycle, removed)
+            link_dir = spec.link_dir()
+            if link_dir is not None:
+                guards.append(_DirGuard(link_dir))
+            ours, theirs = socket.socketpair()
+            try:
+                proc = subprocess.Popen(
+                    [rsync, "--server", "--daemon", f"--config={conf}", "."],
+                    stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.DEVNULL, cwd=str(sdir),
+                    start_new_session=True, close_fds=True,
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+                )
+            finally:
+                theirs.close()
+            session = _Session(spec, proc)
+            with self._lock:
+                self._running[spec.task_id] = session
+            try:
+                _pump(conn, ours, session.stopped, self.idle_timeout)
+            finally:
+                ours.close()
+                rc = _reap(proc)
+            tail = _tail(log_file)
+            if rc != 0:
+                LOG.warning("rsync session of task %s (cycle %s, %s) ended with exit %s: %s",
+                            spec.task_id, spec.cycle, spec.path, rc, tail)
+            else:
+                LOG.info("rsync session of task %s (cycle %s, %s) done", spec.task_id, spec.cycle, spec.path)
+            return rc
+        finally:
+            for guard in guards:
+                guard.restore()
+            if sdir is not None:
+                shutil.rmtree(sdir, ignore_errors=True)
+            with self._lock:
+                self._running.pop(spec.task_id, None)
+
+    def close_task(self, task_id: str, timeout: float = 10.0) -> None:
+        """End the task's running session, if any, and wait until it is gone (a cycle is
+        committed or discarded only after this)."""
+        with self._lock:
+            session = self._running.get(task_id)
+        if session is None:
+            return
+        session.stopped.set()
+        _kill(session.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                log_tail = self._log_tail()
-                self._proc = None
-                detail = (err.strip() or log_tail).strip()
-                if "in use" in detail:
-                    raise RsyncDaemonError(
-                        f"cannot start the rsync daemon: {self.host}:{self.port} is already in use")
-                raise RsyncDaemonError(f"the rsync daemon exited at start: {detail[-500:]}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5) as s:
-                    s.settimeout(1.0)
-                    greeting = s.recv(64)
-                if greeting.startswith(b"@RSYNCD:"):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RsyncDaemonError(f"the rsync daemon did not accept connections on {self.host}:{self.port}")
+            if not self.busy(task_id):
+                return
+            time.sleep(0.02)
+        LOG.warning("the rsync session of task %s did not end within %.0f s", task_id, timeout)
 
-    def _log_tail(self) -> str:
+    def stop(self) -> None:
+        with self._lock:
+            tasks = [t for t, s in self._running.items() if s is not None]
+        for task_id in tasks:
+            self.close_task(task_id)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
         try:
-            return self.log_path.read_text(errors="replace")[-1000:]
-        except OSError:
-            return ""
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
-    def stop(self, grace: float = 5.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
+
+def _reap(proc: subprocess.Popen, grace: float = 5.0) -> int:
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        proc.wait(timeout=grace)
+        return -1
+
+
+def _tail(log_file: Path) -> str:
+    try:
+        lines = log_file.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.split("] ", 1)[-1] for line in lines[-3:])[-600:]
+
+
+def _pump(tls: socket.socket, child: socket.socket, stopped: threading.Event, idle_timeout: float) -> None:
+    """Copy bytes both ways between the agent's connection and the rsync daemon's socket, with
+    half-closes passed on, in one thread (an ``ssl.SSLSocket`` must not be read and written from
+    two threads at once). Returns when the daemon's side has ended and its output is delivered,
+    when the agent's side ends and the daemon has exited, when ``stopped`` is set, or after
+    ``idle_timeout`` seconds without a byte."""
+    tls.setblocking(False)
+    child.setblocking(False)
+    up = bytearray()  # agent -> daemon
+    down = bytearray()  # daemon -> agent
+    tls_eof = child_eof = child_shut = False
+    last = time.monotonic()
+    sel = selectors.DefaultSelector()
+    registered: Dict[socket.socket, int] = {}
+
+    def want(sock: socket.socket, mask: int) -> None:
+        old = registered.get(sock, 0)
+        if mask == old:
             return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
+        if not mask:
+            sel.unregister(sock)
+            registered.pop(sock, None)
+        elif old:
+            sel.modify(sock, mask)
+            registered[sock] = mask
+        else:
+            sel.register(sock, mask)
+            registered[sock] = mask
+
+    try:
+        while not stopped.is_set():
+            progressed = False
+            # agent -> daemon
+            if not tls_eof and len(up) < PUMP_BUFFER:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    data = tls.recv(PUMP_BUFFER)
+                    if data:
+                        up += data
+                        progressed = True
+                    else:
+                        tls_eof = True
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                     pass
-                proc.wait(timeout=grace)
-        if proc.stderr:
-            proc.stderr.close()
-        LOG.info("rsync daemon on %s:%s stopped", self.host, self.port)
+                except (OSError, ssl.SSLError):
+                    tls_eof = True
+            if up:
+                try:
+                    n = child.send(up)
+                    del up[:n]
+                    progressed = progressed or n > 0
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return
+            if tls_eof and not up and not child_shut:
+                child_shut = True
+                try:
+                    child.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            # daemon -> agent
+            if not child_eof and len(down) < PUMP_BUFFER:
+                try:
+                    data = child.recv(PUMP_BUFFER)
+                    if data:
+                        down += data
+                        progressed = True
+                    else:
+                        child_eof = True
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    child_eof = True
+            if down:
+                try:
+                    n = tls.send(down)
+                    del down[:n]
+                    progressed = progressed or n > 0
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    pass
+                except (OSError, ssl.SSLError):
+                    return
+            if child_eof and not down:
+                return
+            if progressed:
+                last = time.monotonic()
+                continue
+            if time.monotonic() - last > idle_timeout:
+                LOG.warning("rsync session idle for %.0f s: closed", idle_timeout)
+                return
+            want(tls, (selectors.EVENT_READ if not tls_eof and len(up) < PUMP_BUFFER else 0)
+                 | (selectors.EVENT_WRITE if down else 0))
+            want(child, (selectors.EVENT_READ if not child_eof and len(down) < PUMP_BUFFER else 0)
+                 | (selectors.EVENT_WRITE if up else 0))
+            if isinstance(tls, ssl.SSLSocket) and tls.pending():
+                continue
+            if registered:
+                sel.select(timeout=1.0)
+            else:
+                time.sleep(0.01)
+    finally:
+        sel.close()
 
-    def __enter__(self) -> RsyncDaemon:
-        self.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def session_error_status(exc: BaseException) -> Tuple[int, str]:
+    """HTTP status and wording for an rsync session that could not start."""
+    if isinstance(exc, RsyncSessionError) and "already has" in str(exc):
+        return 409, str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return 507, "the target's disk is full"
+    return 500, f"the rsync session could not start: {exc}"
+
+

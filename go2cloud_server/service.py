@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Proto
 from go2cloud_server import rules
 from go2cloud_server.auth import decode_public_key
 from go2cloud_server.errors import (
+    AuthFailed,
     CodeRejected,
     Conflict,
     ImportRejected,
@@ -37,6 +38,7 @@ from go2cloud_server.errors import (
     SourceReplaced,
     SourceUnknown,
 )
+from go2cloud_server.rsyncd import SessionSpec
 from go2cloud_server.store import Store, dumps, loads
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED, GenerationVerifier
 
@@ -68,13 +70,9 @@ _OPEN_SQL = ",".join(f"'{s}'" for s in OPEN_TASK_STATUSES)
 
 
 class RsyncTarget(Protocol):
-    """What the service needs from ``go2cloud_server.rsyncd.RsyncDaemon``."""
+    """What the service needs from ``go2cloud_server.rsyncd.RsyncSessions``."""
 
-    port: int
-
-    def add_module(self, name: str, path: Path, user: str, password: str) -> None: ...
-
-    def remove_module(self, name: str) -> None: ...
+    def close_task(self, task_id: str) -> None: ...
 
 
 class BlockStore(Protocol):
@@ -107,7 +105,7 @@ class Tree(Protocol):
 
     def discard_cycle(self, n: int) -> None: ...
 
-    def retain(self, keep: int) -> List[int]: ...
+    def retain(self, keep: int, committed: List[int]) -> List[int]: ...
 
     def destroy(self) -> None: ...
 
@@ -280,12 +278,41 @@ class Service:
             }
         return {
             "kind": "rsync",
-            "host": self.public_host,
-            "port": int(self.rsyncd.port),
+            "url": f"{self.public_url}/rsync/v1/tasks/{task['id']}",
+            "fingerprint": self.fingerprint,
             "module": task["id"],
             "user": task["id"],
             "password": task["rsync_password"],
         }
+
+    def rsync_session_spec(self, task_id: str, password: str, cycle: Any, path: Any) -> SessionSpec:
+        """What an agent's rsync connection may write (``httpapi``, before the upgrade): the
+        task's credentials (constant-time), a file task that is syncing, the cycle it is writing
+        and one of its paths. Nothing is started or written here."""
+        task = None
+        if isinstance(task_id, str) and isinstance(password, str) and password:
+            task = self.store.one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        expected = ((task or {}).get("rsync_password") or "").encode("utf-8")
+        ok = hmac.compare_digest(str(password).encode("utf-8"), expected)
+        if task is None or not expected or not ok or task["mode"] == "block":
+            raise AuthFailed("the rsync credentials are not those of an active file task")
+        if task["status"] != "syncing" or not task["current_cycle"]:
+            raise Conflict(f"task {task_id} is {task['status']}: it is not writing a cycle now")
+        if not isinstance(cycle, int) or cycle != int(task["current_cycle"]):
+            raise Conflict(f"task {task_id} is writing cycle {task['current_cycle']}, not {cycle}")
+        paths = [str(p) for p in loads(task["paths"], [])]
+        if path not in paths:
+            raise InvalidInput(f"path {str(path)[:200]!r} is not one of the task's paths")
+        return SessionSpec(
+            task_id=task_id,
+            tree_root=self.tree_root(task_id),
+            cycle=cycle,
+            path=path,
+            link_cycle=int(task["last_committed"]) if task["last_committed"] else None,
+            other_paths=tuple(p for p in paths if p != path),
+            user=task_id,
+            password=task["rsync_password"],
+        )
 
     def start(self) -> int:
         """Start the background work: the generation verifier, with every block artifact whose
@@ -612,9 +639,9 @@ class Service:
                 self._block_stores.pop(task["id"], None)
             return
         try:
-            self.rsyncd.remove_module(task["id"])
-        except Exception:  # noqa: BLE001 - keep going: the module may be gone already
-            log.warning("could not remove rsync module %s", task["id"], exc_info=True)
+            self.rsyncd.close_task(task["id"])
+        except Exception:  # noqa: BLE001 - keep going: the session may be gone already
+            log.warning("could not end the rsync session of %s", task["id"], exc_info=True)
         if task.get("current_cycle"):
             try:
                 self.tree(task["id"]).discard_cycle(int(task["current_cycle"]))
@@ -884,7 +911,11 @@ class Service:
         for cmd in rows:
             log.info("command %s (%s) of %s: applying its %s acknowledgement again after a restart",
                      cmd["id"], cmd["type"], cmd["source_id"], cmd["status"])
-            self._apply_final(cmd)
+            try:
+                self._apply_final(cmd)
+            except Exception as exc:  # noqa: BLE001 - one task's bad state never stops the server
+                what = f"the {cmd['type']} acknowledgement cannot be applied"
+                self.fail_at_start(cmd["task_id"], what, exc)
         return len(rows)
 
     def _start_taken(self, cmd: Mapping[str, Any]) -> None:
@@ -957,7 +988,7 @@ class Service:
                         error_message=f"the target could not record cycle {number}: {exc}",
                     )
                 return
-            removed = self._retain(task, int(task["keep_images"]))
+            removed = self._retain(task, int(task["keep_images"]), just_committed=number)
         finished = ctype == "finalize"
         with self.store.transaction() as conn:
             task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
@@ -1004,6 +1035,7 @@ class Service:
         """Commit cycle ``number`` on the target; the artifact rows to record (one per disk for a
         block task, one for a file task)."""
         if task["mode"] != "block":
+            self.rsyncd.close_task(task["id"])  # nothing writes into a cycle once it is committed
             art = self.tree(task["id"]).commit_cycle(number)
             return [
                 {
@@ -1073,10 +1105,15 @@ class Service:
                 (row["bytes"], row["sha256"], row["report"], task_id, cycle, disk),
             )
 
-    def _retain(self, task: Mapping[str, Any], keep: int) -> List[int]:
+    def _retain(self, task: Mapping[str, Any], keep: int, just_committed: Optional[int] = None) -> List[int]:
         if task["mode"] == "block":
             return list(self.block_store(task["id"]).retain(keep))
-        return list(self.tree(task["id"]).retain(keep))
+        # file images: what is committed comes from the database (the tree is the source's to write)
+        rows = self.store.all("SELECT DISTINCT cycle FROM artifacts WHERE task_id = ?", (task["id"],))
+        committed = {int(r["cycle"]) for r in rows}
+        if just_committed is not None:
+            committed.add(just_committed)
+        return list(self.tree(task["id"]).retain(keep, sorted(committed)))
 
     def agent_task(self, source_id: str, task_id: str) -> Dict[str, Any]:
         task = self.store.one("SELECT * FROM tasks WHERE id = ? AND source_id = ?", (task_id, source_id))
@@ -1277,86 +1314,78 @@ class Service:
         task_id = rand_id("t-", 16)
         password = secrets.token_urlsafe(24)
         tree = self.tree(task_id)
-        module_added = False
-        try:
-            with self.store.transaction() as conn:
-                src = self._source(conn, source_id)
-                if src["state"] != "active":
-                    return "not_migratable", {
-                        "source_id": source_id,
-                        "reason": f"replaced by {src['replaced_by']}",
-                    }
-                if not src["workgroup_id"]:
-                    return "not_migratable", {
-                        "source_id": source_id,
-                        "reason": "not associated with a workgroup",
-                    }
-                if self.is_offline(src):
-                    return "not_migratable", {
-                        "source_id": source_id,
-                        "reason": f"offline (last heartbeat {src['last_seen_at'] or 'never'})",
-                    }
-                active = self._active_task(conn, source_id)
-                if active is not None:
-                    return "skipped", {
-                        "source_id": source_id,
-                        "reason": f"already has migration task {active['id']} ({active['status']})",
-                    }
-                wg = Store.q_one(conn, "SELECT name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
-                block = params["mode"] == "block"
-                no_block = block_unavailable(loads(src["inventory"], {})) if block else None
-                if no_block is not None:
-                    return "not_migratable", {"source_id": source_id, "reason": no_block}
-                paths = [] if block else (params["paths"] or default_paths(loads(src["inventory"], {})))
-                disks = rules.disk_names(params["disks"]) if block else []
-                name = (
-                    params["name"]
-                    or f"{wg['name'] if wg else 'migration'}-{src['hostname'] or source_id}"[:128]
-                )
-                now = self.now_iso()
-                status = "drilling" if params["drill"] else "syncing"
-                conn.execute(
-                    "INSERT INTO tasks (id, source_id, workgroup_id, name, description, mode, paths, "
-                    "disks, snapshot, block_token, bandwidth_mbps, compression, checksum, sync_every_s, "
-                    "keep_images, status, current_cycle, rsync_password, created_at, updated_at, history) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
-                    (
-                        task_id,
-                        source_id,
-                        src["workgroup_id"],
-                        name,
-                        params["description"],
-                        params["mode"],
-                        dumps(paths),
-                        dumps(disks),
-                        params["snapshot"],
-                        secrets.token_urlsafe(32) if block else None,
-                        params["bandwidth_mbps"],
-                        params["compression"],
-                        int(params["checksum"]),
-                        params["sync_every_s"],
-                        params["keep_images"],
-                        status,
-                        "" if block else password,
-                        now,
-                        now,
-                        dumps([{"status": status, "at": now}]),
-                    ),
-                )
-                task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
-                assert task is not None
-                if not block:
-                    tree.prepare_cycle(1)
-                    self.rsyncd.add_module(task_id, self.tree_root(task_id), task_id, password)
-                    module_added = True
-                if params["drill"]:
-                    cid = self._queue_drill(conn, task)
-                else:
-                    cid = self._queue_start(conn, task)
-        except Exception:
-            if module_added:
-                self.rsyncd.remove_module(task_id)
-            raise
+        with self.store.transaction() as conn:
+            src = self._source(conn, source_id)
+            if src["state"] != "active":
+                return "not_migratable", {
+                    "source_id": source_id,
+                    "reason": f"replaced by {src['replaced_by']}",
+                }
+            if not src["workgroup_id"]:
+                return "not_migratable", {
+                    "source_id": source_id,
+                    "reason": "not associated with a workgroup",
+                }
+            if self.is_offline(src):
+                return "not_migratable", {
+                    "source_id": source_id,
+                    "reason": f"offline (last heartbeat {src['last_seen_at'] or 'never'})",
+                }
+            active = self._active_task(conn, source_id)
+            if active is not None:
+                return "skipped", {
+                    "source_id": source_id,
+                    "reason": f"already has migration task {active['id']} ({active['status']})",
+                }
+            wg = Store.q_one(conn, "SELECT name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
+            block = params["mode"] == "block"
+            no_block = block_unavailable(loads(src["inventory"], {})) if block else None
+            if no_block is not None:
+                return "not_migratable", {"source_id": source_id, "reason": no_block}
+            paths = [] if block else (params["paths"] or default_paths(loads(src["inventory"], {})))
+            disks = rules.disk_names(params["disks"]) if block else []
+            name = (
+                params["name"]
+                or f"{wg['name'] if wg else 'migration'}-{src['hostname'] or source_id}"[:128]
+            )
+            now = self.now_iso()
+            status = "drilling" if params["drill"] else "syncing"
+            conn.execute(
+                "INSERT INTO tasks (id, source_id, workgroup_id, name, description, mode, paths, "
+                "disks, snapshot, block_token, bandwidth_mbps, compression, checksum, sync_every_s, "
+                "keep_images, status, current_cycle, rsync_password, created_at, updated_at, history) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                (
+                    task_id,
+                    source_id,
+                    src["workgroup_id"],
+                    name,
+                    params["description"],
+                    params["mode"],
+                    dumps(paths),
+                    dumps(disks),
+                    params["snapshot"],
+                    secrets.token_urlsafe(32) if block else None,
+                    params["bandwidth_mbps"],
+                    params["compression"],
+                    int(params["checksum"]),
+                    params["sync_every_s"],
+                    params["keep_images"],
+                    status,
+                    "" if block else password,
+                    now,
+                    now,
+                    dumps([{"status": status, "at": now}]),
+                ),
+            )
+            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+            assert task is not None
+            if not block:
+                tree.prepare_cycle(1)
+            if params["drill"]:
+                cid = self._queue_drill(conn, task)
+            else:
+                cid = self._queue_start(conn, task)
         log.info(
             "task %s started for source %s (%s %s)",
             task_id,
@@ -1814,15 +1843,38 @@ class Service:
 
     # server start / scheduler ----------------------------------------------------------------------
     def restore_targets(self) -> int:
-        """Re-add the rsync modules of every task that still needs its target (after a restart)."""
+        """After a restart: the directory of every file task's running cycle exists again. One
+        task whose state on disk is unusable fails with the reason; the others and the server
+        go on (a source can write into its tree, so nothing found there may stop the server)."""
         rows = self.store.all(f"SELECT * FROM tasks WHERE status IN ({_OPEN_SQL})")  # noqa: S608
         for task in rows:
-            if task["mode"] == "block":
+            if task["mode"] == "block" or not task["current_cycle"]:
                 continue  # the block receiver resolves active tasks from the database
-            self.rsyncd.add_module(task["id"], self.tree_root(task["id"]), task["id"], task["rsync_password"])
-            if task["current_cycle"]:
+            try:
                 self.tree(task["id"]).prepare_cycle(int(task["current_cycle"]))
+            except Exception as exc:  # noqa: BLE001 - that task's error, never the server's
+                self.fail_at_start(task["id"], f"its cycle {task['current_cycle']} cannot be prepared", exc)
         return len(rows)
+
+    def fail_at_start(self, task_id: Optional[str], what: str, exc: BaseException) -> None:
+        """A task whose stored state broke a startup step: ``failed`` with the reason (shown by
+        ``migration show``); the server starts all the same."""
+        log.warning("task %s: %s: %s", task_id, what, exc)
+        log.debug("startup failure of task %s", task_id, exc_info=True)
+        if not task_id:
+            return
+        try:
+            with self.store.transaction() as conn:
+                task = Store.q_one(conn, "SELECT status FROM tasks WHERE id = ?", (task_id,))
+                if task is None or task["status"] in ("completed", "cancelled"):
+                    return
+                self._set_task(
+                    conn, task_id, status="failed", finalizing=0, error_code="target_state_invalid",
+                    error_message=_clip(f"at server start, {what}: {exc}; run 'go2cloud_server migration "
+                                        "sync' to retry the cycle, or cancel the task", 2000),
+                )
+        except Exception:  # noqa: BLE001 - the server starts even if this cannot be recorded
+            log.exception("cannot record the startup failure of task %s", task_id)
 
     def auto_sync_candidates(self) -> List[Dict[str, Any]]:
         """Pending tasks with an automatic sync interval: id, interval and last committed cycle."""

@@ -136,7 +136,7 @@ def main() -> int:
     rng = random.Random(20261127)
     started = time.monotonic()
 
-    server = Proc([sys.executable, "-m", "go2cloud_server", "serve", "--listen", "127.0.0.1:0", "--rsync-port", "0",
+    server = Proc([sys.executable, "-m", "go2cloud_server", "serve", "--listen", "127.0.0.1:0",
                    "--data-dir", str(data_dir), "--heartbeat-interval", "2"], work / "server.log")
     agent: Optional[Proc] = None
     try:

@@ -3,12 +3,19 @@
 Command line (built by :meth:`FileReplicator.build_args`)::
 
     rsync -aHAXS --numeric-ids --one-file-system --no-inc-recursive --info=progress2 --stats
-          --partial-dir=.go2cloud-partial [--delete] [--modify-window=-1]
+          --partial [--delete] [--modify-window=-1]
           [--compress --compress-level=N] [--checksum] [--bwlimit=KIB] [--mkpath]
-          --filter='merge FILTER' [--link-dest=REL]
-          -- /src/path/ rsync://USER@HOST:PORT/MODULE/DEST/src/path/
+          --filter='merge FILTER' [--link-dest=REL] -e 'AGENT rsync-tunnel'
+          -- /src/path/ USER@go2cloud::MODULE/DEST/src/path/
 
 Choices (see also DESIGN section 5):
+
+* **Transport.** The target has no rsync listener: rsync's remote shell is this agent
+  (``go2cloud_client.replication.tunnel``), which carries the rsync daemon protocol inside TLS
+  to the control plane's HTTPS port, pinned like the API. Per-run settings (URL, pin, cycle,
+  path) reach it in the environment.
+* **Partial files** stay under their own name (``--partial``): the target refuses
+  ``--partial-dir`` (a source could name a directory outside its cycle with it).
 
 * **Totals.** ``--no-inc-recursive`` makes rsync build the whole file list before it transfers,
   so hard links are matched across the whole tree and rsync's own percentage refers to a fixed
@@ -28,7 +35,8 @@ Choices (see also DESIGN section 5):
 * **Time stamps.** ``--modify-window=-1`` (rsync >= 3.1.3) makes rsync compare and preserve
   mtimes to the nanosecond. Without it a directory or symlink whose mtime falls in the same second
   in which rsync creates it on the target keeps the target's creation time (seen with 3.5.0).
-* **Secrets.** The password reaches rsync only as ``RSYNC_PASSWORD`` in the child environment.
+* **Secrets.** The password reaches rsync and the tunnel only as ``RSYNC_PASSWORD`` in the child
+  environment.
 """
 
 from __future__ import annotations
@@ -46,15 +54,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 from go2cloud_client import subp
 from go2cloud_client.errors import ReplicationError, RsyncMissingError
 from go2cloud_client.replication import excludes as excludes_mod
+from go2cloud_client.replication import tunnel
 from go2cloud_client.replication.progress import StatsParser, parse_progress
 
 LOG = logging.getLogger(__name__)
 
-PARTIAL_DIR = ".go2cloud-partial"
+#: the host part of rsync's ``USER@HOST::MODULE`` (the tunnel knows the real address)
+TUNNEL_HOST = "go2cloud"
 PROGRESS_INTERVAL = 0.5
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _CYCLE_DIR_RE = re.compile(r"^[0-9]{6}$")
@@ -94,19 +105,26 @@ class TransferCancelled(Exception):
 
 @dataclass(frozen=True)
 class RsyncTarget:
-    host: str
-    port: int
+    """The task's rsync module behind the control plane's HTTPS port (``url`` is
+    ``https://HOST:PORT/rsync/v1/tasks/<task>``, ``fingerprint`` the pinned certificate)."""
+
+    url: str
+    fingerprint: str
     module: str
     user: str
     password: str = field(repr=False)
 
     def __repr__(self) -> str:
-        return (f"RsyncTarget(host={self.host!r}, port={self.port!r}, module={self.module!r}, "
-                f"user={self.user!r}, password='***')")
+        return (f"RsyncTarget(url={self.url!r}, module={self.module!r}, user={self.user!r}, "
+                "password='***')")
 
-    def url(self, subpath: str = "") -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"rsync://{self.user}@{host}:{self.port}/{self.module}/{subpath}"
+    @property
+    def where(self) -> str:
+        return urlsplit(self.url).netloc
+
+    def spec(self, subpath: str = "") -> str:
+        """rsync's destination argument for ``subpath`` of the module (through the tunnel)."""
+        return f"{self.user}@{TUNNEL_HOST}::{self.module}/{subpath}"
 
 
 @dataclass(frozen=True)
@@ -300,12 +318,15 @@ class FileReplicator:
         on_child: Callable[[Optional[int]], None] = lambda pid: None,
         version: Optional[Tuple[int, int, int]] = None,
         estimate_totals: bool = True,
+        tunnel_executable: Optional[str] = None,
     ) -> None:
         for kind, value in (("module", target.module), ("user", target.user)):
             if not _NAME_RE.match(value):
                 raise ValueError(f"invalid rsync {kind} {value!r}")
-        if not 1 <= int(target.port) <= 65535:
-            raise ValueError(f"invalid rsync port {target.port!r}")
+        try:
+            tunnel.check_url(target.url)
+        except tunnel.TunnelError as exc:
+            raise ValueError(str(exc)) from None
         compress_level(options.compression)
         if options.bandwidth_mbps < 0:
             raise ValueError("bandwidth_mbps must be >= 0")
@@ -322,6 +343,7 @@ class FileReplicator:
         self.on_child = on_child
         self._version = version
         self.estimate_totals = estimate_totals
+        self.tunnel_executable = tunnel_executable
         self._lock = threading.Lock()
         self._last_emit = 0.0
         self._progress: List[PathProgress] = []
@@ -348,7 +370,7 @@ class FileReplicator:
             raise ValueError("cycle dest and link_dest must be six-digit directory names")
         opts = self.options
         args = [self.rsync_path, "-aHAXS", "--numeric-ids", "--one-file-system", "--no-inc-recursive",
-                "--info=progress2", "--stats", f"--partial-dir={PARTIAL_DIR}"]
+                "--info=progress2", "--stats", "--partial"]
         if cycle.incremental:
             args.append("--delete")
         level = compress_level(opts.compression)
@@ -371,11 +393,14 @@ class FileReplicator:
         if link:
             args.append(f"--link-dest={link}")
         src = path.rstrip("/") + "/"
-        args += ["--", src, self.target.url(dest_subpath(cycle.dest, path))]
+        args += ["-e", tunnel.command(self.tunnel_executable), "--", src,
+                 self.target.spec(dest_subpath(cycle.dest, path))]
         return args
 
-    def _env(self) -> Dict[str, str]:
-        return subp.child_env(extra={"RSYNC_PASSWORD": self.target.password})
+    def _env(self, cycle: int, path: str) -> Dict[str, str]:
+        extra = tunnel.tunnel_env(self.target.url, self.target.fingerprint, cycle, path)
+        extra["RSYNC_PASSWORD"] = self.target.password
+        return subp.child_env(extra=extra)
 
     # -- progress --------------------------------------------------------------------------------
     def snapshot(self) -> Progress:
@@ -455,18 +480,19 @@ class FileReplicator:
                     p.bytes_total = max(p.bytes_total, total, p.bytes_done)
 
     # -- running -----------------------------------------------------------------------------------
-    def _spawn(self, args: List[str], on_line: Callable[[str], None]) -> subp.StreamingProcess:
-        return subp.StreamingProcess(args, on_line=on_line, env=self._env())
+    def _spawn(self, args: List[str], on_line: Callable[[str], None], env: Dict[str, str]
+               ) -> subp.StreamingProcess:
+        return subp.StreamingProcess(args, on_line=on_line, env=env)
 
     def _run_rsync(
-        self, args: List[str], run: Optional[_PathRun], cancel: threading.Event
+        self, args: List[str], run: Optional[_PathRun], cancel: threading.Event, cycle: Cycle, path: str
     ) -> Tuple[int, str]:
         def on_line(line: str) -> None:
             if run is not None:
                 self._on_line(run, line)
 
         LOG.debug("rsync %s", args)
-        proc = self._spawn(args, on_line)
+        proc = self._spawn(args, on_line, self._env(cycle.number, path))
         self.on_child(proc.pid)
         try:
             while True:
@@ -492,8 +518,9 @@ class FileReplicator:
         with tempfile.TemporaryDirectory(dir=str(self.work_dir)) as empty:
             for depth in range(1, len(parts)):
                 sub = "/".join([cycle.dest] + parts[:depth]) + "/"
-                args = [self.rsync_path, "-d", "--", empty + "/", self.target.url(sub)]
-                rc, err = self._run_rsync(args, None, cancel)
+                args = [self.rsync_path, "-d", "-e", tunnel.command(self.tunnel_executable), "--",
+                        empty + "/", self.target.spec(sub)]
+                rc, err = self._run_rsync(args, None, cancel, cycle, path)
                 if rc != 0:
                     self._raise_for(rc, err, path)
 
@@ -502,7 +529,7 @@ class FileReplicator:
         if rc in RETRYABLE_CODES:
             hint = RETRYABLE_CODES[rc]
             raise RsyncConnectionError(
-                f"rsync of {path} to {self.target.host}:{self.target.port} failed with exit {rc} "
+                f"rsync of {path} to {self.target.where} failed with exit {rc} "
                 f"({hint}): check that the target is reachable, the task's module exists and the "
                 f"credentials are current; rsync said: {tail}")
         if rc == 23:
@@ -546,7 +573,7 @@ class FileReplicator:
                         run.progress.bytes_done = 0
                     self._emit(force=True)
                     LOG.info("cycle %s: rsync %s (pass %s)", cycle.number, path, passes)
-                    rc, err = self._run_rsync(args, run, cancel)
+                    rc, err = self._run_rsync(args, run, cancel, cycle, path)
                     if rc == 24 and passes < self.max_passes:
                         LOG.warning("cycle %s: files vanished under %s during pass %s; running another pass",
                                     cycle.number, path, passes)

@@ -64,7 +64,7 @@ class Server:
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}-serve.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "go2cloud_server", "serve", "--listen", "127.0.0.1:0",
-             "--rsync-port", "0", "--data-dir", str(self.data_dir),
+             "--data-dir", str(self.data_dir),
              "--heartbeat-interval", str(self.heartbeat_interval), *self.extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(self.extra_env),
         )

@@ -15,8 +15,6 @@ Retries: connection errors, timeouts and 5xx (but 507) are retried with backoff,
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import http.client
 import json
 import logging
@@ -35,6 +33,7 @@ from go2cloud_client.replication.block.errors import (
     BlockTargetFullError,
     BlockTargetRejectedError,
 )
+from go2cloud_client.tlspin import PinMismatch, check_pin, client_context
 
 LOG = logging.getLogger(__name__)
 
@@ -53,10 +52,6 @@ class ChunkRefused(Exception):
     """The target refused a chunk because its data did not match its hash (nothing written)."""
 
 
-class _PinMismatch(ssl.SSLError):
-    """The peer's certificate is not the pinned one (never retried)."""
-
-
 class _Connection(http.client.HTTPSConnection):
     """Keep-alive HTTPS connection whose every (re)connect checks the certificate pin."""
 
@@ -67,11 +62,11 @@ class _Connection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         super().connect()  # TCP (connect timeout, TCP_NODELAY) + TLS handshake
-        if self._pin is not None:
-            der = cast(ssl.SSLSocket, self.sock).getpeercert(binary_form=True) or b""
-            if not hmac.compare_digest(hashlib.sha256(der).digest(), self._pin):
-                self.close()
-                raise _PinMismatch("the peer's certificate does not match the pinned fingerprint")
+        try:
+            check_pin(cast(ssl.SSLSocket, self.sock), self._pin)
+        except PinMismatch:
+            self.close()
+            raise
         self.sock.settimeout(self.read_timeout)
 
 
@@ -153,15 +148,7 @@ class BlockClient:
         self._context: Optional[ssl.SSLContext] = None
         self._pin: Optional[bytes] = None
         if self._scheme == "https":
-            if self.fingerprint:
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE  # the pin, checked on every connect, replaces CA checks
-                self._pin = bytes.fromhex(self.fingerprint[len("sha256:"):])
-            else:
-                ctx = ssl.create_default_context()
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            self._context = ctx
+            self._context, self._pin = client_context(self.fingerprint)
 
     def _connection(self) -> _Conn:
         conn: Optional[_Conn] = getattr(self._local, "conn", None)
@@ -216,7 +203,7 @@ class BlockClient:
                     raise BlockTargetError(f"{what}: cancelled while retrying")
             try:
                 resp = self._exchange(method, path, hdrs, body, timeout)
-            except _PinMismatch:
+            except PinMismatch:
                 raise BlockTargetRejectedError(
                     f"the certificate of the block target {self.where} does not match the pinned "
                     f"fingerprint {self.fingerprint}: the target changed or this is not the task's "

@@ -1,0 +1,273 @@
+"""rsync's transport to the target: the agent's own executable as rsync's remote shell.
+
+``rsync -e "<agent> rsync-tunnel" ... USER@go2cloud::MODULE/DEST`` starts this program with its
+stdin and stdout connected to rsync (rsync appends ``[-l USER] HOST rsync --server --daemon .``,
+which is ignored: the target decides what runs). It opens a TLS connection to the control plane
+(the certificate pinned by the fingerprint the agent pinned at import; plain http only to a
+loopback address), asks for ``POST /rsync/v1/tasks/<task>/session`` with ``Upgrade:
+go2cloud-rsync``, the task's credentials in ``Authorization``, the cycle and the path, and after
+``101 Switching Protocols`` copies bytes both ways until either side ends. So file-level data
+shares the API's one port, firewall and proxy rules, and never crosses the network in plaintext.
+
+Its settings come from the environment rsync passes on (:func:`tunnel_env`); the credentials
+come from ``RSYNC_PASSWORD``, never from the command line. Refusals (wrong credentials, a cycle
+that is not running) are printed on stderr, where rsync's caller collects them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shlex
+import socket
+import ssl
+import sys
+import time
+from typing import Dict, List, Mapping, Optional, Tuple
+from urllib.parse import quote, urlsplit
+
+from go2cloud_client.config import is_loopback_host
+from go2cloud_client.tlspin import PinMismatch, check_pin, client_context
+
+ENV_URL = "GO2CLOUD_RSYNC_URL"
+ENV_FINGERPRINT = "GO2CLOUD_RSYNC_FINGERPRINT"
+ENV_CYCLE = "GO2CLOUD_RSYNC_CYCLE"
+ENV_PATH = "GO2CLOUD_RSYNC_PATH"
+UPGRADE = "go2cloud-rsync"
+CONNECT_TIMEOUT_S = 30.0
+MAX_HEAD = 64 * 1024
+BUFFER = 256 * 1024
+#: exit status when the target refused or could not be reached (rsync then reports exit 12)
+EXIT_REFUSED = 2
+
+
+class TunnelError(Exception):
+    """The tunnel could not be opened (the message says why)."""
+
+
+def command(executable: Optional[str] = None) -> str:
+    """The ``rsync -e`` value that starts this agent as the tunnel (rsync splits it on spaces and
+    honours quotes): the frozen executable itself, or this Python with ``-m go2cloud_client``."""
+    if getattr(sys, "frozen", False) or executable:
+        return f"{shlex.quote(executable or sys.executable)} rsync-tunnel"
+    return f"{shlex.quote(sys.executable)} -m go2cloud_client rsync-tunnel"
+
+
+def tunnel_env(url: str, fingerprint: str, cycle: int, path: str) -> Dict[str, str]:
+    return {ENV_URL: url, ENV_FINGERPRINT: fingerprint, ENV_CYCLE: str(int(cycle)), ENV_PATH: path}
+
+
+def check_url(url: str) -> Tuple[str, str, int, str]:
+    """(scheme, host, port, path) of ``https://HOST:PORT/rsync/v1/tasks/<task>`` (plain http only
+    to a loopback host)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+        raise TunnelError(f"invalid rsync target URL {url!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise TunnelError("file-level data over plain http is allowed only to a loopback address")
+    path = parts.path.rstrip("/")
+    if not path.startswith("/rsync/v1/tasks/") or path.count("/") != 4:
+        raise TunnelError(f"invalid rsync target URL path {parts.path!r}: expected /rsync/v1/tasks/<task>")
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), path
+
+
+def open_session(env: Mapping[str, str]) -> socket.socket:
+    """Connect, upgrade and return the raw stream to the target's rsync daemon."""
+    url = env.get(ENV_URL, "")
+    scheme, host, port, path = check_url(url)
+    password = env.get("RSYNC_PASSWORD", "")
+    cycle = env.get(ENV_CYCLE, "")
+    src_path = env.get(ENV_PATH, "")
+    if not password or not cycle.isdigit() or not src_path.startswith("/"):
+        raise TunnelError(f"the rsync tunnel needs {ENV_CYCLE}, {ENV_PATH} and RSYNC_PASSWORD "
+                          "(it is started by the agent's rsync)")
+    raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock: socket.socket = raw
+    try:
+        if scheme == "https":
+            ctx, pin = client_context(env.get(ENV_FINGERPRINT, ""))
+            tls = ctx.wrap_socket(raw, server_hostname=host)
+            sock = tls
+            check_pin(tls, pin)
+        host_header = f"[{host}]" if ":" in host else host
+        request = (
+            f"POST {path}/session HTTP/1.1\r\n"
+            f"Host: {host_header}:{port}\r\n"
+            f"Authorization: Bearer {password}\r\n"
+            f"X-Go2cloud-Cycle: {int(cycle)}\r\n"
+            f"X-Go2cloud-Path: {quote(src_path, safe='/')}\r\n"
+            f"Connection: Upgrade\r\nUpgrade: {UPGRADE}\r\nContent-Length: 0\r\n\r\n"
+        )
+        sock.sendall(request.encode("ascii"))
+        status, body = _read_answer(sock)
+        if status != 101:
+            raise TunnelError(f"the target refused the rsync session (HTTP {status}): {_message(body)}")
+        return sock
+    except PinMismatch:
+        sock.close()
+        raise TunnelError(f"the target at {host}:{port} does not present the pinned certificate "
+                          f"{env.get(ENV_FINGERPRINT, '')}: it changed or this is not the control "
+                          "plane") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _read_answer(sock: socket.socket) -> Tuple[int, bytes]:
+    """Status and (for an error) body of the answer, reading nothing beyond it."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        byte = sock.recv(1)
+        if not byte:
+            raise TunnelError("the target closed the connection before answering")
+        head += byte
+        if len(head) > MAX_HEAD:
+            raise TunnelError("the target's answer has an oversized header")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ", 2)[1])
+    except (IndexError, ValueError):
+        raise TunnelError(f"the target answered {lines[0][:80]!r}, not HTTP") from None
+    if status == 101:
+        return status, b""
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length" and value.strip().isdigit():
+            length = min(int(value.strip()), MAX_HEAD)
+    body = b""
+    while len(body) < length:
+        part = sock.recv(length - len(body))
+        if not part:
+            break
+        body += part
+    return status, body
+
+
+def _message(body: bytes) -> str:
+    try:
+        doc = json.loads(body.decode("utf-8"))
+        err = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(err, dict):
+            return f"{err.get('message')} ({err.get('code')})"
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return body[:200].decode("utf-8", "replace") or "no details"
+
+
+def pump(sock: socket.socket, fd_in: int, fd_out: int) -> None:
+    """Copy stdin to the connection and the connection to stdout, one thread, half-closes passed
+    on, until the target's side has ended and everything it sent is written out."""
+    sock.setblocking(False)
+    os.set_blocking(fd_in, False)
+    os.set_blocking(fd_out, False)
+    up = bytearray()
+    down = bytearray()
+    in_eof = sock_eof = shut = False
+    sel = selectors.DefaultSelector()
+    keys: Dict[object, int] = {}
+
+    def want(obj: object, mask: int) -> None:
+        old = keys.get(obj, 0)
+        if mask == old:
+            return
+        if old and mask:
+            sel.modify(obj, mask)  # type: ignore[arg-type]
+        elif old:
+            sel.unregister(obj)  # type: ignore[arg-type]
+        else:
+            sel.register(obj, mask)  # type: ignore[arg-type]
+        if mask:
+            keys[obj] = mask
+        else:
+            keys.pop(obj, None)
+
+    try:
+        while True:
+            moved = False
+            if not in_eof and len(up) < BUFFER:
+                try:
+                    data = os.read(fd_in, BUFFER)
+                    if data:
+                        up += data
+                        moved = True
+                    else:
+                        in_eof = True
+                except BlockingIOError:
+                    pass
+            if up:
+                try:
+                    n = sock.send(up)
+                    del up[:n]
+                    moved = moved or n > 0
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    pass
+            if in_eof and not up and not shut:
+                shut = True
+                if not isinstance(sock, ssl.SSLSocket):
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+            if not sock_eof and len(down) < BUFFER:
+                try:
+                    data = sock.recv(BUFFER)
+                    if data:
+                        down += data
+                        moved = True
+                    else:
+                        sock_eof = True
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    pass
+                except (ssl.SSLEOFError, ConnectionResetError):
+                    sock_eof = True
+            if down:
+                try:
+                    n = os.write(fd_out, down)
+                    del down[:n]
+                    moved = moved or n > 0
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:
+                    return
+            if sock_eof and not down:
+                return
+            if in_eof and shut and sock_eof:
+                return
+            if moved:
+                continue
+            want(sock, (selectors.EVENT_READ if not sock_eof and len(down) < BUFFER else 0)
+                 | (selectors.EVENT_WRITE if up else 0))
+            want(fd_in, selectors.EVENT_READ if not in_eof and len(up) < BUFFER else 0)
+            want(fd_out, selectors.EVENT_WRITE if down else 0)
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                continue
+            if keys:
+                sel.select(timeout=5.0)
+            else:
+                time.sleep(0.01)
+    finally:
+        sel.close()
+
+
+def main(argv: List[str]) -> int:
+    """``go2cloud_client rsync-tunnel ...`` (started by rsync, never by hand)."""
+    if sys.stdin.isatty():
+        sys.stderr.write("go2cloud_client rsync-tunnel is started by rsync for file-level migrations, "
+                         "not by hand\n")
+        return EXIT_REFUSED
+    try:
+        sock = open_session(os.environ)
+    except (TunnelError, OSError, ssl.SSLError) as exc:
+        sys.stderr.write(f"go2cloud rsync tunnel: {exc}\n")
+        return EXIT_REFUSED
+    try:
+        pump(sock, sys.stdin.fileno(), sys.stdout.fileno())
+    except (OSError, ssl.SSLError) as exc:
+        sys.stderr.write(f"go2cloud rsync tunnel: connection lost: {exc}\n")
+        return EXIT_REFUSED
+    finally:
+        sock.close()
+    return 0

@@ -1,5 +1,6 @@
-"""File-level replication end to end: real rsync daemon (go2cloud_server.rsyncd) on loopback, real
-FileReplicator, the nasty tree, comparisons by full manifest (bit for bit)."""
+"""File-level replication end to end: the real FileReplicator and rsync through the agent's TLS
+tunnel into the server's real HTTPS listener and single-use rsync daemons (tests/support/
+rsynctarget.py) on loopback, the nasty tree, comparisons by full manifest (bit for bit)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from go2cloud_client.replication.rsync import (
 )
 from go2cloud_server import manifest
 from go2cloud_server.artifacts import TaskTree
-from go2cloud_server.rsyncd import RsyncDaemon
 from tests.support import tree
+from tests.support.rsynctarget import RsyncTargetServer, TaskEntry
 
 pytestmark = [
     pytest.mark.integration,
@@ -40,31 +41,32 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory) -> Iterator[RsyncDaemon]:
-    d = RsyncDaemon(tmp_path_factory.mktemp("rsyncd"), host="127.0.0.1", port=0)
-    d.start()
+def daemon(tmp_path_factory) -> Iterator[RsyncTargetServer]:
+    d = RsyncTargetServer(tmp_path_factory.mktemp("rsync-target")).start()
     yield d
     d.stop()
 
 
 class Task:
-    """One task: module + credentials + cycle tree + a replicator factory."""
+    """One task: credentials + cycle tree + the cycle being written + a replicator factory."""
 
-    def __init__(self, daemon: RsyncDaemon, base: Path) -> None:
+    def __init__(self, daemon: RsyncTargetServer, base: Path) -> None:
         self.daemon = daemon
         self.base = base
         self.name = "t-" + secrets.token_hex(6)
         self.password = secrets.token_urlsafe(24)
         self.tree = TaskTree(base / "target" / self.name)
         self.tree.root.mkdir(parents=True)
-        daemon.add_module(self.name, self.tree.root, self.name, self.password)
+        self.entry = TaskEntry(self.password, self.tree.root)
+        daemon.tasks.entries[self.name] = self.entry
+        self.committed: List[int] = []
         self.home = base / "home"
         self.excludes_file = excludes.ensure_home_excludes(self.home)
         self.children: List[Optional[int]] = []
         self.progress: List[Progress] = []
 
     def target(self, password: Optional[str] = None) -> RsyncTarget:
-        return RsyncTarget("127.0.0.1", self.daemon.port, self.name, self.name,
+        return RsyncTarget(self.daemon.url(self.name), self.daemon.fingerprint, self.name, self.name,
                            password if password is not None else self.password)
 
     def replicator(self, paths: List[str], options: Optional[TransferOptions] = None,
@@ -75,11 +77,19 @@ class Task:
                               work_dir=self.home / "work", on_progress=self.progress.append,
                               on_child=self.children.append, **kw)
 
-    def run(self, paths: List[str], n: int, *, link: Optional[int] = None, **kw):
+    def writing(self, paths: List[str], n: int, link: Optional[int] = None) -> None:
+        """What the control plane records when it queues cycle ``n``."""
+        self.entry.paths = [str(p) for p in paths]
+        self.entry.cycle = n
+        self.entry.link_cycle = link
         self.tree.prepare_cycle(n)
+
+    def run(self, paths: List[str], n: int, *, link: Optional[int] = None, **kw):
+        self.writing(paths, n, link)
         cycle = Cycle(n, f"{n:06d}", f"{link:06d}" if link else None, incremental=n > 1)
         result = self.replicator(paths, **kw).run_cycle(cycle, threading.Event())
         self.tree.commit_cycle(n)
+        self.committed.append(n)
         return result
 
     def image(self, n: int, path: Path) -> Path:
@@ -87,10 +97,10 @@ class Task:
 
 
 @pytest.fixture
-def task(daemon: RsyncDaemon, tmp_path: Path) -> Iterator[Task]:
+def task(daemon: RsyncTargetServer, tmp_path: Path) -> Iterator[Task]:
     t = Task(daemon, tmp_path)
     yield t
-    daemon.remove_module(t.name)
+    daemon.tasks.entries.pop(t.name, None)
     t.tree.destroy()
 
 
@@ -146,9 +156,8 @@ def test_full_then_incremental_cycles_match_source_bit_for_bit(task: Task, tmp_p
     assert_same(expected1, manifest.build(task.image(1, src)))
 
     # retention keeps the newest
-    assert task.tree.committed() == [1, 2, 3]
-    assert task.tree.retain(2) == [1]
-    assert task.tree.committed() == [2, 3]
+    assert task.tree.retain(2, task.committed) == [1]
+    assert not task.tree.cycle_dir(1).exists() and task.tree.cycle_dir(3).is_dir()
     assert_same(image2, manifest.build(task.image(2, src)))
 
 
@@ -208,7 +217,7 @@ def test_cancel_mid_transfer_then_rerun_completes(task: Task, tmp_path: Path) ->
 
     rep = task.replicator([str(src)], TransferOptions(bandwidth_mbps=40, compression=0))
     rep.on_progress = on_progress
-    task.tree.prepare_cycle(1)
+    task.writing([str(src)], 1)
     started = time.monotonic()
     with pytest.raises(TransferCancelled):
         rep.run_cycle(Cycle(1, "000001", None, False), cancel)
@@ -217,9 +226,9 @@ def test_cancel_mid_transfer_then_rerun_completes(task: Task, tmp_path: Path) ->
     with pytest.raises(ProcessLookupError):
         os.kill(task.children[0], 0)
     assert any(0 < p.bytes_done < 24 * MiB for p in seen)
-    # the interrupted big file was kept in the partial dir on the target
-    partial = task.image(1, src) / ".go2cloud-partial"
-    assert partial.is_dir() and any(partial.iterdir())
+    # the interrupted big file was kept (under its own name: --partial) on the target
+    partial = task.image(1, src) / "big"
+    assert partial.is_file() and 0 < partial.stat().st_size < 24 * MiB
     result = task.run([str(src)], 1)
     assert_same(manifest.build(src), manifest.build(task.image(1, src)))
     assert result.bytes_total == 24 * MiB + 5
@@ -242,8 +251,9 @@ def test_bandwidth_limit_limits(task: Task, tmp_path: Path) -> None:
 
 
 def test_unreadable_file_is_exit_23_naming_it(task: Task, tmp_path: Path) -> None:
-    # As root every file is readable, so the sending rsync runs as nobody (via setpriv) over a
-    # source nobody can reach; the filter file is 0600 root in a 0700 home: nobody gets a copy.
+    # As root every file is readable, so the sending rsync runs as root without the capabilities
+    # that bypass file permissions (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from
+    # the bounding set); a 0000 file is then unreadable. The tunnel it starts runs the same way.
     base = Path(tempfile.mkdtemp(prefix="go2cloud-nobody-", dir="/tmp"))
     try:
         os.chmod(base, 0o755)
@@ -252,21 +262,12 @@ def test_unreadable_file_is_exit_23_naming_it(task: Task, tmp_path: Path) -> Non
         (src / "ok" / "fine").write_bytes(b"fine")
         (src / "no access").write_bytes(b"secret")
         os.chmod(src / "no access", 0o000)
-        copy = base / "filter-copy"
-        wrapper = base / "rsync-as-nobody"
-        wrapper.write_text(f"""#!{sys.executable}
-import os, shutil, sys
-args = sys.argv[1:]
-for i, a in enumerate(args):
-    if a.startswith("--filter=merge "):
-        shutil.copy(a[len("--filter=merge "):], "{copy}")
-        os.chmod("{copy}", 0o644)
-        args[i] = "--filter=merge {copy}"
-os.execv("/usr/bin/setpriv", ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                              "{shutil.which("rsync")}", *args])
+        wrapper = base / "rsync-without-dac-override"
+        wrapper.write_text(f"""#!/bin/sh
+exec /usr/bin/setpriv --bounding-set=-dac_override,-dac_read_search -- {shutil.which("rsync")} "$@"
 """)
         wrapper.chmod(0o755)
-        task.tree.prepare_cycle(1)
+        task.writing([str(src)], 1)
         rep = task.replicator([str(src)], rsync_path=str(wrapper), version=(3, 5, 0))
         with pytest.raises(RsyncPartialTransferError) as info:
             rep.run_cycle(Cycle(1, "000001", None, False), threading.Event())
@@ -281,7 +282,7 @@ def test_wrong_password_is_a_clear_retryable_error(task: Task, tmp_path: Path) -
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"f")
-    task.tree.prepare_cycle(1)
+    task.writing([str(src)], 1)
     wrong = "wrong-" + secrets.token_hex(8)
     rep = task.replicator([str(src)], target=task.target(password=wrong))
     with pytest.raises(RsyncConnectionError) as info:
@@ -290,14 +291,6 @@ def test_wrong_password_is_a_clear_retryable_error(task: Task, tmp_path: Path) -
     assert "credentials" in str(info.value) and wrong not in str(info.value)
     assert task.password not in str(info.value)
     assert not (task.image(1, src) / "f").exists()
-
-
-def test_daemon_reports_port_in_use(tmp_path: Path, daemon: RsyncDaemon) -> None:
-    from go2cloud_server.rsyncd import RsyncDaemonError
-
-    other = RsyncDaemon(tmp_path / "other", host="127.0.0.1", port=daemon.port)
-    with pytest.raises(RsyncDaemonError, match="in use"):
-        other.start()
 
 
 def test_metadata_only_change_on_a_file_never_touches_previous_image(task: Task, tmp_path: Path) -> None:

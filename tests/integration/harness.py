@@ -86,6 +86,11 @@ class Server:
     def fingerprint(self) -> str:
         return str(self.info["fingerprint"])
 
+    @property
+    def port(self) -> int:
+        """The one port of the control plane: API, block and rsync data."""
+        return int(self.url.rsplit(":", 1)[1])
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

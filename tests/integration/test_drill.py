@@ -151,7 +151,7 @@ def test_server_in_time_unreachable_server_and_closed_target_port(server, tmp_pa
     port = closed_port()
     proc = check("--json", "--path", str(tmp_path), "--home", str(tmp_path / "home"), "--server", server.url,
                  "--server-fingerprint", server.fingerprint, "--target", f"127.0.0.1:{port}",
-                 "--target", f"127.0.0.1:{server.info['rsync_port']}")
+                 "--target", f"127.0.0.1:{server.port}")
     assert proc.returncode == 35
     assert items(proc, "clock")[0]["severity"] == "info"
     closed, opened = items(proc, "target_ports")
@@ -196,7 +196,7 @@ def test_drill_end_to_end(server, agents, tmp_path, full_fs):
     assert shown["status"] == "passed" and shown["report"]["ran"] is True
     assert {i["check"] for i in shown["report"]["items"]} >= {"free_space", "clock", "target_ports", "fstab"}
     ports = [i for i in shown["report"]["items"] if i["check"] == "target_ports"]
-    assert ports[0]["severity"] == "info" and ports[0]["data"]["port"] == server.info["rsync_port"]
+    assert ports[0]["severity"] == "info" and ports[0]["data"]["port"] == server.port
     wait_for(lambda: any(line.startswith("Drill passed") for line in agent.lines), 10, "the drill line")
     server.j("migration", "cancel", "--source", sid)
 

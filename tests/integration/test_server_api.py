@@ -343,7 +343,8 @@ def test_agent_auth_heartbeat_offline_and_long_poll(server: Server, api: Api):
     drill = got["cmds"][0]["params"]
     assert drill["task_id"] == out["started"][0]["task_id"] and drill["paths"] == ["/srv/data"]
     assert drill["target"] == {
-        "kind": "rsync", "host": "127.0.0.1", "port": server.info["rsync_port"], "module": drill["task_id"]
+        "kind": "rsync", "url": f"{server.url}/rsync/v1/tasks/{drill['task_id']}",
+        "fingerprint": server.fingerprint, "module": drill["task_id"],
     }
     assert server.task_status(agent.source_id) == "drilling"
     assert server.j("migration", "show", "--workgroup", "edge")["status"] == "in_progress"
@@ -357,7 +358,7 @@ def test_agent_auth_heartbeat_offline_and_long_poll(server: Server, api: Api):
     params = start["params"]
     assert start["type"] == "start" and params["task_id"] == drill["task_id"]
     assert (
-        params["target"]["port"] == server.info["rsync_port"]
+        params["target"]["url"] == f"{server.url}/rsync/v1/tasks/{params['task_id']}"
         and params["target"]["module"] == params["task_id"]
     )
     agent.ack(start["id"], "accepted")  # the agent took the start: syncing from now on
@@ -524,6 +525,6 @@ def test_invalid_input_oversized_body_and_unreachable(server: Server, api: Api, 
 
 def test_server_json_and_files(server: Server):
     info = json.loads((server.data_dir / "server.json").read_text())
-    assert set(info) >= {"url", "fingerprint", "rsync_port", "pid"}
+    assert set(info) >= {"url", "fingerprint", "pid"} and "rsync_port" not in info
     for name in ("admin.token", "tls/key.pem", "server.json"):
         assert (server.data_dir / name).stat().st_mode & 0o077 == 0, name

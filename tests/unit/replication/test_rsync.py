@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import pytest
 
 from go2cloud_client.errors import ReplicationError
-from go2cloud_client.replication import rsync
+from go2cloud_client.replication import rsync, tunnel
 from go2cloud_client.replication.rsync import (
     Cycle,
     FileReplicator,
@@ -24,7 +24,9 @@ from go2cloud_client.replication.rsync import (
 )
 
 PASSWORD = "s3cret-Pa55word"
-TARGET = RsyncTarget("10.0.0.9", 8873, "t-abc", "t-abc", PASSWORD)
+URL = "https://10.0.0.9:8443/rsync/v1/tasks/t-abc"
+FINGERPRINT = "sha256:" + "ab" * 32
+TARGET = RsyncTarget(URL, FINGERPRINT, "t-abc", "t-abc", PASSWORD)
 STATS = ["Number of files: 3 (reg: 2, dir: 1)", "Number of regular files transferred: 2",
          "Total file size: 1,000 bytes", "Total bytes sent: 1,234"]
 
@@ -46,13 +48,15 @@ def test_full_cycle_args(tmp_path: Path) -> None:
     rep = make(tmp_path)
     args = rep.build_args(FULL, "/srv/data")
     assert args[:8] == ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--no-inc-recursive",
-                        "--info=progress2", "--stats", "--partial-dir=.go2cloud-partial"]
+                        "--info=progress2", "--stats", "--partial"]
+    assert not any(a.startswith("--partial-dir") for a in args)  # the target refuses it
     assert "--delete" not in args and not any(a.startswith("--link-dest") for a in args)
     assert "--compress" in args and "--compress-level=7" in args
     assert "--checksum" not in args and not any(a.startswith("--bwlimit") for a in args)
     assert "--mkpath" in args and "--modify-window=-1" in args
     assert f"--filter=merge {tmp_path / 'work' / 'rsync-filter'}" in args
-    assert args[-3:] == ["--", "/srv/data/", "rsync://t-abc@10.0.0.9:8873/t-abc/000001/srv/data/"]
+    assert args[-5:] == ["-e", tunnel.command(), "--", "/srv/data/", "t-abc@go2cloud::t-abc/000001/srv/data/"]
+    assert not any("rsync://" in a or "10.0.0.9" in a for a in args)  # the tunnel knows the address
 
 
 def test_incremental_args_link_dest_is_relative_to_the_dest_dir(tmp_path: Path) -> None:
@@ -62,7 +66,7 @@ def test_incremental_args_link_dest_is_relative_to_the_dest_dir(tmp_path: Path) 
     assert "--link-dest=../../../000002/srv/data" in args
     root = rep.build_args(INCR, "/")
     assert "--link-dest=../000002" in root
-    assert root[-2:] == ["/", "rsync://t-abc@10.0.0.9:8873/t-abc/000003/"]
+    assert root[-2:] == ["/", "t-abc@go2cloud::t-abc/000003/"]
 
 
 @pytest.mark.parametrize("mbps,kib", [(0, None), (1, 122), (8, 976), (100, 12207), (100000, 12207031)])
@@ -103,7 +107,48 @@ def test_password_never_in_argv_or_repr(tmp_path: Path) -> None:
         for p in rep.paths:
             assert not any(PASSWORD in a for a in rep.build_args(cycle, p))
     assert PASSWORD not in repr(TARGET) and PASSWORD not in str(TARGET)
-    assert rep._env()["RSYNC_PASSWORD"] == PASSWORD
+    env = rep._env(3, "/srv/data")
+    assert env["RSYNC_PASSWORD"] == PASSWORD
+    assert PASSWORD not in tunnel.command() and PASSWORD not in str(tunnel.tunnel_env(URL, FINGERPRINT, 3, "/srv"))
+
+
+def test_tunnel_executable_is_rsyncs_remote_shell(tmp_path: Path) -> None:
+    rep = make(tmp_path, tunnel_executable="/opt/go2cloud agent/go2cloud_client")
+    args = rep.build_args(INCR, "/srv/data")
+    i = args.index("-e")
+    assert args[i + 1] == "'/opt/go2cloud agent/go2cloud_client' rsync-tunnel"
+    assert args[i + 2:] == ["--", "/srv/data/", "t-abc@go2cloud::t-abc/000003/srv/data/"]
+    assert args.index("--link-dest=../../../000002/srv/data") < i  # every option before the operands
+
+
+def test_target_spec_where_and_repr() -> None:
+    assert TARGET.spec() == "t-abc@go2cloud::t-abc/"
+    assert TARGET.spec("000002/srv/") == "t-abc@go2cloud::t-abc/000002/srv/"
+    assert TARGET.where == "10.0.0.9:8443"
+    assert repr(TARGET) == f"RsyncTarget(url={URL!r}, module='t-abc', user='t-abc', password='***')"
+
+
+@pytest.mark.parametrize("url", [
+    "http://10.0.0.9:8443/rsync/v1/tasks/t-abc",  # plain http only to a loopback address
+    "https://10.0.0.9:8443/block/v1/tasks/t-abc",
+    "https://10.0.0.9:8443/rsync/v1/tasks/",
+    "https://10.0.0.9:8443/rsync/v1/tasks/t-abc/x",
+    "https://10.0.0.9:8443/rsync/v1/tasks/t-abc?x=1",
+    "rsync://10.0.0.9:8873/t-abc",
+    "https:///rsync/v1/tasks/t-abc",
+])
+def test_bad_target_urls_refused(tmp_path: Path, url: str) -> None:
+    bad = RsyncTarget(url, FINGERPRINT, "t-abc", "t-abc", PASSWORD)
+    with pytest.raises(ValueError):
+        FileReplicator(target=bad, paths=["/srv"], options=TransferOptions(), excludes_file=tmp_path / "ex",
+                       work_dir=tmp_path / "work", version=(3, 5, 0), estimate_totals=False)
+
+
+def test_plain_http_to_loopback_accepted(tmp_path: Path) -> None:
+    local = RsyncTarget("http://127.0.0.1:8080/rsync/v1/tasks/t-abc", "", "t-abc", "t-abc", PASSWORD)
+    rep = FileReplicator(target=local, paths=["/srv"], options=TransferOptions(), excludes_file=tmp_path / "ex",
+                         work_dir=tmp_path / "work", version=(3, 5, 0), estimate_totals=False)
+    assert rep.build_args(FULL, "/srv")[-1] == "t-abc@go2cloud::t-abc/000001/srv/"
 
 
 @pytest.mark.parametrize("bad", ["relative", "/a/../b", "/a//b", "/a\nb", "/a\x00b"])
@@ -150,11 +195,14 @@ class FakeProc:
         return self.stderr_text
 
 
-def scripted(rep: FileReplicator, procs: List[FakeProc]) -> List[List[str]]:
+def scripted(rep: FileReplicator, procs: List[FakeProc],
+             envs: Optional[List[Dict[str, str]]] = None) -> List[List[str]]:
     calls: List[List[str]] = []
 
-    def spawn(args, on_line):
+    def spawn(args, on_line, env):
         calls.append(args)
+        if envs is not None:
+            envs.append(env)
         return procs.pop(0).start(on_line)
 
     rep._spawn = spawn  # type: ignore[method-assign]
@@ -167,9 +215,17 @@ def test_success_aggregates_stats_and_progress(tmp_path: Path, monkeypatch) -> N
     children: List[Optional[int]] = []
     rep = make(tmp_path, paths=["/a", "/b"], on_progress=seen.append, on_child=children.append)
     lines = ["       500  50%    1.00MB/s    0:00:01 (xfr#1, to-chk=1/3)", *STATS]
-    calls = scripted(rep, [FakeProc(0, lines), FakeProc(0, lines)])
+    envs: List[Dict[str, str]] = []
+    calls = scripted(rep, [FakeProc(0, lines), FakeProc(0, lines)], envs)
     result = rep.run_cycle(FULL, threading.Event())
     assert len(calls) == 2
+    # each run's tunnel learns the target, the pin, the cycle and the path from its environment
+    for env, path in zip(envs, ["/a", "/b"]):
+        assert {k: env[k] for k in ("GO2CLOUD_RSYNC_URL", "GO2CLOUD_RSYNC_FINGERPRINT", "GO2CLOUD_RSYNC_CYCLE",
+                                    "GO2CLOUD_RSYNC_PATH", "RSYNC_PASSWORD")} == {
+            "GO2CLOUD_RSYNC_URL": URL, "GO2CLOUD_RSYNC_FINGERPRINT": FINGERPRINT, "GO2CLOUD_RSYNC_CYCLE": "1",
+            "GO2CLOUD_RSYNC_PATH": path, "RSYNC_PASSWORD": PASSWORD}
+    assert not any(PASSWORD in a for call in calls for a in call)
     assert (result.bytes_total, result.bytes_sent, result.files, result.passes) == (2000, 2468, 4, 1)
     assert children == [4242, None, 4242, None]
     final = seen[-1].to_dict()
@@ -249,10 +305,14 @@ def test_cancel_before_start_runs_nothing(tmp_path: Path) -> None:
 
 def test_old_rsync_creates_parents_first(tmp_path: Path) -> None:
     rep = make(tmp_path, paths=["/srv/deep/data"], version=(3, 1, 3))
-    calls = scripted(rep, [FakeProc(0, []), FakeProc(0, []), FakeProc(0, STATS)])
+    envs: List[Dict[str, str]] = []
+    calls = scripted(rep, [FakeProc(0, []), FakeProc(0, []), FakeProc(0, STATS)], envs)
     rep.run_cycle(FULL, threading.Event())
-    assert calls[0][-1].endswith("/t-abc/000001/srv/") and calls[1][-1].endswith("/t-abc/000001/srv/deep/")
-    assert calls[0][1] == "-d" and calls[0][-3] == "--"
+    assert calls[0][-1] == "t-abc@go2cloud::t-abc/000001/srv/"
+    assert calls[1][-1] == "t-abc@go2cloud::t-abc/000001/srv/deep/"
+    assert calls[0][1] == "-d" and calls[0][-3] == "--" and calls[0][2:4] == ["-e", tunnel.command()]
+    # the parents are created in the session of the path they lead to (the target allows them)
+    assert [(e["GO2CLOUD_RSYNC_CYCLE"], e["GO2CLOUD_RSYNC_PATH"]) for e in envs] == [("1", "/srv/deep/data")] * 3
     assert calls[2][-1].endswith("/000001/srv/deep/data/")
 
 

@@ -1,0 +1,168 @@
+"""The agent's rsync transport (``rsync -e "<agent> rsync-tunnel"``): the target URL's checks, the
+remote-shell command, the per-run environment, and the upgrade handshake against a loopback fake
+of the control plane (plain http is allowed only to a loopback address)."""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import sys
+import threading
+from typing import Dict, List
+
+import pytest
+
+from go2cloud_client.replication import tunnel
+from go2cloud_client.replication.tunnel import TunnelError, check_url
+
+FP = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("https://cp.example:8443/rsync/v1/tasks/t-1", ("https", "cp.example", 8443, "/rsync/v1/tasks/t-1")),
+    ("https://cp.example/rsync/v1/tasks/t-1", ("https", "cp.example", 443, "/rsync/v1/tasks/t-1")),
+    ("https://cp.example:8443/rsync/v1/tasks/t-1/", ("https", "cp.example", 8443, "/rsync/v1/tasks/t-1")),
+    ("https://[2001:db8::1]:8443/rsync/v1/tasks/t-1", ("https", "2001:db8::1", 8443, "/rsync/v1/tasks/t-1")),
+    ("http://127.0.0.1:8080/rsync/v1/tasks/t-1", ("http", "127.0.0.1", 8080, "/rsync/v1/tasks/t-1")),
+    ("http://localhost/rsync/v1/tasks/t-1", ("http", "localhost", 80, "/rsync/v1/tasks/t-1")),
+    ("http://[::1]:8080/rsync/v1/tasks/t-1", ("http", "::1", 8080, "/rsync/v1/tasks/t-1")),
+])
+def test_check_url_accepts_https_and_loopback_http(url, expected):
+    assert check_url(url) == expected
+
+
+@pytest.mark.parametrize("url", [
+    "http://10.0.0.1:8080/rsync/v1/tasks/t-1",
+    "http://cp.example/rsync/v1/tasks/t-1",
+])
+def test_check_url_refuses_plain_http_off_loopback(url):
+    with pytest.raises(TunnelError, match="loopback"):
+        check_url(url)
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://cp.example/rsync/v1/tasks/t-1",
+    "rsync://cp.example:8873/t-1",
+    "https:///rsync/v1/tasks/t-1",
+    "https://cp.example/rsync/v1/tasks/t-1?x=1",
+    "https://cp.example/rsync/v1/tasks/t-1#frag",
+    "cp.example/rsync/v1/tasks/t-1",
+    "",
+])
+def test_check_url_refuses_other_schemes_and_shapes(url):
+    with pytest.raises(TunnelError, match="invalid rsync target URL"):
+        check_url(url)
+
+
+@pytest.mark.parametrize("path", [
+    "", "/", "/rsync/v1/tasks", "/rsync/v1/tasks/", "/rsync/v1/tasks/t-1/session", "/rsync/v2/tasks/t-1",
+    "/block/v1/tasks/t-1", "/x/rsync/v1/tasks/t-1",
+])
+def test_check_url_wants_the_task_path(path):
+    with pytest.raises(TunnelError, match="path"):
+        check_url(f"https://cp.example:8443{path}")
+
+
+def test_command_runs_this_python_as_a_module(monkeypatch):
+    monkeypatch.delattr(sys, "frozen", raising=False)
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
+    assert tunnel.command() == "/usr/bin/python3 -m go2cloud_client rsync-tunnel"
+    monkeypatch.setattr(sys, "executable", "/opt/my python/bin/python3")
+    cmd = tunnel.command()
+    assert cmd == "'/opt/my python/bin/python3' -m go2cloud_client rsync-tunnel"
+    assert shlex.split(cmd) == ["/opt/my python/bin/python3", "-m", "go2cloud_client", "rsync-tunnel"]
+
+
+def test_command_of_a_frozen_agent_or_a_given_executable(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/opt/go2cloud/go2cloud_client")
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert tunnel.command() == "/opt/go2cloud/go2cloud_client rsync-tunnel"
+    monkeypatch.delattr(sys, "frozen")
+    assert tunnel.command("/usr/local/bin/go2 cloud") == "'/usr/local/bin/go2 cloud' rsync-tunnel"
+
+
+def test_tunnel_env_has_no_password():
+    env = tunnel.tunnel_env("https://cp/rsync/v1/tasks/t-1", FP, 7, "/srv/a b")
+    assert env == {tunnel.ENV_URL: "https://cp/rsync/v1/tasks/t-1", tunnel.ENV_FINGERPRINT: FP,
+                   tunnel.ENV_CYCLE: "7", tunnel.ENV_PATH: "/srv/a b"}
+
+
+# --- the upgrade handshake against a loopback fake of the control plane ---------------------------
+
+class FakeControlPlane:
+    """Answers one connection with ``answer``, records the request head, then echoes (after 101)."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.requests: List[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(1)
+                if not chunk:
+                    return
+                head += chunk
+            self.requests.append(head)
+            conn.sendall(self.answer)
+            if self.answer.startswith(b"HTTP/1.1 101"):
+                data = conn.recv(100)
+                conn.sendall(data.upper())
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+def _env(port: int, **over: str) -> Dict[str, str]:
+    env = {tunnel.ENV_URL: f"http://127.0.0.1:{port}/rsync/v1/tasks/t-1", tunnel.ENV_FINGERPRINT: "",
+           tunnel.ENV_CYCLE: "3", tunnel.ENV_PATH: "/srv/a b", "RSYNC_PASSWORD": "pw-secret"}
+    env.update(over)
+    return env
+
+
+def test_open_session_upgrades_with_the_tasks_credentials_cycle_and_path():
+    cp = FakeControlPlane(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: go2cloud-rsync\r\n"
+                          b"Connection: Upgrade\r\n\r\n")
+    try:
+        sock = tunnel.open_session(_env(cp.port))
+        try:
+            sock.sendall(b"@rsyncd: 32.0\n")  # after the answer, the raw stream
+            assert sock.recv(100) == b"@RSYNCD: 32.0\n"
+        finally:
+            sock.close()
+    finally:
+        cp.close()
+    lines = cp.requests[0].decode("ascii").split("\r\n")
+    assert lines[0] == "POST /rsync/v1/tasks/t-1/session HTTP/1.1"
+    assert "Authorization: Bearer pw-secret" in lines and "X-Go2cloud-Cycle: 3" in lines
+    assert "X-Go2cloud-Path: /srv/a%20b" in lines
+    assert "Upgrade: go2cloud-rsync" in lines and "Connection: Upgrade" in lines
+
+
+def test_open_session_reports_a_refusal_with_the_servers_message():
+    body = b'{"error": {"code": "auth_failed", "message": "the rsync credentials are wrong"}}'
+    cp = FakeControlPlane(b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        with pytest.raises(TunnelError, match=r"HTTP 401.*the rsync credentials are wrong \(auth_failed\)"):
+            tunnel.open_session(_env(cp.port))
+    finally:
+        cp.close()
+
+
+@pytest.mark.parametrize("over", [{"RSYNC_PASSWORD": ""}, {tunnel.ENV_CYCLE: "x"}, {tunnel.ENV_PATH: "srv"}])
+def test_open_session_needs_its_settings_before_connecting(over):
+    with pytest.raises(TunnelError, match="RSYNC_PASSWORD"):
+        tunnel.open_session(_env(9, **over))  # port 9: nothing is connected to
+
+
+def test_open_session_refuses_plain_http_off_loopback():
+    with pytest.raises(TunnelError, match="loopback"):
+        tunnel.open_session(_env(9, **{tunnel.ENV_URL: "http://10.0.0.1:8080/rsync/v1/tasks/t-1"}))

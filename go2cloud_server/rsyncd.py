@@ -24,7 +24,6 @@ place, in both images), and the attributes of the link-dest directory are restor
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -56,6 +56,8 @@ REFUSED_OPTIONS = (
     "write-batch", "read-batch", "files-from", "fake-super", "log-file", "log-file-format",
 )
 PUMP_BUFFER = 256 * 1024
+#: daemon -> agent frames: kind (1 byte), payload length (4 bytes), payload
+FRAME = struct.Struct(">BI")
 #: a session with no byte in either direction for this long is ended (rsync's own keep-alive
 #: messages flow every few seconds while it works)
 IDLE_TIMEOUT_S = 600.0
@@ -194,15 +196,21 @@ def unlink_shared(root: Path, skip: List[Path]) -> int:
 
 
 class _DirGuard:
-    """Attributes of a directory (mode, owner, times, extended attributes incl. ACLs), put back
-    after a session could have changed them."""
+    """A directory a session may name but not change (the tree's root, the link-dest directory):
+    its attributes (mode, owner, times, extended attributes incl. ACLs) are put back and entries
+    that appeared are removed when the session ends (rsync refuses to receive into a
+    daemon-excluded directory, but creates the directory itself first)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep: Tuple[str, ...] = ()) -> None:
         self.path = path
+        self.keep = keep
         self.st: Optional[os.stat_result] = None
         self.xattrs: Dict[str, bytes] = {}
+        self.names: set = set()
         try:
             st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                self.names = set(os.listdir(path))
         except OSError:
             return
         if not stat.S_ISDIR(st.st_mode):
@@ -223,6 +231,13 @@ class _DirGuard:
             if not stat.S_ISDIR(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
                 LOG.warning("%s is no longer the directory it was before the rsync session", self.path)
                 return
+            for name in set(os.listdir(self.path)) - self.names - set(self.keep):
+                LOG.warning("rsync session created %s where it may not write: removed", self.path / name)
+                victim = self.path / name
+                if victim.is_dir() and not victim.is_symlink():
+                    shutil.rmtree(victim, ignore_errors=True)
+                else:
+                    victim.unlink(missing_ok=True)
             for name in os.listxattr(self.path, follow_symlinks=False):
                 if name not in self.xattrs:
                     os.removexattr(self.path, name, follow_symlinks=False)
@@ -302,6 +317,7 @@ class RsyncSessions:
             if removed:
                 LOG.info("task %s cycle %s: %d hard-linked file(s) of an earlier attempt unlinked "
                          "before rsync", spec.task_id, spec.cycle, removed)
+            guards.append(_DirGuard(spec.tree_root, keep=(f"{spec.cycle:06d}",)))
             link_dir = spec.link_dir()
             if link_dir is not None:
                 guards.append(_DirGuard(link_dir))
@@ -309,7 +325,7 @@ class RsyncSessions:
             try:
                 proc = subprocess.Popen(
                     [rsync, "--server", "--daemon", f"--config={conf}", "."],
-                    stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.DEVNULL, cwd=str(sdir),
+                    stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE, cwd=str(sdir),
                     start_new_session=True, close_fds=True,
                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
                 )
@@ -318,11 +334,16 @@ class RsyncSessions:
             session = _Session(spec, proc)
             with self._lock:
                 self._running[spec.task_id] = session
+            assert proc.stderr is not None
+            rc = -1
             try:
-                _pump(conn, ours, session.stopped, self.idle_timeout)
+                rc = _pump(conn, ours, proc.stderr.fileno(), proc, session.stopped, self.idle_timeout)
             finally:
                 ours.close()
-                rc = _reap(proc)
+                if rc == -1 or proc.poll() is None:
+                    _kill(proc)
+                _reap(proc)
+                proc.stderr.close()
             tail = _tail(log_file)
             if rc != 0:
                 LOG.warning("rsync session of task %s (cycle %s, %s) ended with exit %s: %s",
@@ -386,34 +407,43 @@ def _tail(log_file: Path) -> str:
     return " | ".join(line.split("] ", 1)[-1] for line in lines[-3:])[-600:]
 
 
-def _pump(tls: socket.socket, child: socket.socket, stopped: threading.Event, idle_timeout: float) -> None:
-    """Copy bytes both ways between the agent's connection and the rsync daemon's socket, with
-    half-closes passed on, in one thread (an ``ssl.SSLSocket`` must not be read and written from
-    two threads at once). Returns when the daemon's side has ended and its output is delivered,
-    when the agent's side ends and the daemon has exited, when ``stopped`` is set, or after
-    ``idle_timeout`` seconds without a byte."""
+def frame(kind: int, payload: bytes) -> bytes:
+    """One frame of the daemon-to-agent direction: kind (0 data, 1 daemon's stderr, 2 exit
+    status as a signed 32-bit integer), payload length, payload (docs/protocol.md)."""
+    return FRAME.pack(kind, len(payload)) + payload
+
+
+def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subprocess.Popen,
+          stopped: threading.Event, idle_timeout: float) -> int:
+    """Copy the agent's bytes to the daemon as they are, and the daemon's output, its stderr and
+    finally its exit status to the agent in frames, in one thread (an ``ssl.SSLSocket`` must not
+    be read and written from two threads at once). The agent's tunnel writes the data to rsync,
+    the stderr to its stderr and exits with the daemon's status, as a remote shell does. Returns
+    that status (-1 if the session was stopped, timed out or the agent went away)."""
     tls.setblocking(False)
     child.setblocking(False)
-    up = bytearray()  # agent -> daemon
-    down = bytearray()  # daemon -> agent
-    tls_eof = child_eof = child_shut = False
+    os.set_blocking(err_fd, False)
+    up = bytearray()  # agent -> daemon (raw)
+    down = bytearray()  # daemon -> agent (framed)
+    tls_eof = child_eof = err_eof = child_shut = exit_sent = False
+    status = -1
     last = time.monotonic()
     sel = selectors.DefaultSelector()
-    registered: Dict[socket.socket, int] = {}
+    registered: Dict[object, int] = {}
 
-    def want(sock: socket.socket, mask: int) -> None:
-        old = registered.get(sock, 0)
+    def want(obj: object, mask: int) -> None:
+        old = registered.get(obj, 0)
         if mask == old:
             return
         if not mask:
-            sel.unregister(sock)
-            registered.pop(sock, None)
+            sel.unregister(obj)  # type: ignore[arg-type]
+            registered.pop(obj, None)
         elif old:
-            sel.modify(sock, mask)
-            registered[sock] = mask
+            sel.modify(obj, mask)  # type: ignore[arg-type]
+            registered[obj] = mask
         else:
-            sel.register(sock, mask)
-            registered[sock] = mask
+            sel.register(obj, mask)  # type: ignore[arg-type]
+            registered[obj] = mask
 
     try:
         while not stopped.is_set():
@@ -439,7 +469,7 @@ def _pump(tls: socket.socket, child: socket.socket, stopped: threading.Event, id
                 except BlockingIOError:
                     pass
                 except OSError:
-                    return
+                    up.clear()
             if tls_eof and not up and not child_shut:
                 child_shut = True
                 try:
@@ -451,7 +481,7 @@ def _pump(tls: socket.socket, child: socket.socket, stopped: threading.Event, id
                 try:
                     data = child.recv(PUMP_BUFFER)
                     if data:
-                        down += data
+                        down += frame(0, data)
                         progressed = True
                     else:
                         child_eof = True
@@ -459,6 +489,22 @@ def _pump(tls: socket.socket, child: socket.socket, stopped: threading.Event, id
                     pass
                 except OSError:
                     child_eof = True
+            if not err_eof and len(down) < PUMP_BUFFER:
+                try:
+                    data = os.read(err_fd, 65536)
+                    if data:
+                        down += frame(1, data)
+                        progressed = True
+                    else:
+                        err_eof = True
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    err_eof = True
+            if child_eof and err_eof and not exit_sent:
+                status = _reap(proc)
+                down += frame(2, struct.pack(">i", status))
+                exit_sent = progressed = True
             if down:
                 try:
                     n = tls.send(down)
@@ -467,35 +513,30 @@ def _pump(tls: socket.socket, child: socket.socket, stopped: threading.Event, id
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                     pass
                 except (OSError, ssl.SSLError):
-                    return
-            if child_eof and not down:
-                return
+                    return -1 if not exit_sent else status
+            if exit_sent and not down:
+                return status
             if progressed:
                 last = time.monotonic()
                 continue
             if time.monotonic() - last > idle_timeout:
                 LOG.warning("rsync session idle for %.0f s: closed", idle_timeout)
-                return
+                return -1
             want(tls, (selectors.EVENT_READ if not tls_eof and len(up) < PUMP_BUFFER else 0)
                  | (selectors.EVENT_WRITE if down else 0))
             want(child, (selectors.EVENT_READ if not child_eof and len(down) < PUMP_BUFFER else 0)
                  | (selectors.EVENT_WRITE if up else 0))
+            want(err_fd, selectors.EVENT_READ if not err_eof and len(down) < PUMP_BUFFER else 0)
             if isinstance(tls, ssl.SSLSocket) and tls.pending():
                 continue
             if registered:
                 sel.select(timeout=1.0)
             else:
                 time.sleep(0.01)
+        return -1
     finally:
         sel.close()
 
 
-def session_error_status(exc: BaseException) -> Tuple[int, str]:
-    """HTTP status and wording for an rsync session that could not start."""
-    if isinstance(exc, RsyncSessionError) and "already has" in str(exc):
-        return 409, str(exc)
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return 507, "the target's disk is full"
-    return 500, f"the rsync session could not start: {exc}"
 
 

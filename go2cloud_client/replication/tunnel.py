@@ -6,7 +6,10 @@ which is ignored: the target decides what runs). It opens a TLS connection to th
 (the certificate pinned by the fingerprint the agent pinned at import; plain http only to a
 loopback address), asks for ``POST /rsync/v1/tasks/<task>/session`` with ``Upgrade:
 go2cloud-rsync``, the task's credentials in ``Authorization``, the cycle and the path, and after
-``101 Switching Protocols`` copies bytes both ways until either side ends. So file-level data
+``101 Switching Protocols`` copies rsync's bytes to the target as they are, and the target's
+frames back: the daemon's output to rsync, its stderr to stderr, and its exit status as this
+program's own (what ssh does as a remote shell: rsync learns from it whether the remote side
+failed). So file-level data
 shares the API's one port, firewall and proxy rules, and never crosses the network in plaintext.
 
 Its settings come from the environment rsync passes on (:func:`tunnel_env`); the credentials
@@ -22,6 +25,7 @@ import selectors
 import shlex
 import socket
 import ssl
+import struct
 import sys
 import time
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -40,6 +44,11 @@ MAX_HEAD = 64 * 1024
 BUFFER = 256 * 1024
 #: exit status when the target refused or could not be reached (rsync then reports exit 12)
 EXIT_REFUSED = 2
+#: exit status when the connection ended before the target sent the daemon's status
+EXIT_LOST = 255
+#: target -> agent frames: kind, payload length (``go2cloud_server.rsyncd``)
+FRAME = struct.Struct(">BI")
+MAX_FRAME = 1 << 24
 
 
 class TunnelError(Exception):
@@ -157,15 +166,56 @@ def _message(body: bytes) -> str:
     return body[:200].decode("utf-8", "replace") or "no details"
 
 
-def pump(sock: socket.socket, fd_in: int, fd_out: int) -> None:
-    """Copy stdin to the connection and the connection to stdout, one thread, half-closes passed
-    on, until the target's side has ended and everything it sent is written out."""
+class _Frames:
+    """Reads the target's frames: kind 0 data (to rsync), 1 the target daemon's stderr, 2 its
+    exit status (a signed 32-bit integer), each ``>BI`` kind and length, then the payload."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.status: Optional[int] = None
+
+    def feed(self, data: bytes, out: bytearray) -> None:
+        self.buf += data
+        while len(self.buf) >= FRAME.size:
+            kind, length = FRAME.unpack_from(self.buf)
+            if length > MAX_FRAME:
+                raise TunnelError(f"the target sent a frame of {length} bytes")
+            if len(self.buf) < FRAME.size + length:
+                return
+            payload = bytes(self.buf[FRAME.size:FRAME.size + length])
+            del self.buf[:FRAME.size + length]
+            if kind == 0:
+                out += payload
+            elif kind == 1:
+                _write_all(2, payload)
+            elif kind == 2 and length == 4:
+                self.status = struct.unpack(">i", payload)[0]
+            else:
+                raise TunnelError(f"the target sent a frame of unknown kind {kind}")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except OSError:
+        pass
+
+
+def pump(sock: socket.socket, fd_in: int, fd_out: int) -> int:
+    """Copy stdin to the connection as it is, and the target's frames to stdout and stderr, in
+    one thread, until the target has sent its exit status and everything is written out.
+    Returns the target daemon's exit status (as a remote shell does), or EXIT_LOST if the
+    connection ended without one."""
     sock.setblocking(False)
     os.set_blocking(fd_in, False)
     os.set_blocking(fd_out, False)
     up = bytearray()
     down = bytearray()
-    in_eof = sock_eof = shut = False
+    frames = _Frames()
+    in_eof = sock_eof = False
     sel = selectors.DefaultSelector()
     keys: Dict[object, int] = {}
 
@@ -204,18 +254,11 @@ def pump(sock: socket.socket, fd_in: int, fd_out: int) -> None:
                     moved = moved or n > 0
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                     pass
-            if in_eof and not up and not shut:
-                shut = True
-                if not isinstance(sock, ssl.SSLSocket):
-                    try:
-                        sock.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
             if not sock_eof and len(down) < BUFFER:
                 try:
                     data = sock.recv(BUFFER)
                     if data:
-                        down += data
+                        frames.feed(data, down)
                         moved = True
                     else:
                         sock_eof = True
@@ -231,11 +274,9 @@ def pump(sock: socket.socket, fd_in: int, fd_out: int) -> None:
                 except BlockingIOError:
                     pass
                 except BrokenPipeError:
-                    return
-            if sock_eof and not down:
-                return
-            if in_eof and shut and sock_eof:
-                return
+                    down.clear()
+            if (sock_eof or frames.status is not None) and not down:
+                return frames.status if frames.status is not None else EXIT_LOST
             if moved:
                 continue
             want(sock, (selectors.EVENT_READ if not sock_eof and len(down) < BUFFER else 0)
@@ -264,10 +305,12 @@ def main(argv: List[str]) -> int:
         sys.stderr.write(f"go2cloud rsync tunnel: {exc}\n")
         return EXIT_REFUSED
     try:
-        pump(sock, sys.stdin.fileno(), sys.stdout.fileno())
-    except (OSError, ssl.SSLError) as exc:
+        status = pump(sock, sys.stdin.fileno(), sys.stdout.fileno())
+    except (OSError, ssl.SSLError, TunnelError) as exc:
         sys.stderr.write(f"go2cloud rsync tunnel: connection lost: {exc}\n")
-        return EXIT_REFUSED
+        return EXIT_LOST
     finally:
         sock.close()
-    return 0
+    if status == EXIT_LOST:
+        sys.stderr.write("go2cloud rsync tunnel: the connection ended before the target's rsync did\n")
+    return status if 0 <= status <= 255 else EXIT_LOST

@@ -7,8 +7,9 @@ import pytest
 from go2cloud_client.commands import parse_command
 from go2cloud_client.errors import CommandRejectedError
 
-TARGET = {"kind": "rsync", "host": "127.0.0.1", "port": 8873, "module": "t-1", "user": "t-1",
-          "password": "pw"}
+FP = "sha256:" + "ab" * 32
+TARGET = {"kind": "rsync", "url": "https://127.0.0.1:8443/rsync/v1/tasks/t-1", "fingerprint": FP,
+          "module": "t-1", "user": "t-1", "password": "pw"}
 START = {"id": "c-1", "type": "start", "params": {
     "task_id": "t-1", "mode": "file", "paths": ["/srv/data", "/"], "bandwidth_mbps": 0, "compression": 7,
     "checksum": False, "target": TARGET, "cycle": {"number": 1, "dest": "000001", "link_dest": None}}}
@@ -35,8 +36,9 @@ def start_with(**changes):
 def test_valid_start():
     cmd = parse_command(START, isdir)
     assert cmd.paths == ("/srv/data", "/") and cmd.options.compression == 7
-    assert cmd.target.port == 8873 and cmd.cycle.dest == "000001"
-    assert "pw" not in repr(cmd)
+    assert cmd.target.url == "https://127.0.0.1:8443/rsync/v1/tasks/t-1" and cmd.cycle.dest == "000001"
+    assert cmd.target.fingerprint == FP and (cmd.target.module, cmd.target.user) == ("t-1", "t-1")
+    assert "pw" not in repr(cmd) and "pw" not in repr(cmd.target)
 
 
 @pytest.mark.parametrize("key,value,field", [
@@ -64,10 +66,22 @@ def test_valid_start():
     ("mode", "block", "disks"),
     ("task_id", "t 1;rm", "task_id"),
     ("target.kind", "ssh", "target.kind"),
-    ("target.host", "-oProxyCommand=x", "target.host"),
-    ("target.host", "a b", "target.host"),
-    ("target.port", 0, "target.port"),
-    ("target.port", 65536, "target.port"),
+    ("target.url", "http://127.0.0.1:8443/rsync/v1/tasks/t-1", "target.url"),
+    ("target.url", "rsync://127.0.0.1:8873/t-1", "target.url"),
+    ("target.url", "https://127.0.0.1:8443/block/v1/tasks/t-1", "target.url"),
+    ("target.url", "https://127.0.0.1:8443/rsync/v1/tasks/", "target.url"),
+    ("target.url", "https://127.0.0.1:8443/rsync/v1/tasks/t-1/x", "target.url"),
+    ("target.url", "https://127.0.0.1:8443/rsync/v1/tasks/t 1", "target.url"),
+    ("target.url", "https:///rsync/v1/tasks/t-1", "target.url"),
+    ("target.url", "https://h/rsync/v1/tasks/t-1\nx", "target.url"),
+    ("target.url", KeyError, "target.url"),
+    ("target.url", 8443, "target.url"),
+    ("target.fingerprint", KeyError, "target.fingerprint"),
+    ("target.fingerprint", "", "target.fingerprint"),
+    ("target.fingerprint", "sha256:" + "AB" * 32, "target.fingerprint"),
+    ("target.fingerprint", "sha256:" + "ab" * 31, "target.fingerprint"),
+    ("target.fingerprint", "sha1:" + "ab" * 32, "target.fingerprint"),
+    ("target.fingerprint", "ab" * 32, "target.fingerprint"),
     ("target.module", "../x", "target.module"),
     ("target.user", "u@h", "target.user"),
     ("target.password", "a\nb", "target.password"),

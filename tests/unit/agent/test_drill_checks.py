@@ -176,7 +176,7 @@ def test_target_ports_open_and_closed(tmp_path):
     closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
     try:
         items = checks.check_targets(ctx(tmp_path, targets=[
-            Target("rsync daemon", "127.0.0.1", listener.getsockname()[1]),
+            Target("rsync target", "127.0.0.1", listener.getsockname()[1]),
             Target("block receiver", "127.0.0.1", closed.getsockname()[1]),
         ]))
     finally:
@@ -202,7 +202,7 @@ def test_proxy_items(tmp_path):
     assert sev(checks.check_proxy(ctx(tmp_path, server_url="https://10.1.2.3:8443"))) == [INFO]
     env = {"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "10.0.0.0/8"}
     items = checks.check_proxy(ctx(tmp_path, env=env, server_url="https://10.1.2.3:8443",
-                                   targets=[Target("rsync daemon", "192.168.1.9", 8873)]))
+                                   targets=[Target("rsync target", "192.168.1.9", 8443)]))
     assert sev(items) == [INFO, WARNING] and "192.168.1.9" in items[1].finding and "NO_PROXY" in items[1].fix
 
 

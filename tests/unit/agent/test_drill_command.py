@@ -14,7 +14,8 @@ from go2cloud_client.errors import CommandRejectedError
 from tests.unit.agent.test_agent import FakeCP, make_agent  # noqa: F401 - the fixture
 
 FILE = {"task_id": "t-1", "mode": "file", "paths": ["/srv", "/does/not/exist"],
-        "target": {"kind": "rsync", "host": "10.0.0.1", "port": 8873, "module": "t-1"}}
+        "target": {"kind": "rsync", "url": "https://10.0.0.1:8443/rsync/v1/tasks/t-1",
+                   "fingerprint": "sha256:" + "ab" * 32, "module": "t-1"}}
 BLOCK = {"task_id": "t-2", "mode": "block", "disks": [{"name": "vdb", "path": "/dev/vdb"}],
          "snapshot": "auto", "target": {"kind": "block", "url": "https://10.0.0.1:8443/block/v1/tasks/t-2",
                     "fingerprint": "sha256:" + "ab" * 32}}
@@ -23,13 +24,23 @@ BLOCK = {"task_id": "t-2", "mode": "block", "disks": [{"name": "vdb", "path": "/
 def test_drill_params_are_checked_for_syntax_only():
     cmd = parse_command({"id": "c-1", "type": "drill", "params": FILE})
     assert cmd.drill is not None and cmd.drill.paths == ("/srv", "/does/not/exist")  # existence: a finding
-    assert cmd.drill.targets == (("rsync daemon", "10.0.0.1", 8873),)
+    assert cmd.drill.targets == (("rsync target", "10.0.0.1", 8443),)
+    default_port = {**FILE, "target": {"kind": "rsync", "url": "https://cp.example/rsync/v1/tasks/t-1"}}
+    assert parse_command({"id": "c-4", "type": "drill", "params": default_port}).drill.targets == \
+        (("rsync target", "cp.example", 443),)
     block = parse_command({"id": "c-2", "type": "drill", "params": BLOCK}).drill
     assert block is not None and block.disks == ("/dev/vdb",) and block.snapshot == "auto"
     assert block.targets == (("block receiver", "10.0.0.1", 8443),)
     for bad, field in (({**FILE, "paths": ["relative"]}, "paths[0]"), ({**FILE, "mode": "x"}, "mode"),
                        ({**FILE, "target": {"kind": "ftp"}}, "target.kind"),
-                       ({**FILE, "target": {"kind": "rsync", "host": "-x", "port": 1}}, "target.host"),
+                       ({**FILE, "target": {"kind": "rsync", "host": "10.0.0.1", "port": 8873}},
+                        "target.url"),
+                       ({**FILE, "target": {"kind": "rsync", "url": "http://10.0.0.1/rsync/v1/tasks/t-1"}},
+                        "target.url"),
+                       ({**FILE, "target": {"kind": "rsync", "url": "https://-x:1/rsync/v1/tasks/t-1"}},
+                        "target.url"),
+                       ({**FILE, "target": {"kind": "rsync", "url": "https://10.0.0.1:99999/rsync/v1/tasks/t"}},
+                        "target.url"),
                        ({**BLOCK, "target": {"kind": "block", "url": "http://x/"}}, "target.url"),
                        ({**BLOCK, "disks": []}, "disks")):
         with pytest.raises(CommandRejectedError, match=field.replace("[", r"\[").replace("]", r"\]")):
@@ -76,7 +87,7 @@ def test_drill_runs_on_its_own_thread_and_is_acknowledged_with_the_report(make_a
     assert report["passed"] is False and report["summary"] == {"critical": 1, "warning": 0, "info": 1}
     ctx = seen["ctx"]
     assert ctx.paths == ("/srv", "/does/not/exist") and ctx.server_url == "https://cp.example"
-    assert [(t.host, t.port) for t in ctx.targets] == [("10.0.0.1", 8873)]
+    assert [(t.label, t.host, t.port) for t in ctx.targets] == [("rsync target", "10.0.0.1", 8443)]
     assert str(ctx.home) == str(agent.home.root)
     agent.flush_acks()
     assert ("c-1", "succeeded", None, None) in cp.acks

@@ -10,8 +10,8 @@ from go2cloud_client.errors import ReplicationError
 from go2cloud_client.replication.rsync import CycleResult, TransferCancelled
 from go2cloud_client.task import TaskRunner
 
-TARGET = {"kind": "rsync", "host": "127.0.0.1", "port": 8873, "module": "t-1", "user": "t-1",
-          "password": "pw"}
+TARGET = {"kind": "rsync", "url": "https://127.0.0.1:8443/rsync/v1/tasks/t-1",
+          "fingerprint": "sha256:" + "ab" * 32, "module": "t-1", "user": "t-1", "password": "pw"}
 
 
 def isdir(path):

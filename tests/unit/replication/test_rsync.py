@@ -109,7 +109,8 @@ def test_password_never_in_argv_or_repr(tmp_path: Path) -> None:
     assert PASSWORD not in repr(TARGET) and PASSWORD not in str(TARGET)
     env = rep._env(3, "/srv/data")
     assert env["RSYNC_PASSWORD"] == PASSWORD
-    assert PASSWORD not in tunnel.command() and PASSWORD not in str(tunnel.tunnel_env(URL, FINGERPRINT, 3, "/srv"))
+    assert PASSWORD not in tunnel.command()
+    assert PASSWORD not in str(tunnel.tunnel_env(URL, FINGERPRINT, 3, "/srv"))
 
 
 def test_tunnel_executable_is_rsyncs_remote_shell(tmp_path: Path) -> None:
@@ -146,8 +147,9 @@ def test_bad_target_urls_refused(tmp_path: Path, url: str) -> None:
 
 def test_plain_http_to_loopback_accepted(tmp_path: Path) -> None:
     local = RsyncTarget("http://127.0.0.1:8080/rsync/v1/tasks/t-abc", "", "t-abc", "t-abc", PASSWORD)
-    rep = FileReplicator(target=local, paths=["/srv"], options=TransferOptions(), excludes_file=tmp_path / "ex",
-                         work_dir=tmp_path / "work", version=(3, 5, 0), estimate_totals=False)
+    rep = FileReplicator(target=local, paths=["/srv"], options=TransferOptions(),
+                         excludes_file=tmp_path / "ex", work_dir=tmp_path / "work", version=(3, 5, 0),
+                         estimate_totals=False)
     assert rep.build_args(FULL, "/srv")[-1] == "t-abc@go2cloud::t-abc/000001/srv/"
 
 
@@ -221,8 +223,9 @@ def test_success_aggregates_stats_and_progress(tmp_path: Path, monkeypatch) -> N
     assert len(calls) == 2
     # each run's tunnel learns the target, the pin, the cycle and the path from its environment
     for env, path in zip(envs, ["/a", "/b"]):
-        assert {k: env[k] for k in ("GO2CLOUD_RSYNC_URL", "GO2CLOUD_RSYNC_FINGERPRINT", "GO2CLOUD_RSYNC_CYCLE",
-                                    "GO2CLOUD_RSYNC_PATH", "RSYNC_PASSWORD")} == {
+        keys = ("GO2CLOUD_RSYNC_URL", "GO2CLOUD_RSYNC_FINGERPRINT", "GO2CLOUD_RSYNC_CYCLE",
+                "GO2CLOUD_RSYNC_PATH", "RSYNC_PASSWORD")
+        assert {k: env[k] for k in keys} == {
             "GO2CLOUD_RSYNC_URL": URL, "GO2CLOUD_RSYNC_FINGERPRINT": FINGERPRINT, "GO2CLOUD_RSYNC_CYCLE": "1",
             "GO2CLOUD_RSYNC_PATH": path, "RSYNC_PASSWORD": PASSWORD}
     assert not any(PASSWORD in a for call in calls for a in call)
@@ -312,7 +315,8 @@ def test_old_rsync_creates_parents_first(tmp_path: Path) -> None:
     assert calls[1][-1] == "t-abc@go2cloud::t-abc/000001/srv/deep/"
     assert calls[0][1] == "-d" and calls[0][-3] == "--" and calls[0][2:4] == ["-e", tunnel.command()]
     # the parents are created in the session of the path they lead to (the target allows them)
-    assert [(e["GO2CLOUD_RSYNC_CYCLE"], e["GO2CLOUD_RSYNC_PATH"]) for e in envs] == [("1", "/srv/deep/data")] * 3
+    runs = [(e["GO2CLOUD_RSYNC_CYCLE"], e["GO2CLOUD_RSYNC_PATH"]) for e in envs]
+    assert runs == [("1", "/srv/deep/data")] * 3
     assert calls[2][-1].endswith("/000001/srv/deep/data/")
 
 

@@ -87,21 +87,41 @@ def test_tunnel_env_has_no_password():
                    tunnel.ENV_CYCLE: "7", tunnel.ENV_PATH: "/srv/a b"}
 
 
-# --- the upgrade handshake against a loopback fake of the control plane ---------------------------
+# --- the upgrade handshake, against a fake control plane on a socket pair (no network) ---------
+
+class _Stream:
+    """One end of a socket pair standing for the TCP connection (TCP options are no-ops)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def setsockopt(self, *args: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
 
 class FakeControlPlane:
-    """Answers one connection with ``answer``, records the request head, then echoes (after 101)."""
+    """Answers the tunnel's request with ``answer``, records the request head, then (after a 101)
+    answers the first bytes of the stream in upper case."""
 
-    def __init__(self, answer: bytes) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, answer: bytes) -> None:
         self.answer = answer
         self.requests: List[bytes] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        self.addresses: List[object] = []
+        ours, self._theirs = socket.socketpair()
+
+        def connect(address, timeout=None):
+            self.addresses.append(address)
+            return _Stream(ours)
+
+        monkeypatch.setattr(tunnel.socket, "create_connection", connect)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        conn, _ = self.listener.accept()
+        conn = self._theirs
         with conn:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -112,47 +132,58 @@ class FakeControlPlane:
             self.requests.append(head)
             conn.sendall(self.answer)
             if self.answer.startswith(b"HTTP/1.1 101"):
-                data = conn.recv(100)
-                conn.sendall(data.upper())
+                conn.sendall(conn.recv(100).upper())
 
     def close(self) -> None:
-        self.listener.close()
         self.thread.join(5)
 
 
-def _env(port: int, **over: str) -> Dict[str, str]:
+def _env(port: int = 8080, **over: str) -> Dict[str, str]:
     env = {tunnel.ENV_URL: f"http://127.0.0.1:{port}/rsync/v1/tasks/t-1", tunnel.ENV_FINGERPRINT: "",
            tunnel.ENV_CYCLE: "3", tunnel.ENV_PATH: "/srv/a b", "RSYNC_PASSWORD": "pw-secret"}
     env.update(over)
     return env
 
 
-def test_open_session_upgrades_with_the_tasks_credentials_cycle_and_path():
-    cp = FakeControlPlane(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: go2cloud-rsync\r\n"
-                          b"Connection: Upgrade\r\n\r\n")
+def test_open_session_upgrades_with_the_tasks_credentials_cycle_and_path(monkeypatch):
+    cp = FakeControlPlane(monkeypatch, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: go2cloud-rsync\r\n"
+                                       b"Connection: Upgrade\r\n\r\n@RSYNCD: ")
     try:
-        sock = tunnel.open_session(_env(cp.port))
+        sock = tunnel.open_session(_env())
         try:
-            sock.sendall(b"@rsyncd: 32.0\n")  # after the answer, the raw stream
+            # nothing beyond the answer's head was consumed: the rest is rsync's stream
+            assert sock.recv(9) == b"@RSYNCD: "
+            sock.sendall(b"@rsyncd: 32.0\n")
             assert sock.recv(100) == b"@RSYNCD: 32.0\n"
         finally:
             sock.close()
     finally:
         cp.close()
+    assert cp.addresses == [("127.0.0.1", 8080)]
     lines = cp.requests[0].decode("ascii").split("\r\n")
     assert lines[0] == "POST /rsync/v1/tasks/t-1/session HTTP/1.1"
+    assert "Host: 127.0.0.1:8080" in lines
     assert "Authorization: Bearer pw-secret" in lines and "X-Go2cloud-Cycle: 3" in lines
     assert "X-Go2cloud-Path: /srv/a%20b" in lines
     assert "Upgrade: go2cloud-rsync" in lines and "Connection: Upgrade" in lines
 
 
-def test_open_session_reports_a_refusal_with_the_servers_message():
+def test_open_session_reports_a_refusal_with_the_servers_message(monkeypatch):
     body = b'{"error": {"code": "auth_failed", "message": "the rsync credentials are wrong"}}'
-    cp = FakeControlPlane(b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+    cp = FakeControlPlane(monkeypatch, b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
                           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     try:
         with pytest.raises(TunnelError, match=r"HTTP 401.*the rsync credentials are wrong \(auth_failed\)"):
-            tunnel.open_session(_env(cp.port))
+            tunnel.open_session(_env())
+    finally:
+        cp.close()
+
+
+def test_open_session_refuses_an_answer_that_is_not_http(monkeypatch):
+    cp = FakeControlPlane(monkeypatch, b"@RSYNCD: 32.0\n\r\n\r\n")
+    try:
+        with pytest.raises(TunnelError, match="not HTTP"):
+            tunnel.open_session(_env())
     finally:
         cp.close()
 
@@ -160,9 +191,9 @@ def test_open_session_reports_a_refusal_with_the_servers_message():
 @pytest.mark.parametrize("over", [{"RSYNC_PASSWORD": ""}, {tunnel.ENV_CYCLE: "x"}, {tunnel.ENV_PATH: "srv"}])
 def test_open_session_needs_its_settings_before_connecting(over):
     with pytest.raises(TunnelError, match="RSYNC_PASSWORD"):
-        tunnel.open_session(_env(9, **over))  # port 9: nothing is connected to
+        tunnel.open_session(_env(**over))  # the unit fence would refuse any connection
 
 
 def test_open_session_refuses_plain_http_off_loopback():
     with pytest.raises(TunnelError, match="loopback"):
-        tunnel.open_session(_env(9, **{tunnel.ENV_URL: "http://10.0.0.1:8080/rsync/v1/tasks/t-1"}))
+        tunnel.open_session(_env(**{tunnel.ENV_URL: "http://10.0.0.1:8080/rsync/v1/tasks/t-1"}))

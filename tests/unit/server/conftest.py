@@ -1,6 +1,7 @@
 """Fixtures of the control plane's unit tests: a temp SQLite store, a movable clock, and small
-in-memory stand-ins for the rsync daemon and the task trees (the real ones start processes and
-are covered by the integration tests)."""
+in-memory stand-ins for the rsync sessions and the task trees (the real ones start processes and
+are covered by the integration tests). Both stand-ins append to one ``events`` list, so a test
+can check the order of what the service asked of them."""
 
 from __future__ import annotations
 
@@ -28,17 +29,16 @@ class Clock:
 
 
 class FakeRsyncd:
-    def __init__(self) -> None:
-        self.port = 18873
-        self.modules: Dict[str, tuple] = {}
-        self.removed: List[str] = []
+    """Stands for ``go2cloud_server.rsyncd.RsyncSessions``: records which tasks' sessions the
+    service ended (before a commit, on completion, cancel or replacement)."""
 
-    def add_module(self, name: str, path: Path, user: str, password: str) -> None:
-        self.modules[name] = (Path(path), user, password)
+    def __init__(self, events: Optional[List[tuple]] = None) -> None:
+        self.closed: List[str] = []
+        self.events = events if events is not None else []
 
-    def remove_module(self, name: str) -> None:
-        self.modules.pop(name, None)
-        self.removed.append(name)
+    def close_task(self, task_id: str) -> None:
+        self.closed.append(task_id)
+        self.events.append(("close", task_id))
 
 
 class FakeArtifact:
@@ -53,10 +53,12 @@ class FakeArtifact:
 class FakeTrees:
     """One shared record of what the service asked of every task tree."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: Optional[List[tuple]] = None) -> None:
+        self.events = events if events is not None else []
         self.prepared: Dict[Path, Set[int]] = {}
         self.committed: Dict[Path, List[int]] = {}
         self.discarded: Dict[Path, List[int]] = {}
+        self.retained: Dict[Path, List[List[int]]] = {}  # the committed list of every retain call
 
     def __call__(self, root: Path) -> FakeTree:
         return FakeTree(self, Path(root))
@@ -75,15 +77,19 @@ class FakeTree:
         if n not in self.t.prepared.get(self.root, set()):
             raise FileNotFoundError(f"cycle {n} was never prepared")
         self.t.committed.setdefault(self.root, []).append(n)
+        self.t.events.append(("commit", self.root, n))
         return FakeArtifact(n, self.root / f"{n:06d}")
 
     def discard_cycle(self, n: int) -> None:
         self.t.discarded.setdefault(self.root, []).append(n)
+        self.t.events.append(("discard", self.root, n))
 
-    def retain(self, keep: int) -> List[int]:
-        done = sorted(self.t.committed.get(self.root, []))
+    def retain(self, keep: int, committed: List[int]) -> List[int]:
+        """Like ``TaskTree.retain``: the committed cycles come from the caller (its database)."""
+        self.t.retained.setdefault(self.root, []).append(sorted(committed))
+        done = sorted(committed)
         removed = done[:-keep] if len(done) > keep else []
-        self.t.committed[self.root] = [n for n in done if n not in removed]
+        self.t.committed[self.root] = [n for n in self.t.committed.get(self.root, []) if n not in removed]
         return removed
 
     def destroy(self) -> None:
@@ -104,13 +110,18 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def rsyncd() -> FakeRsyncd:
-    return FakeRsyncd()
+def events() -> List[tuple]:
+    return []
 
 
 @pytest.fixture
-def trees() -> FakeTrees:
-    return FakeTrees()
+def rsyncd(events: List[tuple]) -> FakeRsyncd:
+    return FakeRsyncd(events)
+
+
+@pytest.fixture
+def trees(events: List[tuple]) -> FakeTrees:
+    return FakeTrees(events)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 
 from go2cloud_server import rules
-from go2cloud_server.errors import Conflict, InvalidInput
+from go2cloud_server.errors import AuthFailed, Conflict, InvalidInput
 from go2cloud_server.service import Service
 from go2cloud_server.store import _SCHEMA_V1, SCHEMA_VERSION, Store
 from tests.unit.server.conftest import import_body
@@ -165,7 +165,10 @@ def test_block_start_command_target_and_task_document(bservice, rsyncd, trees):
     target = p["target"]
     assert target["kind"] == "block" and target["url"] == f"https://10.0.0.1:8443/block/v1/tasks/{tid}"
     assert target["fingerprint"] == "sha256:" + "ab" * 32 and len(target["token"]) >= 32
-    assert tid not in rsyncd.modules and not trees.prepared  # no rsync module, no tree
+    assert not rsyncd.closed and not trees.prepared  # no rsync session, no tree
+    for secret in (target["token"], ""):  # a block task has no rsync credentials
+        with pytest.raises(AuthFailed):
+            bservice.rsync_session_spec(tid, secret, 1, "/dev/vdb")
     doc = bservice.agent_task(sid, tid)
     assert doc["mode"] == "block" and doc["target"] == target and doc["snapshot"] == "reflink"
     assert doc["disks"] == p["disks"] and doc["cycle"]["number"] == 1

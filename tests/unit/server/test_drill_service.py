@@ -42,7 +42,8 @@ def test_drill_passes_then_start_then_syncing(service):
     service.start_migration({"paths": ["/srv"]}, source=sid)
     (drill,) = _cmds(service, sid)
     assert drill["type"] == "drill" and drill["params"]["paths"] == ["/srv"]
-    assert set(drill["params"]["target"]) == {"kind", "host", "port", "module"}  # no password
+    assert set(drill["params"]["target"]) == {"kind", "url", "fingerprint", "module"}  # no password
+    assert drill["params"]["target"]["url"].startswith("https://10.0.0.1:8443/rsync/v1/tasks/")
     assert _task(service, sid)["status"] == "drilling"
     assert service.list_sources()["sources"][0]["status"] == "drilling"
     assert service.workgroup_migration("web-tier")["status"] == "in_progress"

@@ -7,6 +7,7 @@ import pytest
 
 from go2cloud_server import rules
 from go2cloud_server.errors import (
+    AuthFailed,
     CodeRejected,
     Conflict,
     ImportRejected,
@@ -17,7 +18,7 @@ from go2cloud_server.errors import (
 from go2cloud_server.scheduler import Scheduler
 from go2cloud_server.service import Service, default_paths, install_commands, workgroup_status
 from go2cloud_server.store import SCHEMA_VERSION, Store
-from tests.unit.server.conftest import import_body, inventory
+from tests.unit.server.conftest import FakeTree, import_body, inventory
 
 
 def _wg(service: Service, name: str = "web-tier") -> dict:
@@ -31,6 +32,11 @@ def _imported(service: Service, wg: str = "web-tier", **kw) -> str:
 
 def _cmds(service: Service, sid: str) -> list:
     return service.poll_commands(sid, 0)["commands"]
+
+
+def _password(service: Service, tid: str) -> str:
+    """The task's rsync password (kept in its database row)."""
+    return service.store.one("SELECT rsync_password FROM tasks WHERE id = ?", (tid,))["rsync_password"]
 
 
 # workgroups ------------------------------------------------------------------------------------
@@ -235,7 +241,7 @@ def test_install_commands_single_builder():
 
 
 # migration ------------------------------------------------------------------------------------------
-def test_start_skips_and_not_migratable(service, clock, rsyncd):
+def test_start_skips_and_not_migratable(service, clock):
     _wg(service)
     a = _imported(service, inventory=inventory("a", "ma"))
     clock.advance(25)
@@ -258,11 +264,11 @@ def test_start_skips_and_not_migratable(service, clock, rsyncd):
     tid = p["task_id"]
     assert p["target"] == {
         "kind": "rsync",
-        "host": "10.0.0.1",
-        "port": 18873,
+        "url": f"https://10.0.0.1:8443/rsync/v1/tasks/{tid}",
+        "fingerprint": "sha256:" + "ab" * 32,
         "module": tid,
         "user": tid,
-        "password": rsyncd.modules[tid][2],
+        "password": _password(service, tid),
     }
     assert len(p["target"]["password"]) >= 24
     assert _cmds(service, a)[0]["params"]["paths"] == ["/srv"]
@@ -280,7 +286,7 @@ def _ack(service, sid, cmd, status="succeeded", **kw):
     return service.ack_command(sid, cmd["id"], body)
 
 
-def test_full_lifecycle_cycles_artifacts_retention_complete(service, rsyncd, trees):
+def test_full_lifecycle_cycles_artifacts_retention_complete(service, rsyncd, trees, events):
     _wg(service)
     sid = _imported(service)
     service.start_migration({"drill": False, "keep_images": 2}, workgroup="web-tier")
@@ -307,6 +313,12 @@ def test_full_lifecycle_cycles_artifacts_retention_complete(service, rsyncd, tre
             service.migration_action("sync", source=sid)
         _ack(service, sid, cmd)
     assert [a["cycle"] for a in service.task_artifacts(tid)["artifacts"]] == [2, 3]  # keep 2
+    root = service.tree_root(tid)
+    # retention works from the database's committed cycles (plus the one just committed)
+    assert trees.retained[root] == [[1], [1, 2], [1, 2, 3]]
+    # every commit first ends the task's rsync session: nothing writes into a committed cycle
+    commits = [i for i, e in enumerate(events) if e[0] == "commit"]
+    assert [events[i - 1] for i in commits] == [("close", tid)] * 3
 
     service.migration_action("complete", {"final_sync": True}, source=sid)
     fin = _cmds(service, sid)[0]
@@ -314,12 +326,18 @@ def test_full_lifecycle_cycles_artifacts_retention_complete(service, rsyncd, tre
     assert service.source_migration(sid)["tasks"][0]["finalizing"] is True
     with pytest.raises(Conflict):
         service.migration_action("sync", source=sid)
-    assert tid in rsyncd.modules
+    # the final cycle's data may still come in until the finalize is acknowledged
+    spec = service.rsync_session_spec(tid, _password(service, tid), 4, "/srv")
+    assert (spec.cycle, spec.link_cycle, spec.path) == (4, 3, "/srv")
+    closed = len(rsyncd.closed)
     _ack(service, sid, fin)
     m = service.source_migration(sid)
     assert m["status"] == "completed" and m["source_status"] == "completed"
     assert [a["cycle"] for a in m["tasks"][0]["artifacts"]] == [3, 4]
-    assert tid not in rsyncd.modules
+    assert trees.retained[root][-1] == [2, 3, 4]
+    assert rsyncd.closed[closed:] == [tid, tid]  # before the commit of cycle 4, and the release
+    with pytest.raises(Conflict, match="completed"):
+        service.rsync_session_spec(tid, _password(service, tid), 4, "/srv")
     assert service.show_workgroup("web-tier")["migration_status"] == "completed"
     out = service.migration_action("sync", workgroup="web-tier")
     assert out["affected"] == [] and out["skipped"][0]["reason"] == "no active migration task"
@@ -329,14 +347,17 @@ def test_complete_without_final_sync(service, rsyncd):
     _wg(service)
     sid = _imported(service)
     service.start_migration({"drill": False}, source=sid)
-    _ack(service, sid, _cmds(service, sid)[0])
+    start = _cmds(service, sid)[0]
+    tid = start["params"]["task_id"]
+    _ack(service, sid, start)
+    assert rsyncd.closed == [tid]  # before cycle 1 was committed
     service.migration_action("complete", {}, source=sid)
     fin = _cmds(service, sid)[0]
     assert fin["params"]["cycle"] is None
     assert service.source_migration(sid)["status"] == "pending"
     _ack(service, sid, fin)
     assert service.source_migration(sid)["status"] == "completed"
-    assert not rsyncd.modules
+    assert rsyncd.closed == [tid, tid]  # released on completion
 
 
 def test_failed_cycle_then_retry_reuses_the_cycle(service, trees):
@@ -403,7 +424,7 @@ def test_pause_resume_modify(service):
         service.agent_task("s-other", t["task_id"])
 
 
-def test_cancel_releases_target_and_drops_queued_commands(service, rsyncd, trees):
+def test_cancel_releases_target_and_drops_queued_commands(service, rsyncd, trees, events):
     _wg(service)
     sid = _imported(service)
     service.start_migration({"drill": False}, source=sid)
@@ -414,9 +435,12 @@ def test_cancel_releases_target_and_drops_queued_commands(service, rsyncd, trees
     service.migration_action("cancel", source=sid)
     cmds = _cmds(service, sid)
     assert [c["type"] for c in cmds] == ["abort"]  # the queued sync was superseded
-    assert tid not in rsyncd.modules
     root = service.tree_root(tid)
     assert trees.discarded[root] == [2] and trees.committed[root] == [1]
+    # the session (if any) ends before the unfinished cycle is removed
+    assert events[-2:] == [("close", tid), ("discard", root, 2)]
+    with pytest.raises(Conflict, match="cancelled"):
+        service.rsync_session_spec(tid, _password(service, tid), 2, "/srv")
     m = service.source_migration(sid)
     assert m["status"] == "cancelled" and [a["cycle"] for a in m["tasks"][0]["artifacts"]] == [1]
     assert service.show_workgroup("web-tier")["migration_status"] == "not_started"
@@ -440,7 +464,7 @@ def test_reimport_with_previous_source_id_replaces(service, rsyncd):
     assert service.show_source(old)["status"] == "replaced"
     assert service.show_source(old)["replaced_by"] == new
     assert service.source_migration(old)["tasks"][0]["status"] == "cancelled"
-    assert tid not in rsyncd.modules
+    assert rsyncd.closed == [tid]
     assert {s["id"] for s in service.list_sources("web-tier")["sources"]} == {new, other_machine["source_id"]}
     out = service.start_migration({"drill": False}, workgroup="web-tier")
     assert {e["source_id"] for e in out["started"]} == {new, other_machine["source_id"]}
@@ -511,13 +535,137 @@ def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock):
     sid = _imported(service)
     service.start_migration({"drill": False}, source=sid)
     tid = _cmds(service, sid)[0]["params"]["task_id"]
-    password = rsyncd.modules[tid][2]
-    rsyncd.modules.clear()
+    password = _password(service, tid)
+    trees.prepared.clear()
     restarted = Service(
-        Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees, clock=clock
+        Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees, clock=clock,
+        public_url="https://10.0.0.1:8443", fingerprint="sha256:" + "ab" * 32,
     )
-    assert restarted.restore_targets() == 1
-    assert rsyncd.modules[tid] == (restarted.tree_root(tid), tid, password)
+    try:
+        assert restarted.restore_targets() == 1
+        assert trees.prepared == {restarted.tree_root(tid): {1}}  # the running cycle's directory
+        target = restarted.agent_task(sid, tid)["target"]
+        assert target["url"] == f"https://10.0.0.1:8443/rsync/v1/tasks/{tid}"
+        assert target["password"] == password
+        assert restarted.rsync_session_spec(tid, password, 1, "/").cycle == 1
+    finally:
+        restarted.close()
+
+
+def test_rsync_session_spec_checks_credentials_state_cycle_and_path(service):
+    _wg(service)
+    sid = _imported(service)
+    other = _imported(service, inventory=inventory("b", "mb"))
+    service.start_migration({"drill": False, "paths": ["/", "/srv", "/srv/data"]}, source=sid)
+    service.start_migration({"drill": False, "paths": ["/srv"]}, source=other)
+    start = _cmds(service, sid)[0]
+    tid = start["params"]["task_id"]
+    other_tid = _cmds(service, other)[0]["params"]["task_id"]
+    pw = _password(service, tid)
+
+    spec = service.rsync_session_spec(tid, pw, 1, "/srv")
+    assert (spec.task_id, spec.tree_root, spec.cycle, spec.path) == (tid, service.tree_root(tid), 1, "/srv")
+    assert spec.link_cycle is None and spec.other_paths == ("/", "/srv/data")
+    assert (spec.user, spec.password) == (tid, pw) and pw not in repr(spec)
+
+    for task_id, password in ((tid, pw + "x"), (tid, ""), (tid, _password(service, other_tid)),
+                              ("t-nope", pw), (tid, None)):
+        with pytest.raises(AuthFailed):
+            service.rsync_session_spec(task_id, password, 1, "/srv")
+    for cycle in (2, 0, "1", None):
+        with pytest.raises(Conflict, match="writing cycle 1"):
+            service.rsync_session_spec(tid, pw, cycle, "/srv")
+    for path in ("/etc", "/srv/", "/srv/data/x", "", None):
+        with pytest.raises(InvalidInput, match="not one of the task's paths"):
+            service.rsync_session_spec(tid, pw, 1, path)
+
+    _ack(service, sid, start)  # cycle 1 committed: nothing may write now
+    with pytest.raises(Conflict, match="pending"):
+        service.rsync_session_spec(tid, pw, 1, "/srv")
+    service.migration_action("sync", source=sid)
+    spec = service.rsync_session_spec(tid, pw, 2, "/srv/data")
+    assert (spec.cycle, spec.link_cycle, spec.other_paths) == (2, 1, ("/", "/srv"))
+    service.migration_action("pause", source=sid)
+    with pytest.raises(Conflict, match="paused"):
+        service.rsync_session_spec(tid, pw, 2, "/srv/data")
+
+
+def test_a_task_whose_cycle_cannot_be_prepared_at_start_fails_alone(tmp_path, service, rsyncd, trees, clock,
+                                                                    monkeypatch):
+    _wg(service)
+    bad_sid = _imported(service)
+    good_sid = _imported(service, inventory=inventory("b", "mb"))
+    service.start_migration({"drill": False}, workgroup="web-tier")
+    bad = _cmds(service, bad_sid)[0]["params"]["task_id"]
+    good = _cmds(service, good_sid)[0]["params"]["task_id"]
+    restarted = Service(Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees,
+                        clock=clock)
+    real_prepare = FakeTree.prepare_cycle
+
+    def prepare(tree, n):
+        if tree.root == restarted.tree_root(bad):
+            raise FileExistsError(f"{tree.root}/000001 is a symlink")
+        return real_prepare(tree, n)
+
+    monkeypatch.setattr(FakeTree, "prepare_cycle", prepare)
+    trees.prepared.clear()
+    try:
+        assert restarted.restore_targets() == 2  # the server starts; the other task goes on
+        assert trees.prepared == {restarted.tree_root(good): {1}}
+        failed = restarted.source_migration(bad_sid)["tasks"][0]
+        assert failed["status"] == "failed" and failed["error"]["code"] == "target_state_invalid"
+        assert "at server start, its cycle 1 cannot be prepared" in failed["error"]["message"]
+        assert "is a symlink" in failed["error"]["message"] and "migration sync" in failed["error"]["message"]
+        assert restarted.source_migration(good_sid)["tasks"][0]["status"] == "syncing"
+        # the failed task is retried by the operator like any failed cycle
+        monkeypatch.setattr(FakeTree, "prepare_cycle", real_prepare)
+        restarted.migration_action("sync", source=bad_sid)
+        assert restarted.source_migration(bad_sid)["tasks"][0]["status"] == "syncing"
+    finally:
+        restarted.close()
+
+
+def test_fail_at_start_leaves_finished_tasks_and_no_task_alone(service):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({"drill": False}, source=sid)
+    tid = _cmds(service, sid)[0]["params"]["task_id"]
+    service.migration_action("cancel", source=sid)
+    service.fail_at_start(tid, "something", RuntimeError("boom"))
+    assert service.source_migration(sid)["tasks"][0]["status"] == "cancelled"
+    service.fail_at_start(None, "something", RuntimeError("boom"))  # logged only
+    service.fail_at_start("t-nope", "something", RuntimeError("boom"))
+
+
+def test_an_acknowledgement_that_cannot_be_applied_at_start_fails_its_task(
+        tmp_path, service, rsyncd, trees, clock, monkeypatch):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({"drill": False}, source=sid)
+    start = _cmds(service, sid)[0]
+
+    def crash(*_a, **_k):
+        raise _Crash()
+
+    monkeypatch.setattr(service, "_on_command_final", crash)
+    with pytest.raises(_Crash):
+        _ack(service, sid, start)
+    monkeypatch.undo()
+    restarted = Service(Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees,
+                        clock=clock)
+
+    def broken(*_a, **_k):
+        raise ValueError("the task row is unreadable")
+
+    monkeypatch.setattr(restarted, "_on_command_final", broken)
+    try:
+        assert restarted.apply_unfinished() == 1  # no exception: the server starts
+        t = restarted.source_migration(sid)["tasks"][0]
+        assert t["status"] == "failed" and t["error"]["code"] == "target_state_invalid"
+        assert "the start acknowledgement cannot be applied" in t["error"]["message"]
+        assert "the task row is unreadable" in t["error"]["message"]
+    finally:
+        restarted.close()
 
 
 def test_schema_version_and_newer_refused(tmp_path):

@@ -11,10 +11,12 @@ What it does, all in one run so the ratios compare like with like:
 2. starts the reference server and one agent, imports it, and measures the idle agent: peak RSS
    and CPU use over ``--idle-seconds`` while it heartbeats and long-polls;
 3. ``--rounds`` times, alternating the order: a full sync driven by the agent (from the start
-   request to the task being ``pending``, i.e. including command delivery, the rsync run and the
-   acknowledgement), then a plain rsync with exactly the same arguments as the agent's rsync (read
-   from the running process) into a fresh module of a second, identically configured rsync
-   daemon, followed by ``sync`` (the target commits each cycle durably, so the baseline does too);
+   request to the task being ``pending``, i.e. including command delivery, the rsync run through
+   the agent's TLS tunnel into the server's single-use rsync daemon, and the acknowledgement),
+   then a plain rsync with the same arguments as the agent's rsync (read from the running process,
+   without ``-e``) straight to a plaintext ``rsync --daemon`` on loopback (the transport the
+   agent used before it carried rsync inside TLS), followed by ``sync`` (the target commits each
+   cycle durably, so the baseline does too);
    the page cache is flushed before every timed run so one run's dirty pages do not bill the next;
 4. prints the medians, the ratio agent/plain and the overhead, as a Markdown table.
 """
@@ -28,6 +30,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,7 +45,37 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from go2cloud_server.client import pinned_session  # noqa: E402
-from go2cloud_server.rsyncd import RsyncDaemon  # noqa: E402
+
+
+class PlainDaemon:
+    """The baseline: a plaintext ``rsync --daemon`` on loopback with one module (bench only)."""
+
+    def __init__(self, state: Path, root: Path) -> None:
+        state.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        (state / "secrets").write_text("plain:plain-password\n")
+        os.chmod(state / "secrets", 0o600)
+        (state / "rsyncd.conf").write_text(
+            f"pid file = {state}/rsyncd.pid\nlog file = {state}/rsyncd.log\n[plain]\n"
+            f"    path = {root}\n    read only = false\n    auth users = plain\n"
+            f"    secrets file = {state}/secrets\n    use chroot = true\n    uid = 0\n    gid = 0\n"
+            "    numeric ids = true\n    munge symlinks = false\n")
+        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={state}/rsyncd.conf",
+                                      "--address=127.0.0.1", f"--port={self.port}"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("the plaintext rsync daemon did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 def env() -> Dict[str, str]:
@@ -87,7 +120,7 @@ def rsync_children(agent_pid: int) -> List[psutil.Process]:
         return []
     out = []
     for p in psutil.process_iter(["name", "cmdline", "ppid"]):
-        if p.info["name"] == "rsync" and any("rsync://" in a for a in (p.info["cmdline"] or [])):
+        if p.info["name"] == "rsync" and any("@go2cloud::" in a for a in (p.info["cmdline"] or [])):
             out.append(p)
     return out or [p for p in procs if p.name() == "rsync"]
 
@@ -111,6 +144,7 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--idle-seconds", type=float, default=30)
+    ap.add_argument("--compression", type=int, default=7, help="the task's compression level (0-10)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--target-dir", type=Path, default=Path("/dev/shm/go2cloud-bench-target"),
                     help="where both targets write (default: tmpfs, so disk noise does not swamp the ratio)")
@@ -131,9 +165,9 @@ def main() -> int:
     shutil.rmtree(data_dir, ignore_errors=True)
     srv_log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "go2cloud_server", "serve", "--listen", "127.0.0.1:0",
-                               "--rsync-port", "0", "--data-dir", str(data_dir)], stdout=srv_log,
+                               "--data-dir", str(data_dir)], stdout=srv_log,
                               stderr=subprocess.STDOUT, env=env())
-    plain_daemon: Optional[RsyncDaemon] = None
+    plain_daemon: Optional[PlainDaemon] = None
     agent: Optional[subprocess.Popen] = None
     try:
         while not (data_dir / "server.json").exists():
@@ -148,8 +182,8 @@ def main() -> int:
         agent_out = open(work / "agent.out", "w")
         agent = subprocess.Popen([sys.executable, "-m", "go2cloud_client", "--home", str(home), "--server", api.url,
                                   "--server-fingerprint", api.fingerprint, "--token-id", code["token_id"],
-                                  "--token-code", code["token_code"], "--yes", "--no-prompt"],
-                                 stdout=agent_out, stderr=subprocess.STDOUT, env=env(), stdin=subprocess.DEVNULL)
+                                  "--yes", "--no-prompt"], stdout=agent_out, stderr=subprocess.STDOUT,
+                                 env={**env(), "GO2CLOUD_TOKEN_CODE": code["token_code"]}, stdin=subprocess.DEVNULL)
         sid = ""
         while not sid:
             text = (work / "agent.out").read_text()
@@ -174,9 +208,7 @@ def main() -> int:
         plain_root = args.target_dir / "plain"
         shutil.rmtree(plain_root, ignore_errors=True)
         plain_root.mkdir()
-        plain_daemon = RsyncDaemon(work / "plain-rsyncd", host="127.0.0.1", port=0)
-        plain_daemon.start()
-        plain_daemon.add_module("plain", plain_root, "plain", "plain-password")
+        plain_daemon = PlainDaemon(work / "plain-rsyncd", plain_root)
 
         agent_times: List[float] = []
         plain_times: List[float] = []
@@ -189,7 +221,7 @@ def main() -> int:
             nonlocal agent_argv, peak_busy
             os.sync()  # start clean: no dirty pages left over from the previous run
             t = time.monotonic()
-            api.call("POST", f"/sources/{sid}/migration", {"paths": [str(src)], "compression": 7})
+            api.call("POST", f"/sources/{sid}/migration", {"paths": [str(src)], "compression": args.compression})
             while True:
                 task = (api.call("GET", f"/sources/{sid}/migration").get("tasks") or [{}])[0]
                 if not agent_argv:
@@ -216,6 +248,9 @@ def main() -> int:
             argv = list(agent_argv)
             url = f"rsync://plain@127.0.0.1:{plain_daemon.port}/plain/round{n}{src}/"
             argv[-1] = url
+            if "-e" in argv:  # the tunnel: the baseline talks to the plaintext daemon directly
+                i = argv.index("-e")
+                del argv[i:i + 2]
             argv = [a for a in argv if not a.startswith("--link-dest")]
             os.sync()
             t = time.monotonic()
@@ -240,19 +275,20 @@ def main() -> int:
         a, p = statistics.median(agent_times), statistics.median(plain_times)
         print()
         print("| measure | value |\n| --- | --- |")
-        print(f"| tree | {args.files} files, {total / 2**20:.1f} MiB |")
-        print(f"| plain rsync, same arguments, without the final sync (median) | "
+        print(f"| tree | {args.files} files, {total / 2**20:.1f} MiB, compression {args.compression} |")
+        print(f"| plain rsync to a plaintext daemon, same arguments, without the final sync (median) | "
               f"{statistics.median(plain_nosync_times):.2f} s |")
         print(f"| plain rsync, same arguments, then `sync` (median of {args.rounds}) | {p:.2f} s |")
         c, pn = statistics.median(agent_cycle_times), statistics.median(plain_nosync_times)
         print(f"| agent cycle: command received to cycle finished, agent log (median) | {c:.2f} s |")
-        print(f"| **agent overhead: agent cycle / plain rsync** | **{c / pn:.3f} ({100 * (c / pn - 1):+.1f}%)** |")
+        print(f"| **agent cycle through TLS / plain rsync to a plaintext daemon** | "
+              f"**{c / pn:.3f} ({100 * (c / pn - 1):+.1f}%)** |")
         print(f"| end to end: start request to `pending`, incl. the target's durable commit (median) | {a:.2f} s |")
         print(f"| end to end / (plain rsync + sync) | {a / p:.3f} ({100 * (a / p - 1):+.1f}%) |")
         print(f"| agent RSS while syncing (peak, agent process only) | {peak_busy / 2**20:.1f} MiB |")
         print(f"| idle agent peak RSS | {peak / 2**20:.1f} MiB |")
         print(f"| idle agent CPU | {idle_cpu:.2f}% of one core |")
-        print(f"\nrsync arguments: {' '.join(a for a in agent_argv[:-1])} SRC/ rsync://...")
+        print(f"\nrsync arguments: {' '.join(a for a in agent_argv[:-1])} USER@go2cloud::MODULE/...")
         return 0
     finally:
         if agent and agent.poll() is None:

@@ -327,7 +327,7 @@ def validate_target(value: Any, name: str = "target") -> TargetSpec:
         raise _reject(f"{name}.kind", "must be 'rsync' for mode 'file'")
     url = value.get("url")
     parts = _https_url(url, f"{name}.url")
-    if not re.match(r"^/rsync/v1/tasks/[A-Za-z0-9._-]{1,64}$", parts.path):
+    if parts.query or parts.fragment or not re.match(r"^/rsync/v1/tasks/[A-Za-z0-9._-]{1,64}$", parts.path):
         raise _reject(f"{name}.url", "must be https://HOST:PORT/rsync/v1/tasks/<task>")
     fingerprint = _fingerprint(value.get("fingerprint"), f"{name}.fingerprint")
     for key in ("module", "user"):

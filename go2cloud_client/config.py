@@ -8,8 +8,6 @@ a silent default. Secrets (token code) are not configuration and are never read 
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Mapping, Optional
 from urllib.parse import urlsplit
@@ -18,8 +16,8 @@ import yaml
 
 from go2cloud_client.errors import ConfigError, UsageError
 from go2cloud_client.home import Home
+from go2cloud_client.tlspin import is_loopback_host, normalize_fingerprint  # noqa: F401 - re-exported
 
-_FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -54,15 +52,6 @@ ENV_VARS: Dict[str, str] = {
 }
 
 
-def is_loopback_host(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def normalize_server_url(value: str) -> str:
     """Check a control-plane URL: https (or http to a loopback host), a host, no credentials,
     no query. Returns it without a trailing slash. Raises ValueError with the reason."""
@@ -86,17 +75,6 @@ def normalize_server_url(value: str) -> str:
             "for 127.0.0.1/::1/localhost)"
         )
     return value.rstrip("/")
-
-
-def normalize_fingerprint(value: str) -> str:
-    """``sha256:`` + 64 hex digits (colons allowed, case-insensitive) -> canonical form."""
-    text = value.strip().lower()
-    if not text.startswith("sha256:"):
-        raise ValueError("must look like sha256:<64 hex digits>")
-    text = "sha256:" + text[len("sha256:"):].replace(":", "")
-    if not _FINGERPRINT_RE.match(text):
-        raise ValueError("must look like sha256:<64 hex digits>")
-    return text
 
 
 def _str(value: Any) -> str:

@@ -1,4 +1,6 @@
-"""TLS to the control plane's own certificate, pinned by its SHA-256 fingerprint.
+"""TLS to the control plane's own certificate, pinned by its SHA-256 fingerprint (and the
+checks of addresses and fingerprints that go with it; imported by the rsync tunnel, so it stays
+free of the agent's heavier modules).
 
 With a fingerprint the context skips CA and host-name checks (the pin replaces them) and
 :func:`check_pin` compares the SHA-256 of the peer's certificate with the pin before a byte of
@@ -9,10 +11,32 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import re
 import ssl
 from typing import Optional, Tuple
 
-from go2cloud_client.config import normalize_fingerprint
+_FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def normalize_fingerprint(value: str) -> str:
+    """``sha256:`` + 64 hex digits (colons allowed, case-insensitive) -> canonical form."""
+    text = value.strip().lower()
+    if not text.startswith("sha256:"):
+        raise ValueError("must look like sha256:<64 hex digits>")
+    text = "sha256:" + text[len("sha256:"):].replace(":", "")
+    if not _FINGERPRINT_RE.match(text):
+        raise ValueError("must look like sha256:<64 hex digits>")
+    return text
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class PinMismatch(ssl.SSLError):

@@ -107,10 +107,20 @@ def _parts(path: str) -> List[str]:
     return [p for p in path.strip("/").split("/") if p]
 
 
-def _glob_escape(part: str) -> str:
-    """A path component as an rsync filter pattern: wildcards escaped, and white space (which
-    splits the daemon's ``filter`` parameter into rules) matched by ``?``."""
-    return re.sub(r"\s", "?", re.sub(r"([*?\[\]\\])", r"\\\1", part))
+_SPECIAL = re.compile(r"[*?\[\s%]")
+
+
+def _pattern(parts: List[str], suffix: str = "") -> str:
+    """Path components as one rsync filter pattern that matches exactly that path. rsync reads
+    backslashes as escapes only in a pattern with wildcards, so a plain path stays as it is; one
+    with a wildcard character, white space (which would split the daemon's ``filter`` parameter)
+    or ``%`` (rsyncd.conf expands ``%VAR%``) has its wildcards and backslashes escaped, white
+    space matched by the class ``[[:space:]]`` and ``%`` by ``[%]``."""
+    if not suffix and not any(_SPECIAL.search(p) for p in parts):
+        return "/".join(parts)
+    escaped = [re.sub(r"\s", "[[:space:]]", re.sub(r"([*?\[\]\\])", r"\\\1", p)).replace("%", "[%]")
+               for p in parts]
+    return "/".join(escaped) + suffix
 
 
 def filter_rules(spec: SessionSpec) -> List[str]:
@@ -118,19 +128,17 @@ def filter_rules(spec: SessionSpec) -> List[str]:
     the path (to create them), everything below the path except the task's other paths nested
     in it, the link-dest directory itself, and nothing else."""
     cycle = f"{spec.cycle:06d}"
-    parts = [_glob_escape(p) for p in _parts(spec.path)]
-    rules: List[str] = []
-    for depth in range(len(parts) + 1):
-        rules.append("+ /" + "/".join([cycle] + parts[:depth]))
-    base = "/" + "/".join([cycle] + parts)
     mine = _parts(spec.path)
+    rules: List[str] = []
+    for depth in range(len(mine) + 1):
+        rules.append("+ /" + _pattern([cycle] + mine[:depth]))
     for other in spec.other_paths:
         o = _parts(other)
         if len(o) > len(mine) and o[: len(mine)] == mine:
-            rules.append("- /" + "/".join([cycle] + [_glob_escape(p) for p in o]) + "/**")
-    rules.append(f"+ {base}/**")
+            rules.append("- /" + _pattern([cycle] + o, "/**"))
+    rules.append("+ /" + _pattern([cycle] + mine, "/**"))
     if spec.link_cycle:
-        rules.append("+ /" + "/".join([f"{spec.link_cycle:06d}"] + parts))
+        rules.append("+ /" + _pattern([f"{spec.link_cycle:06d}"] + mine))
     rules.append("- **")
     return rules
 
@@ -271,6 +279,10 @@ class RsyncSessions:
 
     def check(self) -> str:
         """The rsync executable (RsyncSessionError if it is missing: said at server start)."""
+        if any(c in str(self.state_dir) for c in "\n\r\x00%"):
+            raise RsyncSessionError(
+                f"{self.state_dir}: the data directory's path may not contain %, NUL or line breaks "
+                "(rsyncd.conf would read them): choose another --data-dir")
         found = shutil.which(self.rsync_path)
         if found is None:
             raise RsyncSessionError(
@@ -287,8 +299,11 @@ class RsyncSessions:
         _check_name("user", spec.user)
         if not spec.password or any(c in spec.password for c in "\x00\r\n") or len(spec.password) > 1024:
             raise ValueError("invalid rsync password (empty, too long, or contains NUL/newline)")
-        if any(c in str(spec.tree_root) for c in "\n\r\x00"):
-            raise ValueError("tree root contains a control character")
+        for where in (spec.tree_root, self.state_dir):
+            if any(c in str(where) for c in "\n\r\x00%"):
+                raise RsyncSessionError(
+                    f"{where}: the data directory's path may not contain %, NUL or line breaks "
+                    "(rsyncd.conf would read them): choose another --data-dir")
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         sdir = self.state_dir / f"{spec.task_id}.{secrets.token_hex(4)}"
@@ -449,7 +464,7 @@ def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subproces
         while not stopped.is_set():
             progressed = False
             # agent -> daemon
-            if not tls_eof and len(up) < PUMP_BUFFER:
+            while not tls_eof and len(up) < PUMP_BUFFER:  # SSL recv gives one record (16 KiB) a call
                 try:
                     data = tls.recv(PUMP_BUFFER)
                     if data:
@@ -458,7 +473,7 @@ def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subproces
                     else:
                         tls_eof = True
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    pass
+                    break
                 except (OSError, ssl.SSLError):
                     tls_eof = True
             if up:

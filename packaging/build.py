@@ -257,7 +257,7 @@ def build_pyz(mtime: int) -> bytes:
     buf.write(b"#!/usr/bin/env python3\n")
     with zipfile.ZipFile(buf, "a") as zf:
         zf.writestr(_zip_info("__main__.py", 0o644, mtime),
-                    b"from go2cloud_client.cli import main\n\nmain()\n")
+                    (ROOT / "go2cloud_client" / "__main__.py").read_bytes())
         for path in _source_files():
             rel = path.relative_to(ROOT)
             if rel.parts[0] not in PYZ_PACKAGES:

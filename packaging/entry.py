@@ -31,6 +31,10 @@ def _python_c(argv: List[str]) -> bool:
 def run() -> None:
     if getattr(sys, "frozen", False) and _python_c(sys.argv):
         return
+    if sys.argv[1:2] == ["rsync-tunnel"]:  # rsync's transport, started for every rsync run
+        from go2cloud_client.replication import tunnel
+
+        sys.exit(tunnel.main(sys.argv[2:]))
     from go2cloud_client.cli import main
 
     main()

@@ -31,8 +31,7 @@ import time
 from typing import Dict, List, Mapping, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
-from go2cloud_client.config import is_loopback_host
-from go2cloud_client.tlspin import PinMismatch, check_pin, client_context
+from go2cloud_client.tlspin import PinMismatch, check_pin, client_context, is_loopback_host
 
 ENV_URL = "GO2CLOUD_RSYNC_URL"
 ENV_FINGERPRINT = "GO2CLOUD_RSYNC_FINGERPRINT"
@@ -60,6 +59,10 @@ def command(executable: Optional[str] = None) -> str:
     honours quotes): the frozen executable itself, or this Python with ``-m go2cloud_client``."""
     if getattr(sys, "frozen", False) or executable:
         return f"{shlex.quote(executable or sys.executable)} rsync-tunnel"
+    here = os.path.abspath(__file__)
+    marker = here.find(".pyz" + os.sep)
+    if marker > 0:  # the agent runs as a zipapp: the archive is the program
+        return f"{shlex.quote(sys.executable)} {shlex.quote(here[:marker + 4])} rsync-tunnel"
     return f"{shlex.quote(sys.executable)} -m go2cloud_client rsync-tunnel"
 
 
@@ -254,7 +257,7 @@ def pump(sock: socket.socket, fd_in: int, fd_out: int) -> int:
                     moved = moved or n > 0
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                     pass
-            if not sock_eof and len(down) < BUFFER:
+            while not sock_eof and len(down) < BUFFER:  # SSL recv gives one record a call
                 try:
                     data = sock.recv(BUFFER)
                     if data:
@@ -263,7 +266,7 @@ def pump(sock: socket.socket, fd_in: int, fd_out: int) -> int:
                     else:
                         sock_eof = True
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    pass
+                    break
                 except (ssl.SSLEOFError, ConnectionResetError):
                     sock_eof = True
             if down:

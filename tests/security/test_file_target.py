@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
-import requests
 
 from go2cloud_server import manifest
 from tests.integration.harness import REPO, Server, wait_for
@@ -184,13 +183,15 @@ def test_sessions_are_refused_without_the_right_task_cycle_and_one_at_a_time(
     env = dict(os.environ, PYTHONPATH=str(REPO), RSYNC_PASSWORD=h.target["password"],
                GO2CLOUD_RSYNC_URL=h.target["url"], GO2CLOUD_RSYNC_FINGERPRINT=h.target["fingerprint"],
                GO2CLOUD_RSYNC_CYCLE="2", GO2CLOUD_RSYNC_PATH=str(h.src))
+    tunnel = f"{sys.executable} -m go2cloud_client rsync-tunnel"
     slow = subprocess.Popen(
-        ["rsync", "-a", "--mkpath", "--bwlimit=512", "-e", f"{sys.executable} -m go2cloud_client rsync-tunnel", "--",
+        ["rsync", "-a", "--mkpath", "--bwlimit=512", "-e", tunnel, "--",
          f"{big}/", f"{h.task_id}@go2cloud::{h.task_id}/{h.dest(2)}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        wait_for(lambda: any(p.name.startswith(h.task_id) for p in (server.data_dir / "rsync-sessions").iterdir())
-                 if (server.data_dir / "rsync-sessions").is_dir() else False, 20, "the first session")
+        sessions = server.data_dir / "rsync-sessions"
+        wait_for(lambda: sessions.is_dir() and any(p.name.startswith(h.task_id) for p in sessions.iterdir()),
+                 20, "the first session")
         second = h.rsync(cycle=2, dest=h.dest(2))
         assert second.returncode != 0 and "already has an rsync session" in second.stderr, second.stderr
         # the cycle is committed while the slow session still writes: the session is ended first
@@ -201,7 +202,7 @@ def test_sessions_are_refused_without_the_right_task_cycle_and_one_at_a_time(
         if slow.poll() is None:
             slow.kill()
             slow.wait()
-    assert not (server.data_dir / "rsync-sessions").exists() or not os.listdir(server.data_dir / "rsync-sessions")
+    assert not sessions.exists() or not os.listdir(sessions)
 
 
 def test_the_server_starts_whatever_a_task_left_on_disk(server: Server, tmp_path: Path):
@@ -240,8 +241,9 @@ def test_a_network_observer_sees_no_migrated_byte(server: Server, agents, tmp_pa
     (src / "secret.txt").write_bytes(marker * 20000)  # ~600 KiB, compressible: compression 0 sends it all
     (src / "blob").write_bytes(os.urandom(256 * 1024))
     pcap = tmp_path / "lo.pcap"
-    cap = subprocess.Popen([tcpdump, "-i", "lo", "-U", "-s", "0", "-w", str(pcap), "tcp", "port", str(server.port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cap = subprocess.Popen(
+        [tcpdump, "-i", "lo", "-U", "-s", "0", "-w", str(pcap), "tcp", "port", str(server.port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: pcap.exists(), 10, "tcpdump to start")
         time.sleep(0.5)

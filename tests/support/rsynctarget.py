@@ -59,7 +59,7 @@ class RsyncTargetServer:
     def url(self, task_id: str) -> str:
         return f"https://127.0.0.1:{self.httpd.port}/rsync/v1/tasks/{task_id}"
 
-    def start(self) -> "RsyncTargetServer":
+    def start(self) -> RsyncTargetServer:
         self.thread.start()
         return self
 

@@ -32,11 +32,23 @@ def spec(path: str = "/srv", cycle: int = 2, link_cycle=1, other_paths=(), **kw)
 
 
 def _regex(pattern: str) -> re.Pattern[str]:
-    """rsync's matching of the anchored patterns ``filter_rules`` writes (``\\x`` a literal x,
-    ``**`` anything, ``*`` anything but ``/``, ``?`` one character but ``/``)."""
+    """rsync's matching of the anchored patterns ``filter_rules`` writes: without a wildcard a
+    pattern is literal; with one, ``\\x`` is a literal x, ``**`` anything, ``*`` anything but
+    ``/``, ``?`` one character but ``/``, ``[[:space:]]`` white space and ``[%]`` a ``%``."""
+    if not any(c in pattern for c in "*?["):
+        return re.compile(re.escape(pattern))
     out, i = "", 0
     while i < len(pattern):
         c = pattern[i]
+        for klass, rx in (("[[:space:]]", r"\s"), ("[%]", "%")):
+            if pattern.startswith(klass, i):
+                out += rx
+                i += len(klass)
+                break
+        else:
+            klass = ""
+        if klass:
+            continue
         if c == "\\" and i + 1 < len(pattern):
             out += re.escape(pattern[i + 1])
             i += 2
@@ -120,19 +132,20 @@ def test_filter_rules_escape_white_space_and_wildcards():
     rules = filter_rules(spec(path, cycle=1, link_cycle=None))
     # the daemon's filter parameter is split on white space: no rule may contain any
     assert all(len(rule.split()) == 2 for rule in rules)
-    assert rules == ["+ /000001", "+ /000001/srv", "+ /000001/srv/my?dir",
-                     r"+ /000001/srv/my?dir/\[x\]\*\??end", r"+ /000001/srv/my?dir/\[x\]\*\??end/**", "- **"]
+    assert rules == ["+ /000001", "+ /000001/srv", "+ /000001/srv/my[[:space:]]dir",
+                     r"+ /000001/srv/my[[:space:]]dir/\[x\]\*\?[[:space:]]end",
+                     r"+ /000001/srv/my[[:space:]]dir/\[x\]\*\?[[:space:]]end/**", "- **"]
     assert allowed(rules, "/000001/srv/my dir/[x]*?\tend/f")
     assert allowed(rules, "/000001/srv/my dir/[x]*?\tend")
     # the wildcards in the name are literal: other names they would match stay out
     for name in ("/000001/srv/my dir/x-anything end/f", "/000001/srv/my dir/[x]abc end",
-                 "/000001/srv/my dir/other"):
+                 "/000001/srv/my dir/other", "/000001/srv/myXdir/[x]*?\tend/f"):
         assert not allowed(rules, name), name
 
 
 def test_filter_rules_escape_wildcards_of_nested_and_link_paths():
     rules = filter_rules(spec("/srv/a*", cycle=3, link_cycle=2, other_paths=("/srv/a*/b c", "/srv/a*x")))
-    assert r"- /000003/srv/a\*/b?c/**" in rules and r"+ /000002/srv/a\*" in rules
+    assert r"- /000003/srv/a\*/b[[:space:]]c/**" in rules and r"+ /000002/srv/a\*" in rules
     assert not any("a*x" in r or r"a\*x" in r for r in rules)  # not nested in this path
     assert not allowed(rules, "/000003/srv/ab/f") and not allowed(rules, "/000002/srv/ab")
     assert not allowed(rules, "/000003/srv/a*/b c/f") and allowed(rules, "/000003/srv/a*/bc/f")
@@ -216,8 +229,17 @@ def test_prepare_refuses_what_would_break_the_configuration(tmp_path, bad):
     fields = {"task_id": "t-1", "tree_root": ROOT, "cycle": 1, "path": "/srv", "user": "t-1",
               "password": "pw"}
     fields.update(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises((ValueError, RsyncSessionError)):
         RsyncSessions(state_dir=tmp_path / "state")._prepare(SessionSpec(**fields))
+
+
+@pytest.mark.parametrize("path", ["/srv/a\\b", "/srv/%PATH%", "/srv/100%", "/srv/a\\b c"])
+def test_filter_rules_keep_backslashes_and_percent_signs_literal(path):
+    rules = filter_rules(spec(path, cycle=1, link_cycle=None))
+    assert all(len(rule.split()) == 2 for rule in rules)
+    assert not any("%" in rule.replace("[%]", "") for rule in rules)  # rsyncd.conf expands %VAR%
+    assert allowed(rules, f"/000001{path}") and allowed(rules, f"/000001{path}/f")
+    assert not allowed(rules, "/000001/srv/ab/f") and not allowed(rules, "/000001/srv/PATH/f")
 
 
 def test_check_names_a_missing_rsync(tmp_path):

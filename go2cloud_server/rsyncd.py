@@ -438,12 +438,13 @@ def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subproces
     tls.setblocking(False)
     child.setblocking(False)
     os.set_blocking(err_fd, False)
-    up = bytearray()  # agent -> daemon (raw)
+    up = memoryview(bytearray(PUMP_BUFFER))  # agent -> daemon (raw): up[lo:hi] waits to be sent
+    lo = hi = 0
     down = bytearray()  # daemon -> agent (framed)
     tls_eof = child_eof = err_eof = child_shut = exit_sent = False
     status = -1
     last = time.monotonic()
-    sel = selectors.DefaultSelector()
+    sel = selectors.PollSelector()  # masks change often: no epoll_ctl system call per change
     registered: Dict[object, int] = {}
 
     def want(obj: object, mask: int) -> None:
@@ -464,11 +465,13 @@ def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subproces
         while not stopped.is_set():
             progressed = False
             # agent -> daemon
-            while not tls_eof and len(up) < PUMP_BUFFER:  # SSL recv gives one record (16 KiB) a call
+            if lo == hi:
+                lo = hi = 0
+            while not tls_eof and hi < PUMP_BUFFER:  # one SSL record (16 KiB) per call
                 try:
-                    data = tls.recv(PUMP_BUFFER)
-                    if data:
-                        up += data
+                    n = tls.recv_into(up[hi:])
+                    if n:
+                        hi += n
                         progressed = True
                     else:
                         tls_eof = True
@@ -476,16 +479,18 @@ def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subproces
                     break
                 except (OSError, ssl.SSLError):
                     tls_eof = True
-            if up:
+            if lo < hi:
                 try:
-                    n = child.send(up)
-                    del up[:n]
+                    n = child.send(up[lo:hi])
+                    lo += n
+                    if lo == hi:  # drained: the whole buffer is free for the next read
+                        lo = hi = 0
                     progressed = progressed or n > 0
                 except BlockingIOError:
                     pass
                 except OSError:
-                    up.clear()
-            if tls_eof and not up and not child_shut:
+                    lo = hi = 0
+            if tls_eof and lo == hi and not child_shut:
                 child_shut = True
                 try:
                     child.shutdown(socket.SHUT_WR)
@@ -531,19 +536,20 @@ def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subproces
                     return -1 if not exit_sent else status
             if exit_sent and not down:
                 return status
+            # every pass ends in poll(): a consumer that drains a little at a time is waited for,
+            # not chased (chasing it cost more CPU than the TLS work itself)
             if progressed:
                 last = time.monotonic()
-                continue
-            if time.monotonic() - last > idle_timeout:
+            elif time.monotonic() - last > idle_timeout:
                 LOG.warning("rsync session idle for %.0f s: closed", idle_timeout)
                 return -1
-            want(tls, (selectors.EVENT_READ if not tls_eof and len(up) < PUMP_BUFFER else 0)
+            want(tls, (selectors.EVENT_READ if not tls_eof and hi < PUMP_BUFFER else 0)
                  | (selectors.EVENT_WRITE if down else 0))
             want(child, (selectors.EVENT_READ if not child_eof and len(down) < PUMP_BUFFER else 0)
-                 | (selectors.EVENT_WRITE if up else 0))
+                 | (selectors.EVENT_WRITE if lo < hi else 0))
             want(err_fd, selectors.EVENT_READ if not err_eof and len(down) < PUMP_BUFFER else 0)
-            if isinstance(tls, ssl.SSLSocket) and tls.pending():
-                continue
+            if isinstance(tls, ssl.SSLSocket) and tls.pending() and not tls_eof and hi < PUMP_BUFFER:
+                continue  # decrypted data waits inside the SSL object: poll() would not see it
             if registered:
                 sel.select(timeout=1.0)
             else:

@@ -215,11 +215,12 @@ def pump(sock: socket.socket, fd_in: int, fd_out: int) -> int:
     sock.setblocking(False)
     os.set_blocking(fd_in, False)
     os.set_blocking(fd_out, False)
-    up = bytearray()
+    up = memoryview(bytearray(BUFFER))  # stdin -> target: up[lo:hi] waits to be sent
+    lo = hi = 0
     down = bytearray()
     frames = _Frames()
     in_eof = sock_eof = False
-    sel = selectors.DefaultSelector()
+    sel = selectors.PollSelector()  # masks change often: no epoll_ctl system call per change
     keys: Dict[object, int] = {}
 
     def want(obj: object, mask: int) -> None:
@@ -240,20 +241,24 @@ def pump(sock: socket.socket, fd_in: int, fd_out: int) -> int:
     try:
         while True:
             moved = False
-            if not in_eof and len(up) < BUFFER:
+            if lo == hi:
+                lo = hi = 0
+            if not in_eof and hi < BUFFER:
                 try:
-                    data = os.read(fd_in, BUFFER)
-                    if data:
-                        up += data
+                    n = os.readv(fd_in, [up[hi:]])
+                    if n:
+                        hi += n
                         moved = True
                     else:
                         in_eof = True
                 except BlockingIOError:
                     pass
-            if up:
+            if lo < hi:
                 try:
-                    n = sock.send(up)
-                    del up[:n]
+                    n = sock.send(up[lo:hi])
+                    lo += n
+                    if lo == hi:  # drained: the whole buffer is free for the next read
+                        lo = hi = 0
                     moved = moved or n > 0
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                     pass
@@ -280,14 +285,13 @@ def pump(sock: socket.socket, fd_in: int, fd_out: int) -> int:
                     down.clear()
             if (sock_eof or frames.status is not None) and not down:
                 return frames.status if frames.status is not None else EXIT_LOST
-            if moved:
-                continue
+            # every pass ends in poll(): a slow consumer is waited for, not chased
             want(sock, (selectors.EVENT_READ if not sock_eof and len(down) < BUFFER else 0)
-                 | (selectors.EVENT_WRITE if up else 0))
-            want(fd_in, selectors.EVENT_READ if not in_eof and len(up) < BUFFER else 0)
+                 | (selectors.EVENT_WRITE if lo < hi else 0))
+            want(fd_in, selectors.EVENT_READ if not in_eof and hi < BUFFER else 0)
             want(fd_out, selectors.EVENT_WRITE if down else 0)
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                continue
+            if isinstance(sock, ssl.SSLSocket) and sock.pending() and not sock_eof and len(down) < BUFFER:
+                continue  # decrypted data waits inside the SSL object: poll() would not see it
             if keys:
                 sel.select(timeout=5.0)
             else:

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import string
@@ -66,6 +67,8 @@ _ALNUM_LOWER = string.ascii_lowercase + string.digits
 _ALNUM = string.ascii_letters + string.digits
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 _OPEN_SQL = ",".join(f"'{s}'" for s in OPEN_TASK_STATUSES)
+#: a source id as the server makes them (anything else an importer names is shown escaped)
+_SOURCE_ID_RE = re.compile(r"s-[a-z0-9]{1,64}")
 
 
 class RsyncTarget(Protocol):
@@ -595,7 +598,8 @@ class Service:
                     f"replaced source {replaced_id} (the agent proved its key)",
                 )
             elif previous and refusal:
-                message = f"previous source {previous[:64]} not replaced: {refusal}"
+                shown = previous if _SOURCE_ID_RE.fullmatch(previous) else ascii(previous[:64])
+                message = f"previous source {shown} not replaced: {refusal}"
                 log.warning("import of %s: %s", source_id, message)
                 self._event(conn, source_id, "warning", "replace_refused", message)
         if replaced_id:

@@ -130,7 +130,7 @@ class ImportThrottle:
             log.warning(
                 "import from %s with token id %s throttled (too many failed attempts); retry in %d s",
                 address or "?",
-                token_id[:64],
+                ascii(token_id[:64]),
                 seconds,
             )
             raise Throttled(

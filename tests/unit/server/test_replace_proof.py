@@ -146,3 +146,10 @@ def test_operator_replace(service, world, rsyncd):
     assert tid not in rsyncd.modules
     with pytest.raises(Conflict, match="already replaced"):
         service.replace_source(sid, {"by": new})
+
+
+def test_a_made_up_previous_id_reaches_the_operator_escaped(service, world):
+    doc = _import(service, world["code_a"], "s-x\x1b]0;pwned\x07\x1b[2J")
+    [event] = _refusal_event(service, doc["source_id"])
+    assert "\x1b" not in event["message"] and "\x07" not in event["message"]
+    assert "no such source" in event["message"]

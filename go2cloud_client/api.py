@@ -33,6 +33,7 @@ from go2cloud_client.errors import (
     RequestRejectedError,
     ServerError,
     ServerUnreachableError,
+    ThrottledError,
     TLSError,
     UsageError,
 )
@@ -46,6 +47,8 @@ _SOURCE_ID_RE = re.compile(r"^s-[A-Za-z0-9]{1,64}$")
 _SAFE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 #: Renew the bearer token this many seconds before it expires.
 _TOKEN_MARGIN_S = 30.0
+#: The longest ``Retry-After`` (429/503) the agent waits before retrying; a longer one is cut.
+RETRY_AFTER_MAX_S = 300.0
 
 
 class _PinnedAdapter(HTTPAdapter):
@@ -202,7 +205,7 @@ class ControlPlane:
                   (time.monotonic() - started) * 1000, len(raw))
         if 200 <= resp.status_code < 300:
             return self._decode(raw, what)
-        self._raise_for_error(resp.status_code, raw, what)
+        self._raise_for_error(resp.status_code, raw, what, retry_after=_retry_after(resp.headers))
         raise AssertionError("unreachable")
 
     def _read_capped(self, resp: requests.Response, what: str) -> bytes:
@@ -235,7 +238,8 @@ class ControlPlane:
         except (UnicodeDecodeError, ValueError):
             raise ProtocolError(f"the control plane's {what} response is not valid JSON") from None
 
-    def _raise_for_error(self, status: int, raw: bytes, what: str) -> None:
+    def _raise_for_error(self, status: int, raw: bytes, what: str, *,
+                         retry_after: Optional[float] = None) -> None:
         code, message = "", ""
         try:
             doc = json.loads(raw.decode("utf-8"))
@@ -249,9 +253,13 @@ class ControlPlane:
         if status == 401:
             raise _Unauthorized(code or "unauthorized", message)
         cls: Optional[Type[Go2CloudError]] = SERVER_CODES.get(code)
+        if cls is ThrottledError or status == 429 or (status == 503 and retry_after is not None):
+            raise ThrottledError(
+                f"the control plane is throttling {what} (HTTP {status}, {code or 'no code'}): {message}",
+                retry_after=retry_after)
         if cls is not None:
             raise cls(_operator_message(cls, message))
-        if status >= 500 or status == 429:
+        if status >= 500:
             raise ServerError(f"the control plane failed on {what} (HTTP {status}, {code or 'no code'}): "
                               f"{message}; it will be retried")
         if 300 <= status < 400:
@@ -329,6 +337,7 @@ class ControlPlane:
         public_key: str,
         inventory: Mapping[str, Any],
         previous_source_id: Optional[str] = None,
+        previous_source_proof: Optional[Mapping[str, str]] = None,
     ) -> Dict[str, Any]:
         body = {
             "token_id": token_id,
@@ -336,6 +345,7 @@ class ControlPlane:
             "public_key": public_key,
             "agent_version": self.agent_version,
             "previous_source_id": previous_source_id,
+            "previous_source_proof": dict(previous_source_proof) if previous_source_proof else None,
             "inventory": dict(inventory),
         }
         doc = _obj(self._send("POST", "/sources/import", body=body, auth=False, what="import"), "import")
@@ -348,7 +358,26 @@ class ControlPlane:
         interval = _field(doc, "heartbeat_interval", (int, float), "import", optional=True)
         _field(doc, "server_time_epoch", (int, float), "import", optional=True)
         doc["heartbeat_interval"] = interval or 10
+        replaced = doc.get("replaced_source_id")
+        doc["replaced_source_id"] = replaced if isinstance(replaced, str) else None
         return doc
+
+    def replace_proof(self, old_source_id: str, old_identity: Identity,
+                      new_public_key: str) -> Dict[str, str]:
+        """``previous_source_proof`` for an import: a challenge of the old source signed with its
+        key over the old id and the new public key (docs/protocol.md, Import). Raises
+        IdentityRejectedError when the control plane no longer knows the old source."""
+        if not _SOURCE_ID_RE.match(old_source_id):
+            raise ValueError(f"invalid source id {old_source_id!r}")
+        try:
+            doc = self._request("POST", f"/sources/{quote(old_source_id, safe='')}/challenge", body={},
+                                params=None, headers={}, read_timeout=None, what="challenge")
+        except _Unauthorized as exc:
+            raise IdentityRejectedError(
+                f"the control plane refused the old source's challenge ({exc.message})") from None
+        nonce = _field(_obj(doc, "challenge"), "nonce", str, "challenge")
+        signature = old_identity.sign_replacement(old_source_id, new_public_key, nonce)
+        return {"nonce": nonce, "signature": signature}
 
     def server_time(self) -> float:
         """The control plane's clock (``GET /api/v1/time``, no authentication) as epoch seconds."""
@@ -446,6 +475,14 @@ def _short_reason(exc: Exception) -> str:
     return _clip(text.strip("()'\" ,"), 160) or type(exc).__name__
 
 
+def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
+    """Seconds of a ``Retry-After: N`` header (a date or garbage counts as absent)."""
+    value = (headers.get("Retry-After") or "").strip()
+    if not value.isdigit():
+        return None
+    return float(min(int(value), 86400))
+
+
 def _connect_failure(exc: Exception) -> bool:
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return True
@@ -480,6 +517,26 @@ def _operator_message(cls: Type[Go2CloudError], server_message: str) -> str:
 
 def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, Go2CloudError) and exc.retryable
+
+
+def retry_after_of(exc: Optional[BaseException]) -> Optional[float]:
+    """The wait a throttled request was told (``Retry-After``), at most RETRY_AFTER_MAX_S; None
+    for other errors (they back off exponentially)."""
+    if isinstance(exc, ThrottledError) and exc.retry_after is not None:
+        return max(0.0, min(float(exc.retry_after), RETRY_AFTER_MAX_S))
+    return None
+
+
+class _RetryAfterOrBackoff:
+    """Tenacity wait: the control plane's ``Retry-After`` when it throttled the request (bounded
+    by RETRY_AFTER_MAX_S), else ``backoff`` (capped, jittered exponential)."""
+
+    def __init__(self, backoff: Any) -> None:
+        self.backoff = backoff
+
+    def __call__(self, state: tenacity.RetryCallState) -> float:
+        told = retry_after_of(state.outcome.exception() if state.outcome else None)
+        return told if told is not None else float(self.backoff(state))
 
 
 class RetryingControlPlane:
@@ -535,7 +592,8 @@ class RetryingControlPlane:
 
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception(predicate),
-            wait=tenacity.wait_random_exponential(multiplier=self.multiplier, max=self.max_wait),
+            wait=_RetryAfterOrBackoff(
+                tenacity.wait_random_exponential(multiplier=self.multiplier, max=self.max_wait)),
             stop=stop,
             sleep=self._sleep,
             before_sleep=before_sleep,
@@ -549,10 +607,17 @@ class RetryingControlPlane:
     # Mirrors ControlPlane's public calls.
 
     def import_source(self, **kwargs: Any) -> Dict[str, Any]:
-        def unsent(exc: BaseException) -> bool:
+        def unused(exc: BaseException) -> bool:
+            # never sent, or throttled before the code was looked at: no use of the code consumed
+            if isinstance(exc, ThrottledError):
+                return True
             return isinstance(exc, ServerUnreachableError) and not getattr(exc, "request_sent", True)
 
-        return self._retrying(unsent, self.attempts)(self.inner.import_source, **kwargs)
+        return self._retrying(unused, self.attempts)(self.inner.import_source, **kwargs)
+
+    def replace_proof(self, old_source_id: str, old_identity: Identity,
+                      new_public_key: str) -> Dict[str, str]:
+        return self.call(self.inner.replace_proof, old_source_id, old_identity, new_public_key)
 
     def authenticate(self) -> None:
         self.call(self.inner.authenticate)

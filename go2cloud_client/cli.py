@@ -25,13 +25,16 @@ import click
 
 from go2cloud_client import __version__, hostprep, platform, servicemode
 from go2cloud_client.agent import Agent, kill_children
-from go2cloud_client.api import ControlPlane, RetryingControlPlane
+from go2cloud_client.api import ControlPlane, RetryingControlPlane, retry_after_of
 from go2cloud_client.blockcycle import recover_snapshots
 from go2cloud_client.config import Config, load_config
 from go2cloud_client.console import Console, human_bytes, progress_line
 from go2cloud_client.errors import (
     ConfigError,
     Go2CloudError,
+    IdentityRejectedError,
+    RequestRejectedError,
+    ThrottledError,
     UninstallError,
     UsageError,
 )
@@ -75,7 +78,9 @@ def import_source(home: Home, config: Config, console: Console, *, token_id: str
                   control_plane: Optional[ControlPlane] = None,
                   capabilities: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Generate the key pair, import this host, persist the identity. The code is not stored.
-    ``capabilities`` (from host preparation) goes into the inventory and into source.json."""
+    ``capabilities`` (from host preparation) goes into the inventory and into source.json.
+    After ``--abort`` the import names the old source and proves its key (kept until now), so
+    the control plane marks it replaced; the old key is deleted once the import succeeded."""
     assert config.server
     previous = home.previous_source_id()
     console.line(f"Importing source into {config.server} with activation code {token_id} ...")
@@ -84,10 +89,24 @@ def import_source(home: Home, config: Config, console: Console, *, token_id: str
                                        connect_timeout=config.connect_timeout_s,
                                        read_timeout=config.read_timeout_s)
     inventory = collect(home, capabilities)
+
+    def on_retry(exc: BaseException, attempt: int) -> None:
+        wait = retry_after_of(exc)
+        if wait is not None:
+            console.line(f"The control plane is throttling imports ({exc}); retrying in {wait:.0f} s "
+                         "(Ctrl-C to stop)")
+
+    retrying = RetryingControlPlane(cp, attempts=3, max_wait=5, on_retry=on_retry)
     try:
-        doc = RetryingControlPlane(cp, attempts=3, max_wait=5).import_source(
+        proof = _replace_proof(home, retrying, previous, identity)
+        doc = retrying.import_source(
             token_id=token_id, token_code=token_code, public_key=identity.public_key_b64,
-            inventory=inventory, previous_source_id=previous)
+            inventory=inventory, previous_source_id=previous, previous_source_proof=proof)
+    except ThrottledError as exc:
+        raise ThrottledError(
+            f"{exc}; the import was not attempted: wait a few minutes, check the token id and token code "
+            "(copy them again from the console) and run go2cloud_client again",
+            retry_after=exc.retry_after) from None
     finally:
         if control_plane is None:
             cp.close()
@@ -97,16 +116,41 @@ def import_source(home: Home, config: Config, console: Console, *, token_id: str
         "workgroup": {"id": doc["workgroup"]["id"], "name": doc["workgroup"]["name"]},
         "server": config.server, "server_fingerprint": config.server_fingerprint,
         "heartbeat_interval": doc.get("heartbeat_interval") or 10, "imported_at": utc_now(),
-        "replaced_source_id": previous,
+        "replaced_source_id": doc.get("replaced_source_id"),
     }
     if capabilities:
         source["capabilities"] = capabilities
     home.write_state(home.source_file, source)
     home.remove(home.previous_source_file)
+    home.remove(home.previous_key_file)
     LOG.info("imported as %s into workgroup %s (%s)", source["source_id"], source["workgroup"]["name"],
              source["workgroup"]["id"])
+    if previous and doc.get("replaced_source_id") != previous:
+        LOG.warning("the previous source %s was not replaced by %s", previous, source["source_id"])
+        console.line(f"The previous source {previous} was not marked replaced (the control plane did not "
+                     "accept the proof of its key, or it is in another workgroup); ask the operator to run: "
+                     f"go2cloud_server source replace {previous} --by {source['source_id']}")
     console.import_succeeded(source["source_id"])
     return source
+
+
+def _replace_proof(home: Home, cp: RetryingControlPlane, previous: Optional[str],
+                   identity: Identity) -> Optional[Dict[str, str]]:
+    """The proof that this host held the key of ``previous`` (kept by ``--abort``), or None when
+    there is no previous source, no kept key, or the control plane no longer knows the source."""
+    if not previous:
+        return None
+    old = Identity.load_previous(home)
+    if old is None:
+        LOG.info("no key of the previous source %s kept: it is not replaced by this import", previous)
+        return None
+    try:
+        return cp.replace_proof(previous, old, identity.public_key_b64)
+    except (IdentityRejectedError, RequestRejectedError) as exc:
+        LOG.info("previous source %s cannot be replaced: %s", previous, exc)
+    except ValueError as exc:
+        LOG.warning("previous source id unusable: %s", exc)
+    return None
 
 
 # -- foreground ---------------------------------------------------------------------------------
@@ -245,6 +289,9 @@ def abort(home: Home, console: Console, *, final_line: bool = True) -> None:
         if source and source.get("source_id"):
             home.write_bytes(home.previous_source_file, (source["source_id"] + "\n").encode())
             done.append(f"forgot the import of source {source['source_id']} (the next import replaces it)")
+            if Identity.retire(home):  # the next import signs with it, then deletes it
+                done.append(f"kept the agent key as {home.previous_key_file.name} until the next import "
+                            "has proved it")
         if Identity.delete(home):
             done.append("deleted the agent key")
         if home.remove(home.task_file):
@@ -485,6 +532,8 @@ def uninstall(home: Home, console: Console, *, revert: bool, yes: bool, no_promp
     if unit_home == home.root or any(c.get("kind") == "service_installed" for c in changes):
         servicemode.uninstall(home, console)
     abort(home, console, final_line=False)
+    if home.remove(home.previous_key_file):  # no import follows to prove it
+        console.line("Deleted the previous agent key")
     if revert:
         revert_all(home, say=console.line)  # HostRevertError: the folder and the ledger stay
     else:

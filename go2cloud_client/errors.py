@@ -86,6 +86,21 @@ class ServerError(Go2CloudError):
     retryable = True
 
 
+class ThrottledError(ServerError):
+    """429 rate_limited / 503 server_busy: retried after the server's ``Retry-After`` (bounded)."""
+
+    exit_code = 15
+    code = "rate_limited"
+    summary = ("the control plane is throttling this request (too many failed imports, or busy): "
+               "wait the time it said, check the token id and code, and try again")
+
+    def __init__(self, message: str, *, retry_after: Optional[float] = None,
+                 detail: Optional[str] = None) -> None:
+        super().__init__(message, detail=detail)
+        #: seconds the control plane asked to wait (``Retry-After``), None when it did not say
+        self.retry_after = retry_after
+
+
 class RequestRejectedError(Go2CloudError):
     exit_code = 14
     code = "request_rejected"
@@ -205,6 +220,8 @@ SERVER_CODES: Dict[str, Type[Go2CloudError]] = {
     "import_rejected": ImportRejectedError,
     "source_unknown": IdentityRejectedError,
     "source_replaced": IdentityRejectedError,
+    "rate_limited": ThrottledError,
+    "server_busy": ThrottledError,
 }
 
 

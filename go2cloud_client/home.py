@@ -4,6 +4,8 @@ Layout (directory 0700, files 0600, every write atomic through :func:`atomic_wri
 
     <home>/config.yaml                 operator settings (optional)
     <home>/identity/key.pem            Ed25519 private key (PKCS#8 PEM)
+    <home>/identity/previous_key.pem   the key of the aborted import, kept until the next import
+                                       proved it to have the old source replaced (then deleted)
     <home>/state/source.json           the imported source (id, workgroup, server, pin)
     <home>/state/task.json             current task (never the target password)
     <home>/state/ledger.json           command ledger (exactly-once)
@@ -75,6 +77,7 @@ class Home:
         self.config_file = self.root / "config.yaml"
         self.identity_dir = self.root / "identity"
         self.key_file = self.identity_dir / "key.pem"
+        self.previous_key_file = self.identity_dir / "previous_key.pem"
         self.state_dir = self.root / "state"
         self.source_file = self.state_dir / "source.json"
         self.task_file = self.state_dir / "task.json"

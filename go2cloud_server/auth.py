@@ -33,6 +33,8 @@ ADMIN_TOKEN_FILE = "admin.token"
 NONCE_TTL_S = 60
 TOKEN_TTL_S = 900
 SIGNATURE_DOMAIN = b"go2cloud-token-v1\n"
+#: what a re-importing agent signs with its old key to have its old source replaced
+REPLACE_DOMAIN = b"go2cloud-replace-v1\n"
 _EXPIRED_MEMORY_S = 3600
 
 
@@ -91,6 +93,19 @@ def signed_message(source_id: str, nonce: str) -> bytes:
     return SIGNATURE_DOMAIN + source_id.encode("utf-8") + b"\n" + nonce.encode("ascii")
 
 
+def replace_message(old_source_id: str, new_public_key_b64: str, nonce: str) -> bytes:
+    """The bytes an agent signs with the old source's key to have it replaced by the source of
+    ``new_public_key_b64`` (docs/protocol.md, Import): bound to both keys and a single-use nonce."""
+    return (
+        REPLACE_DOMAIN
+        + old_source_id.encode("utf-8")
+        + b"\n"
+        + new_public_key_b64.encode("ascii")
+        + b"\n"
+        + nonce.encode("ascii")
+    )
+
+
 class AgentAuth:
     """Nonces and bearer tokens of agents, in memory. ``clock`` is monotonic seconds."""
 
@@ -128,6 +143,31 @@ class AgentAuth:
         with self._lock:
             self._tokens[token] = (source_id, self._clock() + TOKEN_TTL_S)
         return {"token": token, "expires_in": TOKEN_TTL_S}
+
+    def check_replacement(
+        self, old_source_id: str, old_public_key_b64: str, new_public_key_b64: str, proof: object
+    ) -> Optional[str]:
+        """None when ``proof`` (``{"nonce", "signature"}``) is a signature by the old source's key
+        over :func:`replace_message` with a nonce issued for the old source (single use, even when
+        the signature is bad), else why not (for the log; never sent to the importer)."""
+        if proof is None:
+            return "no proof of its key was sent"
+        nonce = proof.get("nonce") if isinstance(proof, dict) else None
+        signature = proof.get("signature") if isinstance(proof, dict) else None
+        if not isinstance(nonce, str) or not isinstance(signature, str) or len(signature) > 256:
+            return "the proof of its key is malformed"
+        with self._lock:
+            entry = self._nonces.pop(nonce, None)
+        if entry is None or entry[0] != old_source_id or entry[1] < self._clock():
+            return "the proof's nonce is unknown, used, expired or was issued for another source"
+        try:
+            sig = base64.b64decode(signature, validate=True)
+            decode_public_key(old_public_key_b64).verify(
+                sig, replace_message(old_source_id, new_public_key_b64, nonce)
+            )
+        except (binascii.Error, ValueError, InvalidSignature, InvalidInput):
+            return "the proof's signature was not made by its key for this import"
+        return None
 
     def check(self, header: Optional[str], source_id: str) -> None:
         token = bearer(header)

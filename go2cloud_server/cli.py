@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from go2cloud_server import rules
+from go2cloud_server import rules, throttle
 from go2cloud_server.client import Endpoint, OperatorClient, resolve
 from go2cloud_server.errors import InvalidInput, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
@@ -283,6 +283,23 @@ def _setup_logging(level: str) -> None:
     help="Agent packages served under /download/ without authentication: the files listed in this "
     "directory's SHA256SUMS (packaging/build.py writes them to dist/). Default: <data-dir>/packages.",
 )
+@click.option(
+    "--import-window",
+    type=click.FloatRange(1, 86400),
+    default=throttle.IMPORT_WINDOW_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="Sliding window in which failed imports are counted (per client address and per token id).",
+)
+@click.option(
+    "--import-failures",
+    type=click.IntRange(1, 100000),
+    default=throttle.IMPORT_FAILURES_PER_ADDRESS,
+    show_default=True,
+    metavar="N",
+    help="Failed imports allowed per client address in the window (twice as many per token id); "
+    "more are answered 429 with Retry-After.",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -291,6 +308,8 @@ def serve(
     heartbeat_interval: float,
     log_level: str,
     packages_dir: Optional[Path],
+    import_window: float,
+    import_failures: int,
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
     from go2cloud_server import auth, tls
@@ -303,6 +322,7 @@ def serve(
     from go2cloud_server.scheduler import Scheduler
     from go2cloud_server.service import Service
     from go2cloud_server.store import Store
+    from go2cloud_server.throttle import ImportThrottle
 
     _setup_logging(log_level)
     if rsync_port is not None:
@@ -335,6 +355,7 @@ def serve(
     httpd: Optional[ApiServer] = None
     scheduler: Optional[Scheduler] = None
     service: Optional[Service] = None
+    agent_auth = auth.AgentAuth()
     try:
         service = Service(
             store,
@@ -346,6 +367,10 @@ def serve(
             spki_pin=spki_pin,
             heartbeat_interval=heartbeat_interval,
             clock=clock,
+            agent_auth=agent_auth,
+            import_throttle=ImportThrottle(
+                window_s=import_window, per_address=import_failures, per_token=2 * import_failures
+            ),
         )
         restored = service.restore_targets()
         service.start()  # the generation verifier, with what a previous run left unverified
@@ -358,7 +383,7 @@ def serve(
         receiver = BlockReceiver(resolve=service.block_store_for)  # type: ignore[arg-type]  # Protocol of the store
         httpd = ApiServer(
             (host, port),
-            Api(service, auth.AgentAuth(), admin_token, block_receiver=receiver, downloads=downloads,
+            Api(service, agent_auth, admin_token, block_receiver=receiver, downloads=downloads,
                 rsync_sessions=rsyncd),
             tls.server_context(cert, key),
         )
@@ -699,6 +724,23 @@ def source_disassociate(source_id: str, **kw: Any) -> None:
     op.out(
         op.call("POST", f"/sources/{seg(source_id)}/disassociate"),
         lambda d: f"Source {d['id']} is no longer in a workgroup.",
+    )
+
+
+@source.command("replace")
+@click.argument("source_id")
+@click.option("--by", "by", required=True, metavar="NEW", help="The source that replaces SOURCE_ID.")
+@operator_options
+def source_replace(source_id: str, by: str, **kw: Any) -> None:
+    """Mark source SOURCE_ID replaced by source NEW (its task is cancelled, its target released).
+
+    For a host imported again without a proof of its old key (an agent whose home was lost, or a
+    source in no workgroup): check that NEW is the same machine first."""
+    op = _op(kw)
+    op.out(
+        op.call("POST", f"/sources/{seg(source_id)}/replace", {"by": by}),
+        lambda d: f"Source {d['id']} is now replaced by {d['replaced_by']}; its agent is refused "
+        "from now on.",
     )
 
 

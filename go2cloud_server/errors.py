@@ -19,9 +19,13 @@ class ServerError(Exception):
     code: ClassVar[str] = "internal_error"
     summary: ClassVar[str] = "unexpected internal error (see the server log)"
 
-    def __init__(self, message: str, *, code: Optional[str] = None) -> None:
+    def __init__(
+        self, message: str, *, code: Optional[str] = None, retry_after: Optional[int] = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        #: seconds after which a retry may succeed: the ``Retry-After`` header of the answer
+        self.retry_after = retry_after
         if code is not None:
             self.code = code  # type: ignore[misc]
 
@@ -100,6 +104,22 @@ class ServerUnreachable(ServerError):
     summary = "the control plane could not be reached (or its certificate did not match the pin)"
 
 
+class Throttled(ServerUnreachable):
+    """Too many failed attempts (import): 429 with ``Retry-After``; nothing was checked or used."""
+
+    http_status = 429
+    code = "rate_limited"
+    summary = "too many failed attempts: retry after the number of seconds the server said"
+
+
+class Busy(Throttled):
+    """Every key-derivation slot is taken: 503 with ``Retry-After``; nothing was checked or used."""
+
+    http_status = 503
+    code = "server_busy"
+    summary = "the server is busy checking other activation codes: retry after a few seconds"
+
+
 #: error code of an API answer -> error type (used by the operator client).
 BY_CODE: Dict[str, Type[ServerError]] = {
     "invalid_request": InvalidInput,
@@ -115,6 +135,8 @@ BY_CODE: Dict[str, Type[ServerError]] = {
     "code_expired": CodeRejected,
     "code_exhausted": CodeRejected,
     "code_revoked": CodeRejected,
+    "rate_limited": Throttled,
+    "server_busy": Busy,
     "internal_error": ServerError,
 }
 

@@ -72,6 +72,7 @@ class ApiRequest:
         args: Tuple[str, ...],
         body: Any,
         headers: Any,
+        client: str = "",
     ) -> None:
         self.method = method
         self.path = path
@@ -79,6 +80,8 @@ class ApiRequest:
         self.args = args
         self.body = body
         self.headers = headers
+        #: the peer's address (the TCP connection's, not a header): import throttling
+        self.client = client
 
     def q(self, name: str) -> Optional[str]:
         values = self.query.get(name)
@@ -129,7 +132,7 @@ class Api:
         r = self.routes.add
         p = "/api/v1"
         # agent API
-        r("POST", f"{p}/sources/import", lambda q: (201, s.import_source(q.body)), "none")
+        r("POST", f"{p}/sources/import", lambda q: (201, s.import_source(q.body, client=q.client)), "none")
         r("GET", f"{p}/time", lambda q: (200, s.server_time()), "none")
         r("POST", f"{p}/sources/{{s}}/challenge", self._challenge, "none")
         r("POST", f"{p}/sources/{{s}}/token", self._token, "none")
@@ -155,6 +158,7 @@ class Api:
         r("GET", f"{p}/sources/{{s}}", lambda q: (200, s.show_source(q.args[0])), "admin")
         r("POST", f"{p}/sources/{{s}}/associate", lambda q: (200, s.associate(q.args[0], q.body)), "admin")
         r("POST", f"{p}/sources/{{s}}/disassociate", lambda q: (200, s.disassociate(q.args[0])), "admin")
+        r("POST", f"{p}/sources/{{s}}/replace", lambda q: (200, s.replace_source(q.args[0], q.body)), "admin")
         r(
             "POST",
             f"{p}/workgroups/{{wg}}/migration",
@@ -210,7 +214,7 @@ class Api:
             raise InvalidInput("wait: must be a number of seconds 0-60")
         return 200, self.service.poll_commands(q.args[0], wait)
 
-    def handle(self, method: str, target: str, headers: Any, body: Any) -> Tuple[int, Any]:
+    def handle(self, method: str, target: str, headers: Any, body: Any, client: str = "") -> Tuple[int, Any]:
         parts = urlsplit(target)
         handler, kind, args = self.routes.match(method, parts.path.rstrip("/") or "/")
         if kind == "admin":
@@ -218,7 +222,7 @@ class Api:
         elif kind == "agent":
             self.service.agent_source(args[0])
             self.agent_auth.check(headers.get("Authorization"), args[0])
-        req = ApiRequest(method, parts.path, parse_qs(parts.query), args, body, headers)
+        req = ApiRequest(method, parts.path, parse_qs(parts.query), args, body, headers, client)
         return handler(req)
 
 
@@ -391,6 +395,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         started = time.monotonic()
         status = 500
+        retry_after: Optional[int] = None
         try:
             downloads = self.server.api.downloads
             if downloads is not None and downloads.owns(urlsplit(self.path).path):
@@ -413,12 +418,17 @@ class RequestHandler(BaseHTTPRequestHandler):
                 status, payload = self._handle_block(receiver)
                 raise _Answered(status, payload)
             body = self._read_body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else None
-            status, payload = self.server.api.handle(self.command, self.path, self.headers, body)
+            status, payload = self.server.api.handle(
+                self.command, self.path, self.headers, body, client=str(self.client_address[0])
+            )
         except _Answered as done:
             status, payload = done.status, done.payload
         except ServerError as exc:
             status = exc.http_status
             payload = {"error": {"code": exc.code, "message": exc.message}}
+            if exc.retry_after is not None:
+                retry_after = exc.retry_after
+                payload["error"]["retry_after"] = retry_after
         except Exception:  # noqa: BLE001 - answer 500 and log the traceback
             log.exception("internal error on %s %s", self.command, urlsplit(self.path).path)
             status = 500
@@ -428,6 +438,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
+            if retry_after is not None:
+                self.send_header("Retry-After", str(retry_after))
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import string
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
 
 from go2cloud_server import rules
-from go2cloud_server.auth import decode_public_key
+from go2cloud_server.auth import AgentAuth, decode_public_key
 from go2cloud_server.errors import (
     AuthFailed,
     CodeRejected,
@@ -40,6 +41,7 @@ from go2cloud_server.errors import (
 )
 from go2cloud_server.rsyncd import SessionSpec
 from go2cloud_server.store import Store, dumps, loads
+from go2cloud_server.throttle import ImportThrottle, KeyDerivation
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED, GenerationVerifier
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ _ALNUM_LOWER = string.ascii_lowercase + string.digits
 _ALNUM = string.ascii_letters + string.digits
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 _OPEN_SQL = ",".join(f"'{s}'" for s in OPEN_TASK_STATUSES)
+#: a source id as the server makes them (anything else an importer names is shown escaped)
+_SOURCE_ID_RE = re.compile(r"s-[a-z0-9]{1,64}")
 
 
 class RsyncTarget(Protocol):
@@ -205,6 +209,8 @@ class Service:
         spki_pin: str = "",
         heartbeat_interval: float = 10,
         clock: Callable[[], float] = time.time,
+        agent_auth: Optional[AgentAuth] = None,
+        import_throttle: Optional[ImportThrottle] = None,
     ) -> None:
         self.store = store
         self.data_dir = Path(data_dir)
@@ -224,6 +230,12 @@ class Service:
         self._closed = False
         #: verifies block generations (sha256, fsck) after their cycle was acknowledged
         self.verifier = GenerationVerifier(self._verify_generation)
+        #: nonces of the agents' challenges (a re-import proves the old source's key with one)
+        self.agent_auth = agent_auth or AgentAuth()
+        #: failed imports per token id and client address (429 over the limits)
+        self.import_throttle = import_throttle or ImportThrottle()
+        #: scrypt of activation codes on a bounded pool (503 when full)
+        self.key_derivation = KeyDerivation(hash_code)
 
     # helpers ----------------------------------------------------------------------------------
     def now(self) -> float:
@@ -339,6 +351,7 @@ class Service:
             self._closed = True
             self.commands_cv.notify_all()
         self.verifier.stop()
+        self.key_derivation.close()
 
     def _notify(self) -> None:
         with self.commands_cv:
@@ -497,11 +510,17 @@ class Service:
         return self._code_view(row)
 
     # sources: import --------------------------------------------------------------------------
-    def import_source(self, body: Any) -> Dict[str, Any]:
+    def import_source(self, body: Any, *, client: str = "") -> Dict[str, Any]:
+        """``POST /api/v1/sources/import``. ``client`` is the request's address (throttling)."""
         body = rules.require_object(body)
         token_id = body.get("token_id")
         token_code = body.get("token_code")
-        if not isinstance(token_id, str) or not isinstance(token_code, str) or len(token_code) > 256:
+        if (
+            not isinstance(token_id, str)
+            or not isinstance(token_code, str)
+            or len(token_id) > 128
+            or len(token_code) > 256
+        ):
             raise InvalidInput("token_id and token_code: are required strings")
         public_key = rules.require_str(body, "public_key", 128)
         decode_public_key(public_key)
@@ -513,14 +532,30 @@ class Service:
         hostname = str(inventory.get("hostname") or "")[:255]
         machine_id = str(inventory.get("machine_id") or "")[:255]
 
-        # Verify the code outside of the write transaction (scrypt is deliberately slow) ...
+        # Verify the code outside of the write transaction (scrypt is deliberately slow): refused
+        # with 429 after too many failures, on the bounded derivation pool (503 when full); an
+        # unknown token id costs the same derivation as a known one ...
+        self.import_throttle.check(token_id, client)
         row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
-        if row is None or not hmac.compare_digest(hash_code(token_code, row["salt"]), row["code_hash"]):
+        if not self.key_derivation.check(
+            token_code, row["salt"] if row else None, row["code_hash"] if row else None
+        ):
+            self.import_throttle.failed(token_id, client)
             raise CodeRejected(
                 "unknown activation code (check the token id and token code)", code="code_unknown"
             )
+        # ... and the proof of the previous source's key (its public key never changes) ...
+        proof_refusal: Optional[str] = None
+        if previous:
+            old_key = self.store.one("SELECT public_key FROM sources WHERE id = ?", (previous,))
+            if old_key is not None:
+                proof_refusal = self.agent_auth.check_replacement(
+                    previous, old_key["public_key"], public_key, body.get("previous_source_proof")
+                )
         source_id = rand_id("s-", 16)
         replaced: Optional[Dict[str, Any]] = None
+        replaced_id: Optional[str] = None
+        refusal: Optional[str] = None
         # ... then consume one use atomically.
         with self.store.transaction() as conn:
             code = Store.q_one(conn, "SELECT * FROM codes WHERE token_id = ?", (token_id,))
@@ -557,15 +592,13 @@ class Service:
                 )
             conn.execute("UPDATE codes SET uses_left = uses_left - 1 WHERE token_id = ?", (token_id,))
             now = self.now()
+            old: Optional[Dict[str, Any]] = None
             if previous:
                 old = Store.q_one(conn, "SELECT * FROM sources WHERE id = ?", (previous,))
-                if old and old["state"] == "active" and machine_id and old["machine_id"] == machine_id:
+                refusal = self._replacement_refusal(old, wg, machine_id, proof_refusal)
+                if old is not None and refusal is None:
                     replaced = self._replace_source(conn, old, source_id)
-                elif old:
-                    log.warning(
-                        "import: previous_source_id %s not replaced (machine id differs or not active)",
-                        previous,
-                    )
+                    replaced_id = old["id"]
             conn.execute(
                 "INSERT INTO sources (id, workgroup_id, public_key, hostname, machine_id, agent_version, "
                 "inventory, token_id, imported_at, imported_epoch, state) "
@@ -583,8 +616,24 @@ class Service:
                     now,
                 ),
             )
+            if replaced_id:
+                self._event(
+                    conn,
+                    source_id,
+                    "info",
+                    "source_replaced",
+                    f"replaced source {replaced_id} (the agent proved its key)",
+                )
+            elif previous and refusal:
+                shown = previous if _SOURCE_ID_RE.fullmatch(previous) else ascii(previous[:64])
+                message = f"previous source {shown} not replaced: {refusal}"
+                log.warning("import of %s: %s", source_id, message)
+                self._event(conn, source_id, "warning", "replace_refused", message)
+        if replaced_id:
+            self.agent_auth.revoke_source(replaced_id)
         if replaced:
             self._release_target(replaced)
+        if replaced_id:
             self._notify()
         log.info(
             "source %s (%s) imported into workgroup %s with code %s", source_id, hostname, wg["id"], token_id
@@ -595,7 +644,77 @@ class Service:
             "heartbeat_interval": self.heartbeat_interval,
             "server_time": iso(now),
             "server_time_epoch": now,
+            "replaced_source_id": replaced_id,
         }
+
+    @staticmethod
+    def _replacement_refusal(
+        old: Optional[Mapping[str, Any]],
+        wg: Mapping[str, Any],
+        machine_id: str,
+        proof_refusal: Optional[str],
+    ) -> Optional[str]:
+        """Why an import may not replace ``old`` (None: it may). The importer must prove the old
+        source's key, hold a code of the old source's own workgroup and run on the same machine;
+        a source in no workgroup is replaced only by an operator."""
+        if old is None:
+            return "no such source"
+        if old["state"] != "active":
+            return f"it is already {old['state']}"
+        if not old["workgroup_id"]:
+            return (
+                "it is in no workgroup, so only an operator can replace it "
+                f"(go2cloud_server source replace {old['id']} --by NEW)"
+            )
+        if old["workgroup_id"] != wg["id"]:
+            return "it is in another workgroup than the activation code's"
+        if proof_refusal:
+            return proof_refusal
+        if not machine_id or old["machine_id"] != machine_id:
+            return "the machine id differs"
+        return None
+
+    def _event(self, conn: sqlite3.Connection, source_id: str, level: str, code: str, message: str) -> None:
+        """An event of the control plane itself in the source's list (``source show``)."""
+        conn.execute(
+            "INSERT INTO events (source_id, time, level, code, message) VALUES (?, ?, ?, ?, ?)",
+            (source_id, self.now_iso(), level, code, message[:2000]),
+        )
+
+    def replace_source(self, ref: str, body: Any) -> Dict[str, Any]:
+        """Operator: mark source ``ref`` replaced by the source ``body["by"]`` (its task cancelled,
+        its target released), as a re-import with a proof of the old key would. Both must be
+        active; a source in a workgroup is replaced only by one of the same workgroup."""
+        body = rules.require_object(body)
+        by = body.get("by")
+        if not isinstance(by, str) or not by:
+            raise InvalidInput("by: the id of the source that replaces it is required")
+        with self.store.transaction() as conn:
+            old = self._source(conn, ref)
+            new = self._source(conn, by)
+            if old["id"] == new["id"]:
+                raise InvalidInput(f"by: a source cannot replace itself ({old['id']}); name the new source")
+            if old["state"] != "active":
+                raise Conflict(
+                    f"source {old['id']} was already replaced by {old['replaced_by']}: nothing to do"
+                )
+            if new["state"] != "active":
+                raise Conflict(
+                    f"source {new['id']} was itself replaced by {new['replaced_by']}: "
+                    "name that source with --by"
+                )
+            if old["workgroup_id"] and new["workgroup_id"] != old["workgroup_id"]:
+                raise Conflict(
+                    f"source {new['id']} is not in the workgroup of {old['id']}: associate it first "
+                    f"(go2cloud_server source associate {new['id']} --workgroup {old['workgroup_id']})"
+                )
+            task = self._replace_source(conn, old, new["id"])
+            self._event(conn, new["id"], "info", "source_replaced", f"replaced source {old['id']} (operator)")
+        self.agent_auth.revoke_source(old["id"])
+        if task:
+            self._release_target(task)
+        self._notify()
+        return self._source_view(self._source(None, old["id"]))
 
     def _replace_source(
         self, conn: sqlite3.Connection, old: Mapping[str, Any], new_id: str

@@ -70,13 +70,16 @@ class FakeAgent:
         raw = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return base64.b64encode(raw).decode()
 
-    def import_(self, code: Dict[str, Any], previous: Optional[str] = None) -> requests.Response:
+    def import_(
+        self, code: Dict[str, Any], previous: Optional[str] = None, proof: Optional[Dict[str, str]] = None
+    ) -> requests.Response:
         body = {
             "token_id": code["token_id"],
             "token_code": code["token_code"],
             "public_key": self.public_key(),
             "agent_version": "0.1.0",
             "previous_source_id": previous,
+            "previous_source_proof": proof,
             "inventory": {
                 "hostname": self.hostname,
                 "machine_id": self.machine_id,
@@ -444,7 +447,15 @@ def test_cancel_and_reimport_replacement(server: Server, api: Api):
     assert not (server.data_dir / "tasks" / tid / "tree" / "000001").exists()
 
     again = FakeAgent(api, machine_id=agent.machine_id)
-    assert again.import_(code, previous=agent.source_id).status_code == 201
+    # the re-import proves the old source's key (docs/protocol.md, Import)
+    nonce = api.call("POST", f"/sources/{agent.source_id}/challenge").json()["nonce"]
+    signed = agent.key.sign(
+        b"go2cloud-replace-v1\n" + agent.source_id.encode() + b"\n" + again.public_key().encode() + b"\n"
+        + nonce.encode()
+    )
+    proof = {"nonce": nonce, "signature": base64.b64encode(signed).decode()}
+    reimport = again.import_(code, previous=agent.source_id, proof=proof)
+    assert reimport.status_code == 201 and reimport.json()["replaced_source_id"] == agent.source_id
     gone = agent.get("/commands")
     assert (gone.status_code, _err(gone)) == (410, "source_replaced")
     assert server.source(agent.source_id)["status"] == "replaced"

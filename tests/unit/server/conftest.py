@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from go2cloud_server import auth
 from go2cloud_server.service import Service
 from go2cloud_server.store import Store
 
@@ -175,3 +176,12 @@ def import_body(code: dict, **kw) -> dict:
     }
     body.update(kw)
     return body
+
+
+def replace_proof(service: Service, old_key: Ed25519PrivateKey, old_source_id: str, new_public_key: str,
+                  ) -> dict:
+    """What a re-importing agent sends as ``previous_source_proof``: a challenge of the old source
+    signed with its key over the replacement message (docs/protocol.md, Import)."""
+    nonce = service.agent_auth.challenge(old_source_id)["nonce"]
+    sig = old_key.sign(auth.replace_message(old_source_id, new_public_key, nonce))
+    return {"nonce": nonce, "signature": base64.b64encode(sig).decode()}

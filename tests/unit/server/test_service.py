@@ -18,7 +18,7 @@ from go2cloud_server.errors import (
 from go2cloud_server.scheduler import Scheduler
 from go2cloud_server.service import Service, default_paths, install_commands, workgroup_status
 from go2cloud_server.store import SCHEMA_VERSION, Store
-from tests.unit.server.conftest import FakeTree, import_body, inventory
+from tests.unit.server.conftest import FakeTree, import_body, inventory, new_key, replace_proof
 
 
 def _wg(service: Service, name: str = "web-tier") -> dict:
@@ -450,24 +450,38 @@ def test_cancel_releases_target_and_drops_queued_commands(service, rsyncd, trees
 
 def test_reimport_with_previous_source_id_replaces(service, rsyncd):
     _wg(service)
-    old = _imported(service)
+    old_key, old_pub = new_key()
+    old = _imported(service, public_key=old_pub)
     service.start_migration({"drill": False}, source=old)
     tid = _cmds(service, old)[0]["params"]["task_id"]
-    code = service.create_code("web-tier", {"uses": 2})
+    code = service.create_code("web-tier", {"uses": 3})
+    _, other_pub = new_key()
     other_machine = service.import_source(
-        import_body(code, previous_source_id=old, inventory=inventory(machine_id="different"))
+        import_body(code, previous_source_id=old, public_key=other_pub,
+                    inventory=inventory(machine_id="different"),
+                    previous_source_proof=replace_proof(service, old_key, old, other_pub))
     )
     assert service.agent_source(old)["state"] == "active"  # a different machine cannot replace it
-    new = service.import_source(import_body(code, previous_source_id=old))["source_id"]
+    _, unproven_pub = new_key()
+    unproven = service.import_source(import_body(code, previous_source_id=old, public_key=unproven_pub))
+    assert unproven["replaced_source_id"] is None
+    assert service.agent_source(old)["state"] == "active"  # nor can an import without the old key's proof
+    _, new_pub = new_key()
+    proof = replace_proof(service, old_key, old, new_pub)
+    doc = service.import_source(import_body(code, previous_source_id=old, public_key=new_pub,
+                                            previous_source_proof=proof))
+    new = doc["source_id"]
+    assert doc["replaced_source_id"] == old
     with pytest.raises(SourceReplaced):
         service.agent_source(old)
     assert service.show_source(old)["status"] == "replaced"
     assert service.show_source(old)["replaced_by"] == new
     assert service.source_migration(old)["tasks"][0]["status"] == "cancelled"
     assert rsyncd.closed == [tid]
-    assert {s["id"] for s in service.list_sources("web-tier")["sources"]} == {new, other_machine["source_id"]}
+    imported = {new, other_machine["source_id"], unproven["source_id"]}
+    assert {s["id"] for s in service.list_sources("web-tier")["sources"]} == imported
     out = service.start_migration({"drill": False}, workgroup="web-tier")
-    assert {e["source_id"] for e in out["started"]} == {new, other_machine["source_id"]}
+    assert {e["source_id"] for e in out["started"]} == imported
 
 
 def test_long_poll_wakes_when_a_command_is_queued(service):

@@ -54,7 +54,19 @@ import subprocess
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Callable,
+    Dict,
+    Generator,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+    cast,
+)
 
 import blake3
 import xxhash
@@ -344,29 +356,71 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256_sparse(fd: int, name: Path) -> Tuple[int, str]:
-    """(size, sha256 hex) of an open file, holes hashed as zeros without reading them."""
+#: logical bytes hashed per step of a generation's verification (``verify_generation_steps``):
+#: the shared background verifier takes turns between tasks after each step (a step is ~50 ms
+#: of sha256, or a read of this much data)
+VERIFY_STEP = 64 << 20
+
+
+def _sha256_sparse_steps(fd: int, name: Path,
+                         step: int = VERIFY_STEP) -> Generator[None, None, Tuple[int, str]]:
+    """(size, sha256 hex) of an open file, holes hashed as zeros without reading them from disk
+    (one reusable zero buffer is fed to the hash), in steps: yields after every ``step`` logical
+    bytes, returns the result."""
     sha = hashlib.sha256()
     size = os.fstat(fd).st_size
-    zeros = bytes(_COPY_BLOCK)
+    zeros = memoryview(bytes(_COPY_BLOCK))
     pos = 0
-    for off, length in data_extents(fd, size):
-        while pos < off:  # the hole before this extent
-            n = min(_COPY_BLOCK, off - pos)
+    budget = step
+
+    def hole(upto: int) -> Iterator[None]:
+        nonlocal pos, budget
+        while pos < upto:
+            n = min(_COPY_BLOCK, upto - pos)
             sha.update(zeros[:n])
             pos += n
+            budget -= n
+            if budget <= 0:
+                budget = step
+                yield
+
+    for off, length in data_extents(fd, size):
+        yield from hole(off)  # the hole before this extent
         end = off + length
         while pos < end:
-            buf = os.pread(fd, min(_COPY_BLOCK, end - pos), pos)
+            buf = _pread(fd, min(_COPY_BLOCK, end - pos), pos)
             if not buf:
                 raise OSError(errno.EIO, f"short read of {name}")
             sha.update(buf)
             pos += len(buf)
-    while pos < size:
-        n = min(_COPY_BLOCK, size - pos)
-        sha.update(zeros[:n])
-        pos += n
+            budget -= len(buf)
+            if budget <= 0:
+                budget = step
+                yield
+    yield from hole(size)
     return size, sha.hexdigest()
+
+
+def _sha256_sparse(fd: int, name: Path) -> Tuple[int, str]:
+    """(size, sha256 hex) of an open file, holes hashed as zeros without reading them."""
+    return _drain(_sha256_sparse_steps(fd, name))
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    """The one read of a generation's verification (tests count the bytes it reads)."""
+    return os.pread(fd, length, offset)
+
+
+_T = TypeVar("_T")
+
+
+def _drain(steps: Generator[None, None, _T]) -> _T:
+    """Run a generator of steps to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(_T, done.value)
 
 
 def _run_check(args: List[str], full: Optional[List[str]] = None) -> Tuple[Optional[int], str]:
@@ -762,9 +816,16 @@ class BlockTaskStore:
         return out
 
     def verify_generation(self, disk: str, cycle: int) -> Optional[dict]:
+        """:meth:`verify_generation_steps` run to its end, in one go."""
+        return _drain(self.verify_generation_steps(disk, cycle))
+
+    def verify_generation_steps(self, disk: str, cycle: int) -> Generator[None, None, Optional[dict]]:
         """Verify generation ``cycle`` of ``disk``: sha256 of the image, filesystem found, read-only
         check; write the final report (``verified``, or ``failed`` with ``error`` when the image
-        cannot be read) and return it.
+        cannot be read) and return it. A generator: it yields after every ``VERIFY_STEP`` bytes
+        hashed and before the filesystem check, so the caller can take turns between the
+        generations of several tasks; the report is its return value. Holes are hashed without
+        being read (their cost is the sha256 of their zeros, no disk reads).
 
         Idempotent: a final report is returned as it is. Returns None when the generation is gone
         (discarded by retention or cancel, before or during the verification): nothing is written
@@ -787,13 +848,14 @@ class BlockTaskStore:
         inode: Optional[int] = None
         try:
             inode = os.fstat(fd).st_ino
-            size, digest = _sha256_sparse(fd, img)
+            size, digest = yield from _sha256_sparse_steps(fd, img)
             final.update(bytes=size, sha256=digest)
         except OSError as exc:
             final.update(state=REPORT_FAILED, error=f"cannot read {img}: {exc}")
         finally:
             os.close(fd)
         if final["state"] == REPORT_PENDING:
+            yield  # the filesystem check is a step of its own
             fs = detect_fs(img)
             final.update(state=REPORT_VERIFIED, fs=fs, check=fs_check(img, fs))
         final["verified_at"] = _utc_now()

@@ -24,7 +24,7 @@ import string
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Generator, Iterable, List, Mapping, Optional, Protocol, Tuple
 
 from go2cloud_server import rules
 from go2cloud_server.auth import decode_public_key
@@ -83,7 +83,9 @@ class BlockStore(Protocol):
 
     def commit_cycle(self, cycle: int) -> List[Dict[str, Any]]: ...
 
-    def verify_generation(self, disk: str, cycle: int) -> Optional[Dict[str, Any]]: ...
+    def verify_generation_steps(
+        self, disk: str, cycle: int
+    ) -> Generator[None, None, Optional[Dict[str, Any]]]: ...
 
     def retain(self, keep: int) -> List[int]: ...
 
@@ -1035,15 +1037,16 @@ class Service:
             "report": dumps(report),
         }
 
-    def _verify_generation(self, task_id: str, cycle: int, disk: str) -> None:
-        """The verifier's job: verify one generation and fill in its artifact row. A generation
-        discarded meanwhile (retention, a removed task) is skipped; a row deleted meanwhile is
-        not recreated. An unexpected error marks the row ``failed`` (the on-disk report stays
-        pending, so the operator can see the error now and a restart tries again)."""
+    def _verify_generation(self, task_id: str, cycle: int, disk: str) -> Generator[None, None, None]:
+        """The verifier's job: verify one generation and fill in its artifact row. A generator of
+        steps (``verify_generation_steps``): the verifier takes turns between tasks after each.
+        A generation discarded meanwhile (retention, a removed task) is skipped; a row deleted
+        meanwhile is not recreated. An unexpected error marks the row ``failed`` (the on-disk
+        report stays pending, so the operator can see the error now and a restart tries again)."""
         with self._block_lock:  # not cached again for a task that ended meanwhile
             bs = self._block_stores.get(task_id) or self.block_store_factory(self.block_root(task_id))
         try:
-            rec = bs.verify_generation(disk, cycle)
+            rec = yield from bs.verify_generation_steps(disk, cycle)
         except Exception as exc:  # noqa: BLE001 - shown to the operator in the artifact's report
             log.warning("cannot verify generation %s of disk %s of task %s: %s", cycle, disk, task_id, exc)
             log.debug("verification failure", exc_info=True)

@@ -34,6 +34,13 @@ class FakeBlockStore:
             for d in self.log.disks
         ]
 
+    def declare(self, disks: dict) -> None:
+        self.declared = dict(disks)
+
+    def verify_generation_steps(self, disk: str, cycle: int) -> Iterator[None]:
+        return self.verify_generation(disk, cycle)
+        yield  # a generator of no steps
+
     def verify_generation(self, disk: str, cycle: int) -> Optional[dict]:
         self.log.verifying.set()
         assert self.log.gate.wait(30), "the test never opened the gate"

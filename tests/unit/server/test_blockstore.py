@@ -376,10 +376,10 @@ def test_unreadable_generation_is_reported_failed(store, checks, monkeypatch):
     _committed(store)
     store.commit_cycle(1)
 
-    def unreadable(fd, name):
+    def unreadable(fd, length, offset):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(blockstore, "_sha256_sparse", unreadable)
+    monkeypatch.setattr(blockstore, "_pread", unreadable)
     done = store.verify_generation("d0", 1)
     assert done is not None and done["state"] == "failed" and "Input/output error" in done["error"]
     assert done["sha256"] is None and checks == []

@@ -4,6 +4,11 @@ Served by the control plane's HTTPS server (``httpapi``) under ``/block/v1/``; t
 the same certificate. Every request carries the task's own bearer token, which ``resolve``
 checks (the control plane's task table) and turns into the task's :class:`BlockTaskStore`.
 
+Everything that can be refused is refused from the request line and headers, before a byte of
+the body is read: :meth:`BlockReceiver.authenticate` (route, token; the server then closes the
+connection without reading the body) and :meth:`BlockReceiver.admit` (the disk is one the task
+declared, the disk size within its limit, a commit's body exactly the hashes of its chunks).
+
 Routes (``{task}`` and ``{disk}`` are ``[A-Za-z0-9._-]{1,64}``, ``{index}`` a decimal chunk index):
 
 * ``PUT  /block/v1/tasks/{task}/disks/{disk}/chunks/{index}`` one chunk (raw, zstd or hole)
@@ -18,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import struct
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 from go2cloud_server.blockstore import (
     HASH_LEN,
@@ -27,10 +32,11 @@ from go2cloud_server.blockstore import (
     BatchItem,
     BlockTaskStore,
     Buffer,
+    check_geometry,
     chunk_len,
     decompress_chunk,
 )
-from go2cloud_server.errors import AuthFailed, InvalidInput, NotFound, ServerError
+from go2cloud_server.errors import AuthFailed, InvalidInput, NotFound, ServerError, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,17 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 Resolver = Callable[[str, str], Optional[BlockTaskStore]]
 
 
+class BlockRequest(NamedTuple):
+    """A request :meth:`BlockReceiver.authorize` accepted from its headers and path alone: the
+    route, the task's store, the disk (one of the task's), and the largest body it may have."""
+
+    route: str
+    store: BlockTaskStore
+    disk: str
+    args: Tuple[str, ...]
+    max_body: int
+
+
 def _int_header(headers: Any, name: str, *, default: Optional[int] = None) -> int:
     raw = headers.get(name)
     if raw is None:
@@ -97,7 +114,7 @@ class BlockReceiver:
 
     @staticmethod
     def max_body(method: str, path: str) -> int:
-        """Largest request body accepted on this route (read before :meth:`handle`)."""
+        """Largest request body of a route, whatever the headers say (the caps of the protocol)."""
         if method == "PUT":
             return MAX_CHUNK_BODY
         if path.rstrip("/").endswith("/chunks"):
@@ -129,25 +146,63 @@ class BlockReceiver:
             raise AuthFailed("block target: unknown task or wrong task token")
         return store
 
-    def handle(self, method: str, path: str, headers: Any, body: Buffer) -> Tuple[int, dict]:
+    def authenticate(self, method: str, path: str, headers: Any) -> BlockRequest:
+        """The route and the task's token, from the request line and headers alone. Raises
+        NotFound/InvalidInput (no such route) or AuthFailed: the request is not the task's, its
+        body must not be read (the caller closes the connection instead)."""
+        route, args = self._match(method, path.split("?", 1)[0].rstrip("/"))
+        store = self._store(args[0], headers)
+        return BlockRequest(route, store, args[1], args, self.max_body(method, path))
+
+    def admit(self, req: BlockRequest, headers: Any) -> BlockRequest:
+        """What the task's own request may do, from its headers: the disk must be one the task
+        declared and, for writes and commits, the disk size within the disk's limit; a commit's
+        body is capped at the hashes of the chunks its headers declare. Raises the ServerError to
+        answer (the token was right: the caller may read and drop the body to keep the connection)."""
+        store, disk = req.store, req.disk
+        store.admit_disk(disk)
+        if req.route not in ("chunk", "batch", "commit"):
+            return req
+        disk_size = _int_header(headers, "X-Disk-Size")
+        store.check_size(disk, disk_size)
+        count = check_geometry(_int_header(headers, "X-Chunk-Size"), disk_size)
+        if req.route == "commit":  # exactly the hashes of the chunks the headers declare
+            return req._replace(max_body=count * HASH_LEN)
+        return req
+
+    def authorize(self, method: str, path: str, headers: Any) -> BlockRequest:
+        """:meth:`authenticate` then :meth:`admit`: everything decided before the body is read."""
+        return self.admit(self.authenticate(method, path, headers), headers)
+
+    def serve(self, req: BlockRequest, headers: Any, body: Buffer) -> Tuple[int, dict]:
+        """Answer an authorized request with its body (at most ``req.max_body`` bytes)."""
+        method = req.route
         try:
-            name, args = self._match(method, path.split("?", 1)[0].rstrip("/"))
-            store = self._store(args[0], headers)
-            disk = args[1]
-            if name == "chunk":
-                return 200, self._chunk(store, disk, int(args[2]), headers, body or b"")
-            if name == "batch":
+            if len(body) > req.max_body:
+                raise TooLarge(f"request body of {len(body)} bytes is over the limit of {req.max_body} bytes")
+            store, disk = req.store, req.disk
+            if req.route == "chunk":
+                return 200, self._chunk(store, disk, int(req.args[2]), headers, body or b"")
+            if req.route == "batch":
                 return 200, self._batch(store, disk, headers, body or b"")
             # verify and commit bodies are small: plain bytes; a chunk stays in its buffer
-            if name == "verify":
+            if req.route == "verify":
                 return 200, self._verify(store, disk, headers, bytes(body))
-            if name == "commit":
+            if req.route == "commit":
                 return 200, self._commit(store, disk, headers, bytes(body))
             return 200, store.state(disk)
         except ServerError as exc:
             if exc.http_status >= 500 and exc.http_status != 507:
-                log.error("block %s %s: %s", method, path, exc)
+                log.error("block %s of disk %s: %s", method, req.disk, exc)
             return _error(exc)
+
+    def handle(self, method: str, path: str, headers: Any, body: Buffer) -> Tuple[int, dict]:
+        """:meth:`authorize` then :meth:`serve`, for a body already read (tests, tools)."""
+        try:
+            req = self.authorize(method, path, headers)
+        except ServerError as exc:
+            return _error(exc)
+        return self.serve(req, headers, body)
 
     def _chunk(self, store: BlockTaskStore, disk: str, index: int, headers: Any, body: Buffer) -> dict:
         chunk_size = _int_header(headers, "X-Chunk-Size")
@@ -242,6 +297,9 @@ class BlockReceiver:
             raise InvalidInput(f"body: verify records are {VERIFY_RECORD.size} bytes each")
         items: List[Tuple[int, bytes]] = [VERIFY_RECORD.unpack_from(body, off)
                                           for off in range(0, len(body), VERIFY_RECORD.size)]
+        # each chunk is read at most once per request: the reads are bounded by the image
+        if len({index for index, _ in items}) != len(items):
+            raise InvalidInput("body: a chunk index is given twice in one verify request (each chunk once)")
         differ = store.verify_indices(disk, items, chunk_size)
         return {"disk": disk, "checked": len(items), "differ": differ}
 

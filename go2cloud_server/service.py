@@ -81,6 +81,8 @@ class BlockStore(Protocol):
     """What the service needs from ``go2cloud_server.blockstore.BlockTaskStore`` (one per block task,
     rooted at ``<data-dir>/tasks/<task_id>/block``)."""
 
+    def declare(self, disks: Mapping[str, Optional[int]]) -> None: ...
+
     def commit_cycle(self, cycle: int) -> List[Dict[str, Any]]: ...
 
     def verify_generation_steps(
@@ -246,11 +248,27 @@ class Service:
         return self.data_dir / "tasks" / task_id / "block"
 
     def block_store(self, task_id: str) -> BlockStore:
-        """The block store of a task (one object per task, shared by the receiver and commits)."""
+        """The block store of a task (one object per task, shared by the receiver and commits),
+        told once, when it is made, which disks the task has and how large each may be (see
+        ``blockstore.declared_disk_limits``): the receiver's hot path asks the database nothing more."""
+        with self._block_lock:
+            bs = self._block_stores.get(task_id)
+        if bs is not None:
+            return bs
+        from go2cloud_server.blockstore import declared_disk_limits
+
+        row = self.store.one(
+            "SELECT t.disks, s.inventory FROM tasks t LEFT JOIN sources s ON s.id = t.source_id "
+            "WHERE t.id = ?",
+            (task_id,),
+        )
+        limits = declared_disk_limits(loads(row["disks"], []) if row else [],
+                                      loads(row["inventory"], {}) if row else {})
         with self._block_lock:
             bs = self._block_stores.get(task_id)
             if bs is None:
                 bs = self.block_store_factory(self.block_root(task_id))
+                bs.declare(limits)
                 self._block_stores[task_id] = bs
             return bs
 

@@ -232,6 +232,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     timeout = SOCKET_TIMEOUT_S
     server: ApiServer
     _rx: Optional[bytearray] = None  # the receive buffer of the block request being handled
+    _drop_after = 0  # body bytes to read and drop after the answer (a refused block request)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -247,6 +248,19 @@ class RequestHandler(BaseHTTPRequestHandler):
                 left -= len(chunk)
         except OSError:
             pass
+
+    def _drop(self, length: int) -> int:
+        """Read and drop ``length`` body bytes (after the answer); how many were read."""
+        done = 0
+        try:
+            while done < length:
+                chunk = self.rfile.read(min(length - done, 65536))
+                if not chunk:
+                    break
+                done += len(chunk)
+        except OSError:
+            pass
+        return done
 
     def _read_body(self) -> Any:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -316,9 +330,31 @@ class RequestHandler(BaseHTTPRequestHandler):
             pass
         path = urlsplit(self.path).path
         buffers = self.server.body_buffers
+        announced = (self.headers.get("Content-Length") or "0").strip()
         try:
-            body = self._read_raw(receiver.max_body(self.command, path), buffers)
-            return receiver.handle(self.command, path, self.headers, body)
+            # route and token first, from the headers: the body of a request that is not the
+            # task's is never read (nor drained: the connection is closed after the answer)
+            req = receiver.authenticate(self.command, path, self.headers)
+        except ServerError:
+            if self.headers.get("Transfer-Encoding") or announced != "0":
+                self.close_connection = True
+            raise
+        try:
+            # then disk and sizes, still from the headers: the task's own refused request is
+            # answered at once and its body dropped afterwards (at most the route's cap), so the
+            # agent reads the answer instead of a reset connection
+            req = receiver.admit(req, self.headers)
+        except ServerError:
+            if self.headers.get("Transfer-Encoding") or not announced.isdigit():
+                self.close_connection = True
+            elif int(announced) > receiver.max_body(self.command, path):
+                self.close_connection = True
+            else:
+                self._drop_after = int(announced)
+            raise
+        try:
+            body = self._read_raw(req.max_body, buffers)
+            return receiver.serve(req, self.headers, body)
         finally:
             if self._rx is not None:  # nothing refers to the body once the request is handled
                 buffers.give(self._rx)
@@ -389,6 +425,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         except OSError as exc:
             log.debug("could not send the answer: %s", exc)
             self.close_connection = True
+        if self._drop_after and not self.close_connection:
+            left, self._drop_after = self._drop_after, 0
+            if self._drop(left) != left:
+                self.close_connection = True
         self._log_request(status, started)
 
     def _log_request(self, status: int, started: float) -> None:

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024
 MAX_DRAIN = 16 * 1024 * 1024
+#: after refusing a block request that is not the task's (before its body): read and drop at most
+#: this much of the body, for at most LINGER_S, then close. Not a drain: it only spares a client
+#: that sends a small body (a single chunk) a reset that would destroy the answer it is due
+LINGER_BYTES = 1024 * 1024
+LINGER_S = 2.0
 SOCKET_TIMEOUT_S = 90
 
 Handler = Callable[["ApiRequest"], Tuple[int, Any]]
@@ -233,6 +238,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     server: ApiServer
     _rx: Optional[bytearray] = None  # the receive buffer of the block request being handled
     _drop_after = 0  # body bytes to read and drop after the answer (a refused block request)
+    _linger = False  # after the answer, a short bounded read before closing (see LINGER_BYTES)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -338,6 +344,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         except ServerError:
             if self.headers.get("Transfer-Encoding") or announced != "0":
                 self.close_connection = True
+                self._linger = True
             raise
         try:
             # then disk and sizes, still from the headers: the task's own refused request is
@@ -429,7 +436,29 @@ class RequestHandler(BaseHTTPRequestHandler):
             left, self._drop_after = self._drop_after, 0
             if self._drop(left) != left:
                 self.close_connection = True
+        if self._linger:
+            self._linger = False
+            self._linger_read()
         self._log_request(status, started)
+
+    def _linger_read(self) -> None:
+        """Before closing a connection whose request body was not read: take in what the client
+        already sent, at most LINGER_BYTES within LINGER_S (closing a socket with unread data
+        resets the connection, and the reset destroys the answer before the client reads it)."""
+        deadline = time.monotonic() + LINGER_S
+        left = LINGER_BYTES
+        try:
+            while left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                self.connection.settimeout(wait)
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def _log_request(self, status: int, started: float) -> None:
         log.info(

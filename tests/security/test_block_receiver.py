@@ -224,6 +224,26 @@ def test_a_refused_request_is_answered_before_its_body_is_read(server: Server, v
         answer = raw_request(server, head(token, "vdb", 64 * MiB), until_closed=True)
         first, _, rest = answer.partition(b"\r\n")
         assert first.split()[1] == b"401" and b"Connection: close" in rest, answer
+    # and when the client does send the 16 MiB, the server reads at most a little of it
+    assert server.proc is not None
+    before = rchar(server.proc.pid)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    host, port = server.url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=20) as sock, ctx.wrap_socket(sock) as tls:
+        tls.sendall(head(src.token + "x", "vdb", 64 * MiB).encode())
+        try:
+            tls.sendall(bytes(big))
+        except OSError:
+            pass  # the server closed the connection
+        try:
+            while tls.recv(65536):
+                pass
+        except OSError:
+            pass
+    read = rchar(server.proc.pid) - before
+    assert read < 4 * MiB, f"the server read {read} bytes of a refused 16 MiB body"
     # the task's own refused request: answered at once too, from its headers
     for disk, size, status in (("evil", 64 * MiB, b"404"),  # not a disk of the task
                                ("vdb", 1 << 40, b"403")):  # larger than the source reported

@@ -555,6 +555,46 @@ def _xfs_replayed_check(path: Path, first: str) -> dict:
             pass
 
 
+#: filesystem checks of generations running at once (each in its own thread and child process)
+FS_CHECKS = threading.BoundedSemaphore(2)
+_CHECK_POLL_S = 0.01
+
+
+def _checked_in_background(img: Path) -> Generator[None, None, Tuple[Optional[str], Optional[dict]]]:
+    """``detect_fs`` and ``fs_check`` of ``img`` in a thread of their own, as steps: yields while
+    it waits for one of the FS_CHECKS slots and while the check runs (an fsck of a big, crafted
+    filesystem may take up to FSCK_TIMEOUT_S), so the shared verifier goes on with other tasks
+    meanwhile. Returns (filesystem, check report)."""
+    while not FS_CHECKS.acquire(timeout=_CHECK_POLL_S):
+        yield
+    result: List[Tuple[Optional[str], Optional[dict]]] = []
+    failed: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            fs = detect_fs(img)
+            result.append((fs, fs_check(img, fs)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the generation's verification
+            failed.append(exc)
+        finally:
+            FS_CHECKS.release()
+
+    thread = threading.Thread(target=run, name=f"fs-check-{img.name}", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        FS_CHECKS.release()
+        raise
+    while True:
+        thread.join(_CHECK_POLL_S)
+        if not thread.is_alive():
+            break
+        yield
+    if failed:
+        raise failed[0]
+    return result[0]
+
+
 class BlockTaskStore:
     """The block images of one task. Thread-safe for concurrent chunk writes (each write opens
     the image on its own); commits and generations of one disk are serialised."""
@@ -959,8 +999,9 @@ class BlockTaskStore:
         """Verify generation ``cycle`` of ``disk``: sha256 of the image, filesystem found, read-only
         check; write the final report (``verified``, or ``failed`` with ``error`` when the image
         cannot be read) and return it. A generator: it yields after every ``VERIFY_STEP`` bytes
-        hashed and before the filesystem check, so the caller can take turns between the
-        generations of several tasks; the report is its return value. Holes are hashed without
+        hashed and while the filesystem check runs (in a thread of its own, see
+        :func:`_checked_in_background`), so the caller can take turns between the generations of
+        several tasks; the report is its return value. Holes are hashed without
         being read (their cost is the sha256 of their zeros, no disk reads).
 
         Idempotent: a final report is returned as it is. Returns None when the generation is gone
@@ -991,9 +1032,8 @@ class BlockTaskStore:
         finally:
             os.close(fd)
         if final["state"] == REPORT_PENDING:
-            yield  # the filesystem check is a step of its own
-            fs = detect_fs(img)
-            final.update(state=REPORT_VERIFIED, fs=fs, check=fs_check(img, fs))
+            fs, check = yield from _checked_in_background(img)
+            final.update(state=REPORT_VERIFIED, fs=fs, check=check)
         final["verified_at"] = _utc_now()
         with _lock_for(ddir):
             now = self._read_report(report_path)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import re
 import struct
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+import threading
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from go2cloud_server.blockstore import (
     HASH_LEN,
@@ -57,6 +58,11 @@ ENCODINGS = {0: "raw", 1: "zstd", 2: "hole"}
 MAX_BATCH_BODY = 16 * 1024 * 1024
 MAX_BATCH_FRAMES = 1024
 MAX_BATCH_PLAIN = 64 * 1024 * 1024  # sum of the plain lengths of a batch's data chunks
+#: request bodies of one task held in memory at once (an agent sends one batch of up to 8 MiB per
+#: sender thread, one sender per core); a request over it waits for the task's others to finish,
+#: at most BUSY_WAIT_S, then is answered 503 target_busy (the agent retries)
+MAX_TASK_INFLIGHT = 256 * 1024 * 1024
+BUSY_WAIT_S = 30.0
 _NO_HASH = bytes(16)
 _ID = r"([A-Za-z0-9._-]{1,64})"
 _ROUTES = [
@@ -95,6 +101,12 @@ def _int_header(headers: Any, name: str, *, default: Optional[int] = None) -> in
     return int(raw)
 
 
+class TargetBusy(ServerError):
+    http_status = 503
+    code = "target_busy"
+    summary = "the task has too many request bodies in flight; retry"
+
+
 def _error(exc: ServerError) -> Tuple[int, dict]:
     return exc.http_status, {"error": {"code": exc.code, "message": exc.message}}
 
@@ -105,8 +117,37 @@ class BlockReceiver:
 
     routes = [(m, rx.pattern, name) for m, rx, name in _ROUTES]
 
-    def __init__(self, resolve: Resolver) -> None:
+    def __init__(self, resolve: Resolver, inflight_limit: int = MAX_TASK_INFLIGHT,
+                 busy_wait_s: float = BUSY_WAIT_S) -> None:
         self.resolve = resolve
+        self.inflight_limit = inflight_limit
+        self.busy_wait_s = busy_wait_s
+        self._inflight: Dict[str, int] = {}  # per task: body bytes reserved by requests being served
+        self._inflight_cv = threading.Condition()
+
+    def reserve(self, req: BlockRequest, length: int) -> None:
+        """Count ``length`` body bytes against the task's in-flight limit before the body is
+        read: wait (at most ``busy_wait_s``) while the task's other requests hold too much, then
+        TargetBusy. A task's first request always fits. Pair with :meth:`release`."""
+        task = req.args[0]
+        with self._inflight_cv:
+            fits = self._inflight_cv.wait_for(
+                lambda: not self._inflight.get(task) or self._inflight[task] + length <= self.inflight_limit,
+                self.busy_wait_s)
+            if not fits:
+                raise TargetBusy(f"task {task} has {self._inflight[task]} bytes of requests in flight (limit "
+                                 f"{self.inflight_limit}): send fewer requests at once, or retry")
+            self._inflight[task] = self._inflight.get(task, 0) + length
+
+    def release(self, req: BlockRequest, length: int) -> None:
+        task = req.args[0]
+        with self._inflight_cv:
+            left = self._inflight.get(task, 0) - length
+            if left > 0:
+                self._inflight[task] = left
+            else:
+                self._inflight.pop(task, None)
+            self._inflight_cv.notify_all()
 
     @staticmethod
     def owns(path: str) -> bool:

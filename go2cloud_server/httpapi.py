@@ -301,7 +301,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise InvalidInput("chunked request bodies are not supported: send Content-Length")
         raw_len = self.headers.get("Content-Length") or "0"
-        if not raw_len.strip().isdigit():
+        if not raw_len.strip().isdigit() or len(raw_len.strip()) > 18:
             self.close_connection = True
             raise InvalidInput("Content-Length: not a non-negative number")
         length = int(raw_len)
@@ -336,13 +336,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             pass
         path = urlsplit(self.path).path
         buffers = self.server.body_buffers
-        announced = (self.headers.get("Content-Length") or "0").strip()
+        raw_len = (self.headers.get("Content-Length") or "0").strip()
+        announced = int(raw_len) if raw_len.isdigit() and len(raw_len) <= 18 else None
         try:
             # route and token first, from the headers: the body of a request that is not the
             # task's is never read (nor drained: the connection is closed after the answer)
             req = receiver.authenticate(self.command, path, self.headers)
         except ServerError:
-            if self.headers.get("Transfer-Encoding") or announced != "0":
+            if self.headers.get("Transfer-Encoding") or announced != 0:
                 self.close_connection = True
                 self._linger = True
             raise
@@ -352,17 +353,26 @@ class RequestHandler(BaseHTTPRequestHandler):
             # agent reads the answer instead of a reset connection
             req = receiver.admit(req, self.headers)
         except ServerError:
-            if self.headers.get("Transfer-Encoding") or not announced.isdigit():
+            if self.headers.get("Transfer-Encoding") or announced is None:
                 self.close_connection = True
-            elif int(announced) > receiver.max_body(self.command, path):
+            elif announced > receiver.max_body(self.command, path):
                 self.close_connection = True
             else:
-                self._drop_after = int(announced)
+                self._drop_after = announced
+            raise
+        # the task's bodies in memory at once are bounded (a buffer is filled per request)
+        length = announced if announced is not None and announced <= req.max_body else 0
+        try:
+            receiver.reserve(req, length)
+        except ServerError:
+            self.close_connection = True
+            self._linger = True
             raise
         try:
             body = self._read_raw(req.max_body, buffers)
             return receiver.serve(req, self.headers, body)
         finally:
+            receiver.release(req, length)
             if self._rx is not None:  # nothing refers to the body once the request is handled
                 buffers.give(self._rx)
                 self._rx = None

@@ -15,6 +15,8 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -284,3 +286,64 @@ def test_a_hole_only_disk_is_verified_without_reading_it_and_does_not_hold_up_an
     read = rchar(server.proc.pid) - read_before
     assert read < 64 * MiB, f"the server read {read} bytes to verify 8 GiB of holes and 64 MiB of data"
     assert_victim_intact(victim)
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/PID/status")
+
+
+def test_many_concurrent_bodies_of_one_task_hold_a_bounded_amount_of_memory(server: Server, victim):
+    """64 connections of one task, each sending a 16 MiB batch but its last byte: the server holds
+    at most the task's in-flight limit (256 MiB) of bodies; the others wait, holding nothing (the
+    server used to fill a 16 MiB buffer per connection: 1 GiB here, unbounded with more)."""
+    src = HostileSource(server, "evil4", {"vdb": 64 * MiB}, ["/dev/vdb"])
+    assert server.proc is not None
+    before = rss(server.proc.pid)
+    big = 16 * MiB
+    head = (f"POST /block/v1/tasks/{src.task_id}/disks/vdb/chunks HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {src.token}\r\nX-Chunk-Size: {CS}\r\nX-Disk-Size: {64 * MiB}\r\n"
+            f"Content-Length: {big}\r\n\r\n").encode()
+    body = bytes(big - 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    host, port = server.url.split("//", 1)[1].rsplit(":", 1)
+    conns: List[ssl.SSLSocket] = []
+    sent: List[int] = []
+    lock = threading.Lock()
+
+    def send(tls: ssl.SSLSocket) -> None:
+        try:
+            tls.sendall(head)
+            tls.sendall(body)  # blocks while the server does not read this request's body
+        except OSError:
+            return
+        with lock:
+            sent.append(1)
+
+    threads = []
+    try:
+        for _ in range(64):
+            tls = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=120))
+            conns.append(tls)
+            threads.append(threading.Thread(target=send, args=(tls,), daemon=True))
+            threads[-1].start()
+        wait_for(lambda: len(sent) >= 16, 120, "16 bodies taken in")
+        time.sleep(3)  # let any further body in (there should be none)
+        taken, grown = len(sent), rss(server.proc.pid) - before
+        # another task is served meanwhile
+        assert victim.holes("vdb", 16, 64 * MiB).status_code == 200
+        assert victim.request("GET", "/disks/vdb").status_code == 200
+    finally:
+        for tls in conns:
+            try:
+                tls.close()
+            except OSError:
+                pass
+    assert taken <= 16, f"the server took in {taken} bodies of 16 MiB of one task at once"
+    assert grown < 400 * MiB, f"the server's memory grew by {grown} bytes"
+    assert src.files() == []
+    assert server.proc.poll() is None

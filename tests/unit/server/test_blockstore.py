@@ -575,3 +575,35 @@ def test_a_long_filesystem_check_does_not_hold_up_another_task(tmp_path, monkeyp
     finally:
         release.set()
         verifier.stop()
+
+
+def test_a_task_bodies_in_flight_are_bounded_and_other_tasks_are_not(dstore, store):
+    from go2cloud_server.blockrx import TargetBusy
+
+    stores = {"t-1": store, "t-2": dstore}
+    rx = BlockReceiver(lambda task, token: stores.get(task) if token == TOKEN else None,
+                       inflight_limit=100, busy_wait_s=30)
+    geo = {"Authorization": f"Bearer {TOKEN}", "X-Chunk-Size": str(CS), "X-Disk-Size": str(SIZE)}
+    first = rx.authorize("POST", "/block/v1/tasks/t-2/disks/vdb/chunks", geo)
+    rx.reserve(first, 60)
+    events: list = []
+    second = rx.authorize("POST", "/block/v1/tasks/t-2/disks/vdb/chunks", geo)
+    waiter = threading.Thread(target=lambda: (rx.reserve(second, 60), events.append("second in")))
+    waiter.start()
+    other = rx.authorize("POST", "/block/v1/tasks/t-1/disks/d0/chunks", {**geo, "X-Disk-Size": str(SIZE)})
+    rx.reserve(other, 100)  # another task: its own budget
+    events.append("other in")
+    assert events == ["other in"]  # the second request of t-2 waits
+    events.append("first done")
+    rx.release(first, 60)
+    waiter.join(30)
+    assert events == ["other in", "first done", "second in"]
+    rx.release(second, 60)
+    rx.release(other, 100)
+    # a request that never fits (its task's others hold the budget) is refused after the wait
+    impatient = BlockReceiver(rx.resolve, inflight_limit=100, busy_wait_s=0)
+    impatient.reserve(first, 100)
+    with pytest.raises(TargetBusy, match="in flight"):
+        impatient.reserve(second, 1)
+    impatient.release(first, 100)
+    impatient.reserve(second, 1000)  # alone, any size fits (bounded by the route's body cap)

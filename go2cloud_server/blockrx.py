@@ -217,7 +217,6 @@ class BlockReceiver:
 
     def serve(self, req: BlockRequest, headers: Any, body: Buffer) -> Tuple[int, dict]:
         """Answer an authorized request with its body (at most ``req.max_body`` bytes)."""
-        method = req.route
         try:
             if len(body) > req.max_body:
                 raise TooLarge(f"request body of {len(body)} bytes is over the limit of {req.max_body} bytes")
@@ -234,7 +233,7 @@ class BlockReceiver:
             return 200, store.state(disk)
         except ServerError as exc:
             if exc.http_status >= 500 and exc.http_status != 507:
-                log.error("block %s of disk %s: %s", method, req.disk, exc)
+                log.error("block %s of disk %s of task %s: %s", req.route, req.disk, req.args[0], exc)
             return _error(exc)
 
     def handle(self, method: str, path: str, headers: Any, body: Buffer) -> Tuple[int, dict]:

@@ -4,6 +4,11 @@ Served by the control plane's HTTPS server (``httpapi``) under ``/block/v1/``; t
 the same certificate. Every request carries the task's own bearer token, which ``resolve``
 checks (the control plane's task table) and turns into the task's :class:`BlockTaskStore`.
 
+Everything that can be refused is refused from the request line and headers, before a byte of
+the body is read: :meth:`BlockReceiver.authenticate` (route, token; the server then closes the
+connection without reading the body) and :meth:`BlockReceiver.admit` (the disk is one the task
+declared, the disk size within its limit, a commit's body exactly the hashes of its chunks).
+
 Routes (``{task}`` and ``{disk}`` are ``[A-Za-z0-9._-]{1,64}``, ``{index}`` a decimal chunk index):
 
 * ``PUT  /block/v1/tasks/{task}/disks/{disk}/chunks/{index}`` one chunk (raw, zstd or hole)
@@ -18,7 +23,8 @@ from __future__ import annotations
 import logging
 import re
 import struct
-from typing import Any, Callable, List, Optional, Tuple
+import threading
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from go2cloud_server.blockstore import (
     HASH_LEN,
@@ -27,10 +33,11 @@ from go2cloud_server.blockstore import (
     BatchItem,
     BlockTaskStore,
     Buffer,
+    check_geometry,
     chunk_len,
     decompress_chunk,
 )
-from go2cloud_server.errors import AuthFailed, InvalidInput, NotFound, ServerError
+from go2cloud_server.errors import AuthFailed, InvalidInput, NotFound, ServerError, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,11 @@ ENCODINGS = {0: "raw", 1: "zstd", 2: "hole"}
 MAX_BATCH_BODY = 16 * 1024 * 1024
 MAX_BATCH_FRAMES = 1024
 MAX_BATCH_PLAIN = 64 * 1024 * 1024  # sum of the plain lengths of a batch's data chunks
+#: request bodies of one task held in memory at once (an agent sends one batch of up to 8 MiB per
+#: sender thread, one sender per core); a request over it waits for the task's others to finish,
+#: at most BUSY_WAIT_S, then is answered 503 target_busy (the agent retries)
+MAX_TASK_INFLIGHT = 256 * 1024 * 1024
+BUSY_WAIT_S = 30.0
 _NO_HASH = bytes(16)
 _ID = r"([A-Za-z0-9._-]{1,64})"
 _ROUTES = [
@@ -66,6 +78,17 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 Resolver = Callable[[str, str], Optional[BlockTaskStore]]
 
 
+class BlockRequest(NamedTuple):
+    """A request :meth:`BlockReceiver.authorize` accepted from its headers and path alone: the
+    route, the task's store, the disk (one of the task's), and the largest body it may have."""
+
+    route: str
+    store: BlockTaskStore
+    disk: str
+    args: Tuple[str, ...]
+    max_body: int
+
+
 def _int_header(headers: Any, name: str, *, default: Optional[int] = None) -> int:
     raw = headers.get(name)
     if raw is None:
@@ -78,6 +101,12 @@ def _int_header(headers: Any, name: str, *, default: Optional[int] = None) -> in
     return int(raw)
 
 
+class TargetBusy(ServerError):
+    http_status = 503
+    code = "target_busy"
+    summary = "the task has too many request bodies in flight; retry"
+
+
 def _error(exc: ServerError) -> Tuple[int, dict]:
     return exc.http_status, {"error": {"code": exc.code, "message": exc.message}}
 
@@ -88,8 +117,37 @@ class BlockReceiver:
 
     routes = [(m, rx.pattern, name) for m, rx, name in _ROUTES]
 
-    def __init__(self, resolve: Resolver) -> None:
+    def __init__(self, resolve: Resolver, inflight_limit: int = MAX_TASK_INFLIGHT,
+                 busy_wait_s: float = BUSY_WAIT_S) -> None:
         self.resolve = resolve
+        self.inflight_limit = inflight_limit
+        self.busy_wait_s = busy_wait_s
+        self._inflight: Dict[str, int] = {}  # per task: body bytes reserved by requests being served
+        self._inflight_cv = threading.Condition()
+
+    def reserve(self, req: BlockRequest, length: int) -> None:
+        """Count ``length`` body bytes against the task's in-flight limit before the body is
+        read: wait (at most ``busy_wait_s``) while the task's other requests hold too much, then
+        TargetBusy. A task's first request always fits. Pair with :meth:`release`."""
+        task = req.args[0]
+        with self._inflight_cv:
+            fits = self._inflight_cv.wait_for(
+                lambda: not self._inflight.get(task) or self._inflight[task] + length <= self.inflight_limit,
+                self.busy_wait_s)
+            if not fits:
+                raise TargetBusy(f"task {task} has {self._inflight[task]} bytes of requests in flight (limit "
+                                 f"{self.inflight_limit}): send fewer requests at once, or retry")
+            self._inflight[task] = self._inflight.get(task, 0) + length
+
+    def release(self, req: BlockRequest, length: int) -> None:
+        task = req.args[0]
+        with self._inflight_cv:
+            left = self._inflight.get(task, 0) - length
+            if left > 0:
+                self._inflight[task] = left
+            else:
+                self._inflight.pop(task, None)
+            self._inflight_cv.notify_all()
 
     @staticmethod
     def owns(path: str) -> bool:
@@ -97,7 +155,7 @@ class BlockReceiver:
 
     @staticmethod
     def max_body(method: str, path: str) -> int:
-        """Largest request body accepted on this route (read before :meth:`handle`)."""
+        """Largest request body of a route, whatever the headers say (the caps of the protocol)."""
         if method == "PUT":
             return MAX_CHUNK_BODY
         if path.rstrip("/").endswith("/chunks"):
@@ -129,25 +187,62 @@ class BlockReceiver:
             raise AuthFailed("block target: unknown task or wrong task token")
         return store
 
-    def handle(self, method: str, path: str, headers: Any, body: Buffer) -> Tuple[int, dict]:
+    def authenticate(self, method: str, path: str, headers: Any) -> BlockRequest:
+        """The route and the task's token, from the request line and headers alone. Raises
+        NotFound/InvalidInput (no such route) or AuthFailed: the request is not the task's, its
+        body must not be read (the caller closes the connection instead)."""
+        route, args = self._match(method, path.split("?", 1)[0].rstrip("/"))
+        store = self._store(args[0], headers)
+        return BlockRequest(route, store, args[1], args, self.max_body(method, path))
+
+    def admit(self, req: BlockRequest, headers: Any) -> BlockRequest:
+        """What the task's own request may do, from its headers: the disk must be one the task
+        declared and, for writes and commits, the disk size within the disk's limit; a commit's
+        body is capped at the hashes of the chunks its headers declare. Raises the ServerError to
+        answer (the token was right: the caller may read and drop the body to keep the connection)."""
+        store, disk = req.store, req.disk
+        store.admit_disk(disk)
+        if req.route not in ("chunk", "batch", "commit"):
+            return req
+        disk_size = _int_header(headers, "X-Disk-Size")
+        store.check_size(disk, disk_size)
+        count = check_geometry(_int_header(headers, "X-Chunk-Size"), disk_size)
+        if req.route == "commit":  # exactly the hashes of the chunks the headers declare
+            return req._replace(max_body=count * HASH_LEN)
+        return req
+
+    def authorize(self, method: str, path: str, headers: Any) -> BlockRequest:
+        """:meth:`authenticate` then :meth:`admit`: everything decided before the body is read."""
+        return self.admit(self.authenticate(method, path, headers), headers)
+
+    def serve(self, req: BlockRequest, headers: Any, body: Buffer) -> Tuple[int, dict]:
+        """Answer an authorized request with its body (at most ``req.max_body`` bytes)."""
         try:
-            name, args = self._match(method, path.split("?", 1)[0].rstrip("/"))
-            store = self._store(args[0], headers)
-            disk = args[1]
-            if name == "chunk":
-                return 200, self._chunk(store, disk, int(args[2]), headers, body or b"")
-            if name == "batch":
+            if len(body) > req.max_body:
+                raise TooLarge(f"request body of {len(body)} bytes is over the limit of {req.max_body} bytes")
+            store, disk = req.store, req.disk
+            if req.route == "chunk":
+                return 200, self._chunk(store, disk, int(req.args[2]), headers, body or b"")
+            if req.route == "batch":
                 return 200, self._batch(store, disk, headers, body or b"")
             # verify and commit bodies are small: plain bytes; a chunk stays in its buffer
-            if name == "verify":
+            if req.route == "verify":
                 return 200, self._verify(store, disk, headers, bytes(body))
-            if name == "commit":
+            if req.route == "commit":
                 return 200, self._commit(store, disk, headers, bytes(body))
             return 200, store.state(disk)
         except ServerError as exc:
             if exc.http_status >= 500 and exc.http_status != 507:
-                log.error("block %s %s: %s", method, path, exc)
+                log.error("block %s of disk %s of task %s: %s", req.route, req.disk, req.args[0], exc)
             return _error(exc)
+
+    def handle(self, method: str, path: str, headers: Any, body: Buffer) -> Tuple[int, dict]:
+        """:meth:`authorize` then :meth:`serve`, for a body already read (tests, tools)."""
+        try:
+            req = self.authorize(method, path, headers)
+        except ServerError as exc:
+            return _error(exc)
+        return self.serve(req, headers, body)
 
     def _chunk(self, store: BlockTaskStore, disk: str, index: int, headers: Any, body: Buffer) -> dict:
         chunk_size = _int_header(headers, "X-Chunk-Size")
@@ -242,6 +337,9 @@ class BlockReceiver:
             raise InvalidInput(f"body: verify records are {VERIFY_RECORD.size} bytes each")
         items: List[Tuple[int, bytes]] = [VERIFY_RECORD.unpack_from(body, off)
                                           for off in range(0, len(body), VERIFY_RECORD.size)]
+        # each chunk is read at most once per request: the reads are bounded by the image
+        if len({index for index, _ in items}) != len(items):
+            raise InvalidInput("body: a chunk index is given twice in one verify request (each chunk once)")
         differ = store.verify_indices(disk, items, chunk_size)
         return {"disk": disk, "checked": len(items), "differ": differ}
 

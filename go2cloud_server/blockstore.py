@@ -4,6 +4,8 @@ Layout under ``<data-dir>/tasks/<task_id>/block`` (the store's root)::
 
     <disk>/current.img          the image being written (sparse; chunk i at i * chunk_size)
     <disk>/committed.hashes     xxh3-128 of every chunk at the last commit (16 bytes per chunk)
+    <disk>/size.json            {"version", "disk", "disk_size", "pinned_at"}: the limit of a disk
+                                whose size the source's inventory does not give
     <disk>/state.json           {"version", "disk", "chunk_size", "disk_size", "committed_cycle",
                                  "hashes_count", "hashes_digest", "committed_at"}
     <disk>/gen-000003.img       generation of cycle 3: full, independent point-in-time image
@@ -18,6 +20,11 @@ Rules:
   decompression and *before* it is written; a mismatch writes nothing (:class:`ChunkHashMismatch`).
   A batch (:meth:`BlockTaskStore.write_batch`) is checked whole before its first write: one bad
   chunk refuses all of it.
+* Only the task's disks: a store the control plane made knows the disks its task declared and
+  how large each may be (:func:`declared_disk_limits`: the size the source's inventory reported,
+  or for a disk the inventory does not know, such as an image file, the size of its first write,
+  pinned in ``<disk>/size.json``). Any other disk name is NotFound and creates nothing; a larger
+  disk size is :class:`DiskTooLarge` (HTTP 403), checked before anything is read or written.
 * Nothing is written outside ``<root>/<disk>/``: disk names are ``[A-Za-z0-9._-]{1,64}`` (not
   ``.``/``..``), the disk directory must not be a symlink, image files are opened with
   ``O_NOFOLLOW``, and index, chunk size and disk size are range-checked so a write never lands
@@ -54,7 +61,20 @@ import subprocess
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Callable,
+    Dict,
+    Generator,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+    cast,
+)
 
 import blake3
 import xxhash
@@ -99,6 +119,44 @@ class ChunkHashMismatch(ServerError):
     http_status = 422
     code = "chunk_hash_mismatch"
     summary = "a chunk did not match the hash it was sent with (nothing was written)"
+
+
+class DiskTooLarge(ServerError):
+    http_status = 403
+    code = "disk_too_large"
+    summary = "a disk's size is larger than the task allows (nothing was written)"
+
+
+def declared_disk_limits(task_disks: Sequence[Mapping[str, object]],
+                         inventory: Mapping[str, object]) -> Dict[str, Optional[int]]:
+    """The disks a block task may write, ``{name: largest size in bytes, or None}``, from the
+    task's disks (``[{"name", "path"}]``, what the operator gave at start) and the source's
+    inventory (disks and partitions with ``size_bytes``, as reported at import).
+
+    A disk given as a device node directly under ``/dev`` (``/dev/vdb``, ``/dev/nvme0n1p2``) is
+    looked up by its kernel name among the inventory's disks and partitions: its size there is the
+    limit. Anything else (an image file, ``/dev/mapper/...``, ``/dev/disk/by-id/...``) or a
+    device the inventory does not list has no known size: None, and the store pins the size of
+    the disk's first write as its limit for the rest of the task."""
+    sizes: Dict[str, int] = {}
+    disks = inventory.get("disks") if isinstance(inventory, Mapping) else None
+    for entry in disks if isinstance(disks, list) else []:
+        if not isinstance(entry, Mapping):
+            continue
+        parts = entry.get("partitions")
+        parts = [p for p in parts if isinstance(p, Mapping)] if isinstance(parts, list) else []
+        for item in [entry, *parts]:
+            name, size = item.get("name"), item.get("size_bytes")
+            if isinstance(name, str) and isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                sizes[name] = size
+    out: Dict[str, Optional[int]] = {}
+    for disk in task_disks:
+        name, path = disk.get("name"), disk.get("path")
+        if not isinstance(name, str) or not _DISK_RE.match(name):
+            continue
+        dev = path[len("/dev/"):] if isinstance(path, str) and path.startswith("/dev/") else ""
+        out[name] = sizes.get(dev) if dev and "/" not in dev else None
+    return out
 
 
 _LOCKS: Dict[str, threading.Lock] = {}
@@ -344,29 +402,71 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256_sparse(fd: int, name: Path) -> Tuple[int, str]:
-    """(size, sha256 hex) of an open file, holes hashed as zeros without reading them."""
+#: logical bytes hashed per step of a generation's verification (``verify_generation_steps``):
+#: the shared background verifier takes turns between tasks after each step (a step is ~50 ms
+#: of sha256, or a read of this much data)
+VERIFY_STEP = 64 << 20
+
+
+def _sha256_sparse_steps(fd: int, name: Path,
+                         step: int = VERIFY_STEP) -> Generator[None, None, Tuple[int, str]]:
+    """(size, sha256 hex) of an open file, holes hashed as zeros without reading them from disk
+    (one reusable zero buffer is fed to the hash), in steps: yields after every ``step`` logical
+    bytes, returns the result."""
     sha = hashlib.sha256()
     size = os.fstat(fd).st_size
-    zeros = bytes(_COPY_BLOCK)
+    zeros = memoryview(bytes(_COPY_BLOCK))
     pos = 0
-    for off, length in data_extents(fd, size):
-        while pos < off:  # the hole before this extent
-            n = min(_COPY_BLOCK, off - pos)
+    budget = step
+
+    def hole(upto: int) -> Iterator[None]:
+        nonlocal pos, budget
+        while pos < upto:
+            n = min(_COPY_BLOCK, upto - pos)
             sha.update(zeros[:n])
             pos += n
+            budget -= n
+            if budget <= 0:
+                budget = step
+                yield
+
+    for off, length in data_extents(fd, size):
+        yield from hole(off)  # the hole before this extent
         end = off + length
         while pos < end:
-            buf = os.pread(fd, min(_COPY_BLOCK, end - pos), pos)
+            buf = _pread(fd, min(_COPY_BLOCK, end - pos), pos)
             if not buf:
                 raise OSError(errno.EIO, f"short read of {name}")
             sha.update(buf)
             pos += len(buf)
-    while pos < size:
-        n = min(_COPY_BLOCK, size - pos)
-        sha.update(zeros[:n])
-        pos += n
+            budget -= len(buf)
+            if budget <= 0:
+                budget = step
+                yield
+    yield from hole(size)
     return size, sha.hexdigest()
+
+
+def _sha256_sparse(fd: int, name: Path) -> Tuple[int, str]:
+    """(size, sha256 hex) of an open file, holes hashed as zeros without reading them."""
+    return _drain(_sha256_sparse_steps(fd, name))
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    """The one read of a generation's verification (tests count the bytes it reads)."""
+    return os.pread(fd, length, offset)
+
+
+_T = TypeVar("_T")
+
+
+def _drain(steps: Generator[None, None, _T]) -> _T:
+    """Run a generator of steps to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(_T, done.value)
 
 
 def _run_check(args: List[str], full: Optional[List[str]] = None) -> Tuple[Optional[int], str]:
@@ -455,12 +555,134 @@ def _xfs_replayed_check(path: Path, first: str) -> dict:
             pass
 
 
+#: filesystem checks of generations running at once (each in its own thread and child process)
+FS_CHECKS = threading.BoundedSemaphore(2)
+_CHECK_POLL_S = 0.01
+
+
+def _checked_in_background(img: Path) -> Generator[None, None, Tuple[Optional[str], Optional[dict]]]:
+    """``detect_fs`` and ``fs_check`` of ``img`` in a thread of their own, as steps: yields while
+    it waits for one of the FS_CHECKS slots and while the check runs (an fsck of a big, crafted
+    filesystem may take up to FSCK_TIMEOUT_S), so the shared verifier goes on with other tasks
+    meanwhile. Returns (filesystem, check report)."""
+    while not FS_CHECKS.acquire(timeout=_CHECK_POLL_S):
+        yield
+    result: List[Tuple[Optional[str], Optional[dict]]] = []
+    failed: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            fs = detect_fs(img)
+            result.append((fs, fs_check(img, fs)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the generation's verification
+            failed.append(exc)
+        finally:
+            FS_CHECKS.release()
+
+    thread = threading.Thread(target=run, name=f"fs-check-{img.name}", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        FS_CHECKS.release()
+        raise
+    while True:
+        thread.join(_CHECK_POLL_S)
+        if not thread.is_alive():
+            break
+        yield
+    if failed:
+        raise failed[0]
+    return result[0]
+
+
 class BlockTaskStore:
     """The block images of one task. Thread-safe for concurrent chunk writes (each write opens
     the image on its own); commits and generations of one disk are serialised."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, disks: Optional[Mapping[str, Optional[int]]] = None) -> None:
         self.root = Path(root)
+        self._declared: Optional[Dict[str, Optional[int]]] = None
+        self._pinned: Dict[str, int] = {}
+        self._pin_lock = threading.Lock()
+        if disks is not None:
+            self.declare(disks)
+
+    # -- the disks of the task -------------------------------------------------------------------
+    def declare(self, disks: Mapping[str, Optional[int]]) -> None:
+        """The only disks this store accepts, with their largest size (None: pinned at the
+        disk's first write, see :func:`declared_disk_limits`). A store nobody declared disks to
+        accepts any valid disk name and size (tools and tests; the control plane always declares)."""
+        self._declared = {check_disk_name(name): (int(size) if size else None)
+                          for name, size in disks.items()}
+
+    @property
+    def declared(self) -> Optional[Dict[str, Optional[int]]]:
+        return None if self._declared is None else dict(self._declared)
+
+    def admit_disk(self, disk: str) -> None:
+        """NotFound (nothing created) unless ``disk`` is one of the task's disks."""
+        check_disk_name(disk)
+        if self._declared is not None and disk not in self._declared:
+            names = ", ".join(sorted(self._declared)) or "none"
+            raise NotFound(f"disk {disk} is not a disk of this task (its disks: {names}); send only the "
+                           "disks of the task's start command")
+
+    def size_limit(self, disk: str) -> Optional[int]:
+        """The largest size ``disk`` may have: the inventory's, else the size pinned at its first
+        write; None when nothing is declared or not pinned yet. Memory only once known."""
+        if self._declared is None:
+            return None
+        limit = self._declared.get(disk)
+        if limit is None:
+            limit = self._pinned.get(disk)
+        if limit is None:
+            limit = self._read_pin(disk)
+        return limit
+
+    def check_size(self, disk: str, disk_size: int) -> None:
+        """DiskTooLarge when ``disk_size`` is over the disk's limit (before anything is read or
+        written)."""
+        self.admit_disk(disk)
+        limit = self.size_limit(disk)
+        if limit is None or disk_size <= limit:
+            return
+        if self._declared is not None and self._declared.get(disk):
+            why = "the size the source's inventory reported for it at import"
+            fix = ("if the disk was grown since, re-import the source (a fresh inventory) and start a new "
+                   "migration task")
+        else:
+            why = "the size of its first write in this task (a disk of unknown size is pinned then)"
+            fix = "a disk cannot grow within a task: start a new migration task for the grown disk"
+        raise DiskTooLarge(f"disk {disk}: {disk_size} bytes is larger than {limit} bytes, {why}; {fix}")
+
+    def _admit_size(self, disk: str, disk_size: int) -> None:
+        """:meth:`check_size`, pinning the size of a declared disk of unknown size at its first
+        write (persisted in ``<disk>/size.json``, so a restart keeps it)."""
+        self.check_size(disk, disk_size)
+        if self._declared is None or self._declared.get(disk) or disk in self._pinned:
+            return
+        with self._pin_lock:
+            limit = self._read_pin(disk)
+            if limit is None:
+                ddir = self._disk_dir(disk, create=True)
+                write_atomic(ddir / "size.json", json.dumps({
+                    "version": STATE_VERSION, "disk": disk, "disk_size": disk_size,
+                    "pinned_at": _utc_now()}) + "\n")
+                self._pinned[disk] = disk_size
+                log.info("block %s: disk %s has no size in the source's inventory: %s bytes pinned at its "
+                         "first write", self.root, disk, disk_size)
+        self.check_size(disk, disk_size)  # another thread pinned a smaller size first
+
+    def _read_pin(self, disk: str) -> Optional[int]:
+        try:
+            doc = json.loads((self._disk_dir(disk) / "size.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        size = doc.get("disk_size") if isinstance(doc, dict) else None
+        if not isinstance(size, int) or size <= 0:
+            return None
+        self._pinned[disk] = size
+        return size
 
     # -- paths -----------------------------------------------------------------------------------
     def _disk_dir(self, disk: str, create: bool = False) -> Path:
@@ -496,13 +718,17 @@ class BlockTaskStore:
     def _raise_io(self, exc: OSError, what: str) -> None:
         if exc.errno in _NOSPACE:
             raise TargetFull(f"{what}: the target's storage ({self.root}) is full") from exc
+        if exc.errno == errno.EFBIG:  # ext4 holds files up to 16 TiB - 4 KiB
+            raise DiskTooLarge(f"{what}: the target's filesystem ({self.root}) cannot hold an image that "
+                               "large: put the server's data directory on XFS or btrfs") from exc
         raise exc
 
     def disks(self) -> List[str]:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.is_symlink() and _DISK_RE.match(p.name))
+                      if p.is_dir() and not p.is_symlink() and _DISK_RE.match(p.name)
+                      and (self._declared is None or p.name in self._declared))
 
     # -- chunks ----------------------------------------------------------------------------------
     @staticmethod
@@ -547,6 +773,7 @@ class BlockTaskStore:
         is a run of holes (``data`` None). The image is opened once for the batch."""
         check_disk_name(disk)
         check_geometry(chunk_size, disk_size)
+        self._admit_size(disk, disk_size)
         for index, count, data, xxh3, b3 in items:
             length = chunk_len(index, chunk_size, disk_size)
             if count != 1:
@@ -596,6 +823,7 @@ class BlockTaskStore:
 
     def state(self, disk: str) -> dict:
         """What the target holds for ``disk``; NotFound if it never received anything."""
+        self.admit_disk(disk)
         ddir = self._disk_dir(disk)
         img = ddir / CURRENT
         if not ddir.is_dir():
@@ -626,6 +854,7 @@ class BlockTaskStore:
             chunk_size += -chunk_size % MIN_CHUNK
         if check_geometry(chunk_size, disk_size) != count:
             raise InvalidInput(f"hashes: {count} given, the disk has {-(-disk_size // chunk_size)} chunks")
+        self._admit_size(disk, disk_size)
         ddir = self._disk_dir(disk, create=True)
         digest = xxhash.xxh3_128(chunk_hashes).hexdigest()
         with _lock_for(ddir):
@@ -660,6 +889,7 @@ class BlockTaskStore:
                                           for i in range(len(hashes) // HASH_LEN)], chunk_size)
 
     def verify_indices(self, disk: str, items: List[Tuple[int, bytes]], chunk_size: int = 0) -> List[int]:
+        self.admit_disk(disk)
         ddir = self._disk_dir(disk)
         if not chunk_size:
             chunk_size = int((self._read_state(disk) or {}).get("chunk_size") or 0)
@@ -762,9 +992,17 @@ class BlockTaskStore:
         return out
 
     def verify_generation(self, disk: str, cycle: int) -> Optional[dict]:
+        """:meth:`verify_generation_steps` run to its end, in one go."""
+        return _drain(self.verify_generation_steps(disk, cycle))
+
+    def verify_generation_steps(self, disk: str, cycle: int) -> Generator[None, None, Optional[dict]]:
         """Verify generation ``cycle`` of ``disk``: sha256 of the image, filesystem found, read-only
         check; write the final report (``verified``, or ``failed`` with ``error`` when the image
-        cannot be read) and return it.
+        cannot be read) and return it. A generator: it yields after every ``VERIFY_STEP`` bytes
+        hashed and while the filesystem check runs (in a thread of its own, see
+        :func:`_checked_in_background`), so the caller can take turns between the generations of
+        several tasks; the report is its return value. Holes are hashed without
+        being read (their cost is the sha256 of their zeros, no disk reads).
 
         Idempotent: a final report is returned as it is. Returns None when the generation is gone
         (discarded by retention or cancel, before or during the verification): nothing is written
@@ -787,15 +1025,15 @@ class BlockTaskStore:
         inode: Optional[int] = None
         try:
             inode = os.fstat(fd).st_ino
-            size, digest = _sha256_sparse(fd, img)
+            size, digest = yield from _sha256_sparse_steps(fd, img)
             final.update(bytes=size, sha256=digest)
         except OSError as exc:
             final.update(state=REPORT_FAILED, error=f"cannot read {img}: {exc}")
         finally:
             os.close(fd)
         if final["state"] == REPORT_PENDING:
-            fs = detect_fs(img)
-            final.update(state=REPORT_VERIFIED, fs=fs, check=fs_check(img, fs))
+            fs, check = yield from _checked_in_background(img)
+            final.update(state=REPORT_VERIFIED, fs=fs, check=check)
         final["verified_at"] = _utc_now()
         with _lock_for(ddir):
             now = self._read_report(report_path)

@@ -32,6 +32,11 @@ MAX_BODY = 1024 * 1024
 RSYNC_SESSION = re.compile(r"^/rsync/v1/tasks/([A-Za-z0-9._-]{1,64})/session$")
 RSYNC_UPGRADE = "go2cloud-rsync"
 MAX_DRAIN = 16 * 1024 * 1024
+#: after refusing a block request that is not the task's (before its body): read and drop at most
+#: this much of the body, for at most LINGER_S, then close. Not a drain: it only spares a client
+#: that sends a small body (a single chunk) a reset that would destroy the answer it is due
+LINGER_BYTES = 1024 * 1024
+LINGER_S = 2.0
 SOCKET_TIMEOUT_S = 90
 
 Handler = Callable[["ApiRequest"], Tuple[int, Any]]
@@ -242,6 +247,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     timeout = SOCKET_TIMEOUT_S
     server: ApiServer
     _rx: Optional[bytearray] = None  # the receive buffer of the block request being handled
+    _drop_after = 0  # body bytes to read and drop after the answer (a refused block request)
+    _linger = False  # after the answer, a short bounded read before closing (see LINGER_BYTES)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -257,6 +264,19 @@ class RequestHandler(BaseHTTPRequestHandler):
                 left -= len(chunk)
         except OSError:
             pass
+
+    def _drop(self, length: int) -> int:
+        """Read and drop ``length`` body bytes (after the answer); how many were read."""
+        done = 0
+        try:
+            while done < length:
+                chunk = self.rfile.read(min(length - done, 65536))
+                if not chunk:
+                    break
+                done += len(chunk)
+        except OSError:
+            pass
+        return done
 
     def _read_body(self) -> Any:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -291,7 +311,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise InvalidInput("chunked request bodies are not supported: send Content-Length")
         raw_len = self.headers.get("Content-Length") or "0"
-        if not raw_len.strip().isdigit():
+        if not raw_len.strip().isdigit() or len(raw_len.strip()) > 18:
             self.close_connection = True
             raise InvalidInput("Content-Length: not a non-negative number")
         length = int(raw_len)
@@ -326,10 +346,43 @@ class RequestHandler(BaseHTTPRequestHandler):
             pass
         path = urlsplit(self.path).path
         buffers = self.server.body_buffers
+        raw_len = (self.headers.get("Content-Length") or "0").strip()
+        announced = int(raw_len) if raw_len.isdigit() and len(raw_len) <= 18 else None
         try:
-            body = self._read_raw(receiver.max_body(self.command, path), buffers)
-            return receiver.handle(self.command, path, self.headers, body)
+            # route and token first, from the headers: the body of a request that is not the
+            # task's is never read (nor drained: the connection is closed after the answer)
+            req = receiver.authenticate(self.command, path, self.headers)
+        except ServerError:
+            if self.headers.get("Transfer-Encoding") or announced != 0:
+                self.close_connection = True
+                self._linger = True
+            raise
+        try:
+            # then disk and sizes, still from the headers: the task's own refused request is
+            # answered at once and its body dropped afterwards (at most the route's cap), so the
+            # agent reads the answer instead of a reset connection
+            req = receiver.admit(req, self.headers)
+        except ServerError:
+            if self.headers.get("Transfer-Encoding") or announced is None:
+                self.close_connection = True
+            elif announced > receiver.max_body(self.command, path):
+                self.close_connection = True
+            else:
+                self._drop_after = announced
+            raise
+        # the task's bodies in memory at once are bounded (a buffer is filled per request)
+        length = announced if announced is not None and announced <= req.max_body else 0
+        try:
+            receiver.reserve(req, length)
+        except ServerError:
+            self.close_connection = True
+            self._linger = True
+            raise
+        try:
+            body = self._read_raw(req.max_body, buffers)
+            return receiver.serve(req, self.headers, body)
         finally:
+            receiver.release(req, length)
             if self._rx is not None:  # nothing refers to the body once the request is handled
                 buffers.give(self._rx)
                 self._rx = None
@@ -447,7 +500,33 @@ class RequestHandler(BaseHTTPRequestHandler):
         except OSError as exc:
             log.debug("could not send the answer: %s", exc)
             self.close_connection = True
+        if self._drop_after and not self.close_connection:
+            left, self._drop_after = self._drop_after, 0
+            if self._drop(left) != left:
+                self.close_connection = True
+        if self._linger:
+            self._linger = False
+            self._linger_read()
         self._log_request(status, started)
+
+    def _linger_read(self) -> None:
+        """Before closing a connection whose request body was not read: take in what the client
+        already sent, at most LINGER_BYTES within LINGER_S (closing a socket with unread data
+        resets the connection, and the reset destroys the answer before the client reads it)."""
+        deadline = time.monotonic() + LINGER_S
+        left = LINGER_BYTES
+        try:
+            while left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                self.connection.settimeout(wait)
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def _log_request(self, status: int, started: float) -> None:
         log.info(

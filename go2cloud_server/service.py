@@ -25,7 +25,7 @@ import string
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Generator, Iterable, List, Mapping, Optional, Protocol, Tuple
 
 from go2cloud_server import rules
 from go2cloud_server.auth import AgentAuth, decode_public_key
@@ -83,9 +83,13 @@ class BlockStore(Protocol):
     """What the service needs from ``go2cloud_server.blockstore.BlockTaskStore`` (one per block task,
     rooted at ``<data-dir>/tasks/<task_id>/block``)."""
 
+    def declare(self, disks: Mapping[str, Optional[int]]) -> None: ...
+
     def commit_cycle(self, cycle: int) -> List[Dict[str, Any]]: ...
 
-    def verify_generation(self, disk: str, cycle: int) -> Optional[Dict[str, Any]]: ...
+    def verify_generation_steps(
+        self, disk: str, cycle: int
+    ) -> Generator[None, None, Optional[Dict[str, Any]]]: ...
 
     def retain(self, keep: int) -> List[int]: ...
 
@@ -254,11 +258,27 @@ class Service:
         return self.data_dir / "tasks" / task_id / "block"
 
     def block_store(self, task_id: str) -> BlockStore:
-        """The block store of a task (one object per task, shared by the receiver and commits)."""
+        """The block store of a task (one object per task, shared by the receiver and commits),
+        told once, when it is made, which disks the task has and how large each may be (see
+        ``blockstore.declared_disk_limits``): the receiver's hot path asks the database nothing more."""
+        with self._block_lock:
+            bs = self._block_stores.get(task_id)
+        if bs is not None:
+            return bs
+        from go2cloud_server.blockstore import declared_disk_limits
+
+        row = self.store.one(
+            "SELECT t.disks, s.inventory FROM tasks t LEFT JOIN sources s ON s.id = t.source_id "
+            "WHERE t.id = ?",
+            (task_id,),
+        )
+        limits = declared_disk_limits(loads(row["disks"], []) if row else [],
+                                      loads(row["inventory"], {}) if row else {})
         with self._block_lock:
             bs = self._block_stores.get(task_id)
             if bs is None:
                 bs = self.block_store_factory(self.block_root(task_id))
+                bs.declare(limits)
                 self._block_stores[task_id] = bs
             return bs
 
@@ -1186,15 +1206,16 @@ class Service:
             "report": dumps(report),
         }
 
-    def _verify_generation(self, task_id: str, cycle: int, disk: str) -> None:
-        """The verifier's job: verify one generation and fill in its artifact row. A generation
-        discarded meanwhile (retention, a removed task) is skipped; a row deleted meanwhile is
-        not recreated. An unexpected error marks the row ``failed`` (the on-disk report stays
-        pending, so the operator can see the error now and a restart tries again)."""
+    def _verify_generation(self, task_id: str, cycle: int, disk: str) -> Generator[None, None, None]:
+        """The verifier's job: verify one generation and fill in its artifact row. A generator of
+        steps (``verify_generation_steps``): the verifier takes turns between tasks after each.
+        A generation discarded meanwhile (retention, a removed task) is skipped; a row deleted
+        meanwhile is not recreated. An unexpected error marks the row ``failed`` (the on-disk
+        report stays pending, so the operator can see the error now and a restart tries again)."""
         with self._block_lock:  # not cached again for a task that ended meanwhile
             bs = self._block_stores.get(task_id) or self.block_store_factory(self.block_root(task_id))
         try:
-            rec = bs.verify_generation(disk, cycle)
+            rec = yield from bs.verify_generation_steps(disk, cycle)
         except Exception as exc:  # noqa: BLE001 - shown to the operator in the artifact's report
             log.warning("cannot verify generation %s of disk %s of task %s: %s", cycle, disk, task_id, exc)
             log.debug("verification failure", exc_info=True)

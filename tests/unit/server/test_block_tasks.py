@@ -16,7 +16,7 @@ from go2cloud_server import rules
 from go2cloud_server.errors import AuthFailed, Conflict, InvalidInput
 from go2cloud_server.service import Service
 from go2cloud_server.store import _SCHEMA_V1, SCHEMA_VERSION, Store
-from tests.unit.server.conftest import import_body
+from tests.unit.server.conftest import import_body, inventory
 
 
 class FakeBlockStore:
@@ -33,6 +33,13 @@ class FakeBlockStore:
              "bytes": 1 << 20, "sha256": None, "fs": None, "check": None}
             for d in self.log.disks
         ]
+
+    def declare(self, disks: dict) -> None:
+        self.declared = dict(disks)
+
+    def verify_generation_steps(self, disk: str, cycle: int) -> Iterator[None]:
+        return self.verify_generation(disk, cycle)
+        yield  # a generator of no steps
 
     def verify_generation(self, disk: str, cycle: int) -> Optional[dict]:
         self.log.verifying.set()
@@ -181,6 +188,28 @@ def test_block_start_command_target_and_task_document(bservice, rsyncd, trees):
     assert bservice.block_store_for(tid, "") is None
     assert bservice.block_store_for("t-nope", target["token"]) is None
     assert bservice.block_store_for(tid, None) is None  # type: ignore[arg-type]
+
+
+def test_the_store_is_told_the_task_disks_and_their_inventory_sizes_once(bservice, tmp_path):
+    bservice.create_workgroup({"name": "wg"})
+    code = bservice.create_code("wg", {"uses": 5})
+    inv = dict(inventory(), disks=[{"name": "vdb", "size_bytes": 8 << 30, "partitions": [
+        {"name": "vdb1", "size_bytes": 4 << 30}]}])
+    sid = bservice.import_source(import_body(code, inventory=inv))["source_id"]
+    out = bservice.start_migration(
+        {"drill": False, "mode": "block", "disks": ["/dev/vdb1", "/dev/vdc", "/srv/disk.img"]}, source=sid)
+    tid = out["started"][0]["task_id"]
+    token = _cmds(bservice, sid)[0]["params"]["target"]["token"]
+    bs = bservice.block_store_for(tid, token)
+    assert bs is not None and bs.declared == {"vdb1": 4 << 30, "vdc": None, "disk.img": None}
+    # made once: later requests find it declared, without asking the database for the disks again
+    queries: list = []
+    bservice.store._conn().set_trace_callback(queries.append)
+    try:
+        assert bservice.block_store_for(tid, token) is bs
+    finally:
+        bservice.store._conn().set_trace_callback(None)
+    assert len(queries) == 1 and "inventory" not in queries[0]
 
 
 def test_default_snapshot_is_auto_and_file_tasks_have_no_block_store(bservice):

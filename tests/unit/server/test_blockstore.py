@@ -3,10 +3,13 @@ generations' fsck are in tests/integration/test_block_replication.py)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import blake3
@@ -14,10 +17,10 @@ import pytest
 import xxhash
 import zstandard
 
-from go2cloud_server import blockstore
+from go2cloud_server import blockstore, rules
 from go2cloud_server.blockrx import BlockReceiver
-from go2cloud_server.blockstore import BlockTaskStore, ChunkHashMismatch, decompress_chunk
-from go2cloud_server.errors import InvalidInput, NotFound
+from go2cloud_server.blockstore import BlockTaskStore, ChunkHashMismatch, DiskTooLarge, decompress_chunk
+from go2cloud_server.errors import AuthFailed, InvalidInput, NotFound
 
 CS = 65536
 SIZE = 16 * CS
@@ -376,11 +379,231 @@ def test_unreadable_generation_is_reported_failed(store, checks, monkeypatch):
     _committed(store)
     store.commit_cycle(1)
 
-    def unreadable(fd, name):
+    def unreadable(fd, length, offset):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(blockstore, "_sha256_sparse", unreadable)
+    monkeypatch.setattr(blockstore, "_pread", unreadable)
     done = store.verify_generation("d0", 1)
     assert done is not None and done["state"] == "failed" and "Input/output error" in done["error"]
     assert done["sha256"] is None and checks == []
     assert store.verify_generation("d0", 1) == done  # final: not retried
+
+
+# -- only the task's disks, no larger than the source reported; verification in steps ----------
+INVENTORY = {"disks": [{"name": "vdb", "size_bytes": SIZE, "partitions": [
+    {"name": "vdb1", "size_bytes": SIZE - CS}]}, {"name": "vdc", "size_bytes": 0, "partitions": []}]}
+
+
+def test_declared_disk_limits_come_from_the_inventory():
+    disks = rules.disk_names(["/dev/vdb", "/dev/vdb1", "/dev/vdc", "/dev/mapper/vg-root", "/srv/img/vdb",
+                              "/dev/sdz"])
+    assert blockstore.declared_disk_limits(disks, INVENTORY) == {
+        "vdb": SIZE, "vdb1": SIZE - CS,
+        "vdc": None,  # the inventory does not know its size
+        "vg-root": None, "vdb-2": None,  # not a device node of the inventory: an image file, a mapper name
+        "sdz": None}
+    assert blockstore.declared_disk_limits(disks[:1], {"disks": "junk"}) == {"vdb": None}
+
+
+@pytest.fixture
+def dstore(tmp_path):
+    return BlockTaskStore(tmp_path / "tasks" / "t-2" / "block", {"vdb": SIZE, "disk.img": None})
+
+
+def test_only_declared_disks_are_accepted_and_nothing_is_created(dstore):
+    data = os.urandom(CS)
+    for call in (lambda: dstore.write_chunk("evil", 0, CS, SIZE, data, xh(data)),
+                 lambda: dstore.write_holes("evil", 0, 4, CS, SIZE),
+                 lambda: dstore.commit("evil", 1, SIZE, bytes(16 * 16), CS),
+                 lambda: dstore.state("evil"),
+                 lambda: dstore.verify_indices("evil", [(0, bytes(16))], CS)):
+        with pytest.raises(NotFound, match="not a disk of this task"):
+            call()
+    assert not dstore.root.exists()
+    dstore.write_chunk("vdb", 0, CS, SIZE, data, xh(data))
+    assert dstore.disks() == ["vdb"]
+
+
+def test_a_disk_larger_than_the_inventory_says_is_refused(dstore):
+    with pytest.raises(DiskTooLarge, match="inventory"):
+        dstore.write_holes("vdb", 0, 1, CS, SIZE + CS)
+    with pytest.raises(DiskTooLarge):
+        dstore.commit("vdb", 1, 1 << 44, bytes(16 * ((1 << 44) // (4 << 20))), 4 << 20)
+    assert not dstore.root.exists()
+    dstore.write_holes("vdb", 0, 16, CS, SIZE)  # its own size is fine
+
+
+def test_an_image_too_large_for_the_target_filesystem_is_a_clear_refusal(dstore, monkeypatch):
+    def efbig(fd, size):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(blockstore.os, "ftruncate", efbig)
+    with pytest.raises(DiskTooLarge, match="cannot hold an image that large"):
+        dstore.write_holes("vdb", 0, 1, CS, SIZE)
+
+
+def test_a_disk_of_unknown_size_is_pinned_at_its_first_write(dstore, tmp_path):
+    dstore.write_holes("disk.img", 0, 1, CS, 4 * CS)
+    with pytest.raises(DiskTooLarge, match="first write"):
+        dstore.write_holes("disk.img", 0, 1, CS, 5 * CS)
+    # pinned on disk: a restarted server (a new store object) keeps the limit
+    again = BlockTaskStore(dstore.root, {"vdb": SIZE, "disk.img": None})
+    with pytest.raises(DiskTooLarge):
+        again.commit("disk.img", 1, 1 << 40, bytes(16 * ((1 << 40) // (4 << 20))), 4 << 20)
+    assert again.size_limit("disk.img") == 4 * CS
+    again.write_holes("disk.img", 0, 4, CS, 4 * CS)
+    assert (dstore.root / "disk.img" / "current.img").stat().st_size == 4 * CS
+
+
+@pytest.fixture
+def drx(dstore):
+    return BlockReceiver(lambda task, token: dstore if (task, token) == ("t-2", TOKEN) else None)
+
+
+def test_receiver_decides_from_the_headers_before_the_body(drx, dstore):
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    geo = {**bearer, "X-Chunk-Size": str(CS), "X-Disk-Size": str(SIZE)}
+    base = "/block/v1/tasks/t-2/disks"
+    with pytest.raises(AuthFailed):
+        drx.authorize("PUT", f"{base}/vdb/chunks/0", {**geo, "Authorization": "Bearer wrong"})
+    with pytest.raises(NotFound):
+        drx.authorize("POST", f"{base}/evil/chunks", geo)
+    with pytest.raises(DiskTooLarge):
+        drx.authorize("POST", f"{base}/vdb/commit", {**geo, "X-Disk-Size": str(1 << 44), "X-Cycle": "1"})
+    # a commit's body is exactly the hashes of the disk's chunks, not the protocol's 64 MiB cap
+    req = drx.authorize("POST", f"{base}/vdb/commit", {**geo, "X-Cycle": "1"})
+    assert req.max_body == 16 * 16
+    status, doc = drx.serve(req, {**geo, "X-Cycle": "1"}, bytes(16 * 17))
+    assert status == 413 and doc["error"]["code"] == "too_large"
+    status, doc = drx.handle("GET", f"{base}/evil", bearer, b"")
+    assert status == 404 and "not a disk of this task" in doc["error"]["message"]
+    assert not dstore.root.exists()
+
+
+def test_verify_reads_each_chunk_once_per_request(drx, dstore):
+    dstore.write_holes("vdb", 0, 16, CS, SIZE)
+    auth = {"Authorization": f"Bearer {TOKEN}", "X-Chunk-Size": str(CS)}
+    twice = struct.pack(">I16s", 3, bytes(16)) * 2
+    status, doc = drx.handle("POST", "/block/v1/tasks/t-2/disks/vdb/verify", auth, twice)
+    assert status == 400 and "twice" in doc["error"]["message"]
+
+
+def _read_counter(monkeypatch):
+    read = {"bytes": 0, "calls": 0}
+    real = blockstore._pread
+
+    def counting(fd, length, offset):
+        buf = real(fd, length, offset)
+        read["bytes"] += len(buf)
+        read["calls"] += 1
+        return buf
+
+    monkeypatch.setattr(blockstore, "_pread", counting)
+    return read
+
+
+def test_holes_are_verified_without_reading_them_and_in_steps(store, checks, monkeypatch):
+    size, cs = 1 << 30, 4 << 20
+    store.write_holes("d0", 0, size // cs, cs, size)
+    data = (b"data" * cs)[:cs]
+    store.write_chunk("d0", 7, cs, size, data, xh(data))
+    hashes = [xxhash.xxh3_128(bytes(cs)).digest()] * (size // cs)
+    hashes[7] = xxhash.xxh3_128(data).digest()
+    store.commit("d0", 1, size, b"".join(hashes), cs)
+    store.commit_cycle(1)
+    read = _read_counter(monkeypatch)
+    steps = store.verify_generation_steps("d0", 1)
+    count = 0
+    while True:
+        try:
+            next(steps)
+            count += 1
+        except StopIteration as end:
+            report = end.value
+            break
+    want = hashlib.sha256()
+    want.update(bytes(7 * cs))
+    want.update(data)
+    for _ in range(size // cs - 8):
+        want.update(bytes(cs))
+    assert report["state"] == "verified" and report["sha256"] == want.hexdigest()
+    assert read["bytes"] == cs  # the one data chunk; 1020 MiB of holes hashed without a read
+    assert count >= size // blockstore.VERIFY_STEP  # a step per 64 MiB, then the filesystem check's
+
+
+def test_a_long_filesystem_check_does_not_hold_up_another_task(tmp_path, monkeypatch):
+    """The fsck of one task's generation (up to an hour on a crafted filesystem) runs in its own
+    thread: the shared verifier verifies another task's generation meanwhile."""
+    from go2cloud_server.verifier import GenerationVerifier
+
+    stores = {t: BlockTaskStore(tmp_path / t / "block") for t in ("slow", "fast")}
+    for store in stores.values():
+        _committed(store)
+        store.commit_cycle(1)
+    started, release = threading.Event(), threading.Event()
+
+    def fs_check(path, fs):
+        if "/slow/" in str(path):
+            started.set()
+            assert release.wait(30)
+        return {"tool": "e2fsck -f -n", "rc": 0, "ok": True, "summary": "clean"}
+
+    monkeypatch.setattr(blockstore, "detect_fs", lambda path: "ext4")
+    monkeypatch.setattr(blockstore, "fs_check", fs_check)
+    reports: dict = {}
+
+    def verify(task, cycle, disk):
+        reports[task] = yield from stores[task].verify_generation_steps(disk, cycle)
+
+    verifier = GenerationVerifier(verify)
+    try:
+        verifier.submit("slow", 1, "d0")
+        assert started.wait(30)
+        verifier.submit("fast", 1, "d0")
+        for _ in range(3000):
+            if "fast" in reports:
+                break
+            time.sleep(0.01)
+        assert reports.get("fast", {}).get("state") == "verified"
+        assert "slow" not in reports  # its check is still running
+        release.set()
+        for _ in range(3000):
+            if verifier.idle():
+                break
+            time.sleep(0.01)
+        assert reports["slow"]["state"] == "verified" and reports["slow"]["check"]["ok"]
+    finally:
+        release.set()
+        verifier.stop()
+
+
+def test_a_task_bodies_in_flight_are_bounded_and_other_tasks_are_not(dstore, store):
+    from go2cloud_server.blockrx import TargetBusy
+
+    stores = {"t-1": store, "t-2": dstore}
+    rx = BlockReceiver(lambda task, token: stores.get(task) if token == TOKEN else None,
+                       inflight_limit=100, busy_wait_s=30)
+    geo = {"Authorization": f"Bearer {TOKEN}", "X-Chunk-Size": str(CS), "X-Disk-Size": str(SIZE)}
+    first = rx.authorize("POST", "/block/v1/tasks/t-2/disks/vdb/chunks", geo)
+    rx.reserve(first, 60)
+    events: list = []
+    second = rx.authorize("POST", "/block/v1/tasks/t-2/disks/vdb/chunks", geo)
+    waiter = threading.Thread(target=lambda: (rx.reserve(second, 60), events.append("second in")))
+    waiter.start()
+    other = rx.authorize("POST", "/block/v1/tasks/t-1/disks/d0/chunks", {**geo, "X-Disk-Size": str(SIZE)})
+    rx.reserve(other, 100)  # another task: its own budget
+    events.append("other in")
+    assert events == ["other in"]  # the second request of t-2 waits
+    events.append("first done")
+    rx.release(first, 60)
+    waiter.join(30)
+    assert events == ["other in", "first done", "second in"]
+    rx.release(second, 60)
+    rx.release(other, 100)
+    # a request that never fits (its task's others hold the budget) is refused after the wait
+    impatient = BlockReceiver(rx.resolve, inflight_limit=100, busy_wait_s=0)
+    impatient.reserve(first, 100)
+    with pytest.raises(TargetBusy, match="in flight"):
+        impatient.reserve(second, 1)
+    impatient.release(first, 100)
+    impatient.reserve(second, 1000)  # alone, any size fits (bounded by the route's body cap)

@@ -43,7 +43,7 @@ def test_every_block_route_is_documented_in_openapi():
               for m, pattern, _ in BlockReceiver.routes}
     assert served == _documented(spec, "/block/v1")
     codes = spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
-    assert {"chunk_hash_mismatch", "target_full"} <= set(codes)
+    assert {"chunk_hash_mismatch", "target_full", "disk_too_large", "target_busy"} <= set(codes)
 
 
 def test_operator_guide_limits_and_exit_codes_match_the_code():

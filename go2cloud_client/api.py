@@ -234,6 +234,8 @@ class ControlPlane:
             return json.loads(raw.decode("utf-8")) if raw else {}
         except (UnicodeDecodeError, ValueError):
             raise ProtocolError(f"the control plane's {what} response is not valid JSON") from None
+        except RecursionError:
+            raise ProtocolError(f"the control plane's {what} response is JSON nested too deeply") from None
 
     def _raise_for_error(self, status: int, raw: bytes, what: str) -> None:
         code, message = "", ""
@@ -243,7 +245,7 @@ class ControlPlane:
             if isinstance(err, dict):
                 code = str(err["code"]) if isinstance(err.get("code"), str) else ""
                 message = str(err["message"]) if isinstance(err.get("message"), str) else ""
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             pass
         message = _clip(message) or f"HTTP {status}"
         if status == 401:

@@ -27,6 +27,8 @@ from go2cloud_server.service import Service
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024
+#: JSON bodies nest at most this deep (the protocol's deepest document has a few levels).
+MAX_JSON_DEPTH = 64
 MAX_DRAIN = 16 * 1024 * 1024
 SOCKET_TIMEOUT_S = 90
 
@@ -216,6 +218,36 @@ class Api:
         return handler(req)
 
 
+def json_depth(doc: Any) -> int:
+    """How deep ``doc`` nests (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
+    return deepest
+
+
+def parse_json_body(data: bytes) -> Any:
+    """A request body as JSON: valid UTF-8, at most :data:`MAX_JSON_DEPTH` levels deep
+    (InvalidInput otherwise, never a RecursionError)."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInput("body: not valid UTF-8 JSON") from None
+    except RecursionError:
+        doc = None
+    else:
+        if json_depth(doc) <= MAX_JSON_DEPTH:
+            return doc
+    raise InvalidInput(f"body: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+
+
 class _Answered(Exception):
     """The block receiver answered (carries its status and body to the common reply code)."""
 
@@ -268,10 +300,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         if length == 0:
             return None
         data = self.rfile.read(length)
-        try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise InvalidInput("body: not valid UTF-8 JSON") from None
+        return parse_json_body(data)
 
     def _read_raw(self, limit: int, buffers: BodyBuffers) -> Union[bytes, memoryview]:
         """Raw body of a block-target request (``limit`` from the receiver's route), in a buffer

@@ -318,6 +318,15 @@ def _setup_logging(level: str) -> None:
     help="Seconds between agent heartbeats; a source is offline after 3 missed ones.",
 )
 @click.option(
+    "--request-timeout",
+    type=click.FloatRange(1, 600),
+    default=30,
+    show_default=True,
+    metavar="SECONDS",
+    help="Total time a client has for the TLS handshake, and for a request line and its headers "
+    "(a body gets this plus 1 s per 16 KiB); slower clients are disconnected. Long polls are not cut.",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True
 )
 @click.option(
@@ -333,6 +342,7 @@ def serve(
     rsync_port: int,
     public_host: Optional[str],
     heartbeat_interval: float,
+    request_timeout: float,
     log_level: str,
     packages_dir: Optional[Path],
 ) -> None:
@@ -402,6 +412,7 @@ def serve(
             (host, port),
             Api(service, auth.AgentAuth(), admin_token, block_receiver=receiver, downloads=downloads),
             tls.server_context(cert, key),
+            request_timeout_s=request_timeout,
         )
         service.public_url = f"https://{_url_host(public)}:{httpd.port}"
         local_url = f"https://{_url_host(local_host)}:{httpd.port}"

@@ -16,6 +16,7 @@ import pytest
 
 from go2cloud_server.client import pinned_session
 from tests.integration.harness import Server
+from tests.integration.test_server_api import Api, FakeAgent
 
 #: the deadline the server of these tests is started with (the default is 30 s)
 DEADLINE_S = 3.0
@@ -95,3 +96,47 @@ def test_agent_reads_a_deeply_nested_answer_as_a_protocol_error(tmp_path: Path):
             cp.server_time()
         with pytest.raises(ServerError, match="HTTP 500"):
             cp.server_time()
+
+
+# -- c. slow clients --------------------------------------------------------------------------------
+def test_trickled_headers_are_cut_at_the_deadline(quick_server: Server):
+    sock = _tls_client().wrap_socket(_connect(quick_server))
+    sock.sendall(b"GET /api/v1/time HTTP/1.1\r\n")
+    cut = _trickle(sock, b"X-Slow: " + b"a" * 100, limit=DEADLINE_S + 10)
+    assert cut is not None, "a client trickling its headers kept its connection"
+    assert cut < DEADLINE_S + 2.5, cut
+
+
+def test_trickled_tls_handshake_is_cut_at_the_deadline(quick_server: Server):
+    # a real ClientHello, sent one byte a second
+    hello = ssl.MemoryBIO()
+    tls = _tls_client().wrap_bio(ssl.MemoryBIO(), hello)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sock = _connect(quick_server)
+    cut = _trickle(sock, hello.read(), limit=DEADLINE_S + 10)
+    assert cut is not None and cut < DEADLINE_S + 2.5, cut
+
+
+def test_trickled_body_is_cut(quick_server: Server):
+    sock = _tls_client().wrap_socket(_connect(quick_server))
+    sock.sendall(b"POST /api/v1/sources/import HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 200\r\n\r\n")
+    cut = _trickle(sock, b'{"token_id": "' + b"a" * 190, limit=DEADLINE_S + 15)
+    # request timeout + 200 bytes at 16 KiB/s
+    assert cut is not None and cut < DEADLINE_S + 2.5, cut
+
+
+def test_long_poll_outlives_the_deadline(quick_server: Server):
+    quick_server.j("workgroup", "create", "web")
+    agent = FakeAgent(Api(quick_server))
+    assert agent.import_(quick_server.new_code("web")).status_code == 201
+    agent.login()
+    started = time.monotonic()
+    resp = agent.get("/commands", params={"wait": 2 * DEADLINE_S})
+    assert resp.status_code == 200 and resp.json() == {"commands": []}
+    assert time.monotonic() - started >= 2 * DEADLINE_S - 0.5
+    # the same keep-alive connection, idle for longer than the deadline, still serves a request:
+    # only a request that has started has the deadline
+    time.sleep(DEADLINE_S + 1)
+    assert agent.get("/commands", params={"wait": 0}).status_code == 200

@@ -365,6 +365,10 @@ def serve(
     if heartbeat_interval == int(heartbeat_interval):
         heartbeat_interval = int(heartbeat_interval)
     data_dir = data_dir.absolute()
+    # everything the server and its rsync daemon create under the data directory (database and
+    # its WAL, logs, state, task directories, block images) is for the server's user only;
+    # what needs another mode sets it explicitly (the top directory of a file image)
+    os.umask(0o077)
     data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         data_dir.chmod(0o700)

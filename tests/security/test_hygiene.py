@@ -5,8 +5,11 @@ cannot block an agent's command channel. Real server over HTTPS (harness), real 
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import ssl
+import stat
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -15,8 +18,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from go2cloud_server.client import pinned_session
-from tests.integration.harness import Server
+from go2cloud_server.manifest import build, diff
+from tests.integration.harness import Server, wait_for
 from tests.integration.test_server_api import Api, FakeAgent
+from tests.support import tree
 
 #: the deadline the server of these tests is started with (the default is 30 s)
 DEADLINE_S = 3.0
@@ -140,3 +145,53 @@ def test_long_poll_outlives_the_deadline(quick_server: Server):
     # only a request that has started has the deadline
     time.sleep(DEADLINE_S + 1)
     assert agent.get("/commands", params={"wait": 0}).status_code == 200
+
+
+# -- a. modes of the data directory ----------------------------------------------------------------
+def _excluded_defaults(rel: bytes, is_dir: bool) -> bool:
+    """The shipped default exclusions the nasty tree exercises."""
+    return rel == b"swapfile" or rel.startswith(b"tmp/") or rel.startswith(b"var/tmp/")
+
+
+def _image_dirs(data_dir: Path) -> set:
+    """The cycle images of file tasks (tasks/<id>/tree/NNNNNN/): copies of the sources, whose own
+    modes rsync keeps (checked against the source by manifest, not by this rule)."""
+    return {p for p in data_dir.glob("tasks/*/tree/*") if p.is_dir() and re.fullmatch(r"\d{6}", p.name)}
+
+
+def _loose_modes(data_dir: Path) -> list:
+    images = _image_dirs(data_dir)
+    loose = []
+    for dirpath, dirnames, filenames in os.walk(data_dir):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if here / d not in images]
+        for name, want in [(d, 0o700) for d in dirnames] + [(f, 0o600) for f in filenames]:
+            path = here / name
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+                continue
+            if stat.S_IMODE(st.st_mode) != want:
+                loose.append(f"{oct(stat.S_IMODE(st.st_mode))} {path.relative_to(data_dir)}")
+    return loose
+
+
+def test_data_dir_is_for_the_server_user_only_after_a_real_migration(server: Server, agents, tmp_path: Path):
+    src = tree.build(tmp_path / "source")
+    server.j("workgroup", "create", "wg-modes")
+    agent = agents("modes")
+    agent.start(code=server.new_code("wg-modes", uses=1))
+    sid = agent.wait_imported()
+    server.j("migration", "start", "--source", sid, "--path", str(src), "--no-drill")
+    server.wait_task(sid, "pending", timeout=120)
+    tree.change_content(src)
+    server.j("migration", "sync", "--source", sid)
+    wait_for(lambda: len(server.artifacts(sid)) == 2, 120, "the second image")
+    server.wait_task(sid, "pending", timeout=60)
+
+    # rsync (as root, chrooted into the module) still wrote the image, source modes and all
+    image = Path(server.artifacts(sid)[-1]["path"]) / str(src).lstrip("/")
+    assert diff(build(src, exclude=_excluded_defaults), build(image)) == []
+    assert (server.data_dir / "server.db-wal").exists()
+    loose = _loose_modes(server.data_dir)
+    assert not loose, "readable by others:\n" + "\n".join(loose)
+    assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sqlite3
 import ssl
 import stat
 import time
@@ -195,3 +196,49 @@ def test_data_dir_is_for_the_server_user_only_after_a_real_migration(server: Ser
     loose = _loose_modes(server.data_dir)
     assert not loose, "readable by others:\n" + "\n".join(loose)
     assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700
+
+
+# -- d. a malformed command does not block the command channel -------------------------------------
+def _queue_raw_command(server: Server, source_id: str, cid: str, ctype: object, params: str) -> None:
+    """A command row as the control plane (or anything that can write its database) could queue it,
+    bypassing every check of the service layer."""
+    with sqlite3.connect(str(server.data_dir / "server.db"), timeout=30) as db:
+        db.execute("INSERT INTO commands (id, source_id, task_id, type, params, status, created_at, "
+                   "updated_at) VALUES (?, ?, NULL, ?, ?, 'queued', '2026-01-01T00:00:00Z', "
+                   "'2026-01-01T00:00:00Z')", (cid, source_id, ctype, params))
+
+
+def _command_status(server: Server, cid: str) -> Optional[str]:
+    with sqlite3.connect(str(server.data_dir / "server.db"), timeout=30) as db:
+        row = db.execute("SELECT status, error_code FROM commands WHERE id = ?", (cid,)).fetchone()
+    return f"{row[0]}:{row[1]}" if row else None
+
+
+def test_malformed_commands_do_not_block_the_ones_after_them(server: Server, agents):
+    server.j("workgroup", "create", "wg-cmds")
+    agent = agents("cmds")
+    agent.home.mkdir(mode=0o700)
+    (agent.home / "config.yaml").write_text("poll_wait_s: 1\n")  # the crafted rows are not notified
+    agent.start(code=server.new_code("wg-cmds", uses=1))
+    sid = agent.wait_imported()
+    unusable = ["c-bad/../x", "c-" + "x" * 200, "c-sp ace"]
+    for cid in unusable:
+        _queue_raw_command(server, sid, cid, "pause", "{}")
+    _queue_raw_command(server, sid, "c-start-bad", "start", '{"task_id": "t/../x", "mode": "file"}')
+    _queue_raw_command(server, sid, "c-params-list", "pause", "[1, 2]")
+    _queue_raw_command(server, sid, "c-later", "frobnicate", "{}")
+
+    # the commands after the malformed ones are answered: rejected with an error code, unsupported
+    wait_for(lambda: _command_status(server, "c-later") == "unsupported:unsupported", 60,
+             "the command after the malformed ones to be acknowledged")
+    assert _command_status(server, "c-start-bad") == "rejected:command_rejected"
+    assert _command_status(server, "c-params-list") == "rejected:command_rejected"
+    # those without a usable id cannot be acknowledged: skipped, and logged once each
+    time.sleep(3)  # a few more polls that deliver them again
+    log = (agent.home / "Logs" / "go2cloud_client.log").read_text()
+    for cid in unusable:
+        assert _command_status(server, cid) == "queued:None"
+        assert log.count(f"without a usable id ({repr(cid)[:200]})") == 1, log[-3000:]
+    # and the channel keeps working for real commands
+    server.j("migration", "start", "--source", sid, "--path", "/nonexistent-path", "--no-drill")
+    wait_for(lambda: server.task_status(sid) in ("failed", "syncing", "pending"), 60, "the start command")

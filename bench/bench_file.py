@@ -148,8 +148,8 @@ def main() -> int:
         agent_out = open(work / "agent.out", "w")
         agent = subprocess.Popen([sys.executable, "-m", "go2cloud_client", "--home", str(home), "--server", api.url,
                                   "--server-fingerprint", api.fingerprint, "--token-id", code["token_id"],
-                                  "--token-code", code["token_code"], "--yes", "--no-prompt"],
-                                 stdout=agent_out, stderr=subprocess.STDOUT, env=env(), stdin=subprocess.DEVNULL)
+                                  "--yes", "--no-prompt"], stdout=agent_out, stderr=subprocess.STDOUT,
+                                 env={**env(), "GO2CLOUD_TOKEN_CODE": code["token_code"]}, stdin=subprocess.DEVNULL)
         sid = ""
         while not sid:
             text = (work / "agent.out").read_text()

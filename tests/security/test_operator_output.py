@@ -99,6 +99,11 @@ def test_agent_strings_never_reach_the_terminal_raw(server: Server):
     doc = json.loads(server.cli("migration", "show", "--source", sid).stdout)
     assert doc["tasks"][0]["error"]["message"] == "boom\x1b]0;title\x07\r"
 
+    # the server's own log (read on a terminal, journalctl) names the hostname escaped too
+    log = (server.data_dir.parent / f"{server.data_dir.name}-serve.log").read_text(encoding="utf-8")
+    assert "web\\x1b[2J" in log
+    _assert_clean(log)
+
 
 def test_terminal_safe_escapes_every_control_and_nothing_else():
     from go2cloud_server.cli import terminal_safe

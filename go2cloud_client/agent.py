@@ -195,13 +195,19 @@ class Agent:
 
     def dispatch(self, raw: Dict[str, Any]) -> bool:
         """Handle one delivered command; True if it was new (not a redelivery)."""
-        cid, ctype = raw["id"], raw["type"]
+        cid, ctype = raw["id"], raw.get("type")
         entry = self.ledger.get(cid)
         if entry is not None:
             if entry["status"] in FINAL_STATUSES or not entry.get("ack_sent"):
                 LOG.debug("command %s delivered again; answering %s from the ledger", cid, entry["status"])
                 self._send_ack(cid, entry)
             return False
+        if not isinstance(ctype, str):  # acknowledged, so it is not delivered again and again
+            LOG.warning("command %s rejected: its type is not a string (%.100r)", cid, ctype)
+            self.ledger.finish(cid, "rejected", ctype="", error_code=CommandRejectedError.code,
+                               message="command type: must be a string")
+            self._ack_wakeup.set()
+            return True
         if ctype not in KNOWN_TYPES or ctype not in SUPPORTED_TYPES:
             LOG.warning("command %s: type %r is not supported by this agent", cid, ctype)
             self.ledger.finish(cid, "unsupported", ctype=ctype, error_code="unsupported",

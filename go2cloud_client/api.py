@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Type
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -123,6 +123,8 @@ class ControlPlane:
         self._token: Optional[str] = None
         self._token_deadline = 0.0
         self._token_lock = threading.Lock()
+        #: commands skipped because they cannot be acknowledged (logged once each)
+        self._skipped_commands: Set[str] = set()
 
     def close(self) -> None:
         self.session.close()
@@ -237,6 +239,8 @@ class ControlPlane:
             return json.loads(raw.decode("utf-8")) if raw else {}
         except (UnicodeDecodeError, ValueError):
             raise ProtocolError(f"the control plane's {what} response is not valid JSON") from None
+        except RecursionError:
+            raise ProtocolError(f"the control plane's {what} response is JSON nested too deeply") from None
 
     def _raise_for_error(self, status: int, raw: bytes, what: str, *,
                          retry_after: Optional[float] = None) -> None:
@@ -247,7 +251,7 @@ class ControlPlane:
             if isinstance(err, dict):
                 code = str(err["code"]) if isinstance(err.get("code"), str) else ""
                 message = str(err["message"]) if isinstance(err.get("message"), str) else ""
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             pass
         message = _clip(message) or f"HTTP {status}"
         if status == 401:
@@ -394,6 +398,11 @@ class ControlPlane:
         return doc
 
     def poll_commands(self, wait: int = 25) -> List[Dict[str, Any]]:
+        """The commands waiting for this source. One malformed command never hides the others:
+        a command without a usable id (not ``[A-Za-z0-9._-]{1,128}``: it could not be
+        acknowledged, or would change the acknowledgement's URL) is skipped and logged once; any
+        other defect (type, params) is left to the command layer, which acknowledges it
+        ``rejected`` or ``unsupported``."""
         sid = quote(self._require_source(), safe="")
         wait = max(0, min(60, int(wait)))
         doc = _obj(self._send("GET", f"/sources/{sid}/commands", params={"wait": wait},
@@ -401,19 +410,24 @@ class ControlPlane:
         commands = _field(doc, "commands", list, "commands")
         out = []
         for item in commands:
-            if not isinstance(item, dict):
-                raise ProtocolError("the control plane's commands response has a malformed field 'commands'")
-            cid = _field(item, "id", str, "commands")
-            if not _SAFE_ID_RE.match(cid):
-                raise ProtocolError("the control plane's commands response has a malformed field 'id'")
-            _field(item, "type", str, "commands")
-            params = item.get("params")
-            if params is None:
-                item["params"] = {}
-            elif not isinstance(params, dict):
-                item["params"] = params  # validated (and rejected) by the command layer
+            cid = item.get("id") if isinstance(item, dict) else None
+            if not isinstance(cid, str) or not _SAFE_ID_RE.match(cid):
+                self._skip_command(item)
+                continue
+            if item.get("params") is None:
+                item["params"] = {}  # anything else is validated (and rejected) by the command layer
             out.append(item)
         return out
+
+    def _skip_command(self, item: Any) -> None:
+        key = repr(item.get("id") if isinstance(item, dict) else item)[:200]
+        if key in self._skipped_commands:
+            return
+        if len(self._skipped_commands) < 1000:
+            self._skipped_commands.add(key)
+        LOG.warning("the control plane sent a command without a usable id (%s): skipped, it cannot be "
+                    "acknowledged; the other commands run (report this to the control plane's operator)",
+                    key)
 
     def ack(
         self,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import click
+from click.core import ParameterSource
 
 from go2cloud_client import __version__, hostprep, platform, servicemode
 from go2cloud_client.agent import Agent, kill_children
@@ -58,12 +59,14 @@ def _ask_missing(server: Optional[str], token_id: Optional[str], token_code: Opt
     missing = [flag for flag, value in (("--server", server), ("--token-id", token_id),
                                         ("--token-code", token_code)) if not value]
     if missing and not hostprep.can_prompt(no_prompt):
+        give = [f"{m} ..." for m in missing if m != "--token-code"]
+        if "--token-code" in missing:
+            give.append(f"the token code in the environment variable {TOKEN_CODE_ENV} (or --token-code - "
+                        "to read it from standard input)")
         raise UsageError(
             "this host is not imported yet and " + ", ".join(missing) + " " +
-            ("is" if len(missing) == 1 else "are") + " missing: pass "
-            + " ".join(f"{m} ..." for m in missing)
-            + " (the token code can also come from $GO2CLOUD_TOKEN_CODE), or run without --no-prompt "
-            "on a terminal to be asked"
+            ("is" if len(missing) == 1 else "are") + " missing: pass " + ", ".join(give)
+            + ", or run without --no-prompt on a terminal to be asked"
         )
     if not server:
         server = click.prompt("Control plane URL (https://...)").strip()
@@ -367,6 +370,40 @@ def print_status(doc: Dict[str, Any]) -> None:
         click.echo(f"Last error: {err.get('code')}: {err.get('message')}")
 
 
+# -- the token code: never an argument ------------------------------------------------------------
+
+#: The environment variable that carries the activation code's token code.
+TOKEN_CODE_ENV = "GO2CLOUD_TOKEN_CODE"
+
+
+def take_token_code(source: Optional[ParameterSource], value: Optional[str]) -> Optional[str]:
+    """The token code given to this run, kept in no process's arguments or environment.
+
+    A code on the command line is refused (an argument is readable by every local user through
+    ``ps`` and ``/proc/PID/cmdline`` for the life of the process, and re-executing without it
+    cannot hide it from the moment before, nor from the parent of a one-file executable):
+    ``--token-code -`` reads it from standard input instead. A code from ``GO2CLOUD_TOKEN_CODE``
+    is removed from this process's environment at once, including the copy other processes of
+    the same user can read (``/proc/PID/environ``), so neither the long-running agent nor its
+    children carry it."""
+    if source == ParameterSource.COMMANDLINE:
+        if value != "-":
+            raise UsageError(
+                "the token code is never accepted as an argument: every user of this host can read "
+                f"arguments (ps). Set it in the environment instead (export {TOKEN_CODE_ENV}='...' "
+                f"then sudo --preserve-env={TOKEN_CODE_ENV} go2cloud_client ...), pipe it with "
+                "--token-code - (printf '%s\n' \"$CODE\" | go2cloud_client --token-code - ...), or leave "
+                "it out to be asked; the code given was exposed, revoke it if others use this host "
+                "(go2cloud_server code revoke TOKEN_ID)")
+        line = click.get_text_stream("stdin").readline().strip()
+        if not line:
+            raise UsageError("--token-code -: standard input had no token code (one line expected)")
+        return line
+    if source == ParameterSource.ENVIRONMENT:
+        platform.forget_environment_secret(TOKEN_CODE_ENV)
+    return value or None
+
+
 # -- click --------------------------------------------------------------------------------------
 
 _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
@@ -375,8 +412,10 @@ _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=Fal
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--server", metavar="URL", help="Control plane URL (https://HOST:PORT). Env: GO2CLOUD_SERVER.")
 @click.option("--token-id", "--accesstokenid", "token_id", metavar="ID", help="Activation code token id.")
-@click.option("--token-code", "--accesstokencode", "token_code", metavar="CODE", envvar="GO2CLOUD_TOKEN_CODE",
-              help="Activation code token code (env GO2CLOUD_TOKEN_CODE; prompted hidden if missing).")
+@click.option("--token-code", "--accesstokencode", "token_code", metavar="-", envvar=TOKEN_CODE_ENV,
+              help=f"'-': read the activation code token code from standard input (one line). The code "
+                   f"itself is never an argument (every local user could read it): give it in the "
+                   f"environment variable {TOKEN_CODE_ENV}, or leave both out to be asked (hidden).")
 @click.option("--server-fingerprint", metavar="sha256:HEX",
               help="Pin the control plane's certificate. Env: GO2CLOUD_SERVER_FINGERPRINT.")
 @click.option("--home", "home_dir", metavar="DIR", help="Agent home (env GO2CLOUD_HOME).")
@@ -407,6 +446,7 @@ def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], toke
     """
     ctx.ensure_object(dict)
     ctx.obj.update(home_dir=home_dir, yes=yes, no_prompt=no_prompt)
+    token_code = take_token_code(ctx.get_parameter_source("token_code"), token_code)
     if ctx.invoked_subcommand:
         return None
     home = Home(resolve_home(home_dir))

@@ -91,13 +91,19 @@ class TaskTree:
         return self.root / f"{_check_cycle(n):06d}"
 
     def prepare_cycle(self, n: int) -> Path:
-        """Create the (empty) directory of cycle ``n``, root-owned 0755; idempotent (a cycle that
-        was interrupted keeps its partial content so the rerun only sends what is missing). The
-        caller (the service, from its database) never prepares a committed cycle."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
+        """Create the (empty) directory of cycle ``n``, 0755 in a task root that is 0700 (the
+        server's user only, like all of its data directory); idempotent (a cycle that was
+        interrupted keeps its partial content, and the mode rsync gave it, so the rerun only sends
+        what is missing). The caller (the service, from its database) never prepares a committed
+        cycle."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
         path = self.cycle_dir(n)
-        path.mkdir(mode=0o755, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            return path
+        os.chmod(path, 0o755)  # the image's own top directory, as before (not under the umask)
         return path
 
     def commit_cycle(self, n: int) -> ArtifactInfo:

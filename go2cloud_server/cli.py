@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -55,26 +56,25 @@ class _Group(click.Group):
         except click.exceptions.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             msg = exc.format_message().rstrip(".")
-            click.echo(f"error: {msg[:1].lower()}{msg[1:]}{hint}", err=True)
+            _echo_error(f"error: {msg[:1].lower()}{msg[1:]}{hint}")
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
+            _echo_error(f"error: {exc.format_message()}")
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(1)
         except ServerError as exc:
-            click.echo(f"error: {exc.message}", err=True)
+            _echo_error(f"error: {exc.message}")
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - never a traceback for the operator
             log.debug("internal error", exc_info=True)
-            click.echo(
+            _echo_error(
                 f"error: internal error: {exc.__class__.__name__}: {exc} "
-                "(re-run with GO2CLOUD_DEBUG=1 for details)",
-                err=True,
+                "(re-run with GO2CLOUD_DEBUG=1 for details)"
             )
             if os.environ.get("GO2CLOUD_DEBUG"):
                 import traceback
@@ -91,6 +91,50 @@ def main() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # output helpers
+#: What a terminal would act on instead of showing: C0 controls (ESC, CR, LF, BEL, ...), DEL, C1
+#: controls (0x80-0x9f, such as the one-byte CSI 0x9b), and the Unicode bidi controls that reorder
+#: what is shown (U+061C, U+200E/F, U+202A-202E, U+2066-2069) or break lines (U+2028/9).
+_TERMINAL_CONTROLS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every terminal control character shown as its escape (``\\x1b``, ``\\u202e``).
+
+    Strings a source sends (hostname, OS, agent version, events, drill items, error messages) are
+    shown to the operator; a code holder must not be able to clear the screen, move the cursor,
+    set the window title or reorder a line. Every human output goes through here (:meth:`Op.out`
+    on the data, :func:`_echo_error`, the log formatter of ``serve``); ``--json`` never does.
+    Backslashes are left alone, so the function is idempotent."""
+    return _TERMINAL_CONTROLS.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text
+    )
+
+
+def _terminal_safe_data(data: Any) -> Any:
+    """A copy of an API answer with :func:`terminal_safe` applied to every string (keys too)."""
+    if isinstance(data, str):
+        return terminal_safe(data)
+    if isinstance(data, dict):
+        return {_terminal_safe_data(k): _terminal_safe_data(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_terminal_safe_data(v) for v in data]
+    return data
+
+
+def _echo_error(message: str) -> None:
+    click.echo(terminal_safe(message), err=True)
+
+
+class _TerminalSafeFormatter(logging.Formatter):
+    """Log lines of ``serve`` (read on a terminal, or with ``journalctl``) with the message's
+    control characters escaped: request paths and hostnames come from the network."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return terminal_safe(super().formatMessage(record))
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True))
 
@@ -198,7 +242,7 @@ class Op:
         if self.as_json:
             _echo_json(data)
         else:
-            click.echo(human(data))
+            click.echo(human(_terminal_safe_data(data)))
 
 
 def _op(kw: Dict[str, Any]) -> Op:
@@ -230,7 +274,7 @@ def _url_host(host: str) -> str:
 
 def _setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    fmt = logging.Formatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    fmt = _TerminalSafeFormatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
     fmt.converter = time.gmtime
     handler.setFormatter(fmt)
     root = logging.getLogger()
@@ -274,6 +318,15 @@ def _setup_logging(level: str) -> None:
     help="Seconds between agent heartbeats; a source is offline after 3 missed ones.",
 )
 @click.option(
+    "--request-timeout",
+    type=click.FloatRange(1, 600),
+    default=30,
+    show_default=True,
+    metavar="SECONDS",
+    help="Total time a client has for the TLS handshake, and for a request line and its headers "
+    "(a body gets this plus 1 s per 16 KiB); slower clients are disconnected. Long polls are not cut.",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True
 )
 @click.option(
@@ -306,6 +359,7 @@ def serve(
     rsync_port: Optional[int],
     public_host: Optional[str],
     heartbeat_interval: float,
+    request_timeout: float,
     log_level: str,
     packages_dir: Optional[Path],
     import_window: float,
@@ -333,6 +387,10 @@ def serve(
     if heartbeat_interval == int(heartbeat_interval):
         heartbeat_interval = int(heartbeat_interval)
     data_dir = data_dir.absolute()
+    # everything the server and its rsync daemon create under the data directory (database and
+    # its WAL, logs, state, task directories, block images) is for the server's user only;
+    # what needs another mode sets it explicitly (the top directory of a file image)
+    os.umask(0o077)
     data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         data_dir.chmod(0o700)
@@ -386,6 +444,7 @@ def serve(
             Api(service, agent_auth, admin_token, block_receiver=receiver, downloads=downloads,
                 rsync_sessions=rsyncd),
             tls.server_context(cert, key),
+            request_timeout_s=request_timeout,
         )
         service.public_url = f"https://{_url_host(public)}:{httpd.port}"
         local_url = f"https://{_url_host(local_host)}:{httpd.port}"

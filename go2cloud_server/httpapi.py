@@ -3,10 +3,18 @@
 ``ThreadingHTTPServer`` with TLS done in each request thread (a slow handshake never blocks the
 accept loop), a route table, JSON in and out, 1 MiB request cap and the error body of the
 protocol. Request lines are logged with method, path, status and duration; bodies never are.
+
+What the server waits for has a total deadline: the TLS handshake ``request_timeout_s`` (its
+socket timeout, which CPython's ssl module applies to the whole handshake), and through
+go2cloud_server/deadlines.py a request's line and headers ``request_timeout_s``, a body that plus
+its size at ``BODY_MIN_RATE``. The wait for the next request of a keep-alive connection is bounded by the
+socket timeout; handling a request (a long poll) is not bounded by either.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import re
@@ -15,11 +23,12 @@ import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Pattern, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Pattern, Tuple, Union, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from go2cloud_server import auth
 from go2cloud_server.blockrx import BlockReceiver
+from go2cloud_server.deadlines import BODY_MIN_RATE, REQUEST_TIMEOUT_S, Deadline, Deadlines
 from go2cloud_server.downloads import Download, Downloads
 from go2cloud_server.errors import AuthFailed, Conflict, InvalidInput, NotFound, ServerError, TooLarge
 from go2cloud_server.rsyncd import RsyncSessions
@@ -31,6 +40,8 @@ MAX_BODY = 1024 * 1024
 #: file-level data: ``POST /rsync/v1/tasks/<task>/session`` upgraded to the rsync protocol
 RSYNC_SESSION = re.compile(r"^/rsync/v1/tasks/([A-Za-z0-9._-]{1,64})/session$")
 RSYNC_UPGRADE = "go2cloud-rsync"
+#: JSON bodies nest at most this deep (the protocol's deepest document has a few levels).
+MAX_JSON_DEPTH = 64
 MAX_DRAIN = 16 * 1024 * 1024
 #: after refusing a block request that is not the task's (before its body): read and drop at most
 #: this much of the body, for at most LINGER_S, then close. Not a drain: it only spares a client
@@ -231,6 +242,36 @@ class Api:
         return handler(req)
 
 
+def json_depth(doc: Any) -> int:
+    """How deep ``doc`` nests (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
+    return deepest
+
+
+def parse_json_body(data: bytes) -> Any:
+    """A request body as JSON: valid UTF-8, at most :data:`MAX_JSON_DEPTH` levels deep
+    (InvalidInput otherwise, never a RecursionError)."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInput("body: not valid UTF-8 JSON") from None
+    except RecursionError:
+        doc = None
+    else:
+        if json_depth(doc) <= MAX_JSON_DEPTH:
+            return doc
+    raise InvalidInput(f"body: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+
+
 class _Answered(Exception):
     """The block receiver answered (carries its status and body to the common reply code)."""
 
@@ -249,6 +290,50 @@ class RequestHandler(BaseHTTPRequestHandler):
     _rx: Optional[bytearray] = None  # the receive buffer of the block request being handled
     _drop_after = 0  # body bytes to read and drop after the answer (a refused block request)
     _linger = False  # after the answer, a short bounded read before closing (see LINGER_BYTES)
+    _deadline: Deadline
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = Deadline(self.connection, self.client_address[0])
+
+    def handle_one_request(self) -> None:
+        # waiting for a request (an idle keep-alive connection) is bounded by the socket timeout;
+        # from its first byte, the request line and headers have a total deadline (disarmed in
+        # _dispatch, before the request is handled)
+        try:
+            if not cast(io.BufferedReader, self.rfile).peek(1):  # makefile('rb', -1)
+                self.close_connection = True
+                return
+        except OSError:  # the socket timeout, a reset
+            self.close_connection = True
+            return
+        deadlines = self.server.deadlines
+        deadlines.arm(self._deadline, self.server.request_timeout_s, "the request line and headers")
+        try:
+            super().handle_one_request()
+        except OSError:
+            if not self._deadline.expired:
+                raise
+        finally:
+            deadlines.disarm(self._deadline)
+        if self._deadline.expired:
+            self.close_connection = True
+
+    @contextlib.contextmanager
+    def _body_deadline(self, length: int) -> Iterator[None]:
+        """Reading a body of ``length`` bytes: the request timeout plus its size at BODY_MIN_RATE."""
+        seconds = self.server.request_timeout_s + length / BODY_MIN_RATE
+        self.server.deadlines.arm(self._deadline, seconds, f"a request body of {length} bytes")
+        try:
+            yield
+        except OSError:  # the cut, seen by the TLS layer
+            if not self._deadline.expired:
+                raise
+        finally:
+            self.server.deadlines.disarm(self._deadline)
+        if self._deadline.expired:
+            self.close_connection = True
+            raise InvalidInput(f"request body of {length} bytes not received within {seconds:.0f} s")
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -257,12 +342,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Read (and drop) a refused body so the client sees the 413 instead of a reset."""
         left = min(length, MAX_DRAIN)
         try:
-            while left > 0:
-                chunk = self.rfile.read(min(left, 65536))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
+            with self._body_deadline(left):
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 65536))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+        except (OSError, InvalidInput):
             pass
 
     def _drop(self, length: int) -> int:
@@ -297,11 +383,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise TooLarge(f"request body of {length} bytes is over the limit of {MAX_BODY} bytes")
         if length == 0:
             return None
-        data = self.rfile.read(length)
-        try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise InvalidInput("body: not valid UTF-8 JSON") from None
+        with self._body_deadline(length):
+            data = self.rfile.read(length)
+        if len(data) != length:
+            self.close_connection = True
+            raise InvalidInput("request body shorter than its Content-Length")
+        return parse_json_body(data)
 
     def _read_raw(self, limit: int, buffers: BodyBuffers) -> Union[bytes, memoryview]:
         """Raw body of a block-target request (``limit`` from the receiver's route), in a buffer
@@ -326,12 +413,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         # BufferedReader/SocketIO layers (a 1 MiB chunk is ~64 TLS records)
         buf = self._rx = buffers.take(length)
         view = memoryview(buf)[:length]
-        got = self.rfile.readinto1(view)
-        while 0 < got < length:
-            n = self.connection.recv_into(view[got:])
-            if not n:
-                break
-            got += n
+        with self._body_deadline(length):
+            got = self.rfile.readinto1(view)
+            while 0 < got < length:
+                n = self.connection.recv_into(view[got:])
+                if not n:
+                    break
+                got += n
         if got != length:
             self.close_connection = True
             raise InvalidInput("request body shorter than its Content-Length")
@@ -446,6 +534,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         return 200
 
     def _dispatch(self) -> None:
+        self.server.deadlines.disarm(self._deadline)  # the headers are in: handling is not bounded
+        if self._deadline.expired:  # cut while the headers came in: they may be incomplete
+            self.close_connection = True
+            return
         started = time.monotonic()
         status = 500
         retry_after: Optional[int] = None
@@ -549,19 +641,34 @@ class ApiServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: Tuple[str, int], api: Api, ssl_context: Optional[ssl.SSLContext]) -> None:
+    def __init__(
+        self,
+        address: Tuple[str, int],
+        api: Api,
+        ssl_context: Optional[ssl.SSLContext],
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.api = api
         self.ssl_context = ssl_context
         self.body_buffers = BodyBuffers()
+        #: total time for a TLS handshake, and for a request line and headers (seconds)
+        self.request_timeout_s = request_timeout_s
+        self.deadlines = Deadlines()
         super().__init__(address, RequestHandler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.deadlines.close()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.ssl_context is None:
             super().finish_request(request, client_address)
             return
         try:
-            request.settimeout(30)
+            # the socket timeout of a handshake is its total deadline (CPython's ssl module
+            # counts it across the handshake's reads), so a trickled ClientHello is cut too
+            request.settimeout(self.request_timeout_s)
             tls = self.ssl_context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             log.info("TLS handshake with %s failed: %s", client_address[0], exc)

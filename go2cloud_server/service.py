@@ -149,15 +149,21 @@ def install_commands(
     ``exit <curl's code>`` instead, so the pipeline fails with curl's exit code and nothing runs
     (a bare pipe would give bash an empty script and exit 0, which fleet automation would count
     as an install). Windows: PowerShell fetches ``install.ps1`` with a certificate
-    validation callback that accepts only the certificate whose SHA-256 is the fingerprint. The
-    token code reaches the installers through ``GO2CLOUD_TOKEN_CODE`` in the environment, never
-    as an argument of go2cloud_client.
+    validation callback that accepts only the certificate whose SHA-256 is the fingerprint.
+
+    The token code is in no process's arguments at any moment (arguments are readable by every
+    local user). On Linux the assignment in front of ``sudo`` is done by the operator's shell: it
+    puts the code in sudo's environment, not its arguments (and not in the shell's own environment
+    afterwards, as ``export`` would), and ``sudo --preserve-env=`` hands it to ``bash`` and
+    install.sh, which give it to go2cloud_client's import and unset it. Options can still be
+    appended to the line. In PowerShell ``$env:`` is in-process, and install.ps1 removes it after
+    the import.
     """
     hex_digest = fingerprint.split(":", 1)[-1]
     linux = (
         f"{{ curl -fsS --insecure --pinnedpubkey {_sh_quote(spki_pin)} {url}/download/install.sh"
         ' || echo "exit $?"; }'
-        f" | sudo GO2CLOUD_TOKEN_CODE={_sh_quote(token_code)} bash -s --"
+        f" | GO2CLOUD_TOKEN_CODE={_sh_quote(token_code)} sudo --preserve-env=GO2CLOUD_TOKEN_CODE bash -s --"
         f" --server {url} --server-fingerprint {fingerprint} --token-id {token_id}"
     )
     powershell = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -192,6 +193,10 @@ class Store:
     def _conn(self) -> sqlite3.Connection:
         conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
         if conn is None:
+            if not self.path.exists():  # created 0600: SQLite gives its WAL and SHM files that mode
+                with contextlib.suppress(FileExistsError, FileNotFoundError):
+                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                    os.close(os.open(str(self.path), flags, 0o600))
             conn = sqlite3.connect(
                 str(self.path), timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
             )
@@ -251,8 +256,22 @@ class Store:
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         return int(row[0]) if row else 0
 
+    def _restrict_modes(self) -> None:
+        """The database and its ``-wal``/``-shm`` files (target passwords, block tokens) are for
+        the server's user only. SQLite creates the WAL and SHM files with the mode of the
+        database file, which :meth:`_conn` creates 0600; this also fixes the files of an older
+        server."""
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            try:
+                path.chmod(0o600)
+            except FileNotFoundError:
+                pass
+            except OSError:  # pragma: no cover - e.g. a filesystem without modes
+                pass
+
     def migrate(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._restrict_modes()
         with self.transaction() as conn:
             version = 0
             if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
@@ -271,10 +290,7 @@ class Store:
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(v),)
                 )
-        try:
-            self.path.chmod(0o600)
-        except OSError:  # pragma: no cover - e.g. a filesystem without modes
-            pass
+        self._restrict_modes()
 
 
 def dumps(value: Any) -> str:

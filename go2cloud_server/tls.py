@@ -76,7 +76,7 @@ def ensure_certificate(tls_dir: Path, hosts: Iterable[str]) -> Tuple[Path, Path]
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     write_atomic(key_path, key_pem, mode=0o600)
-    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
     log.info("generated TLS certificate %s (%s)", cert_path, fingerprint(cert_path))
     return cert_path, key_path
 

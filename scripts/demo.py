@@ -93,11 +93,11 @@ def change_tree(root: Path, rng: random.Random, round_no: int) -> Dict[str, int]
 
 
 class Proc:
-    def __init__(self, argv: List[str], log: Path, echo: bool = False):
+    def __init__(self, argv: List[str], log: Path, echo: bool = False, extra_env: Optional[Dict[str, str]] = None):
         self.log = open(log, "w")
         self.lines: List[str] = []
         self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  errors="replace", env=env(), stdin=subprocess.DEVNULL)
+                                  errors="replace", env={**env(), **(extra_env or {})}, stdin=subprocess.DEVNULL)
         self.echo = echo
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -166,7 +166,8 @@ def main() -> int:
 
         agent = Proc([sys.executable, "-m", "go2cloud_client", "--home", str(home), "--server", info["url"],
                       "--server-fingerprint", info["fingerprint"], "--token-id", code["token_id"],
-                      "--token-code", code["token_code"], "--yes", "--no-prompt"], work / "agent.out", echo=True)
+                      "--yes", "--no-prompt"], work / "agent.out", echo=True,
+                     extra_env={"GO2CLOUD_TOKEN_CODE": code["token_code"]})  # never an argument
         source_id = ""
         deadline = time.monotonic() + 30
         while not source_id:

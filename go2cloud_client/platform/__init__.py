@@ -53,6 +53,9 @@ service_uninstall = _impl.service_uninstall
 service_stop = _impl.service_stop
 #: --windows-service: the agent under the Windows Service Control Manager (UsageError elsewhere)
 run_windows_service = _impl.run_windows_service
+#: a secret read from the environment (the token code) removed from it, also from what other
+#: processes can read of it (/proc/PID/environ)
+forget_environment_secret = _impl.forget_environment_secret
 
 
 def distro() -> Distro | None:

@@ -433,3 +433,32 @@ def run_windows_service(run_agent: Callable[[Callable[[Any], None]], None]) -> i
     """``--windows-service`` is the binPath of the Windows service; systemd needs nothing of it."""
     raise UsageError("--windows-service is only for the Windows Service Control Manager; on Linux "
                      "run go2cloud_client without it (systemd runs the agent as it is)")
+
+
+def forget_environment_secret(name: str) -> None:
+    """Remove the secret variable ``name`` from this process: from ``os.environ`` (children do not
+    inherit it) and from the environment block the kernel shows as ``/proc/PID/environ``. That
+    block is the memory the process was started with; unsetting a variable does not change it,
+    so its value is overwritten in place with NUL bytes."""
+    os.environ.pop(name, None)
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            stat_line = fh.read()
+        fields = stat_line[stat_line.rindex(b")") + 2:].split()
+        env_start, env_end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5)
+    except (OSError, ValueError, IndexError):
+        return
+    if not 0 < env_start < env_end:
+        return
+    import ctypes
+
+    block = ctypes.string_at(env_start, env_end - env_start)
+    prefix = name.encode() + b"="
+    at = block.find(prefix)
+    while at >= 0:
+        if at == 0 or block[at - 1] == 0:
+            value = at + len(prefix)
+            end = block.find(b"\0", value)
+            end = len(block) if end < 0 else end
+            ctypes.memset(env_start + value, 0, end - value)
+        at = block.find(prefix, at + 1)

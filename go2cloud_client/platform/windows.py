@@ -298,3 +298,10 @@ def run_windows_service(run_agent: Callable[[Callable[[Any], None]], None]) -> i
     from go2cloud_client.platform import winservice
 
     return winservice.run_service(run_agent, name=SERVICE_NAME)
+
+
+def forget_environment_secret(name: str) -> None:
+    """Remove the secret variable ``name`` from this process's environment (its block in the
+    process environment is rewritten by the C runtime, so other processes reading it no longer
+    see the value; children do not inherit it)."""
+    os.environ.pop(name, None)

@@ -3,8 +3,9 @@
 #
 # The one-liner printed by `go2cloud_server code create` runs it:
 #   { curl -fsS --insecure --pinnedpubkey 'sha256//PIN' https://HOST:PORT/download/install.sh || echo "exit $?"; } \
-#     | sudo GO2CLOUD_TOKEN_CODE='CODE' bash -s -- --server https://HOST:PORT \
-#         --server-fingerprint sha256:HEX --token-id at-...
+#     | GO2CLOUD_TOKEN_CODE='CODE' sudo --preserve-env=GO2CLOUD_TOKEN_CODE bash -s -- \
+#         --server https://HOST:PORT --server-fingerprint sha256:HEX --token-id at-...
+# (the code is in sudo's and this script's environment, never in any process's arguments)
 #
 # Options:
 #   --server URL                 control plane (https://HOST:PORT)

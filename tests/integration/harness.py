@@ -174,11 +174,13 @@ class Agent:
     def start(self, *extra: str, code: Optional[Dict[str, Any]] = None) -> Agent:
         argv = [sys.executable, "-m", "go2cloud_client", "--home", str(self.home), "--no-prompt", "--yes",
                 "--server", self.server.url, "--server-fingerprint", self.server.fingerprint, *extra]
-        if code:
-            argv += ["--token-id", code["token_id"], "--token-code", code["token_code"]]
+        env = _env()
+        if code:  # the token code is never an argument: in the environment, as the one-liner does
+            argv += ["--token-id", code["token_id"]]
+            env["GO2CLOUD_TOKEN_CODE"] = code["token_code"]
         self.lines = []
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=_env(), text=True, errors="replace")
+                                     stdin=subprocess.DEVNULL, env=env, text=True, errors="replace")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -210,6 +212,9 @@ class Agent:
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
 
-    def run_cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run_cli(self, *args: str, timeout: float = 60,
+                token_code: Optional[str] = None) -> subprocess.CompletedProcess:
+        """``go2cloud_client --home HOME ARGS``; ``token_code`` goes into its environment."""
+        env = _env({"GO2CLOUD_TOKEN_CODE": token_code} if token_code else None)
         return subprocess.run([sys.executable, "-m", "go2cloud_client", "--home", str(self.home), *args],
-                              capture_output=True, text=True, timeout=timeout, env=_env())
+                              capture_output=True, text=True, timeout=timeout, env=env)

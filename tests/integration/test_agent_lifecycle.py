@@ -191,11 +191,11 @@ def test_unreachable_server_and_wrong_fingerprint(server, agents):
     code = server.new_code("wg-net")
     a = agents("unreach")
     r = a.run_cli("--no-prompt", "--server", "https://127.0.0.1:9", "--token-id", code["token_id"],
-                  "--token-code", code["token_code"], timeout=120)
+                  token_code=code["token_code"], timeout=120)
     assert r.returncode == 10, r.stdout + r.stderr
     assert "127.0.0.1:9" in r.stderr and TRACEBACK not in r.stderr
     r = a.run_cli("--no-prompt", "--server", server.url, "--server-fingerprint", "sha256:" + "00" * 32,
-                  "--token-id", code["token_id"], "--token-code", code["token_code"], timeout=120)
+                  "--token-id", code["token_id"], token_code=code["token_code"], timeout=120)
     assert r.returncode == 11, r.stdout + r.stderr
     assert "fingerprint" in r.stderr.lower() and TRACEBACK not in r.stderr
     assert code["token_code"] not in r.stdout + r.stderr
@@ -237,7 +237,7 @@ def test_malformed_or_oversized_server_response(tmp_path, junk_server, body):
     from tests.integration.harness import Agent
 
     a = Agent(tmp_path / "home-junk", server=None)  # type: ignore[arg-type]
-    r = a.run_cli("--no-prompt", "--server", url, "--token-id", "at-x", "--token-code", "y" * 20, timeout=120)
+    r = a.run_cli("--no-prompt", "--server", url, "--token-id", "at-x", token_code="y" * 20, timeout=120)
     assert r.returncode == 12, r.stdout + r.stderr
     assert TRACEBACK not in r.stderr
     assert r.stderr.startswith("error: ")

@@ -168,9 +168,9 @@ def test_oneliner_install_migrate_abort_reimport_upgrade_uninstall(
     assert "--pinnedpubkey" in oneliner and server.fingerprint in oneliner
 
     # as printed, plus where to install (a temp dir instead of /opt) and the unit dir
-    marker = "sudo GO2CLOUD_TOKEN_CODE="
+    marker = "sudo --preserve-env=GO2CLOUD_TOKEN_CODE "
     assert marker in oneliner, oneliner
-    env_prefix = f"sudo GO2CLOUD_SYSTEMD_DIR={shlex.quote(str(unit_dir))} GO2CLOUD_TOKEN_CODE="
+    env_prefix = f"{marker}GO2CLOUD_SYSTEMD_DIR={shlex.quote(str(unit_dir))} "
     cmd = oneliner.replace(marker, env_prefix) + f" --prefix {shlex.quote(str(prefix))} --yes"
     try:
         first = _run(["bash", "-c", cmd], cwd=fresh, timeout=900)

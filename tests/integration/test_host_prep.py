@@ -122,6 +122,11 @@ def _agent(
 ) -> subprocess.CompletedProcess:
     """``python -m go2cloud_client ARGS``; with ``namespace``, a shell snippet run first inside a
     private mount namespace."""
+    args = list(args)
+    if "--token-code" in args:  # the code goes into the environment, never into the arguments
+        at = args.index("--token-code")
+        env = {**env, "GO2CLOUD_TOKEN_CODE": args[at + 1]}
+        del args[at : at + 2]
     argv = [sys.executable, "-m", "go2cloud_client", *args]
     if namespace is not None:
         argv = [

@@ -374,7 +374,8 @@ def test_install_sh_refuses_a_host_that_cannot_run_the_executable(pkg_server: Se
         need = member.read().decode().strip()
     assert need == (REPO / "build" / "pyinstaller" / "glibc.txt").read_text().split(": ")[1].split()[0]
     # run as root without sudo (sudo would reset PATH and hide the fake getconf)
-    cmd = _one_liner(pkg_server).replace(" | sudo ", " | ") + f" --prefix {prefix} --no-prompt --no-service"
+    cmd = (_one_liner(pkg_server).replace(" sudo --preserve-env=GO2CLOUD_TOKEN_CODE ", " ")
+           + f" --prefix {prefix} --no-prompt --no-service")
     fakebin = tmp_path / "fakebin"
     fakebin.mkdir()
     getconf = fakebin / "getconf"

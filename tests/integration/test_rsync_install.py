@@ -27,7 +27,7 @@ umount /usr/bin/rsync
 """
 
 
-def _run_hidden(tmp_path: Path, agent_args: list) -> subprocess.CompletedProcess:
+def _run_hidden(tmp_path: Path, agent_args: list, token_code: str) -> subprocess.CompletedProcess:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.fail("this test needs root and unshare (CI runs as root)")
     if not os.path.exists("/usr/bin/apt-get"):
@@ -35,7 +35,8 @@ def _run_hidden(tmp_path: Path, agent_args: list) -> subprocess.CompletedProcess
     if not os.path.exists("/usr/bin/rsync"):
         pytest.fail("rsync must be installed at /usr/bin/rsync (scripts/setup.sh)")
     return subprocess.run(_argv(agent_args), capture_output=True, text=True, timeout=120, cwd=str(REPO),
-                          env=_env({"FAKE": str(_fake(tmp_path)), "PY": sys.executable}))
+                          env=_env({"FAKE": str(_fake(tmp_path)), "PY": sys.executable,
+                                    "GO2CLOUD_TOKEN_CODE": token_code}))
 
 
 def _argv(agent_args: list) -> list:
@@ -50,7 +51,7 @@ def test_missing_rsync_refused_without_yes_keeps_the_code_unused(server, tmp_pat
     home = tmp_path / "home-norsync"
     r = _run_hidden(tmp_path, ["--home", str(home), "--no-prompt", "--server", server.url,
                                "--server-fingerprint", server.fingerprint,
-                               "--token-id", code["token_id"], "--token-code", code["token_code"]])
+                               "--token-id", code["token_id"]], code["token_code"])
     assert r.returncode == 30, r.stdout + r.stderr
     assert "rsync is not installed" in r.stderr and "apt-get -y install rsync" in r.stderr
     assert "Traceback" not in r.stderr
@@ -66,10 +67,10 @@ def test_missing_rsync_installed_with_yes_and_recorded_for_undo(server, tmp_path
     # the agent imports and keeps running; stop it (SIGTERM) once the success line is out
     proc = subprocess.Popen(
         _argv(["--home", str(home), "--yes", "--no-prompt", "--server", server.url,
-               "--server-fingerprint", server.fingerprint, "--token-id", code["token_id"],
-               "--token-code", code["token_code"]]),
+               "--server-fingerprint", server.fingerprint, "--token-id", code["token_id"]]),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(REPO),
-        env=_env({"FAKE": str(_fake(tmp_path)), "PY": sys.executable}),
+        env=_env({"FAKE": str(_fake(tmp_path)), "PY": sys.executable,
+                  "GO2CLOUD_TOKEN_CODE": code["token_code"]}),
     )
     lines = []
     assert proc.stdout is not None

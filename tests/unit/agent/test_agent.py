@@ -72,6 +72,17 @@ def test_unknown_type_is_unsupported_and_a_bad_drill_rejected(make_agent):
                                                      ("c-2", "rejected", "command_rejected")]
 
 
+def test_a_type_that_is_not_a_string_is_rejected_and_the_next_command_runs(make_agent):
+    agent, cp = make_agent()
+    assert agent.dispatch({"id": "c-1", "type": ["pause"], "params": {}})
+    assert agent.dispatch({"id": "c-2", "params": {}})
+    assert agent.dispatch({"id": "c-3", "type": "reboot", "params": {}})
+    agent.flush_acks()
+    assert [(a[0], a[1], a[2]) for a in cp.acks] == [("c-1", "rejected", "command_rejected"),
+                                                     ("c-2", "rejected", "command_rejected"),
+                                                     ("c-3", "unsupported", "unsupported")]
+
+
 def test_invalid_params_rejected_naming_field(make_agent):
     agent, cp = make_agent()
     agent.dispatch({"id": "c-1", "type": "modify", "params": {"task_id": "t-1", "compression": 99}})

@@ -167,12 +167,19 @@ def test_deleted_or_replaced_source(rsps, ident, status, code):
         authed(ident).heartbeat({})
 
 
-def test_commands_with_bad_id_is_protocol_error(rsps, ident):
+def test_commands_without_usable_id_are_skipped_once_and_the_others_kept(rsps, ident, caplog):
     add_token_flow(rsps, ident)
-    rsps.add(responses.GET, f"{API}/sources/{SID}/commands",
-             json={"commands": [{"id": "../x", "type": "pause", "params": {}}]})
-    with pytest.raises(errors.ProtocolError, match="'id'"):
-        authed(ident).poll_commands(wait=0)
+    kept = [{"id": "c-1", "type": 42, "params": None}, {"id": "c-2", "type": "pause", "params": [1]}]
+    batch = {"commands": [{"id": "../x", "type": "pause", "params": {}}, "junk", {"type": "pause"}, *kept]}
+    rsps.add(responses.GET, f"{API}/sources/{SID}/commands", json=batch)
+    rsps.add(responses.GET, f"{API}/sources/{SID}/commands", json=batch)
+    cp = authed(ident)
+    for _ in range(2):  # delivered again: still skipped, not logged again
+        cmds = cp.poll_commands(wait=0)
+        # type and params are the command layer's to reject (it acknowledges them)
+        assert cmds == [dict(kept[0], params={}), kept[1]]
+    skipped = [r.getMessage() for r in caplog.records if "without a usable id" in r.getMessage()]
+    assert len(skipped) == 3 and "('../x')" in skipped[0] and "('junk')" in skipped[1]
 
 
 def test_secrets_never_logged(rsps, ident, caplog):

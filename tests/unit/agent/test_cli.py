@@ -73,10 +73,11 @@ def test_plain_http_server_refused(tmp_path, capsys):
 
 
 def test_rsync_missing_no_prompt_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GO2CLOUD_TOKEN_CODE", "c")
     monkeypatch.setattr("go2cloud_client.replication.rsync.find_rsync", lambda: None)
     monkeypatch.setattr("go2cloud_client.platform.distro", lambda: distros.Debian({"ID": "debian"}))
     code, _, err = run(capsys, "--home", str(tmp_path / "h"), "--server", "https://cp.example",
-                       "--token-id", "at-1", "--token-code", "c", "--no-prompt")
+                       "--token-id", "at-1", "--no-prompt")
     assert code == 30 and "apt-get -y install rsync" in err and "--yes" in err
 
 

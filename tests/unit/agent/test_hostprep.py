@@ -343,11 +343,10 @@ def test_import_asks_in_the_seed_order_and_sends_the_capability(tmp_path, host, 
             "https://cp.example",
             "--token-id",
             "at-1",
-            "--token-code",
-            "c",
             "--import-only",
         ],
         input="n\ny\ny\n",
+        env={"GO2CLOUD_TOKEN_CODE": "c"},
     )
     assert result.exit_code == 0, result.output
     out = result.output

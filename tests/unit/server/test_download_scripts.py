@@ -28,8 +28,10 @@ def test_linux_one_liner_round_trip():
     # a failed download becomes `exit <curl's code>` for bash (the pipeline fails, nothing runs)
     assert tokens[:pipe] == ["{", "curl", "-fsS", "--insecure", "--pinnedpubkey", PIN,
                              f"{URL}/download/install.sh", "||", "echo", "exit $?;", "}"]
+    # the code: an assignment the shell puts in sudo's environment, never an argument of a process
     assert tokens[pipe + 1:] == [
-        "sudo", f"GO2CLOUD_TOKEN_CODE={CODE}", "bash", "-s", "--", "--server", URL,
+        f"GO2CLOUD_TOKEN_CODE={CODE}", "sudo", "--preserve-env=GO2CLOUD_TOKEN_CODE", "bash", "-s", "--",
+        "--server", URL,
         "--server-fingerprint", FP, "--token-id", "at-0123456789abcdef"]
     assert "--token-code" not in line
 

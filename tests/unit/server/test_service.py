@@ -86,7 +86,8 @@ def test_code_create_defaults_and_secret_not_stored(service, store):
     assert code["commands"]["linux"] == (
         f"{{ curl -fsS --insecure --pinnedpubkey 'sha256//{'A' * 43}=' https://10.0.0.1:8443/download/install.sh"
         ' || echo "exit $?"; }'
-        f" | sudo GO2CLOUD_TOKEN_CODE='{code['token_code']}' bash -s -- --server https://10.0.0.1:8443"
+        f" | GO2CLOUD_TOKEN_CODE='{code['token_code']}' sudo --preserve-env=GO2CLOUD_TOKEN_CODE bash -s --"
+        " --server https://10.0.0.1:8443"
         f" --server-fingerprint sha256:{'ab' * 32} --token-id {code['token_id']}"
     )
     assert code["commands"]["powershell"].startswith(f"$env:GO2CLOUD_TOKEN_CODE='{code['token_code']}'; ")

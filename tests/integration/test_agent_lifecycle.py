@@ -44,10 +44,13 @@ def _imported(server: Server, agents, name: str = "a", uses: int = 5) -> Tuple[o
 
 
 def _rsync_children(home: Path) -> list:
-    """rsync processes started by the agent of this home (their command lines name our module)."""
+    """rsync processes started by the agent of this home (their command lines name the task's
+    module through the tunnel, and the filter file in this home)."""
     found = []
     for p in psutil.process_iter(["name", "cmdline"]):
-        if p.info["name"] == "rsync" and any("rsync://" in a for a in (p.info["cmdline"] or [])):
+        cmd = p.info["cmdline"] or []
+        if (p.info["name"] == "rsync" and any("@go2cloud::" in a for a in cmd)
+                and any(str(home) in a for a in cmd)):
             found.append(p)
     return found
 

@@ -126,7 +126,7 @@ def _rsync_running(src: Path) -> bool:
         cmd = p.info["cmdline"] or []
         if (
             p.info["name"] == "rsync"
-            and any("rsync://" in a for a in cmd)
+            and any("@go2cloud::" in a for a in cmd)
             and any(str(src) in a for a in cmd)
         ):
             return True

@@ -30,7 +30,7 @@ from go2cloud_server import auth
 from go2cloud_server.blockrx import BlockReceiver
 from go2cloud_server.deadlines import BODY_MIN_RATE, REQUEST_TIMEOUT_S, Deadline, Deadlines
 from go2cloud_server.downloads import Download, Downloads
-from go2cloud_server.errors import AuthFailed, Conflict, InvalidInput, NotFound, ServerError, TooLarge
+from go2cloud_server.errors import AuthFailed, InvalidInput, NotFound, ServerError, TooLarge
 from go2cloud_server.rsyncd import RsyncSessions
 from go2cloud_server.service import Service
 
@@ -493,8 +493,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise InvalidInput("header X-Go2cloud-Cycle: a cycle number is required")
         path = unquote(self.headers.get("X-Go2cloud-Path") or "", errors="strict")
         spec = self.server.api.service.rsync_session_spec(task_id, password.strip(), int(raw_cycle), path)
-        if sessions.busy(task_id):
-            raise Conflict(f"task {task_id} already has an rsync session running: one at a time")
         self.send_response(101)
         self.send_header("Upgrade", RSYNC_UPGRADE)
         self.send_header("Connection", "Upgrade")

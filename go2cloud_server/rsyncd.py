@@ -40,9 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
-
-from go2cloud_server.atomicfile import write_atomic
+from typing import Callable, Dict, List, Optional, Tuple
 
 LOG = logging.getLogger(__name__)
 
@@ -259,10 +257,18 @@ class _DirGuard:
 
 
 class _Session:
-    def __init__(self, spec: SessionSpec, proc: subprocess.Popen) -> None:
-        self.spec = spec
-        self.proc = proc
+    """A task's claim on its one session: the daemon once it runs, and the event that stops it."""
+
+    def __init__(self) -> None:
+        self.proc: Optional[subprocess.Popen] = None
         self.stopped = threading.Event()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """A file of this session only (0600, created anew; nothing needs it after a crash)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 class RsyncSessions:
@@ -309,23 +315,55 @@ class RsyncSessions:
         sdir = self.state_dir / f"{spec.task_id}.{secrets.token_hex(4)}"
         sdir.mkdir(mode=0o700)
         secrets_file = sdir / "secrets"
-        write_atomic(secrets_file, f"{spec.user}:{spec.password}\n".encode(), 0o600)
+        _write_private(secrets_file, f"{spec.user}:{spec.password}\n".encode())
         log_file = sdir / "rsyncd.log"
         conf = sdir / "rsyncd.conf"
-        write_atomic(conf, render_config(spec, secrets_file, log_file, self._as_root).encode(), 0o600)
+        _write_private(conf, render_config(spec, secrets_file, log_file, self._as_root).encode())
         return sdir, conf, log_file
+
+    def _claim(self, task_id: str, timeout: float = 15.0) -> _Session:
+        """The task's one session slot. A session still running for the task (an agent that
+        reconnected after a cut, a pass that was stopped) is ended first: the newest connection
+        of the task wins, and two never write at the same time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                old = self._running.get(task_id)
+                if old is None:
+                    claim = self._running[task_id] = _Session()
+                    return claim
+            LOG.info("task %s: a new rsync session ends the one still running", task_id)
+            old.stopped.set()
+            if old.proc is not None:
+                _kill(old.proc)
+            if time.monotonic() > deadline:
+                raise RsyncSessionError(f"the previous rsync session of task {task_id} did not end")
+            time.sleep(0.02)
 
     def run(self, conn: socket.socket, spec: SessionSpec) -> int:
         """Serve one agent connection (already upgraded) until it ends; returns rsync's exit
-        status (-1 when it had to be killed). One session per task: a second one for the same
-        task raises RsyncSessionError before anything starts."""
+        status (-1 when it had to be killed). One session per task at a time (see _claim).
+        Everything the session may have changed is put right, and the task's slot released,
+        before the agent is told the daemon's exit status: its next session may start at once."""
         rsync = self.check()
-        with self._lock:
-            if spec.task_id in self._running:
-                raise RsyncSessionError(f"task {spec.task_id} already has an rsync session running")
-            self._running[spec.task_id] = None  # type: ignore[assignment]  # reserved
+        claim = self._claim(spec.task_id)
         sdir: Optional[Path] = None
         guards: List[_DirGuard] = []
+        finished = False
+
+        def finish() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            for guard in guards:
+                guard.restore()
+            if sdir is not None:
+                shutil.rmtree(sdir, ignore_errors=True)
+            with self._lock:
+                if self._running.get(spec.task_id) is claim:
+                    del self._running[spec.task_id]
+
         try:
             sdir, conf, log_file = self._prepare(spec)
             removed = unlink_shared(spec.dest_dir(), spec.nested_dirs())
@@ -346,20 +384,27 @@ class RsyncSessions:
                 )
             finally:
                 theirs.close()
-            session = _Session(spec, proc)
-            with self._lock:
-                self._running[spec.task_id] = session
+            claim.proc = proc
+            if claim.stopped.is_set():  # a newer session of the task came in meanwhile
+                _kill(proc)
             assert proc.stderr is not None
+            tail = ""
             rc = -1
+
+            def on_exit() -> None:
+                nonlocal tail
+                tail = _tail(log_file)
+                finish()
+
             try:
-                rc = _pump(conn, ours, proc.stderr.fileno(), proc, session.stopped, self.idle_timeout)
+                rc = _pump(conn, ours, proc.stderr.fileno(), proc, claim.stopped, self.idle_timeout, on_exit)
             finally:
                 ours.close()
                 if rc == -1 or proc.poll() is None:
                     _kill(proc)
                 _reap(proc)
                 proc.stderr.close()
-            tail = _tail(log_file)
+            tail = tail or _tail(log_file)
             if rc != 0:
                 LOG.warning("rsync session of task %s (cycle %s, %s) ended with exit %s: %s",
                             spec.task_id, spec.cycle, spec.path, rc, tail)
@@ -367,12 +412,7 @@ class RsyncSessions:
                 LOG.info("rsync session of task %s (cycle %s, %s) done", spec.task_id, spec.cycle, spec.path)
             return rc
         finally:
-            for guard in guards:
-                guard.restore()
-            if sdir is not None:
-                shutil.rmtree(sdir, ignore_errors=True)
-            with self._lock:
-                self._running.pop(spec.task_id, None)
+            finish()
 
     def close_task(self, task_id: str, timeout: float = 10.0) -> None:
         """End the task's running session, if any, and wait until it is gone (a cycle is
@@ -382,7 +422,8 @@ class RsyncSessions:
         if session is None:
             return
         session.stopped.set()
-        _kill(session.proc)
+        if session.proc is not None:
+            _kill(session.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.busy(task_id):
@@ -429,11 +470,12 @@ def frame(kind: int, payload: bytes) -> bytes:
 
 
 def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subprocess.Popen,
-          stopped: threading.Event, idle_timeout: float) -> int:
+          stopped: threading.Event, idle_timeout: float, on_exit: Callable[[], None]) -> int:
     """Copy the agent's bytes to the daemon as they are, and the daemon's output, its stderr and
     finally its exit status to the agent in frames, in one thread (an ``ssl.SSLSocket`` must not
     be read and written from two threads at once). The agent's tunnel writes the data to rsync,
-    the stderr to its stderr and exits with the daemon's status, as a remote shell does. Returns
+    the stderr to its stderr and exits with the daemon's status, as a remote shell does;
+    ``on_exit`` runs between the daemon's exit and that last frame. Returns
     that status (-1 if the session was stopped, timed out or the agent went away)."""
     tls.setblocking(False)
     child.setblocking(False)
@@ -523,6 +565,7 @@ def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subproces
                     err_eof = True
             if child_eof and err_eof and not exit_sent:
                 status = _reap(proc)
+                on_exit()
                 down += frame(2, struct.pack(">i", status))
                 exit_sent = progressed = True
             if down:

@@ -47,6 +47,7 @@ import posixpath
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -400,7 +401,13 @@ class FileReplicator:
     def _env(self, cycle: int, path: str) -> Dict[str, str]:
         extra = tunnel.tunnel_env(self.target.url, self.target.fingerprint, cycle, path)
         extra["RSYNC_PASSWORD"] = self.target.password
-        return subp.child_env(extra=extra)
+        env = subp.child_env(extra=extra)
+        if getattr(sys, "frozen", False):
+            # the tunnel is this one-file executable started anew by rsync: it must unpack its
+            # own files, not look for the ones of whichever process started the agent (PyInstaller)
+            env = {k: v for k, v in env.items() if not k.startswith(("_PYI_", "_MEIPASS"))}
+            env["PYINSTALLER_RESET_ENVIRONMENT"] = "1"
+        return env
 
     # -- progress --------------------------------------------------------------------------------
     def snapshot(self) -> Progress:

@@ -99,7 +99,7 @@ def test_no_secret_leaks_during_a_whole_migration(server: Server, agents, tmp_pa
             assert b"@go2cloud::" in argv or b"rsync-tunnel" in argv, \
                 f"rsync password in the environment of {comm!r}: {argv[:200]!r}"
         tunnel_seen |= b"rsync-tunnel" in argv
-        if b"--server\x00--daemon" in argv:
+        if argv.split(b"\x00", 1)[0].endswith(b"rsync") and b"--daemon" in argv and b"--config=" in argv:
             daemon_seen = True
             assert password.encode() not in environ
     assert tunnel_seen and daemon_seen and rsync_envs, "the sample missed the transfer"

@@ -68,7 +68,7 @@ class HostileSource:
         })
         tunnel = f"{sys.executable} -m go2cloud_client rsync-tunnel"
         source = str(src or self.src) + "/"
-        cmd = ["rsync", "-aHAX", "--numeric-ids", "--mkpath", *args, "-e", tunnel, "--", source,
+        cmd = ["rsync", "-aHAX", "--numeric-ids", "--mkpath", "--modify-window=-1", *args, "-e", tunnel, "--", source,
                f"{self.task_id}@go2cloud::{self.task_id}/{dest}"]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120,
                               stdin=subprocess.DEVNULL)
@@ -164,7 +164,7 @@ def test_a_second_session_cannot_change_the_committed_image_through_hard_links(h
     assert (os.lstat(dirpath).st_mode & 0o777) != 0o777
 
 
-def test_sessions_are_refused_without_the_right_task_cycle_and_one_at_a_time(
+def test_sessions_are_refused_without_the_right_task_cycle_and_never_two_at_once(
         server: Server, hostile: HostileSource, tmp_path: Path):
     h = hostile
     other = HostileSource(server, tmp_path, name="other")
@@ -176,7 +176,8 @@ def test_sessions_are_refused_without_the_right_task_cycle_and_one_at_a_time(
         assert proc.returncode != 0 and "refused the rsync session" in proc.stderr, (kw, proc.stderr)
     log_text = Path(server.log.name).read_text(errors="replace")
     assert other.target["password"] not in log_text and h.target["password"] not in log_text
-    # one session per task: the second is refused while the first runs (a slow first session)
+    # one session per task: a second one ends the first before it starts (the newest connection of
+    # a task wins: an agent that reconnected after a cut must not wait for the old one to time out)
     big = tmp_path / "big"
     big.mkdir()
     (big / "blob").write_bytes(os.urandom(8 * 1024 * 1024))
@@ -193,8 +194,14 @@ def test_sessions_are_refused_without_the_right_task_cycle_and_one_at_a_time(
         wait_for(lambda: sessions.is_dir() and any(p.name.startswith(h.task_id) for p in sessions.iterdir()),
                  20, "the first session")
         second = h.rsync(cycle=2, dest=h.dest(2))
-        assert second.returncode != 0 and "already has an rsync session" in second.stderr, second.stderr
-        # the cycle is committed while the slow session still writes: the session is ended first
+        assert second.returncode == 0, second.stderr
+        assert slow.wait(30) != 0, "the first session was not ended"
+        assert "connection" in slow.stderr.read().decode(errors="replace").lower()
+        # the cycle is committed while a slow session still writes: the session is ended first
+        slow = subprocess.Popen(slow.args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+        wait_for(lambda: sessions.is_dir() and any(p.name.startswith(h.task_id) for p in sessions.iterdir()),
+                 20, "the slow session")
         cmd = h.agent.commands()[0]
         h.commit(cmd)
         assert slow.wait(30) != 0

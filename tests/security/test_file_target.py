@@ -68,7 +68,8 @@ class HostileSource:
         })
         tunnel = f"{sys.executable} -m go2cloud_client rsync-tunnel"
         source = str(src or self.src) + "/"
-        cmd = ["rsync", "-aHAX", "--numeric-ids", "--mkpath", "--modify-window=-1", *args, "-e", tunnel, "--", source,
+        cmd = ["rsync", "-aHAX", "--numeric-ids", "--mkpath", "--modify-window=-1", *args,
+               "-e", tunnel, "--", source,
                f"{self.task_id}@go2cloud::{self.task_id}/{dest}"]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120,
                               stdin=subprocess.DEVNULL)

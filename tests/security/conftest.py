@@ -3,17 +3,17 @@ hostile source with valid credentials, a code holder of another workgroup, an ou
 network observer, against the real server, rsync and agent on loopback. Each asserts that nothing
 was read, written, leaked or crashed.
 
-The integration fixtures (``server``, ``agents``) are shared with tests/integration.
+The integration fixtures (``server``, ``agents``, the check that rsync is installed) are shared
+with tests/integration.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
-from tests.integration.conftest import AgentFactory, agents, server  # noqa: F401 - fixtures
+from tests.integration.conftest import AgentFactory, _needs_rsync, agents, server  # noqa: F401 - fixtures
 
 __all__ = ["AgentFactory"]
 
@@ -22,8 +22,3 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/security/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.integration)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _needs_rsync() -> None:
-    assert shutil.which("rsync"), "rsync is not installed: run ./scripts/setup.sh as root"

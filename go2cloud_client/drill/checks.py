@@ -58,7 +58,7 @@ _DEVICE_NAME_RE = re.compile(
 
 @dataclass(frozen=True)
 class Target:
-    """A TCP endpoint the migration needs (the rsync daemon, the block receiver)."""
+    """A TCP endpoint the migration needs (the control plane port that receives the data)."""
 
     label: str
     host: str
@@ -396,7 +396,7 @@ def tcp_connect(host: str, port: int, timeout: float) -> Optional[str]:
 
 
 def check_targets(ctx: Context) -> List[Item]:
-    """The target ports of the migration open (rsync daemon, block receiver)."""
+    """The target ports of the migration open (the control plane port that receives its data)."""
     if not ctx.targets:
         return [info("target_ports", "no target given: checked when the control plane runs the drill")]
     items = []

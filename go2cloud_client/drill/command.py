@@ -43,7 +43,7 @@ def _imported_server(home: Home) -> Tuple[Optional[str], Optional[str]]:
 @click.option("--server", metavar="URL", help="Control plane URL (default: the imported source's).")
 @click.option("--server-fingerprint", metavar="sha256:HEX", help="Pin the control plane's certificate.")
 @click.option("--target", "targets", multiple=True, metavar="HOST:PORT",
-              help="A target port the migration needs, e.g. the rsync daemon (repeat).")
+              help="A target port the migration needs, e.g. the control plane's HTTPS port (repeat).")
 @click.option("--home", "home_dir", metavar="DIR", help="Agent home (env GO2CLOUD_HOME).")
 @click.pass_context
 def check(ctx: click.Context, as_json: bool, mode: str, paths: Tuple[str, ...], disks: Tuple[str, ...],

@@ -5,10 +5,11 @@ HTTPS port: the agent's own executable is rsync's remote shell (``rsync -e``); i
 connection pinned to the control plane's certificate and asks for an upgrade of
 ``POST /rsync/v1/tasks/<task>/session`` (``httpapi``). Once the service has checked the task's
 credentials, cycle and path, :meth:`RsyncSessions.run` starts ``rsync --server --daemon`` on one
-end of a socket pair, with a configuration written for this connection only, and pumps bytes
-between it and the TLS connection until either side ends. Every byte between the hosts is
-inside TLS; the single-use daemon dies with its connection (no pid file, no port, nothing left
-running after the server stops).
+end of a socket pair, with a configuration written for this connection only, and pumps the
+agent's bytes to it as they are, and its output, stderr and exit status back in frames (the
+tunnel exits with that status, as ssh does), until it ends. Every byte between the hosts is
+inside TLS; the single-use daemon dies with its connection (no pid file, no port; a daemon whose
+server was killed reads end-of-file and exits).
 
 Confinement (docs/security.md). The module is the task's tree (``use chroot`` as root), but the
 daemon's own filter lets the source write only below the cycle it is writing, for the path of
@@ -19,7 +20,8 @@ write outside the destination or into existing inodes are refused (``--inplace``
 ``--temp-dir``, ``--partial-dir``, ``--backup-dir`` ...). Two effects of hard links are closed by
 the session itself: files an earlier session of the same cycle hard-linked to the previous
 image are unlinked before rsync starts (rsync would otherwise change their owner or mode in
-place, in both images), and the attributes of the link-dest directory are restored afterwards.
+place, in both images), and the link-dest directory and the tree's root get their attributes
+back, and lose any entry the session created in them, before the agent is told the session ended.
 """
 
 from __future__ import annotations

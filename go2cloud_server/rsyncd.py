@@ -266,6 +266,14 @@ class _Session:
         self.stopped = threading.Event()
 
 
+def _check_conf_path(where: Path) -> None:
+    """A path written into rsyncd.conf, which expands ``%VAR%`` and is line-based."""
+    if any(c in str(where) for c in "\n\r\x00%"):
+        raise RsyncSessionError(
+            f"{where}: the data directory's path may not contain %, NUL or line breaks "
+            "(rsyncd.conf would read them): choose another --data-dir")
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """A file of this session only (0600, created anew; nothing needs it after a crash)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -287,10 +295,7 @@ class RsyncSessions:
 
     def check(self) -> str:
         """The rsync executable (RsyncSessionError if it is missing: said at server start)."""
-        if any(c in str(self.state_dir) for c in "\n\r\x00%"):
-            raise RsyncSessionError(
-                f"{self.state_dir}: the data directory's path may not contain %, NUL or line breaks "
-                "(rsyncd.conf would read them): choose another --data-dir")
+        _check_conf_path(self.state_dir)
         found = shutil.which(self.rsync_path)
         if found is None:
             raise RsyncSessionError(
@@ -307,11 +312,8 @@ class RsyncSessions:
         _check_name("user", spec.user)
         if not spec.password or any(c in spec.password for c in "\x00\r\n") or len(spec.password) > 1024:
             raise ValueError("invalid rsync password (empty, too long, or contains NUL/newline)")
-        for where in (spec.tree_root, self.state_dir):
-            if any(c in str(where) for c in "\n\r\x00%"):
-                raise RsyncSessionError(
-                    f"{where}: the data directory's path may not contain %, NUL or line breaks "
-                    "(rsyncd.conf would read them): choose another --data-dir")
+        _check_conf_path(spec.tree_root)
+        _check_conf_path(self.state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         sdir = self.state_dir / f"{spec.task_id}.{secrets.token_hex(4)}"

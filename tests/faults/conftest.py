@@ -1,0 +1,25 @@
+"""Fault tests (docs/reliability.md): the product put through faults from outside (a cloned
+identity, kill -9 of agent and server, a full target or agent home, resets, stalls and outages of
+the network) against the real server, rsync and agent on loopback. Every case ends with the
+artifact equal to the source, unattended, with bounded re-sends.
+
+The integration fixtures (``server``, ``agents``, the check that rsync is installed) are shared
+with tests/integration. Cases that take minutes are marked ``slow`` (the fast lane deselects them
+with ``-m "not slow"``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.integration.conftest import AgentFactory, _needs_rsync, agents, server  # noqa: F401 - fixtures
+
+__all__ = ["AgentFactory"]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/faults/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.integration)

@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 import re
 import ssl
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 _FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -59,8 +59,9 @@ def client_context(fingerprint: str) -> Tuple[ssl.SSLContext, Optional[bytes]]:
     return ctx, pin
 
 
-def check_pin(sock: ssl.SSLSocket, pin: Optional[bytes]) -> None:
-    """Raise :class:`PinMismatch` unless the peer's certificate hashes to ``pin``."""
+def check_pin(sock: Any, pin: Optional[bytes]) -> None:
+    """Raise :class:`PinMismatch` unless the peer's certificate hashes to ``pin`` (``sock``: an
+    ``ssl.SSLSocket``, or anything with its ``getpeercert``)."""
     if pin is None:
         return
     der = sock.getpeercert(binary_form=True) or b""

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Pattern, Tuple, Union, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from go2cloud_server import auth
+from go2cloud_server import auth, tlsstream
 from go2cloud_server.blockrx import BlockReceiver
 from go2cloud_server.deadlines import BODY_MIN_RATE, REQUEST_TIMEOUT_S, Deadline, Deadlines
 from go2cloud_server.downloads import Download, Downloads
@@ -294,7 +294,8 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self._deadline = Deadline(self.connection, self.client_address[0])
+        # a deadline cuts the TCP socket itself (also under a TLSConnection)
+        self._deadline = Deadline(getattr(self.connection, "raw", self.connection), self.client_address[0])
 
     def handle_one_request(self) -> None:
         # waiting for a request (an idle keep-alive connection) is bounded by the socket timeout;
@@ -488,6 +489,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         scheme, _, password = (self.headers.get("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not password:
             raise AuthFailed("missing task credentials (Authorization: Bearer)")
+        if isinstance(self.connection, ssl.SSLSocket):
+            raise InvalidInput(f"this connection did not announce the {RSYNC_UPGRADE} protocol (TLS "
+                               "ALPN) the agent's rsync tunnel offers: update the agent")
         raw_cycle = (self.headers.get("X-Go2cloud-Cycle") or "").strip()
         if not raw_cycle.isdigit() or len(raw_cycle) > 6:
             raise InvalidInput("header X-Go2cloud-Cycle: a cycle number is required")
@@ -663,20 +667,32 @@ class ApiServer(ThreadingHTTPServer):
         if self.ssl_context is None:
             super().finish_request(request, client_address)
             return
+        conn: Any
         try:
-            # the socket timeout of a handshake is its total deadline (CPython's ssl module
-            # counts it across the handshake's reads), so a trickled ClientHello is cut too
-            request.settimeout(self.request_timeout_s)
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
+            started = time.monotonic()
+            offer = tlsstream.peek_alpn(request, self.request_timeout_s)
+            # one total deadline from the first byte to the end of the handshake
+            left = self.request_timeout_s - (time.monotonic() - started)
+            if left <= 0:
+                raise socket.timeout("no ClientHello within the request timeout")
+            if offer is not None and tlsstream.RSYNC_ALPN in offer:
+                # an agent's rsync session: TLS in memory, so its stream can flow both ways at
+                # once (go2cloud_server.tlsstream)
+                conn = tlsstream.TLSConnection.accept(request, self.ssl_context, left)
+            else:
+                # the socket timeout of a handshake is its total deadline (CPython's ssl module
+                # counts it across the handshake's reads), so a trickled ClientHello is cut too
+                request.settimeout(left)
+                conn = self.ssl_context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             log.info("TLS handshake with %s failed: %s", client_address[0], exc)
             return
         try:
-            tls.settimeout(SOCKET_TIMEOUT_S)
-            self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
+            conn.settimeout(SOCKET_TIMEOUT_S)
+            self.RequestHandlerClass(conn, client_address, self)  # type: ignore[arg-type]
         finally:
             try:
-                tls.close()
+                conn.close()
             except OSError:
                 pass
 

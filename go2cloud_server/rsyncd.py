@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import secrets
-import selectors
 import shutil
 import signal
 import socket
@@ -42,7 +41,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from go2cloud_server import tlsstream
 
 LOG = logging.getLogger(__name__)
 
@@ -473,138 +474,106 @@ def frame(kind: int, payload: bytes) -> bytes:
     return FRAME.pack(kind, len(payload)) + payload
 
 
-def _pump(tls: socket.socket, child: socket.socket, err_fd: int, proc: subprocess.Popen,
+def _pump(conn: Any, child: socket.socket, err_fd: int, proc: subprocess.Popen,
           stopped: threading.Event, idle_timeout: float, on_exit: Callable[[], None]) -> int:
     """Copy the agent's bytes to the daemon as they are, and the daemon's output, its stderr and
-    finally its exit status to the agent in frames, in one thread (an ``ssl.SSLSocket`` must not
-    be read and written from two threads at once). The agent's tunnel writes the data to rsync,
+    finally its exit status to the agent in frames. The agent's tunnel writes the data to rsync,
     the stderr to its stderr and exits with the daemon's status, as a remote shell does;
-    ``on_exit`` runs between the daemon's exit and that last frame. Returns
-    that status (-1 if the session was stopped, timed out or the agent went away)."""
-    tls.setblocking(False)
-    child.setblocking(False)
-    os.set_blocking(err_fd, False)
-    up = memoryview(bytearray(PUMP_BUFFER))  # agent -> daemon (raw): up[lo:hi] waits to be sent
-    lo = hi = 0
-    down = bytearray()  # daemon -> agent (framed)
-    tls_eof = child_eof = err_eof = child_shut = exit_sent = False
-    status = -1
-    last = time.monotonic()
-    sel = selectors.PollSelector()  # masks change often: no epoll_ctl system call per change
-    registered: Dict[object, int] = {}
+    ``on_exit`` runs between the daemon's exit and that last frame. ``conn`` is the upgraded
+    connection: a :class:`~go2cloud_server.tlsstream.TLSConnection` (TLS in memory, safe to read
+    and write from two threads) or, for plain http on loopback, the socket.
 
-    def want(obj: object, mask: int) -> None:
-        old = registered.get(obj, 0)
-        if mask == old:
-            return
-        if not mask:
-            sel.unregister(obj)  # type: ignore[arg-type]
-            registered.pop(obj, None)
-        elif old:
-            sel.modify(obj, mask)  # type: ignore[arg-type]
-            registered[obj] = mask
-        else:
-            sel.register(obj, mask)  # type: ignore[arg-type]
-            registered[obj] = mask
+    One thread per direction (and one for stderr), each blocked in its own system calls, so
+    every call moves whatever has arrived and nothing polls; this thread watches them: the
+    session ends when the daemon's output and stderr end, when it is stopped, or when nothing
+    moved for ``idle_timeout`` seconds. Returns the daemon's exit status (-1 if the session was
+    stopped, timed out or the agent went away)."""
+    raw: socket.socket = getattr(conn, "raw", conn)
+    if isinstance(conn, tlsstream.TLSConnection):
+        recv: Callable[[], bytes] = conn.recv_some
+    else:
+        def recv() -> bytes:
+            return bytes(conn.recv(PUMP_BUFFER))
+    raw.settimeout(None)  # idleness is watched below, not by socket timeouts
+    child.setblocking(True)
+    os.set_blocking(err_fd, True)
+    send_lock = threading.Lock()  # frames from two threads, never interleaved
+    last = [time.monotonic()]
+    agent_lost = threading.Event()
+
+    def send(kind: int, payload: bytes) -> None:
+        with send_lock:
+            conn.sendall(frame(kind, payload))
+
+    def upstream() -> None:  # agent -> daemon, raw
+        try:
+            while True:
+                data = recv()
+                if not data:
+                    break
+                child.sendall(data)
+                last[0] = time.monotonic()
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            try:
+                child.shutdown(socket.SHUT_WR)  # the daemon sees end of file, as from a remote shell
+            except OSError:
+                pass
+
+    def downstream(read: Callable[[], bytes], kind: int) -> None:  # daemon -> agent, framed
+        try:
+            while True:
+                data = read()
+                if not data:
+                    return
+                send(kind, data)
+                last[0] = time.monotonic()
+        except (OSError, ssl.SSLError):
+            agent_lost.set()
+            _kill(proc)  # nobody to tell: end the daemon rather than leave it blocked
+
+    workers = [
+        threading.Thread(target=upstream, name="rsync-session-up", daemon=True),
+        threading.Thread(target=downstream, args=(lambda: child.recv(PUMP_BUFFER), 0),
+                         name="rsync-session-down", daemon=True),
+        threading.Thread(target=downstream, args=(lambda: os.read(err_fd, 65536), 1),
+                         name="rsync-session-stderr", daemon=True),
+    ]
+    for worker in workers:
+        worker.start()
+
+    def cut() -> None:
+        _kill(proc)
+        try:
+            raw.shutdown(socket.SHUT_RDWR)  # wakes the thread reading from the agent
+        except OSError:
+            pass
+        for worker in workers:
+            worker.join(5.0)
 
     try:
-        while not stopped.is_set():
-            progressed = False
-            # agent -> daemon
-            if lo == hi:
-                lo = hi = 0
-            while not tls_eof and hi < PUMP_BUFFER:  # one SSL record (16 KiB) per call
-                try:
-                    n = tls.recv_into(up[hi:])
-                    if n:
-                        hi += n
-                        progressed = True
-                    else:
-                        tls_eof = True
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    break
-                except (OSError, ssl.SSLError):
-                    tls_eof = True
-            if lo < hi:
-                try:
-                    n = child.send(up[lo:hi])
-                    lo += n
-                    if lo == hi:  # drained: the whole buffer is free for the next read
-                        lo = hi = 0
-                    progressed = progressed or n > 0
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    lo = hi = 0
-            if tls_eof and lo == hi and not child_shut:
-                child_shut = True
-                try:
-                    child.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-            # daemon -> agent
-            if not child_eof and len(down) < PUMP_BUFFER:
-                try:
-                    data = child.recv(PUMP_BUFFER)
-                    if data:
-                        down += frame(0, data)
-                        progressed = True
-                    else:
-                        child_eof = True
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    child_eof = True
-            if not err_eof and len(down) < PUMP_BUFFER:
-                try:
-                    data = os.read(err_fd, 65536)
-                    if data:
-                        down += frame(1, data)
-                        progressed = True
-                    else:
-                        err_eof = True
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    err_eof = True
-            if child_eof and err_eof and not exit_sent:
-                status = _reap(proc)
-                on_exit()
-                down += frame(2, struct.pack(">i", status))
-                exit_sent = progressed = True
-            if down:
-                try:
-                    n = tls.send(down)
-                    del down[:n]
-                    progressed = progressed or n > 0
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    pass
-                except (OSError, ssl.SSLError):
-                    return -1 if not exit_sent else status
-            if exit_sent and not down:
-                return status
-            # every pass ends in poll(): a consumer that drains a little at a time is waited for,
-            # not chased (chasing it cost more CPU than the TLS work itself)
-            if progressed:
-                last = time.monotonic()
-            elif time.monotonic() - last > idle_timeout:
-                LOG.warning("rsync session idle for %.0f s: closed", idle_timeout)
+        while workers[1].is_alive() or workers[2].is_alive():
+            workers[1].join(0.5)
+            if stopped.is_set():
+                cut()
                 return -1
-            want(tls, (selectors.EVENT_READ if not tls_eof and hi < PUMP_BUFFER else 0)
-                 | (selectors.EVENT_WRITE if down else 0))
-            want(child, (selectors.EVENT_READ if not child_eof and len(down) < PUMP_BUFFER else 0)
-                 | (selectors.EVENT_WRITE if lo < hi else 0))
-            want(err_fd, selectors.EVENT_READ if not err_eof and len(down) < PUMP_BUFFER else 0)
-            if isinstance(tls, ssl.SSLSocket) and tls.pending() and not tls_eof and hi < PUMP_BUFFER:
-                continue  # decrypted data waits inside the SSL object: poll() would not see it
-            if registered:
-                sel.select(timeout=1.0)
-            else:
-                time.sleep(0.01)
-        return -1
+            if time.monotonic() - last[0] > idle_timeout:
+                LOG.warning("rsync session idle for %.0f s: closed", idle_timeout)
+                cut()
+                return -1
+        status = _reap(proc)
+        on_exit()
+        if agent_lost.is_set():
+            return -1
+        try:
+            send(2, struct.pack(">i", status))
+        except (OSError, ssl.SSLError):
+            pass
+        return status
     finally:
-        sel.close()
-
-
-
-
+        try:
+            raw.shutdown(socket.SHUT_RDWR)  # the thread reading from the agent ends with the session
+        except OSError:
+            pass
+        workers[0].join(5.0)

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import shlex
 import socket
 import ssl
+import stat
 import struct
 import sys
-import time
-from typing import Dict, List, Mapping, Optional, Tuple
+import threading
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
 from go2cloud_client.tlspin import PinMismatch, check_pin, client_context, is_loopback_host
@@ -41,6 +41,10 @@ UPGRADE = "go2cloud-rsync"
 CONNECT_TIMEOUT_S = 30.0
 MAX_HEAD = 64 * 1024
 BUFFER = 256 * 1024
+#: the size asked for the pipe rsync writes into (Linux allows up to /proc/sys/fs/pipe-max-size)
+PIPE_SIZE = 1024 * 1024
+#: how long the tunnel waits for the target's exit status once rsync has closed its end
+EXIT_WAIT_S = 30.0
 #: exit status when the target refused or could not be reached (rsync then reports exit 12)
 EXIT_REFUSED = 2
 #: exit status when the connection ended before the target sent the daemon's status
@@ -84,8 +88,114 @@ def check_url(url: str) -> Tuple[str, str, int, str]:
     return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), path
 
 
-def open_session(env: Mapping[str, str]) -> socket.socket:
-    """Connect, upgrade and return the raw stream to the target's rsync daemon."""
+class Stream:
+    """The tunnel's connection: a blocking socket, with TLS done in memory (``ssl.SSLObject`` over
+    two ``ssl.MemoryBIO``) rather than by an ``ssl.SSLSocket``. Two reasons: one system call moves
+    many TLS records (an ``SSLSocket`` reads one 16 KiB record per call, header and body
+    separately), and one thread may send while another receives (an ``SSLSocket`` must not be
+    used from two threads at once; here the TLS state is touched only under a lock, and the
+    socket's two directions are independent). ``tls`` is None for plain http to a loopback
+    address."""
+
+    def __init__(self, sock: socket.socket, tls: Optional[ssl.SSLObject] = None,
+                 incoming: Optional[ssl.MemoryBIO] = None, outgoing: Optional[ssl.MemoryBIO] = None) -> None:
+        self.sock = sock
+        self.tls = tls
+        self._in = incoming or ssl.MemoryBIO()
+        self._out = outgoing or ssl.MemoryBIO()
+        self._tls_lock = threading.Lock()  # the SSLObject and its two BIOs
+        self._send_lock = threading.Lock()  # the order of encrypted bytes on the wire
+        self._eof = False
+        self.leftover = b""  # bytes received with the answer's head: the start of the stream
+
+    @classmethod
+    def connect(cls, sock: socket.socket, ctx: ssl.SSLContext, host: str) -> Stream:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        stream = cls(sock, ctx.wrap_bio(incoming, outgoing, server_hostname=host), incoming, outgoing)
+        stream._handshake()
+        return stream
+
+    def _handshake(self) -> None:
+        assert self.tls is not None
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self.sock.recv(BUFFER)
+                if not data:
+                    raise TunnelError("the target closed the connection during the TLS handshake") from None
+                self._in.write(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out.pending:
+            self.sock.sendall(self._out.read())
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        assert self.tls is not None
+        return self.tls.getpeercert(binary_form)  # type: ignore[call-overload]
+
+    def send(self, data: bytes) -> None:
+        """Send all of ``data``."""
+        if self.tls is None:
+            self.sock.sendall(data)
+            return
+        with self._send_lock:
+            with self._tls_lock:
+                view = memoryview(data)
+                while view:
+                    n = self.tls.write(view)
+                    view = view[n:]
+                wire = self._out.read()
+            self.sock.sendall(wire)
+
+    def recv(self) -> bytes:
+        """The next bytes of the stream (as many as have arrived, up to about ``BUFFER``); b"" at
+        the end."""
+        if self.leftover:
+            data, self.leftover = self.leftover, b""
+            return data
+        if self.tls is None:
+            return self.sock.recv(BUFFER)
+        while True:
+            chunks: List[bytes] = []
+            with self._tls_lock:
+                try:
+                    while len(chunks) < 32:
+                        chunk = self.tls.read(BUFFER)
+                        if not chunk:
+                            self._eof = True
+                            break
+                        chunks.append(chunk)
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    self._eof = True
+                answer = self._out.pending > 0  # e.g. a key update the peer asked for
+            if answer:
+                with self._send_lock, self._tls_lock:
+                    wire = self._out.read()
+                if wire:
+                    self.sock.sendall(wire)
+            if chunks:
+                return b"".join(chunks)
+            if self._eof:
+                return b""
+            data = self.sock.recv(BUFFER)
+            with self._tls_lock:
+                if data:
+                    self._in.write(data)
+                else:
+                    self._in.write_eof()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_session(env: Mapping[str, str]) -> Stream:
+    """Connect, upgrade and return the stream to the target's rsync daemon."""
     url = env.get(ENV_URL, "")
     scheme, host, port, path = check_url(url)
     password = env.get("RSYNC_PASSWORD", "")
@@ -96,13 +206,13 @@ def open_session(env: Mapping[str, str]) -> socket.socket:
                           "(it is started by the agent's rsync)")
     raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock: socket.socket = raw
+    stream = Stream(raw)
     try:
         if scheme == "https":
             ctx, pin = client_context(env.get(ENV_FINGERPRINT, ""))
-            tls = ctx.wrap_socket(raw, server_hostname=host)
-            sock = tls
-            check_pin(tls, pin)
+            ctx.set_alpn_protocols([UPGRADE])  # the target routes the connection to its rsync pump
+            stream = Stream.connect(raw, ctx, host)
+            check_pin(stream, pin)
         host_header = f"[{host}]" if ":" in host else host
         request = (
             f"POST {path}/session HTTP/1.1\r\n"
@@ -112,50 +222,54 @@ def open_session(env: Mapping[str, str]) -> socket.socket:
             f"X-Go2cloud-Path: {quote(src_path, safe='/')}\r\n"
             f"Connection: Upgrade\r\nUpgrade: {UPGRADE}\r\nContent-Length: 0\r\n\r\n"
         )
-        sock.sendall(request.encode("ascii"))
-        status, body = _read_answer(sock)
+        stream.send(request.encode("ascii"))
+        status, body = _read_answer(stream)
         if status != 101:
             raise TunnelError(f"the target refused the rsync session (HTTP {status}): {_message(body)}")
-        return sock
+        raw.settimeout(None)  # from here on rsync's own --timeout watches the stream
+        return stream
     except PinMismatch:
-        sock.close()
+        stream.close()
         raise TunnelError(f"the target at {host}:{port} does not present the pinned certificate "
                           f"{env.get(ENV_FINGERPRINT, '')}: it changed or this is not the control "
                           "plane") from None
     except BaseException:
-        sock.close()
+        stream.close()
         raise
 
 
-def _read_answer(sock: socket.socket) -> Tuple[int, bytes]:
-    """Status and (for an error) body of the answer, reading nothing beyond it."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        byte = sock.recv(1)
-        if not byte:
-            raise TunnelError("the target closed the connection before answering")
-        head += byte
-        if len(head) > MAX_HEAD:
+def _read_answer(stream: Stream) -> Tuple[int, bytes]:
+    """Status and (for an error) body of the answer; what came after the head stays in
+    ``stream.leftover`` (the start of the rsync stream)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_HEAD:
             raise TunnelError("the target's answer has an oversized header")
+        data = stream.recv()
+        if not data:
+            raise TunnelError("the target closed the connection before answering")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     try:
         status = int(lines[0].split(" ", 2)[1])
     except (IndexError, ValueError):
         raise TunnelError(f"the target answered {lines[0][:80]!r}, not HTTP") from None
     if status == 101:
+        stream.leftover = rest
         return status, b""
     length = 0
     for line in lines[1:]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length" and value.strip().isdigit():
             length = min(int(value.strip()), MAX_HEAD)
-    body = b""
+    body = rest
     while len(body) < length:
-        part = sock.recv(length - len(body))
+        part = stream.recv()
         if not part:
             break
         body += part
-    return status, body
+    return status, body[:length]
 
 
 def _message(body: bytes) -> str:
@@ -190,114 +304,91 @@ class _Frames:
             if kind == 0:
                 out += payload
             elif kind == 1:
-                _write_all(2, payload)
+                try:
+                    _write_all(2, payload)
+                except OSError:
+                    pass
             elif kind == 2 and length == 4:
                 self.status = struct.unpack(">i", payload)[0]
             else:
                 raise TunnelError(f"the target sent a frame of unknown kind {kind}")
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _cut(stream: Stream) -> None:
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        stream.sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
 
 
-def pump(sock: socket.socket, fd_in: int, fd_out: int) -> int:
-    """Copy stdin to the connection as it is, and the target's frames to stdout and stderr, in
-    one thread, until the target has sent its exit status and everything is written out.
-    Returns the target daemon's exit status (as a remote shell does), or EXIT_LOST if the
-    connection ended without one."""
-    sock.setblocking(False)
-    os.set_blocking(fd_in, False)
-    os.set_blocking(fd_out, False)
-    up = memoryview(bytearray(BUFFER))  # stdin -> target: up[lo:hi] waits to be sent
-    lo = hi = 0
-    down = bytearray()
-    frames = _Frames()
-    in_eof = sock_eof = False
-    sel = selectors.PollSelector()  # masks change often: no epoll_ctl system call per change
-    keys: Dict[object, int] = {}
-
-    def want(obj: object, mask: int) -> None:
-        old = keys.get(obj, 0)
-        if mask == old:
-            return
-        if old and mask:
-            sel.modify(obj, mask)  # type: ignore[arg-type]
-        elif old:
-            sel.unregister(obj)  # type: ignore[arg-type]
-        else:
-            sel.register(obj, mask)  # type: ignore[arg-type]
-        if mask:
-            keys[obj] = mask
-        else:
-            keys.pop(obj, None)
-
+def _widen_pipe(fd: int) -> None:
+    """Let rsync write up to PIPE_SIZE into the pipe to this tunnel before it has to wait (Linux:
+    64 KiB by default), so each read here moves more; nothing happens if ``fd`` is no pipe or
+    the system allows less."""
     try:
-        while True:
-            moved = False
-            if lo == hi:
-                lo = hi = 0
-            if not in_eof and hi < BUFFER:
+        import fcntl
+
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except (ImportError, OSError):
+        pass
+
+
+def pump(stream: Stream, fd_in: int, fd_out: int) -> int:
+    """Copy stdin to the connection as it is (a thread of its own), and the target's frames to
+    stdout and stderr (this thread), until the target has sent its exit status and everything
+    is written out. Both directions block in their system calls: no polling, and each call
+    moves as much as is there. Returns the target daemon's exit status (as a remote shell
+    does), or EXIT_LOST if the connection ended without one."""
+    os.set_blocking(fd_in, True)
+    os.set_blocking(fd_out, True)
+    _widen_pipe(fd_in)
+    failed: List[BaseException] = []
+
+    def upstream() -> None:
+        try:
+            while True:
+                data = os.read(fd_in, BUFFER)
+                if not data:
+                    # rsync closed its end (done, or gone after its --timeout): the target's exit
+                    # status follows at once, unless the connection is stalled; rsync waits for
+                    # this program to exit, so the wait is bounded
+                    timer = threading.Timer(EXIT_WAIT_S, _cut, args=(stream,))
+                    timer.daemon = True
+                    timer.start()
+                    return
+                stream.send(data)
+        except (OSError, ssl.SSLError) as exc:
+            failed.append(exc)
+            _cut(stream)  # the downstream side sees the end
+
+    threading.Thread(target=upstream, name="tunnel-up", daemon=True).start()
+    frames = _Frames()
+    out = bytearray()
+    stdout_open = True
+    while frames.status is None:
+        try:
+            data = stream.recv()
+        except (OSError, ssl.SSLError):
+            data = b""
+        if not data:
+            break
+        frames.feed(data, out)
+        if out:
+            if stdout_open:
                 try:
-                    n = os.readv(fd_in, [up[hi:]])
-                    if n:
-                        hi += n
-                        moved = True
-                    else:
-                        in_eof = True
-                except BlockingIOError:
-                    pass
-            if lo < hi:
-                try:
-                    n = sock.send(up[lo:hi])
-                    lo += n
-                    if lo == hi:  # drained: the whole buffer is free for the next read
-                        lo = hi = 0
-                    moved = moved or n > 0
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    pass
-            while not sock_eof and len(down) < BUFFER:  # SSL recv gives one record a call
-                try:
-                    data = sock.recv(BUFFER)
-                    if data:
-                        frames.feed(data, down)
-                        moved = True
-                    else:
-                        sock_eof = True
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    break
-                except (ssl.SSLEOFError, ConnectionResetError):
-                    sock_eof = True
-            if down:
-                try:
-                    n = os.write(fd_out, down)
-                    del down[:n]
-                    moved = moved or n > 0
-                except BlockingIOError:
-                    pass
+                    _write_all(fd_out, out)
                 except BrokenPipeError:
-                    down.clear()
-            if (sock_eof or frames.status is not None) and not down:
-                return frames.status if frames.status is not None else EXIT_LOST
-            # every pass ends in poll(): a slow consumer is waited for, not chased
-            want(sock, (selectors.EVENT_READ if not sock_eof and len(down) < BUFFER else 0)
-                 | (selectors.EVENT_WRITE if lo < hi else 0))
-            want(fd_in, selectors.EVENT_READ if not in_eof and hi < BUFFER else 0)
-            want(fd_out, selectors.EVENT_WRITE if down else 0)
-            if isinstance(sock, ssl.SSLSocket) and sock.pending() and not sock_eof and len(down) < BUFFER:
-                continue  # decrypted data waits inside the SSL object: poll() would not see it
-            if keys:
-                sel.select(timeout=5.0)
-            else:
-                time.sleep(0.01)
-    finally:
-        sel.close()
+                    stdout_open = False  # rsync is gone; its status still matters
+            out.clear()
+    return frames.status if frames.status is not None else EXIT_LOST
 
 
 def main(argv: List[str]) -> int:
@@ -307,17 +398,17 @@ def main(argv: List[str]) -> int:
                          "not by hand\n")
         return EXIT_REFUSED
     try:
-        sock = open_session(os.environ)
+        stream = open_session(os.environ)
     except (TunnelError, OSError, ssl.SSLError) as exc:
         sys.stderr.write(f"go2cloud rsync tunnel: {exc}\n")
         return EXIT_REFUSED
     try:
-        status = pump(sock, sys.stdin.fileno(), sys.stdout.fileno())
+        status = pump(stream, sys.stdin.fileno(), sys.stdout.fileno())
     except (OSError, ssl.SSLError, TunnelError) as exc:
         sys.stderr.write(f"go2cloud rsync tunnel: connection lost: {exc}\n")
         return EXIT_LOST
     finally:
-        sock.close()
+        stream.close()
     if status == EXIT_LOST:
         sys.stderr.write("go2cloud rsync tunnel: the connection ended before the target's rsync did\n")
     return status if 0 <= status <= 255 else EXIT_LOST

@@ -213,6 +213,44 @@ def test_sessions_are_refused_without_the_right_task_cycle_and_never_two_at_once
     assert not sessions.exists() or not os.listdir(sessions)
 
 
+def test_an_upgrade_without_the_rsync_alpn_is_refused_before_any_daemon_starts(
+        server: Server, hostile: HostileSource):
+    """The rsync stream runs only on connections whose TLS ClientHello announced
+    ``go2cloud-rsync`` (ALPN): those get TLS in memory, safe to read and write from two threads.
+    A client that asks for the upgrade on an ordinary TLS connection gets a clear 400 and no
+    daemon, even with the right credentials."""
+    import json
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    h = hostile
+    url = urlsplit(h.target["url"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((url.hostname, url.port), timeout=20) as raw, \
+            ctx.wrap_socket(raw, server_hostname=url.hostname) as sock:
+        sock.sendall((f"POST {url.path}/session HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {h.target['password']}\r\nX-Go2cloud-Cycle: 2\r\n"
+                      f"X-Go2cloud-Path: {h.src}\r\nConnection: Upgrade\r\nUpgrade: go2cloud-rsync\r\n"
+                      "Content-Length: 0\r\n\r\n").encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert "did not announce the go2cloud-rsync protocol" in json.loads(body)["error"]["message"]
+    sessions = server.data_dir / "rsync-sessions"
+    assert not sessions.exists() or not os.listdir(sessions)
+    # the agent's tunnel announces it, so the same credentials work through it
+    ok = h.rsync(cycle=2, dest=h.dest(2))
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_the_server_starts_whatever_a_task_left_on_disk(server: Server, tmp_path: Path):
     victim = HostileSource(server, tmp_path, name="victim")
     bystander = HostileSource(server, tmp_path, name="bystander")

@@ -4,8 +4,10 @@ of the control plane (plain http is allowed only to a loopback address)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import socket
+import struct
 import sys
 import threading
 from typing import Dict, List
@@ -149,14 +151,14 @@ def test_open_session_upgrades_with_the_tasks_credentials_cycle_and_path(monkeyp
     cp = FakeControlPlane(monkeypatch, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: go2cloud-rsync\r\n"
                                        b"Connection: Upgrade\r\n\r\n@RSYNCD: ")
     try:
-        sock = tunnel.open_session(_env())
+        stream = tunnel.open_session(_env())
         try:
-            # nothing beyond the answer's head was consumed: the rest is rsync's stream
-            assert sock.recv(9) == b"@RSYNCD: "
-            sock.sendall(b"@rsyncd: 32.0\n")
-            assert sock.recv(100) == b"@RSYNCD: 32.0\n"
+            # what came with the answer's head is the start of rsync's stream, not lost
+            assert stream.recv() == b"@RSYNCD: "
+            stream.send(b"@rsyncd: 32.0\n")
+            assert stream.recv() == b"@RSYNCD: 32.0\n"
         finally:
-            sock.close()
+            stream.close()
     finally:
         cp.close()
     assert cp.addresses == [("127.0.0.1", 8080)]
@@ -197,3 +199,56 @@ def test_open_session_needs_its_settings_before_connecting(over):
 def test_open_session_refuses_plain_http_off_loopback():
     with pytest.raises(TunnelError, match="loopback"):
         tunnel.open_session(_env(**{tunnel.ENV_URL: "http://10.0.0.1:8080/rsync/v1/tasks/t-1"}))
+
+
+# --- the pump -------------------------------------------------------------------------------------
+
+def test_pump_copies_both_ways_and_exits_with_the_targets_status():
+    ours, theirs = socket.socketpair()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    payload = os.urandom(300_000)
+    os.write(in_w, b"hello target")
+    os.close(in_w)
+
+    def target() -> None:
+        got = b""
+        while len(got) < len(b"hello target"):
+            got += theirs.recv(100)
+        theirs.sendall(tunnel.FRAME.pack(0, len(payload)) + payload + tunnel.FRAME.pack(1, 4) + b"oops"
+                       + tunnel.FRAME.pack(2, 4) + struct.pack(">i", 23))
+
+    out = bytearray()
+
+    def rsync_reads() -> None:
+        while True:
+            chunk = os.read(out_r, 1 << 20)
+            if not chunk:
+                return
+            out.extend(chunk)
+
+    threads = [threading.Thread(target=target), threading.Thread(target=rsync_reads)]
+    for t in threads:
+        t.start()
+    status = tunnel.pump(tunnel.Stream(ours), in_r, out_w)
+    os.close(out_w)
+    for t in threads:
+        t.join(5)
+    assert status == 23 and bytes(out) == payload
+
+
+def test_pump_stops_waiting_for_a_stalled_target_once_rsync_has_gone(monkeypatch):
+    """rsync waits for its remote shell to exit; after its --timeout it closes our stdin. A
+    stalled connection must not keep the tunnel (and so rsync and the cycle) forever."""
+    monkeypatch.setattr(tunnel, "EXIT_WAIT_S", 0.3)
+    ours, theirs = socket.socketpair()  # the target never answers
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.close(in_w)
+    done: List[int] = []
+    t = threading.Thread(target=lambda: done.append(tunnel.pump(tunnel.Stream(ours), in_r, out_w)),
+                         daemon=True)
+    t.start()
+    t.join(10)
+    theirs.close()
+    assert done == [tunnel.EXIT_LOST]

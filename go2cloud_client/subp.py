@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -26,6 +27,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 from go2cloud_client.errors import Go2CloudError
 
 LOG = logging.getLogger(__name__)
+#: what ends an output line: rsync rewrites its progress line with a carriage return
+_LINE_END = re.compile(rb"[\r\n]")
 
 #: Environment variables never inherited by children.
 _SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN", "PASSPHRASE", "CREDENTIAL")
@@ -199,12 +202,9 @@ class StreamingProcess:
             chunk = self.proc.stdout.read1(65536)  # type: ignore[attr-defined]
             if not chunk:
                 break
-            buf += chunk
-            while True:
-                cut = min((i for i in (buf.find(b"\n"), buf.find(b"\r")) if i >= 0), default=-1)
-                if cut < 0:
-                    break
-                line, buf = buf[:cut], buf[cut + 1:]
+            lines = _LINE_END.split(buf + chunk)
+            buf = lines.pop()  # the unfinished line
+            for line in lines:
                 self._emit(line)
         if buf:
             self._emit(buf)

@@ -68,6 +68,8 @@ LOG = logging.getLogger(__name__)
 #: the host part of rsync's ``USER@HOST::MODULE`` (the tunnel knows the real address)
 TUNNEL_HOST = "go2cloud"
 PROGRESS_INTERVAL = 0.5
+#: progress lines closer together than this are skipped (the totals come from --stats at the end)
+PARSE_INTERVAL = 0.1
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _CYCLE_DIR_RE = re.compile(r"^[0-9]{6}$")
 #: rsync exit codes that mean "network, daemon or authentication trouble": retry later.
@@ -296,6 +298,7 @@ class _PathRun:
     def __init__(self, progress: PathProgress) -> None:
         self.progress = progress
         self.stats = StatsParser()
+        self.parsed_at = 0.0  # when a progress line was last parsed (monotonic)
 
 
 class FileReplicator:
@@ -436,7 +439,12 @@ class FileReplicator:
             LOG.exception("progress callback failed")
 
     def _on_line(self, run: _PathRun, line: str) -> None:
-        if run.stats.feed(line):
+        if line.startswith(" "):  # a progress line: rsync writes one per file, the latest will do
+            now = time.monotonic()
+            if now - run.parsed_at < PARSE_INTERVAL:
+                return
+            run.parsed_at = now
+        elif run.stats.feed(line):
             return
         parsed = parse_progress(line)
         if parsed is None:

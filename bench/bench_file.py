@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -114,15 +115,19 @@ class Api:
 
 
 def rsync_children(agent_pid: int) -> List[psutil.Process]:
+    """The agent's own rsync runs (other rsync processes on the machine are not ours)."""
     try:
         procs = psutil.Process(agent_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
     out = []
-    for p in psutil.process_iter(["name", "cmdline", "ppid"]):
-        if p.info["name"] == "rsync" and any("@go2cloud::" in a for a in (p.info["cmdline"] or [])):
-            out.append(p)
-    return out or [p for p in procs if p.name() == "rsync"]
+    for p in procs:
+        try:
+            if p.name() == "rsync" and any("@go2cloud::" in a for a in p.cmdline()):
+                out.append(p)
+        except psutil.Error:  # it ended meanwhile
+            pass
+    return out
 
 
 def agent_cycle_seconds(log: Path) -> float:
@@ -216,10 +221,18 @@ def main() -> int:
         agent_cycle_times: List[float] = []
         agent_argv: List[str] = []
         peak_busy = 0
+        srv_proc = psutil.Process(server.pid)
+        cpu_rows: List[Dict[str, float]] = []
+        plain_cpu: List[Dict[str, float]] = []
+
+        def cpu(p: psutil.Process) -> Dict[str, float]:
+            t = p.cpu_times()
+            return {"own": t.user + t.system, "children": t.children_user + t.children_system}
 
         def run_agent() -> float:
             nonlocal agent_argv, peak_busy
             os.sync()  # start clean: no dirty pages left over from the previous run
+            a0, s0 = cpu(proc), cpu(srv_proc)
             t = time.monotonic()
             api.call("POST", f"/sources/{sid}/migration", {"paths": [str(src)], "compression": args.compression})
             while True:
@@ -237,6 +250,9 @@ def main() -> int:
                     raise SystemExit(f"task failed: {task}")
                 time.sleep(0.05)
             elapsed = time.monotonic() - t
+            a1, s1 = cpu(proc), cpu(srv_proc)
+            cpu_rows.append({"agent": a1["own"] - a0["own"], "agent_children": a1["children"] - a0["children"],
+                             "server": s1["own"] - s0["own"], "server_children": s1["children"] - s0["children"]})
             agent_cycle_times.append(agent_cycle_seconds(home / "Logs" / "go2cloud_client.log"))
             api.call("POST", f"/sources/{sid}/migration/cancel", {})
             time.sleep(0.5)
@@ -253,10 +269,17 @@ def main() -> int:
                 del argv[i:i + 2]
             argv = [a for a in argv if not a.startswith("--link-dest")]
             os.sync()
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            d0 = cpu(psutil.Process(plain_daemon.proc.pid))
             t = time.monotonic()
             subprocess.run(argv, check=True, stdout=subprocess.DEVNULL,
                            env={**os.environ, "RSYNC_PASSWORD": "plain-password"})
             plain_nosync_times.append(time.monotonic() - t)
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            time.sleep(0.2)  # the daemon reaps its connection's child
+            d1 = cpu(psutil.Process(plain_daemon.proc.pid))
+            plain_cpu.append({"client": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
+                              "daemon": d1["children"] - d0["children"] + d1["own"] - d0["own"]})
             os.sync()  # the target commits durably (fsync) before a cycle counts as done; so does this
             elapsed = time.monotonic() - t
             shutil.rmtree(plain_root / f"round{n}", ignore_errors=True)
@@ -285,6 +308,16 @@ def main() -> int:
               f"**{c / pn:.3f} ({100 * (c / pn - 1):+.1f}%)** |")
         print(f"| end to end: start request to `pending`, incl. the target's durable commit (median) | {a:.2f} s |")
         print(f"| end to end / (plain rsync + sync) | {a / p:.3f} ({100 * (a / p - 1):+.1f}%) |")
+        for key, what in (("agent", "agent process (threads: commands, progress parsing, estimate)"),
+                          ("agent_children", "agent's children: rsync sender + generator and the TLS tunnel"),
+                          ("server", "server process (API, the session's TLS pump, commit)"),
+                          ("server_children", "server's children: the session's rsync daemon")):
+            print(f"| CPU per cycle, {what} (median) | "
+                  f"{statistics.median(r[key] for r in cpu_rows):.2f} s |")
+        print(f"| CPU per run, plain rsync client (sender + generator) (median) | "
+              f"{statistics.median(r['client'] for r in plain_cpu):.2f} s |")
+        print(f"| CPU per run, plaintext daemon (receiver) (median) | "
+              f"{statistics.median(r['daemon'] for r in plain_cpu):.2f} s |")
         print(f"| agent RSS while syncing (peak, agent process only) | {peak_busy / 2**20:.1f} MiB |")
         print(f"| idle agent peak RSS | {peak / 2**20:.1f} MiB |")
         print(f"| idle agent CPU | {idle_cpu:.2f}% of one core |")

@@ -235,14 +235,18 @@ def main() -> int:
             a0, s0 = cpu(proc), cpu(srv_proc)
             t = time.monotonic()
             api.call("POST", f"/sources/{sid}/migration", {"paths": [str(src)], "compression": args.compression})
+            tunnel_cpu: Dict[int, float] = {}  # the tunnel processes' CPU, last seen alive
             while True:
                 task = (api.call("GET", f"/sources/{sid}/migration").get("tasks") or [{}])[0]
-                if not agent_argv:
-                    for p in rsync_children(agent.pid):
-                        try:
+                for p in rsync_children(agent.pid):
+                    try:
+                        if not agent_argv:
                             agent_argv = p.cmdline()
-                        except psutil.Error:
-                            pass
+                        for child in p.children():
+                            times = child.cpu_times()
+                            tunnel_cpu[child.pid] = times.user + times.system
+                    except psutil.Error:
+                        pass
                 peak_busy = max(peak_busy, proc.memory_info().rss)
                 if task.get("status") == "pending":
                     break
@@ -252,6 +256,7 @@ def main() -> int:
             elapsed = time.monotonic() - t
             a1, s1 = cpu(proc), cpu(srv_proc)
             cpu_rows.append({"agent": a1["own"] - a0["own"], "agent_children": a1["children"] - a0["children"],
+                             "tunnel": sum(tunnel_cpu.values()),
                              "server": s1["own"] - s0["own"], "server_children": s1["children"] - s0["children"]})
             agent_cycle_times.append(agent_cycle_seconds(home / "Logs" / "go2cloud_client.log"))
             api.call("POST", f"/sources/{sid}/migration/cancel", {})
@@ -310,6 +315,7 @@ def main() -> int:
         print(f"| end to end / (plain rsync + sync) | {a / p:.3f} ({100 * (a / p - 1):+.1f}%) |")
         for key, what in (("agent", "agent process (threads: commands, progress parsing, estimate)"),
                           ("agent_children", "agent's children: rsync sender + generator and the TLS tunnel"),
+                          ("tunnel", "the TLS tunnel alone (sampled every 50 ms, a lower bound)"),
                           ("server", "server process (API, the session's TLS pump, commit)"),
                           ("server_children", "server's children: the session's rsync daemon")):
             print(f"| CPU per cycle, {what} (median) | "

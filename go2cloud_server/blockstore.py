@@ -601,6 +601,9 @@ class BlockTaskStore:
 
     def __init__(self, root: Path, disks: Optional[Mapping[str, Optional[int]]] = None) -> None:
         self.root = Path(root)
+        #: called with what failed when a write meets a full filesystem, before TargetFull is
+        #: raised (the control plane marks the task ``target_full`` at once)
+        self.on_full: Optional[Callable[[str], None]] = None
         self._declared: Optional[Dict[str, Optional[int]]] = None
         self._pinned: Dict[str, int] = {}
         self._pin_lock = threading.Lock()
@@ -717,7 +720,16 @@ class BlockTaskStore:
 
     def _raise_io(self, exc: OSError, what: str) -> None:
         if exc.errno in _NOSPACE:
-            raise TargetFull(f"{what}: the target's storage ({self.root}) is full") from exc
+            from go2cloud_server.space import describe
+
+            message = f"{what}: the target's storage is full ({describe(self.root)})"
+            if self.on_full is not None:
+                try:
+                    self.on_full(message)
+                except Exception:  # noqa: BLE001 - the agent is told all the same
+                    log.warning("cannot record the full target of %s", self.root, exc_info=True)
+            raise TargetFull(f"{message}; committed generations are intact: free space on the "
+                             "target, the cycle resumes by itself") from exc
         if exc.errno == errno.EFBIG:  # ext4 holds files up to 16 TiB - 4 KiB
             raise DiskTooLarge(f"{what}: the target's filesystem ({self.root}) cannot hold an image that "
                                "large: put the server's data directory on XFS or btrfs") from exc

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import click
 
 from go2cloud_server import rules, throttle
+from go2cloud_server import space as space_mod
 from go2cloud_server.client import Endpoint, OperatorClient, resolve
 from go2cloud_server.errors import InvalidInput, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
@@ -353,6 +354,27 @@ def _setup_logging(level: str) -> None:
     help="Failed imports allowed per client address in the window (twice as many per token id); "
     "more are answered 429 with Retry-After.",
 )
+@click.option(
+    "--target-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Where the images go (task trees and block images, under DIR/tasks/). Put it on its own "
+    "filesystem: a full image store then cannot stop the database, and the control plane keeps "
+    "answering. Default: the data directory (or the directory recorded at the previous start).",
+)
+@click.option(
+    "--db-reserve",
+    "db_reserve_mib",
+    type=click.IntRange(0, 1 << 20),
+    default=space_mod.DEFAULT_RESERVE_MIB,
+    show_default=True,
+    metavar="MIB",
+    help="When images and database share a filesystem: MiB kept in <data-dir>/db-reserve for the "
+    "database. A full target releases it (heartbeats, acknowledgements and operator commands go "
+    "on; the task shows target_full), and data writes wait until it can be allocated again. 0: "
+    "no reserve. Not used with a --target-dir on another filesystem.",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -364,6 +386,8 @@ def serve(
     packages_dir: Optional[Path],
     import_window: float,
     import_failures: int,
+    target_dir: Optional[Path],
+    db_reserve_mib: int,
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
     from go2cloud_server import auth, tls
@@ -401,6 +425,17 @@ def serve(
     def clock() -> float:
         return time.time() + offset
 
+    target_dir = _target_dir(data_dir, target_dir)
+    space = space_mod.SpaceGuard(data_dir, target_dir, db_reserve_mib * space_mod.MiB)
+    if space.shared and space.reserve_bytes:
+        if not space.ensure():
+            log.warning("no room for the database reserve (%d MiB) in %s: %s; data writes wait until "
+                        "there is", db_reserve_mib, data_dir, space_mod.describe(data_dir))
+    else:
+        space.ensure()  # removes a reserve an earlier layout left
+    log.info("database in %s, images in %s (%s)", data_dir, target_dir / "tasks",
+             f"the same filesystem: {db_reserve_mib} MiB reserve for the database" if space.shared
+             else "their own filesystem")
     cert, key = tls.ensure_certificate(data_dir / "tls", [host, public])
     fingerprint = tls.fingerprint(cert)
     spki_pin = tls.spki_pin(cert)
@@ -429,6 +464,8 @@ def serve(
             import_throttle=ImportThrottle(
                 window_s=import_window, per_address=import_failures, per_token=2 * import_failures
             ),
+            target_dir=target_dir,
+            space=space,
         )
         restored = service.restore_targets()
         service.start()  # the generation verifier, with what a previous run left unverified
@@ -497,6 +534,33 @@ def serve(
                 info_file.unlink()
         store.close()
         log.info("go2cloud_server stopped")
+
+
+def _target_dir(data_dir: Path, given: Optional[Path]) -> Path:
+    """The image directory: ``--target-dir``, else the one recorded in ``<data-dir>/target-dir``
+    at an earlier start (so a restart without the option finds the images), else the data
+    directory. A given one is recorded for the next start."""
+    from go2cloud_server.atomicfile import write_atomic
+
+    record = data_dir / "target-dir"
+    try:
+        recorded: Optional[Path] = Path(record.read_text().strip()) if record.exists() else None
+    except OSError:
+        recorded = None
+    if given is None:
+        chosen = recorded or data_dir
+    else:
+        chosen = given.absolute()
+        if recorded is not None and recorded != chosen and (recorded / "tasks").is_dir() \
+                and any((recorded / "tasks").iterdir()):
+            log.warning("--target-dir %s: the previous start used %s, which still holds task images; "
+                        "tasks whose directory is not under %s have lost their images", chosen, recorded,
+                        chosen / "tasks")
+        write_atomic(record, f"{chosen}\n", mode=0o600)
+    chosen.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        chosen.chmod(0o700)
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------

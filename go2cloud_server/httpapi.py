@@ -33,6 +33,7 @@ from go2cloud_server.downloads import Download, Downloads
 from go2cloud_server.errors import AuthFailed, InvalidInput, NotFound, ServerError, TooLarge
 from go2cloud_server.rsyncd import RsyncSessions
 from go2cloud_server.service import Service
+from go2cloud_server.space import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,14 @@ class Api:
             self.service.agent_source(args[0])
             self.agent_auth.check(headers.get("Authorization"), args[0])
         req = ApiRequest(method, parts.path, parse_qs(parts.query), args, body, headers, client)
+        try:
+            return handler(req)
+        except Exception as exc:
+            # the database's filesystem is full (images share it): release its reserve and answer
+            # once more (the failed transaction was rolled back); see go2cloud_server/space.py
+            space = getattr(self.service, "space", None)
+            if space is None or not is_disk_full(exc) or not space.release(f"database write: {exc}"):
+                raise
         return handler(req)
 
 
@@ -509,6 +518,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             return 101
         log.info("%s rsync session of %s (cycle %s, %s): exit %s", self.client_address[0], task_id,
                  spec.cycle, spec.path, rc)
+        try:  # a full target is the task's state at once (docs/reliability.md, section 4)
+            self.server.api.service.rsync_session_ended(task_id, rc)
+        except Exception:  # noqa: BLE001 - the session is over; the agent's acknowledgement follows
+            log.warning("cannot record the end of the rsync session of %s", task_id, exc_info=True)
         return 101
 
     def _send_download(self, download: Download) -> int:

@@ -3,7 +3,9 @@
 A thread wakes every ``tick_s`` seconds and, for each pending task with an interval, queues a
 ``sync`` once ``sync_every_s`` seconds have passed (``time.monotonic``) since the scheduler saw
 the task's latest committed cycle. A server restart therefore waits one full interval before the
-first automatic sync: never earlier than asked. Errors are logged and the loop keeps going.
+first automatic sync: never earlier than asked. Each pass also queues the cycle of every
+``target_full`` task whose target has room again (``Service.resume_when_room``). Errors are
+logged and the loop keeps going.
 """
 
 from __future__ import annotations
@@ -71,4 +73,6 @@ class Scheduler:
         for tid in list(self._seen):
             if tid not in live:
                 del self._seen[tid]
+        # tasks stopped by a full target resume once there is room again (docs/reliability.md)
+        queued += len(self.service.resume_when_room())
         return queued

@@ -13,6 +13,7 @@ can move time (offline detection, code expiry).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -36,10 +37,12 @@ from go2cloud_server.errors import (
     ImportRejected,
     InvalidInput,
     NotFound,
+    ServerError,
     SourceReplaced,
     SourceUnknown,
 )
 from go2cloud_server.rsyncd import SessionSpec
+from go2cloud_server.space import SpaceGuard, describe, human, is_disk_full
 from go2cloud_server.store import Store, dumps, loads
 from go2cloud_server.throttle import ImportThrottle, KeyDerivation
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED, GenerationVerifier
@@ -47,7 +50,9 @@ from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIF
 log = logging.getLogger(__name__)
 
 OFFLINE_AFTER_INTERVALS = 3
-ACTIVE_TASK_STATUSES = ("syncing", "pending", "paused", "failed")
+#: ``target_full``: a cycle stopped because the target's storage is full; it resumes by itself
+#: when there is room again (the scheduler), or on ``migration sync``
+ACTIVE_TASK_STATUSES = ("syncing", "pending", "paused", "failed", "target_full")
 #: statuses of a task before its first sync: the drill runs, passed (start queued) or found a
 #: critical item (nothing started until it is fixed and re-run, or overridden)
 DRILL_STATUSES = ("drilling", "drill_passed", "drill_abnormal")
@@ -61,6 +66,14 @@ MAX_DRILL_ITEMS = 200
 FINAL_COMMAND_STATUSES = ("succeeded", "failed", "unsupported", "rejected", "superseded")
 ACK_STATUSES = ("accepted", "succeeded", "failed", "unsupported", "rejected")
 CYCLE_COMMANDS = ("start", "sync", "finalize")
+TARGET_FULL = "target_full"
+#: free space a target_full task waits for before it resumes by itself: what the agent said the
+#: cycle has left, within these bounds (an estimate: compression and holes make it smaller)
+RESUME_AT_LEAST = 16 * 1024 * 1024
+RESUME_AT_MOST = 1024 * 1024 * 1024
+#: an rsync session that failed (exit 11/23) with less free than this (or 5 % of the
+#: filesystem) on the target is taken for a full target (rsync removes its partial file)
+NEARLY_FULL = 64 * 1024 * 1024
 ACTIONS = ("modify", "pause", "resume", "sync", "complete", "cancel", "drill")
 #: filesystems whose mount points are migrated by default (file mode)
 LOCAL_FSTYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "jfs", "reiserfs", "f2fs", "zfs"})
@@ -221,9 +234,17 @@ class Service:
         clock: Callable[[], float] = time.time,
         agent_auth: Optional[AgentAuth] = None,
         import_throttle: Optional[ImportThrottle] = None,
+        target_dir: Optional[Path] = None,
+        space: Optional[SpaceGuard] = None,
     ) -> None:
         self.store = store
         self.data_dir = Path(data_dir)
+        #: where the task trees and block images live (``serve --target-dir``; default the data dir)
+        self.target_dir = Path(target_dir) if target_dir is not None else self.data_dir
+        #: keeps the database writable when images fill a filesystem they share (``space``)
+        self.space = space
+        #: free bytes on the target when each target_full task stopped (its resume needs more)
+        self._full_free: Dict[str, int] = {}
         self.rsyncd = rsyncd
         self.tree_factory = tree_factory
         self.block_store_factory = block_store_factory
@@ -255,13 +276,13 @@ class Service:
         return iso(self.clock())
 
     def tree_root(self, task_id: str) -> Path:
-        return self.data_dir / "tasks" / task_id / "tree"
+        return self.target_dir / "tasks" / task_id / "tree"
 
     def tree(self, task_id: str) -> Tree:
         return self.tree_factory(self.tree_root(task_id))
 
     def block_root(self, task_id: str) -> Path:
-        return self.data_dir / "tasks" / task_id / "block"
+        return self.target_dir / "tasks" / task_id / "block"
 
     def block_store(self, task_id: str) -> BlockStore:
         """The block store of a task (one object per task, shared by the receiver and commits),
@@ -285,6 +306,10 @@ class Service:
             if bs is None:
                 bs = self.block_store_factory(self.block_root(task_id))
                 bs.declare(limits)
+                # a write that meets ENOSPC makes the task target_full at once (before the agent's
+                # acknowledgement), with the database's room released first
+                with contextlib.suppress(AttributeError):
+                    bs.on_full = lambda what, tid=task_id: self.mark_target_full(tid, what)  # type: ignore[attr-defined]
                 self._block_stores[task_id] = bs
             return bs
 
@@ -304,6 +329,7 @@ class Service:
             return None
         if task["mode"] != "block" or task["status"] not in ACTIVE_TASK_STATUSES:
             return None
+        self.check_room(task_id)
         return self.block_store(task_id)
 
     def target(self, task: Mapping[str, Any]) -> Dict[str, Any]:
@@ -336,6 +362,7 @@ class Service:
             raise AuthFailed("the rsync credentials are not those of an active file task")
         if task["status"] != "syncing" or not task["current_cycle"]:
             raise Conflict(f"task {task_id} is {task['status']}: it is not writing a cycle now")
+        self.check_room(task_id)
         if not isinstance(cycle, int) or cycle != int(task["current_cycle"]):
             raise Conflict(f"task {task_id} is writing cycle {task['current_cycle']}, not {cycle}")
         paths = [str(p) for p in loads(task["paths"], [])]
@@ -1089,10 +1116,15 @@ class Service:
         cycle = params.get("cycle") if ctype in CYCLE_COMMANDS else None
         number = int(cycle["number"]) if isinstance(cycle, dict) and cycle.get("number") else None
         if status != "succeeded":
+            if ctype in CYCLE_COMMANDS and error_code == TARGET_FULL:
+                if not self._superseded_cycle(cmd):
+                    self.mark_target_full(task_id, f"the agent reported: {message or 'target full'}")
+                return
             if ctype in CYCLE_COMMANDS:
                 with self.store.transaction() as conn:
                     task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
-                    if task and task["status"] in ("syncing", "pending", "paused", "drill_passed"):
+                    open_ = ("syncing", "pending", "paused", "drill_passed", TARGET_FULL)
+                    if task and task["status"] in open_:
                         self._set_task(
                             conn,
                             task_id,
@@ -1121,6 +1153,9 @@ class Service:
             try:
                 rows = self._commit_cycle(task, number)
             except Exception as exc:  # noqa: BLE001 - reported to the operator as the task's error
+                if is_disk_full(exc) or getattr(exc, "code", None) == TARGET_FULL:
+                    self.mark_target_full(task_id, f"committing cycle {number}: {exc}")
+                    return
                 log.warning("committing cycle %d of %s failed: %s", number, task_id, exc)
                 log.debug("commit failure", exc_info=True)
                 with self.store.transaction() as conn:
@@ -1882,7 +1917,14 @@ class Service:
     ) -> Optional[str]:
         if task["status"] == "syncing":
             raise Conflict(f"task {task['id']} is already syncing: wait for the cycle to finish")
-        self._need(task, ("pending", "failed"), "sync it")
+        self._need(task, ("pending", "failed", TARGET_FULL), "sync it")
+        if task["status"] == TARGET_FULL and task["finalizing"]:
+            # the final sync stopped on a full target: it runs again (the agent's finalize)
+            cycle = self._next_cycle(conn, task)
+            self._set_task(conn, task["id"], status="syncing", error_code=None, error_message=None)
+            return self._queue(
+                conn, task["source_id"], task["id"], "finalize", {"task_id": task["id"], "cycle": cycle}
+            )
         if task["finalizing"]:
             raise Conflict(f"task {task['id']} is completing: no more syncs")
         cycle = self._next_cycle(conn, task)
@@ -1988,6 +2030,136 @@ class Service:
         return {"task_id": task_id, "artifacts": self._artifacts(task_id)}
 
     # server start / scheduler ----------------------------------------------------------------------
+    # a full target ------------------------------------------------------------------------------
+    def check_room(self, task_id: str) -> None:
+        """Refuse a data write (a block request, a new rsync session) with ``507 target_full``
+        while the database's reserve is released and the filesystem has no room to take it back
+        (``space.SpaceGuard``): the images must not eat the room the database is living on."""
+        from go2cloud_server.blockstore import TargetFull
+
+        why = self.space.refusal() if self.space is not None else None
+        if why is not None:
+            raise TargetFull(f"task {task_id}: {why}; free space on the target, the sync resumes by itself")
+
+    def _space_reason(self, task: Mapping[str, Any], detail: str) -> str:
+        """What the operator reads: what filled, how much is free where, how much more is needed."""
+        src = self.store.one("SELECT heartbeat FROM sources WHERE id = ?", (task["source_id"],))
+        hb = loads(src["heartbeat"], None) if src else None
+        progress = hb.get("progress") if isinstance(hb, dict) and hb.get("task_id") == task["id"] else None
+        need = ""
+        if isinstance(progress, dict):
+            total, done = progress.get("bytes_total"), progress.get("bytes_done")
+            if isinstance(total, (int, float)) and isinstance(done, (int, float)) and total > done:
+                need = (f"; the cycle has about {human(int(total - done))} left to transfer "
+                        f"({human(int(done))} of {human(int(total))} done)")
+        reserve = ""
+        if self.space is not None and self.space.reserve_bytes:
+            reserve = (f"; data writes resume once {human(self.space.reserve_bytes)} (the database's "
+                       "reserve) plus a margin are free")
+        return _clip(f"the target's storage is full: {describe(self.tree_root(task['id']))}{need}{reserve} "
+                     f"({detail}). Nothing committed is lost: free space on the target (or move it with "
+                     "'serve --target-dir' to a larger filesystem); the cycle resumes by itself, or run "
+                     "'go2cloud_server migration sync'", 2000)
+
+    def mark_target_full(self, task_id: str, detail: str) -> None:
+        """The task's cycle stopped because the target is full: ``target_full`` with the reason
+        (shown by ``migration show``, and an event on the source), its cycle kept for the resume
+        (``resume_when_room``). The database's reserve is released first, so this write and every
+        request after it succeed. Idempotent (the event once per episode)."""
+        if self.space is not None:
+            self.space.release(f"task {task_id}: {detail}")
+        task = self.store.one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        if task is None or task["status"] in ("cancelled", "completed", "failed"):
+            return
+        reason = self._space_reason(task, detail)
+        with self.store.transaction() as conn:
+            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+            if task is None or task["status"] not in ("syncing", "pending", "drill_passed", TARGET_FULL):
+                return
+            first = task["status"] != TARGET_FULL
+            self._set_task(conn, task_id, status=TARGET_FULL, error_code=TARGET_FULL, error_message=reason)
+        free = self._free_now(task_id)
+        if free is not None:
+            self._full_free[task_id] = free
+            if first:
+                self._event(conn, task["source_id"], "error", TARGET_FULL, f"task {task_id}: {reason}")
+        if first:
+            log.warning("task %s: %s", task_id, reason)
+
+    def rsync_session_ended(self, task_id: str, rc: int) -> None:
+        """The exit status of an rsync session (``httpapi``, after the daemon ended): 11 (file
+        I/O) or 23 (some files not transferred) on a target filesystem with less than
+        :data:`NEARLY_FULL` free is a full target, recorded at once; the agent's acknowledgement
+        (``target_full`` from rsync's "No space left on device", or another error) follows."""
+        if rc not in (11, 23):
+            return
+        try:
+            from go2cloud_server.space import usage
+
+            fs = usage(self.tree_root(task_id))
+        except OSError:
+            return
+        if fs.free < max(NEARLY_FULL, fs.total // 20):
+            self.mark_target_full(task_id, f"the rsync session ended with exit {rc} on a nearly full target")
+
+    def _superseded_cycle(self, cmd: Mapping[str, Any]) -> bool:
+        """Whether a newer cycle command of the same task was queued after ``cmd`` (a late
+        acknowledgement of a cycle the scheduler already resumed must not stop the new one)."""
+        row = self.store.one(
+            "SELECT 1 FROM commands WHERE task_id = ? AND type IN ('start','sync','finalize') "
+            "AND seq > (SELECT seq FROM commands WHERE id = ?) LIMIT 1",
+            (cmd["task_id"], cmd["id"]),
+        )
+        return row is not None
+
+    def _free_now(self, task_id: str) -> Optional[int]:
+        try:
+            from go2cloud_server.space import usage
+
+            return usage(self.tree_root(task_id)).free
+        except OSError:
+            return None
+
+    def resume_when_room(self) -> List[str]:
+        """The scheduler's check: each ``target_full`` task whose filesystem has room again (the
+        database's reserve back in place, and more free than when the cycle stopped, by at least
+        the cycle's remaining bytes as the agent last reported them, else 16 MiB) gets its cycle
+        queued again. Returns the ids resumed."""
+        resumed: List[str] = []
+        rows = self.store.all("SELECT * FROM tasks WHERE status = ?", (TARGET_FULL,))
+        if not rows or (self.space is not None and self.space.refusal() is not None):
+            return resumed
+        for task in rows:
+            free = self._free_now(task["id"])
+            if free is None:
+                continue
+            src = self.store.one("SELECT heartbeat FROM sources WHERE id = ?", (task["source_id"],))
+            hb = loads(src["heartbeat"], None) if src else None
+            progress = hb.get("progress") if isinstance(hb, dict) and hb.get("task_id") == task["id"] else {}
+            left = 0
+            if isinstance(progress, dict):
+                total, done = progress.get("bytes_total"), progress.get("bytes_done")
+                if isinstance(total, (int, float)) and isinstance(done, (int, float)):
+                    left = max(0, int(total - done))
+            need = min(left, RESUME_AT_MOST) if left else RESUME_AT_LEAST
+            # (not kept across a restart: then the free space alone decides)
+            before = self._full_free.get(task["id"], 0)
+            if free - before < need:
+                continue
+            try:
+                self.task_action(task["id"], "sync")
+            except ServerError as exc:
+                log.info("task %s: not resumed after the full target: %s", task["id"], exc)
+                continue
+            where = describe(self.tree_root(task["id"]))
+            with self.store.transaction() as conn:
+                self._event(conn, task["source_id"], "info", "target_space_returned",
+                            f"task {task['id']}: the target has room again ({where}): the cycle resumes")
+            log.info("task %s: the target has room again (%s free): cycle queued again", task["id"],
+                     human(free))
+            resumed.append(task["id"])
+        return resumed
+
     def restore_targets(self) -> int:
         """After a restart: the directory of every file task's running cycle exists again. One
         task whose state on disk is unusable fails with the reason; the others and the server

@@ -102,6 +102,11 @@ class RsyncConnectionError(ReplicationError):
     retryable = True
 
 
+#: what rsync (the receiver on the target) or the tunnel says when the target is full: the cycle
+#: fails with ``target_full`` (not retried at once: the control plane resumes it when there is room)
+_TARGET_FULL_RE = re.compile(r"No space left on device|Disk quota exceeded|\(HTTP 507\)|target_full")
+
+
 class TransferCancelled(Exception):
     """The cancel event was set; rsync was stopped. Not an error: the cycle can be rerun."""
 
@@ -541,6 +546,16 @@ class FileReplicator:
 
     def _raise_for(self, rc: int, stderr: str, path: str) -> None:
         tail = " | ".join(stderr.strip().splitlines()[-3:])
+        full = next((line.strip() for line in stderr.splitlines() if _TARGET_FULL_RE.search(line)), None)
+        if full is not None and rc != 0:
+            # one error type (and code) for a full target in both modes (imported here: the block
+            # package imports this module)
+            from go2cloud_client.replication.block.errors import BlockTargetFullError
+
+            raise BlockTargetFullError(
+                f"the target {self.target.where} is out of space while writing {path} (rsync exit {rc}: "
+                f"{full}); what it committed before is intact: free space on the target, the sync "
+                "resumes", detail=stderr[-4000:])
         if rc in RETRYABLE_CODES:
             hint = RETRYABLE_CODES[rc]
             raise RsyncConnectionError(

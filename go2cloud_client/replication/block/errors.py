@@ -32,8 +32,11 @@ class BlockTargetRejectedError(BlockTargetError):
 
 
 class BlockTargetFullError(BlockTargetError):
-    """HTTP 507 from the receiver: the target's storage is full; committed generations are intact."""
+    """The target's storage is full: HTTP 507 from the block receiver, or (file mode, raised by
+    the rsync replicator) rsync's "No space left on device" from the target. What the target
+    committed before is intact; the control plane marks the task ``target_full`` and resumes it
+    when there is room again."""
 
     code = "target_full"
-    summary = "the block target's storage is full (free space on the target, then sync again)"
+    summary = "the target's storage is full (free space on the target; the sync resumes by itself)"
     retryable = False

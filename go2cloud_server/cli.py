@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 import threading
@@ -260,6 +261,27 @@ def _scope(workgroup: Optional[str], source: Optional[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # serve
+def raise_fd_limit() -> None:
+    """Raise the soft limit of open files to the hard limit, and say so: every agent holds one or
+    two connections (docs/reliability.md, "Bounded resources"), and the common soft limit of 1024
+    is below what a fleet needs while the hard limit usually is not."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20  # what Linux allows at most (fs.nr_open)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files: soft limit raised from %d to %d (the hard limit)", soft, hard)
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("open files: cannot raise the soft limit %d to %d: %s", soft, hard, exc)
+            return
+    log.info("open files: limit %d", soft)
+
+
 def _parse_listen(value: str) -> Tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -353,6 +375,15 @@ def _setup_logging(level: str) -> None:
     help="Failed imports allowed per client address in the window (twice as many per token id); "
     "more are answered 429 with Retry-After.",
 )
+@click.option(
+    "--listen-backlog",
+    type=click.IntRange(16, 65535),
+    default=4096,
+    show_default=True,
+    metavar="N",
+    help="Connections the kernel queues before the server accepts them (a fleet reconnecting at "
+    "once after a restart). The kernel caps it at net.core.somaxconn.",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -364,6 +395,7 @@ def serve(
     packages_dir: Optional[Path],
     import_window: float,
     import_failures: int,
+    listen_backlog: int,
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
     from go2cloud_server import auth, tls
@@ -371,7 +403,7 @@ def serve(
     from go2cloud_server.atomicfile import write_atomic
     from go2cloud_server.blockrx import BlockReceiver
     from go2cloud_server.downloads import Downloads
-    from go2cloud_server.httpapi import Api, ApiServer
+    from go2cloud_server.httpapi import Api, ApiServer, somaxconn
     from go2cloud_server.rsyncd import RsyncSessions
     from go2cloud_server.scheduler import Scheduler
     from go2cloud_server.service import Service
@@ -379,6 +411,7 @@ def serve(
     from go2cloud_server.throttle import ImportThrottle
 
     _setup_logging(log_level)
+    raise_fd_limit()
     if rsync_port is not None:
         log.warning("--rsync-port is ignored: file-level data goes through the HTTPS port now")
     host, port = _parse_listen(listen)
@@ -445,7 +478,13 @@ def serve(
                 rsync_sessions=rsyncd),
             tls.server_context(cert, key),
             request_timeout_s=request_timeout,
+            backlog=listen_backlog,
         )
+        cap = somaxconn()
+        if cap is not None and cap < listen_backlog:
+            log.warning("listen backlog %d is capped by the kernel at net.core.somaxconn = %d: raise it "
+                        "(sysctl -w net.core.somaxconn=%d) for a fleet that reconnects at once",
+                        listen_backlog, cap, listen_backlog)
         service.public_url = f"https://{_url_host(public)}:{httpd.port}"
         local_url = f"https://{_url_host(local_host)}:{httpd.port}"
         write_atomic(

@@ -1,8 +1,12 @@
 """SQLite state of the control plane.
 
 One database file (``<data-dir>/server.db``) in WAL mode. Each thread gets its own connection
-(``threading.local``); writers serialise with ``BEGIN IMMEDIATE`` so a read-check-write sequence
-(for example consuming one use of an activation code) is atomic across threads and processes.
+(``threading.local``), closed when the thread calls :meth:`Store.release` (the HTTP server does at
+the end of every connection) or, at the latest, when the next connection is opened after the
+thread ended: a connection costs 2 file descriptors (the database and its WAL), so they are
+bounded by the threads alive, never by the connections served. Writers serialise with ``BEGIN
+IMMEDIATE`` so a read-check-write sequence (for example consuming one use of an activation code) is
+atomic across threads and processes.
 The schema is versioned in ``meta.schema_version``; :meth:`Store.migrate` brings an older file
 up to date and refuses a newer one.
 """
@@ -15,8 +19,9 @@ import logging
 import os
 import sqlite3
 import threading
+import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +191,8 @@ class Store:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
-        self._all: List[sqlite3.Connection] = []
+        #: every open connection with the thread it belongs to (id(conn) -> (thread, conn))
+        self._all: Dict[int, Tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = {}
         self._all_lock = threading.Lock()
 
     # connections ------------------------------------------------------------------------------
@@ -206,12 +212,38 @@ class Store:
             conn.execute("PRAGMA foreign_keys=OFF")
             self._local.conn = conn
             with self._all_lock:
-                self._all.append(conn)
+                self._sweep()
+                self._all[id(conn)] = (weakref.ref(threading.current_thread()), conn)
         return conn
+
+    def _sweep(self) -> None:
+        """Close the connections of threads that ended without :meth:`release` (under the lock)."""
+        for key, (thread_ref, conn) in list(self._all.items()):
+            thread = thread_ref()
+            if thread is None or not thread.is_alive():
+                del self._all[key]
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    def open_connections(self) -> int:
+        """Connections open now (one per thread that used the store and is still alive)."""
+        with self._all_lock:
+            return len(self._all)
+
+    def release(self) -> None:
+        """Close the calling thread's connection, if it has one (a thread about to end)."""
+        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._all_lock:
+            self._all.pop(id(conn), None)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
 
     def close(self) -> None:
         with self._all_lock:
-            for conn in self._all:
+            for _, conn in self._all.values():
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._all.clear()

@@ -686,16 +686,6 @@ class ApiServer(ThreadingHTTPServer):
             pass
         return conn, addr
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """One connection's thread (``ThreadingMixIn``): served by :meth:`finish_request`, then
-        the thread's database connection is closed (no descriptors kept per connection served)."""
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            store = getattr(self.api.service, "store", None)
-            if store is not None:
-                store.release()
-
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.ssl_context is None:
             super().finish_request(request, client_address)

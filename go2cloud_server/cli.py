@@ -26,7 +26,7 @@ import click
 
 from go2cloud_server import rules, throttle
 from go2cloud_server.client import Endpoint, OperatorClient, resolve
-from go2cloud_server.errors import InvalidInput, ServerError
+from go2cloud_server.errors import Conflict, InvalidInput, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,28 @@ def _scope(workgroup: Optional[str], source: Optional[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # serve
+def _refuse_if_running(info_file: Path, data_dir: Path) -> None:
+    """A server that is still running with this data directory (its ``server.json`` names a live
+    process that is that server: same pid, boot and start time) must not be disturbed: its
+    children would be taken for leftovers. A record whose pid is gone or now another process is
+    stale (a kill -9) and ignored."""
+    from go2cloud_server import children
+
+    try:
+        doc = json.loads(info_file.read_text())
+        pid = int(doc["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    ident = children.process_identity(pid)
+    if pid == os.getpid() or ident is None:
+        return
+    if doc.get("boot_id") == children.boot_id() and doc.get("start_ticks") == ident[0]:
+        raise Conflict(
+            f"another go2cloud_server (pid {pid}) is running with the data directory {data_dir}: stop it "
+            f"first (kill {pid}) or use another --data-dir"
+        )
+
+
 def raise_fd_limit() -> None:
     """Raise the soft limit of open files to the hard limit, and say so: every agent holds one or
     two connections (docs/reliability.md, "Bounded resources"), and the common soft limit of 1024
@@ -398,7 +420,7 @@ def serve(
     listen_backlog: int,
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
-    from go2cloud_server import auth, tls
+    from go2cloud_server import auth, children, tls
     from go2cloud_server.artifacts import TaskTree
     from go2cloud_server.atomicfile import write_atomic
     from go2cloud_server.blockrx import BlockReceiver
@@ -440,6 +462,14 @@ def serve(
     admin_token = auth.ensure_admin_token(data_dir)
     store = Store(data_dir / "server.db")
     store.migrate()
+    _refuse_if_running(data_dir / "server.json", data_dir)
+    # what a previous run killed with -9 left behind: its children (found by their records,
+    # each checked to still be the process it names) and its rsync sessions' configurations
+    stopped = children.install(data_dir / "run" / "children").stop_leftovers()
+    stale = children.remove_stale_dirs(data_dir / "rsync-sessions")
+    if stopped or stale:
+        log.warning("previous run did not stop cleanly: %d child process(es) stopped, %d rsync session "
+                    "configuration(s) removed", stopped, stale)
     rsyncd = RsyncSessions(state_dir=data_dir / "rsync-sessions")
     rsyncd.check()
     info_file = data_dir / "server.json"
@@ -496,6 +526,9 @@ def serve(
                     "fingerprint": fingerprint,
                     "spki_pin": spki_pin,
                     "pid": os.getpid(),
+                    # with the pid, who this process is: a later start checks a live pid against it
+                    "start_ticks": (children.process_identity(os.getpid()) or (0, []))[0],
+                    "boot_id": children.boot_id(),
                 },
                 indent=2,
             )

@@ -80,6 +80,7 @@ import blake3
 import xxhash
 import zstandard
 
+from go2cloud_server import children
 from go2cloud_server.atomicfile import write_atomic
 from go2cloud_server.errors import Conflict, InvalidInput, NotFound, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED
@@ -471,18 +472,22 @@ def _drain(steps: Generator[None, None, _T]) -> _T:
 
 def _run_check(args: List[str], full: Optional[List[str]] = None) -> Tuple[Optional[int], str]:
     """(return code, last lines of the output); ``full`` receives every line when given."""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
     try:
-        proc = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=FSCK_TIMEOUT_S,
-                              env={**os.environ, "LC_ALL": "C", "LANG": "C"})
+        if children.REGISTRY is not None:  # the server's: the check dies with it (a kill -9)
+            rc, stdout = children.REGISTRY.run(args, timeout=FSCK_TIMEOUT_S, env=env)
+        else:
+            proc = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=FSCK_TIMEOUT_S, env=env)
+            rc, stdout = proc.returncode, proc.stdout
     except FileNotFoundError:
         return None, f"{args[0]} is not installed"
     except subprocess.TimeoutExpired:
         return None, f"{args[0]} did not finish within {FSCK_TIMEOUT_S} s"
-    out = proc.stdout.decode("utf-8", "replace").strip().splitlines()
+    out = stdout.decode("utf-8", "replace").strip().splitlines()
     if full is not None:
         full.extend(out)
-    return proc.returncode, " | ".join(out[-4:])[-1000:]
+    return rc, " | ".join(out[-4:])[-1000:]
 
 
 def detect_fs(path: Path) -> Optional[str]:

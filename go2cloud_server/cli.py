@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ import click
 from go2cloud_server import rules, throttle
 from go2cloud_server import space as space_mod
 from go2cloud_server.client import Endpoint, OperatorClient, resolve
-from go2cloud_server.errors import InvalidInput, ServerError
+from go2cloud_server.errors import Conflict, InvalidInput, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,49 @@ def _scope(workgroup: Optional[str], source: Optional[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # serve
+def _refuse_if_running(info_file: Path, data_dir: Path) -> None:
+    """A server that is still running with this data directory (its ``server.json`` names a live
+    process that is that server: same pid, boot and start time) must not be disturbed: its
+    children would be taken for leftovers. A record whose pid is gone or now another process is
+    stale (a kill -9) and ignored."""
+    from go2cloud_server import children
+
+    try:
+        doc = json.loads(info_file.read_text())
+        pid = int(doc["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    ident = children.process_identity(pid)
+    if pid == os.getpid() or ident is None:
+        return
+    if doc.get("boot_id") == children.boot_id() and doc.get("start_ticks") == ident[0]:
+        raise Conflict(
+            f"another go2cloud_server (pid {pid}) is running with the data directory {data_dir}: stop it "
+            f"first (kill {pid}) or use another --data-dir"
+        )
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit of open files to the hard limit, and say so: every agent holds one or
+    two connections (docs/reliability.md, "Bounded resources"), and the common soft limit of 1024
+    is below what a fleet needs while the hard limit usually is not."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20  # what Linux allows at most (fs.nr_open)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files: soft limit raised from %d to %d (the hard limit)", soft, hard)
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("open files: cannot raise the soft limit %d to %d: %s", soft, hard, exc)
+            return
+    log.info("open files: limit %d", soft)
+
+
 def _parse_listen(value: str) -> Tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -375,6 +419,15 @@ def _setup_logging(level: str) -> None:
     "on; the task shows target_full), and data writes wait until it can be allocated again. 0: "
     "no reserve. Not used with a --target-dir on another filesystem.",
 )
+@click.option(
+    "--listen-backlog",
+    type=click.IntRange(16, 65535),
+    default=4096,
+    show_default=True,
+    metavar="N",
+    help="Connections the kernel queues before the server accepts them (a fleet reconnecting at "
+    "once after a restart). The kernel caps it at net.core.somaxconn.",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -388,14 +441,15 @@ def serve(
     import_failures: int,
     target_dir: Optional[Path],
     db_reserve_mib: int,
+    listen_backlog: int,
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
-    from go2cloud_server import auth, tls
+    from go2cloud_server import auth, children, tls
     from go2cloud_server.artifacts import TaskTree
     from go2cloud_server.atomicfile import write_atomic
     from go2cloud_server.blockrx import BlockReceiver
     from go2cloud_server.downloads import Downloads
-    from go2cloud_server.httpapi import Api, ApiServer
+    from go2cloud_server.httpapi import Api, ApiServer, somaxconn
     from go2cloud_server.rsyncd import RsyncSessions
     from go2cloud_server.scheduler import Scheduler
     from go2cloud_server.service import Service
@@ -403,6 +457,7 @@ def serve(
     from go2cloud_server.throttle import ImportThrottle
 
     _setup_logging(log_level)
+    raise_fd_limit()
     if rsync_port is not None:
         log.warning("--rsync-port is ignored: file-level data goes through the HTTPS port now")
     host, port = _parse_listen(listen)
@@ -442,6 +497,14 @@ def serve(
     admin_token = auth.ensure_admin_token(data_dir)
     store = Store(data_dir / "server.db")
     store.migrate()
+    _refuse_if_running(data_dir / "server.json", data_dir)
+    # what a previous run killed with -9 left behind: its children (found by their records,
+    # each checked to still be the process it names) and its rsync sessions' configurations
+    stopped = children.install(data_dir / "run" / "children").stop_leftovers()
+    stale = children.remove_stale_dirs(data_dir / "rsync-sessions")
+    if stopped or stale:
+        log.warning("previous run did not stop cleanly: %d child process(es) stopped, %d rsync session "
+                    "configuration(s) removed", stopped, stale)
     rsyncd = RsyncSessions(state_dir=data_dir / "rsync-sessions")
     rsyncd.check()
     info_file = data_dir / "server.json"
@@ -482,7 +545,13 @@ def serve(
                 rsync_sessions=rsyncd),
             tls.server_context(cert, key),
             request_timeout_s=request_timeout,
+            backlog=listen_backlog,
         )
+        cap = somaxconn()
+        if cap is not None and cap < listen_backlog:
+            log.warning("listen backlog %d is capped by the kernel at net.core.somaxconn = %d: raise it "
+                        "(sysctl -w net.core.somaxconn=%d) for a fleet that reconnects at once",
+                        listen_backlog, cap, listen_backlog)
         service.public_url = f"https://{_url_host(public)}:{httpd.port}"
         local_url = f"https://{_url_host(local_host)}:{httpd.port}"
         write_atomic(
@@ -494,6 +563,9 @@ def serve(
                     "fingerprint": fingerprint,
                     "spki_pin": spki_pin,
                     "pid": os.getpid(),
+                    # with the pid, who this process is: a later start checks a live pid against it
+                    "start_ticks": (children.process_identity(os.getpid()) or (0, []))[0],
+                    "boot_id": children.boot_id(),
                 },
                 indent=2,
             )

@@ -489,6 +489,39 @@ class Service:
         return {}
 
     # activation codes -------------------------------------------------------------------------
+    def _refuse_unusable_code(self, code: Mapping[str, Any]) -> None:
+        """Refuse an import with a known code that cannot be used now (revoked, expired, no uses
+        left, its workgroup deleted or full), before its code is checked: no key derivation for
+        an import that would be refused anyway. The answer names the state of the code, never its
+        workgroup (the caller has not proven the code yet); docs/security.md says what a token id
+        alone tells. The transaction that consumes a use checks all of it again."""
+        state = self._code_state(code)
+        if state == "revoked":
+            raise CodeRejected("this activation code was revoked: ask the operator for a new one",
+                               code="code_revoked")
+        if state == "expired":
+            raise CodeRejected(
+                f"this activation code expired at {code['expires_at']}: ask the operator for a new one",
+                code="code_expired",
+            )
+        if state == "exhausted":
+            raise CodeRejected(
+                f"this activation code has no uses left (it allowed {code['uses']}): ask the operator "
+                "for a new one",
+                code="code_exhausted",
+            )
+        wg = self.store.one("SELECT id FROM workgroups WHERE id = ?", (code["workgroup_id"],))
+        if wg is None:
+            raise CodeRejected("unknown activation code (its workgroup was deleted)", code="code_unknown")
+        n = self.store.one(
+            "SELECT COUNT(*) AS n FROM sources WHERE workgroup_id = ? AND state = 'active'", (wg["id"],)
+        )
+        if n is not None and n["n"] >= rules.MAX_SOURCES_PER_WORKGROUP:
+            raise ImportRejected(
+                f"the workgroup of this activation code already has {rules.MAX_SOURCES_PER_WORKGROUP} "
+                "sources: ask the operator to use another workgroup"
+            )
+
     def _code_state(self, row: Mapping[str, Any]) -> str:
         if row["revoked_at"]:
             return "revoked"
@@ -590,6 +623,10 @@ class Service:
         # unknown token id costs the same derivation as a known one ...
         self.import_throttle.check(token_id, client)
         row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
+        if row is not None:
+            # cheap checks first: a code that cannot be used now is refused without the
+            # derivation (a fleet retrying against a full workgroup once cost 41 CPU-s of scrypt)
+            self._refuse_unusable_code(row)
         if not self.key_derivation.check(
             token_code, row["salt"] if row else None, row["code_hash"] if row else None
         ):

@@ -1,8 +1,13 @@
 """SQLite state of the control plane.
 
-One database file (``<data-dir>/server.db``) in WAL mode. Each thread gets its own connection
-(``threading.local``); writers serialise with ``BEGIN IMMEDIATE`` so a read-check-write sequence
-(for example consuming one use of an activation code) is atomic across threads and processes.
+One database file (``<data-dir>/server.db``) in WAL mode, used through a pool of at most
+:data:`POOL_SIZE` connections: a thread takes one for a query or a transaction and gives it back
+(a nested use in the same thread gets the same one). A connection costs 2 file descriptors (the
+database and its WAL) and its page cache, so the server's are bounded by the pool, never by its
+threads or the connections it serves (it once kept one per HTTP connection thread, forever).
+Writers serialise with ``BEGIN IMMEDIATE`` so a read-check-write sequence (for example consuming
+one use of an activation code) is atomic across threads and processes; a thread that finds every
+connection busy for ``busy_timeout_s`` gets :class:`~go2cloud_server.errors.Busy` (503).
 The schema is versioned in ``meta.schema_version``; :meth:`Store.migrate` brings an older file
 up to date and refuses a newer one.
 """
@@ -15,12 +20,17 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+from go2cloud_server.errors import Busy
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 4
+#: database connections at most (readers run in parallel in WAL mode; writers take turns anyway)
+POOL_SIZE = 8
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -180,63 +190,133 @@ class SchemaTooNew(RuntimeError):
 
 
 class Store:
-    """Thread-safe access to the SQLite database at ``path``."""
+    """Thread-safe access to the SQLite database at ``path``, through a pool of at most
+    ``pool_size`` connections."""
 
-    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0, pool_size: int = POOL_SIZE) -> None:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self._all: List[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
+        self.pool_size = pool_size
+        self._local = threading.local()  # the connection this thread has checked out, if any
+        self._idle: List[sqlite3.Connection] = []
+        self._open = 0
+        self._closed = False
+        self._cv = threading.Condition()
+        self._trace: Optional[Callable[[str], object]] = None
 
     # connections ------------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
-        if conn is None:
-            if not self.path.exists():  # created 0600: SQLite gives its WAL and SHM files that mode
-                with contextlib.suppress(FileExistsError, FileNotFoundError):
-                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                    os.close(os.open(str(self.path), flags, 0o600))
-            conn = sqlite3.connect(
-                str(self.path), timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=OFF")
-            self._local.conn = conn
-            with self._all_lock:
-                self._all.append(conn)
+    def _new(self) -> sqlite3.Connection:
+        if not self.path.exists():  # created 0600: SQLite gives its WAL and SHM files that mode
+            with contextlib.suppress(FileExistsError, FileNotFoundError):
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                os.close(os.open(str(self.path), flags, 0o600))
+        conn = sqlite3.connect(
+            str(self.path), timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        if self._trace is not None:
+            conn.set_trace_callback(self._trace)
         return conn
 
-    def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
+    def _checkout(self) -> sqlite3.Connection:
+        deadline = time.monotonic() + self.busy_timeout_s
+        with self._cv:
+            while True:
+                if self._idle:
+                    return self._idle.pop()  # the most recently used: its cache is warm
+                if self._open < self.pool_size:
+                    self._open += 1
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("all %d database connections stayed busy for %.0f s", self.pool_size,
+                                self.busy_timeout_s)
+                    raise Busy("the server's database is busy: retry in a few seconds", retry_after=2)
+                self._cv.wait(left)
+        try:
+            return self._new()
+        except BaseException:
+            with self._cv:
+                self._open -= 1
+                self._cv.notify()
+            raise
+
+    def _checkin(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:  # never hand on a connection inside a transaction
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        with self._cv:
+            if self._closed:
+                self._open -= 1
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
-            self._all.clear()
-        self._local = threading.local()
+            else:
+                self._idle.append(conn)
+            self._cv.notify()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection of the pool for the duration of the block; nested uses in one thread get
+        the same connection (a read inside a transaction sees the transaction)."""
+        held: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
+        if held is not None:
+            yield held
+            return
+        conn = self._checkout()
+        self._local.conn = conn
+        try:
+            yield conn
+        finally:
+            self._local.conn = None
+            self._checkin(conn)
+
+    def open_connections(self) -> int:
+        """Connections open now (at most ``pool_size``)."""
+        with self._cv:
+            return self._open
+
+    def trace(self, callback: Optional[Callable[[str], object]]) -> None:
+        """Pass every SQL statement run from now on to ``callback`` (tests; None stops it)."""
+        with self._cv:
+            self._trace = callback
+            for conn in self._idle:
+                conn.set_trace_callback(callback)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            for conn in self._idle:
+                self._open -= 1
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._idle.clear()
+            self._cv.notify_all()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on error."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
+        with self.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
 
     # helpers ----------------------------------------------------------------------------------
     def one(self, sql: str, args: Sequence[Any] = ()) -> Optional[Dict[str, Any]]:
-        row = self._conn().execute(sql, args).fetchone()
-        return dict(row) if row is not None else None
+        with self.connection() as conn:
+            row = conn.execute(sql, args).fetchone()
+            return dict(row) if row is not None else None
 
     def all(self, sql: str, args: Sequence[Any] = ()) -> List[Dict[str, Any]]:
-        return [dict(r) for r in self._conn().execute(sql, args).fetchall()]
+        with self.connection() as conn:
+            return [dict(r) for r in conn.execute(sql, args).fetchall()]
 
     @staticmethod
     def q_one(conn: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> Optional[Dict[str, Any]]:
@@ -249,12 +329,13 @@ class Store:
 
     # schema -----------------------------------------------------------------------------------
     def schema_version(self) -> int:
-        conn = self._conn()
-        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-        if not has_meta:
-            return 0
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        return int(row[0]) if row else 0
+        with self.connection() as conn:
+            sql = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+            has_meta = conn.execute(sql).fetchone()
+            if not has_meta:
+                return 0
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            return int(row[0]) if row else 0
 
     def _restrict_modes(self) -> None:
         """The database and its ``-wal``/``-shm`` files (target passwords, block tokens) are for

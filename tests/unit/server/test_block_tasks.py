@@ -204,11 +204,11 @@ def test_the_store_is_told_the_task_disks_and_their_inventory_sizes_once(bservic
     assert bs is not None and bs.declared == {"vdb1": 4 << 30, "vdc": None, "disk.img": None}
     # made once: later requests find it declared, without asking the database for the disks again
     queries: list = []
-    bservice.store._conn().set_trace_callback(queries.append)
+    bservice.store.trace(queries.append)
     try:
         assert bservice.block_store_for(tid, token) is bs
     finally:
-        bservice.store._conn().set_trace_callback(None)
+        bservice.store.trace(None)
     assert len(queries) == 1 and "inventory" not in queries[0]
 
 

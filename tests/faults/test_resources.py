@@ -1,0 +1,119 @@
+"""Bounded resources of the control plane (issue 17, item 3; docs/reliability.md section 3).
+
+The real server over HTTPS on loopback. Before the fix every thread that served a connection
+opened its own SQLite connection (2 fds: the database and its WAL) and kept it forever: under a
+soft limit of 1024 open files the server answered 500 to everything after ~500 connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+
+from tests.integration.harness import Server
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads: line")
+
+
+def _nofile(pid: int) -> Tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' line")
+
+
+def _admin_get(server: Server, path: str, ctx: ssl.SSLContext) -> Tuple[int, Dict]:
+    """One request on a new TLS connection (closed after the answer), as a fresh client does."""
+    token = (server.data_dir / "admin.token").read_text().strip()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body or b"{}")
+
+
+def _client_ctx() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # loopback; the pin is not what this test is about
+    return ctx
+
+
+def _settle(pid: int, limit: int = 4, timeout: float = 30.0) -> Tuple[int, int]:
+    """fds and threads once the connection threads of the requests before have ended."""
+    deadline = time.monotonic() + timeout
+    fds, threads = _fds(pid), _threads(pid)
+    while time.monotonic() < deadline and threads > limit + 12:
+        time.sleep(0.1)
+        fds, threads = _fds(pid), _threads(pid)
+    return fds, threads
+
+
+def test_many_connections_under_a_low_fd_limit_all_succeed_and_leak_nothing(server: Server) -> None:
+    requests = 2000
+    pid = server.proc.pid
+    # the common low soft limit, here also the hard one (the server cannot raise it): 256
+    subprocess.run(["prlimit", f"--pid={pid}", "--nofile=256:256"], check=True)
+    assert _nofile(pid) == (256, 256)
+    ctx = _client_ctx()
+    server.j("workgroup", "create", "wg-fd")
+    assert _admin_get(server, "/api/v1/workgroups", ctx)[0] == 200
+    fds0, threads0 = _settle(pid)
+    failed = []
+    for i in range(requests):
+        status, body = _admin_get(server, "/api/v1/workgroups", ctx)
+        if status != 200:
+            failed.append((i, status, body))
+            if len(failed) > 5:
+                break
+    assert not failed, f"requests failed (first ones): {failed[:3]}; fds {_fds(pid)}"
+    fds1, threads1 = _settle(pid)
+    assert fds1 <= fds0 + 4, f"fds {fds0} before, {fds1} after {requests} connections"
+    assert threads1 <= threads0 + 4, f"threads {threads0} before, {threads1} after"
+
+
+def test_soft_fd_limit_raised_to_the_hard_limit_at_start(tmp_path: Path) -> None:
+    """Started with a soft limit of 512 (as a unit file or a login shell might), the server runs
+    with its hard limit and says so in its log."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"this machine's hard limit is {hard}")
+    srv = Server(tmp_path / "data")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # inherited by the server
+    try:
+        srv.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        server_soft, server_hard = _nofile(srv.proc.pid)
+        assert server_soft == server_hard > 512
+        log = Path(srv.log.name).read_text()
+        assert f"open files: soft limit raised from 512 to {server_hard}" in log, log[-2000:]
+    finally:
+        srv.stop()

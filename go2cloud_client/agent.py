@@ -1,12 +1,21 @@
 """The foreground agent: heartbeat, command loop, task runner, acknowledgements and events.
 
-Threads: ``heartbeat`` (every interval the server asks for, on the monotonic clock; also writes
+Loops (each supervised by :class:`~go2cloud_client.periodic.LoopSupervisor`: a failure is
+logged, the loop restarted with backoff, and reported in the heartbeat under ``loops``):
+``heartbeat`` (every interval the server asks for, jittered, on the monotonic clock; also writes
 ``state/status.json``), ``commands`` (long poll, dispatch), ``acks`` (sends what the ledger has
-not confirmed), plus the task runner's cycle worker. The main thread waits for a stop (SIGTERM,
-SIGINT, or a fatal error such as the source having been deleted on the control plane).
+not confirmed), ``events`` (flushes the event buffer); plus the task runner's cycle worker. The
+main thread waits for a stop (SIGTERM, SIGINT, or a fatal error such as the source having been
+deleted on the control plane).
 
 Control-plane outages never stop the agent: calls are retried with capped, jittered backoff;
-one WARNING is logged when the control plane becomes unreachable and one INFO when it is back.
+:class:`~go2cloud_client.outage.OutageLog` logs one line when the control plane becomes
+unreachable, a summary every 5 minutes while it stays away, and one line when it is back.
+
+A full agent home (ENOSPC writing the ledger, the task or status file) is reported in the
+heartbeat's ``last_error`` (``agent_home_full``, naming the home and the space needed); a
+command that could not be recorded is not run (it is delivered again), a final status that could
+not be written is acknowledged from memory, and everything is written when space returns.
 """
 
 from __future__ import annotations
@@ -21,15 +30,18 @@ import psutil
 
 from go2cloud_client import __version__, platform
 from go2cloud_client.api import ControlPlane, RetryingControlPlane
+from go2cloud_client.backoff import jittered
 from go2cloud_client.blockcycle import recover_snapshots
 from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, Command, parse_command
 from go2cloud_client.config import Config
 from go2cloud_client.console import WAITING_LINE, Console
-from go2cloud_client.errors import CommandRejectedError, Go2CloudError, IdentityRejectedError
+from go2cloud_client.errors import CommandRejectedError, Go2CloudError, HomeFullError, IdentityRejectedError
 from go2cloud_client.events import EventBuffer, utc_now
 from go2cloud_client.home import Home
 from go2cloud_client.identity import Identity
 from go2cloud_client.ledger import FINAL_STATUSES, Ledger
+from go2cloud_client.outage import OutageLog
+from go2cloud_client.periodic import LoopSupervisor
 from go2cloud_client.task import Outcome, TaskRunner
 
 LOG = logging.getLogger(__name__)
@@ -40,7 +52,7 @@ SKEW_WARN_S = 60.0
 REDELIVERY_PAUSE_S = 2.0
 
 
-def default_replicator_factory(home: Home, rsync_path: str) -> Callable[..., Any]:
+def default_replicator_factory(home: Home, rsync_path: str, io_timeout_s: int = 120) -> Callable[..., Any]:
     from go2cloud_client.replication.excludes import ensure_home_excludes
     from go2cloud_client.replication.rsync import FileReplicator, RsyncTarget, TransferOptions
 
@@ -55,6 +67,7 @@ def default_replicator_factory(home: Home, rsync_path: str) -> Callable[..., Any
             rsync_path=rsync_path,
             on_progress=on_progress,
             on_child=on_child,
+            io_timeout_s=io_timeout_s,
         )
 
     return factory
@@ -117,6 +130,7 @@ class Agent:
             source_id=source["source_id"], identity=identity,
             connect_timeout=config.connect_timeout_s, read_timeout=config.read_timeout_s,
         )
+        self.outage = OutageLog(say=self.console.line)
         retry = dict(stop_event=self.stop_event, on_retry=self._unreachable)
         self.api_poll = RetryingControlPlane(self.cp, attempts=None, **retry)  # type: ignore[arg-type]
         self.api_beat = RetryingControlPlane(self.cp, attempts=2, max_wait=5, **retry)  # type: ignore[arg-type]
@@ -125,19 +139,23 @@ class Agent:
         self.events = EventBuffer()
         self.runner = TaskRunner(
             home,
-            replicator_factory=replicator_factory or default_replicator_factory(home, rsync_path),
+            replicator_factory=replicator_factory or default_replicator_factory(
+                home, rsync_path, config.rsync_timeout_s),
             fetch_task=self.api_task.get_task,
             ack=self._finish_command,
             notify=self.notify,
             on_progress=self.console.progress,
             on_child=home.set_child,
+            retry_budget_s=config.transfer_retry_budget_s,
+            control_plane_budget_s=config.control_plane_budget_s,
+            control_plane_down=lambda: not self.outage.connected,
         )
         self.rsync_path = rsync_path
         self.interval = float(source.get("heartbeat_interval") or 10)
         self.fatal: Optional[Go2CloudError] = None
-        self._connected = True
-        self._down_since = 0.0
-        self._conn_lock = threading.Lock()
+        self.loops = LoopSupervisor(self.stop_event, on_failure=self._loop_failed)
+        #: the agent home was found full (cleared when it has room again)
+        self.home_full: Optional[HomeFullError] = None
         self._ack_lock = threading.Lock()
         self._ack_wakeup = threading.Event()
         self._skew_warned = False
@@ -146,23 +164,46 @@ class Agent:
 
     # -- connectivity -----------------------------------------------------------------------
 
+    @property
+    def _connected(self) -> bool:
+        return self.outage.connected
+
     def _unreachable(self, exc: BaseException, attempt: int = 0) -> None:
-        with self._conn_lock:
-            if not self._connected:
-                return
-            self._connected = False
-            self._down_since = time.monotonic()
-        LOG.warning("control plane unreachable: %s (retrying in the background; the task keeps running)", exc)
-        self.console.line(f"Control plane unreachable ({exc}); retrying in the background")
+        self.outage.failure(exc)
 
     def _reachable(self) -> None:
-        with self._conn_lock:
-            if self._connected:
-                return
-            self._connected = True
-            down = time.monotonic() - self._down_since
-        LOG.info("reconnected to the control plane after %.0fs", down)
-        self.console.line(f"Reconnected to the control plane after {down:.0f}s")
+        was_connected = self.outage.connected
+        self.outage.success()
+        if not was_connected:
+            self._ack_wakeup.set()
+
+    # -- the agent home -----------------------------------------------------------------------
+
+    def _loop_failed(self, name: str, exc: BaseException) -> None:
+        if isinstance(exc, HomeFullError):
+            self._note_home_full(exc)
+
+    def _note_home_full(self, exc: HomeFullError) -> None:
+        if self.home_full is None:
+            LOG.error("%s", exc)
+            self.events.add("error", exc.code, str(exc))
+            self.console.line(str(exc))
+        self.home_full = exc
+
+    def _check_home(self) -> None:
+        """Clear the full-home state once the home has room again (and write what waited)."""
+        if self.home_full is None or not self.home.has_room():
+            return
+        try:
+            self.ledger.persist()
+            self.runner.persist()
+        except HomeFullError as exc:
+            self.home_full = exc
+            return
+        free = self.home.free_bytes() or 0
+        LOG.info("the agent home %s has space again (%d MiB free); resuming", self.home.root, free >> 20)
+        self.notify("info", "agent_home_ok", f"The agent home {self.home.root} has space again; resuming")
+        self.home_full = None
         self._ack_wakeup.set()
 
     def _failed_call(self, exc: Go2CloudError, what: str) -> None:
@@ -189,8 +230,12 @@ class Agent:
 
     def _finish_command(self, cid: str, status: str, error_code: Optional[str], message: Optional[str],
                         result: Optional[Dict[str, Any]]) -> None:
-        """Final status of a command: recorded in the ledger now, sent by the acks thread."""
-        self.ledger.finish(cid, status, error_code=error_code, message=message, result=result)
+        """Final status of a command: recorded in the ledger now, sent by the acks thread (from
+        memory if the home is full; written to the ledger file when space returns)."""
+        try:
+            self.ledger.finish(cid, status, error_code=error_code, message=message, result=result)
+        except HomeFullError as exc:
+            self._note_home_full(exc)
         self._ack_wakeup.set()
 
     def dispatch(self, raw: Dict[str, Any]) -> bool:
@@ -316,12 +361,22 @@ class Agent:
         while not self.stop_event.is_set():
             self._ack_wakeup.wait(5)
             self._ack_wakeup.clear()
+            self._check_home()
             if self.ledger.unsent():
                 self.flush_acks()
 
+    def _events_loop(self) -> None:
+        while not self.stop_event.wait(jittered(self.interval)):
+            if not len(self.events) or not self._connected:
+                continue
+            try:
+                self.events.flush(self.cp.post_events)
+            except Go2CloudError as exc:
+                self._failed_call(exc, "events")
+
     def heartbeat_payload(self) -> Dict[str, Any]:
         snap = self.runner.snapshot()
-        return {
+        payload = {
             "agent_version": __version__,
             "state": snap["state"],
             "task_id": snap["task_id"],
@@ -329,8 +384,13 @@ class Agent:
             "cycle": snap["cycle"],
             "progress": snap["progress"],
             "last_error": snap["last_error"],
+            "retry": snap.get("retry"),
             "load": host_load(),
+            "loops": self.loops.report(),
         }
+        if self.home_full is not None:
+            payload["last_error"] = {"code": self.home_full.code, "message": str(self.home_full)}
+        return payload
 
     def heartbeat_once(self) -> None:
         payload = self.heartbeat_payload()
@@ -347,10 +407,6 @@ class Agent:
             LOG.info("heartbeat interval is now %ss", interval)
             self.interval = float(interval)
         self._check_skew(resp.get("server_time_epoch"))
-        try:
-            self.events.flush(self.cp.post_events)
-        except Go2CloudError as exc:
-            self._failed_call(exc, "events")
         if resp.get("commands_waiting"):
             LOG.debug("the control plane has commands waiting")
 
@@ -370,11 +426,10 @@ class Agent:
     def _heartbeat_loop(self) -> None:
         next_at = time.monotonic()
         while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
-            next_at = time.monotonic() + self.interval
-            try:
-                self.heartbeat_once()
-            except Exception:  # noqa: BLE001 - the heartbeat must go on
-                LOG.exception("heartbeat failed unexpectedly")
+            # jittered: agents that came back together after an outage drift apart again
+            next_at = time.monotonic() + jittered(self.interval)
+            self._check_home()
+            self.heartbeat_once()
 
     def write_status(self, payload: Optional[Dict[str, Any]] = None, *, running: bool = True) -> None:
         payload = payload or self.heartbeat_payload()
@@ -383,7 +438,8 @@ class Agent:
             "source_id": self.source["source_id"], "workgroup": self.source.get("workgroup"),
             "server": self.cp.server, "connected": self._connected,
             "heartbeat_interval": self.interval,
-            **{k: payload.get(k) for k in ("state", "task_id", "phase", "cycle", "progress", "last_error")},
+            **{k: payload.get(k) for k in ("state", "task_id", "phase", "cycle", "progress", "last_error",
+                                           "retry", "loops")},
         }
         try:
             self.home.write_state(self.home.status_file, doc)
@@ -417,10 +473,8 @@ class Agent:
         if task and task.get("status") == "running" and task.get("cycle"):
             self.runner.load(resume=True)
         for name, target in (("heartbeat", self._heartbeat_loop), ("commands", self._commands_loop),
-                             ("acks", self._acks_loop)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+                             ("acks", self._acks_loop), ("events", self._events_loop)):
+            self._threads.append(self.loops.spawn(name, target))
         self._ack_wakeup.set()
         self.console.line(WAITING_LINE)
 

@@ -205,6 +205,12 @@ class ControlPlane:
             resp.close()
         LOG.debug("%s %s -> %s (%.0f ms, %d bytes)", method, path, resp.status_code,
                   (time.monotonic() - started) * 1000, len(raw))
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and len(raw) < int(declared):
+            # urllib3 may hand over a body cut short by a closed connection without an error
+            raise ServerUnreachableError(
+                f"the connection to the control plane at {self.server} was cut in the middle of the "
+                f"{what} response ({len(raw)} of {int(declared)} bytes); it will be retried")
         if 200 <= resp.status_code < 300:
             return self._decode(raw, what)
         self._raise_for_error(resp.status_code, raw, what, retry_after=_retry_after(resp.headers))
@@ -236,8 +242,19 @@ class ControlPlane:
     @staticmethod
     def _decode(raw: bytes, what: str) -> Any:
         try:
-            return json.loads(raw.decode("utf-8")) if raw else {}
-        except (UnicodeDecodeError, ValueError):
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"the control plane's {what} response is not valid JSON") from None
+        try:
+            return json.loads(text) if text else {}
+        except json.JSONDecodeError as exc:
+            if exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string"):
+                # valid so far, then it stops: the connection was cut, the server is not wrong
+                raise ServerUnreachableError(
+                    f"the {what} response of the control plane ended in the middle ({len(raw)} bytes: "
+                    "the connection was cut); it will be retried") from None
+            raise ProtocolError(f"the control plane's {what} response is not valid JSON") from None
+        except ValueError:
             raise ProtocolError(f"the control plane's {what} response is not valid JSON") from None
         except RecursionError:
             raise ProtocolError(f"the control plane's {what} response is JSON nested too deeply") from None

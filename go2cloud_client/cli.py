@@ -333,7 +333,7 @@ def collect_status(home: Home) -> Dict[str, Any]:
     task = home.read_state(home.task_file) or {}
     if running and live:
         for key in ("state", "task_id", "phase", "cycle", "progress", "last_error", "connected",
-                    "updated_at"):
+                    "updated_at", "retry", "loops"):
             doc[key] = live.get(key)
     elif task:
         cycle = task.get("cycle")
@@ -368,6 +368,14 @@ def print_status(doc: Dict[str, Any]) -> None:
     if doc.get("last_error"):
         err = doc["last_error"]
         click.echo(f"Last error: {err.get('code')}: {err.get('message')}")
+    retry = doc.get("retry")
+    if retry:
+        click.echo(f"Retrying:   attempt {retry.get('attempt')} in {retry.get('next_attempt_in_s')}s "
+                   f"(failing for {retry.get('failing_for_s')}s of a {retry.get('budget_s'):.0f}s budget)")
+    for name, loop in sorted((doc.get("loops") or {}).items()):
+        if loop.get("failures"):
+            click.echo(f"Loop {name}: {loop['failures']} failure(s), last: {loop.get('last_error')}"
+                       + ("" if loop.get("alive") else " (restarting)"))
 
 
 # -- the token code: never an argument ------------------------------------------------------------

@@ -37,6 +37,14 @@ class Config:
     #: Snapshot driver step at import: ``ask`` (check, offer to install the kernel driver) or
     #: ``skip`` (neither check nor install; block mode is not restricted by the agent).
     snapshot_driver: str = "ask"
+    #: How long a sync cycle keeps retrying network trouble (resets, stalls, the target away)
+    #: before it fails; an attempt that moved data starts the budget again.
+    transfer_retry_budget_s: float = 1800.0
+    #: How long a sync cycle waits for an absent control plane (and for space in a full agent
+    #: home or target) before it fails; acknowledgements and events wait without limit.
+    control_plane_budget_s: float = 3600.0
+    #: rsync ``--timeout``: a transfer that moves no data for this long is stopped and retried.
+    rsync_timeout_s: int = 120
 
 
 #: config key -> environment variable
@@ -49,6 +57,9 @@ ENV_VARS: Dict[str, str] = {
     "read_timeout_s": "GO2CLOUD_READ_TIMEOUT",
     "rsync_path": "GO2CLOUD_RSYNC",
     "snapshot_driver": "GO2CLOUD_SNAPSHOT_DRIVER",
+    "transfer_retry_budget_s": "GO2CLOUD_TRANSFER_RETRY_BUDGET",
+    "control_plane_budget_s": "GO2CLOUD_CONTROL_PLANE_BUDGET",
+    "rsync_timeout_s": "GO2CLOUD_RSYNC_TIMEOUT",
 }
 
 
@@ -141,6 +152,9 @@ _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
     "read_timeout_s": _float_range(1, 600),
     "rsync_path": _str,
     "snapshot_driver": _choice("ask", "skip"),
+    "transfer_retry_budget_s": _float_range(0, 7 * 86400),
+    "control_plane_budget_s": _float_range(0, 7 * 86400),
+    "rsync_timeout_s": _int_range(5, 3600),
 }
 
 assert set(_VALIDATORS) == {f.name for f in fields(Config)}

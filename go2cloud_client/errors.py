@@ -41,6 +41,16 @@ class ConfigError(Go2CloudError):
     summary = "the agent home, its config file or its state files are unusable"
 
 
+class HomeFullError(ConfigError):
+    """ENOSPC/EDQUOT writing the agent home: the agent waits and resumes when space returns."""
+
+    exit_code = 7
+    code = "agent_home_full"
+    summary = ("the agent home's filesystem is full: free space there (the agent resumes by itself "
+               "when space returns)")
+    retryable = True
+
+
 class AlreadyRunningError(Go2CloudError):
     exit_code = 4
     code = "already_running"

@@ -24,6 +24,7 @@ runs from an extracted package, else the system location (``/var/lib/go2cloud_cl
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import logging.handlers
@@ -35,13 +36,15 @@ from typing import Any, Dict, Mapping, Optional
 
 from go2cloud_client import platform
 from go2cloud_client.atomicfile import atomic_write
-from go2cloud_client.errors import AlreadyRunningError, ConfigError
+from go2cloud_client.errors import AlreadyRunningError, ConfigError, HomeFullError
 
 LOG = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 HOME_ENV = "GO2CLOUD_HOME"
 LOG_NAME = "go2cloud_client.log"
+#: free space the agent asks for in its home when it is full (state files, logs, rsync filter)
+HOME_MIN_FREE = 10 * 1024 * 1024
 
 
 def _launcher_dir() -> Optional[Path]:
@@ -124,7 +127,30 @@ class Home:
         try:
             atomic_write(path, data)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self.full_error(path, exc) from exc
             raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    def free_bytes(self) -> Optional[int]:
+        """Free space of the home's filesystem for this user (None if it cannot be read)."""
+        try:
+            st = os.statvfs(str(self.root))
+        except (OSError, AttributeError):
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def has_room(self) -> bool:
+        free = self.free_bytes()
+        return free is None or free >= HOME_MIN_FREE
+
+    def full_error(self, path: Path, exc: Optional[OSError] = None) -> HomeFullError:
+        free = self.free_bytes()
+        have = f"{free // 1024} KiB free" if free is not None else "free space unknown"
+        why = exc.strerror if exc is not None and exc.strerror else "No space left on device"
+        return HomeFullError(
+            f"the agent home {self.root} is full ({why} writing {path.name}; {have}): free at least "
+            f"{HOME_MIN_FREE // (1024 * 1024)} MiB on that filesystem; the agent waits and resumes by "
+            "itself when space returns")
 
     def read_text(self, path: Path) -> Optional[str]:
         try:

@@ -36,6 +36,7 @@ class Ledger:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, Dict[str, Any]] = OrderedDict()
         self._lock = threading.RLock()
+        self._dirty = False
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -54,7 +55,19 @@ class Ledger:
     def _save(self) -> None:
         self._prune()
         entries = [{"id": cid, **entry} for cid, entry in self._entries.items()]
-        self.home.write_state(self.home.ledger_file, {"entries": entries})
+        try:
+            self.home.write_state(self.home.ledger_file, {"entries": entries})
+        except BaseException:
+            self._dirty = True
+            raise
+        self._dirty = False
+
+    def persist(self) -> None:
+        """Write a final status that could not be written when it was recorded (the home was
+        full): the entry stays in memory meanwhile and its acknowledgement is sent from there."""
+        with self._lock:
+            if self._dirty:
+                self._save()
 
     def _prune(self) -> None:
         excess = len(self._entries) - self.max_entries
@@ -104,7 +117,13 @@ class Ledger:
                 "type": ctype, "status": ACCEPTED, "ack_sent": False, "error_code": None,
                 "message": None, "result": None, "updated_at": time.time(),
             }
-            self._save()
+            try:
+                self._save()
+            except BaseException:
+                # not persisted, so not accepted: the command is delivered again and accepted then
+                # (dropping the entry keeps "at most once" and loses no command)
+                del self._entries[cid]
+                raise
             return True
 
     def finish(
@@ -118,7 +137,8 @@ class Ledger:
         result: Optional[Dict[str, Any]] = None,
     ) -> None:
         """Record the final status of ``cid`` (also for ids never accepted: unsupported or
-        rejected commands). A final status is never overwritten."""
+        rejected commands). A final status is never overwritten. If it cannot be written (a
+        full home) it is kept in memory, the error is raised, and :meth:`persist` writes it later."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"not a final status: {status}")
         with self._lock:

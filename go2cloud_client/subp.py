@@ -234,7 +234,14 @@ class StreamingProcess:
             return _decode(bytes(self._stderr))
 
     def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait for the child; then stop what is left of its process group (e.g. rsync's remote
+        shell still sitting on a stalled connection after rsync timed out: it would hold the
+        output pipes open). The group id cannot have been reused while a member lives."""
         rc = self.proc.wait(timeout=timeout)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self._out_thread.join(timeout=5)
         self._err_thread.join(timeout=5)
         return rc

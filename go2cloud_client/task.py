@@ -23,13 +23,16 @@ snapshot backend and each disk's change-tracking token of the last successful cy
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from go2cloud_client.backoff import Backoff, RetryBudget
 from go2cloud_client.commands import (
     AnyTarget,
     BlockTargetSpec,
@@ -40,7 +43,13 @@ from go2cloud_client.commands import (
     parse_task,
 )
 from go2cloud_client.console import human_bytes
-from go2cloud_client.errors import Go2CloudError, ReplicationError
+from go2cloud_client.errors import (
+    Go2CloudError,
+    HomeFullError,
+    ReplicationError,
+    ServerError,
+    ServerUnreachableError,
+)
 from go2cloud_client.home import Home
 from go2cloud_client.replication.rsync import Cycle, TransferCancelled
 
@@ -49,6 +58,19 @@ LOG = logging.getLogger(__name__)
 RUNNING, WAITING, PAUSED, FAILED, COMPLETED = "running", "waiting", "paused", "failed", "completed"
 _PHASES = {"full": "full_sync", "incremental": "incremental_sync", "final": "final_sync"}
 _KIND_LABEL = {"full": "Full sync", "incremental": "Incremental sync", "final": "Final sync"}
+#: waits between attempts of a cycle: 2 s doubling to 60 s, jittered (docs/reliability.md, 5)
+TRANSFER_BACKOFF = Backoff(initial=2.0, factor=2.0, cap=60.0, jitter=0.5)
+
+
+def _moved_bytes(progress: Any) -> int:
+    """Bytes a progress report says were transferred (file: bytes_done; block: bytes_sent)."""
+    if progress is None:
+        return 0
+    doc = progress.to_dict() if hasattr(progress, "to_dict") else progress
+    if not isinstance(doc, dict):
+        return 0
+    value = doc.get("bytes_sent") or doc.get("bytes_done") or 0
+    return int(value) if isinstance(value, (int, float)) else 0
 
 
 @dataclass(frozen=True)
@@ -86,8 +108,10 @@ class TaskRunner:
         notify: NotifyFn = lambda level, code, message: None,
         on_progress: Callable[[Any], None] = lambda progress: None,
         on_child: Callable[[Optional[int]], None] = lambda pid: None,
-        transient_retries: int = 3,
-        retry_delay: float = 5.0,
+        retry_budget_s: float = 1800.0,
+        control_plane_budget_s: float = 3600.0,
+        backoff: Backoff = TRANSFER_BACKOFF,
+        control_plane_down: Callable[[], bool] = lambda: False,
         isdir: Callable[[str], bool] = os.path.isdir,
         join_timeout: float = 60.0,
         block_cycles: Optional[Any] = None,
@@ -99,8 +123,17 @@ class TaskRunner:
         self._notify = notify
         self._on_progress_cb = on_progress
         self._on_child = on_child
-        self.transient_retries = transient_retries
-        self.retry_delay = retry_delay
+        self.retry_budget_s = retry_budget_s
+        self.control_plane_budget_s = control_plane_budget_s
+        self.backoff = backoff
+        self._control_plane_down = control_plane_down
+        #: the current cycle's retry (shown in heartbeats and status), None when not retrying
+        self._retry: Optional[Dict[str, Any]] = None
+        #: progress reported by the current attempt (an attempt that moved data resets the budget)
+        self._moved = False
+        self._attempt_first: Optional[int] = None
+        #: a state file that could not be written (full home); written again by :meth:`persist`
+        self._dirty = False
         self._isdir = isdir
         self._join_timeout = join_timeout
         self._lock = threading.RLock()
@@ -144,6 +177,22 @@ class TaskRunner:
             self.home.remove(self.home.task_file)
         else:
             self.home.write_state(self.home.task_file, self._task)
+        self._dirty = False
+
+    def _save_or_later(self) -> None:
+        """Write the task file; if the home is full keep the change in memory (the cycle's result
+        is acknowledged from the ledger meanwhile) and let :meth:`persist` write it later."""
+        try:
+            self._save()
+        except HomeFullError as exc:
+            self._dirty = True
+            LOG.warning("%s (the task state is kept in memory until then)", exc)
+
+    def persist(self) -> None:
+        """Write the task file if an earlier write failed (called periodically by the agent)."""
+        with self._lock:
+            if self._dirty:
+                self._save()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -167,7 +216,7 @@ class TaskRunner:
             task = self._task
             if task is None:
                 return {"state": self._last_state, "task_id": None, "phase": None, "cycle": None,
-                        "progress": None, "last_error": None}
+                        "progress": None, "last_error": None, "retry": None}
             status = task["status"]
             state = {RUNNING: "running", WAITING: "running", PAUSED: "paused",
                      FAILED: "failed"}.get(status, status)
@@ -176,10 +225,14 @@ class TaskRunner:
             progress = None
             if status == RUNNING and self._progress is not None:
                 progress = self._progress.to_dict() if hasattr(self._progress, "to_dict") else self._progress
+            last_error = task.get("last_error")
+            retry = dict(self._retry) if self._retry and status == RUNNING else None
+            if retry:
+                last_error = {"code": retry["code"], "message": retry["message"], "retrying": True}
             return {
                 "state": state, "task_id": task["task_id"], "phase": phase,
                 "cycle": cycle["number"] if cycle else task.get("last_cycle"),
-                "progress": progress, "last_error": task.get("last_error"),
+                "progress": progress, "last_error": last_error, "retry": retry,
             }
 
     # -- commands ---------------------------------------------------------------------------
@@ -237,6 +290,8 @@ class TaskRunner:
                                           f"{cmd.task_id} is still running")
             if status == PAUSED:
                 return _fail("task_paused", f"task {cmd.task_id} is paused; resume it first")
+            if kind == "incremental" and self._task.get("last_cycle") is None:
+                kind = "full"  # no cycle has completed yet: this sync is the full sync again
             self._task.update({"status": RUNNING, "cycle": cmd.cycle.to_dict(), "cycle_kind": kind,
                                "cycle_command": cmd.id})
             self._target = None  # fetched again (never stored)
@@ -402,6 +457,11 @@ class TaskRunner:
             with self._lock:
                 if gen != self._gen:
                     return
+                moved = _moved_bytes(progress)
+                if self._attempt_first is None:
+                    self._attempt_first = moved
+                elif moved > self._attempt_first:
+                    self._moved = True
                 self._progress = progress
             self._on_progress_cb(progress)
         return on_progress
@@ -463,11 +523,15 @@ class TaskRunner:
             task.update({"last_cycle": cycle.number, "last_result": result_doc, "last_error": None,
                          "cycle": None, "cycle_kind": None, "cycle_command": None, **task_changes})
             self._worker = None
+            self._retry = None
             if kind == "final":
-                self._forget(COMPLETED)
+                self._task = None
+                self._target = None
+                self._progress = None
+                self._last_state = COMPLETED
             else:
                 task["status"] = WAITING
-                self._save()
+            self._save_or_later()
         return True
 
     # -- block cycles -----------------------------------------------------------------------
@@ -537,17 +601,36 @@ class TaskRunner:
         if kind == "final":
             self._notify("info", "task_completed", f"Task {task_id} completed")
 
+    def _budget_for(self, exc: Go2CloudError) -> Optional[float]:
+        """The retry budget of a failure, None when it is permanent (fails the cycle at once).
+        The control plane away, a full agent home or a full target wait the longer budget."""
+        if exc.code in ("agent_home_full", "target_full"):
+            return self.control_plane_budget_s
+        if not exc.retryable:
+            return None
+        if isinstance(exc, (ServerUnreachableError, ServerError)) or self._control_plane_down():
+            return max(self.retry_budget_s, self.control_plane_budget_s)
+        return self.retry_budget_s
+
     def _with_retries(self, gen: int, cancel: threading.Event, cid: str, task_id: str, cycle: CycleSpec,
                       label: str, attempt: Callable[[], Any], stopped: str,
                       on_gone: Optional[Callable[[], None]] = None) -> Any:
-        """Run one cycle's transfer (``attempt``), retrying retryable errors with backoff
-        (5, 15, 45 s by default). Returns its result, or ``_STOPPED`` when the cycle ended otherwise:
-        cancelled (pause, modify, abort, stop), the task gone, or failed (then acknowledged)."""
-        tries = 0
+        """Run one cycle's transfer (``attempt``), retrying transient failures (network, the
+        control plane or the target away, a full home or target) with jittered backoff under a
+        time budget (``retry_budget_s``; ``control_plane_budget_s`` while the control plane is
+        away or a disk is full); an attempt that moved data starts budget and backoff again.
+        Returns its result, or ``_STOPPED`` when the cycle ended otherwise: cancelled (pause,
+        modify, abort, stop), the task gone, or failed (then acknowledged)."""
+        budget = RetryBudget(self.retry_budget_s, self.backoff)
         while True:
-            tries += 1
+            with self._lock:
+                self._moved = False
+                self._attempt_first = None
             try:
-                return attempt()
+                result = attempt()
+                with self._lock:
+                    self._retry = None
+                return result
             except TransferCancelled:
                 LOG.info("cycle %s of task %s: %s", cycle.number, task_id, stopped)
                 return _STOPPED
@@ -556,26 +639,64 @@ class TaskRunner:
                 if on_gone is not None:
                     on_gone()
                 return _STOPPED
-            except Go2CloudError as exc:
-                if cancel.is_set():
-                    return _STOPPED
-                if exc.retryable and tries <= self.transient_retries:
-                    delay = self.retry_delay * (3 ** (tries - 1))
-                    LOG.warning("cycle %s of task %s: %s; retrying in %.0fs (%d/%d)", cycle.number, task_id,
-                                exc, delay, tries, self.transient_retries)
-                    self._notify("warning", exc.code, f"{label} cycle {cycle.number}: {exc}; retrying")
-                    if cancel.wait(delay):
-                        return _STOPPED
-                    continue
-                self._finish_failed(gen, cancel, cid, exc.code, str(exc))
-                return _STOPPED
             except Exception as exc:  # noqa: BLE001 - a bug must fail the cycle, not kill the thread silently
                 if cancel.is_set():
                     return _STOPPED
-                LOG.exception("cycle %s of task %s: unexpected error", cycle.number, task_id)
-                err = ReplicationError(f"internal error during the transfer: {type(exc).__name__}: {exc}")
-                self._finish_failed(gen, cancel, cid, err.code, str(err))
-                return _STOPPED
+                err = self._as_error(exc, task_id, cycle)
+                limit = self._budget_for(err) if err is not None else None
+                if err is None:
+                    err = ReplicationError(f"internal error during the transfer: {type(exc).__name__}: {exc}")
+                if limit is None:
+                    self._finish_failed(gen, cancel, cid, err.code, str(err))
+                    return _STOPPED
+                with self._lock:
+                    moved = self._moved
+                if moved:
+                    budget.progressed()
+                delay = budget.failed(limit)
+                if delay is None:
+                    self._finish_failed(
+                        gen, cancel, cid, err.code,
+                        f"{err} (gave up after {budget.failing_for:.0f}s of retries, {budget.attempts} "
+                        f"attempts; the retry budget is {limit:.0f}s: sync again once the cause is fixed)")
+                    return _STOPPED
+                with self._lock:
+                    self._retry = {"code": err.code, "message": str(err)[:1000], "attempt": budget.attempts,
+                                   "next_attempt_in_s": round(delay, 1),
+                                   "failing_for_s": round(budget.failing_for, 1),
+                                   "budget_s": limit}
+                LOG.warning("cycle %s of task %s: %s; retrying in %.0fs (attempt %d, failing for %.0fs "
+                            "of a %.0fs budget)", cycle.number, task_id, err, delay, budget.attempts,
+                            budget.failing_for, limit)
+                if budget.attempts == 1:  # one event per run of failures, not one per attempt
+                    self._notify("warning", err.code,
+                                 f"{label} cycle {cycle.number}: {err}; retrying automatically for up to "
+                                 f"{limit / 60:.0f} min")
+                if self._wait_retry(err, delay, cancel):
+                    return _STOPPED
+
+    def _wait_retry(self, err: Go2CloudError, delay: float, cancel: threading.Event) -> bool:
+        """Wait ``delay`` before the next attempt (a full home: until it has room again, at most
+        ``delay``). True when cancelled."""
+        if err.code != "agent_home_full":
+            return cancel.wait(delay)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if self.home.has_room():
+                LOG.info("the agent home %s has space again; resuming the cycle", self.home.root)
+                return cancel.is_set()
+            if cancel.wait(min(2.0, max(0.0, deadline - time.monotonic()))):
+                return True
+        return False
+
+    def _as_error(self, exc: BaseException, task_id: str, cycle: CycleSpec) -> Optional[Go2CloudError]:
+        """The agent error of a failed attempt; None for a bug (logged; fails the cycle)."""
+        if isinstance(exc, Go2CloudError):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return self.home.full_error(Path(exc.filename or self.home.state_dir), exc)
+        LOG.exception("cycle %s of task %s: unexpected error", cycle.number, task_id)
+        return None
 
     def _finish_failed(self, gen: int, cancel: threading.Event, cid: str, code: str, message: str,
                        *, forget: bool = False) -> None:
@@ -584,12 +705,16 @@ class TaskRunner:
                 return
             self._ack(cid, "failed", code, message, {})
             self._worker = None
+            self._retry = None
             if forget:
-                self._forget("idle")
+                self._task = None
+                self._target = None
+                self._progress = None
+                self._last_state = "idle"
             else:
                 self._task.update({"status": FAILED, "last_error": {"code": code, "message": message},
                                    "cycle": None, "cycle_kind": None, "cycle_command": None})
-                self._save()
+            self._save_or_later()
         LOG.error("cycle failed (%s): %s", code, message)
         self._notify("error", code, f"Sync failed: {message}")
 

@@ -3,7 +3,7 @@
 Command line (built by :meth:`FileReplicator.build_args`)::
 
     rsync -aHAXS --numeric-ids --one-file-system --no-inc-recursive --info=progress2 --stats
-          --partial [--delete] [--modify-window=-1]
+          --partial --timeout=N [--delete] [--modify-window=-1]
           [--compress --compress-level=N] [--checksum] [--bwlimit=KIB] [--mkpath]
           --filter='merge FILTER' [--link-dest=REL] -e 'AGENT rsync-tunnel'
           -- /src/path/ USER@go2cloud::MODULE/DEST/src/path/
@@ -14,6 +14,10 @@ Choices (see also DESIGN section 5):
   (``go2cloud_client.replication.tunnel``), which carries the rsync daemon protocol inside TLS
   to the control plane's HTTPS port, pinned like the API. Per-run settings (URL, pin, cycle,
   path) reach it in the environment.
+* **Timeouts.** ``--timeout=N`` (``rsync_timeout_s``, default 120 s): a connection that stops
+  moving data (a stall, a black-holed route) ends the run with exit 30 instead of hanging; the
+  tunnel bounds its own connect and TLS handshake (``tunnel.CONNECT_TIMEOUT_S``). ``--contimeout``
+  applies to rsync's own daemon sockets only, not to a remote-shell transport like ours.
 * **Partial files** stay under their own name (``--partial``): the target refuses
   ``--partial-dir`` (a source could name a directory outside its cycle with it).
 
@@ -72,6 +76,9 @@ PROGRESS_INTERVAL = 0.5
 PARSE_INTERVAL = 0.1
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _CYCLE_DIR_RE = re.compile(r"^[0-9]{6}$")
+#: rsync ``--timeout`` by default: no data moved for this long stops the run (exit 30), which
+#: is then retried; it works through the remote-shell tunnel (rsync times its own pipe I/O).
+DEFAULT_IO_TIMEOUT_S = 120
 #: rsync exit codes that mean "network, daemon or authentication trouble": retry later.
 RETRYABLE_CODES = {5: "error starting the client-server protocol (wrong password or module?)",
                    10: "error in socket I/O", 12: "error in the rsync protocol data stream",
@@ -328,6 +335,7 @@ class FileReplicator:
         version: Optional[Tuple[int, int, int]] = None,
         estimate_totals: bool = True,
         tunnel_executable: Optional[str] = None,
+        io_timeout_s: int = DEFAULT_IO_TIMEOUT_S,
     ) -> None:
         for kind, value in (("module", target.module), ("user", target.user)):
             if not _NAME_RE.match(value):
@@ -353,6 +361,9 @@ class FileReplicator:
         self._version = version
         self.estimate_totals = estimate_totals
         self.tunnel_executable = tunnel_executable
+        if io_timeout_s < 1:
+            raise ValueError("io_timeout_s must be >= 1")
+        self.io_timeout_s = int(io_timeout_s)
         self._lock = threading.Lock()
         self._last_emit = 0.0
         self._progress: List[PathProgress] = []
@@ -379,7 +390,7 @@ class FileReplicator:
             raise ValueError("cycle dest and link_dest must be six-digit directory names")
         opts = self.options
         args = [self.rsync_path, "-aHAXS", "--numeric-ids", "--one-file-system", "--no-inc-recursive",
-                "--info=progress2", "--stats", "--partial"]
+                "--info=progress2", "--stats", "--partial", f"--timeout={self.io_timeout_s}"]
         if cycle.incremental:
             args.append("--delete")
         level = compress_level(opts.compression)
@@ -538,8 +549,8 @@ class FileReplicator:
         with tempfile.TemporaryDirectory(dir=str(self.work_dir)) as empty:
             for depth in range(1, len(parts)):
                 sub = "/".join([cycle.dest] + parts[:depth]) + "/"
-                args = [self.rsync_path, "-d", "-e", tunnel.command(self.tunnel_executable), "--",
-                        empty + "/", self.target.spec(sub)]
+                args = [self.rsync_path, "-d", f"--timeout={self.io_timeout_s}", "-e",
+                        tunnel.command(self.tunnel_executable), "--", empty + "/", self.target.spec(sub)]
                 rc, err = self._run_rsync(args, None, cancel, cycle, path)
                 if rc != 0:
                     self._raise_for(rc, err, path)

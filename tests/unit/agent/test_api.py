@@ -264,3 +264,16 @@ def test_wait_strategy_is_jittered_exponential_capped():
     wait = rcp._retrying(lambda e: True, 5).wait.backoff  # unless the server said Retry-After
     assert isinstance(wait, tenacity.wait_random_exponential)
     assert wait.max == 30
+
+
+def test_a_response_cut_in_the_middle_is_reported_as_a_cut_connection_not_as_bad_json():
+    """A connection cut mid-response (no Content-Length to notice it by) must say so and be
+    retried, not be blamed on the control plane as "not valid JSON" (issue 17, item 7)."""
+    from go2cloud_client.api import ControlPlane as _CP
+    from go2cloud_client.errors import ProtocolError as _PE
+    from go2cloud_client.errors import ServerUnreachableError as _SU
+
+    with pytest.raises(_SU, match="ended in the middle"):
+        _CP._decode(b'{"commands": [{"id": "c-1", "ty', "commands")
+    with pytest.raises(_PE, match="not valid JSON"):
+        _CP._decode(b'{"commands": ]', "commands")

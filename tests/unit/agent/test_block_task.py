@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+from go2cloud_client.backoff import Backoff
 from go2cloud_client.blockcycle import BlockCycleRunner, BlockProgress, SnapshotLedger, recover_snapshots
 from go2cloud_client.commands import BlockTargetSpec, CycleSpec, DiskSpec, Options, parse_command
 from go2cloud_client.errors import CommandRejectedError, ReplicationError, SnapshotFailedError
@@ -184,7 +185,8 @@ class World:
 
     def runner(self) -> TaskRunner:
         return TaskRunner(self.home, replicator_factory=lambda **kw: None, fetch_task=self.fetch,
-                          ack=self.ack, retry_delay=0, block_cycles=self.cycles())
+                          ack=self.ack, backoff=Backoff(initial=0.001, factor=1, cap=0.001, jitter=0),
+                          block_cycles=self.cycles())
 
     def fetch(self, task_id):
         return {"task_id": task_id, "mode": "block", "disks": [{"name": "vdb", "path": "/dev/vdb"}],

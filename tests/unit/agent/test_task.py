@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from go2cloud_client.backoff import Backoff
 from go2cloud_client.commands import parse_command
 from go2cloud_client.errors import ReplicationError
 from go2cloud_client.replication.rsync import CycleResult, TransferCancelled
@@ -75,7 +76,7 @@ class World:
 
     def runner(self):
         return TaskRunner(self.home, replicator_factory=self.factory, fetch_task=self.fetch, ack=self.ack,
-                          retry_delay=0, isdir=isdir)
+                          backoff=Backoff(initial=0.001, factor=1, cap=0.001, jitter=0), isdir=isdir)
 
     def wait_started(self, n):
         deadline = time.monotonic() + 5
@@ -206,7 +207,6 @@ def test_finalize_without_cycle_just_finishes(world, home):
 
 def test_transient_errors_retried_then_permanent_failure_acked(world, home):
     r = world.runner()
-    r.transient_retries = 2
     transient = ReplicationError("network blip")
     permanent = ReplicationError("disk on fire")
     permanent.retryable = False
@@ -219,13 +219,14 @@ def test_transient_errors_retried_then_permanent_failure_acked(world, home):
     assert snap["state"] == "failed" and snap["last_error"]["message"] == "disk on fire"
 
 
-def test_transient_error_exhausts_retries(world):
+def test_transient_error_exhausts_the_retry_budget(world):
     r = world.runner()
-    r.transient_retries = 1
+    r.retry_budget_s = 0  # spent at the first failure: the cycle fails, saying why
     world.failures = [ReplicationError("x"), ReplicationError("y")]
     r.handle(start())
     world.wait_acks(1)
-    assert len(world.runs) == 2 and world.acks[0][1] == "failed"
+    assert len(world.runs) == 1 and world.acks[0][1] == "failed"
+    assert "gave up after" in r.snapshot()["last_error"]["message"]
 
 
 def test_restart_resumes_interrupted_cycle_but_not_paused(world, home):

@@ -44,11 +44,23 @@ FULL = Cycle(1, "000001", None, False)
 INCR = Cycle(3, "000003", "000002", True)
 
 
+def test_io_timeout_bounds_every_rsync_run(tmp_path: Path) -> None:
+    """A stalled connection must end the run (exit 30) instead of hanging: --timeout is on the
+    command line of every run, with the configured value (issue 17, item 5)."""
+    rep = FileReplicator(target=TARGET, paths=["/srv/data"], options=TransferOptions(),
+                         excludes_file=tmp_path / "x", work_dir=tmp_path / "w", version=(3, 2, 7),
+                         io_timeout_s=7)
+    assert "--timeout=7" in rep.build_args(FULL, "/srv/data")
+    with pytest.raises(ValueError):
+        FileReplicator(target=TARGET, paths=["/srv"], options=TransferOptions(), excludes_file=tmp_path / "x",
+                       work_dir=tmp_path / "w", io_timeout_s=0)
+
+
 def test_full_cycle_args(tmp_path: Path) -> None:
     rep = make(tmp_path)
     args = rep.build_args(FULL, "/srv/data")
-    assert args[:8] == ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--no-inc-recursive",
-                        "--info=progress2", "--stats", "--partial"]
+    assert args[:9] == ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--no-inc-recursive",
+                        "--info=progress2", "--stats", "--partial", "--timeout=120"]
     assert not any(a.startswith("--partial-dir") for a in args)  # the target refuses it
     assert "--delete" not in args and not any(a.startswith("--link-dest") for a in args)
     assert "--compress" in args and "--compress-level=7" in args
@@ -313,7 +325,8 @@ def test_old_rsync_creates_parents_first(tmp_path: Path) -> None:
     rep.run_cycle(FULL, threading.Event())
     assert calls[0][-1] == "t-abc@go2cloud::t-abc/000001/srv/"
     assert calls[1][-1] == "t-abc@go2cloud::t-abc/000001/srv/deep/"
-    assert calls[0][1] == "-d" and calls[0][-3] == "--" and calls[0][2:4] == ["-e", tunnel.command()]
+    assert calls[0][1:3] == ["-d", "--timeout=120"] and calls[0][-3] == "--"
+    assert calls[0][3:5] == ["-e", tunnel.command()]
     # the parents are created in the session of the path they lead to (the target allows them)
     runs = [(e["GO2CLOUD_RSYNC_CYCLE"], e["GO2CLOUD_RSYNC_PATH"]) for e in envs]
     assert runs == [("1", "/srv/deep/data")] * 3

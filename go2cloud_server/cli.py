@@ -438,7 +438,8 @@ def serve(
             fingerprint=fingerprint,
         )
         log.info("downloads: %s", downloads.describe())
-        receiver = BlockReceiver(resolve=service.block_store_for)  # type: ignore[arg-type]  # Protocol of the store
+        receiver = BlockReceiver(resolve=service.block_store_for,  # type: ignore[arg-type]  # Protocol of the store
+                                 fence=service.check_epoch)
         httpd = ApiServer(
             (host, port),
             Api(service, agent_auth, admin_token, block_receiver=receiver, downloads=downloads,

@@ -751,6 +751,15 @@ def source_show(source_id: str, **kw: Any) -> None:
                 ("replaced by", d.get("replaced_by")),
             ]
         )
+        session = d.get("session") or {}
+        if session:
+            text += "\n" + _kv([("session", f"epoch {session.get('epoch')} since {session.get('since')} "
+                                            f"({'live' if session.get('live') else 'expired'} until "
+                                            f"{session.get('expires_at')})")])
+        warning = d.get("clone_warning") or {}
+        if warning:
+            text += ("\n\nWARNING (possible cloned machine, " + str(warning.get("time")) + "):\n  "
+                     + str(warning.get("message")))
         events = d.get("events") or []
         if events:
             text += "\n\nRecent events:\n" + _table(

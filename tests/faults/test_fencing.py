@@ -56,8 +56,11 @@ def task_secrets(server, task_id: str) -> Dict[str, Any]:
 
 
 def _pinned(server) -> requests.Session:
+    """A raw protocol probe, pinned to the server's certificate like the agent."""
+    from go2cloud_client.api import _PinnedAdapter
+
     s = requests.Session()
-    s.verify = False  # the fingerprint is the server's own; this is a raw protocol probe on loopback
+    s.mount("https://", _PinnedAdapter(server.fingerprint[len("sha256:"):]))
     return s
 
 

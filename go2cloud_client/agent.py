@@ -35,16 +35,26 @@ from go2cloud_client.blockcycle import recover_snapshots
 from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, Command, parse_command
 from go2cloud_client.config import Config
 from go2cloud_client.console import WAITING_LINE, Console
-from go2cloud_client.errors import CommandRejectedError, Go2CloudError, HomeFullError, IdentityRejectedError
+from go2cloud_client.errors import (
+    CommandRejectedError,
+    Go2CloudError,
+    HomeFullError,
+    IdentityRejectedError,
+    SessionConflictError,
+)
 from go2cloud_client.events import EventBuffer, utc_now
 from go2cloud_client.home import Home
 from go2cloud_client.identity import Identity
 from go2cloud_client.ledger import FINAL_STATUSES, Ledger
 from go2cloud_client.outage import OutageLog
 from go2cloud_client.periodic import LoopSupervisor
+from go2cloud_client.session import open_session
 from go2cloud_client.task import Outcome, TaskRunner
 
 LOG = logging.getLogger(__name__)
+
+#: errors that stop the agent: the source is gone, or another live agent holds its session
+FATAL_ERRORS = (IdentityRejectedError, SessionConflictError)
 
 SKEW_WARN_S = 60.0
 #: Pause between polls when a poll returned only commands already in progress (the server
@@ -59,7 +69,8 @@ def default_replicator_factory(home: Home, rsync_path: str, io_timeout_s: int = 
     def factory(*, target: Any, paths: List[str], options: Any, on_progress: Callable[[Any], None],
                 on_child: Callable[[Optional[int]], None]) -> FileReplicator:
         return FileReplicator(
-            target=RsyncTarget(target.url, target.fingerprint, target.module, target.user, target.password),
+            target=RsyncTarget(target.url, target.fingerprint, target.module, target.user, target.password,
+                               getattr(target, "epoch", 0)),
             paths=paths,
             options=TransferOptions(options.bandwidth_mbps, options.compression, options.checksum),
             excludes_file=ensure_home_excludes(home.root),
@@ -149,7 +160,10 @@ class Agent:
             retry_budget_s=config.transfer_retry_budget_s,
             control_plane_budget_s=config.control_plane_budget_s,
             control_plane_down=lambda: not self.outage.connected,
+            epoch=lambda: self.cp.epoch,
         )
+        self._session_ready = threading.Event()
+        self._session_lock = threading.Lock()
         self.rsync_path = rsync_path
         self.interval = float(source.get("heartbeat_interval") or 10)
         self.fatal: Optional[Go2CloudError] = None
@@ -207,7 +221,7 @@ class Agent:
         self._ack_wakeup.set()
 
     def _failed_call(self, exc: Go2CloudError, what: str) -> None:
-        if isinstance(exc, IdentityRejectedError):
+        if isinstance(exc, FATAL_ERRORS):
             self._fail(exc)
         elif exc.retryable:
             self._unreachable(exc)
@@ -320,7 +334,7 @@ class Agent:
             self.cp.ack(cid, entry["status"], error_code=entry.get("error_code"),
                         message=entry.get("message"), result=entry.get("result") or {})
         except Go2CloudError as exc:
-            if exc.retryable or isinstance(exc, IdentityRejectedError):
+            if exc.retryable or isinstance(exc, FATAL_ERRORS):
                 self._failed_call(exc, f"acknowledgement of {cid}")
                 return False
             LOG.warning("acknowledgement of %s (%s) refused: %s; not sending it again",
@@ -336,8 +350,33 @@ class Agent:
 
     # -- loops ------------------------------------------------------------------------------
 
+    def ensure_session(self) -> bool:
+        """Hold the source's session (fencing) before anything else talks to the control plane:
+        opened at start, or as soon as the control plane can be reached. A conflict (another live
+        agent with this identity) stops the agent with SessionConflictError."""
+        if self._session_ready.is_set():
+            return True
+        with self._session_lock:
+            if self._session_ready.is_set():
+                return True
+            try:
+                epoch = open_session(
+                    lambda sid, inst, fp: self.api_beat.call(self.cp.open_session, sid, inst, fp),
+                    self.home, stop_event=self.stop_event, on_wait=self.console.line)
+            except Go2CloudError as exc:
+                self._failed_call(exc, "session")
+                return False
+            if not epoch:
+                return False
+            LOG.info("holding the session of source %s (epoch %d)", self.source["source_id"], epoch)
+            self._session_ready.set()
+            return True
+
     def _commands_loop(self) -> None:
         while not self.stop_event.is_set():
+            if not self.ensure_session():
+                self.stop_event.wait(5)
+                continue
             try:
                 commands = self.api_poll.poll_commands(self.config.poll_wait_s)
             except Go2CloudError as exc:
@@ -395,6 +434,8 @@ class Agent:
     def heartbeat_once(self) -> None:
         payload = self.heartbeat_payload()
         self.write_status(payload)
+        if not self.ensure_session():
+            return
         try:
             resp = self.api_beat.heartbeat(payload)
         except Go2CloudError as exc:
@@ -470,6 +511,8 @@ class Agent:
             if not exc.retryable:
                 raise
             self._unreachable(exc)
+        if not self.ensure_session() and self.fatal is not None:
+            raise self.fatal  # another live agent holds this source: nothing is resumed or run
         if task and task.get("status") == "running" and task.get("cycle"):
             self.runner.load(resume=True)
         for name, target in (("heartbeat", self._heartbeat_loop), ("commands", self._commands_loop),

@@ -33,6 +33,7 @@ from go2cloud_client.errors import (
     RequestRejectedError,
     ServerError,
     ServerUnreachableError,
+    SessionBusyError,
     ThrottledError,
     TLSError,
     UsageError,
@@ -43,6 +44,8 @@ LOG = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 API_PREFIX = "/api/v1"
+#: the agent process's session on every agent API request once opened (fencing)
+SESSION_HEADER = "X-Go2cloud-Session"
 _SOURCE_ID_RE = re.compile(r"^s-[A-Za-z0-9]{1,64}$")
 _SAFE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 #: Renew the bearer token this many seconds before it expires.
@@ -123,6 +126,9 @@ class ControlPlane:
         self._token: Optional[str] = None
         self._token_deadline = 0.0
         self._token_lock = threading.Lock()
+        #: this agent process's session (fencing): sent as X-Go2cloud-Session once opened
+        self.session_instance: Optional[str] = None
+        self.epoch = 0
         #: commands skipped because they cannot be acknowledged (logged once each)
         self._skipped_commands: Set[str] = set()
 
@@ -181,6 +187,8 @@ class ControlPlane:
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode("utf-8")
             headers["Content-Type"] = "application/json"
+        if self.session_instance:
+            headers[SESSION_HEADER] = self.session_instance
         timeout = (self.connect_timeout, read_timeout or self.read_timeout)
         started = time.monotonic()
         try:
@@ -278,6 +286,8 @@ class ControlPlane:
             raise ThrottledError(
                 f"the control plane is throttling {what} (HTTP {status}, {code or 'no code'}): {message}",
                 retry_after=retry_after)
+        if cls is SessionBusyError:
+            raise SessionBusyError(message, retry_after=retry_after)
         if cls is not None:
             raise cls(_operator_message(cls, message))
         if status >= 500:
@@ -404,6 +414,20 @@ class ControlPlane:
         """The control plane's clock (``GET /api/v1/time``, no authentication) as epoch seconds."""
         doc = _obj(self._send("GET", "/time", auth=False, what="time"), "time")
         return float(_field(doc, "server_time_epoch", (int, float), "time"))
+
+    def open_session(self, session_id: str, instance: str, fingerprint: Mapping[str, Any]) -> int:
+        """Take the source's lease for this agent process (docs/protocol.md, "Fencing"); later
+        requests carry ``instance``. Returns the epoch. Raises SessionBusyError (another process
+        holds it for now: retry after ``retry_after``) or SessionConflictError (another live agent)."""
+        sid = quote(self._require_source(), safe="")
+        body = {"session_id": session_id, "instance": instance, "fingerprint": dict(fingerprint)}
+        doc = _obj(self._send("POST", f"/sources/{sid}/session", body=body, what="session"), "session")
+        epoch = _field(doc, "epoch", int, "session")
+        if epoch < 1:
+            raise ProtocolError("the control plane's session response has a malformed field 'epoch'")
+        self.session_instance = instance
+        self.epoch = epoch
+        return epoch
 
     def heartbeat(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
         sid = quote(self._require_source(), safe="")

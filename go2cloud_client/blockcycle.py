@@ -391,7 +391,8 @@ def default_block_factory() -> Callable[..., Any]:
         from go2cloud_client.replication import block
 
         return block.BlockReplicator(
-            target=block.BlockTarget(url=target.url, token=target.token, fingerprint=target.fingerprint),
+            target=block.BlockTarget(url=target.url, token=target.token, fingerprint=target.fingerprint,
+                                     epoch=target.epoch),
             disks=[block.Disk(name=name, path=path) for name, path in disks],
             options=block_options(options),
             state_dir=state_dir,

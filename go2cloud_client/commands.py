@@ -63,6 +63,8 @@ class TargetSpec:
     module: str
     user: str
     password: str = field(repr=False)
+    #: the agent's session epoch, sent with the rsync session (set by the task runner)
+    epoch: int = 0
 
     def __repr__(self) -> str:  # never show the password
         return f"TargetSpec(url={self.url!r}, module={self.module!r}, user={self.user!r})"
@@ -75,6 +77,8 @@ class BlockTargetSpec:
     url: str
     token: str = field(repr=False)
     fingerprint: str = ""
+    #: the agent's session epoch, sent with every request (set by the task runner)
+    epoch: int = 0
 
     def __repr__(self) -> str:  # never show the token
         return f"BlockTargetSpec(url={self.url!r}, fingerprint={self.fingerprint!r})"

@@ -153,6 +153,28 @@ class IdentityRejectedError(Go2CloudError):
     summary = "the control plane no longer knows this source (deleted or replaced)"
 
 
+class SessionConflictError(Go2CloudError):
+    """Another live agent holds this source's session (fencing): two agents share one identity,
+    most likely a cloned machine. Restarting does not help; ``--abort`` on the clone does."""
+
+    exit_code = 26
+    code = "session_conflict"
+    summary = ("another live agent holds this source's session: most likely this machine is a clone "
+               "of an imported one (run go2cloud_client --abort on the clone, then import it again)")
+
+
+class SessionBusyError(Go2CloudError):
+    """409 ``session_busy``: another process holds the session for now (the agent waits)."""
+
+    exit_code = 26
+    code = "session_busy"
+    summary = "another agent process holds this source's session for now (the agent waits and retries)"
+
+    def __init__(self, message: str, *, retry_after: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RsyncMissingError(Go2CloudError):
     exit_code = 30
     code = "rsync_missing"
@@ -230,6 +252,9 @@ SERVER_CODES: Dict[str, Type[Go2CloudError]] = {
     "import_rejected": ImportRejectedError,
     "source_unknown": IdentityRejectedError,
     "source_replaced": IdentityRejectedError,
+    "session_conflict": SessionConflictError,
+    "session_required": SessionConflictError,
+    "session_busy": SessionBusyError,
     "rate_limited": ThrottledError,
     "server_busy": ThrottledError,
 }

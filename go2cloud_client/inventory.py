@@ -76,6 +76,8 @@ def disks(mount_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             parts.append({"name": part["name"], "size_bytes": part["size_bytes"],
                           "fstype": mount.get("fstype"), "mountpoint": mount.get("mountpoint")})
         entry = {"name": disk["name"], "size_bytes": disk["size_bytes"], "partitions": parts}
+        if disk.get("serial"):  # clone detection (go2cloud_client.session)
+            entry["serial"] = disk["serial"]
         whole = by_device.get(disk["name"])
         if whole:  # a file system directly on the disk
             entry["fstype"] = whole["fstype"]

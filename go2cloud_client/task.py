@@ -23,6 +23,7 @@ snapshot backend and each disk's change-tracking token of the last successful cy
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -115,8 +116,11 @@ class TaskRunner:
         isdir: Callable[[str], bool] = os.path.isdir,
         join_timeout: float = 60.0,
         block_cycles: Optional[Any] = None,
+        epoch: Callable[[], int] = lambda: 0,
     ) -> None:
         self.home = home
+        #: the agent's session epoch now (fencing): stamped on the target of every cycle attempt
+        self._epoch = epoch
         self._factory = replicator_factory
         self._fetch_task = fetch_task
         self._ack = ack
@@ -471,7 +475,7 @@ class TaskRunner:
         with self._lock:
             target = self._target
         if target is not None:
-            return target, paths, options
+            return self._fenced(target), paths, options
         doc = self._fetch_task(task_id)
         status = doc.get("status")
         if status in ("cancelled", "completed"):
@@ -480,7 +484,12 @@ class TaskRunner:
         with self._lock:
             if not cancel.is_set():
                 self._target = target
-        return target, paths, options
+        return self._fenced(target), paths, options
+
+    def _fenced(self, target: Any) -> Any:
+        """``target`` with the agent's current session epoch (every write carries it)."""
+        epoch = int(self._epoch() or 0)
+        return dataclasses.replace(target, epoch=epoch) if epoch else target
 
     def _work(self, gen: int, cancel: threading.Event, task_id: str, cycle: CycleSpec, kind: str, cid: str,
               paths: Tuple[str, ...], options: Options) -> None:

@@ -76,6 +76,10 @@ _HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 Resolver = Callable[[str, str], Optional[BlockTaskStore]]
+Fence = Callable[..., None]
+#: the session epoch every request carries (docs/protocol.md, "Fencing")
+EPOCH_HEADER = "X-Go2cloud-Epoch"
+_WRITES = ("chunk", "batch", "commit")
 
 
 class BlockRequest(NamedTuple):
@@ -118,8 +122,11 @@ class BlockReceiver:
     routes = [(m, rx.pattern, name) for m, rx, name in _ROUTES]
 
     def __init__(self, resolve: Resolver, inflight_limit: int = MAX_TASK_INFLIGHT,
-                 busy_wait_s: float = BUSY_WAIT_S) -> None:
+                 busy_wait_s: float = BUSY_WAIT_S, fence: Optional[Fence] = None) -> None:
         self.resolve = resolve
+        #: the session fence (``Service.check_epoch``): (task, X-Go2cloud-Epoch, writes) -> None or
+        #: raises StaleEpoch; checked with the token, before the body is read
+        self.fence = fence
         self.inflight_limit = inflight_limit
         self.busy_wait_s = busy_wait_s
         self._inflight: Dict[str, int] = {}  # per task: body bytes reserved by requests being served
@@ -188,11 +195,14 @@ class BlockReceiver:
         return store
 
     def authenticate(self, method: str, path: str, headers: Any) -> BlockRequest:
-        """The route and the task's token, from the request line and headers alone. Raises
-        NotFound/InvalidInput (no such route) or AuthFailed: the request is not the task's, its
-        body must not be read (the caller closes the connection instead)."""
+        """The route, the task's token and the session epoch, from the request line and headers
+        alone. Raises NotFound/InvalidInput (no such route), AuthFailed (the request is not the
+        task's) or StaleEpoch (another agent session holds the source now): its body must not be
+        read (the caller closes the connection instead)."""
         route, args = self._match(method, path.split("?", 1)[0].rstrip("/"))
         store = self._store(args[0], headers)
+        if self.fence is not None:  # a stale session's writes: refused, nothing read or written
+            self.fence(args[0], headers.get(EPOCH_HEADER), writes=route in _WRITES)
         return BlockRequest(route, store, args[1], args, self.max_body(method, path))
 
     def admit(self, req: BlockRequest, headers: Any) -> BlockRequest:

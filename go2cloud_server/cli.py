@@ -538,7 +538,8 @@ def serve(
             fingerprint=fingerprint,
         )
         log.info("downloads: %s", downloads.describe())
-        receiver = BlockReceiver(resolve=service.block_store_for)  # type: ignore[arg-type]  # Protocol of the store
+        receiver = BlockReceiver(resolve=service.block_store_for,  # type: ignore[arg-type]  # Protocol of the store
+                                 fence=service.check_epoch)
         httpd = ApiServer(
             (host, port),
             Api(service, agent_auth, admin_token, block_receiver=receiver, downloads=downloads,
@@ -886,6 +887,15 @@ def source_show(source_id: str, **kw: Any) -> None:
                 ("replaced by", d.get("replaced_by")),
             ]
         )
+        session = d.get("session") or {}
+        if session:
+            text += "\n" + _kv([("session", f"epoch {session.get('epoch')} since {session.get('since')} "
+                                            f"({'live' if session.get('live') else 'expired'} until "
+                                            f"{session.get('expires_at')})")])
+        warning = d.get("clone_warning") or {}
+        if warning:
+            text += ("\n\nWARNING (possible cloned machine, " + str(warning.get("time")) + "):\n  "
+                     + str(warning.get("message")))
         events = d.get("events") or []
         if events:
             text += "\n\nRecent events:\n" + _table(

@@ -77,6 +77,33 @@ class ImportRejected(Conflict):
     summary = "import refused (for example: the workgroup already has 50 sources)"
 
 
+class SessionBusy(Conflict):
+    """Another agent process holds the source's live session; sent with ``Retry-After`` while it
+    may still be a restart waiting for the old process's lease to expire."""
+
+    code = "session_busy"
+    summary = "agent API: another agent process holds this source's session for now; retry later"
+
+
+class SessionConflict(Conflict):
+    """Two live agents share one source identity (most likely a cloned machine)."""
+
+    code = "session_conflict"
+    summary = "agent API: another live agent holds this source's session (a cloned machine?)"
+
+
+class SessionRequired(Conflict):
+    code = "session_required"
+    summary = "agent API: open a session first (POST /sources/{id}/session)"
+
+
+class StaleEpoch(Conflict):
+    """A data write (block chunk, rsync session) with an epoch that is not the source's lease."""
+
+    code = "stale_epoch"
+    summary = "data path: the write's session epoch is not the source's current one; nothing written"
+
+
 class AuthFailed(ServerError):
     exit_code = 5
     http_status = 401
@@ -129,6 +156,10 @@ BY_CODE: Dict[str, Type[ServerError]] = {
     "source_replaced": SourceReplaced,
     "conflict": Conflict,
     "import_rejected": ImportRejected,
+    "session_busy": SessionBusy,
+    "session_conflict": SessionConflict,
+    "session_required": SessionRequired,
+    "stale_epoch": StaleEpoch,
     "unauthorized": AuthFailed,
     "token_expired": TokenExpired,
     "code_unknown": CodeRejected,

@@ -41,6 +41,8 @@ MAX_BODY = 1024 * 1024
 #: file-level data: ``POST /rsync/v1/tasks/<task>/session`` upgraded to the rsync protocol
 RSYNC_SESSION = re.compile(r"^/rsync/v1/tasks/([A-Za-z0-9._-]{1,64})/session$")
 RSYNC_UPGRADE = "go2cloud-rsync"
+#: the agent process's session (``POST /sources/{id}/session``) on every later agent request
+SESSION_HEADER = "X-Go2cloud-Session"
 #: JSON bodies nest at most this deep (the protocol's deepest document has a few levels).
 MAX_JSON_DEPTH = 64
 MAX_DRAIN = 16 * 1024 * 1024
@@ -156,6 +158,7 @@ class Api:
         r("GET", f"{p}/time", lambda q: (200, s.server_time()), "none")
         r("POST", f"{p}/sources/{{s}}/challenge", self._challenge, "none")
         r("POST", f"{p}/sources/{{s}}/token", self._token, "none")
+        r("POST", f"{p}/sources/{{s}}/session", lambda q: (200, s.open_session(q.args[0], q.body)), "session")
         r("POST", f"{p}/sources/{{s}}/heartbeat", lambda q: (200, s.heartbeat(q.args[0], q.body)), "agent")
         r("GET", f"{p}/sources/{{s}}/commands", self._commands, "agent")
         r(
@@ -239,9 +242,12 @@ class Api:
         handler, kind, args = self.routes.match(method, parts.path.rstrip("/") or "/")
         if kind == "admin":
             auth.check_admin(headers.get("Authorization"), self.admin_token)
-        elif kind == "agent":
+        elif kind in ("agent", "session"):
             self.service.agent_source(args[0])
             self.agent_auth.check(headers.get("Authorization"), args[0])
+            if kind == "agent":  # only the session's holder; its heartbeat renews the lease
+                self.service.fence(args[0], headers.get(SESSION_HEADER),
+                                   renew_lease=parts.path.rstrip("/").endswith("/heartbeat"))
         req = ApiRequest(method, parts.path, parse_qs(parts.query), args, body, headers, client)
         try:
             return handler(req)
@@ -508,7 +514,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         if not raw_cycle.isdigit() or len(raw_cycle) > 6:
             raise InvalidInput("header X-Go2cloud-Cycle: a cycle number is required")
         path = unquote(self.headers.get("X-Go2cloud-Path") or "", errors="strict")
-        spec = self.server.api.service.rsync_session_spec(task_id, password.strip(), int(raw_cycle), path)
+        spec = self.server.api.service.rsync_session_spec(task_id, password.strip(), int(raw_cycle), path,
+                                                          epoch=self.headers.get("X-Go2cloud-Epoch"))
         self.send_response(101)
         self.send_header("Upgrade", RSYNC_UPGRADE)
         self.send_header("Connection", "Upgrade")

@@ -38,8 +38,23 @@ from go2cloud_server.errors import (
     InvalidInput,
     NotFound,
     ServerError,
+    SessionBusy,
+    SessionConflict,
+    SessionRequired,
     SourceReplaced,
     SourceUnknown,
+    StaleEpoch,
+)
+from go2cloud_server.lease import (
+    GRANT_TAKEN_OVER,
+    LEASE_INTERVALS,
+    Lease,
+    check_fingerprint,
+    conflict_after,
+    fingerprint_diff,
+    fingerprint_of,
+    open_lease,
+    renew,
 )
 from go2cloud_server.rsyncd import SessionSpec
 from go2cloud_server.space import SpaceGuard, describe, human, is_disk_full
@@ -267,6 +282,12 @@ class Service:
         self.import_throttle = import_throttle or ImportThrottle()
         #: scrypt of activation codes on a bounded pool (503 when full)
         self.key_derivation = KeyDerivation(hash_code)
+        #: fencing: when each refused agent process was first refused (source, instance), the
+        #: refusals already reported as a clone, and the (task, cycle, epoch) writers recorded
+        self._fence_lock = threading.Lock()
+        self._contenders: Dict[Tuple[str, str], float] = {}
+        self._flagged: set = set()
+        self._writers_seen: set = set()
 
     # helpers ----------------------------------------------------------------------------------
     def now(self) -> float:
@@ -349,10 +370,12 @@ class Service:
             "password": task["rsync_password"],
         }
 
-    def rsync_session_spec(self, task_id: str, password: str, cycle: Any, path: Any) -> SessionSpec:
+    def rsync_session_spec(self, task_id: str, password: str, cycle: Any, path: Any,
+                           epoch: Optional[str] = None) -> SessionSpec:
         """What an agent's rsync connection may write (``httpapi``, before the upgrade): the
-        task's credentials (constant-time), a file task that is syncing, the cycle it is writing
-        and one of its paths. Nothing is started or written here."""
+        task's credentials (constant-time), a file task that is syncing, the cycle it is writing,
+        one of its paths and the source's current session ``epoch`` (``X-Go2cloud-Epoch``; 409
+        ``stale_epoch`` otherwise, see :meth:`check_epoch`). Nothing is started or written here."""
         task = None
         if isinstance(task_id, str) and isinstance(password, str) and password:
             task = self.store.one("SELECT * FROM tasks WHERE id = ?", (task_id,))
@@ -368,6 +391,7 @@ class Service:
         paths = [str(p) for p in loads(task["paths"], [])]
         if path not in paths:
             raise InvalidInput(f"path {str(path)[:200]!r} is not one of the task's paths")
+        self.check_epoch(task_id, epoch, cycle=cycle)  # 409 stale_epoch: nothing started
         return SessionSpec(
             task_id=task_id,
             tree_root=self.tree_root(task_id),
@@ -938,6 +962,13 @@ class Service:
         view["task"] = self._task_view(task) if task else None
         view["agent"] = {k: hb.get(k) for k in ("state", "phase", "cycle", "task_id", "last_error", "load")}
         view["progress"] = hb.get("progress")
+        lease = self._lease_of(src)
+        view["session"] = (
+            {"epoch": lease.epoch, "since": iso(lease.granted_at), "expires_at": iso(lease.expires),
+             "live": lease.live(self.now()), "fingerprint": lease.fingerprint}
+            if lease.epoch else None
+        )
+        view["clone_warning"] = loads(src["clone_warning"], None)
         view["events"] = self.store.all(
             "SELECT time, level, code, message FROM events WHERE source_id = ? ORDER BY id DESC LIMIT 20",
             (src["id"],),
@@ -987,6 +1018,194 @@ class Service:
         if row["state"] != "active":
             raise SourceReplaced(f"source {source_id} was replaced or deleted: import again")
         return row
+
+    # fencing: one live agent session per source (go2cloud_server.lease) -------------------------
+    @property
+    def lease_ttl(self) -> float:
+        return LEASE_INTERVALS * self.heartbeat_interval
+
+    @staticmethod
+    def _lease_of(row: Mapping[str, Any]) -> Lease:
+        doc = loads(row.get("lease"), None) or {}
+        fp = doc.get("fingerprint")
+        return Lease(
+            epoch=int(doc.get("epoch") or 0),
+            session_id=str(doc.get("session_id") or ""),
+            instance=str(doc.get("instance") or ""),
+            fingerprint=fp if isinstance(fp, dict) else None,
+            expires=float(doc.get("expires") or 0),
+            granted_at=float(doc.get("granted_at") or 0),
+        )
+
+    @staticmethod
+    def _save_lease(conn: sqlite3.Connection, source_id: str, lease: Lease) -> None:
+        doc = {"epoch": lease.epoch, "session_id": lease.session_id, "instance": lease.instance,
+               "fingerprint": lease.fingerprint, "expires": lease.expires, "granted_at": lease.granted_at}
+        conn.execute("UPDATE sources SET lease = ?, lease_epoch = ? WHERE id = ?",
+                     (dumps(doc), lease.epoch, source_id))
+
+    def _flag_clone(self, conn: sqlite3.Connection, source_id: str, code: str, message: str) -> None:
+        """The operator's clone warning on the source (``source show``) and a warning event."""
+        log.warning("source %s: %s", source_id, message)
+        conn.execute("UPDATE sources SET clone_warning = ? WHERE id = ?",
+                     (dumps({"time": self.now_iso(), "code": code, "message": message[:2000]}), source_id))
+        self._event(conn, source_id, "warning", code, message)
+
+    def open_session(self, source_id: str, body: Any) -> Dict[str, Any]:
+        """``POST /api/v1/sources/{id}/session``: the lease for the agent process ``instance``
+        (of agent home ``session_id``, on the machine ``fingerprint``), or 409 ``session_busy``
+        (Retry-After: another process holds a live lease; a restarted agent waits for its old
+        process's lease to expire) or 409 ``session_conflict`` (refused for longer than a lease
+        while the holder renewed it: a second live agent, most likely a cloned machine)."""
+        body = rules.require_object(body)
+        session_id = rules.require_str(body, "session_id", 64)
+        instance = rules.require_str(body, "instance", 64)
+        fingerprint = check_fingerprint(body.get("fingerprint"))
+        now = self.now()
+        key = (source_id, instance)
+        refusal: Optional[Exception] = None
+        with self.store.transaction() as conn:
+            src = Store.q_one(conn, "SELECT * FROM sources WHERE id = ?", (source_id,))
+            if src is None:
+                raise SourceUnknown(f"source {source_id} does not exist: import again")
+            cur = self._lease_of(src)
+            decision = open_lease(cur, session_id=session_id, instance=instance, fingerprint=fingerprint,
+                                  now=now, ttl=self.lease_ttl)
+            host = str((loads(src["inventory"], {}) or {}).get("hostname") or "")[:64]
+            if decision.granted:
+                lease = decision.lease
+                self._save_lease(conn, source_id, lease)
+                with self._fence_lock:
+                    self._contenders.pop(key, None)
+                if decision.outcome == GRANT_TAKEN_OVER:
+                    self._event(conn, source_id, "info", "session_taken_over",
+                                f"a new agent session (epoch {lease.epoch}) took over after the previous "
+                                f"one (epoch {cur.epoch}) stopped renewing its lease at {iso(cur.expires)}; "
+                                f"writes of epoch {cur.epoch} are refused from now on")
+                differs = fingerprint_diff(fingerprint_of(loads(src["inventory"], {}) or {}), fingerprint)
+                if differs:
+                    self._flag_clone(
+                        conn, source_id, "clone_suspected",
+                        f"the agent of session epoch {lease.epoch} runs on another machine than the one "
+                        f"imported as {source_id} ({'; '.join(differs)}). If that machine is a clone of "
+                        "the imported one, run go2cloud_client --abort on the clone and import it again "
+                        "with an activation code; if the hardware of this source changed, nothing to do.")
+            else:
+                with self._fence_lock:
+                    if len(self._contenders) > 10000:
+                        self._contenders.clear()
+                    first = self._contenders.setdefault(key, now)
+                    new_flag = key not in self._flagged
+                    final = now - first >= conflict_after(self.heartbeat_interval)
+                    if final or fingerprint_diff(cur.fingerprint, fingerprint):
+                        self._flagged.add(key)
+                holder = f"since {iso(cur.granted_at)}, epoch {cur.epoch}"
+                advice = ("two agents share this source's identity, most likely because this machine "
+                          "was cloned from an imported one (the agent home was copied with it). On the "
+                          "clone: run go2cloud_client --abort, then import it again with an activation code.")
+                differs = fingerprint_diff(cur.fingerprint, fingerprint)
+                if new_flag and (final or differs):
+                    what = f" ({'; '.join(differs)})" if differs else ""
+                    self._flag_clone(
+                        conn, source_id, "session_conflict",
+                        f"a second agent tried to open a session of source {source_id} ({host}) while "
+                        f"another agent holds it ({holder}){what}: it was refused. If a machine was "
+                        "cloned from this one, run go2cloud_client --abort on the clone and import it "
+                        "again with an activation code.")
+                if final:
+                    with self._fence_lock:
+                        self._contenders.pop(key, None)
+                    refusal = SessionConflict(
+                        f"another agent holds the session of source {source_id} ({holder}) and is alive: "
+                        + advice)
+                else:
+                    wait = max(1, min(int(cur.expires - now) + 1, int(self.lease_ttl) + 1))
+                    refusal = SessionBusy(
+                        f"another agent process holds the session of source {source_id} ({holder}); "
+                        f"retry in {wait}s (a restarted agent waits for its old process's lease to expire)",
+                        retry_after=wait)
+        if refusal is not None:
+            raise refusal
+        lease = decision.lease
+        log.info("source %s: session epoch %d %s (lease %.0fs)", source_id, lease.epoch, decision.outcome,
+                 self.lease_ttl)
+        return {"epoch": lease.epoch, "outcome": decision.outcome, "lease_seconds": self.lease_ttl,
+                "expires_at": iso(lease.expires)}
+
+    def fence(self, source_id: str, instance: Optional[str], *, renew_lease: bool = False) -> None:
+        """Only the lease holder's requests reach the agent API (commands, acknowledgements,
+        task documents, events); the holder's heartbeat (``renew_lease``) extends its lease. A
+        source on which no session was ever opened has no lease (requests without the session
+        header are served, as before fencing)."""
+        row = self.store.one("SELECT lease, lease_epoch FROM sources WHERE id = ?", (source_id,))
+        if row is None or not row["lease_epoch"]:
+            return
+        cur = self._lease_of(row)
+        if not instance:
+            raise SessionRequired(f"source {source_id} has agent sessions: open one first "
+                                  f"(POST /api/v1/sources/{source_id}/session)")
+        if instance != cur.instance:
+            raise SessionConflict(
+                f"this agent process no longer holds the session of source {source_id}: another agent "
+                f"took it at {iso(cur.granted_at)} (epoch {cur.epoch}). If this machine is a clone of the "
+                "imported one, run go2cloud_client --abort here and import it again with an activation code.")
+        if renew_lease:
+            with self.store.transaction() as conn:
+                row = Store.q_one(conn, "SELECT lease FROM sources WHERE id = ?", (source_id,))
+                renewed = renew(self._lease_of(row or {}), instance, now=self.now(), ttl=self.lease_ttl)
+                if renewed is None:
+                    raise SessionConflict(f"this agent process no longer holds the session of source "
+                                          f"{source_id}")
+                self._save_lease(conn, source_id, renewed)
+
+    def check_epoch(self, task_id: str, raw: Optional[str], *, writes: bool = True,
+                    cycle: Optional[int] = None) -> None:
+        """The data path's fence: a request of task ``task_id`` whose ``X-Go2cloud-Epoch``
+        (``raw``) is not the source's current lease epoch is refused (409 ``stale_epoch``) before
+        anything is read or written. A write records its epoch as a writer of the cycle (a cycle
+        with two writers is never marked verified). Call after the task's credentials are checked."""
+        raw = (raw or "").strip()
+        if raw and (not raw.isdigit() or len(raw) > 12):
+            raise InvalidInput("header X-Go2cloud-Epoch: a session epoch (a number) is required")
+        epoch = int(raw) if raw else 0
+        row = self.store.one(
+            "SELECT t.current_cycle, s.id AS source_id, s.lease_epoch FROM tasks t "
+            "JOIN sources s ON s.id = t.source_id WHERE t.id = ?", (task_id,))
+        if row is None:
+            return
+        current = int(row["lease_epoch"] or 0)
+        if epoch != current:
+            raise StaleEpoch(
+                f"this write carries session epoch {epoch or 'none'} but source {row['source_id']} is at "
+                f"epoch {current}: another agent session holds the source now; nothing was written")
+        number = cycle if cycle is not None else row["current_cycle"]
+        if writes and number:
+            self._note_writer(task_id, int(number), epoch)
+
+    def _note_writer(self, task_id: str, cycle: int, epoch: int) -> None:
+        key = (task_id, cycle, epoch)
+        with self._fence_lock:
+            if key in self._writers_seen:
+                return
+        with self.store.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO cycle_writers (task_id, cycle, epoch, first_at) "
+                         "VALUES (?, ?, ?, ?)", (task_id, cycle, epoch, self.now_iso()))
+        with self._fence_lock:
+            if len(self._writers_seen) > 100000:
+                self._writers_seen.clear()
+            self._writers_seen.add(key)
+
+    def mixed_writers(self, task_id: str, cycle: int) -> Optional[str]:
+        """Why cycle ``cycle`` of a task must not be marked verified (None: one session wrote it)."""
+        rows = self.store.all(
+            "SELECT epoch FROM cycle_writers WHERE task_id = ? AND cycle = ? ORDER BY epoch",
+            (task_id, cycle))
+        epochs = [int(r["epoch"]) for r in rows]
+        if len(epochs) < 2:
+            return None
+        return (f"cycle {cycle} was written by {len(epochs)} agent sessions (epochs "
+                f"{', '.join(map(str, epochs))}): its image may mix the disks of two machines and is not "
+                "verified; see the source's events (source show), stop the second agent, then sync again")
 
     def heartbeat(self, source_id: str, body: Any) -> Dict[str, Any]:
         body = rules.require_object(body)
@@ -1206,6 +1425,10 @@ class Service:
                     )
                 return
             removed = self._retain(task, int(task["keep_images"]), just_committed=number)
+        mixed = self.mixed_writers(task_id, number) if number is not None else None
+        if mixed:  # fenced: never verified (the verifier refuses it too, after a restart)
+            log.warning("task %s: %s", task_id, mixed)
+            rows = [self._refused_row(row, mixed) for row in rows]
         finished = ctype == "finalize"
         with self.store.transaction() as conn:
             task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
@@ -1230,6 +1453,8 @@ class Service:
             for n in removed:
                 conn.execute("DELETE FROM artifacts WHERE task_id = ? AND cycle = ?", (task_id, n))
             changes: Dict[str, Any] = {"error_code": None, "error_message": None}
+            if mixed:
+                changes.update(error_code="mixed_sessions", error_message=mixed)
             if number is not None:
                 changes.update(current_cycle=None, last_committed=number)
             if task["status"] in ("cancelled", "completed"):
@@ -1242,7 +1467,7 @@ class Service:
                 changes.update(status="pending")
             self._set_task(conn, task_id, **changes)
         for row in rows:  # block generations: verified in the background, after this answer
-            if row["disk"] and row["sha256"] is None and number is not None:
+            if row["disk"] and row["sha256"] is None and number is not None and not mixed:
                 self.verifier.submit(task_id, number, row["disk"])
         if finished:
             self._release_target(dict(task, current_cycle=None))
@@ -1284,12 +1509,31 @@ class Service:
             "report": dumps(report),
         }
 
+    @staticmethod
+    def _refused_row(row: Dict[str, Any], reason: str) -> Dict[str, Any]:
+        """An artifact row whose generation is refused verification (written by two sessions)."""
+        if not row["disk"]:
+            return row
+        report = dict(loads(row["report"], None) or {})
+        report.update(state=REPORT_FAILED, error=reason, error_code="mixed_sessions")
+        return dict(row, sha256=None, report=dumps(report))
+
     def _verify_generation(self, task_id: str, cycle: int, disk: str) -> Generator[None, None, None]:
         """The verifier's job: verify one generation and fill in its artifact row. A generator of
         steps (``verify_generation_steps``): the verifier takes turns between tasks after each.
         A generation discarded meanwhile (retention, a removed task) is skipped; a row deleted
         meanwhile is not recreated. An unexpected error marks the row ``failed`` (the on-disk
         report stays pending, so the operator can see the error now and a restart tries again)."""
+        mixed = self.mixed_writers(task_id, cycle)
+        if mixed:  # written by two sessions: never verified, whatever its checks would say
+            with self.store.transaction() as conn:
+                row = Store.q_one(conn, "SELECT disk, report FROM artifacts WHERE task_id = ? AND cycle = ? "
+                                  "AND disk = ?", (task_id, cycle, disk))
+                if row is not None:
+                    conn.execute("UPDATE artifacts SET sha256 = NULL, report = ? WHERE task_id = ? AND "
+                                 "cycle = ? AND disk = ?",
+                                 (self._refused_row(row, mixed)["report"], task_id, cycle, disk))
+            return
         with self._block_lock:  # not cached again for a task that ended meanwhile
             bs = self._block_stores.get(task_id) or self.block_store_factory(self.block_root(task_id))
         try:

@@ -28,7 +28,7 @@ from go2cloud_server.errors import Busy
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: database connections at most (readers run in parallel in WAL mode; writers take turns anyway)
 POOL_SIZE = 8
 
@@ -182,7 +182,23 @@ _SCHEMA_V4 = """
 ALTER TABLE commands ADD COLUMN applied INTEGER NOT NULL DEFAULT 1
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
+# v5: fencing (go2cloud_server.lease). The source's lease (one live agent session at a time), the
+# fingerprint of the machine it was imported from, the clone warning the operator sees, and which
+# lease epochs wrote into each cycle (a cycle written by two sessions is never marked verified).
+_SCHEMA_V5 = """
+ALTER TABLE sources ADD COLUMN lease TEXT;
+ALTER TABLE sources ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sources ADD COLUMN clone_warning TEXT;
+CREATE TABLE cycle_writers (
+    task_id TEXT NOT NULL,
+    cycle INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    first_at TEXT NOT NULL,
+    PRIMARY KEY (task_id, cycle, epoch)
+)
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
 
 
 class SchemaTooNew(RuntimeError):

@@ -107,7 +107,16 @@ def block_devices(sys_block: Path = _SYS_BLOCK) -> List[Dict[str, Any]]:
         for child in children:
             if child.name.startswith(name) and (child / "partition").exists():
                 partitions.append({"name": child.name, "size_bytes": _read_int(child / "size") * 512})
-        disks.append({"name": name, "size_bytes": size, "partitions": partitions})
+        entry: Dict[str, Any] = {"name": name, "size_bytes": size, "partitions": partitions}
+        for serial_file in (dev / "device" / "serial", dev / "serial", dev / "device" / "wwid"):
+            try:
+                serial = serial_file.read_text(encoding="ascii", errors="replace").strip()
+            except OSError:
+                continue
+            if serial:
+                entry["serial"] = serial[:128]  # clone detection (fencing)
+                break
+        disks.append(entry)
     return disks
 
 
@@ -346,9 +355,10 @@ def service_unit_text(argv: Sequence[str], home: Path) -> str:
         f"ExecStart={exec_start}\n"
         "Restart=always\n"
         "RestartSec=5\n"
-        # usage (not imported, --no-prompt), config and identity-rejected errors do not heal by
+        # usage (not imported, --no-prompt), config, identity-rejected and session-conflict (a
+        # cloned machine: another live agent holds the source) errors do not heal by
         # restarting: the agent stays stopped and systemctl status shows its exit code
-        "RestartPreventExitStatus=2 3 25\n"
+        "RestartPreventExitStatus=2 3 25 26\n"
         "KillMode=mixed\n"
         "TimeoutStopSec=60\n"
         "\n"

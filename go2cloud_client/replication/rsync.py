@@ -128,6 +128,8 @@ class RsyncTarget:
     module: str
     user: str
     password: str = field(repr=False)
+    #: the agent's session epoch (``X-Go2cloud-Epoch`` of the rsync session; 0: none)
+    epoch: int = 0
 
     def __repr__(self) -> str:
         return (f"RsyncTarget(url={self.url!r}, module={self.module!r}, user={self.user!r}, "
@@ -418,7 +420,7 @@ class FileReplicator:
         return args
 
     def _env(self, cycle: int, path: str) -> Dict[str, str]:
-        extra = tunnel.tunnel_env(self.target.url, self.target.fingerprint, cycle, path)
+        extra = tunnel.tunnel_env(self.target.url, self.target.fingerprint, cycle, path, self.target.epoch)
         extra["RSYNC_PASSWORD"] = self.target.password
         env = subp.child_env(extra=extra)
         if getattr(sys, "frozen", False):

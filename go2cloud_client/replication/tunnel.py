@@ -37,6 +37,7 @@ ENV_URL = "GO2CLOUD_RSYNC_URL"
 ENV_FINGERPRINT = "GO2CLOUD_RSYNC_FINGERPRINT"
 ENV_CYCLE = "GO2CLOUD_RSYNC_CYCLE"
 ENV_PATH = "GO2CLOUD_RSYNC_PATH"
+ENV_EPOCH = "GO2CLOUD_RSYNC_EPOCH"
 UPGRADE = "go2cloud-rsync"
 CONNECT_TIMEOUT_S = 30.0
 MAX_HEAD = 64 * 1024
@@ -70,8 +71,9 @@ def command(executable: Optional[str] = None) -> str:
     return f"{shlex.quote(sys.executable)} -m go2cloud_client rsync-tunnel"
 
 
-def tunnel_env(url: str, fingerprint: str, cycle: int, path: str) -> Dict[str, str]:
-    return {ENV_URL: url, ENV_FINGERPRINT: fingerprint, ENV_CYCLE: str(int(cycle)), ENV_PATH: path}
+def tunnel_env(url: str, fingerprint: str, cycle: int, path: str, epoch: int = 0) -> Dict[str, str]:
+    return {ENV_URL: url, ENV_FINGERPRINT: fingerprint, ENV_CYCLE: str(int(cycle)), ENV_PATH: path,
+            ENV_EPOCH: str(int(epoch))}
 
 
 def check_url(url: str) -> Tuple[str, str, int, str]:
@@ -219,6 +221,7 @@ def open_session(env: Mapping[str, str]) -> Stream:
             f"Host: {host_header}:{port}\r\n"
             f"Authorization: Bearer {password}\r\n"
             f"X-Go2cloud-Cycle: {int(cycle)}\r\n"
+            f"X-Go2cloud-Epoch: {int(env.get(ENV_EPOCH) or 0)}\r\n"
             f"X-Go2cloud-Path: {quote(src_path, safe='/')}\r\n"
             f"Connection: Upgrade\r\nUpgrade: {UPGRADE}\r\nContent-Length: 0\r\n\r\n"
         )

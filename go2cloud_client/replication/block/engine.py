@@ -92,6 +92,8 @@ class BlockTarget:
     url: str
     token: str = field(repr=False)
     fingerprint: str
+    #: the agent's session epoch (``X-Go2cloud-Epoch`` on every request; 0: none)
+    epoch: int = 0
 
     def __repr__(self) -> str:
         return f"BlockTarget(url={self.url!r}, token='***', fingerprint={self.fingerprint!r})"
@@ -403,7 +405,8 @@ class BlockReplicator:
             result = BlockCycleResult(cycle=cycle.number, bytes_total=sum(s.size for s in sources),
                                       bytes_sent=0, files=len(self.disks), passes=1, started_at=started,
                                       finished_at="")
-            client = BlockClient(self.target.url, self.target.token, self.target.fingerprint, cancel=cancel)
+            client = BlockClient(self.target.url, self.target.token, self.target.fingerprint, cancel=cancel,
+                                 epoch=self.target.epoch)
             try:
                 for i, (src, man) in enumerate(zip(sources, manifests)):
                     self._run_disk(cycle, src, man, self._progress[i], client, cancel, result)
@@ -571,7 +574,8 @@ class BlockReplicator:
 
     # -- the pipeline ----------------------------------------------------------------------------
     def _transfer(self, dp: _DiskPass, items: Iterator[_Item], cancel: threading.Event) -> None:
-        client = BlockClient(self.target.url, self.target.token, self.target.fingerprint, cancel=cancel)
+        client = BlockClient(self.target.url, self.target.token, self.target.fingerprint, cancel=cancel,
+                             epoch=self.target.epoch)
         stop = threading.Event()
         errors: List[BaseException] = []
         item_lock = threading.Lock()

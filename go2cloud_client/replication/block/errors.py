@@ -40,3 +40,11 @@ class BlockTargetFullError(BlockTargetError):
     code = "target_full"
     summary = "the target's storage is full (free space on the target; the sync resumes by itself)"
     retryable = False
+
+
+class SessionFencedError(BlockTargetRejectedError):
+    """409 ``stale_epoch``: another agent session holds the source now (fencing); this agent's
+    writes are refused and nothing of them was written."""
+
+    code = "stale_epoch"
+    summary = "the target refused this agent's session epoch: another agent holds the source (a clone?)"

@@ -32,6 +32,7 @@ from go2cloud_client.replication.block.errors import (
     BlockTargetError,
     BlockTargetFullError,
     BlockTargetRejectedError,
+    SessionFencedError,
 )
 from go2cloud_client.tlspin import PinMismatch, check_pin, client_context
 
@@ -130,10 +131,12 @@ def check_target_url(url: str) -> str:
 
 
 class BlockClient:
-    def __init__(self, url: str, token: str, fingerprint: str, *, cancel: Optional[threading.Event] = None
-                 ) -> None:
+    def __init__(self, url: str, token: str, fingerprint: str, *, cancel: Optional[threading.Event] = None,
+                 epoch: int = 0) -> None:
         self.url = check_target_url(url)
         self._token = token
+        #: the agent's session epoch (``X-Go2cloud-Epoch``): the target refuses any other
+        self.epoch = int(epoch)
         self.fingerprint = normalize_fingerprint(fingerprint) if fingerprint else ""
         self.cancel = cancel or threading.Event()
         self._local = threading.local()
@@ -193,6 +196,8 @@ class BlockClient:
                  ok_404: bool = False, absent: Tuple[int, ...] = ()) -> Optional[Any]:
         """``body``: bytes, or a list of parts sent one after the other (no copy into one buffer)."""
         hdrs = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/octet-stream"}
+        if self.epoch:
+            hdrs["X-Go2cloud-Epoch"] = str(self.epoch)
         if isinstance(body, list):
             hdrs["Content-Length"] = str(sum(len(part) for part in body))
         hdrs.update(headers or {})
@@ -232,6 +237,12 @@ class BlockClient:
                     "committed before are intact")
             if resp.status_code == 422 and code == "chunk_hash_mismatch":
                 raise ChunkRefused(message)
+            if resp.status_code == 409 and code == "stale_epoch":
+                raise SessionFencedError(
+                    f"{what}: the block target {self.where} refused this agent's session epoch "
+                    f"{self.epoch} ({message}); nothing was written. Another agent holds this source "
+                    "now: if this machine is a clone of the imported one, run go2cloud_client --abort "
+                    "here and import it again")
             if resp.status_code in (401, 403):
                 raise BlockTargetRejectedError(
                     f"{what}: the block target {self.where} refused the task token ({code}): the task "

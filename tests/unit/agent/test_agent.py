@@ -28,6 +28,14 @@ class FakeCP:
             raise ServerUnreachableError("down")
         self.acks.append((cid, status, error_code, message))
 
+    epoch = 0
+
+    def open_session(self, session_id, instance, fingerprint):
+        if self.down:
+            raise ServerUnreachableError("down")
+        self.epoch = 1
+        return 1
+
     def heartbeat(self, payload):
         if self.down:
             raise ServerUnreachableError("down")

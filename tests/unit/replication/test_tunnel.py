@@ -84,9 +84,9 @@ def test_command_of_a_frozen_agent_or_a_given_executable(monkeypatch):
 
 
 def test_tunnel_env_has_no_password():
-    env = tunnel.tunnel_env("https://cp/rsync/v1/tasks/t-1", FP, 7, "/srv/a b")
+    env = tunnel.tunnel_env("https://cp/rsync/v1/tasks/t-1", FP, 7, "/srv/a b", 3)
     assert env == {tunnel.ENV_URL: "https://cp/rsync/v1/tasks/t-1", tunnel.ENV_FINGERPRINT: FP,
-                   tunnel.ENV_CYCLE: "7", tunnel.ENV_PATH: "/srv/a b"}
+                   tunnel.ENV_CYCLE: "7", tunnel.ENV_PATH: "/srv/a b", tunnel.ENV_EPOCH: "3"}
 
 
 # --- the upgrade handshake, against a fake control plane on a socket pair (no network) ---------
@@ -142,7 +142,8 @@ class FakeControlPlane:
 
 def _env(port: int = 8080, **over: str) -> Dict[str, str]:
     env = {tunnel.ENV_URL: f"http://127.0.0.1:{port}/rsync/v1/tasks/t-1", tunnel.ENV_FINGERPRINT: "",
-           tunnel.ENV_CYCLE: "3", tunnel.ENV_PATH: "/srv/a b", "RSYNC_PASSWORD": "pw-secret"}
+           tunnel.ENV_CYCLE: "3", tunnel.ENV_PATH: "/srv/a b", "RSYNC_PASSWORD": "pw-secret",
+           tunnel.ENV_EPOCH: "5"}
     env.update(over)
     return env
 
@@ -167,6 +168,7 @@ def test_open_session_upgrades_with_the_tasks_credentials_cycle_and_path(monkeyp
     assert "Host: 127.0.0.1:8080" in lines
     assert "Authorization: Bearer pw-secret" in lines and "X-Go2cloud-Cycle: 3" in lines
     assert "X-Go2cloud-Path: /srv/a%20b" in lines
+    assert "X-Go2cloud-Epoch: 5" in lines  # the agent's session epoch (fencing)
     assert "Upgrade: go2cloud-rsync" in lines and "Connection: Upgrade" in lines
 
 

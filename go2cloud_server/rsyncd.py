@@ -489,11 +489,9 @@ def _pump(conn: Any, child: socket.socket, err_fd: int, proc: subprocess.Popen,
     moved for ``idle_timeout`` seconds. Returns the daemon's exit status (-1 if the session was
     stopped, timed out or the agent went away)."""
     raw: socket.socket = getattr(conn, "raw", conn)
-    if isinstance(conn, tlsstream.TLSConnection):
-        recv: Callable[[], bytes] = conn.recv_some
-    else:
-        def recv() -> bytes:
-            return bytes(conn.recv(PUMP_BUFFER))
+    # agent -> daemon: decrypted straight into one buffer, as many records as have arrived
+    recv_into: Callable[[memoryview], int] = (
+        conn.recv_many_into if isinstance(conn, tlsstream.TLSConnection) else conn.recv_into)
     raw.settimeout(None)  # idleness is watched below, not by socket timeouts
     child.setblocking(True)
     os.set_blocking(err_fd, True)
@@ -506,12 +504,13 @@ def _pump(conn: Any, child: socket.socket, err_fd: int, proc: subprocess.Popen,
             conn.sendall(frame(kind, payload))
 
     def upstream() -> None:  # agent -> daemon, raw
+        buf = memoryview(bytearray(PUMP_BUFFER))
         try:
             while True:
-                data = recv()
-                if not data:
+                n = recv_into(buf)
+                if not n:
                     break
-                child.sendall(data)
+                child.sendall(buf[:n])
                 last[0] = time.monotonic()
         except (OSError, ssl.SSLError):
             pass

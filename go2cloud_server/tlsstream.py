@@ -115,6 +115,8 @@ class TLSConnection:
         self._tls_lock = threading.Lock()  # the SSLObject and its two BIOs
         self._send_lock = threading.Lock()  # the order of encrypted bytes on the wire
         self._eof = False
+        self._wire = bytearray(BUFFER)  # encrypted bytes as received (one reader at a time)
+        self._wire_view = memoryview(self._wire)
 
     @classmethod
     def accept(cls, sock: socket.socket, ctx: ssl.SSLContext, timeout: float) -> TLSConnection:
@@ -163,17 +165,25 @@ class TLSConnection:
         return len(data)
 
     def recv_some(self) -> bytes:
-        """The next plaintext: as many records as have arrived (up to about BUFFER); b"" at the end."""
+        """The next plaintext: as many records as have arrived (up to BUFFER); b"" at the end."""
+        buf = bytearray(BUFFER)
+        n = self.recv_many_into(memoryview(buf))
+        del buf[n:]
+        return bytes(buf)
+
+    def recv_many_into(self, view: memoryview) -> int:
+        """Decrypt into ``view`` as many records as have arrived (and fit); 0 at the end. One
+        copy: from the TLS state straight into the caller's buffer."""
         while True:
-            chunks: List[bytes] = []
+            filled = 0
             with self._tls_lock:
                 try:
-                    while len(chunks) < 32:
-                        chunk = self._tls.read(BUFFER)
-                        if not chunk:
+                    while filled < len(view):
+                        n = int(self._tls.read(len(view) - filled, view[filled:]))
+                        if not n:
                             self._eof = True
                             break
-                        chunks.append(chunk)
+                        filled += n
                 except ssl.SSLWantReadError:
                     pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -181,10 +191,10 @@ class TLSConnection:
                 answer = self._out.pending > 0  # e.g. a key update the client asked for
             if answer:
                 self._flush()
-            if chunks:
-                return b"".join(chunks)
+            if filled:
+                return filled
             if self._eof:
-                return b""
+                return 0
             self._fill()
 
     def recv_into(self, buf: Any, nbytes: int = 0) -> int:
@@ -210,10 +220,10 @@ class TLSConnection:
         return bytes(buf[:n])
 
     def _fill(self) -> None:
-        data = self.raw.recv(BUFFER)
+        n = self.raw.recv_into(self._wire)
         with self._tls_lock:
-            if data:
-                self._in.write(data)
+            if n:
+                self._in.write(self._wire_view[:n])
             else:
                 self._in.write_eof()
 

@@ -21,6 +21,7 @@ The block engine (``go2cloud_client.replication.block``) and the snapshot driver
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
@@ -303,11 +304,19 @@ class BlockCycleRunner:
         cancel: threading.Event,
         on_progress: Callable[[Any], None],
         on_replicator: Callable[[Optional[Any]], None] = lambda r: None,
+        reverify: bool = False,
     ) -> Tuple[Dict[str, Any], Tokens]:
         """Run one cycle; returns (the cycle's result for the acknowledgement, the new change
         tokens). Raises TransferCancelled (this module's or the engine's) when ``cancel`` is set,
-        the engine's ReplicationError, or SnapshotFailedError."""
+        the engine's ReplicationError, or SnapshotFailedError.
+
+        ``reverify``: another agent session wrote to the target since this agent's base (a
+        takeover, fencing): the change tracking and the journal of an interrupted pass are
+        ignored, every chunk is read and hashed, and the target's image is verified against all
+        of them (what differs is sent again), so the image equals the disk again."""
         incremental = kind != "full" or cycle.link_dest is not None
+        if reverify:
+            options = dataclasses.replace(options, checksum=True)
         held: List[_Held] = []
         ok = False
         try:
@@ -321,7 +330,8 @@ class BlockCycleRunner:
             def changed_extents(name: str) -> Optional[List[Tuple[int, int]]]:
                 h = by_name.get(name)
                 prev = tokens.get(name) or {}
-                if not incremental or h is None or not prev.get("token") or prev.get("backend") != h.backend:
+                if (reverify or not incremental or h is None or not prev.get("token")
+                        or prev.get("backend") != h.backend):
                     return None
                 try:
                     extents = h.snapshot.changed_since(prev["token"])
@@ -345,7 +355,7 @@ class BlockCycleRunner:
             on_replicator(replicator)
             if cancel.is_set():
                 raise TransferCancelled()
-            result = replicator.run_cycle(_block_cycle(cycle.number, incremental), cancel)
+            result = replicator.run_cycle(_block_cycle(cycle.number, incremental, reverify), cancel)
             for h in held:  # still point in time (no fsfreeze watchdog, no COW overflow)?
                 try:
                     h.snapshot.check()
@@ -364,6 +374,8 @@ class BlockCycleRunner:
             doc = _as_dict(result)
             doc["cycle"] = cycle.number
             doc["snapshots"] = {h.disk.name: h.backend for h in held}
+            if reverify:
+                doc["reverified"] = True
             ok = True
             return doc, new_tokens
         finally:
@@ -376,10 +388,10 @@ class BlockCycleRunner:
                 LOG.warning("snapshot release after an interrupted cycle failed", exc_info=True)
 
 
-def _block_cycle(number: int, incremental: bool) -> Any:
+def _block_cycle(number: int, incremental: bool, reverify: bool = False) -> Any:
     from go2cloud_client.replication.block import BlockCycle
 
-    return BlockCycle(number=number, incremental=incremental)
+    return BlockCycle(number=number, incremental=incremental, reverify=reverify)
 
 
 def default_block_factory() -> Callable[..., Any]:

@@ -579,6 +579,7 @@ class TaskRunner:
                      f"{label} started: {len(disks)} disk(s) ({names}), snapshot {snapshot}, "
                      f"cycle {cycle.number}")
         started = time.monotonic()
+        used_epoch = [0]
 
         def attempt() -> Any:
             target, _, _ = self._resolve(task_id, (), options, cancel)
@@ -587,10 +588,22 @@ class TaskRunner:
                                        "a block receiver")
             with self._lock:
                 current = Options(**self._task["options"]) if self._task else options
+            # fencing: the target's image is this session's only if the last committed cycle was
+            # written under this epoch; after a takeover (another epoch) the next pass re-reads and
+            # verifies everything, so what another session wrote cannot survive into this image
+            epoch = int(getattr(target, "epoch", 0) or 0)
+            reverify = bool(epoch and task.get("last_cycle") and task.get("base_epoch") != epoch)
+            if reverify:
+                self._notify("warning", "verification_pass",
+                             f"Cycle {cycle.number} is a verification pass: the last committed cycle was "
+                             f"written under agent session epoch {task.get('base_epoch') or 'unknown'}, this "
+                             f"agent holds epoch {epoch} (another session wrote to the target); every chunk "
+                             "is read and the target's image is verified against the disk")
+            used_epoch[0] = epoch
             return self.block_cycles.run(
                 task_id=task_id, cycle=cycle, kind=kind, disks=disks, snapshot=snapshot, tokens=tokens,
                 target=target, options=current, cancel=cancel, on_progress=self._progress_cb(gen),
-                on_replicator=self._on_replicator(gen, current))
+                on_replicator=self._on_replicator(gen, current), reverify=reverify)
 
         outcome = self._with_retries(gen, cancel, cid, task_id, cycle, label, attempt,
                                      "transfer stopped (snapshots released)",
@@ -598,7 +611,10 @@ class TaskRunner:
         if outcome is _STOPPED:
             return
         result_doc, new_tokens = outcome
-        if not self._finish_succeeded(gen, cancel, cid, kind, cycle, result_doc, change_tokens=new_tokens):
+        changes: Dict[str, Any] = {"change_tokens": new_tokens}
+        if used_epoch[0]:
+            changes["base_epoch"] = used_epoch[0]
+        if not self._finish_succeeded(gen, cancel, cid, kind, cycle, result_doc, **changes):
             return
         if kind == "final":
             self.block_cycles.forget(task_id)

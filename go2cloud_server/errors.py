@@ -92,6 +92,13 @@ class SessionConflict(Conflict):
     summary = "agent API: another live agent holds this source's session (a cloned machine?)"
 
 
+class SourceInUse(Conflict):
+    """A source whose agent holds a live session cannot be replaced (its agent still runs)."""
+
+    code = "source_in_use"
+    summary = "a running agent holds the source's session: stop it or wait for its lease to expire"
+
+
 class SessionRequired(Conflict):
     code = "session_required"
     summary = "agent API: open a session first (POST /sources/{id}/session)"

@@ -41,6 +41,7 @@ from go2cloud_server.errors import (
     SessionBusy,
     SessionConflict,
     SessionRequired,
+    SourceInUse,
     SourceReplaced,
     SourceUnknown,
     StaleEpoch,
@@ -271,6 +272,8 @@ class Service:
         self.fingerprint = fingerprint
         self.spki_pin = spki_pin
         self.heartbeat_interval = heartbeat_interval
+        #: how long an import replacing a source watches its live lease for a renewal (a running agent)
+        self.replace_watch_s = 1.5 * heartbeat_interval
         self.clock = clock
         self.commands_cv = threading.Condition()
         self._closed = False
@@ -666,6 +669,9 @@ class Service:
                 proof_refusal = self.agent_auth.check_replacement(
                     previous, old_key["public_key"], public_key, body.get("previous_source_proof")
                 )
+        # ... and whether an agent still runs the previous source (outside the transaction: it
+        # watches the lease for up to 1.5 heartbeat intervals) ...
+        unrenewed = self._watch_lease(previous) if previous else None
         source_id = rand_id("s-", 16)
         replaced: Optional[Dict[str, Any]] = None
         replaced_id: Optional[str] = None
@@ -709,7 +715,7 @@ class Service:
             old: Optional[Dict[str, Any]] = None
             if previous:
                 old = Store.q_one(conn, "SELECT * FROM sources WHERE id = ?", (previous,))
-                refusal = self._replacement_refusal(old, wg, machine_id, proof_refusal)
+                refusal = self._replacement_refusal(old, wg, machine_id, proof_refusal, unrenewed)
                 if old is not None and refusal is None:
                     replaced = self._replace_source(conn, old, source_id)
                     replaced_id = old["id"]
@@ -761,12 +767,13 @@ class Service:
             "replaced_source_id": replaced_id,
         }
 
-    @staticmethod
     def _replacement_refusal(
+        self,
         old: Optional[Mapping[str, Any]],
         wg: Mapping[str, Any],
         machine_id: str,
         proof_refusal: Optional[str],
+        unrenewed: Optional[float] = None,
     ) -> Optional[str]:
         """Why an import may not replace ``old`` (None: it may). The importer must prove the old
         source's key, hold a code of the old source's own workgroup and run on the same machine;
@@ -786,7 +793,45 @@ class Service:
             return proof_refusal
         if not machine_id or old["machine_id"] != machine_id:
             return "the machine id differs"
-        return None
+        return self._live_session(old, unrenewed)
+
+    def _watch_lease(self, source_id: str) -> Optional[float]:
+        """An import replacing ``source_id``: is its agent still running? A live lease is watched
+        for up to :attr:`replace_watch_s` (1.5 heartbeat intervals): a running agent renews it
+        with a heartbeat within one interval. Returns the lease's expiry when it was live and not
+        renewed meanwhile (its agent stopped, e.g. ``--abort`` just before this import: the
+        replacement may go ahead), else None."""
+        row = self.store.one("SELECT lease FROM sources WHERE id = ?", (source_id,))
+        if row is None:
+            return None
+        first = self._lease_of(row)
+        if not first.live(self.now()):
+            return None
+        deadline = time.monotonic() + self.replace_watch_s
+        while time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            row = self.store.one("SELECT lease FROM sources WHERE id = ?", (source_id,))
+            cur = self._lease_of(row or {})
+            if cur.instance != first.instance or cur.expires != first.expires:
+                return None  # renewed or taken over: an agent runs it
+            if not cur.live(self.now()):
+                return None
+        return first.expires
+
+    def _live_session(self, old: Mapping[str, Any], unrenewed: Optional[float] = None) -> Optional[str]:
+        """Why ``old`` cannot be replaced now because an agent still runs it (None: no live
+        lease, or ``unrenewed``: a live lease seen not renewed for 1.5 heartbeat intervals, see
+        :meth:`_watch_lease`). Replacing it would cancel the task a running agent works on and
+        revoke its key under it: the agent must be stopped first, or its lease left to expire."""
+        lease = self._lease_of(old)
+        now = self.now()
+        if not lease.live(now) or (unrenewed is not None and lease.expires == unrenewed):
+            return None
+        left = max(1, int(lease.expires - now + 0.999))
+        return (f"its agent is running: it holds the session of source {old['id']} (epoch {lease.epoch}, "
+                f"renewed by its heartbeats; the lease expires at {iso(lease.expires)}, in {left}s if it "
+                "stops). Stop that agent (on its machine: go2cloud_client --abort, or stop its service), "
+                "or wait for its lease to expire, then replace the source again")
 
     def _event(self, conn: sqlite3.Connection, source_id: str, level: str, code: str, message: str) -> None:
         """An event of the control plane itself in the source's list (``source show``)."""
@@ -822,6 +867,9 @@ class Service:
                     f"source {new['id']} is not in the workgroup of {old['id']}: associate it first "
                     f"(go2cloud_server source associate {new['id']} --workgroup {old['workgroup_id']})"
                 )
+            live = self._live_session(old)
+            if live:
+                raise SourceInUse(f"source {old['id']} not replaced: {live}")
             task = self._replace_source(conn, old, new["id"])
             self._event(conn, new["id"], "info", "source_replaced", f"replaced source {old['id']} (operator)")
         self.agent_auth.revoke_source(old["id"])

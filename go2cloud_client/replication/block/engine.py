@@ -128,6 +128,11 @@ class Disk:
 class BlockCycle:
     number: int
     incremental: bool
+    #: a verification pass (after another agent session wrote to the target, fencing): the
+    #: journal of an interrupted pass is not trusted (another session may have written what it
+    #: says is done), every chunk is hashed, and the target's image is compared with all of them
+    #: (differing chunks sent again) whatever the checksum option says
+    reverify: bool = False
 
 
 @dataclass
@@ -449,10 +454,15 @@ class BlockReplicator:
                 return
         usable = valid and cycle.incremental and man is not None and man.chunk_size == chunk_size
         base = man if usable else None
+        if cycle.reverify and self.journal_path(name).exists():
+            LOG.warning("disk %s: verification pass after a change of agent session: the journal of the "
+                        "interrupted pass is discarded (another session may have written its chunks)", name)
+            self.journal_path(name).unlink()
         journal = PassJournal(self.journal_path(name), cycle=cycle.number, chunk_size=chunk_size,
                               disk_size=src.size, incremental=base is not None, base=base).open()
         try:
-            candidates = self._candidates(name, base, journal) if base is not None else None
+            candidates = (self._candidates(name, base, journal)
+                          if base is not None and not cycle.reverify else None)
             dp = _DiskPass(src.disk, src, journal, base, candidates, progress)
             with self._lock:
                 progress.state = "running"
@@ -462,7 +472,7 @@ class BlockReplicator:
             self._emit(force=True)
             self._transfer(dp, self._plan(dp), cancel)
             rounds = 0
-            if self._options.checksum:
+            if self._options.checksum or cycle.reverify:
                 while True:
                     rounds += 1
                     differ = self._verify(dp, client)

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from go2cloud_server import auth
-from go2cloud_server.errors import Conflict, InvalidInput
+from go2cloud_server.errors import Conflict, InvalidInput, SourceInUse
 from tests.unit.server.conftest import import_body, inventory, new_key, replace_proof
 
 
@@ -153,3 +153,64 @@ def test_a_made_up_previous_id_reaches_the_operator_escaped(service, world):
     [event] = _refusal_event(service, doc["source_id"])
     assert "\x1b" not in event["message"] and "\x07" not in event["message"]
     assert "no such source" in event["message"]
+
+
+# -- a source whose agent runs (a live session lease, fencing) is not replaced ------------------
+
+
+def _session(service, sid, instance="p-1"):
+    return service.open_session(sid, {"session_id": "home-1", "instance": instance,
+                                      "fingerprint": {"machine_id": "m-a"}})
+
+
+def test_operator_replace_of_a_source_with_a_running_agent_is_refused(service, world, clock):
+    sid = world["sid"]
+    _session(service, sid)
+    new = _import(service, world["code_a"], None, machine_id="m-a")["source_id"]
+    with pytest.raises(SourceInUse) as err:
+        service.replace_source(sid, {"by": new})
+    message = str(err.value)
+    assert f"source {sid} not replaced" in message and "its agent is running" in message, message
+    assert "Stop that agent" in message and "wait for its lease to expire" in message, message
+    assert err.value.http_status == 409 and err.value.code == "source_in_use"
+    _untouched(service, sid)
+    # the agent stops (no more heartbeats): once its lease expired the replacement goes ahead
+    clock.advance(service.lease_ttl + 1)
+    assert service.replace_source(sid, {"by": new})["replaced_by"] == new
+
+
+def test_import_does_not_replace_a_source_whose_agent_renews_its_lease(service, world, clock):
+    import threading
+
+    sid = world["sid"]
+    service.replace_watch_s = 1.0
+    _session(service, sid)
+    stop = threading.Event()
+
+    def heartbeats():  # the running agent: its heartbeats renew the lease while the import watches
+        while not stop.wait(0.2):
+            clock.advance(1)
+            service.fence(sid, "p-1", renew_lease=True)
+
+    t = threading.Thread(target=heartbeats, daemon=True)
+    t.start()
+    try:
+        _, pub = new_key()
+        doc = _import(service, world["code_a"], sid, replace_proof(service, world["key"], sid, pub), pub)
+    finally:
+        stop.set()
+        t.join()
+    assert doc["replaced_source_id"] is None
+    _untouched(service, sid)
+    [event] = _refusal_event(service, doc["source_id"])
+    assert "its agent is running" in event["message"] and "Stop that agent" in event["message"], event
+
+
+def test_import_right_after_the_agent_stopped_replaces_it(service, world):
+    """``--abort`` then import again at once: the lease is still live but no longer renewed."""
+    sid = world["sid"]
+    service.replace_watch_s = 0.5
+    _session(service, sid)
+    _, pub = new_key()
+    doc = _import(service, world["code_a"], sid, replace_proof(service, world["key"], sid, pub), pub)
+    assert doc["replaced_source_id"] == sid

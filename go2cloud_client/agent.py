@@ -434,6 +434,8 @@ class Agent:
     def heartbeat_once(self) -> None:
         payload = self.heartbeat_payload()
         self.write_status(payload)
+        if self.home_full is not None:  # found by this very status write: reported at once
+            payload["last_error"] = {"code": self.home_full.code, "message": str(self.home_full)}
         if not self.ensure_session():
             return
         try:
@@ -484,6 +486,10 @@ class Agent:
         }
         try:
             self.home.write_state(self.home.status_file, doc)
+        except HomeFullError as exc:
+            # the status file is rewritten every heartbeat: the first write to notice a full home,
+            # often the only one while no command arrives (the ledger is written only then)
+            self._note_home_full(exc)
         except Go2CloudError as exc:
             LOG.warning("cannot write the status file: %s", exc)
 

@@ -306,6 +306,38 @@ class _UTCFormatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
 
 
+class _LogFileHandler(logging.handlers.RotatingFileHandler):
+    """The agent's log file. A full home (ENOSPC/EDQUOT) does not print a traceback per line to
+    stderr: one line says so, the lines stay in the file's buffer (written when space returns,
+    as far as the buffer holds them) and the agent reports the full home through its heartbeat."""
+
+    _full = False
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._note_full(exc)
+            return
+        self._full = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self._note_full(exc)
+            return
+        super().handleError(record)
+
+    def _note_full(self, exc: OSError) -> None:
+        if not self._full:
+            self._full = True
+            sys.stderr.write(f"go2cloud_client: cannot write the log file {self.baseFilename} "
+                             f"({exc.strerror}): the agent home is full; log lines wait in memory "
+                             "until space returns\n")
+
+
 _LOG_PATH: Optional[Path] = None
 
 
@@ -318,7 +350,7 @@ def configure_logging(home: Home, level: str = "INFO") -> Path:
         if getattr(handler, "_go2cloud", False):
             root.removeHandler(handler)
             handler.close()
-    handler = logging.handlers.RotatingFileHandler(
+    handler = _LogFileHandler(
         str(home.log_file), maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"
     )
     handler._go2cloud = True  # type: ignore[attr-defined]

@@ -24,8 +24,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from go2cloud_server import heartbeat as heartbeat_report
 from go2cloud_server import rules, throttle
 from go2cloud_server import space as space_mod
+from go2cloud_server.autoretry import AutoRetry
 from go2cloud_server.client import Endpoint, OperatorClient, resolve
 from go2cloud_server.errors import Conflict, InvalidInput, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
@@ -356,6 +358,21 @@ def _setup_logging(level: str) -> None:
     help="Address agents use to reach this server (default: the listen host).",
 )
 @click.option(
+    "--auto-retry-after",
+    type=click.FloatRange(1, 86400),
+    default=300,
+    show_default=True,
+    help="Seconds after a cycle failed for a transient cause (network, control plane or target away) "
+    "before the server queues it again by itself; doubled for each automatic retry of the day.",
+)
+@click.option(
+    "--auto-retries-per-day",
+    type=click.IntRange(0, 100),
+    default=3,
+    show_default=True,
+    help="Automatic retries of a failed cycle per task in 24 hours (0: never; then only migration sync).",
+)
+@click.option(
     "--heartbeat-interval",
     type=click.FloatRange(0.2, 3600),
     default=10,
@@ -434,6 +451,8 @@ def serve(
     rsync_port: Optional[int],
     public_host: Optional[str],
     heartbeat_interval: float,
+    auto_retry_after: float,
+    auto_retries_per_day: int,
     request_timeout: float,
     log_level: str,
     packages_dir: Optional[Path],
@@ -522,6 +541,7 @@ def serve(
             fingerprint=fingerprint,
             spki_pin=spki_pin,
             heartbeat_interval=heartbeat_interval,
+            auto_retry=AutoRetry(after_s=auto_retry_after, per_day=auto_retries_per_day),
             clock=clock,
             agent_auth=agent_auth,
             import_throttle=ImportThrottle(
@@ -887,6 +907,17 @@ def source_show(source_id: str, **kw: Any) -> None:
                 ("replaced by", d.get("replaced_by")),
             ]
         )
+        retry = agent.get("retry") or {}
+        if retry:
+            text += "\n" + _kv([("retrying", _retry_line(retry))])
+        failing = heartbeat_report.failing_loops(agent.get("loops"))
+        if failing:
+            text += "\n\nAgent loops that failed (restarted automatically with backoff):\n" + _table(
+                ["LOOP", "STATE", "FAILURES", "LAST FAILURE", "LAST ERROR"],
+                [[name, "running" if loop["alive"] else "restarting", loop["failures"],
+                  loop.get("last_failure_at") or "-", loop.get("last_error") or "-"]
+                 for name, loop in sorted(failing.items())],
+            )
         session = d.get("session") or {}
         if session:
             text += "\n" + _kv([("session", f"epoch {session.get('epoch')} since {session.get('since')} "
@@ -905,6 +936,16 @@ def source_show(source_id: str, **kw: Any) -> None:
         return text
 
     op.out(op.call("GET", f"/sources/{seg(source_id)}"), human)
+
+
+def _retry_line(retry: Dict[str, Any]) -> str:
+    """One line for a cycle the agent is retrying (its heartbeat's ``retry``)."""
+    parts = [f"attempt {retry.get('attempt')} after {retry.get('code')}"]
+    if retry.get("next_attempt_in_s") is not None:
+        parts.append(f"next in {retry['next_attempt_in_s']:.0f}s")
+    if retry.get("failing_for_s") is not None and retry.get("budget_s") is not None:
+        parts.append(f"failing for {retry['failing_for_s']:.0f}s of a {retry['budget_s']:.0f}s budget")
+    return ", ".join(parts) + (f": {retry['message']}" if retry.get("message") else "")
 
 
 @source.command("associate")

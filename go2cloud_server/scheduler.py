@@ -75,4 +75,6 @@ class Scheduler:
                 del self._seen[tid]
         # tasks stopped by a full target resume once there is room again (docs/reliability.md)
         queued += len(self.service.resume_when_room())
+        # cycles that failed for a transient cause are queued again after a backoff, bounded
+        queued += len(self.service.retry_transient_failures())
         return queued

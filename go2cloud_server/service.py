@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Generator, Iterable, List, Mapping, Optional, Protocol, Tuple
 
+from go2cloud_server import heartbeat as heartbeat_report
 from go2cloud_server import rules
 from go2cloud_server.auth import AgentAuth, decode_public_key
+from go2cloud_server.autoretry import AUTO_RETRY_EVENT, TRANSIENT_CODES, AutoRetry
 from go2cloud_server.errors import (
     AuthFailed,
     CodeRejected,
@@ -155,6 +157,17 @@ def iso(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_iso(text: Optional[str]) -> Optional[float]:
+    """The epoch of a time written by :func:`iso` (None if absent or unreadable)."""
+    if not text:
+        return None
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
 def hash_code(code: str, salt: bytes) -> bytes:
     return hashlib.scrypt(code.encode("utf-8"), salt=salt, maxmem=64 * 1024 * 1024, **_SCRYPT)
 
@@ -247,6 +260,7 @@ class Service:
         fingerprint: str = "",
         spki_pin: str = "",
         heartbeat_interval: float = 10,
+        auto_retry: Optional[AutoRetry] = None,
         clock: Callable[[], float] = time.time,
         agent_auth: Optional[AgentAuth] = None,
         import_throttle: Optional[ImportThrottle] = None,
@@ -274,6 +288,8 @@ class Service:
         self.heartbeat_interval = heartbeat_interval
         #: how long an import replacing a source watches its live lease for a renewal (a running agent)
         self.replace_watch_s = 1.5 * heartbeat_interval
+        #: failed cycles of a transient cause queued again by the scheduler (``autoretry``)
+        self.auto_retry = auto_retry or AutoRetry()
         self.clock = clock
         self.commands_cv = threading.Condition()
         self._closed = False
@@ -1008,7 +1024,8 @@ class Service:
         task = self._latest_task(None, src["id"])
         view["inventory"] = loads(src["inventory"], {})
         view["task"] = self._task_view(task) if task else None
-        view["agent"] = {k: hb.get(k) for k in ("state", "phase", "cycle", "task_id", "last_error", "load")}
+        view["agent"] = {k: hb.get(k) for k in ("state", "phase", "cycle", "task_id", "last_error", "load",
+                                                  "loops", "retry")}
         view["progress"] = hb.get("progress")
         lease = self._lease_of(src)
         view["session"] = (
@@ -1261,6 +1278,8 @@ class Service:
             k: body.get(k)
             for k in ("agent_version", "state", "task_id", "phase", "cycle", "progress", "last_error", "load")
         }
+        keep["loops"] = heartbeat_report.loops(body.get("loops"))
+        keep["retry"] = heartbeat_report.retry(body.get("retry"))
         now = self.now()
         with self.store.transaction() as conn:
             conn.execute(
@@ -1752,6 +1771,7 @@ class Service:
                 if task["error_code"] or task["error_message"]
                 else None
             ),
+            "auto_retry": self._auto_retry_view(task),
             "created_at": task["created_at"],
             "updated_at": task["updated_at"],
             "finished_at": task["finished_at"],
@@ -2488,6 +2508,61 @@ class Service:
                      human(free))
             resumed.append(task["id"])
         return resumed
+
+    def _auto_retries_today(self, task: Mapping[str, Any]) -> int:
+        row = self.store.one(
+            "SELECT COUNT(*) AS n FROM events WHERE source_id = ? AND code = ? AND time >= ? "
+            "AND message LIKE ?",
+            (task["source_id"], AUTO_RETRY_EVENT, iso(self.clock() - 86400), f"task {task['id']}:%"),
+        )
+        return int(row["n"]) if row else 0
+
+    def _auto_retry_view(self, task: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+        """``migration show``: the automatic retries of a task whose cycle failed for a transient
+        cause (None for any other task)."""
+        if task["status"] != "failed" or task["error_code"] not in TRANSIENT_CODES:
+            return None
+        done = self._auto_retries_today(task)
+        due = self.auto_retry.due_at(parse_iso(task["updated_at"]), done)
+        return {"retries_last_24h": done, "max_per_24h": self.auto_retry.per_day,
+                "next_at": iso(due) if due is not None else None}
+
+    def retry_transient_failures(self) -> List[str]:
+        """The scheduler's check: each task whose cycle failed for a transient cause (network,
+        control plane or target away: ``autoretry.TRANSIENT_CODES``) gets a ``sync`` queued once
+        its backoff ran out, at most ``per_day`` times in 24 hours; each one is an event, and the
+        last allowed one says that the next failure needs ``migration sync``."""
+        queued: List[str] = []
+        if self.auto_retry.per_day <= 0:
+            return queued
+        marks = ",".join("?" for _ in TRANSIENT_CODES)
+        rows = self.store.all(
+            f"SELECT * FROM tasks WHERE status = 'failed' AND error_code IN ({marks})",  # noqa: S608
+            tuple(sorted(TRANSIENT_CODES)),
+        )
+        now = self.clock()
+        for task in rows:
+            done = self._auto_retries_today(task)
+            due = self.auto_retry.due_at(parse_iso(task["updated_at"]), done)
+            if due is None or now < due:
+                continue
+            try:
+                self.task_action(task["id"], "sync")
+            except ServerError as exc:
+                log.info("task %s: not retried automatically: %s", task["id"], exc)
+                continue
+            n = done + 1
+            last = " (the last one today: if it fails again, run migration sync once the cause is fixed)" \
+                if n >= self.auto_retry.per_day else ""
+            with self.store.transaction() as conn:
+                self._event(conn, task["source_id"], "warning", AUTO_RETRY_EVENT,
+                            f"task {task['id']}: its cycle failed ({task['error_code']}: "
+                            f"{(task['error_message'] or '')[:300]}); sync queued again automatically, "
+                            f"retry {n} of {self.auto_retry.per_day} in 24 h{last}")
+            log.warning("task %s: cycle failed with %s; sync queued again automatically (retry %d of %d "
+                        "in 24 h)", task["id"], task["error_code"], n, self.auto_retry.per_day)
+            queued.append(task["id"])
+        return queued
 
     def restore_targets(self) -> int:
         """After a restart: the directory of every file task's running cycle exists again. One

@@ -114,6 +114,12 @@ class RsyncConnectionError(ReplicationError):
 _TARGET_FULL_RE = re.compile(r"No space left on device|Disk quota exceeded|\(HTTP 507\)|target_full")
 
 
+#: the tunnel's line when the target answered the session request with an HTTP error before the
+#: upgrade (tunnel.open_stream); rsync then exits with whatever its version makes of a remote
+#: shell that died before the greeting (5, 12, 255...), so the line, not the exit code, decides
+_REFUSED_RE = re.compile(r"the target refused the rsync session \(HTTP (\d{3})\): ?(.*)")
+
+
 class TransferCancelled(Exception):
     """The cancel event was set; rsync was stopped. Not an error: the cycle can be rerun."""
 
@@ -569,6 +575,9 @@ class FileReplicator:
                 f"the target {self.target.where} is out of space while writing {path} (rsync exit {rc}: "
                 f"{full}); what it committed before is intact: free space on the target, the sync "
                 "resumes", detail=stderr[-4000:])
+        refused = next((m for m in map(_REFUSED_RE.search, stderr.splitlines()) if m), None)
+        if refused is not None and rc != 0:
+            raise self._refusal(int(refused.group(1)), refused.group(2).strip(), path, rc)
         if rc in RETRYABLE_CODES:
             hint = RETRYABLE_CODES[rc]
             raise RsyncConnectionError(
@@ -584,6 +593,29 @@ class FileReplicator:
                 f"fix the files (permissions, I/O errors) or exclude them, then sync again",
                 detail=stderr[-4000:])
         raise ReplicationError(f"rsync of {path} failed with exit {rc}: {tail}", detail=stderr[-4000:])
+
+    def _refusal(self, status: int, said: str, path: str, rc: int) -> ReplicationError:
+        """The error of a session the target refused before rsync started (the tunnel's HTTP
+        status): a stale epoch is fencing (not retried), anything else a connection failure that
+        is retried under the budget (a 401/404 after the task's credentials or cycle changed is
+        cured by the next attempt, which fetches the task again; a 5xx or 503 by waiting)."""
+        said = said[:300] or "no details"
+        if status == 409 and "stale_epoch" in said:
+            from go2cloud_client.replication.block.errors import SessionFencedError
+
+            return SessionFencedError(
+                f"the target refused the rsync session of {path} (HTTP 409, {said}): another agent "
+                "session holds this source now; if this machine was cloned, run go2cloud_client --abort "
+                "on the clone (then import it again as a new source); nothing of this session was written")
+        kinds = {401: "the task's rsync credentials were not accepted",
+                 403: "the session was not allowed",
+                 404: "the task or its cycle is not open on the target",
+                 409: "the task's state does not allow it now",
+                 503: "the target is busy"}
+        why = kinds.get(status, "the target had an internal error" if status >= 500 else "it was invalid")
+        return RsyncConnectionError(
+            f"the target {self.target.where} refused the rsync session of {path} with HTTP {status} "
+            f"({why}): {said}; retried automatically (rsync exit {rc})")
 
     def run_cycle(self, cycle: Cycle, cancel: threading.Event) -> CycleResult:
         """Run one sync cycle over all paths. Raises TransferCancelled if ``cancel`` is set,

@@ -354,3 +354,41 @@ def test_progress_is_throttled(tmp_path: Path) -> None:
     scripted(rep, [FakeProc(0, lines)])
     rep.run_cycle(FULL, threading.Event())
     assert len(seen) <= 4  # start, at most one or two throttled updates, done
+
+
+# --- the tunnel's refusal (HTTP status before the upgrade) decides the error, not rsync's exit --
+
+def _refused(status: int, said: str) -> str:
+    return (f"go2cloud rsync tunnel: the target refused the rsync session (HTTP {status}): {said}\n"
+            "rsync: did not see server greeting\n"
+            "rsync error: error starting client-server protocol (code 5) at main.c(1954)\n")
+
+
+@pytest.mark.parametrize("rc", [2, 5, 12, 255])
+@pytest.mark.parametrize("status,said,code,retryable,words", [
+    (409, "another agent session holds source s-1 (stale_epoch)", "stale_epoch", False, "--abort"),
+    (507, "the target is full (target_full)", "target_full", False, "free space"),
+    (401, "bad credentials (unauthorized)", "rsync_connection_failed", True, "credentials were not accepted"),
+    (404, "no open cycle 3 (not_found)", "rsync_connection_failed", True, "not open on the target"),
+    (409, "task is paused (conflict)", "rsync_connection_failed", True, "state does not allow"),
+    (500, "internal error (internal_error)", "rsync_connection_failed", True, "internal error"),
+    (503, "try again (server_busy)", "rsync_connection_failed", True, "busy"),
+])
+def test_a_refused_tunnel_maps_to_its_error_whatever_rsync_exits(tmp_path: Path, rc: int, status: int,
+                                                                  said: str, code: str, retryable: bool,
+                                                                  words: str) -> None:
+    rep = make(tmp_path)
+    scripted(rep, [FakeProc(rc, [], _refused(status, said))])
+    with pytest.raises(ReplicationError) as info:
+        rep.run_cycle(FULL, threading.Event())
+    err = info.value
+    assert (err.code, err.retryable) == (code, retryable), err
+    assert words in str(err) and PASSWORD not in str(err)
+    if code == "rsync_connection_failed":
+        assert f"HTTP {status}" in str(err) and said in str(err)
+
+
+def test_a_refusal_line_without_a_failed_exit_is_not_an_error(tmp_path: Path) -> None:
+    rep = make(tmp_path)
+    scripted(rep, [FakeProc(0, STATS, _refused(503, "busy"))])
+    assert rep.run_cycle(FULL, threading.Event()).passes == 1

@@ -743,3 +743,65 @@ def test_acknowledgement_applied_after_a_crash_by_the_retry_or_the_next_start(
         assert restarted.apply_unfinished() == 0
     finally:
         restarted.close()
+
+
+def test_a_cycle_failed_for_a_transient_cause_is_queued_again_with_backoff_bounded_per_day(service, clock):
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({"drill": False}, source=sid)
+    cmd = _cmds(service, sid)[0]
+    after, per_day = service.auto_retry.after_s, service.auto_retry.per_day
+    assert (after, per_day) == (300, 3)
+    for n in range(1, per_day + 1):
+        _ack(service, sid, cmd, "failed", error_code="rsync_connection_failed",
+             message="gave up after 1800s of retries")
+        t = service.source_migration(sid)["tasks"][0]
+        assert t["status"] == "failed" and t["auto_retry"]["retries_last_24h"] == n - 1
+        # not before its backoff (doubled per retry of the day)
+        clock.advance(after * 2 ** (n - 1) - 1)
+        assert service.retry_transient_failures() == []
+        clock.advance(1)
+        assert service.retry_transient_failures() == [t["task_id"]]
+        cmd = _cmds(service, sid)[0]
+        assert cmd["type"] == "sync" and cmd["params"]["cycle"]["number"] == 1
+        events = service.show_source(sid)["events"]
+        assert events[0]["code"] == "sync_retried_automatically" and f"retry {n} of 3" in events[0]["message"]
+        assert service.source_migration(sid)["tasks"][0]["status"] != "failed"
+    assert "the last one today" in service.show_source(sid)["events"][0]["message"]
+    # the day's retries are spent: the next failure waits for the operator
+    _ack(service, sid, cmd, "failed", error_code="rsync_connection_failed", message="again")
+    clock.advance(3600)
+    assert service.retry_transient_failures() == []
+    t = service.source_migration(sid)["tasks"][0]
+    assert t["status"] == "failed" and t["auto_retry"] == {"retries_last_24h": 3, "max_per_24h": 3,
+                                                           "next_at": None}
+    clock.advance(2 * 86400)  # the retries left the 24-hour window: retried again
+    assert service.retry_transient_failures() == [t["task_id"]]
+    # a permanent cause is never retried automatically
+    cmd = _cmds(service, sid)[0]
+    _ack(service, sid, cmd, "failed", error_code="rsync_partial_transfer", message="unreadable files")
+    clock.advance(2 * 86400)
+    assert service.retry_transient_failures() == []
+    assert service.source_migration(sid)["tasks"][0]["auto_retry"] is None
+
+
+def test_heartbeat_keeps_the_agents_loops_and_retry_validated_and_bounded(service):
+    _wg(service)
+    sid = _imported(service)
+    loops = {"commands": {"alive": False, "failures": 2, "last_error": "HomeFullError: " + "x" * 900,
+                          "last_failure_at": "2027-01-01T00:00:00Z"},
+             "heartbeat": {"alive": True, "failures": 0, "last_error": None, "last_failure_at": None},
+             "bad name!": {"alive": True, "failures": 0}, "acks": {"alive": "yes", "failures": 0},
+             **{f"l{i}": {"alive": True, "failures": 0} for i in range(40)}}
+    retry = {"code": "rsync_connection_failed", "message": "m" * 5000, "attempt": 4,
+             "next_attempt_in_s": 16.04, "failing_for_s": 61.0, "budget_s": 1800, "extra": "dropped"}
+    service.heartbeat(sid, {"state": "running", "loops": loops, "retry": retry})
+    agent = service.show_source(sid)["agent"]
+    assert agent["loops"]["commands"]["failures"] == 2 and agent["loops"]["commands"]["alive"] is False
+    assert len(agent["loops"]["commands"]["last_error"]) == 500
+    assert "bad name!" not in agent["loops"] and "acks" not in agent["loops"] and len(agent["loops"]) == 16
+    assert agent["retry"] == {"code": "rsync_connection_failed", "message": "m" * 1000, "attempt": 4,
+                              "next_attempt_in_s": 16.0, "failing_for_s": 61.0, "budget_s": 1800.0}
+    service.heartbeat(sid, {"state": "running", "loops": "junk", "retry": {"code": "Bad Code", "attempt": 1}})
+    agent = service.show_source(sid)["agent"]
+    assert agent["loops"] is None and agent["retry"] is None

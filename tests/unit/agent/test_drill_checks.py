@@ -363,7 +363,8 @@ def test_auto_without_a_point_in_time_backend_is_critical_naming_the_alternative
         assert sev(items) == [CRITICAL], items
         assert "no point-in-time snapshot backend" in items[0].finding and "no LVM" in items[0].finding
         fix = items[0].fix
-        assert "--snapshot fsfreeze (consistent, but every writer of the filesystem stalls during each pass)" in fix
+        assert "--snapshot fsfreeze (consistent, but every writer of the filesystem stalls during each " \
+               "pass)" in fix
         assert "--snapshot live (crash-inconsistent during the passes; consistent only for a final sync " \
                "with the services stopped)" in fix
         assert items[0].data["alternatives"].keys() == {"fsfreeze", "live"}

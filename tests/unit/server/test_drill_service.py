@@ -213,7 +213,8 @@ def test_block_mode_is_never_refused_for_the_whole_source(service):
     """The import no longer disables block mode: the backend is decided per disk when the task
     starts and drilled. Even an older agent's ``available: false`` does not refuse the start."""
     caps = {"block": {"available": True, "reason": None, "backends": ["fsfreeze", "live"],
-                      "driver": {"name": "elastio-snap", "installed": False, "reason": "installing it failed"},
+                      "driver": {"name": "elastio-snap", "installed": False,
+                                 "reason": "installing it failed"},
                       "volumes": {"/dev/vda1": {"usable": ["fsfreeze", "live"], "point_in_time": []}},
                       "point_in_time": False}}
     sid = _source(service, capabilities=caps)
@@ -236,7 +237,8 @@ def test_explicit_non_point_in_time_choice_is_recorded_in_history_and_drill_repo
     task = _task(service, sid)
     choice = task["history"][0]["snapshot_choice"]
     assert choice["backend"] == "fsfreeze" and choice["by"] == "ops@console"
-    assert choice["at"] == task["history"][0]["at"] and "writer" in choice["cost"] and "stall" in choice["cost"]
+    assert choice["at"] == task["history"][0]["at"]
+    assert "writer" in choice["cost"] and "stall" in choice["cost"]
     assert task["snapshot_choice"] == choice
     (drill,) = _cmds(service, sid)
     _ack(service, sid, drill, result=_report("info"))

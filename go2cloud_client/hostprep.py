@@ -110,7 +110,8 @@ def block_capability(driver: Dict[str, Any], volumes: Mapping[str, List[str]]) -
 
 def block_summary(block: Mapping[str, Any]) -> str:
     """One line for ``status``: the driver and the point-in-time backends found at import."""
-    driver = block.get("driver") if isinstance(block.get("driver"), Mapping) else {}
+    found = block.get("driver")
+    driver: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
     pit = sorted({str(n) for v in (block.get("volumes") or {}).values() if isinstance(v, Mapping)
                   for n in v.get("point_in_time") or []})
     if driver.get("installed") is False:

@@ -1,8 +1,10 @@
 """One block-level sync cycle on the source: snapshots around the block engine.
 
 For every disk of the task, before the cycle: pick the snapshot backend (``auto`` = the first of
-:data:`~go2cloud_client.commands.AUTO_SNAPSHOT_ORDER` whose ``probe()`` says usable, else
-``live``; a *final* cycle with ``live`` on a mounted filesystem uses ``fsfreeze`` instead: freeze,
+the point-in-time backends :data:`~go2cloud_client.commands.AUTO_SNAPSHOT_ORDER` whose ``probe()``
+says usable; with none, the cycle fails with :class:`SnapshotFailedError` naming the explicit
+alternatives: ``auto`` never falls back to ``fsfreeze`` or ``live`` by itself; an explicit
+``live`` in a *final* cycle on a mounted filesystem uses ``fsfreeze`` instead: freeze,
 read, thaw; for an image file the frozen volume is the loop device it is mounted from), record
 the backend's work directory (``state/snapshots/<task>/<disk>.<backend>``, kept between cycles:
 backends keep their ledger and change-tracking bases there) in ``state/snapshots.json`` *before*
@@ -30,7 +32,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from go2cloud_client import platform
-from go2cloud_client.commands import AUTO_SNAPSHOT_ORDER, BlockTargetSpec, CycleSpec, DiskSpec, Options
+from go2cloud_client.commands import (
+    AUTO_SNAPSHOT_ORDER,
+    BlockTargetSpec,
+    CycleSpec,
+    DiskSpec,
+    Options,
+    alternatives_text,
+)
 from go2cloud_client.errors import ConfigError, ReplicationError, SnapshotFailedError
 from go2cloud_client.home import Home
 from go2cloud_client.replication.rsync import TransferCancelled
@@ -234,8 +243,9 @@ class BlockCycleRunner:
         """(backend name, volume to snapshot) for ``disk`` in a cycle of ``kind``."""
         name = requested
         if requested == "auto":
-            name = "live"
+            name = ""
             names = set(self.registry.names())
+            why: List[str] = []
             for candidate in AUTO_SNAPSHOT_ORDER:
                 if candidate not in names:
                     continue
@@ -243,12 +253,21 @@ class BlockCycleRunner:
                     probe = self.registry.get(candidate).probe(disk.path)
                 except Exception as exc:  # noqa: BLE001 - a broken probe means "not usable"
                     LOG.info("snapshot backend %s: probe of %s failed: %s", candidate, disk.path, exc)
+                    why.append(f"{candidate}: probe failed: {exc}")
                     continue
                 if getattr(probe, "usable", False):
                     name = candidate
                     break
+                why.append(str(getattr(probe, "reason", "")) or f"{candidate}: not usable")
                 LOG.debug("snapshot backend %s not usable for %s: %s", candidate, disk.path,
                           getattr(probe, "reason", ""))
+            if not name:
+                raise SnapshotFailedError(
+                    f"--snapshot auto: no point-in-time snapshot backend is usable for {disk.path} "
+                    f"({'; '.join(why) or 'none known'}). Nothing was read. Choose explicitly: "
+                    f"{alternatives_text()}; or make one of {', '.join(AUTO_SNAPSHOT_ORDER)} usable "
+                    "and sync again")
+            LOG.info("snapshot backend for %s: %s (auto, point in time)", disk.path, name)
         if name == "live" and kind == "final":
             mounted = self._mounted(disk.path)
             if mounted:

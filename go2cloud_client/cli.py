@@ -42,7 +42,7 @@ from go2cloud_client.errors import (
 from go2cloud_client.events import utc_now
 from go2cloud_client.home import Home, HomeLock, configure_logging, log_path, resolve_home
 from go2cloud_client.hostchanges import HostChanges, describe, revert_all
-from go2cloud_client.hostprep import HostPrep, ensure_rsync
+from go2cloud_client.hostprep import HostPrep, block_summary, ensure_rsync
 from go2cloud_client.identity import Identity
 from go2cloud_client.inventory import collect
 
@@ -357,8 +357,10 @@ def print_status(doc: Dict[str, Any]) -> None:
                                                                    else ", control plane unreachable")
                                  if doc["running"] else "not running"))
     block = doc.get("block")
-    if block and block.get("available") is False:
+    if block and block.get("available") is False:  # recorded by an older agent
         click.echo(f"Block mode: disabled ({block.get('reason')})")
+    elif block:
+        click.echo(f"Block mode: {block_summary(block)}")
     click.echo(f"State:      {doc.get('state') or '-'}")
     if doc.get("task_id"):
         click.echo(f"Task:       {doc['task_id']}  phase {doc.get('phase') or '-'}  "

@@ -33,8 +33,22 @@ MAX_BANDWIDTH_MBPS = 100000
 MAX_PATHS = 64
 MAX_DISKS = 16
 MODES = ("file", "block")
-#: ``snapshot: auto`` picks the first usable of these (by probe()), else ``live``
+#: ``snapshot: auto`` picks the first usable of these point-in-time backends (by probe()); with
+#: none usable it fails (drill: critical item) and never falls back to ``fsfreeze`` or ``live``
 AUTO_SNAPSHOT_ORDER = ("reflink", "btrfs", "elastio-snap", "dattobd", "lvm")
+#: The backends that are not point-in-time for the whole pass, or stall writers, and what they
+#: cost: an operator chooses one of them explicitly (``--snapshot fsfreeze|live``)
+NON_PIT_ALTERNATIVES = {
+    "fsfreeze": "consistent, but every writer of the filesystem stalls during each pass",
+    "live": "crash-inconsistent during the passes; consistent only for a final sync with the "
+            "services stopped",
+}
+
+
+def alternatives_text() -> str:
+    """The explicit choices left when no point-in-time backend is usable, with their cost."""
+    return "; ".join(f"--snapshot {name} ({cost})" for name, cost in NON_PIT_ALTERNATIVES.items())
+
 #: Backends that give a crash-consistent copy of a running server's disks without stalling its
 #: writers for the whole copy (``live`` is not point-in-time; ``fsfreeze`` stalls writers, and
 #: ``auto`` uses it only for the final sync of a mounted filesystem)

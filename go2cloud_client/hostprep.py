@@ -5,10 +5,13 @@
    on LVM, ...). If not, the agent offers to install the kernel copy-on-write driver with the
    distribution's package manager (package names are data on the distro classes). If the
    operator says no, the import runs with ``--no-prompt``, or the installation fails (often: the
-   vendor's package repository is not configured), the import still goes on, but block-level
-   replication is disabled for this source: the inventory carries
-   ``capabilities.block = {"available": false, "reason": ..., "backends": [...]}`` and the
-   console says why.
+   vendor's package repository is not configured), the import goes on and block mode stays
+   available: the backend is decided per disk when a block task starts, and drilled
+   (``--snapshot auto`` takes only a point-in-time backend; ``fsfreeze``/``live`` are the
+   operator's explicit choice). The inventory records what was found:
+   ``capabilities.block = {"available": true, "driver": {"name", "installed", "reason"},
+   "volumes": {device: {"usable": [...], "point_in_time": [...]}}, "backends": [...],
+   "point_in_time": bool}``, and the console says why the driver is not installed.
 2. **rsync** (required for file-level replication). Missing and not installed is
    :class:`~go2cloud_client.errors.RsyncMissingError`.
 3. **SELinux** (optional). When enforcing, the agent offers to set it to permissive, at run time
@@ -26,12 +29,13 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import click
+import psutil
 
 from go2cloud_client import platform, subp
-from go2cloud_client.commands import CONSISTENT_SNAPSHOT_BACKENDS
+from go2cloud_client.commands import AUTO_SNAPSHOT_ORDER, CONSISTENT_SNAPSHOT_BACKENDS
 from go2cloud_client.config import Config
 from go2cloud_client.console import Console
 from go2cloud_client.errors import PackageInstallError, RsyncMissingError
@@ -91,8 +95,50 @@ def probe_backends(volume: Optional[str]) -> Tuple[List[str], Dict[str, str]]:
     return ([n for n, r in results.items() if r.usable], {n: str(r.reason) for n, r in results.items()})
 
 
-def block_capability(available: bool, reason: Optional[str], backends: List[str]) -> Dict[str, Any]:
-    return {"block": {"available": available, "reason": reason, "backends": list(backends)}}
+def block_capability(driver: Dict[str, Any], volumes: Mapping[str, List[str]]) -> Dict[str, Any]:
+    """The ``capabilities.block`` record of the import: block mode is always available (the
+    backend is decided per disk when a block task starts, and drilled); what the import found is
+    recorded: the snapshot driver (installed, or why not) and the usable backends per volume."""
+    per_volume = {vol: {"usable": sorted(names),
+                        "point_in_time": sorted(n for n in names if n in AUTO_SNAPSHOT_ORDER)}
+                  for vol, names in volumes.items()}
+    backends = sorted({n for names in volumes.values() for n in names})
+    return {"block": {"available": True, "reason": None, "driver": dict(driver), "backends": backends,
+                      "volumes": per_volume,
+                      "point_in_time": any(v["point_in_time"] for v in per_volume.values())}}
+
+
+def block_summary(block: Mapping[str, Any]) -> str:
+    """One line for ``status``: the driver and the point-in-time backends found at import."""
+    found = block.get("driver")
+    driver: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    pit = sorted({str(n) for v in (block.get("volumes") or {}).values() if isinstance(v, Mapping)
+                  for n in v.get("point_in_time") or []})
+    if driver.get("installed") is False:
+        said = f"snapshot driver not installed: {driver.get('reason') or '?'}"
+    elif driver.get("installed"):
+        said = f"snapshot driver {driver.get('name') or ''} installed".replace("  ", " ")
+    else:
+        said = str(driver.get("reason") or "snapshot driver not checked")
+    what = (f"point-in-time backends: {', '.join(pit)}" if pit
+            else "no point-in-time backend on the volumes probed at import; the drill checks each "
+                 "disk, and without one --snapshot fsfreeze or live must be chosen explicitly")
+    return f"available ({what}; {said})"
+
+
+def probed_volumes(root: Optional[str]) -> List[str]:
+    """The volumes whose backends the import records: the root device and the block devices of
+    the other mounted filesystems (at most 16). Disks that are not mounted are probed at the drill."""
+    found: List[str] = [root] if root else []
+    try:
+        parts = psutil.disk_partitions(all=False)
+    except OSError:
+        parts = []
+    for part in parts:
+        dev = part.device
+        if dev.startswith("/dev/") and dev not in found and len(found) < 16:
+            found.append(dev)
+    return found
 
 
 class HostPrep:
@@ -120,52 +166,55 @@ class HostPrep:
     # -- 1. snapshot driver -------------------------------------------------------------------
 
     def snapshot_driver(self) -> Dict[str, Any]:
+        """Offer the kernel snapshot driver when no point-in-time backend is usable for the root
+        volume; whatever happens, block mode stays available and what was found is recorded."""
+        volume = platform.root_block_device()
         if self.config.snapshot_driver == "skip":
             LOG.info("snapshot driver step skipped (snapshot_driver: skip)")
-            return block_capability(True, "not checked (snapshot_driver: skip)", [])
-        volume = platform.root_block_device()
+            return self._found({"installed": None, "reason": "not checked (snapshot_driver: skip)"}, volume)
         usable, reasons = self.probe(volume)
         good = [b for b in usable if b in CONSISTENT_SNAPSHOT_BACKENDS]
+        distro = platform.distro()
+        name = distro.snapshot_driver if distro else None
         if good:
             LOG.info("crash-consistent snapshot backends usable for %s: %s", volume or "this host", good)
-            return block_capability(True, None, usable)
-        distro = platform.distro()
+            return self._found({"name": name, "installed": name in usable if name else None,
+                                "reason": f"not needed: {', '.join(good)} usable"}, volume)
         packages = distro.driver_packages(platform.kernel()) if distro else []
         if distro is None or not packages:
             which = distro.name if distro else "this distribution"
-            return self._block_disabled(
-                f"no crash-consistent snapshot backend is usable and go2cloud_client knows no snapshot "
-                f"driver package for {which} ({reasons.get('elastio-snap', 'elastio-snap: not usable')})",
-                usable)
+            return self._not_installed(
+                name, f"go2cloud_client knows no snapshot driver package for {which} "
+                      f"({reasons.get('elastio-snap', 'elastio-snap: not usable')})", volume)
         # only what is missing is installed, and only that is removed again by uninstall --revert
         packages = [p for p in packages if not self._installed(distro, p)]
         if not packages:
-            return self._block_disabled(
-                f"the snapshot driver packages are installed but the driver is not usable: "
-                f"{reasons.get(distro.snapshot_driver, '?')}", usable)
+            return self._not_installed(
+                name, f"the snapshot driver packages are installed but the driver is not usable: "
+                      f"{reasons.get(distro.snapshot_driver, '?')}", volume)
         cmd = distro.install_command(packages)
         shown = " ".join(cmd)
         answer = self.asker.ask(
             f"The snapshot driver ({distro.snapshot_driver} kernel module) is not installed. Block-level "
-            f"replication needs it to copy the disks crash-consistently while this server runs. "
-            f"Install it now with '{shown}'? (No: block replication is disabled for this source)",
+            f"replication uses it to copy the disks point in time while this server runs. "
+            f"Install it now with '{shown}'? (No: block tasks use another backend: LVM, btrfs, XFS "
+            f"reflink, or the operator's explicit fsfreeze/live)",
             default=True)
         if answer is None:
             self.console.line(f"Warning: snapshot driver not installed (--no-prompt); re-run the import "
                               f"with --yes to install it ({shown})")
-            return self._block_disabled(
-                "the snapshot driver is not installed (the import ran with --no-prompt; --yes installs it)",
-                usable)
+            return self._not_installed(
+                name, "the import ran with --no-prompt (--yes installs it)", volume)
         if not answer:
-            return self._block_disabled("the operator chose not to install the snapshot driver", usable)
+            return self._not_installed(name, "the operator chose not to install it", volume)
         self.console.line(f"Installing the snapshot driver: {shown}")
         try:
             subp.run(cmd, timeout=1800, env=subp.child_env(distro.env))
         except subp.ProcessError as exc:
             LOG.warning("installing the snapshot driver failed: %s", exc)
-            return self._block_disabled(
-                f"installing the snapshot driver failed ({exc}); the {distro.snapshot_driver} package "
-                f"repository may not be configured on this host: {DRIVER_HELP}", usable)
+            return self._not_installed(
+                name, f"installing it failed ({exc}); the {distro.snapshot_driver} package "
+                      f"repository may not be configured on this host: {DRIVER_HELP}", volume)
         self.changes.record("snapshot_driver_installed", packages=packages, manager=distro.package_manager,
                             undo=distro.remove_command(packages), env=dict(distro.env),
                             unload=distro.unload_driver_command())
@@ -177,11 +226,33 @@ class HostPrep:
                 LOG.warning("loading the snapshot driver failed: %s", exc)
             usable, reasons = self.probe(volume)
         if distro.snapshot_driver not in usable:
-            return self._block_disabled(
-                f"the snapshot driver packages were installed but the driver is not usable: "
-                f"{reasons.get(distro.snapshot_driver, '?')}", usable)
+            return self._not_installed(
+                name, f"the snapshot driver packages were installed but the driver is not usable: "
+                      f"{reasons.get(distro.snapshot_driver, '?')}", volume)
         self.console.line(f"Installed the snapshot driver ({distro.snapshot_driver})")
-        return block_capability(True, None, usable)
+        return self._found({"name": name, "installed": True, "reason": None}, volume)
+
+    def _found(self, driver: Dict[str, Any], root: Optional[str]) -> Dict[str, Any]:
+        """The block capability with the usable backends of every probed volume."""
+        volumes: Dict[str, List[str]] = {}
+        for vol in probed_volumes(root) if self.config.snapshot_driver != "skip" else []:
+            try:
+                volumes[vol] = list(self.probe(vol)[0])
+            except Exception as exc:  # noqa: BLE001 - a volume that cannot be probed is left out
+                LOG.info("probing the snapshot backends of %s failed: %s", vol, exc)
+        return block_capability(driver, volumes)
+
+    def _not_installed(self, name: Optional[str], reason: str, root: Optional[str]) -> Dict[str, Any]:
+        caps = self._found({"name": name, "installed": False, "reason": reason}, root)
+        block = caps["block"]
+        LOG.warning("snapshot driver not installed: %s", reason)
+        pit = sorted({n for v in block["volumes"].values() for n in v["point_in_time"]})
+        self.console.line(
+            f"Snapshot driver not installed: {reason}. Block replication stays available: each block task "
+            f"picks its snapshot backend per disk when it starts, and its drill says what that costs "
+            f"(point-in-time backends usable now: {', '.join(pit) or 'none'}; without one, choose "
+            f"--snapshot fsfreeze or live explicitly)")
+        return caps
 
     @staticmethod
     def _installed(distro: platform.Distro, package: str) -> bool:
@@ -191,11 +262,6 @@ class HostPrep:
             return False
         return result.returncode == 0 and (not distro.installed_marker
                                            or distro.installed_marker in result.stdout)
-
-    def _block_disabled(self, reason: str, usable: List[str]) -> Dict[str, Any]:
-        LOG.warning("block replication disabled for this source: %s", reason)
-        self.console.line(f"Block replication is disabled for this source: {reason}")
-        return block_capability(False, reason, usable)
 
     # -- 2. rsync -----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from go2cloud_server import rules, throttle
 from go2cloud_server import space as space_mod
 from go2cloud_server.autoretry import AutoRetry
 from go2cloud_server.client import Endpoint, OperatorClient, resolve
-from go2cloud_server.errors import Conflict, InvalidInput, ServerError
+from go2cloud_server.errors import Conflict, InvalidInput, NothingStarted, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
 
 log = logging.getLogger(__name__)
@@ -175,10 +175,19 @@ def _block_mode(inventory: Dict[str, Any]) -> str:
     block = ((inventory.get("capabilities") or {}).get("block")) if isinstance(inventory, dict) else None
     if not isinstance(block, dict):
         return "not reported (allowed)"
-    if block.get("available") is False:
+    if block.get("available") is False:  # an older agent's import
         return f"disabled: {block.get('reason') or 'no reason given'}"
     backends = ", ".join(str(b) for b in block.get("backends") or []) or "-"
-    return f"available (snapshot backends: {backends})"
+    said = f"available (snapshot backends: {backends})"
+    volumes = block.get("volumes")
+    if isinstance(volumes, dict) and volumes:
+        pit = sorted({str(n) for v in volumes.values() if isinstance(v, dict)
+                      for n in v.get("point_in_time") or []})
+        said += f"; point in time: {', '.join(pit) or 'none (the drill checks each disk)'}"
+    driver = block.get("driver")
+    if isinstance(driver, dict) and driver.get("installed") is False:
+        said += f"; snapshot driver not installed: {driver.get('reason') or '?'}"
+    return said
 
 
 def _bytes(n: Any) -> str:
@@ -1133,6 +1142,8 @@ def migration_start(
                 "--disk: required with --mode block (a block device or image file, e.g. /dev/vdb)"
             )
         body.update(mode="block", disks=rules.disks(list(disks)), snapshot=rules.snapshot(snapshot))
+        if body["snapshot"] in rules.NON_PIT_SNAPSHOTS:  # the operator's informed choice: who
+            body["by"] = _operator_name()
     else:
         if disks:
             raise InvalidInput("--disk: only for --mode block (file mode migrates paths: use --path)")
@@ -1142,7 +1153,12 @@ def migration_start(
             body["paths"] = rules.paths(list(paths))
     scope = _scope(wg, src)
     op = _op(kw)
-    op.out(op.call("POST", f"{scope}/migration", body), _start_human)
+    out = op.call("POST", f"{scope}/migration", body)
+    op.out(out, _start_human)
+    if not out.get("started") and (out.get("skipped") or out.get("not_migratable")):
+        n = len(out.get("skipped") or []) + len(out.get("not_migratable") or [])
+        raise NothingStarted(f"no migration started: none of the {n} source(s) of the request could start "
+                             "(see the reasons above; fix them and run migration start again)")
 
 
 def _action_human(action: str) -> Callable[[Dict[str, Any]], str]:
@@ -1348,6 +1364,10 @@ def _show_human(d: Dict[str, Any]) -> str:
             ],
         )
     for t in tasks:
+        choice = t.get("snapshot_choice")
+        if isinstance(choice, dict):
+            text += (f"\n\nSnapshot of {t['task_id']}: {choice.get('backend')}, chosen explicitly by "
+                     f"{choice.get('by')} at {choice.get('at')} ({choice.get('cost')})")
         if t.get("mode") == "block" and t.get("disks"):
             text += "\n\n" + _disk_progress(t)
     return text

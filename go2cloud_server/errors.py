@@ -111,6 +111,15 @@ class StaleEpoch(Conflict):
     summary = "data path: the write's session epoch is not the source's current one; nothing written"
 
 
+class NothingStarted(Conflict):
+    """``migration start``: no source of the request could start (each one's reason is listed)."""
+
+    exit_code = 6
+    code = "nothing_started"
+    summary = ("migration start: no source of the request could start (skipped or cannot be migrated; "
+               "the output lists each source's reason)")
+
+
 class AuthFailed(ServerError):
     exit_code = 5
     http_status = 401
@@ -167,6 +176,7 @@ BY_CODE: Dict[str, Type[ServerError]] = {
     "session_conflict": SessionConflict,
     "session_required": SessionRequired,
     "stale_epoch": StaleEpoch,
+    "nothing_started": NothingStarted,
     "unauthorized": AuthFailed,
     "token_expired": TokenExpired,
     "code_unknown": CodeRejected,
@@ -182,7 +192,7 @@ BY_CODE: Dict[str, Type[ServerError]] = {
 def exit_code_table() -> str:
     """Markdown table of the operator CLI's exit codes (docs/operator-guide.md)."""
     seen: Dict[int, List[str]] = {}
-    for cls in [ServerError, InvalidInput, NotFound, Conflict, AuthFailed, ServerUnreachable]:
+    for cls in [ServerError, InvalidInput, NotFound, Conflict, NothingStarted, AuthFailed, ServerUnreachable]:
         seen.setdefault(cls.exit_code, []).append(cls.summary)
     lines = ["| exit | meaning |", "| ---: | --- |", "| 0 | success |"]
     for code in sorted(seen):

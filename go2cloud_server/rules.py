@@ -38,6 +38,14 @@ MODES = ("file", "block")
 #: snapshot backends an operator may choose for mode block (the agent refuses one it lacks)
 SNAPSHOT_BACKENDS = ("live", "fsfreeze", "reflink", "btrfs", "lvm", "elastio-snap", "dattobd", "auto")
 SNAPSHOT_DEFAULT = "auto"
+#: Backends that are not point in time for the whole pass (or stall writers): an operator's explicit
+#: choice, recorded with who and when in the task history and the drill report; ``auto`` never
+#: falls back to them
+NON_PIT_SNAPSHOTS = {
+    "fsfreeze": "consistent, but every writer of the filesystem stalls during each pass",
+    "live": "crash-inconsistent during the passes; consistent only for a final sync with the "
+            "services stopped",
+}
 DISK_NAME_MAX = 64
 PATH_MAX = 4096
 WAIT_S = (0, 60)

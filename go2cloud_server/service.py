@@ -39,6 +39,7 @@ from go2cloud_server.errors import (
     ImportRejected,
     InvalidInput,
     NotFound,
+    NothingStarted,
     ServerError,
     SessionBusy,
     SessionConflict,
@@ -1780,6 +1781,7 @@ class Service:
             "drill_id": task["drill_command"],
             "drill_override": loads(task["drill_override"], None),
             "history": loads(task["history"], []),
+            "snapshot_choice": task_snapshot_choice(task),
         }
 
     def _start_params(self, body: Mapping[str, Any]) -> Dict[str, Any]:
@@ -1813,6 +1815,7 @@ class Service:
                 body.get("keep_images"), "keep_images", rules.KEEP_IMAGES, rules.KEEP_IMAGES_DEFAULT
             ),
             "drill": True if body.get("drill") is None else rules.boolean(body.get("drill"), "drill"),
+            "by": rules.text(body.get("by"), "by", 128) or None,
         }
 
     def start_migration(
@@ -1835,7 +1838,7 @@ class Service:
             out[kind].append(entry)
         if source is not None and not out["started"]:
             entry = (out["skipped"] + out["not_migratable"])[0]
-            raise Conflict(f"cannot start a migration of {entry['source_id']}: {entry['reason']}")
+            raise NothingStarted(f"cannot start a migration of {entry['source_id']}: {entry['reason']}")
         if out["started"]:
             self._notify()
         return out
@@ -1868,10 +1871,9 @@ class Service:
                     "reason": f"already has migration task {active['id']} ({active['status']})",
                 }
             wg = Store.q_one(conn, "SELECT name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
+            # block mode is never refused for the whole source: the backend is decided per disk
+            # when the task starts, and the drill checks it (see the snapshot check)
             block = params["mode"] == "block"
-            no_block = block_unavailable(loads(src["inventory"], {})) if block else None
-            if no_block is not None:
-                return "not_migratable", {"source_id": source_id, "reason": no_block}
             paths = [] if block else (params["paths"] or default_paths(loads(src["inventory"], {})))
             disks = rules.disk_names(params["disks"]) if block else []
             name = (
@@ -1905,7 +1907,7 @@ class Service:
                     "" if block else password,
                     now,
                     now,
-                    dumps([{"status": status, "at": now}]),
+                    dumps([{"status": status, "at": now, **snapshot_choice(params, now)}]),
                 ),
             )
             task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
@@ -1989,12 +1991,14 @@ class Service:
         if status == "failed" and error_code == "interrupted" and self._requeue_drill(cmd, report):
             return
         with self.store.transaction() as conn:
+            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (cmd["task_id"],))
+            if task is not None:
+                report = with_snapshot_choice(report, task_snapshot_choice(task))
             conn.execute(
                 "UPDATE drills SET status = ?, report = ?, finished_at = ? "
                 "WHERE id = ? AND status = 'running'",
                 ("passed" if passed else "abnormal", dumps(report), self.now_iso(), cmd["id"]),
             )
-            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (cmd["task_id"],))
             if task is None or task["status"] != "drilling" or task["drill_command"] != cmd["id"]:
                 return
             if passed:
@@ -2606,15 +2610,46 @@ class Service:
         )
 
 
-def block_unavailable(inventory: Mapping[str, Any]) -> Optional[str]:
-    """Why block mode cannot migrate this source (``capabilities.block.available`` false in its
-    inventory), or None. A source without the key (an older agent) counts as available."""
-    caps = inventory.get("capabilities") if isinstance(inventory, Mapping) else None
-    block = caps.get("block") if isinstance(caps, Mapping) else None
-    if not isinstance(block, Mapping) or block.get("available") is not False:
-        return None
-    reason = block.get("reason") if isinstance(block.get("reason"), str) else ""
-    return f"block mode is not available on this source: {reason or 'no snapshot driver can run there'}"[:500]
+def snapshot_choice(params: Mapping[str, Any], now: str) -> Dict[str, Any]:
+    """``{"snapshot_choice": {...}}`` for the first history entry of a block task started with an
+    explicit backend that is not point in time (fsfreeze, live): the operator's informed choice,
+    who and when; ``{}`` otherwise."""
+    backend = params.get("snapshot")
+    if params.get("mode") != "block" or backend not in rules.NON_PIT_SNAPSHOTS:
+        return {}
+    return {"snapshot_choice": {"backend": backend, "by": params.get("by") or "operator (API)", "at": now,
+                                "cost": rules.NON_PIT_SNAPSHOTS[backend]}}
+
+
+def task_snapshot_choice(task: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The explicit non-point-in-time snapshot choice recorded in a task's history, or None."""
+    for entry in loads(task["history"], []) if task.get("history") else []:
+        if isinstance(entry, Mapping) and isinstance(entry.get("snapshot_choice"), Mapping):
+            return dict(entry["snapshot_choice"])
+    return None
+
+
+def with_snapshot_choice(report: Dict[str, Any], choice: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The drill report with the operator's explicit snapshot choice (who, when, cost) as a field
+    and an info item."""
+    if not choice:
+        return report
+    report = dict(report)
+    report["snapshot_choice"] = dict(choice)
+    item = {
+        "check": "snapshot_choice",
+        "severity": "info",
+        "finding": f"snapshot backend {choice.get('backend')} chosen explicitly by {choice.get('by')} at "
+                   f"{choice.get('at')} (not point in time for the whole pass: {choice.get('cost')})",
+        "fix": "",
+        "data": dict(choice),
+    }
+    report["items"] = list(report.get("items") or []) + [item]
+    summary = dict(report.get("summary") or {})
+    if "info" in summary:
+        summary["info"] = int(summary["info"]) + 1
+    report["summary"] = summary
+    return report
 
 
 def _clip(value: Any, n: int) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import psutil
 
 from go2cloud_client import platform
-from go2cloud_client.commands import CONSISTENT_SNAPSHOT_BACKENDS
+from go2cloud_client.commands import AUTO_SNAPSHOT_ORDER, NON_PIT_ALTERNATIVES, alternatives_text
 from go2cloud_client.drill import initramfs
 from go2cloud_client.drill.model import Item, critical, info, warning
 
@@ -620,38 +620,40 @@ def check_snapshot(ctx: Context) -> List[Item]:
     items = []
     for volume, probed in results.items():
         usable = [n for n, (ok, _) in sorted(probed.items()) if ok]
-        consistent = [n for n in usable if n in CONSISTENT_SNAPSHOT_BACKENDS]
         on = f" for {volume}" if volume else ""
         wanted = ctx.snapshot if ctx.mode == "block" and ctx.snapshot not in (None, "auto") else None
+        pit = [n for n in usable if n in AUTO_SNAPSHOT_ORDER]
         if wanted:
             ok, reason = probed.get(wanted, (False, f"unknown backend {wanted}"))
-            if ok:
+            cost = NON_PIT_ALTERNATIVES.get(wanted)
+            if ok and cost:
+                items.append(info("snapshot", f"snapshot backend {wanted}{on} chosen explicitly by the "
+                                              f"operator (not point in time for the whole pass: {cost}): "
+                                              f"{reason}",
+                                  backend=wanted, explicit=True, cost=cost, point_in_time_usable=pit))
+            elif ok:
                 items.append(info("snapshot", f"snapshot backend {wanted}{on} is usable: {reason}",
                                   backend=wanted))
             else:
                 items.append(critical("snapshot", f"snapshot backend {wanted}{on} cannot be used: {reason}",
                                       f"pick another backend (usable here: {', '.join(usable) or 'none'}) or "
                                       "fix the reason above", backend=wanted))
+        elif ctx.mode == "block" and not pit:
+            # auto takes only a point-in-time backend: never a silent fall back to fsfreeze or live
+            reasons = "; ".join(probed[n][1] for n in AUTO_SNAPSHOT_ORDER if n in probed) or "none known"
+            left = {n: c for n, c in NON_PIT_ALTERNATIVES.items() if probed.get(n, (False, ""))[0]}
+            fix = (f"choose explicitly with 'migration start --snapshot NAME': {alternatives_text()}"
+                   if left else "no other backend is usable either: migrate in file mode")
+            fix += f"; or make one of {', '.join(AUTO_SNAPSHOT_ORDER)} usable (LVM, btrfs, XFS reflink, " \
+                   "the elastio-snap/dattobd module)"
+            items.append(critical("snapshot", f"--snapshot auto: no point-in-time snapshot backend is usable"
+                                              f"{on} ({reasons})", fix,
+                                  usable=usable, alternatives=left))
         elif not usable:
             reasons = "; ".join(r for _, (_, r) in sorted(probed.items()))
-            sev = critical if ctx.mode == "block" else warning
-            items.append(sev("snapshot", f"no snapshot backend is usable{on}: {reasons}",
-                             "run the agent as root and install a snapshot backend (LVM, btrfs, XFS reflink "
-                             "or the elastio-snap/dattobd module)", usable=[]))
-        elif not consistent and ctx.mode == "block":
-            if "fsfreeze" in usable:
-                finding = (f"no snapshot backend that keeps writers running is usable{on} (only "
-                           f"{', '.join(usable)}): the syncs before the final one read the disk while it "
-                           "changes (not consistent); the final sync freezes the filesystem (consistent, "
-                           "but its writers stall for the whole pass)")
-                fix = ("install a snapshot backend (LVM, btrfs, XFS reflink, elastio-snap or dattobd) so "
-                       "that the final sync does not stall the server's writers")
-            else:
-                finding = (f"no point-in-time snapshot backend is usable{on} (only {', '.join(usable)}): "
-                           "every sync reads the disk while it changes, the copies are not consistent")
-                fix = ("install a snapshot backend (LVM, btrfs, XFS reflink, elastio-snap or dattobd), or "
-                       "stop writers before the final sync")
-            items.append(warning("snapshot", finding, fix, usable=usable))
+            items.append(warning("snapshot", f"no snapshot backend is usable{on}: {reasons}",
+                                 "run the agent as root and install a snapshot backend (LVM, btrfs, XFS "
+                                 "reflink or the elastio-snap/dattobd module)", usable=[]))
         else:
             items.append(info("snapshot", f"usable snapshot backends{on}: {', '.join(usable)}",
                               usable=usable))

@@ -157,24 +157,26 @@ def _ledger(home: Path) -> List[dict]:
     return json.loads(path.read_text())["changes"] if path.exists() else []
 
 
-def test_snapshot_driver_install_fails_import_succeeds_block_disabled(server, fakes, tmp_path):
+def test_snapshot_driver_install_fails_import_succeeds_block_stays_available(server, fakes, tmp_path):
     driver = _driver_packages()
     home = tmp_path / "home-driver"
     r = _agent(["--yes", "--no-prompt", *_import_args(server, "wg-driver", home)], fakes.env(FAIL_DRIVER="1"))
     assert r.returncode == 0, r.stdout + r.stderr
     sid = _sid(r.stdout)
     assert f"Installing the snapshot driver: apt-get -y install {driver}" in r.stdout
-    assert "Block replication is disabled for this source: installing the snapshot driver failed" in r.stdout
+    assert "Snapshot driver not installed: installing it failed" in r.stdout
+    assert "Block replication stays available" in r.stdout
     assert fakes.recorded() == [f"-y install {driver}"]
     assert _ledger(home) == [], "a failed installation changed nothing to revert"
     block = server.j("source", "show", sid)["inventory"]["capabilities"]["block"]
-    assert block["available"] is False
-    assert "Unable to locate package elastio-snap-dkms" in block["reason"] and "repository" in block["reason"]
+    assert block["available"] is True and block["driver"]["installed"] is False
+    reason = block["driver"]["reason"]
+    assert "Unable to locate package elastio-snap-dkms" in reason and "repository" in reason
     assert isinstance(block["backends"], list) and "elastio-snap" not in block["backends"]
     shown = server.cli("source", "show", sid, json_out=False).stdout  # what the operator reads
-    assert "block mode:" in shown and "disabled: installing the snapshot driver failed" in shown
+    assert "block mode:" in shown and "snapshot driver not installed: installing it failed" in shown
     status = _agent(["status", "--home", str(home)], fakes.env())
-    assert "Block mode: disabled (installing the snapshot driver failed" in status.stdout
+    assert "Block mode: available (" in status.stdout and "snapshot driver not installed" in status.stdout
 
 
 def test_snapshot_driver_skipped_with_no_prompt(server, fakes, tmp_path):
@@ -184,7 +186,7 @@ def test_snapshot_driver_skipped_with_no_prompt(server, fakes, tmp_path):
     assert "Warning: snapshot driver not installed (--no-prompt); re-run the import with --yes" in r.stdout
     assert fakes.recorded() == []
     block = server.j("source", "show", _sid(r.stdout))["inventory"]["capabilities"]["block"]
-    assert block["available"] is False and "--no-prompt" in block["reason"]
+    assert block["available"] is True and "--no-prompt" in block["driver"]["reason"]
 
 
 def test_rsync_installed_at_import_and_removed_by_uninstall_revert(server, fakes, tmp_path):
@@ -285,7 +287,7 @@ def test_uninstall_removes_the_package_folder_service_and_reverts(server, fakes,
     units = tmp_path / "units"
     env = fakes.env(GO2CLOUD_SYSTEMD_DIR=str(units))
     # import from the package folder: the snapshot driver "installs" but stays unusable (no real
-    # module here), which is recorded and disables block mode
+    # module here), which is recorded (block mode stays available)
     r = _agent(["--yes", "--no-prompt", *_import_args(server, "wg-pkg", pkg)], env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "the snapshot driver packages were installed but the driver is not usable" in r.stdout

@@ -386,11 +386,13 @@ def test_migration_cycles_artifacts_and_completion(server: Server, api: Api):
         "migration", "start", "--workgroup", "db", "--keep-images", "2", "--sync-every", "1h", "--no-drill"
     )
     tid = out["started"][0]["task_id"]
-    again = server.j("migration", "start", "--workgroup", "db")
+    r = server.cli("migration", "start", "--workgroup", "db", check=False)
+    again = json.loads(r.stdout)  # the reasons are printed, then exit 6: nothing started
     assert again["started"] == [] and "already has migration task" in again["skipped"][0]["reason"]
+    assert r.returncode == 6 and "no migration started" in r.stderr, (r.returncode, r.stderr)
     agent.heartbeat()  # not offline (3 missed 1-second heartbeats) on a loaded machine
     one = server.cli("migration", "start", "--source", agent.source_id, check=False)
-    assert one.returncode == 4 and "already has migration task" in one.stderr
+    assert one.returncode == 6 and "already has migration task" in one.stderr
 
     start = agent.commands()[0]
     cycle_dir = server.data_dir / "tasks" / tid / "tree" / "000001"

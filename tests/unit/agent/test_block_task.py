@@ -238,17 +238,27 @@ def test_cycle_snapshots_reads_the_snapshot_and_releases(world, home):
     assert world.asked == ["reflink:0"] and world.extents[-1] == [(0, 4096)]
     assert world.runs[-1][0].incremental is True and tokens2["vdb"]["token"] == "reflink:1"
     # a token of another backend is not used
-    world.usable = set()
-    run(world, "incremental", 3, tokens2)
+    run(world, "incremental", 3, tokens2, snapshot="live")
     assert world.created[-1].backend == "live" and world.extents[-1] is None
+
+
+def test_auto_never_falls_back_to_a_backend_that_is_not_point_in_time(world):
+    world.usable = {"live", "fsfreeze"}
+    n = len(world.created)
+    with pytest.raises(SnapshotFailedError) as err:
+        run(world, "full", 1)
+    text = str(err.value)
+    assert "no point-in-time snapshot backend is usable for /dev/vdb" in text
+    assert "--snapshot fsfreeze (consistent, but every writer" in text and "--snapshot live (crash-" in text
+    assert len(world.created) == n  # nothing was snapshotted or read
 
 
 def test_final_pass_of_a_mounted_live_disk_freezes(world):
     world.usable = set()
     world.mounted = ("/dev/loop3", "/mnt/data")
-    run(world, "incremental", 2)
+    run(world, "incremental", 2, snapshot="live")
     assert world.created[-1].backend == "live"  # not final: no freeze
-    result, _ = run(world, "final", 3)
+    result, _ = run(world, "final", 3, snapshot="live")
     snap = world.created[-1]
     assert (snap.backend, snap.volume, snap.released) == ("fsfreeze", "/dev/loop3", True)
     assert result["snapshots"] == {"vdb": "fsfreeze"}

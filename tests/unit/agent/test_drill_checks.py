@@ -339,11 +339,10 @@ def _probe(results: Dict[str, Tuple[bool, str]]):
 def test_snapshot_driver(tmp_path):
     only_live = _probe({"live": (True, "live ok"), "lvm": (False, "no LVM")})
     block = dict(mode="block", disks=["/dev/vdb"])
-    assert sev(checks.check_snapshot(ctx(tmp_path, snapshot_probe=only_live, **block))) == [WARNING]
     assert sev(checks.check_snapshot(ctx(tmp_path, snapshot_probe=only_live))) == [INFO]
     none = _probe({"live": (False, "live: /dev/vdb is not readable"), "lvm": (False, "no LVM")})
     items = checks.check_snapshot(ctx(tmp_path, snapshot_probe=none, **block))
-    assert sev(items) == [CRITICAL] and "not readable" in items[0].finding
+    assert sev(items) == [CRITICAL] and "no LVM" in items[0].finding and "file mode" in items[0].fix
     assert sev(checks.check_snapshot(ctx(tmp_path, snapshot_probe=none))) == [WARNING]
     missing = ctx(tmp_path, snapshot_probe=lambda volume: None, **block)
     assert sev(checks.check_snapshot(missing)) == [CRITICAL]
@@ -351,14 +350,37 @@ def test_snapshot_driver(tmp_path):
     assert sev(checks.check_snapshot(named)) == [CRITICAL]
     good = _probe({"live": (True, "ok"), "reflink": (True, "reflink ok")})
     assert sev(checks.check_snapshot(ctx(tmp_path, snapshot_probe=good, **block))) == [INFO]
-    # fsfreeze makes only the final sync consistent, and stalls the writers for that pass: a
-    # warning too (host preparation, too, offers the snapshot driver then), saying so
+
+
+def test_auto_without_a_point_in_time_backend_is_critical_naming_the_alternatives(tmp_path):
+    """auto never falls back to fsfreeze or live by itself: the drill stops the task and names
+    the explicit choices with their cost."""
+    block = dict(mode="block", disks=["/dev/vdb"])
+    frozen = _probe({"live": (True, "ok"), "fsfreeze": (True, "can freeze /"), "lvm": (False, "no LVM"),
+                     "reflink": (False, "reflink: ext4 cannot clone")})
+    for snapshot in (None, "auto"):
+        items = checks.check_snapshot(ctx(tmp_path, snapshot_probe=frozen, snapshot=snapshot, **block))
+        assert sev(items) == [CRITICAL], items
+        assert "no point-in-time snapshot backend" in items[0].finding and "no LVM" in items[0].finding
+        fix = items[0].fix
+        assert "--snapshot fsfreeze (consistent, but every writer of the filesystem stalls during each " \
+               "pass)" in fix
+        assert "--snapshot live (crash-inconsistent during the passes; consistent only for a final sync " \
+               "with the services stopped)" in fix
+        assert items[0].data["alternatives"].keys() == {"fsfreeze", "live"}
+    only_live = _probe({"live": (True, "live ok"), "lvm": (False, "no LVM")})
+    items = checks.check_snapshot(ctx(tmp_path, snapshot_probe=only_live, **block))
+    assert sev(items) == [CRITICAL] and items[0].data["alternatives"].keys() == {"live"}
+
+
+def test_explicit_non_point_in_time_choice_is_an_informed_info_item(tmp_path):
+    block = dict(mode="block", disks=["/dev/vdb"])
     frozen = _probe({"live": (True, "ok"), "fsfreeze": (True, "can freeze /"), "lvm": (False, "no LVM")})
-    items = checks.check_snapshot(ctx(tmp_path, snapshot_probe=frozen, **block))
-    assert sev(items) == [WARNING] and "final sync freezes" in items[0].finding
-    assert "stall" in items[0].finding and "stall" in items[0].fix
-    live_items = checks.check_snapshot(ctx(tmp_path, snapshot_probe=only_live, **block))
-    assert "freezes" not in live_items[0].finding and "not consistent" in live_items[0].finding
+    for backend in ("fsfreeze", "live"):
+        items = checks.check_snapshot(ctx(tmp_path, snapshot_probe=frozen, snapshot=backend, **block))
+        assert sev(items) == [INFO]
+        assert "chosen explicitly by the operator" in items[0].finding
+        assert items[0].data["explicit"] is True and items[0].data["backend"] == backend
 
 
 # -- runner, report, CLI -------------------------------------------------------------------------

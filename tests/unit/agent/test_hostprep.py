@@ -45,6 +45,7 @@ class Host:
         monkeypatch.setattr("go2cloud_client.platform.selinux_mode", lambda: self.selinux)
         monkeypatch.setattr(linux, "SELINUX_CONFIG", self.config)
         monkeypatch.setattr("go2cloud_client.replication.rsync.find_rsync", lambda: self.rsync)
+        monkeypatch.setattr(hostprep.psutil, "disk_partitions", lambda all=False: [])  # root only
 
     def run(self, argv, **kw):
         argv = list(argv)
@@ -103,7 +104,12 @@ def test_consistent_backend_usable_no_question(home, host):
     host.installed.add("elastio-snap-dkms")
     p, lines, questions = prep(home, host, answers=[])
     assert p.snapshot_driver() == {
-        "block": {"available": True, "reason": None, "backends": ["elastio-snap", "fsfreeze", "live"]}
+        "block": {"available": True, "reason": None, "backends": ["elastio-snap", "fsfreeze", "live"],
+                  "driver": {"name": "elastio-snap", "installed": True,
+                             "reason": "not needed: elastio-snap usable"},
+                  "volumes": {"/dev/vda1": {"usable": ["elastio-snap", "fsfreeze", "live"],
+                                            "point_in_time": ["elastio-snap"]}},
+                  "point_in_time": True}
     }
     assert questions == [] and host.calls == [] and lines == []
 
@@ -111,26 +117,23 @@ def test_consistent_backend_usable_no_question(home, host):
 def test_no_prompt_skips_the_driver_with_a_warning_naming_yes(home, host):
     p, lines, _ = prep(home, host, no_prompt=True)
     cap = p.snapshot_driver()["block"]
-    assert (
-        cap["available"] is False
-        and "--no-prompt" in cap["reason"]
-        and cap["backends"] == ["fsfreeze", "live"]
-    )
+    assert cap["available"] is True and cap["driver"]["installed"] is False
+    assert "--no-prompt" in cap["driver"]["reason"] and cap["backends"] == ["fsfreeze", "live"]
+    assert cap["volumes"] == {"/dev/vda1": {"usable": ["fsfreeze", "live"], "point_in_time": []}}
+    assert cap["point_in_time"] is False
     assert host.calls == [] and HostChanges(home).list() == []
     assert any(
         line.startswith("Warning: snapshot driver not installed") and "--yes" in line for line in lines
     )
-    assert any(line.startswith("Block replication is disabled for this source:") for line in lines)
+    assert any(line.startswith("Snapshot driver not installed: the import ran with --no-prompt")
+               and "Block replication stays available" in line for line in lines)
 
 
 def test_operator_says_no_on_the_terminal(home, host):
     p, lines, questions = prep(home, host, answers=[False])
     cap = p.snapshot_driver()["block"]
-    assert cap == {
-        "available": False,
-        "reason": "the operator chose not to install the snapshot driver",
-        "backends": ["fsfreeze", "live"],
-    }
+    assert cap["available"] is True and cap["driver"] == {
+        "name": "elastio-snap", "installed": False, "reason": "the operator chose not to install it"}
     assert (
         "apt-get -y install linux-headers-6.1.0-test elastio-snap-dkms elastio-snap-utils" in questions[0]
         and host.calls == []
@@ -141,6 +144,7 @@ def test_yes_installs_the_driver_and_records_the_undo(home, host):
     p, lines, _ = prep(home, host, yes=True)
     cap = p.snapshot_driver()["block"]
     assert cap["available"] is True and cap["backends"][0] == "elastio-snap"
+    assert cap["driver"]["installed"] is True and cap["point_in_time"] is True
     assert host.calls == [
         ["apt-get", "-y", "install", "linux-headers-6.1.0-test", "elastio-snap-dkms", "elastio-snap-utils"]
     ]
@@ -174,9 +178,8 @@ def test_packages_present_but_driver_unusable_installs_nothing(home, host):
     host.driver_usable_after_install = False
     p, _, questions = prep(home, host, yes=True)
     cap = p.snapshot_driver()["block"]
-    assert (
-        cap["available"] is False and "packages are installed but the driver is not usable" in cap["reason"]
-    )
+    assert cap["available"] is True and cap["driver"]["installed"] is False
+    assert "packages are installed but the driver is not usable" in cap["driver"]["reason"]
     assert host.calls == [] and questions == [] and HostChanges(home).list() == []
 
 
@@ -184,19 +187,18 @@ def test_install_failure_is_reported_not_fatal(home, host):
     host.fail.add("apt-get")
     p, lines, _ = prep(home, host, yes=True)
     cap = p.snapshot_driver()["block"]
-    assert cap["available"] is False
-    assert (
-        "installing the snapshot driver failed" in cap["reason"]
-        and "Unable to locate package" in cap["reason"]
-    )
-    assert "repository" in cap["reason"] and HostChanges(home).list() == []
+    assert cap["available"] is True and cap["driver"]["installed"] is False
+    reason = cap["driver"]["reason"]
+    assert "installing it failed" in reason and "Unable to locate package" in reason
+    assert "repository" in reason and HostChanges(home).list() == []
+    assert cap["volumes"]["/dev/vda1"]["usable"] == ["fsfreeze", "live"]
 
 
 def test_installed_but_not_usable_tries_modprobe_and_says_why(home, host):
     host.driver_usable_after_install = False
     p, _, _ = prep(home, host, yes=True)
     cap = p.snapshot_driver()["block"]
-    assert cap["available"] is False and "installed but the driver is not usable" in cap["reason"]
+    assert cap["available"] is True and "installed but the driver is not usable" in cap["driver"]["reason"]
     assert ["modprobe", "elastio_snap"] in host.calls
     assert [c["kind"] for c in HostChanges(home).list()] == ["snapshot_driver_installed"]
 
@@ -205,13 +207,15 @@ def test_distro_without_driver_packages(home, host, monkeypatch):
     monkeypatch.setattr("go2cloud_client.platform.distro", lambda: distros.SUSE({"ID": "sles"}))
     p, _, questions = prep(home, host, yes=True)
     cap = p.snapshot_driver()["block"]
-    assert cap["available"] is False and "suse" in cap["reason"] and host.calls == [] and questions == []
+    assert cap["available"] is True and "suse" in cap["driver"]["reason"]
+    assert host.calls == [] and questions == []
 
 
 def test_skip_config_neither_checks_nor_installs(home, host):
     p, _, _ = prep(home, host, yes=True, config=Config(snapshot_driver="skip"))
     cap = p.snapshot_driver()["block"]
-    assert cap == {"available": True, "reason": "not checked (snapshot_driver: skip)", "backends": []}
+    assert cap["available"] is True and cap["driver"]["reason"] == "not checked (snapshot_driver: skip)"
+    assert cap["volumes"] == {} and cap["backends"] == []
     assert host.calls == [] and host.queries == []
 
 
@@ -353,22 +357,18 @@ def test_import_asks_in_the_seed_order_and_sends_the_capability(tmp_path, host, 
     assert (
         out.index("snapshot driver") < out.index("rsync is not installed") < out.index("SELinux is enforcing")
     )
-    assert "Block replication is disabled for this source: the operator chose not to install" in out
+    assert "Snapshot driver not installed: the operator chose not to install it" in out
     assert "Import Source Server [s-0123456789abcdef] Successfully!" in out
     body = json.loads(responses.calls[0].request.body)
-    assert body["inventory"]["capabilities"] == {
-        "block": {
-            "available": False,
-            "reason": "the operator chose not to install the snapshot driver",
-            "backends": ["fsfreeze", "live"],
-        }
-    }
+    block = body["inventory"]["capabilities"]["block"]
+    assert block["available"] is True and block["driver"]["installed"] is False
+    assert block["volumes"] == {"/dev/vda1": {"usable": ["fsfreeze", "live"], "point_in_time": []}}
     assert [c["kind"] for c in HostChanges(cli_mod.Home(home)).list()] == [
         "package_installed",
         "selinux_mode",
     ]
     source = json.loads((home / "state" / "source.json").read_text())
-    assert source["capabilities"]["block"]["available"] is False
+    assert source["capabilities"]["block"]["driver"]["reason"] == "the operator chose not to install it"
     # --import-only again: already imported, nothing asked, no second import
     again = CliRunner().invoke(cli_mod.cli, ["--home", str(home), "--import-only", "--token-id", "at-2"])
     assert again.exit_code == 0

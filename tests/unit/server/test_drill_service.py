@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from go2cloud_server.errors import Conflict
+from go2cloud_server.errors import Conflict, NothingStarted
 from go2cloud_server.service import Service, drill_report
 from tests.unit.server.conftest import import_body, inventory
 
@@ -209,14 +209,58 @@ def test_report_is_checked_field_by_field():
     assert empty["passed"] is False
 
 
-def test_block_mode_refused_when_capability_says_unavailable(service):
-    caps = {"block": {"available": False, "reason": "no snapshot driver for kernel 2.6", "backends": []}}
+def test_block_mode_is_never_refused_for_the_whole_source(service):
+    """The import no longer disables block mode: the backend is decided per disk when the task
+    starts and drilled. Even an older agent's ``available: false`` does not refuse the start."""
+    caps = {"block": {"available": True, "reason": None, "backends": ["fsfreeze", "live"],
+                      "driver": {"name": "elastio-snap", "installed": False,
+                                 "reason": "installing it failed"},
+                      "volumes": {"/dev/vda1": {"usable": ["fsfreeze", "live"], "point_in_time": []}},
+                      "point_in_time": False}}
     sid = _source(service, capabilities=caps)
-    with pytest.raises(Conflict, match="no snapshot driver for kernel 2.6"):
-        service.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)
-    out = service.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, workgroup="web-tier")
-    assert out["not_migratable"][0]["reason"].startswith("block mode is not available on this source")
-    assert service.start_migration({}, source=sid)["started"]  # file mode is fine
+    out = service.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+    assert out["started"] and out["not_migratable"] == []
+    (drill,) = _cmds(service, sid)
+    assert drill["type"] == "drill" and drill["params"]["snapshot"] == "auto"
+    service.create_workgroup({"name": "old"})
+    code = service.create_code("old", {"uses": 1})
+    body = import_body(code)
+    body["inventory"] = {**inventory(), "capabilities": {"block": {"available": False, "reason": "x"}}}
+    old = service.import_source(body)["source_id"]
+    assert service.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=old)["started"]
+
+
+def test_explicit_non_point_in_time_choice_is_recorded_in_history_and_drill_report(service):
+    sid = _source(service)
+    service.start_migration({"mode": "block", "disks": ["/dev/vdb"], "snapshot": "fsfreeze",
+                             "by": "ops@console"}, source=sid)
+    task = _task(service, sid)
+    choice = task["history"][0]["snapshot_choice"]
+    assert choice["backend"] == "fsfreeze" and choice["by"] == "ops@console"
+    assert choice["at"] == task["history"][0]["at"]
+    assert "writer" in choice["cost"] and "stall" in choice["cost"]
+    assert task["snapshot_choice"] == choice
+    (drill,) = _cmds(service, sid)
+    _ack(service, sid, drill, result=_report("info"))
+    report = service.source_drill(sid)["report"]
+    assert report["snapshot_choice"] == choice and report["passed"] is True
+    item = [i for i in report["items"] if i["check"] == "snapshot_choice"]
+    assert len(item) == 1 and "chosen explicitly by ops@console at " + choice["at"] in item[0]["finding"]
+    assert report["summary"]["info"] == 2
+    # auto or a point-in-time backend: nothing to record
+    service.create_workgroup({"name": "pit"})
+    code = service.create_code("pit", {"uses": 1})
+    sid2 = service.import_source(import_body(code))["source_id"]
+    service.start_migration({"mode": "block", "disks": ["/dev/vdb"], "snapshot": "reflink"}, source=sid2)
+    assert _task(service, sid2)["snapshot_choice"] is None
+
+
+def test_nothing_started_is_its_own_error(service):
+    sid = _source(service)
+    service.start_migration({}, source=sid)
+    with pytest.raises(NothingStarted, match="already has migration task") as err:
+        service.start_migration({}, source=sid)
+    assert err.value.exit_code == 6 and err.value.code == "nothing_started" and err.value.http_status == 409
 
 
 def test_block_mode_allowed_without_the_key_or_when_available(service):

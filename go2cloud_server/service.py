@@ -539,6 +539,21 @@ class Service:
         an import that would be refused anyway. The answer names the state of the code, never its
         workgroup (the caller has not proven the code yet); docs/security.md says what a token id
         alone tells. The transaction that consumes a use checks all of it again."""
+        self._refuse_code_state(code)
+        wg = self.store.one("SELECT id FROM workgroups WHERE id = ?", (code["workgroup_id"],))
+        if wg is None:
+            raise CodeRejected("unknown activation code (its workgroup was deleted)", code="code_unknown")
+        n = self.store.one(
+            "SELECT COUNT(*) AS n FROM sources WHERE workgroup_id = ? AND state = 'active'", (wg["id"],)
+        )
+        if n is not None and n["n"] >= rules.MAX_SOURCES_PER_WORKGROUP:
+            raise ImportRejected(
+                f"the workgroup of this activation code already has {rules.MAX_SOURCES_PER_WORKGROUP} "
+                "sources: ask the operator to use another workgroup"
+            )
+
+    def _refuse_code_state(self, code: Mapping[str, Any]) -> None:
+        """Refuse a code that is revoked, expired or has no uses left, saying which."""
         state = self._code_state(code)
         if state == "revoked":
             raise CodeRejected("this activation code was revoked: ask the operator for a new one",
@@ -553,17 +568,6 @@ class Service:
                 f"this activation code has no uses left (it allowed {code['uses']}): ask the operator "
                 "for a new one",
                 code="code_exhausted",
-            )
-        wg = self.store.one("SELECT id FROM workgroups WHERE id = ?", (code["workgroup_id"],))
-        if wg is None:
-            raise CodeRejected("unknown activation code (its workgroup was deleted)", code="code_unknown")
-        n = self.store.one(
-            "SELECT COUNT(*) AS n FROM sources WHERE workgroup_id = ? AND state = 'active'", (wg["id"],)
-        )
-        if n is not None and n["n"] >= rules.MAX_SOURCES_PER_WORKGROUP:
-            raise ImportRejected(
-                f"the workgroup of this activation code already has {rules.MAX_SOURCES_PER_WORKGROUP} "
-                "sources: ask the operator to use another workgroup"
             )
 
     def _code_state(self, row: Mapping[str, Any]) -> str:
@@ -700,22 +704,7 @@ class Service:
                 raise CodeRejected(
                     "unknown activation code (check the token id and token code)", code="code_unknown"
                 )
-            state = self._code_state(code)
-            if state == "revoked":
-                raise CodeRejected(
-                    "this activation code was revoked: ask the operator for a new one", code="code_revoked"
-                )
-            if state == "expired":
-                raise CodeRejected(
-                    f"this activation code expired at {code['expires_at']}: ask the operator for a new one",
-                    code="code_expired",
-                )
-            if state == "exhausted":
-                raise CodeRejected(
-                    f"this activation code has no uses left (it allowed {code['uses']}): ask the "
-                    "operator for a new one",
-                    code="code_exhausted",
-                )
+            self._refuse_code_state(code)
             wg = Store.q_one(conn, "SELECT * FROM workgroups WHERE id = ?", (code["workgroup_id"],))
             if wg is None:
                 raise CodeRejected("unknown activation code (its workgroup was deleted)", code="code_unknown")

@@ -9,11 +9,14 @@
 * Long runs (rsync) use :class:`StreamingProcess`: the child gets its own process group, stdout
   lines are handed to a callback as they arrive (``\\r`` counts as a line end, for progress
   output), stderr is drained on its own thread, and :meth:`StreamingProcess.terminate` stops the
-  whole group.
+  whole group, and the child dies with the agent: ``PR_SET_PDEATHSIG = SIGKILL`` (Linux), so an
+  agent killed with ``kill -9`` (or by the OOM killer) leaves no rsync writing to the target while
+  the restarted agent runs the cycle again (its tunnel reads end-of-file and ends too).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -32,6 +35,22 @@ _LINE_END = re.compile(rb"[\r\n]")
 
 #: Environment variables never inherited by children.
 _SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN", "PASSPHRASE", "CREDENTIAL")
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl: Optional[Callable[..., int]] = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
+
+
+def die_with_parent(parent: int) -> None:
+    """In the child (before exec, or at its start): SIGKILL when the thread of ``parent`` that
+    started it ends (a ``kill -9`` of the agent ends them all at once). A parent that died before
+    the prctl would never signal the child: it exits instead."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class ProcessError(Go2CloudError):
@@ -174,6 +193,7 @@ class StreamingProcess:
         self._lock = threading.Lock()
         self.terminated = False
         LOG.debug("starting %s", self.cmd)
+        parent = os.getpid()
         try:
             self.proc = subprocess.Popen(
                 self.cmd,
@@ -183,6 +203,7 @@ class StreamingProcess:
                 env=dict(env) if env is not None else child_env(),
                 cwd=cwd,
                 start_new_session=True,
+                preexec_fn=lambda: die_with_parent(parent),  # noqa: PLW1509 - prctl only
             )
         except FileNotFoundError as exc:
             raise ProcessError(self.cmd, None, reason="is not installed (not found on PATH)") from exc

@@ -31,6 +31,7 @@ import threading
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
+from go2cloud_client import subp
 from go2cloud_client.tlspin import PinMismatch, check_pin, client_context, is_loopback_host
 
 ENV_URL = "GO2CLOUD_RSYNC_URL"
@@ -400,6 +401,10 @@ def main(argv: List[str]) -> int:
         sys.stderr.write("go2cloud_client rsync-tunnel is started by rsync for file-level migrations, "
                          "not by hand\n")
         return EXIT_REFUSED
+    # rsync killed (with the agent killed -9, see subp.StreamingProcess) takes this tunnel with
+    # it: the target's daemon sees the connection end at once and keeps its partial file, instead
+    # of waiting EXIT_WAIT_S for a status while the restarted agent already sends the cycle again
+    subp.die_with_parent(os.getppid())
     try:
         stream = open_session(os.environ)
     except (TunnelError, OSError, ssl.SSLError) as exc:

@@ -424,6 +424,7 @@ class Agent:
             "progress": snap["progress"],
             "last_error": snap["last_error"],
             "retry": snap.get("retry"),
+            "bandwidth": snap.get("bandwidth"),
             "load": host_load(),
             "loops": self.loops.report(),
         }
@@ -482,7 +483,7 @@ class Agent:
             "server": self.cp.server, "connected": self._connected,
             "heartbeat_interval": self.interval,
             **{k: payload.get(k) for k in ("state", "task_id", "phase", "cycle", "progress", "last_error",
-                                           "retry", "loops")},
+                                           "retry", "loops", "bandwidth")},
         }
         try:
             self.home.write_state(self.home.status_file, doc)

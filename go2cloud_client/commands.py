@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 from urllib.parse import SplitResult, urlsplit
 
+from go2cloud_client import bwschedule
 from go2cloud_client.errors import CommandRejectedError
 
 KNOWN_TYPES = ("drill", "start", "sync", "finalize", "pause", "resume", "modify", "abort")
@@ -128,10 +129,12 @@ class Options:
     bandwidth_mbps: int = 0
     compression: int = 7
     checksum: bool = False
+    #: bandwidth windows (go2cloud_client.bwschedule syntax, normalised); None: the limit above always
+    bandwidth_schedule: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {"bandwidth_mbps": self.bandwidth_mbps, "compression": self.compression,
-                "checksum": self.checksum}
+                "checksum": self.checksum, "bandwidth_schedule": self.bandwidth_schedule}
 
 
 @dataclass(frozen=True)
@@ -370,7 +373,21 @@ def validate_options(params: Mapping[str, Any], *, partial: bool) -> Dict[str, A
             out[name] = check(params[name])
         elif not partial:
             raise _reject(name, "missing")
+    # optional on start (a control plane without windows omits it); on modify null removes it
+    if "bandwidth_schedule" in params:
+        out["bandwidth_schedule"] = _schedule(params["bandwidth_schedule"])
     return out
+
+
+def _schedule(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _reject("bandwidth_schedule", "must be a string or null")
+    try:
+        return bwschedule.parse(value).text
+    except bwschedule.ScheduleError as exc:
+        raise _reject("bandwidth_schedule", str(exc)) from None
 
 
 def _drill_target(value: Any) -> Tuple[Tuple[str, str, int], ...]:

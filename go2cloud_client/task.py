@@ -19,6 +19,13 @@ Mode ``block`` runs each cycle through :class:`~go2cloud_client.blockcycle.Block
 (snapshots of the disks around the block engine); the task file also keeps the disks, the
 snapshot backend and each disk's change-tracking token of the last successful cycle, and
 ``modify`` changes the options of the running engine (``set_options``) without restarting it.
+
+Bandwidth windows (``bandwidth_schedule``, :mod:`go2cloud_client.bwschedule`): the limit a
+transfer gets is the schedule's limit now, in the source's local time. A timer thread (started
+with the first task that has a schedule, ending when no task has one) wakes at each window edge
+(and every 5 minutes) and applies a changed limit: the block engine's token bucket at once
+(``set_options``), rsync by restarting the run with the new ``--bwlimit`` (same cycle; rsync
+keeps what it already transferred, ``--partial``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from go2cloud_client import bwschedule
 from go2cloud_client.backoff import Backoff, RetryBudget
 from go2cloud_client.commands import (
     AnyTarget,
@@ -117,8 +125,18 @@ class TaskRunner:
         join_timeout: float = 60.0,
         block_cycles: Optional[Any] = None,
         epoch: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = time.time,
+        zone: Optional[bwschedule.LocalZone] = None,
     ) -> None:
         self.home = home
+        #: wall clock and time zone of the bandwidth windows (tests inject both)
+        self._clock = clock
+        self._zone = zone or bwschedule.LocalZone()
+        #: the bandwidth window timer (see the module docstring) and the limit the transfer got
+        self._windows: Optional[threading.Thread] = None
+        self._windows_wake = threading.Event()
+        self._windows_stop = threading.Event()
+        self._in_force: Optional[int] = None
         #: the agent's session epoch now (fencing): stamped on the target of every cycle attempt
         self._epoch = epoch
         self._factory = replicator_factory
@@ -237,7 +255,106 @@ class TaskRunner:
                 "state": state, "task_id": task["task_id"], "phase": phase,
                 "cycle": cycle["number"] if cycle else task.get("last_cycle"),
                 "progress": progress, "last_error": last_error, "retry": retry,
+                "bandwidth": self._bandwidth_view(Options(**task["options"])),
             }
+
+    # -- bandwidth windows ------------------------------------------------------------------
+
+    def _evaluator(self, options: Options) -> Optional[bwschedule.Evaluator]:
+        if not options.bandwidth_schedule:
+            return None
+        try:
+            schedule = bwschedule.parse(options.bandwidth_schedule)
+        except bwschedule.ScheduleError:  # validated on receipt; a hand-edited task file
+            LOG.warning("ignoring the task's bandwidth schedule %r", options.bandwidth_schedule,
+                        exc_info=True)
+            return None
+        return bwschedule.Evaluator(schedule, options.bandwidth_mbps, zone=self._zone, clock=self._clock)
+
+    def effective_options(self, options: Options) -> Options:
+        """``options`` with the bandwidth limit of the window in force now."""
+        ev = self._evaluator(options)
+        if ev is None:
+            return options
+        return dataclasses.replace(options, bandwidth_mbps=ev.limit_now())
+
+    def _bandwidth_view(self, options: Options) -> Dict[str, Any]:
+        """What the heartbeat says about bandwidth: the limit now and the schedule's next change."""
+        ev = self._evaluator(options)
+        view: Dict[str, Any] = {"limit_mbps": options.bandwidth_mbps, "schedule": options.bandwidth_schedule}
+        if ev is not None:
+            view["limit_mbps"] = ev.limit_now()
+            view["zone"] = self._zone.name()
+            nxt = ev.next_change()
+            if nxt is not None:
+                view["next_change_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(nxt[0]))
+                view["next_limit_mbps"] = nxt[1]
+        return view
+
+    def _ensure_windows_timer(self) -> None:
+        """Start the window timer if the task has a schedule and none runs (caller holds the lock)."""
+        self._windows_wake.set()
+        if self._task is None or not self._task["options"].get("bandwidth_schedule"):
+            return
+        if self._windows is not None and self._windows.is_alive():
+            return
+        self._windows_stop.clear()
+        self._windows = threading.Thread(target=self._windows_loop, name="bandwidth-windows", daemon=True)
+        self._windows.start()
+
+    def _windows_loop(self) -> None:
+        LOG.info("bandwidth window timer started")
+        while not self._windows_stop.is_set():
+            self._windows_wake.clear()
+            with self._lock:
+                ev = self._evaluator(Options(**self._task["options"])) if self._task else None
+                if ev is None:
+                    self._windows = None
+                    break
+            try:
+                self.apply_window()
+            except Exception:  # noqa: BLE001 - the timer must outlive one failed application
+                LOG.warning("could not apply the bandwidth window", exc_info=True)
+            self._windows_wake.wait(ev.seconds_to_next_check())
+        LOG.info("bandwidth window timer stopped")
+
+    def apply_window(self) -> Optional[int]:
+        """Give the running transfer the limit in force now if it has another one; returns the new
+        limit when it changed something (block: the token bucket; file: rsync restarted)."""
+        with self._lock:
+            task = self._task
+            if task is None or self._in_force is None or task.get("status") != RUNNING:
+                return None
+            now = self.effective_options(Options(**task["options"]))
+            if now.bandwidth_mbps == self._in_force:
+                return None
+            was, self._in_force = self._in_force, now.bandwidth_mbps
+            restart = False
+            if task.get("mode") == "block":
+                if self._replicator is not None:
+                    self._set_block_options(self._replicator, now)
+            else:
+                restart = self._worker is not None
+                if restart:
+                    self._cancel_worker()
+        if restart:
+            self._restart_worker()
+        def shown(mbps: int) -> str:
+            return f"{mbps} Mbit/s" if mbps else "unlimited"
+
+        self._notify("info", "bandwidth_window",
+                     f"Bandwidth window: the limit is now {shown(now.bandwidth_mbps)}"
+                     f" (was {shown(was)}; schedule {now.bandwidth_schedule}, "
+                     f"local time {self._zone.name()})"
+                     + ("; rsync restarted with the new limit" if restart else ""))
+        return now.bandwidth_mbps
+
+    def _restart_worker(self) -> None:
+        """After :meth:`_cancel_worker`: wait for the old transfer, start the same cycle again."""
+        self._join_old()
+        with self._lock:
+            if self._task is not None and self._task["status"] == RUNNING and self._worker is None:
+                self._start_worker()
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -373,17 +490,17 @@ class TaskRunner:
             self._save()
             if self._task.get("mode") == "block":
                 if self._replicator is not None:
-                    self._set_block_options(self._replicator, Options(**options))
+                    self._set_block_options(self._replicator, self.effective_options(Options(**options)))
                 restart = False  # a block cycle that has no engine yet reads the options when it starts
             else:
                 restart = self._task["status"] == RUNNING and self._worker is not None
             if restart:
                 self._cancel_worker()
+            if self._task.get("mode") == "block" and self._replicator is not None:
+                self._in_force = self.effective_options(Options(**options)).bandwidth_mbps
+            self._ensure_windows_timer()
         if restart:
-            self._join_old()
-            with self._lock:
-                if self._task is not None and self._task["status"] == RUNNING and self._worker is None:
-                    self._start_worker()
+            self._restart_worker()
         what = ", ".join(f"{k}={v}" for k, v in cmd.changes.items()) or "nothing"
         self._notify("info", "task_modified", f"Task {cmd.task_id} modified: {what}"
                      + (" (transfer restarted with the new options)" if restart else ""))
@@ -421,12 +538,15 @@ class TaskRunner:
         self._cancel = threading.Event()
         self._progress = None
         task = self._task
+        options = self.effective_options(Options(**task["options"]))
+        self._in_force = options.bandwidth_mbps
         args = (self._gen, self._cancel, task["task_id"], CycleSpec(**task["cycle"]), task["cycle_kind"],
-                task["cycle_command"], tuple(task["paths"]), Options(**task["options"]))
+                task["cycle_command"], tuple(task["paths"]), options)
         work = self._work_block if task.get("mode") == "block" else self._work
         self._worker = threading.Thread(target=work, args=args, name=f"cycle-{task['cycle']['number']}",
                                         daemon=True)
         self._worker.start()
+        self._ensure_windows_timer()
 
     def _cancel_worker(self) -> None:
         """Cancel the running worker (caller holds the lock); :meth:`_join_old` waits for it."""
@@ -451,6 +571,8 @@ class TaskRunner:
 
     def shutdown(self) -> None:
         """Agent stopping: stop the transfer, keep the task as it is (a restart resumes it)."""
+        self._windows_stop.set()
+        self._windows_wake.set()
         self._stop_worker()
 
     def _current(self, gen: int, cancel: threading.Event) -> bool:
@@ -561,8 +683,9 @@ class TaskRunner:
                     return
                 self._replicator = replicator
                 if replicator is not None and self._task is not None:
-                    now = Options(**self._task["options"])
-                    if now != used:  # modified while the snapshots were being taken
+                    now = self.effective_options(Options(**self._task["options"]))
+                    self._in_force = now.bandwidth_mbps
+                    if now != used:  # modified (or a window edge) while the snapshots were taken
                         self._set_block_options(replicator, now)
         return on_replicator
 
@@ -587,7 +710,7 @@ class TaskRunner:
                 raise ReplicationError(f"the control plane gave task {task_id} a target that is not "
                                        "a block receiver")
             with self._lock:
-                current = Options(**self._task["options"]) if self._task else options
+                current = self.effective_options(Options(**self._task["options"])) if self._task else options
             # fencing: the target's image is this session's only if the last committed cycle was
             # written under this epoch; after a takeover (another epoch) the next pass re-reads and
             # verifies everything, so what another session wrote cannot survive into this image

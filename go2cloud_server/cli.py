@@ -1016,7 +1016,8 @@ def _duration(value: Optional[str]) -> Any:
     return rules.parse_duration(value) if value is not None else None
 
 
-_TASK_KEYS = ("name", "description", "bandwidth_mbps", "compression", "checksum", "sync_every", "keep_images")
+_TASK_KEYS = ("name", "description", "bandwidth_mbps", "bandwidth_schedule", "compression", "checksum",
+              "sync_every", "keep_images")
 
 
 def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -1033,6 +1034,13 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
     fn = click.option("--checksum/--no-checksum", default=None, help="Verify file contents by checksum.")(fn)
     fn = click.option("--compression", type=int, help="Compression level 0-10 (default 7, 0 = off).")(fn)
+    fn = click.option(
+        "--bandwidth-schedule",
+        metavar="WINDOWS",
+        help="Bandwidth windows in the source's local time, Mbit/s per window (0 = unlimited), e.g. "
+        "'Mon-Fri 08:00-20:00=50,*=0'; outside every window (and with no '*') --bandwidth-mbps applies; "
+        "'none' removes the schedule.",
+    )(fn)
     fn = click.option("--bandwidth-mbps", type=int, help="Bandwidth limit in Mbit/s (0 = unlimited).")(fn)
     fn = click.option("--description", help="Task description.")(fn)
     fn = click.option("--name", help="Task name.")(fn)
@@ -1043,6 +1051,7 @@ def _task_body(
     name: Optional[str],
     description: Optional[str],
     bandwidth_mbps: Optional[int],
+    bandwidth_schedule: Optional[str],
     compression: Optional[int],
     checksum: Optional[bool],
     sync_every: Optional[str],
@@ -1055,6 +1064,10 @@ def _task_body(
         body["description"] = description
     if bandwidth_mbps is not None:
         body["bandwidth_mbps"] = rules.integer(bandwidth_mbps, "--bandwidth-mbps", rules.BANDWIDTH_MBPS)
+    if bandwidth_schedule is not None:
+        # checked here for a quick answer; the normalised form is the server's
+        rules.bandwidth_schedule(bandwidth_schedule, "--bandwidth-schedule")
+        body["bandwidth_schedule"] = bandwidth_schedule
     if compression is not None:
         body["compression"] = rules.integer(compression, "--compression", rules.COMPRESSION)
     if checksum is not None:
@@ -1331,6 +1344,26 @@ def _disk_progress(t: Dict[str, Any]) -> str:
     )
 
 
+def _mbit(mbps: Any) -> str:
+    return f"{mbps} Mbit/s" if mbps else "unlimited"
+
+
+def _bandwidth_line(t: Dict[str, Any]) -> str:
+    """The limit in force now (as the source's agent evaluates its windows) and the schedule."""
+    schedule = t.get("bandwidth_schedule")
+    now = t.get("bandwidth_now") if isinstance(t.get("bandwidth_now"), dict) else None
+    if not schedule:
+        return _mbit(t.get("bandwidth_mbps")) if t.get("bandwidth_mbps") else ""
+    text = (f"now {_mbit(now.get('limit_mbps'))}" if now else
+            "now unknown (the agent has not reported since the schedule was set)")
+    if now and now.get("next_change_at"):
+        text += f", {_mbit(now.get('next_limit_mbps'))} from {now['next_change_at']}"
+    zone = f", {now['zone']}" if now and now.get("zone") else ""
+    zone = f" (local time of the source{zone})"
+    return (f"{text}; schedule {schedule}{zone}; outside the windows "
+            f"{_mbit(t.get('bandwidth_mbps'))}")
+
+
 def _show_human(d: Dict[str, Any]) -> str:
     head: List[Tuple[str, Any]] = []
     if "workgroup" in d:
@@ -1364,6 +1397,9 @@ def _show_human(d: Dict[str, Any]) -> str:
             ],
         )
     for t in tasks:
+        bw = _bandwidth_line(t)
+        if bw:
+            text += f"\n\nBandwidth of {t['task_id']}: {bw}"
         choice = t.get("snapshot_choice")
         if isinstance(choice, dict):
             text += (f"\n\nSnapshot of {t['task_id']}: {choice.get('backend')}, chosen explicitly by "

@@ -83,3 +83,22 @@ def retry(value: Any) -> Optional[Dict[str, Any]]:
 def failing_loops(report: Optional[Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
     """The loops worth an operator's eye: not alive now, or failed at least once."""
     return {name: loop for name, loop in (report or {}).items() if not loop["alive"] or loop["failures"]}
+
+
+def bandwidth(value: Any) -> Optional[Dict[str, Any]]:
+    """``{limit_mbps, schedule, zone, next_change_at, next_limit_mbps}`` (the limit in force now as the
+    agent evaluated its bandwidth windows in the source's local time) or None."""
+    if not isinstance(value, dict):
+        return None
+    limit = _count(value.get("limit_mbps"))
+    if limit is None:
+        return None
+    out: Dict[str, Any] = {"limit_mbps": limit, "schedule": None}
+    for key, max_len in (("schedule", 1024), ("zone", 64), ("next_change_at", TIME_MAX)):
+        text = _text(value.get(key), max_len)
+        if text is not None:  # printable characters only: this reaches an operator's terminal
+            out[key] = "".join(c for c in text if c.isprintable())
+    nxt = _count(value.get("next_limit_mbps"))
+    if nxt is not None:
+        out["next_limit_mbps"] = nxt
+    return out

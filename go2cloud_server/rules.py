@@ -305,3 +305,86 @@ def limits_table() -> str:
     lines = ["| what | limit |", "| --- | --- |"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines) + "\n"
+
+
+# bandwidth windows --------------------------------------------------------------------------
+#: the agent parses the same syntax (go2cloud_client/bwschedule.py; a test checks both agree)
+SCHEDULE_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+SCHEDULE_MAX_ENTRIES = 32
+SCHEDULE_MAX_LEN = 1024
+SCHEDULE_EXAMPLE = '"Mon-Fri 08:00-20:00=50,*=0"'
+_SCHED_TIME = re.compile(r"^(\d{2}):(\d{2})$")
+
+
+def _sched_day(text: str, field: str, part: str) -> str:
+    for name in SCHEDULE_DAYS:
+        if text.lower() == name.lower():
+            return name
+    raise InvalidInput(f"{field}: {part!r}: unknown day {text!r} (use Mon, Tue, Wed, Thu, Fri, Sat, Sun)")
+
+
+def _sched_minutes(text: str, field: str, part: str, *, end: bool) -> int:
+    m = _SCHED_TIME.match(text)
+    if not m:
+        raise InvalidInput(f"{field}: {part!r}: {text!r} is not a time HH:MM")
+    h, mi = int(m.group(1)), int(m.group(2))
+    if end and (h, mi) == (24, 0):
+        return 1440
+    if h > 23 or mi > 59:
+        raise InvalidInput(f"{field}: {part!r}: {text!r} is not a time of day (00:00-23:59; 24:00 as an end)")
+    return h * 60 + mi
+
+
+def bandwidth_schedule(value: Any, field: str = "bandwidth_schedule") -> Optional[str]:
+    """Bandwidth windows, normalised: ``[DAYS] HH:MM-HH:MM=MBPS``, ``DAYS=MBPS`` or ``*=MBPS``
+    entries separated by commas (docs/operator-guide.md, "Bandwidth windows"). None, ``""``,
+    ``none`` or ``off`` remove the schedule (None)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field}: must be a string like {SCHEDULE_EXAMPLE}")
+    if value.strip().lower() in ("", "none", "off"):
+        return None
+    if len(value) > SCHEDULE_MAX_LEN:
+        raise InvalidInput(f"{field}: longer than {SCHEDULE_MAX_LEN} characters")
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) > SCHEDULE_MAX_ENTRIES:
+        raise InvalidInput(f"{field}: more than {SCHEDULE_MAX_ENTRIES} entries")
+    out: List[str] = []
+    seen_default = False
+    for part in parts:
+        if not part:
+            raise InvalidInput(f"{field}: an entry is empty (two commas, or a comma at an end)")
+        if part.count("=") != 1:
+            raise InvalidInput(f"{field}: {part!r}: an entry is WHEN=MBPS "
+                               "(e.g. Mon-Fri 08:00-20:00=50 or *=0)")
+        when, _, mbps_text = (s.strip() for s in part.partition("="))
+        if not mbps_text.isdigit():
+            raise InvalidInput(f"{field}: {part!r}: the limit {mbps_text!r} is not a whole number of Mbit/s")
+        mbps = int(mbps_text)
+        if mbps > BANDWIDTH_MBPS[1]:
+            raise InvalidInput(f"{field}: {part!r}: the limit {mbps} is above {BANDWIDTH_MBPS[1]} Mbit/s")
+        if when == "*":
+            if seen_default:
+                raise InvalidInput(f"{field}: {part!r}: a second '*' entry (give the default once)")
+            seen_default = True
+            out.append(f"*={mbps}")
+            continue
+        fields = when.split()
+        if len(fields) == 2:
+            days, span = fields
+        elif len(fields) == 1 and any(c.isdigit() for c in fields[0]):
+            days, span = "Mon-Sun", fields[0]
+        elif len(fields) == 1:
+            days, span = fields[0], "00:00-24:00"
+        else:
+            raise InvalidInput(f"{field}: {part!r}: expected [DAYS] HH:MM-HH:MM=MBPS, DAYS=MBPS or *=MBPS")
+        days = "-".join(_sched_day(d, field, part) for d in days.split("-", 1))
+        a, sep, b = span.partition("-")
+        if not sep:
+            raise InvalidInput(f"{field}: {part!r}: {span!r} is not a time range HH:MM-HH:MM")
+        start, end = _sched_minutes(a, field, part, end=False), _sched_minutes(b, field, part, end=True)
+        if start == end:
+            raise InvalidInput(f"{field}: {part!r}: the window is empty (start and end are both {a})")
+        out.append(f"{days} {span}={mbps}")
+    return ",".join(out)

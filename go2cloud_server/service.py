@@ -105,6 +105,9 @@ _OPEN_SQL = ",".join(f"'{s}'" for s in OPEN_TASK_STATUSES)
 _SOURCE_ID_RE = re.compile(r"s-[a-z0-9]{1,64}")
 
 
+#: the task options a ``modify`` forwards to the agent (they apply without restarting the transfer)
+_AGENT_OPTIONS = ("bandwidth_mbps", "bandwidth_schedule", "compression", "checksum")
+
 class RsyncTarget(Protocol):
     """What the service needs from ``go2cloud_server.rsyncd.RsyncSessions``."""
 
@@ -1270,6 +1273,7 @@ class Service:
         }
         keep["loops"] = heartbeat_report.loops(body.get("loops"))
         keep["retry"] = heartbeat_report.retry(body.get("retry"))
+        keep["bandwidth"] = heartbeat_report.bandwidth(body.get("bandwidth"))
         now = self.now()
         with self.store.transaction() as conn:
             conn.execute(
@@ -1644,6 +1648,7 @@ class Service:
             "mode": task["mode"],
             "paths": loads(task["paths"], []),
             "bandwidth_mbps": task["bandwidth_mbps"],
+            "bandwidth_schedule": task["bandwidth_schedule"],
             "compression": task["compression"],
             "checksum": bool(task["checksum"]),
             "target": self.target(task),
@@ -1748,6 +1753,8 @@ class Service:
             "disks": loads(task["disks"], []),
             "snapshot": task["snapshot"],
             "bandwidth_mbps": task["bandwidth_mbps"],
+            "bandwidth_schedule": task["bandwidth_schedule"],
+            "bandwidth_now": self._bandwidth_now(task, hb),
             "compression": task["compression"],
             "checksum": bool(task["checksum"]),
             "sync_every_s": task["sync_every_s"],
@@ -1773,6 +1780,16 @@ class Service:
             "snapshot_choice": task_snapshot_choice(task),
         }
 
+    @staticmethod
+    def _bandwidth_now(task: Mapping[str, Any], hb: Any) -> Optional[Dict[str, Any]]:
+        """The limit in force now, as the source's agent evaluated its windows in its local time
+        (its last heartbeat); without a schedule the task's limit; None when unknown."""
+        if isinstance(hb, dict) and hb.get("task_id") == task["id"] and isinstance(hb.get("bandwidth"), dict):
+            return dict(hb["bandwidth"])
+        if not task["bandwidth_schedule"]:
+            return {"limit_mbps": task["bandwidth_mbps"], "schedule": None}
+        return None
+
     def _start_params(self, body: Mapping[str, Any]) -> Dict[str, Any]:
         mode = rules.mode(body.get("mode"))
         if mode == "file":
@@ -1795,6 +1812,7 @@ class Service:
             "bandwidth_mbps": rules.integer(
                 body.get("bandwidth_mbps"), "bandwidth_mbps", rules.BANDWIDTH_MBPS, 0
             ),
+            "bandwidth_schedule": rules.bandwidth_schedule(body.get("bandwidth_schedule")),
             "compression": rules.integer(
                 body.get("compression"), "compression", rules.COMPRESSION, rules.COMPRESSION_DEFAULT
             ),
@@ -1874,8 +1892,9 @@ class Service:
             conn.execute(
                 "INSERT INTO tasks (id, source_id, workgroup_id, name, description, mode, paths, "
                 "disks, snapshot, block_token, bandwidth_mbps, compression, checksum, sync_every_s, "
-                "keep_images, status, current_cycle, rsync_password, created_at, updated_at, history) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                "keep_images, status, current_cycle, rsync_password, created_at, updated_at, history, "
+                "bandwidth_schedule) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
                 (
                     task_id,
                     source_id,
@@ -1897,6 +1916,7 @@ class Service:
                     now,
                     now,
                     dumps([{"status": status, "at": now, **snapshot_choice(params, now)}]),
+                    params["bandwidth_schedule"],
                 ),
             )
             task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
@@ -1932,6 +1952,7 @@ class Service:
         cmd_params.update(
             {
                 "bandwidth_mbps": task["bandwidth_mbps"],
+                "bandwidth_schedule": task["bandwidth_schedule"],
                 "compression": task["compression"],
                 "checksum": bool(task["checksum"]),
                 "target": self.target(task),
@@ -2116,6 +2137,8 @@ class Service:
             out["bandwidth_mbps"] = rules.integer(
                 body["bandwidth_mbps"], "bandwidth_mbps", rules.BANDWIDTH_MBPS
             )
+        if "bandwidth_schedule" in body:  # null or "" removes the schedule
+            out["bandwidth_schedule"] = rules.bandwidth_schedule(body["bandwidth_schedule"])
         if body.get("compression") is not None:
             out["compression"] = rules.integer(body["compression"], "compression", rules.COMPRESSION)
         if body.get("checksum") is not None:
@@ -2126,7 +2149,8 @@ class Service:
             out["keep_images"] = rules.integer(body["keep_images"], "keep_images", rules.KEEP_IMAGES)
         if not out:
             raise InvalidInput(
-                "modify: give at least one of name, description, bandwidth_mbps, compression, "
+                "modify: give at least one of name, description, bandwidth_mbps, bandwidth_schedule, "
+                "compression, "
                 "checksum, sync_every_s, keep_images"
             )
         return out
@@ -2198,7 +2222,7 @@ class Service:
         if "checksum" in changes:
             changes["checksum"] = int(changes["checksum"])
         self._set_task(conn, task["id"], **changes)
-        agent_fields = {k: params[k] for k in ("bandwidth_mbps", "compression", "checksum") if k in params}
+        agent_fields = {k: params[k] for k in _AGENT_OPTIONS if k in params}
         if "keep_images" in params:
             keep, tid = int(params["keep_images"]), task["id"]
             after.append(lambda: self._apply_retention(tid, keep))

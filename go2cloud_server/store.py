@@ -28,7 +28,7 @@ from go2cloud_server.errors import Busy
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: database connections at most (readers run in parallel in WAL mode; writers take turns anyway)
 POOL_SIZE = 8
 
@@ -198,7 +198,12 @@ CREATE TABLE cycle_writers (
 )
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
+# v6: bandwidth windows (rules.bandwidth_schedule, normalised; NULL: the task's limit always)
+_SCHEMA_V6 = """
+ALTER TABLE tasks ADD COLUMN bandwidth_schedule TEXT
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5, 6: _SCHEMA_V6}
 
 
 class SchemaTooNew(RuntimeError):

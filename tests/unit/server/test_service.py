@@ -686,7 +686,7 @@ def test_an_acknowledgement_that_cannot_be_applied_at_start_fails_its_task(
 def test_schema_version_and_newer_refused(tmp_path):
     st = Store(tmp_path / "x.db")
     st.migrate()
-    assert st.schema_version() == SCHEMA_VERSION == 5
+    assert st.schema_version() == SCHEMA_VERSION == 6
     with st.transaction() as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     from go2cloud_server.store import SchemaTooNew

@@ -117,8 +117,11 @@ class TaskRunner:
         join_timeout: float = 60.0,
         block_cycles: Optional[Any] = None,
         epoch: Callable[[], int] = lambda: 0,
+        proxy: Optional[Any] = None,
     ) -> None:
         self.home = home
+        #: the agent's proxy setting (:class:`go2cloud_client.proxy.ProxySettings`) for block data
+        self._proxy = proxy
         #: the agent's session epoch now (fencing): stamped on the target of every cycle attempt
         self._epoch = epoch
         self._factory = replicator_factory
@@ -157,7 +160,8 @@ class TaskRunner:
         if self._block_cycles is None:
             from go2cloud_client.blockcycle import BlockCycleRunner, default_block_factory
 
-            self._block_cycles = BlockCycleRunner(self.home, replicator_factory=default_block_factory())
+            self._block_cycles = BlockCycleRunner(self.home,
+                                                  replicator_factory=default_block_factory(self._proxy))
         return self._block_cycles
 
     # -- persistence ------------------------------------------------------------------------

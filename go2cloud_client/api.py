@@ -68,6 +68,12 @@ class _PinnedAdapter(HTTPAdapter):
         kwargs["assert_fingerprint"] = self._fingerprint_hex
         super().init_poolmanager(*args, **kwargs)
 
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        # requests builds the proxy's pool manager apart from init_poolmanager's: without this
+        # the tunnelled connections would skip the pin (and, verify being off, every check)
+        proxy_kwargs["assert_fingerprint"] = self._fingerprint_hex
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
+
     def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         # The pin replaces CA verification. Forced here because requests lets REQUESTS_CA_BUNDLE
         # override a session-level verify=False; urllib3 marks pinned connections verified.

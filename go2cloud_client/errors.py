@@ -117,7 +117,7 @@ class ProxyRefusedError(Go2CloudError):
 
     exit_code = 16
     code = "proxy_refused"
-    summary = ("the HTTP proxy refused the connection (407: missing or wrong proxy credentials, "
+    summary = ("the HTTP proxy refused the connection (407/401: missing or wrong proxy credentials, "
                "403: destination not allowed): fix the proxy URL or the proxy's rules")
 
     def __init__(self, message: str, *, status: int = 0, detail: Optional[str] = None) -> None:

@@ -154,7 +154,7 @@ class ProxySettings:
 
 def refused(proxy: ProxyURL, target: str, status: int, reason: str) -> ProxyRefusedError:
     """The error for a proxy that answered CONNECT with ``status``."""
-    if status == 407:
+    if status in (401, 407):  # 407 by the standard; some proxies (tinyproxy) answer wrong ones with 401
         what = ("the proxy asks for credentials and none were given: put them in the proxy URL "
                 "(http://USER:PASSWORD@HOST:PORT in --proxy, GO2CLOUD_PROXY or proxy: in config.yaml)"
                 if not (proxy.username or proxy.password) else

@@ -86,3 +86,14 @@ def test_refusal_messages_say_what_to_do():
     assert "refused the user name and password" in str(err) and "pw" not in str(err)
     err = refused(bare, "cp:443", 403, "Access violation")
     assert "does not allow CONNECT to cp:443" in str(err)
+
+
+def test_the_tunnels_refusal_line_is_recognised_by_the_file_replicator():
+    """The rsync tunnel prints the ProxyRefusedError on stderr; the replicator turns that line
+    back into the same error (exit 16), not into a retried connection failure."""
+    from go2cloud_client.replication.rsync import _PROXY_REFUSED_RE
+
+    err = refused(parse_proxy_url("http://p:3128"), "cp:8443", 403, "Forbidden")
+    line = "go2cloud rsync tunnel: " + str(err)
+    m = _PROXY_REFUSED_RE.search(line)
+    assert m is not None and m.group(2) == "403" and m.group(1).startswith("the proxy http://p:3128 refused")

@@ -48,6 +48,7 @@ from go2cloud_client.identity import Identity
 from go2cloud_client.ledger import FINAL_STATUSES, Ledger
 from go2cloud_client.outage import OutageLog
 from go2cloud_client.periodic import LoopSupervisor
+from go2cloud_client.proxy import ProxySettings, settings_of
 from go2cloud_client.session import open_session
 from go2cloud_client.task import Outcome, TaskRunner
 
@@ -62,7 +63,8 @@ SKEW_WARN_S = 60.0
 REDELIVERY_PAUSE_S = 2.0
 
 
-def default_replicator_factory(home: Home, rsync_path: str, io_timeout_s: int = 120) -> Callable[..., Any]:
+def default_replicator_factory(home: Home, rsync_path: str, io_timeout_s: int = 120,
+                               proxy: Optional[ProxySettings] = None) -> Callable[..., Any]:
     from go2cloud_client.replication.excludes import ensure_home_excludes
     from go2cloud_client.replication.rsync import FileReplicator, RsyncTarget, TransferOptions
 
@@ -70,7 +72,7 @@ def default_replicator_factory(home: Home, rsync_path: str, io_timeout_s: int = 
                 on_child: Callable[[Optional[int]], None]) -> FileReplicator:
         return FileReplicator(
             target=RsyncTarget(target.url, target.fingerprint, target.module, target.user, target.password,
-                               getattr(target, "epoch", 0)),
+                               getattr(target, "epoch", 0), (proxy or ProxySettings()).for_url(target.url)),
             paths=paths,
             options=TransferOptions(options.bandwidth_mbps, options.compression, options.checksum),
             excludes_file=ensure_home_excludes(home.root),
@@ -135,11 +137,13 @@ class Agent:
         self.source = source
         self.console = console or Console()
         self.stop_event = threading.Event()
+        self.proxy = settings_of(config.proxy, config.no_proxy, source)
         self.cp = control_plane or ControlPlane(
             config.server or source["server"],
             fingerprint=config.server_fingerprint or source.get("server_fingerprint"),
             source_id=source["source_id"], identity=identity,
             connect_timeout=config.connect_timeout_s, read_timeout=config.read_timeout_s,
+            proxy=self.proxy,
         )
         self.outage = OutageLog(say=self.console.line)
         retry = dict(stop_event=self.stop_event, on_retry=self._unreachable)
@@ -151,7 +155,7 @@ class Agent:
         self.runner = TaskRunner(
             home,
             replicator_factory=replicator_factory or default_replicator_factory(
-                home, rsync_path, config.rsync_timeout_s),
+                home, rsync_path, config.rsync_timeout_s, self.proxy),
             fetch_task=self.api_task.get_task,
             ack=self._finish_command,
             notify=self.notify,
@@ -161,6 +165,7 @@ class Agent:
             control_plane_budget_s=config.control_plane_budget_s,
             control_plane_down=lambda: not self.outage.connected,
             epoch=lambda: self.cp.epoch,
+            proxy=self.proxy,
         )
         self._session_ready = threading.Event()
         self._session_lock = threading.Lock()
@@ -313,7 +318,7 @@ class Agent:
             ctx = build_context(mode=spec.mode, paths=spec.paths, disks=spec.disks, snapshot=spec.snapshot,
                                 home=str(self.home.root), server_url=self.cp.server,
                                 targets=[Target(*t) for t in spec.targets], rsync_path=self.rsync_path,
-                                server_time=self.cp.server_time)
+                                server_time=self.cp.server_time, proxy=self.proxy)
             report = run_drill(ctx).to_dict()
         except Exception as exc:  # noqa: BLE001 - reported to the control plane as a failed drill
             LOG.exception("the drill of task %s failed", cmd.task_id)

@@ -39,6 +39,8 @@ from go2cloud_client.errors import (
     UsageError,
 )
 from go2cloud_client.identity import Identity
+from go2cloud_client.proxy import ProxySettings
+from go2cloud_client.proxy import refused as proxy_refused
 
 LOG = logging.getLogger(__name__)
 
@@ -65,6 +67,12 @@ class _PinnedAdapter(HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["assert_fingerprint"] = self._fingerprint_hex
         super().init_poolmanager(*args, **kwargs)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        # requests builds the proxy's pool manager apart from init_poolmanager's: without this
+        # the tunnelled connections would skip the pin (and, verify being off, every check)
+        proxy_kwargs["assert_fingerprint"] = self._fingerprint_hex
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
 
     def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         # The pin replaces CA verification. Forced here because requests lets REQUESTS_CA_BUNDLE
@@ -99,6 +107,7 @@ class ControlPlane:
         read_timeout: float = 30.0,
         agent_version: str = __version__,
         session: Optional[requests.Session] = None,
+        proxy: Optional[ProxySettings] = None,
     ) -> None:
         parts = urlsplit(server)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -123,6 +132,12 @@ class ControlPlane:
         else:
             self.session.mount("https://", HTTPAdapter(max_retries=0))
         self.session.mount("http://", HTTPAdapter(max_retries=0))
+        # the agent's own proxy setting is the only one used (not requests' reading of the
+        # environment, which the other channels could not follow): CONNECT, then TLS end to end
+        self.session.trust_env = False
+        self.proxy = (proxy or ProxySettings()).for_url(self.server)
+        if self.proxy is not None:
+            self.session.proxies = {"https": self.proxy.url, "http": self.proxy.url}
         self._token: Optional[str] = None
         self._token_deadline = 0.0
         self._token_lock = threading.Lock()
@@ -196,6 +211,8 @@ class ControlPlane:
                                         timeout=timeout, stream=True, allow_redirects=False)
         except requests.exceptions.SSLError as exc:
             raise self._tls_error(exc) from None
+        except requests.exceptions.ProxyError as exc:
+            raise self._proxy_error(exc) from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             err = ServerUnreachableError(
                 f"cannot reach the control plane at {self.server} ({_short_reason(exc)}); check the "
@@ -298,6 +315,19 @@ class ControlPlane:
                                 "check the --server URL")
         raise RequestRejectedError(f"the control plane refused {what} (HTTP {status}, {code or 'no code'}): "
                                    f"{message}")
+
+    def _proxy_error(self, exc: Exception) -> Go2CloudError:
+        """A refusal by the proxy (ProxyRefusedError), or the proxy out of reach (retried)."""
+        assert self.proxy is not None
+        target = urlsplit(self.server).netloc
+        refused = re.search(r"Tunnel connection failed: (\d{3}) ?([^'\")]*)", str(exc))
+        if refused:
+            return proxy_refused(self.proxy, target, int(refused.group(1)), refused.group(2))
+        err = ServerUnreachableError(
+            f"cannot reach the control plane at {self.server} through the proxy {self.proxy.display} "
+            f"({_short_reason(exc)}); check that the proxy is running and reachable from this host")
+        err.request_sent = False  # type: ignore[attr-defined]
+        return err
 
     def _tls_error(self, exc: Exception) -> TLSError:
         text = str(exc)

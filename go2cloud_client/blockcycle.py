@@ -413,8 +413,9 @@ def _block_cycle(number: int, incremental: bool, reverify: bool = False) -> Any:
     return BlockCycle(number=number, incremental=incremental, reverify=reverify)
 
 
-def default_block_factory() -> Callable[..., Any]:
-    """The production factory: ``BlockReplicator`` from ``go2cloud_client.replication.block``."""
+def default_block_factory(proxy: Optional[Any] = None) -> Callable[..., Any]:
+    """The production factory: ``BlockReplicator`` from ``go2cloud_client.replication.block``;
+    ``proxy`` (:class:`go2cloud_client.proxy.ProxySettings`) decides how the target is reached."""
 
     def factory(*, target: BlockTargetSpec, disks: Sequence[Tuple[str, str]], options: Options,
                 state_dir: Path, on_progress: Callable[[Any], None],
@@ -423,7 +424,8 @@ def default_block_factory() -> Callable[..., Any]:
 
         return block.BlockReplicator(
             target=block.BlockTarget(url=target.url, token=target.token, fingerprint=target.fingerprint,
-                                     epoch=target.epoch),
+                                     epoch=target.epoch,
+                                     proxy=proxy.for_url(target.url) if proxy is not None else None),
             disks=[block.Disk(name=name, path=path) for name, path in disks],
             options=block_options(options),
             state_dir=state_dir,

@@ -45,6 +45,7 @@ from go2cloud_client.hostchanges import HostChanges, describe, revert_all
 from go2cloud_client.hostprep import HostPrep, block_summary, ensure_rsync
 from go2cloud_client.identity import Identity
 from go2cloud_client.inventory import collect
+from go2cloud_client.proxy import settings_at_import, settings_of
 
 LOG = logging.getLogger("go2cloud_client.cli")
 
@@ -88,9 +89,12 @@ def import_source(home: Home, config: Config, console: Console, *, token_id: str
     previous = home.previous_source_id()
     console.line(f"Importing source into {config.server} with activation code {token_id} ...")
     identity = Identity.generate()
+    proxy = settings_at_import(config.proxy, config.no_proxy, os.environ)
+    if proxy.proxy:
+        console.line(f"Connecting {proxy.describe()}")
     cp = control_plane or ControlPlane(config.server, fingerprint=config.server_fingerprint,
                                        connect_timeout=config.connect_timeout_s,
-                                       read_timeout=config.read_timeout_s)
+                                       read_timeout=config.read_timeout_s, proxy=proxy)
     inventory = collect(home, capabilities)
 
     def on_retry(exc: BaseException, attempt: int) -> None:
@@ -121,6 +125,8 @@ def import_source(home: Home, config: Config, console: Console, *, token_id: str
         "heartbeat_interval": doc.get("heartbeat_interval") or 10, "imported_at": utc_now(),
         "replaced_source_id": doc.get("replaced_source_id"),
     }
+    if proxy.proxy:
+        source.update(proxy=proxy.proxy, no_proxy=proxy.no_proxy)
     if capabilities:
         source["capabilities"] = capabilities
     home.write_state(home.source_file, source)
@@ -220,7 +226,8 @@ def run_foreground(home: Home, flags: Dict[str, Any], *, token_id: Optional[str]
                 console.line(f"This host is already imported as {source['source_id']}; "
                              "--token-id/--token-code ignored (go2cloud_client --abort forgets the import)")
             changes = {k: v for k, v in (("server", config.server),
-                                         ("server_fingerprint", config.server_fingerprint))
+                                         ("server_fingerprint", config.server_fingerprint),
+                                         ("proxy", config.proxy), ("no_proxy", config.no_proxy))
                        if v and v != source.get(k)}
             if changes:
                 LOG.info("control plane settings changed since the import: %s", sorted(changes))
@@ -441,13 +448,22 @@ _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=Fal
 @click.option("--abort", "do_abort", is_flag=True,
               help="Stop the running agent and its transfers and forget the import.")
 @click.option("--log-level", type=_LEVELS, help="Log level of <home>/Logs/go2cloud_client.log.")
+@click.option("--proxy", metavar="URL",
+              help="HTTP proxy for every connection (http://[USER:PASSWORD@]HOST:PORT, or 'none'); "
+                   "default: https_proxy from the environment at import. Kept by the import and by "
+                   "'service install'. Env: GO2CLOUD_PROXY (better for credentials: arguments are "
+                   "visible to every local user).")
+@click.option("--no-proxy", "no_proxy", metavar="HOSTS",
+              help="Hosts reached without the proxy (comma-separated names, .suffixes, IPs, CIDRs). "
+                   "Env: GO2CLOUD_NO_PROXY; default: no_proxy from the environment at import.")
 @click.option("--windows-service", is_flag=True, hidden=True,
               help="Answer the Windows Service Control Manager (the binPath of 'service install').")
 @click.version_option(__version__, "--version", prog_name="go2cloud_client", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], token_code: Optional[str],
         server_fingerprint: Optional[str], home_dir: Optional[str], yes: bool, no_prompt: bool,
-        import_only: bool, do_abort: bool, log_level: Optional[str], windows_service: bool) -> Optional[int]:
+        import_only: bool, do_abort: bool, log_level: Optional[str], windows_service: bool,
+        proxy: Optional[str], no_proxy: Optional[str]) -> Optional[int]:
     """go2cloud_client: imports this server into a workgroup and migrates it.
 
     Without a subcommand: prepare the host (snapshot driver, rsync, SELinux) and import it (if it
@@ -455,7 +471,7 @@ def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], toke
     task resumes when the agent starts again).
     """
     ctx.ensure_object(dict)
-    ctx.obj.update(home_dir=home_dir, yes=yes, no_prompt=no_prompt)
+    ctx.obj.update(home_dir=home_dir, yes=yes, no_prompt=no_prompt, proxy=proxy, no_proxy=no_proxy)
     token_code = take_token_code(ctx.get_parameter_source("token_code"), token_code)
     if ctx.invoked_subcommand:
         return None
@@ -466,7 +482,8 @@ def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], toke
             configure_logging(home, log_level or "INFO")
         abort(home, console)
         return None
-    flags = {"server": server, "server_fingerprint": server_fingerprint, "log_level": log_level}
+    flags = {"server": server, "server_fingerprint": server_fingerprint, "log_level": log_level,
+             "proxy": proxy, "no_proxy": no_proxy}
     if windows_service:  # started by the Service Control Manager: its exit status is the agent's
         return platform.run_windows_service(lambda attach: run_foreground(
             home, flags, token_id=token_id, token_code=token_code, yes=yes, no_prompt=no_prompt,
@@ -528,7 +545,12 @@ def service_install(ctx: click.Context, home_dir: Optional[str], no_start: bool)
     home = _home(ctx, home_dir)
     if home.exists():
         configure_logging(home)
-    servicemode.install(home, Console(), start=not no_start)
+    proxy = None
+    source = home.imported_source() if home.exists() else None
+    if source is not None:
+        config = load_config(home, flags={"proxy": ctx.obj.get("proxy"), "no_proxy": ctx.obj.get("no_proxy")})
+        proxy = settings_of(config.proxy, config.no_proxy, source)
+    servicemode.install(home, Console(), start=not no_start, proxy=proxy)
 
 
 @service.command("uninstall")

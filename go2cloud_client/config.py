@@ -16,6 +16,7 @@ import yaml
 
 from go2cloud_client.errors import ConfigError, UsageError
 from go2cloud_client.home import Home
+from go2cloud_client.proxy import validate_setting
 from go2cloud_client.tlspin import is_loopback_host, normalize_fingerprint  # noqa: F401 - re-exported
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -45,6 +46,11 @@ class Config:
     control_plane_budget_s: float = 3600.0
     #: rsync ``--timeout``: a transfer that moves no data for this long is stopped and retried.
     rsync_timeout_s: int = 120
+    #: HTTP proxy for every channel (``http://[user:password@]HOST:PORT``, or ``none`` to ignore
+    #: ``https_proxy`` from the environment); see :mod:`go2cloud_client.proxy`.
+    proxy: Optional[str] = None
+    #: hosts reached without the proxy (comma-separated names, .suffixes, IPs, CIDRs, ``*``).
+    no_proxy: Optional[str] = None
 
 
 #: config key -> environment variable
@@ -60,6 +66,8 @@ ENV_VARS: Dict[str, str] = {
     "transfer_retry_budget_s": "GO2CLOUD_TRANSFER_RETRY_BUDGET",
     "control_plane_budget_s": "GO2CLOUD_CONTROL_PLANE_BUDGET",
     "rsync_timeout_s": "GO2CLOUD_RSYNC_TIMEOUT",
+    "proxy": "GO2CLOUD_PROXY",
+    "no_proxy": "GO2CLOUD_NO_PROXY",
 }
 
 
@@ -155,6 +163,8 @@ _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
     "transfer_retry_budget_s": _float_range(0, 7 * 86400),
     "control_plane_budget_s": _float_range(0, 7 * 86400),
     "rsync_timeout_s": _int_range(5, 3600),
+    "proxy": lambda v: validate_setting(_str(v)),
+    "no_proxy": _str,
 }
 
 assert set(_VALIDATORS) == {f.name for f in fields(Config)}

@@ -111,6 +111,21 @@ class ThrottledError(ServerError):
         self.retry_after = retry_after
 
 
+class ProxyRefusedError(Go2CloudError):
+    """The configured HTTP proxy answered CONNECT with an error (407 credentials missing or
+    wrong, 403 destination not allowed, ...): retrying the same request cannot help."""
+
+    exit_code = 16
+    code = "proxy_refused"
+    summary = ("the HTTP proxy refused the connection (407/401: missing or wrong proxy credentials, "
+               "403: destination not allowed): fix the proxy URL or the proxy's rules")
+
+    def __init__(self, message: str, *, status: int = 0, detail: Optional[str] = None) -> None:
+        super().__init__(message, detail=detail)
+        #: the proxy's HTTP status
+        self.status = status
+
+
 class RequestRejectedError(Go2CloudError):
     exit_code = 14
     code = "request_rejected"

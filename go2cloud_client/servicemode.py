@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from go2cloud_client import platform, subp
+from go2cloud_client.atomicfile import atomic_write
 from go2cloud_client.console import Console
 from go2cloud_client.errors import AgentStopError, NotImportedError, ServiceError
 from go2cloud_client.home import HOME_ENV, Home, lock_held
+from go2cloud_client.proxy import ProxySettings
 
 LOG = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ STOP_WAIT_S = 30.0
 KILL_WAIT_S = 10.0
 #: How long ``service install`` waits for a detached agent to hold its home lock.
 START_WAIT_S = 30.0
+#: the service's extra environment, in ``<home>/state`` (see :func:`write_service_env`)
+SERVICE_ENV = "service.env"
 
 
 def agent_argv(home: Path) -> List[str]:
@@ -95,10 +99,13 @@ def stop_agent(home: Home, *, wait: float = STOP_WAIT_S) -> Optional[str]:
     raise AgentStopError(f"the agent (pid {pid}) did not exit even after SIGKILL")
 
 
-def start_detached(home: Home) -> int:
+def start_detached(home: Home, proxy: Optional[ProxySettings] = None) -> int:
     """Start ``agent_argv(home)`` detached and wait until it holds the home lock; its pid.
     ServiceError when it exits first (the reason is in its log)."""
-    env = subp.child_env({HOME_ENV: str(home.root)}, lang_c=False)
+    extra = {HOME_ENV: str(home.root)}
+    if proxy is not None and proxy.proxy:
+        extra.update(GO2CLOUD_PROXY=proxy.proxy, GO2CLOUD_NO_PROXY=proxy.no_proxy)
+    env = subp.child_env(extra, lang_c=False)
     proc = subp.spawn_detached(agent_argv(home.root), env=env)
     pid = proc.pid
     deadline = time.monotonic() + START_WAIT_S
@@ -124,8 +131,33 @@ def wait_running(home: Home, seconds: float) -> Optional[int]:
         time.sleep(0.2)
 
 
-def install(home: Home, console: Console, *, start: bool = True) -> None:
-    """``service install``: idempotent (the unit is replaced and the agent restarted)."""
+def write_service_env(home: Home, proxy: ProxySettings) -> Optional[Path]:
+    """The service's extra environment (``<home>/state/service.env``, root only): the proxy
+    setting, so the service's agent keeps it whatever its environment. None (and no file) when
+    the agent connects directly."""
+    path = home.state_dir / SERVICE_ENV
+    if not proxy.proxy:
+        path.unlink(missing_ok=True)
+        return None
+    lines = [f"GO2CLOUD_PROXY={_env_quote(proxy.proxy)}"]
+    if proxy.no_proxy:
+        lines.append(f"GO2CLOUD_NO_PROXY={_env_quote(proxy.no_proxy)}")
+    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"), mode=0o600)
+    return path
+
+
+def _env_quote(value: str) -> str:
+    """A value of a systemd EnvironmentFile line: single quotes keep it as it is."""
+    if "'" in value or "\n" in value:
+        raise ServiceError("the proxy setting contains a quote or a line break; percent-encode it "
+                           "(%27) in the proxy URL")
+    return f"'{value}'"
+
+
+def install(home: Home, console: Console, *, start: bool = True,
+            proxy: Optional[ProxySettings] = None) -> None:
+    """``service install``: idempotent (the unit is replaced and the agent restarted). ``proxy``:
+    the setting the service's agent keeps (written into its environment)."""
     if home.imported_source() is None:
         raise NotImportedError(
             f"{home.root} is not imported yet: import first with go2cloud_client --home {home.root} "
@@ -139,8 +171,11 @@ def install(home: Home, console: Console, *, start: bool = True) -> None:
     if was:
         console.line(was[0].upper() + was[1:])
     argv = agent_argv(home.root)
+    env_file = write_service_env(home, proxy or ProxySettings())
+    if env_file is not None:
+        console.line(f"The service's agent connects {(proxy or ProxySettings()).describe()} ({env_file})")
     try:
-        result = platform.service_install(argv, home.root, start=start)
+        result = platform.service_install(argv, home.root, start=start, env_file=env_file)
     except (OSError, subp.ProcessError) as exc:
         raise ServiceError(f"installing the service failed: {exc}") from exc
     from go2cloud_client.hostchanges import HostChanges
@@ -164,7 +199,7 @@ def install(home: Home, console: Console, *, start: bool = True) -> None:
     if not start:
         console.line("systemd is not running on this host; the agent was not started (--no-start)")
         return
-    pid = start_detached(home)
+    pid = start_detached(home, proxy)
     console.line(f"systemd is not running on this host, so the agent was started without it "
                  f"(pid {pid}, detached); nothing restarts it after a crash or a reboot until "
                  "systemd runs the unit")

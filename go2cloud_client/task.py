@@ -127,6 +127,7 @@ class TaskRunner:
         epoch: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.time,
         zone: Optional[bwschedule.LocalZone] = None,
+        proxy: Optional[Any] = None,
     ) -> None:
         self.home = home
         #: wall clock and time zone of the bandwidth windows (tests inject both)
@@ -137,6 +138,8 @@ class TaskRunner:
         self._windows_wake = threading.Event()
         self._windows_stop = threading.Event()
         self._in_force: Optional[int] = None
+        #: the agent's proxy setting (:class:`go2cloud_client.proxy.ProxySettings`) for block data
+        self._proxy = proxy
         #: the agent's session epoch now (fencing): stamped on the target of every cycle attempt
         self._epoch = epoch
         self._factory = replicator_factory
@@ -175,7 +178,8 @@ class TaskRunner:
         if self._block_cycles is None:
             from go2cloud_client.blockcycle import BlockCycleRunner, default_block_factory
 
-            self._block_cycles = BlockCycleRunner(self.home, replicator_factory=default_block_factory())
+            self._block_cycles = BlockCycleRunner(self.home,
+                                                  replicator_factory=default_block_factory(self._proxy))
         return self._block_cycles
 
     # -- persistence ------------------------------------------------------------------------

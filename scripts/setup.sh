@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_debs=()
-for pair in rsync:rsync tcpdump:tcpdump setfacl:acl setfattr:attr mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs curl:curl sudo:sudo objdump:binutils systemd-analyze:systemd ip:iproute2 tc:iproute2; do
+for pair in rsync:rsync tcpdump:tcpdump setfacl:acl setfattr:attr mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs curl:curl sudo:sudo objdump:binutils systemd-analyze:systemd ip:iproute2 tc:iproute2 tinyproxy:tinyproxy; do
     cmd=${pair%%:*}; pkg=${pair##*:}
     command -v "$cmd" >/dev/null 2>&1 || need_debs+=("$pkg")
 done

@@ -10,7 +10,6 @@ docs/operator-guide.md ("Drill").
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
@@ -26,6 +25,15 @@ from go2cloud_client import platform
 from go2cloud_client.commands import AUTO_SNAPSHOT_ORDER, NON_PIT_ALTERNATIVES, alternatives_text
 from go2cloud_client.drill import initramfs
 from go2cloud_client.drill.model import Item, critical, info, warning
+from go2cloud_client.errors import ProxyRefusedError
+from go2cloud_client.proxy import (  # noqa: F401 - bypasses_proxy re-exported
+    ProxySettings,
+    ProxyURL,
+    bypasses_proxy,
+    connect_via_proxy,
+    parse_proxy_url,
+    settings_at_import,
+)
 
 #: Used space / inodes of a filesystem: critical above, warning above (percent).
 USED_CRITICAL_PCT = 99.0
@@ -125,6 +133,8 @@ class Context:
     snapshot_probe: Callable[[Optional[str]], Optional[Dict[str, Tuple[bool, str]]]] = _default_snapshot_probe
     clock: Callable[[], float] = time.time
     _time_probe: Optional[TimeProbe] = field(default=None, repr=False)
+    #: the agent's proxy setting; None: the standard environment (``env``)
+    proxy: Optional[ProxySettings] = None
 
     def time_probe(self) -> Optional[TimeProbe]:
         """One call to the control plane's clock, shared by the reachability and skew checks."""
@@ -395,14 +405,32 @@ def tcp_connect(host: str, port: int, timeout: float) -> Optional[str]:
         return exc.strerror or str(exc)
 
 
+def connect_through(proxy: ProxyURL, host: str, port: int, timeout: float) -> Optional[str]:
+    """None when the proxy opens a CONNECT tunnel to host:port, else why not."""
+    try:
+        connect_via_proxy(proxy, host, port, timeout).close()
+        return None
+    except ProxyRefusedError as exc:
+        return str(exc)
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def check_targets(ctx: Context) -> List[Item]:
     """The target ports of the migration open (the control plane port that receives its data)."""
     if not ctx.targets:
         return [info("target_ports", "no target given: checked when the control plane runs the drill")]
     items = []
+    settings = proxy_of(ctx)
     for t in ctx.targets:
-        why = tcp_connect(t.host, t.port, ctx.connect_timeout)
-        where = f"{t.label} at {t.host}:{t.port}"
+        via = settings.for_host(t.host) if settings.proxy else None
+        if via is not None:
+            why = connect_through(via, t.host, t.port, ctx.connect_timeout)
+        else:
+            why = tcp_connect(t.host, t.port, ctx.connect_timeout)
+        where = f"{t.label} at {t.host}:{t.port}" + (f" (through the proxy {via.display})" if via else "")
         if why:
             items.append(critical("target_ports", f"cannot connect to the {where}: {why}",
                                   f"open outbound TCP port {t.port} to {t.host} in the firewall / security "
@@ -412,54 +440,43 @@ def check_targets(ctx: Context) -> List[Item]:
     return items
 
 
-def _env(env: Mapping[str, str], name: str) -> str:
-    return env.get(name.lower()) or env.get(name.upper()) or ""
-
-
-def bypasses_proxy(host: str, no_proxy: str) -> bool:
-    """Whether ``host`` matches a NO_PROXY list (names, .suffixes, *, IPs and CIDRs)."""
-    host = host.strip("[]").lower()
-    for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        try:
-            if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
-                return True
-            continue
-        except ValueError:
-            pass
-        entry = entry.split(":")[0] if entry.count(":") == 1 else entry
-        suffix = entry if entry.startswith(".") else "." + entry
-        if host == entry.lstrip(".") or host.endswith(suffix):
-            return True
-    return False
+def proxy_of(ctx: Context) -> ProxySettings:
+    """The agent's proxy setting: the one it was given, else the standard environment."""
+    if ctx.proxy is not None:
+        return ctx.proxy
+    return settings_at_import(None, None, ctx.env)
 
 
 def check_proxy(ctx: Context) -> List[Item]:
-    """HTTP(S) proxy settings against the control plane and target hosts."""
+    """The agent's HTTP proxy: reachable, and which hosts go through it."""
     from urllib.parse import urlsplit
 
-    proxy = _env(ctx.env, "HTTPS_PROXY") or _env(ctx.env, "ALL_PROXY") or _env(ctx.env, "HTTP_PROXY")
-    if not proxy:
-        return [info("proxy", "no HTTP(S) proxy is set")]
-    no_proxy = _env(ctx.env, "NO_PROXY")
+    settings = proxy_of(ctx)
+    if not settings.proxy:
+        return [info("proxy", "no HTTP proxy is set: the agent connects directly")]
+    try:
+        proxy = parse_proxy_url(settings.proxy)
+    except ValueError as exc:
+        return [critical("proxy", f"the proxy setting is invalid: {exc}",
+                         "set --proxy / GO2CLOUD_PROXY / proxy: in config.yaml to http://[USER:PASSWORD@]HOST:PORT")]
+    why = tcp_connect(proxy.host, proxy.port, ctx.connect_timeout)
+    if why:
+        return [critical("proxy", f"the proxy {proxy.display} cannot be reached: {why}",
+                         "check the proxy address and port, that the proxy runs, and the firewall between "
+                         "this host and the proxy (or remove the proxy setting)", proxy=proxy.display)]
     hosts = []
     if ctx.server_url:
         hosts.append(("control plane", urlsplit(ctx.server_url).hostname or ""))
     hosts += [(t.label, t.host) for t in ctx.targets]
-    items = []
+    items = [info("proxy", f"the proxy {proxy.display} is reachable", proxy=proxy.display)]
     for label, host in hosts:
-        if bypasses_proxy(host, no_proxy):
-            items.append(info("proxy", f"proxy {proxy} is set; the {label} {host} is in NO_PROXY", host=host))
+        if settings.for_host(host) is None:
+            items.append(info("proxy", f"the {label} {host} is reached directly (in no_proxy)", host=host))
         else:
-            items.append(warning("proxy", f"requests to the {label} {host} go through the proxy {proxy}: a "
-                                          "proxy that inspects TLS breaks the pinned certificate, and rsync "
-                                          "does not use it", f"add {host} to NO_PROXY (no_proxy) for "
-                                                             "go2cloud_client, or allow CONNECT to it",
-                                 host=host, proxy=proxy))
-    return items or [info("proxy", f"proxy {proxy} is set (no control plane given to compare)")]
+            items.append(info("proxy", f"the {label} {host} is reached through the proxy {proxy.display} "
+                                       "(CONNECT; the pinned certificate is checked end to end, so a proxy "
+                                       "that inspects TLS fails)", host=host, proxy=proxy.display))
+    return items
 
 
 def check_tmp(ctx: Context) -> List[Item]:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any, Optional, Tuple
 
 import click
 
+from go2cloud_client.config import load_config
 from go2cloud_client.drill.checks import Target
 from go2cloud_client.drill.model import format_report
 from go2cloud_client.drill.runner import build_context, parse_host_port, run_drill
 from go2cloud_client.errors import ConfigError, DrillCriticalError, UsageError
 from go2cloud_client.home import Home, resolve_home
+from go2cloud_client.proxy import ProxySettings, settings_at_import, settings_of
 
 LOG = logging.getLogger(__name__)
 
@@ -28,6 +31,19 @@ def _imported_server(home: Home) -> Tuple[Optional[str], Optional[str]]:
     except ConfigError:
         return None, None
     return source.get("server"), source.get("server_fingerprint")
+
+
+def _proxy(home: Home) -> ProxySettings:
+    """The proxy the agent of ``home`` uses (configured, else recorded at import, else the
+    standard environment)."""
+    try:
+        config = load_config(home)
+        source = home.imported_source() or {}
+    except ConfigError:
+        return settings_at_import(None, None, os.environ)
+    if source.get("proxy") or config.proxy:
+        return settings_of(config.proxy, config.no_proxy, source)
+    return settings_at_import(config.proxy, config.no_proxy, os.environ)
 
 
 @click.command("check")
@@ -68,7 +84,7 @@ def check(ctx: click.Context, as_json: bool, mode: str, paths: Tuple[str, ...], 
         parsed.append(Target("target", host, port))
     drill_ctx = build_context(mode=mode, paths=list(paths) or (["/"] if mode == "file" else []),
                               disks=list(disks), snapshot=snapshot, home=str(home.root), server_url=server,
-                              fingerprint=fingerprint, targets=parsed)
+                              fingerprint=fingerprint, targets=parsed, proxy=_proxy(home))
     report = run_drill(drill_ctx).to_dict()
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))

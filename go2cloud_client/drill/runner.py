@@ -16,6 +16,7 @@ from go2cloud_client import __version__
 from go2cloud_client.drill.checks import ALL_CHECKS, Context, Target
 from go2cloud_client.drill.model import Item, Report, warning
 from go2cloud_client.events import utc_now
+from go2cloud_client.proxy import ProxySettings
 
 LOG = logging.getLogger(__name__)
 
@@ -48,13 +49,15 @@ def parse_host_port(value: str) -> Tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def server_clock(server_url: str, fingerprint: Optional[str], timeout: float = 10.0) -> Callable[[], float]:
+def server_clock(server_url: str, fingerprint: Optional[str], timeout: float = 10.0,
+                 proxy: Optional[ProxySettings] = None) -> Callable[[], float]:
     """A function asking the control plane for its time (no authentication needed)."""
 
     def ask() -> float:
         from go2cloud_client.api import ControlPlane
 
-        cp = ControlPlane(server_url, fingerprint=fingerprint, connect_timeout=timeout, read_timeout=timeout)
+        cp = ControlPlane(server_url, fingerprint=fingerprint, connect_timeout=timeout, read_timeout=timeout,
+                          proxy=proxy)
         try:
             return cp.server_time()
         finally:
@@ -67,11 +70,12 @@ def build_context(*, mode: str, paths: Sequence[str] = (), disks: Sequence[str] 
                   snapshot: Optional[str] = None, home: Optional[str] = None,
                   server_url: Optional[str] = None, fingerprint: Optional[str] = None,
                   targets: Sequence[Target] = (), rsync_path: Optional[str] = None,
-                  server_time: Optional[Callable[[], float]] = None) -> Context:
+                  server_time: Optional[Callable[[], float]] = None,
+                  proxy: Optional[ProxySettings] = None) -> Context:
     """The context of a drill on this host (defaults of :class:`Context` for the rest).
     ``server_time`` defaults to asking ``server_url`` with a fresh pinned connection."""
     if server_time is None and server_url:
-        server_time = server_clock(server_url, fingerprint)
+        server_time = server_clock(server_url, fingerprint, proxy=proxy)
     return Context(mode=mode, paths=tuple(paths), disks=tuple(disks), snapshot=snapshot,
                    home=Path(home or "."), server_url=server_url, server_time=server_time,
-                   targets=tuple(targets), rsync_path=rsync_path)
+                   targets=tuple(targets), rsync_path=rsync_path, proxy=proxy)

@@ -339,9 +339,12 @@ def _unit_quote(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def service_unit_text(argv: Sequence[str], home: Path) -> str:
-    """The systemd unit of the agent (the only place the unit text is written)."""
+def service_unit_text(argv: Sequence[str], home: Path, env_file: Optional[Path] = None) -> str:
+    """The systemd unit of the agent (the only place the unit text is written). ``env_file``: a
+    root-only file of more environment (the proxy setting, which may hold credentials: not in
+    the world-readable unit, nor in what ``systemctl show`` tells every user)."""
     exec_start = " ".join(_unit_quote(a) for a in argv)
+    env_line = f"EnvironmentFile={_unit_quote(str(env_file))}\n" if env_file is not None else ""
     return (
         "# Written by go2cloud_client service install; go2cloud_client service uninstall removes it.\n"
         "[Unit]\n"
@@ -352,6 +355,7 @@ def service_unit_text(argv: Sequence[str], home: Path) -> str:
         "[Service]\n"
         "Type=simple\n"
         f"Environment={_unit_quote('GO2CLOUD_HOME=' + str(home))}\n"
+        f"{env_line}"
         f"ExecStart={exec_start}\n"
         "Restart=always\n"
         "RestartSec=5\n"
@@ -394,14 +398,15 @@ def service_home() -> Optional[Path]:
     return None
 
 
-def service_install(argv: Sequence[str], home: Path, *, start: bool) -> Dict[str, Any]:
+def service_install(argv: Sequence[str], home: Path, *, start: bool,
+                    env_file: Optional[Path] = None) -> Dict[str, Any]:
     """Write the unit and enable it. With systemd running: ``daemon-reload``, ``enable``, and
     ``restart`` when ``start``; ``managed`` is True. Otherwise the ``.wants`` symlink is made
     by hand (what enable does) and the caller starts the agent itself (``managed`` False).
     OSError / subp.ProcessError on failure."""
     unit, wants = service_paths()
     unit.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(unit, service_unit_text(argv, home).encode("utf-8"), mode=0o644)
+    atomic_write(unit, service_unit_text(argv, home, env_file).encode("utf-8"), mode=0o644)
     managed = service_manager_running()
     if managed:
         subp.run(["systemctl", "daemon-reload"], timeout=120)

@@ -251,7 +251,10 @@ def service_status_hint() -> str:
     return f"'sc.exe query {SERVICE_NAME}' and the Windows event log"
 
 
-def service_install(argv: Sequence[str], home: Path, *, start: bool) -> Dict[str, Any]:
+def service_install(argv: Sequence[str], home: Path, *, start: bool,
+                    env_file: Optional[Path] = None) -> Dict[str, Any]:
+    """``env_file`` is not used: the service's agent reads the proxy setting the import recorded
+    in its home (source.json)."""
     create, *rest = service_install_commands(argv, home)
     try:
         subp.run(create, timeout=60)

@@ -62,7 +62,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from go2cloud_client import subp
-from go2cloud_client.errors import ReplicationError, RsyncMissingError
+from go2cloud_client.errors import ProxyRefusedError, ReplicationError, RsyncMissingError
+from go2cloud_client.proxy import ProxyURL
 from go2cloud_client.replication import excludes as excludes_mod
 from go2cloud_client.replication import tunnel
 from go2cloud_client.replication.progress import StatsParser, parse_progress
@@ -118,6 +119,8 @@ _TARGET_FULL_RE = re.compile(r"No space left on device|Disk quota exceeded|\(HTT
 #: upgrade (tunnel.open_stream); rsync then exits with whatever its version makes of a remote
 #: shell that died before the greeting (5, 12, 255...), so the line, not the exit code, decides
 _REFUSED_RE = re.compile(r"the target refused the rsync session \(HTTP (\d{3})\): ?(.*)")
+#: the tunnel's line when the agent's proxy refused CONNECT (go2cloud_client.proxy.refused)
+_PROXY_REFUSED_RE = re.compile(r"(the proxy \S+ refused the connection to \S+ \(HTTP (\d{3}).*)")
 
 
 class TransferCancelled(Exception):
@@ -136,6 +139,8 @@ class RsyncTarget:
     password: str = field(repr=False)
     #: the agent's session epoch (``X-Go2cloud-Epoch`` of the rsync session; 0: none)
     epoch: int = 0
+    #: the agent's proxy for the target's host (None: direct)
+    proxy: Optional[ProxyURL] = None
 
     def __repr__(self) -> str:
         return (f"RsyncTarget(url={self.url!r}, module={self.module!r}, user={self.user!r}, "
@@ -426,7 +431,8 @@ class FileReplicator:
         return args
 
     def _env(self, cycle: int, path: str) -> Dict[str, str]:
-        extra = tunnel.tunnel_env(self.target.url, self.target.fingerprint, cycle, path, self.target.epoch)
+        extra = tunnel.tunnel_env(self.target.url, self.target.fingerprint, cycle, path, self.target.epoch,
+                                  self.target.proxy)
         extra["RSYNC_PASSWORD"] = self.target.password
         env = subp.child_env(extra=extra)
         if getattr(sys, "frozen", False):
@@ -575,6 +581,9 @@ class FileReplicator:
                 f"the target {self.target.where} is out of space while writing {path} (rsync exit {rc}: "
                 f"{full}); what it committed before is intact: free space on the target, the sync "
                 "resumes", detail=stderr[-4000:])
+        by_proxy = next((m for m in map(_PROXY_REFUSED_RE.search, stderr.splitlines()) if m), None)
+        if by_proxy is not None and rc != 0:
+            raise ProxyRefusedError(by_proxy.group(1).strip(), status=int(by_proxy.group(2)))
         refused = next((m for m in map(_REFUSED_RE.search, stderr.splitlines()) if m), None)
         if refused is not None and rc != 0:
             raise self._refusal(int(refused.group(1)), refused.group(2).strip(), path, rc)

@@ -11,6 +11,8 @@ frames back: the daemon's output to rsync, its stderr to stderr, and its exit st
 program's own (what ssh does as a remote shell: rsync learns from it whether the remote side
 failed). So file-level data
 shares the API's one port, firewall and proxy rules, and never crosses the network in plaintext.
+With the agent's proxy (``GO2CLOUD_RSYNC_PROXY``) the TCP connection is a CONNECT tunnel through
+it; TLS and the pin check run end to end over it unchanged.
 
 Its settings come from the environment rsync passes on (:func:`tunnel_env`); the credentials
 come from ``RSYNC_PASSWORD``, never from the command line. Refusals (wrong credentials, a cycle
@@ -32,6 +34,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
 from go2cloud_client import subp
+from go2cloud_client.errors import ProxyRefusedError
+from go2cloud_client.proxy import ProxyURL, connect_via_proxy, parse_proxy_url
 from go2cloud_client.tlspin import PinMismatch, check_pin, client_context, is_loopback_host
 
 ENV_URL = "GO2CLOUD_RSYNC_URL"
@@ -39,6 +43,9 @@ ENV_FINGERPRINT = "GO2CLOUD_RSYNC_FINGERPRINT"
 ENV_CYCLE = "GO2CLOUD_RSYNC_CYCLE"
 ENV_PATH = "GO2CLOUD_RSYNC_PATH"
 ENV_EPOCH = "GO2CLOUD_RSYNC_EPOCH"
+#: the agent's proxy for the target (``http://[user:password@]HOST:PORT``): in the environment,
+#: never on rsync's command line (the credentials)
+ENV_PROXY = "GO2CLOUD_RSYNC_PROXY"
 UPGRADE = "go2cloud-rsync"
 CONNECT_TIMEOUT_S = 30.0
 MAX_HEAD = 64 * 1024
@@ -72,9 +79,24 @@ def command(executable: Optional[str] = None) -> str:
     return f"{shlex.quote(sys.executable)} -m go2cloud_client rsync-tunnel"
 
 
-def tunnel_env(url: str, fingerprint: str, cycle: int, path: str, epoch: int = 0) -> Dict[str, str]:
-    return {ENV_URL: url, ENV_FINGERPRINT: fingerprint, ENV_CYCLE: str(int(cycle)), ENV_PATH: path,
-            ENV_EPOCH: str(int(epoch))}
+def tunnel_env(url: str, fingerprint: str, cycle: int, path: str, epoch: int = 0,
+               proxy: Optional[ProxyURL] = None) -> Dict[str, str]:
+    env = {ENV_URL: url, ENV_FINGERPRINT: fingerprint, ENV_CYCLE: str(int(cycle)), ENV_PATH: path,
+           ENV_EPOCH: str(int(epoch))}
+    if proxy is not None:
+        env[ENV_PROXY] = proxy.url
+    return env
+
+
+def _connect(host: str, port: int, proxy_url: str) -> socket.socket:
+    """TCP to the target: direct, or a CONNECT tunnel through the agent's proxy."""
+    if not proxy_url:
+        return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    try:
+        proxy = parse_proxy_url(proxy_url)
+    except ValueError as exc:
+        raise TunnelError(f"invalid proxy in {ENV_PROXY}: {exc}") from None
+    return connect_via_proxy(proxy, host, port, CONNECT_TIMEOUT_S)
 
 
 def check_url(url: str) -> Tuple[str, str, int, str]:
@@ -207,7 +229,7 @@ def open_session(env: Mapping[str, str]) -> Stream:
     if not password or not cycle.isdigit() or not src_path.startswith("/"):
         raise TunnelError(f"the rsync tunnel needs {ENV_CYCLE}, {ENV_PATH} and RSYNC_PASSWORD "
                           "(it is started by the agent's rsync)")
-    raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    raw = _connect(host, port, env.get(ENV_PROXY, ""))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     stream = Stream(raw)
     try:
@@ -407,7 +429,7 @@ def main(argv: List[str]) -> int:
     subp.die_with_parent(os.getppid())
     try:
         stream = open_session(os.environ)
-    except (TunnelError, OSError, ssl.SSLError) as exc:
+    except (TunnelError, OSError, ssl.SSLError, ProxyRefusedError) as exc:
         sys.stderr.write(f"go2cloud rsync tunnel: {exc}\n")
         return EXIT_REFUSED
     try:

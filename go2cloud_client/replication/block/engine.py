@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from go2cloud_client.proxy import ProxyURL
 from go2cloud_client.replication.block import adaptive, codec
 from go2cloud_client.replication.block.bucket import BURST_S, TokenBucket, mbps_to_bytes
 from go2cloud_client.replication.block.errors import (
@@ -94,6 +95,8 @@ class BlockTarget:
     fingerprint: str
     #: the agent's session epoch (``X-Go2cloud-Epoch`` on every request; 0: none)
     epoch: int = 0
+    #: the agent's proxy for the target's host (None: direct)
+    proxy: Optional[ProxyURL] = None
 
     def __repr__(self) -> str:
         return f"BlockTarget(url={self.url!r}, token='***', fingerprint={self.fingerprint!r})"
@@ -411,7 +414,7 @@ class BlockReplicator:
                                       bytes_sent=0, files=len(self.disks), passes=1, started_at=started,
                                       finished_at="")
             client = BlockClient(self.target.url, self.target.token, self.target.fingerprint, cancel=cancel,
-                                 epoch=self.target.epoch)
+                                 epoch=self.target.epoch, proxy=self.target.proxy)
             try:
                 for i, (src, man) in enumerate(zip(sources, manifests)):
                     self._run_disk(cycle, src, man, self._progress[i], client, cancel, result)
@@ -585,7 +588,7 @@ class BlockReplicator:
     # -- the pipeline ----------------------------------------------------------------------------
     def _transfer(self, dp: _DiskPass, items: Iterator[_Item], cancel: threading.Event) -> None:
         client = BlockClient(self.target.url, self.target.token, self.target.fingerprint, cancel=cancel,
-                             epoch=self.target.epoch)
+                             epoch=self.target.epoch, proxy=self.target.proxy)
         stop = threading.Event()
         errors: List[BaseException] = []
         item_lock = threading.Lock()

@@ -5,7 +5,9 @@ One persistent ``http.client`` connection per thread (kept alive, never shared b
 the target's certificate pinned by its SHA-256 fingerprint: the TLS context skips CA and hostname
 checks (the pin replaces them) and every new connection, re-connections included, compares the
 SHA-256 of the peer's certificate with the pin before a byte of a request is sent. Without a pin
-the system CAs and the hostname are checked. No proxies from the environment. The task token
+the system CAs and the hostname are checked. Through the agent's proxy when one is set for the
+target's host (:mod:`go2cloud_client.proxy`: CONNECT, then the same TLS and pin check end to end;
+never a proxy read from the environment here). The task token
 travels only in the ``Authorization`` header; it is never logged or put in a URL or message.
 
 Retries: connection errors, timeouts and 5xx (but 507) are retried with backoff, interruptibly;
@@ -27,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import urlsplit
 
 from go2cloud_client.config import is_loopback_host, normalize_fingerprint
+from go2cloud_client.proxy import ProxyURL, connect_via_proxy
 from go2cloud_client.replication.block.codec import HOLE, Encoded, frame
 from go2cloud_client.replication.block.errors import (
     BlockTargetError,
@@ -56,10 +59,12 @@ class ChunkRefused(Exception):
 class _Connection(http.client.HTTPSConnection):
     """Keep-alive HTTPS connection whose every (re)connect checks the certificate pin."""
 
-    def __init__(self, host: str, port: Optional[int], context: ssl.SSLContext, pin: Optional[bytes]) -> None:
+    def __init__(self, host: str, port: Optional[int], context: ssl.SSLContext, pin: Optional[bytes],
+                 proxy: Optional[ProxyURL] = None) -> None:
         super().__init__(host, port, timeout=CHUNK_TIMEOUT[0], context=context)
         self._pin = pin
         self.read_timeout = CHUNK_TIMEOUT[1]
+        _use_proxy(self, proxy)
 
     def connect(self) -> None:
         super().connect()  # TCP (connect timeout, TCP_NODELAY) + TLS handshake
@@ -74,13 +79,27 @@ class _Connection(http.client.HTTPSConnection):
 class _PlainConnection(http.client.HTTPConnection):
     """Plain http (loopback targets only, see :func:`check_target_url`)."""
 
-    def __init__(self, host: str, port: Optional[int]) -> None:
+    def __init__(self, host: str, port: Optional[int], proxy: Optional[ProxyURL] = None) -> None:
         super().__init__(host, port, timeout=CHUNK_TIMEOUT[0])
         self.read_timeout = CHUNK_TIMEOUT[1]
+        _use_proxy(self, proxy)
 
     def connect(self) -> None:
         super().connect()
         self.sock.settimeout(self.read_timeout)
+
+
+def _use_proxy(conn: http.client.HTTPConnection, proxy: Optional[ProxyURL]) -> None:
+    """Make ``conn`` open its TCP connection as a CONNECT tunnel through ``proxy``; TLS (with
+    the target's host name) and the pin check then run over it as over a direct connection."""
+    if proxy is None:
+        return
+    host, port = conn.host, conn.port
+
+    def create(address: Any, timeout: Any = None, source_address: Any = None) -> Any:
+        return connect_via_proxy(proxy, host, port, CHUNK_TIMEOUT[0] if timeout is None else timeout)
+
+    conn._create_connection = create  # type: ignore[attr-defined]
 
 
 _Conn = Union[_Connection, _PlainConnection]
@@ -132,7 +151,7 @@ def check_target_url(url: str) -> str:
 
 class BlockClient:
     def __init__(self, url: str, token: str, fingerprint: str, *, cancel: Optional[threading.Event] = None,
-                 epoch: int = 0) -> None:
+                 epoch: int = 0, proxy: Optional[ProxyURL] = None) -> None:
         self.url = check_target_url(url)
         self._token = token
         #: the agent's session epoch (``X-Go2cloud-Epoch``): the target refuses any other
@@ -148,6 +167,7 @@ class BlockClient:
         self._host = parts.hostname or ""
         self._port = parts.port
         self._path = parts.path
+        self.proxy = proxy
         self._context: Optional[ssl.SSLContext] = None
         self._pin: Optional[bytes] = None
         if self._scheme == "https":
@@ -157,9 +177,9 @@ class BlockClient:
         conn: Optional[_Conn] = getattr(self._local, "conn", None)
         if conn is None:
             if self._context is not None:
-                conn = _Connection(self._host, self._port, self._context, self._pin)
+                conn = _Connection(self._host, self._port, self._context, self._pin, self.proxy)
             else:
-                conn = _PlainConnection(self._host, self._port)
+                conn = _PlainConnection(self._host, self._port, self.proxy)
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
@@ -253,7 +273,8 @@ class BlockClient:
                     f"{resp.status_code} {code}: {message}")
             last = f"HTTP {resp.status_code} {code}: {message}"
         raise BlockTargetError(f"{what}: the block target {self.where} failed {RETRIES + 1} times "
-                               f"(last: {last}); check that the target is running and reachable")
+                               f"(last: {last}); check that the target is running and reachable"
+                               + (f" through the proxy {self.proxy.display}" if self.proxy else ""))
 
     # -- protocol --------------------------------------------------------------------------------
     def put_chunk(self, disk: str, enc: Encoded, chunk_size: int, disk_size: int) -> None:

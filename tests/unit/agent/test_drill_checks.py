@@ -198,12 +198,30 @@ def test_no_proxy_matching(no_proxy, bypassed):
     assert checks.bypasses_proxy("cp.example", no_proxy) is bypassed
 
 
+@pytest.mark.allow_network
 def test_proxy_items(tmp_path):
+    """No proxy: one info. A proxy that does not answer: critical, naming it (never its password).
+    A listening proxy: reachable, and per host whether it goes through it or is in no_proxy."""
     assert sev(checks.check_proxy(ctx(tmp_path, server_url="https://10.1.2.3:8443"))) == [INFO]
-    env = {"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "10.0.0.0/8"}
-    items = checks.check_proxy(ctx(tmp_path, env=env, server_url="https://10.1.2.3:8443",
-                                   targets=[Target("rsync target", "192.168.1.9", 8443)]))
-    assert sev(items) == [INFO, WARNING] and "192.168.1.9" in items[1].finding and "NO_PROXY" in items[1].fix
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    env = {"HTTPS_PROXY": f"http://u:secret@127.0.0.1:{port}", "NO_PROXY": "10.0.0.0/8"}
+    items = checks.check_proxy(ctx(tmp_path, env=env, server_url="https://10.1.2.3:8443"))
+    assert sev(items) == [CRITICAL] and f"http://127.0.0.1:{port}" in items[0].finding
+    assert "secret" not in items[0].finding and "the proxy runs" in items[0].fix
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        env = {"https_proxy": f"http://127.0.0.1:{port}", "no_proxy": "10.0.0.0/8"}
+        items = checks.check_proxy(ctx(tmp_path, env=env, server_url="https://10.1.2.3:8443",
+                                       targets=[Target("rsync target", "192.168.1.9", 8443)]))
+    assert sev(items) == [INFO, INFO, INFO]
+    assert "is reachable" in items[0].finding
+    assert "10.1.2.3 is reached directly" in items[1].finding
+    assert "192.168.1.9 is reached through the proxy" in items[2].finding
 
 
 # -- tmp, boot, fstab ------------------------------------------------------------------------------

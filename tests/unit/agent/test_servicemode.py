@@ -204,7 +204,7 @@ def test_install_records_the_service_once(home, monkeypatch, tmp_path):
     home.write_state(home.source_file, {"source_id": "s-1", "server": "https://x"})
     monkeypatch.setenv(linux.SYSTEMD_DIR_ENV, str(tmp_path / "units"))
     started = []
-    monkeypatch.setattr(servicemode, "start_detached", lambda h: started.append(h) or 4242)
+    monkeypatch.setattr(servicemode, "start_detached", lambda h, *a: started.append(h) or 4242)
     lines = []
     console = Console()
     monkeypatch.setattr(console, "line", lines.append)
@@ -216,6 +216,36 @@ def test_install_records_the_service_once(home, monkeypatch, tmp_path):
     monkeypatch.setattr(servicemode, "stop_agent", lambda h, **k: None)
     servicemode.uninstall(home, console)
     assert HostChanges(home).list() == [] and not (tmp_path / "units" / "go2cloud_client.service").exists()
+
+
+def test_install_writes_the_proxy_into_the_service(home, monkeypatch, tmp_path):
+    """The service's agent keeps the proxy: the unit reads a root-only environment file holding
+    it (credentials included, so not in the world-readable unit); the detached agent (no systemd)
+    gets it in its environment; installing again without a proxy removes it."""
+    from go2cloud_client.proxy import ProxySettings
+
+    Identity.generate().save(home)
+    home.write_state(home.source_file, {"source_id": "s-1", "server": "https://x"})
+    monkeypatch.setenv(linux.SYSTEMD_DIR_ENV, str(tmp_path / "units"))
+    started = []
+    monkeypatch.setattr(servicemode, "start_detached", lambda h, p=None: started.append(p) or 4242)
+    lines = []
+    console = Console()
+    monkeypatch.setattr(console, "line", lines.append)
+    proxy = ProxySettings("http://agent:s3cret@10.9.8.7:3128", "10.0.0.0/8,.internal")
+    servicemode.install(home, console, proxy=proxy)
+    env_file = home.state_dir / servicemode.SERVICE_ENV
+    unit = (tmp_path / "units" / "go2cloud_client.service").read_text()
+    assert f"EnvironmentFile={env_file}\n" in unit and "s3cret" not in unit
+    assert env_file.read_text() == ("GO2CLOUD_PROXY='http://agent:s3cret@10.9.8.7:3128'\n"
+                                    "GO2CLOUD_NO_PROXY='10.0.0.0/8,.internal'\n")
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    assert started == [proxy]
+    assert any("through the proxy http://10.9.8.7:3128" in line for line in lines)
+    assert not any("s3cret" in line for line in lines)
+    servicemode.install(home, console, proxy=ProxySettings())
+    assert not env_file.exists()
+    assert "EnvironmentFile" not in (tmp_path / "units" / "go2cloud_client.service").read_text()
 
 
 def test_stop_with_no_agent(home):
@@ -265,7 +295,7 @@ def test_install_under_systemd_checks_that_the_agent_runs(home, monkeypatch):
     monkeypatch.setattr("go2cloud_client.platform.service_home", lambda: None)
     monkeypatch.setattr(
         "go2cloud_client.platform.service_install",
-        lambda argv, h, start: {
+        lambda argv, h, start, env_file=None: {
             "unit": "/etc/systemd/system/go2cloud_client.service",
             "wants_link": None,
             "managed": True,

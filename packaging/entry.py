@@ -5,12 +5,25 @@ helper children as ``[sys.executable, "-I", "-B", "-c", CODE, ARGS...]`` (the fs
 snapshot_driver). In a frozen program ``sys.executable`` is this executable, so that form runs
 CODE with ``sys.argv == ["-c", ARGS...]`` exactly as ``python -c`` would, instead of reaching the
 agent's command line.
+
+Two corrections of the frozen process's view, made before anything else runs:
+
+- staticx (packaging/build.py) runs PyInstaller's program from a copy it unpacks into a
+  temporary folder that is removed when it exits, so ``sys.executable`` names that copy;
+  everything that starts the agent again (rsync's ``-e "<exe> rsync-tunnel"``, the service unit,
+  the fsfreeze guard) and the package folder (home.py) must use the executable the operator ran,
+  which staticx passes in ``STATICX_PROG_PATH``;
+- PyInstaller sets ``LD_LIBRARY_PATH`` to its unpacked libraries (OpenSSL, zlib, libgcc_s built
+  for this build host's glibc). The running process no longer needs it (the loader reads it once
+  at start); the host programs the agent starts (rsync, lsblk, ...) must load the host's own
+  libraries, so it is restored to what the operator had (``LD_LIBRARY_PATH_ORIG``) or removed.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import List
+from typing import List, MutableMapping
 
 _INTERPRETER_FLAGS = ("-I", "-B", "-E", "-s", "-S", "-u")
 
@@ -28,9 +41,21 @@ def _python_c(argv: List[str]) -> bool:
     return True
 
 
+def _fix_frozen_environment(environ: MutableMapping[str, str]) -> None:
+    bundle, prog = environ.get("STATICX_BUNDLE_DIR"), environ.get("STATICX_PROG_PATH")
+    if bundle and prog and os.path.dirname(os.path.abspath(sys.executable)) == os.path.abspath(bundle):
+        sys.executable = prog
+    if "LD_LIBRARY_PATH_ORIG" in environ:
+        environ["LD_LIBRARY_PATH"] = environ.pop("LD_LIBRARY_PATH_ORIG")
+    else:
+        environ.pop("LD_LIBRARY_PATH", None)
+
+
 def run() -> None:
-    if getattr(sys, "frozen", False) and _python_c(sys.argv):
-        return
+    if getattr(sys, "frozen", False):
+        _fix_frozen_environment(os.environ)
+        if _python_c(sys.argv):
+            return
     if sys.argv[1:2] == ["rsync-tunnel"]:  # rsync's transport, started for every rsync run
         from go2cloud_client.replication import tunnel
 

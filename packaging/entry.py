@@ -41,9 +41,17 @@ def _python_c(argv: List[str]) -> bool:
     return True
 
 
+def _same_dir(a: str, b: str) -> bool:
+    """Whether two paths name one directory (``$TMPDIR`` may be ``/``, giving ``//staticx-...``)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _fix_frozen_environment(environ: MutableMapping[str, str]) -> None:
     bundle, prog = environ.get("STATICX_BUNDLE_DIR"), environ.get("STATICX_PROG_PATH")
-    if bundle and prog and os.path.dirname(os.path.abspath(sys.executable)) == os.path.abspath(bundle):
+    if bundle and prog and _same_dir(os.path.dirname(sys.executable), bundle):
         sys.executable = prog
     if "LD_LIBRARY_PATH_ORIG" in environ:
         environ["LD_LIBRARY_PATH"] = environ.pop("LD_LIBRARY_PATH_ORIG")

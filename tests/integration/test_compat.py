@@ -98,6 +98,19 @@ def test_runs_in_an_empty_root(packaged: Path, tmp_path: Path):
     assert sorted(p.name for p in root.iterdir() if p.name not in ("proc", "sys", "dev")) == \
         ["go2cloud_client"]
 
+    # the agent sees the executable the operator ran, not staticx's temporary copy of it (rsync's
+    # "-e <exe> rsync-tunnel", the service unit and the default home are made from it), and the
+    # host programs it starts do not get PyInstaller's LD_LIBRARY_PATH
+    home = _run_in(root, ["/go2cloud_client", "status", "--json"], env)
+    assert home.returncode == 0, home.stdout + home.stderr
+    assert json.loads(home.stdout)["home"] == "/"
+    probe = _run_in(root, ["/go2cloud_client", "-I", "-B", "-c",
+                           "import os, sys; from go2cloud_client.replication import tunnel; "
+                           "print(sys.executable); print(tunnel.command()); "
+                           "print(os.environ.get('LD_LIBRARY_PATH'))"], env)
+    assert probe.stdout.splitlines() == ["/go2cloud_client", "/go2cloud_client rsync-tunnel", "None"], \
+        probe.stdout + probe.stderr
+
     # without any temporary directory it says what it lacks
     bare = _run_in(root, ["/go2cloud_client", "--version"], {})
     assert bare.returncode != 0 and "Failed to create temporary directory in /tmp" in bare.stderr

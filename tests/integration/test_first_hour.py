@@ -83,7 +83,10 @@ def _unit(path: Path) -> Dict[str, List[str]]:
     return values
 
 
-def _agent_pids(home: Path) -> List[int]:
+def _agent_pids(home: Path, *, every: bool = False) -> List[int]:
+    """The agents running with ``home``: one pid per start of the executable (the packaged one
+    runs as three processes, staticx's and PyInstaller's start-up code above the agent; they are
+    listed only with ``every``)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -94,11 +97,21 @@ def _agent_pids(home: Path) -> List[int]:
             continue
         if os.fsencode(str(home)) in cmdline and any(b"go2cloud_client" in a for a in cmdline[:2]):
             pids.append(int(proc.name))
-    return pids
+    if every:
+        return pids
+    return [pid for pid in pids if _ppid(pid) not in pids]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def _kill_agents(home: Path) -> None:
-    for pid in _agent_pids(home):
+    for pid in _agent_pids(home, every=True):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

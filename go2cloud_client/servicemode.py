@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import psutil
+
 from go2cloud_client import platform, subp
 from go2cloud_client.atomicfile import atomic_write
 from go2cloud_client.console import Console
@@ -110,8 +112,9 @@ def start_detached(home: Home, proxy: Optional[ProxySettings] = None) -> int:
     pid = proc.pid
     deadline = time.monotonic() + START_WAIT_S
     while time.monotonic() < deadline:
-        if lock_held(home) and home.read_pid() == pid:
-            return pid
+        agent = home.read_pid()
+        if agent and lock_held(home) and _started_by(agent, pid):
+            return agent
         if proc.poll() is not None:
             break
         time.sleep(0.2)
@@ -119,6 +122,18 @@ def start_detached(home: Home, proxy: Optional[ProxySettings] = None) -> int:
         raise ServiceError(f"the agent (pid {pid}) did not start within {START_WAIT_S:.0f}s; "
                            f"see {home.log_file}")
     raise ServiceError(f"the agent exited right after it was started; see {home.log_file}")
+
+
+def _started_by(agent: int, spawned: int) -> bool:
+    """Whether ``agent`` is the process we spawned or one it started: the packaged executable
+    runs the agent two processes below (staticx's start-up code, then PyInstaller's, each
+    waiting for its child and forwarding signals to it)."""
+    if agent == spawned:
+        return True
+    try:
+        return spawned in (p.pid for p in psutil.Process(agent).parents())
+    except psutil.Error:
+        return False
 
 
 def wait_running(home: Home, seconds: float) -> Optional[int]:

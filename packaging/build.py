@@ -6,9 +6,10 @@
 Writes, in ``--out``:
 
 - ``go2cloud_client_linux_x86_64.tar.gz``: folder ``go2cloud_client_linux_x86_64/`` with the
-  one-file ``go2cloud_client`` executable (PyInstaller), ``Excludes/rsync_excludes_linux.txt``,
-  ``config.yaml.example``, ``README.txt``, ``LICENSE``, ``VERSION`` and ``GLIBC`` (the oldest
-  glibc the executable runs on, measured at each build; install.sh checks it);
+  one-file ``go2cloud_client`` executable (PyInstaller, then staticx: it carries the loader and
+  the C library and needs no glibc on the host), ``Excludes/rsync_excludes_linux.txt``,
+  ``config.yaml.example``, ``README.txt``, ``LICENSE``, ``VERSION`` and ``KERNEL`` (the oldest
+  Linux kernel the executable runs on, measured at each build; install.sh checks it);
 - ``go2cloud_client_windows_x86_64.zip``: folder ``go2cloud_client_windows_x86_64/`` with
   ``go2cloud_client.pyz`` (zipapp of the pure-Python agent), ``install.ps1``,
   ``Excludes/``, ``config.yaml.example``, ``README.txt``, ``LICENSE`` and ``VERSION``;
@@ -32,6 +33,7 @@ import io
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -53,7 +55,7 @@ EXCLUDES = ROOT / "go2cloud_client" / "data" / "Excludes" / "rsync_excludes_linu
 INSTALL_PS1 = ROOT / "go2cloud_server" / "data" / "install.ps1"
 LICENSE = ROOT / "LICENSE"
 #: Python distributions frozen into the executable (their versions are part of the cache key).
-FROZEN_DISTS = ("pyinstaller", "click", "requests", "psutil", "pyyaml", "cryptography", "tenacity",
+FROZEN_DISTS = ("pyinstaller", "staticx", "click", "requests", "psutil", "pyyaml", "cryptography", "tenacity",
                 "xxhash", "zstandard", "blake3", "urllib3", "certifi", "idna", "charset-normalizer")
 #: Packages of the zipapp (pure Python; the Windows Python brings the dependencies).
 PYZ_PACKAGES = ("go2cloud_client", "snapshot_driver")
@@ -77,7 +79,7 @@ def _source_files() -> List[Path]:
         for path in sorted((ROOT / pkg).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
                 out.append(path)
-    return out + [SPEC, ENTRY]
+    return out + [SPEC, ENTRY, Path(__file__).resolve()]
 
 
 def input_hash() -> Tuple[str, float]:
@@ -109,17 +111,25 @@ def work_lock(work: Path) -> Iterator[None]:
 
 
 def build_executable(work: Path, force: bool) -> Path:
-    """The one-file executable, rebuilt only when the inputs changed."""
+    """The packaged executable, rebuilt only when the inputs changed: PyInstaller's one-file
+    program (``<work>/dist/go2cloud_client``, dynamically linked against this host's glibc)
+    wrapped by staticx into ``<work>/dist/static/go2cloud_client``, which carries the loader
+    and the C library as well and runs without the host's glibc."""
     digest, _ = input_hash()
-    exe = work / "dist" / "go2cloud_client"
+    dynamic = work / "dist" / "go2cloud_client"
+    exe = work / "dist" / "static" / "go2cloud_client"
     stamp = work / "stamp"
     if not force and exe.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         log(f"executable up to date ({exe}, inputs {digest[:12]})")
         return exe
     try:
         import PyInstaller  # noqa: F401
-    except ImportError:
-        raise SystemExit("build: PyInstaller is not installed: pip install -e '.[test]'") from None
+        import staticx  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"build: {exc.name} is not installed: pip install -e '.[test]'") from None
+    if shutil.which("patchelf") is None:
+        raise SystemExit("build: patchelf not found (apt-get install patchelf): the spec and "
+                         "staticx need it")
     work.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     started = time.monotonic()
@@ -129,62 +139,75 @@ def build_executable(work: Path, force: bool) -> Path:
             [sys.executable, "-m", "PyInstaller", "--noconfirm", "--log-level", "WARN",
              "--distpath", str(work / "dist"), "--workpath", str(work / "work"), str(SPEC)],
             cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    if rc != 0 or not exe.is_file():
+    if rc != 0 or not dynamic.is_file():
         tail = (work / "pyinstaller.log").read_text(errors="replace")[-3000:]
         raise SystemExit(f"build: PyInstaller failed (exit {rc}):\n{tail}")
+    log(f"PyInstaller done in {time.monotonic() - started:.0f} s; running staticx")
+    started = time.monotonic()
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    with open(work / "staticx.log", "wb") as out:
+        # --no-compress: PyInstaller's contents are compressed already; xz over them saves 2.5 MB
+        # but costs about 0.45 s of CPU at every start (docs/performance.md, "Executable startup"),
+        # and rsync starts the executable anew for every path of every cycle (rsync-tunnel)
+        rc = subprocess.call([sys.executable, "-m", "staticx", "--no-compress", "--loglevel", "INFO",
+                              str(dynamic), str(exe)],
+                             cwd=str(work), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if rc != 0 or not exe.is_file():
+        tail = (work / "staticx.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"build: staticx failed (exit {rc}):\n{tail}")
     stamp.write_text(digest + "\n")
-    log(f"PyInstaller done in {time.monotonic() - started:.0f} s")
+    log(f"staticx done in {time.monotonic() - started:.0f} s")
     return exe
 
 
-# -- glibc -------------------------------------------------------------------------------------
+# -- minimum kernel ----------------------------------------------------------------------------
 
-_GLIBC_RE = re.compile(rb"GLIBC_(\d+)\.(\d+)(?:\.(\d+))?")
+_ABI_RE = re.compile(r"OS: Linux, ABI: (\d+)\.(\d+)\.(\d+)")
 
 
-def _glibc_needs(path: Path) -> Optional[Tuple[int, ...]]:
-    """Highest GLIBC_x.y symbol version an ELF file needs (``objdump -T``), None if none."""
+def _kernel_needs(path: Path) -> Optional[Tuple[int, ...]]:
+    """The Linux version in an ELF file's NT_GNU_ABI_TAG note (``readelf -n``), None if none."""
     try:
-        out = subprocess.run(["objdump", "-T", "--", str(path)], stdout=subprocess.PIPE,
+        out = subprocess.run(["readelf", "-n", "--", str(path)], stdout=subprocess.PIPE, text=True,
                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, check=False).stdout
     except FileNotFoundError:
-        raise SystemExit("build: objdump not found (apt-get install binutils)") from None
-    best: Optional[Tuple[int, ...]] = None
-    for line in out.splitlines():
-        if b"*UND*" not in line:  # only what the file needs, not what it defines
-            continue
-        found = _GLIBC_RE.search(line)
-        if found:
-            ver = tuple(int(g) for g in found.groups() if g is not None)
-            best = ver if best is None or ver > best else best
-    return best
+        raise SystemExit("build: readelf not found (apt-get install binutils)") from None
+    found = _ABI_RE.search(out)
+    return tuple(int(g) for g in found.groups()) if found else None
 
 
-def glibc_report(exe: Path, work: Path) -> Tuple[str, List[Tuple[str, str]]]:
-    """The oldest glibc the executable runs on: max GLIBC_ version over the bootloader and every
-    bundled shared library. Returns ("2.x", [(file, version), ...] sorted newest first)."""
-    from PyInstaller.archive.readers import CArchiveReader
-
+def kernel_report(exe: Path, work: Path) -> Tuple[str, List[Tuple[str, str]]]:
+    """The oldest Linux kernel the executable runs on: the highest ABI tag over the files staticx
+    bundled (the loader and C library refuse to start on an older kernel: "FATAL: kernel too
+    old"). Returns ("x.y.z", [(file, version), ...] sorted newest first)."""
     rows: List[Tuple[Tuple[int, ...], str]] = []
-    need = _glibc_needs(exe)
-    if need:
-        rows.append((need, "go2cloud_client (bootloader)"))
-    reader = CArchiveReader(str(exe))
     with tempfile.TemporaryDirectory(dir=str(work)) as tmp:
-        for name in sorted(reader.toc):
-            if not (name.endswith(".so") or ".so." in name):
-                continue
-            data = reader.extract(name)
-            if not data or data[:4] != b"\x7fELF":
-                continue
-            path = Path(tmp) / "lib.so"
-            path.write_bytes(data)
-            need = _glibc_needs(path)
-            if need:
-                rows.append((need, name))
+        # staticx's archive is an xz-compressed tar in the ELF section .staticx.archive
+        archive = Path(tmp) / "archive.tar.xz"
+        rc = subprocess.call(["objcopy", "--dump-section", f".staticx.archive={archive}", str(exe),
+                              str(Path(tmp) / "discard")], stdin=subprocess.DEVNULL)
+        if rc != 0 or not archive.is_file():
+            raise SystemExit(f"build: {exe} has no staticx archive (objcopy exit {rc})")
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                src = tar.extractfile(member)
+                if src is None:
+                    continue
+                data = src.read()
+                if data[:4] != b"\x7fELF":
+                    continue
+                path = Path(tmp) / "elf"
+                path.write_bytes(data)
+                need = _kernel_needs(path)
+                if need:
+                    rows.append((need, member.name))
     rows.sort(reverse=True)
     fmt = [(name, ".".join(map(str, ver))) for ver, name in rows]
-    return (fmt[0][1] if fmt else "none"), fmt
+    if not fmt:
+        raise SystemExit(f"build: no file bundled in {exe} carries a Linux ABI tag")
+    return fmt[0][1], fmt
 
 
 # -- archives ----------------------------------------------------------------------------------
@@ -277,12 +300,12 @@ def _common_files() -> Dict[str, Tuple[bytes, int]]:
     }
 
 
-def linux_entries(exe: Path, glibc: str) -> List[Entry]:
-    """The Linux package; ``GLIBC`` holds the oldest glibc the executable runs on (install.sh
-    compares it with the host's before it installs anything)."""
+def linux_entries(exe: Path, kernel: str) -> List[Entry]:
+    """The Linux package; ``KERNEL`` holds the oldest Linux kernel the executable runs on
+    (install.sh compares it with the host's before it installs anything)."""
     files = _common_files()
     files["go2cloud_client"] = (exe.read_bytes(), 0o755)
-    files["GLIBC"] = ((glibc + "\n").encode(), 0o644)
+    files["KERNEL"] = ((kernel + "\n").encode(), 0o644)
     files["README.txt"] = ((FILES / "README-linux.txt").read_bytes(), 0o644)
     return [Entry(name, data, mode) for name, (data, mode) in files.items()]
 
@@ -330,10 +353,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     with work_lock(work):
         exe = build_executable(work, args.force)
-        glibc, rows = glibc_report(exe, work)
-        (work / "glibc.txt").write_text(f"oldest glibc: {glibc}\n" + "".join(f"{v}\t{n}\n" for n, v in rows))
-        log(f"oldest glibc needed: {glibc} ({rows[0][0] if rows else '-'}; details in {work / 'glibc.txt'})")
-        linux = linux_entries(exe, glibc)
+        kernel, rows = kernel_report(exe, work)
+        lines = "".join(f"{v}\t{n}\n" for n, v in rows)
+        (work / "kernel.txt").write_text(f"oldest kernel: {kernel}\n{lines}")
+        log(f"oldest Linux kernel: {kernel} ({rows[0][0]}; details in {work / 'kernel.txt'})")
+        linux = linux_entries(exe, kernel)
 
     names = [LINUX_NAME + ".tar.gz"]
     write_tar_gz(out / names[0], LINUX_NAME, linux, mtime)

@@ -19,7 +19,7 @@
 #                                wrote into this script when it served it)
 #
 # Steps: checks (root, curl, sha256sum, tar, x86_64, pin), download SHA256SUMS and the package into
-# a temporary directory with the public key pinned, sha256 check, can this host run it (glibc
+# a temporary directory with the public key pinned, sha256 check, can this host run it (kernel
 # version, then the new executable's --version), stop a running agent, install
 # in place (state/, identity/, Logs/, config.yaml and an existing Excludes/ list are kept),
 # `go2cloud_client --home PREFIX --import-only ...` (prompts read from /dev/tty when there is one;
@@ -28,7 +28,7 @@
 # Nothing is installed when a check, the download or the checksum fails.
 #
 # Exit status: 0 done, 2 usage, 3 this host cannot run it (not root, curl/tar/sha256sum
-# missing, architecture, glibc too old, the executable does not start), 4 download failed or the server's key does not match the pin,
+# missing, architecture, kernel too old, the executable does not start), 4 download failed or the server's key does not match the pin,
 # 5 checksum mismatch or bad package, 6 installing the files failed, 7 the agent's import or
 # service step failed (the files stay installed: fix the cause and run the one-liner again).
 
@@ -178,16 +178,15 @@ NEW=$TMP/x/$PACKAGE
 VERSION=$(cat "$NEW/VERSION" 2>/dev/null || echo '?')
 
 # -- can this host run it? (before anything is installed or stopped) -----------------------------
-# the executable needs the glibc of its build host or newer (GLIBC in the package, measured at
-# each build); an older one fails at start with "version `GLIBC_2.xx' not found"
-NEED_GLIBC=$(cat "$NEW/GLIBC" 2>/dev/null || echo none)
-if [ "$NEED_GLIBC" != none ]; then
-    HAVE_GLIBC=$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{ print $2 }') || HAVE_GLIBC=''
-    if [ -z "$HAVE_GLIBC" ]; then
-        die 3 "this host's C library is not glibc (or getconf is missing): go2cloud_client $VERSION needs glibc $NEED_GLIBC or newer; nothing was installed"
-    fi
-    if [ "$(printf '%s\n%s\n' "$NEED_GLIBC" "$HAVE_GLIBC" | sort -V | head -n 1)" != "$NEED_GLIBC" ]; then
-        die 3 "this host has glibc $HAVE_GLIBC; the go2cloud_client $VERSION package needs glibc $NEED_GLIBC or newer; nothing was installed. This host needs a package built on a system as old as itself (go2cloud's packaging/README.md, 'Requirements of the Linux executable')"
+# the executable carries its own loader and C library (staticx): it does not depend on the host's
+# glibc. That C library refuses kernels older than the one it was built for ("FATAL: kernel too
+# old"): KERNEL in the package, measured at each build.
+NEED_KERNEL=$(cat "$NEW/KERNEL" 2>/dev/null || echo none)
+if [ "$NEED_KERNEL" != none ]; then
+    HAVE_KERNEL=$(uname -r 2>/dev/null | sed -E 's/^([0-9]+(\.[0-9]+)*).*/\1/') || HAVE_KERNEL=''
+    if [ -n "$HAVE_KERNEL" ] &&
+       [ "$(printf '%s\n%s\n' "$NEED_KERNEL" "$HAVE_KERNEL" | sort -V | head -n 1)" != "$NEED_KERNEL" ]; then
+        die 3 "this host runs Linux $HAVE_KERNEL; the go2cloud_client $VERSION package needs Linux $NEED_KERNEL or newer; nothing was installed"
     fi
 fi
 # then run it once (it unpacks itself into TMPDIR: only where programs may run; a noexec /tmp is

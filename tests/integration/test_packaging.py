@@ -89,13 +89,13 @@ def test_tarball_layout_modes_and_sums(dist: Path):
     assert names == sorted(names)
     assert set(names) == {LINUX, f"{LINUX}/Excludes", f"{LINUX}/Excludes/rsync_excludes_linux.txt",
                           f"{LINUX}/go2cloud_client", f"{LINUX}/config.yaml.example", f"{LINUX}/README.txt",
-                          f"{LINUX}/LICENSE", f"{LINUX}/VERSION", f"{LINUX}/GLIBC"}
+                          f"{LINUX}/LICENSE", f"{LINUX}/VERSION", f"{LINUX}/KERNEL"}
     by_name = {m.name: m for m in members}
     assert all((m.uid, m.gid, m.uname, m.gname) == (0, 0, "root", "root") for m in members)
     assert len({m.mtime for m in members}) == 1
     assert by_name[f"{LINUX}/go2cloud_client"].mode == 0o755
     assert by_name[f"{LINUX}/Excludes"].isdir() and by_name[f"{LINUX}/Excludes"].mode == 0o755
-    for name in ("config.yaml.example", "README.txt", "LICENSE", "VERSION", "GLIBC",
+    for name in ("config.yaml.example", "README.txt", "LICENSE", "VERSION", "KERNEL",
                  "Excludes/rsync_excludes_linux.txt"):
         assert by_name[f"{LINUX}/{name}"].mode == 0o644, name
     with tarfile.open(dist / f"{LINUX}.tar.gz") as tar:
@@ -135,11 +135,19 @@ def test_windows_zip_layout_and_pyz(dist: Path, tmp_path: Path):
         assert not [n for n in zf.namelist() if n.startswith("go2cloud_server") or n.endswith(".pyc")]
 
 
-def test_glibc_requirement_is_reported(dist: Path):
-    report = (REPO / "build" / "pyinstaller" / "glibc.txt").read_text().splitlines()
-    assert report[0].startswith("oldest glibc: 2.")
-    documented = (REPO / "packaging" / "README.md").read_text()
-    assert f"glibc {report[0].split(': ')[1]}" in documented
+def test_kernel_requirement_is_reported(dist: Path):
+    """The executable carries its C library (staticx), so the host needs no glibc; that C
+    library's ABI tag is the oldest kernel it starts on, measured at each build and documented."""
+    report = (REPO / "build" / "pyinstaller" / "kernel.txt").read_text().splitlines()
+    assert report[0].startswith("oldest kernel: ")
+    kernel = report[0].split(": ")[1]
+    assert any(line.endswith("\tlibc.so.6") for line in report[1:]), report
+    with tarfile.open(dist / f"{LINUX}.tar.gz") as tar:
+        member = tar.extractfile(f"{LINUX}/KERNEL")
+        assert member is not None
+        assert member.read().decode().strip() == kernel
+    for doc in ("packaging/README.md", "docs/compatibility.md"):
+        assert f"Linux {kernel}" in (REPO / doc).read_text(), doc
 
 
 # -- the frozen executable ---------------------------------------------------------------------------
@@ -357,8 +365,8 @@ def _tree(root: Path) -> Dict[str, bytes]:
 
 def test_install_sh_refuses_a_host_that_cannot_run_the_executable(pkg_server: Server, dist: Path,
                                                                    tmp_path: Path):
-    """Checked after the download and before anything is stopped or installed: a glibc older
-    than the package's GLIBC (getconf answers 2.28 here), then an executable that does not start
+    """Checked after the download and before anything is stopped or installed: a kernel older
+    than the package's KERNEL (uname -r answers 2.6.32 here), then an executable that does not start
     (a package whose executable fails like an old loader would). An earlier installation in the
     prefix stays exactly as it was, and its agent is not stopped."""
     prefix = tmp_path / "opt"
@@ -369,26 +377,26 @@ def test_install_sh_refuses_a_host_that_cannot_run_the_executable(pkg_server: Se
     old_exe.chmod(0o755)
     before = _tree(prefix)
     with tarfile.open(dist / f"{LINUX}.tar.gz") as tar:
-        member = tar.extractfile(f"{LINUX}/GLIBC")
+        member = tar.extractfile(f"{LINUX}/KERNEL")
         assert member is not None
         need = member.read().decode().strip()
-    assert need == (REPO / "build" / "pyinstaller" / "glibc.txt").read_text().split(": ")[1].split()[0]
-    # run as root without sudo (sudo would reset PATH and hide the fake getconf)
+    assert need == (REPO / "build" / "pyinstaller" / "kernel.txt").read_text().split(": ")[1].split()[0]
+    # run as root without sudo (sudo would reset PATH and hide the fake uname)
     cmd = (_one_liner(pkg_server).replace(" sudo --preserve-env=GO2CLOUD_TOKEN_CODE ", " ")
            + f" --prefix {prefix} --no-prompt --no-service")
     fakebin = tmp_path / "fakebin"
     fakebin.mkdir()
-    getconf = fakebin / "getconf"
-    getconf.write_text('#!/bin/sh\nif [ "$1" = GNU_LIBC_VERSION ]; then echo "glibc 2.28"; exit 0; fi\n'
-                       f'exec {shutil.which("getconf")} "$@"\n')
-    getconf.chmod(0o755)
+    uname = fakebin / "uname"
+    uname.write_text('#!/bin/sh\nif [ "$1" = -r ]; then echo "2.6.32-754.el6.x86_64"; exit 0; fi\n'
+                     f'exec {shutil.which("uname")} "$@"\n')
+    uname.chmod(0o755)
     proc = _bash(cmd, tmp_path, env={"PATH": f"{fakebin}:{os.environ.get('PATH', CLEAN_PATH)}"})
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "this host has glibc 2.28; the go2cloud_client" in proc.stderr
-    assert f"needs glibc {need} or newer" in proc.stderr and "nothing was installed" in proc.stderr
+    assert "this host runs Linux 2.6.32; the go2cloud_client" in proc.stderr
+    assert f"needs Linux {need} or newer" in proc.stderr and "nothing was installed" in proc.stderr
     assert _tree(prefix) == before and not (tmp_path / "old-agent-was-called").exists()
 
-    # this host's glibc is new enough, but the package's executable does not start
+    # this host's kernel is new enough, but the package's executable does not start
     packages = Path(pkg_server.extra_args[1])
     tarball = packages / f"{LINUX}.tar.gz"
     broken = tmp_path / "broken.tar.gz"

@@ -458,6 +458,9 @@ def serve(
 
     _setup_logging(log_level)
     raise_fd_limit()
+    from go2cloud_server import memtrace
+
+    memtrace.start_from_env()  # benchmarks only (GO2CLOUD_MEMTRACE)
     if rsync_port is not None:
         log.warning("--rsync-port is ignored: file-level data goes through the HTTPS port now")
     host, port = _parse_listen(listen)

@@ -22,6 +22,13 @@ What it does:
    sample;
 5. prints the samples as a Markdown table and writes them as JSON (``--out``).
 
+Ctrl-C (or SIGTERM) stops a run cleanly: during the import at once, later after the current
+sample, with the table of the samples so far; the server runs in its own session (the terminal's
+Ctrl-C does not reach it), is stopped by the bench (SIGTERM, then SIGKILL after 30 s) and is
+sent SIGTERM by the kernel if the bench itself dies. ``--env NAME=VALUE`` sets the server's
+environment (``GLIBC_TUNABLES=...`` to compare allocators); ``--memtrace FILE`` has the server
+trace its allocations (go2cloud_server/memtrace.py) into FILE every sample.
+
 The simulated agents run in one asyncio process (TLS included), so the client side needs a bit of
 CPU too; on a busy machine the latencies include waiting for it.
 """

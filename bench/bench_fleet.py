@@ -22,6 +22,13 @@ What it does:
    sample;
 5. prints the samples as a Markdown table and writes them as JSON (``--out``).
 
+Ctrl-C (or SIGTERM) stops a run cleanly: during the import at once, later after the current
+sample, with the table of the samples so far; the server runs in its own session (the terminal's
+Ctrl-C does not reach it), is stopped by the bench (SIGTERM, then SIGKILL after 30 s) and is
+sent SIGTERM by the kernel if the bench itself dies. ``--env NAME=VALUE`` sets the server's
+environment (``GLIBC_TUNABLES=...`` to compare allocators); ``--memtrace FILE`` has the server
+trace its allocations (go2cloud_server/memtrace.py) into FILE every sample.
+
 The simulated agents run in one asyncio process (TLS included), so the client side needs a bit of
 CPU too; on a busy machine the latencies include waiting for it.
 """
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -53,6 +61,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 REPO = Path(__file__).resolve().parents[1]
 SIGNATURE_DOMAIN = b"go2cloud-token-v1\n"
 PER_WORKGROUP = 50
+
+
+def _die_with_parent() -> None:
+    """In the server's child process: SIGTERM when the bench dies, however it dies (Linux)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def proc_figures(pid: int) -> Dict[str, int]:
@@ -256,11 +272,39 @@ async def run(args: argparse.Namespace) -> Dict[str, Any]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    for item in args.env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    if args.memtrace:
+        env["GO2CLOUD_MEMTRACE"] = str(args.memtrace.absolute())
+        env["GO2CLOUD_MEMTRACE_INTERVAL"] = str(args.sample)
     log = open(data.parent / f"{data.name}-serve.log", "wb")
+    # its own session: the terminal's Ctrl-C reaches the bench only, which stops the server
+    # itself (SIGTERM, then SIGKILL) after the agents; and the kernel stops it if the bench dies
     server = subprocess.Popen(
         [sys.executable, "-m", "go2cloud_server", "serve", "--listen", f"127.0.0.1:{port}",
          "--data-dir", str(data), "--heartbeat-interval", str(args.interval), "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        preexec_fn=_die_with_parent)
+    print(f"server pid {server.pid}, log {log.name}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    main_task = asyncio.current_task()
+    interrupted = []
+
+    def on_signal(signum: int) -> None:
+        # the first Ctrl-C (or SIGTERM) ends the run: during setup at once, while the agents run
+        # after the current sample (the table of the samples so far is printed)
+        interrupted.append(signum)
+        print(f"\nsignal {signum}: stopping", file=sys.stderr, flush=True)
+        if stop.is_set() or main_task is None or not samples_started:
+            if main_task is not None:
+                main_task.cancel()
+        stop.set()
+
+    samples_started: List[bool] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         deadline = time.monotonic() + 60
         while not (data / "server.json").exists():
@@ -276,15 +320,18 @@ async def run(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"{len(sources)} sources imported in {time.monotonic() - t0:.0f} s", flush=True)
         base = proc_figures(server.pid)
         stats = Stats()
-        stop = asyncio.Event()
+        samples_started.append(True)
         agents = [SimAgent(port, ctx, sid, key, stats, args.interval) for sid, key in sources]
         tasks = [asyncio.create_task(a.heartbeats(stop)) for a in agents]
         tasks += [asyncio.create_task(a.polls(stop)) for a in agents]
         samples: List[Dict[str, Any]] = []
         started = time.monotonic()
         end = started + args.minutes * 60
-        while time.monotonic() < end:
-            await asyncio.sleep(min(args.sample, max(0.0, end - time.monotonic())))
+        while time.monotonic() < end and not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), min(args.sample, max(0.0, end - time.monotonic())))
+            except asyncio.TimeoutError:
+                pass
             if server.poll() is not None:
                 raise SystemExit(f"server exited with {server.returncode}; see {log.name}")
             fig = proc_figures(server.pid)
@@ -308,8 +355,11 @@ async def run(args: argparse.Namespace) -> Dict[str, Any]:
         for a in agents:
             a.close()
         return {"agents": args.agents, "minutes": args.minutes, "interval_s": args.interval,
-                "before_agents": base, "samples": samples}
+                "before_agents": base, "samples": samples, "interrupted": bool(interrupted)}
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        print(f"stopping the server (pid {server.pid})", file=sys.stderr, flush=True)
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=30)
@@ -328,10 +378,18 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=10, help="heartbeat interval (server option)")
     ap.add_argument("--out", type=Path, help="write the samples as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the server's data directory")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="set this in the server's environment (e.g. MALLOC_ARENA_MAX=2); repeatable")
+    ap.add_argument("--memtrace", type=Path, metavar="FILE",
+                    help="trace the server's allocations (tracemalloc, glibc totals) into FILE every "
+                         "sample (go2cloud_server/memtrace.py; slows the server)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 connections per simulated agent
-    result = asyncio.run(run(args))
+    try:
+        result = asyncio.run(run(args))
+    except asyncio.CancelledError:
+        raise SystemExit("interrupted before the agents ran: no samples") from None
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| t (s) | RSS (MiB) | fds | threads | requests ok | failed | heartbeat p50 / p95 (ms) |")

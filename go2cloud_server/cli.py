@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import re
 import resource
 import signal
@@ -316,6 +317,41 @@ def raise_fd_limit() -> None:
     log.info("open files: limit %d", soft)
 
 
+#: glibc's allocator for a server with a thread per connection: no per-thread cache (``tcache``:
+#: up to 7 freed blocks of each of 64 sizes kept by every thread, which grew the RSS under 1,000
+#: agents by ~1.5 MiB a minute, bounded only by threads x ~240 KiB) and 2 arenas instead of 8 per
+#: core (less memory kept free in arenas). Measured with bench/bench_fleet.py (docs/performance.md).
+MALLOC_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=2"
+_TUNED_ENV = "GO2CLOUD_MALLOC_TUNED"
+
+
+def tune_malloc() -> Optional[str]:
+    """Run the server with :data:`MALLOC_TUNABLES`: glibc reads them only at process start, so
+    the first time the process re-executes itself with them set (same pid, same arguments). An
+    operator's own ``GLIBC_TUNABLES`` is left alone, as is a libc other than glibc. Returns what
+    is in effect (for the log), None when nothing was changed."""
+    if os.environ.pop(_TUNED_ENV, None):
+        tuned = os.environ.get("GLIBC_TUNABLES", "")
+        if tuned == MALLOC_TUNABLES:  # for this process only: its rsync daemons run untuned
+            del os.environ["GLIBC_TUNABLES"]
+        return f"GLIBC_TUNABLES={tuned}"
+    argv = list(getattr(sys, "orig_argv", None) or [])
+    # only a server process of its own (never ``serve`` called inside another program, a test's)
+    if os.environ.get("GLIBC_TUNABLES") or platform.libc_ver()[0] != "glibc" \
+            or "serve" not in sys.argv[1:] or "serve" not in argv \
+            or not any("go2cloud_server" in a for a in argv):
+        return None
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    env[_TUNED_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError as exc:  # the interpreter cannot be executed again: run untuned
+        return f"default (re-executing {sys.executable} with {MALLOC_TUNABLES} failed: {exc})"
+    return None  # not reached
+
+
 def _parse_listen(value: str) -> Tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -484,8 +520,14 @@ def serve(
     from go2cloud_server.store import Store
     from go2cloud_server.throttle import ImportThrottle
 
+    malloc_tuning = tune_malloc()  # may re-exec this process: first, before anything is opened
     _setup_logging(log_level)
     raise_fd_limit()
+    if malloc_tuning:
+        log.info("memory allocator: %s (docs/reliability.md, \"Bounded resources\")", malloc_tuning)
+    from go2cloud_server import memtrace
+
+    memtrace.start_from_env()  # benchmarks only (GO2CLOUD_MEMTRACE)
     if rsync_port is not None:
         log.warning("--rsync-port is ignored: file-level data goes through the HTTPS port now")
     host, port = _parse_listen(listen)

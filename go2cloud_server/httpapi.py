@@ -507,15 +507,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         scheme, _, password = (self.headers.get("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not password:
             raise AuthFailed("missing task credentials (Authorization: Bearer)")
-        if isinstance(self.connection, ssl.SSLSocket):
-            raise InvalidInput(f"this connection did not announce the {RSYNC_UPGRADE} protocol (TLS "
-                               "ALPN) the agent's rsync tunnel offers: update the agent")
         raw_cycle = (self.headers.get("X-Go2cloud-Cycle") or "").strip()
         if not raw_cycle.isdigit() or len(raw_cycle) > 6:
             raise InvalidInput("header X-Go2cloud-Cycle: a cycle number is required")
         path = unquote(self.headers.get("X-Go2cloud-Path") or "", errors="strict")
         spec = self.server.api.service.rsync_session_spec(task_id, password.strip(), int(raw_cycle), path,
                                                           epoch=self.headers.get("X-Go2cloud-Epoch"))
+        if isinstance(self.connection, ssl.SSLSocket):  # the credentials first: they say more
+            raise InvalidInput(f"this connection did not announce the {RSYNC_UPGRADE} protocol (TLS "
+                               "ALPN) the agent's rsync tunnel offers: update the agent")
         self.send_response(101)
         self.send_header("Upgrade", RSYNC_UPGRADE)
         self.send_header("Connection", "Upgrade")

@@ -25,6 +25,7 @@ import sqlite3
 import string
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, Generator, Iterable, List, Mapping, Optional, Protocol, Tuple
 
@@ -97,6 +98,8 @@ ACTIONS = ("modify", "pause", "resume", "sync", "complete", "cancel", "drill")
 #: filesystems whose mount points are migrated by default (file mode)
 LOCAL_FSTYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "jfs", "reiserfs", "f2fs", "zfs"})
 MAX_EVENTS_PER_SOURCE = 1000
+#: refused agent processes remembered by the fence (refusal start, clone already reported) at most
+FENCE_MEMORY = 10000
 _ALNUM_LOWER = string.ascii_lowercase + string.digits
 _ALNUM = string.ascii_letters + string.digits
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
@@ -284,7 +287,9 @@ class Service:
         self.block_store_factory = block_store_factory
         self._block_stores: Dict[str, BlockStore] = {}
         self._block_lock = threading.Lock()
-        self._apply_locks: Dict[str, threading.Lock] = {}
+        #: one lock per task while its acknowledgement is applied (weak: gone when unused, so the
+        #: table does not grow with every task the server ever ran)
+        self._apply_locks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         self.public_host = public_host
         self.public_url = public_url
         self.fingerprint = fingerprint
@@ -1150,8 +1155,13 @@ class Service:
                         "with an activation code; if the hardware of this source changed, nothing to do.")
             else:
                 with self._fence_lock:
-                    if len(self._contenders) > 10000:
+                    # bounded: every refused agent process (a clone in a restart loop makes a new
+                    # one each time) adds a key; forgetting them all costs at most a repeated
+                    # warning event, never a refusal
+                    if len(self._contenders) > FENCE_MEMORY:
                         self._contenders.clear()
+                    if len(self._flagged) > FENCE_MEMORY:
+                        self._flagged.clear()
                     first = self._contenders.setdefault(key, now)
                     new_flag = key not in self._flagged
                     final = now - first >= conflict_after(self.heartbeat_interval)
@@ -1384,7 +1394,10 @@ class Service:
         applied. Idempotent: the cycle commit and retention are, and one lock per task keeps a
         retried acknowledgement from applying it twice at the same time."""
         with self._block_lock:
-            lock = self._apply_locks.setdefault(str(cmd["task_id"] or cmd["id"]), threading.Lock())
+            key = str(cmd["task_id"] or cmd["id"])
+            lock = self._apply_locks.get(key)
+            if lock is None:
+                lock = self._apply_locks[key] = threading.Lock()
         with lock:
             row = self.store.one("SELECT applied FROM commands WHERE id = ?", (cmd["id"],))
             if row is None or row["applied"]:

@@ -1,12 +1,18 @@
 """Bounded resources of the control plane (issue 17, item 3; docs/reliability.md section 3).
 
-The real server over HTTPS on loopback. Before the fix every thread that served a connection
-opened its own SQLite connection (2 fds: the database and its WAL) and kept it forever: under a
-soft limit of 1024 open files the server answered 500 to everything after ~500 connections.
+The real server over HTTPS on loopback, except for the tables of the service that the HTTP API
+cannot show (the fence's memory of refused agent processes, the per-task locks): those are
+checked on a real Service and SQLite store, with the unit tests' stand-ins for the rsync daemon
+and the task trees (not involved in fencing nor acknowledgements).
+
+Before the fix every thread that served a connection opened its own SQLite connection (2 fds:
+the database and its WAL) and kept it forever: under a soft limit of 1024 open files the server
+answered 500 to everything after ~500 connections.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -19,7 +25,13 @@ from typing import Dict, Tuple
 
 import pytest
 
+from go2cloud_server import service as service_mod
+from go2cloud_server.errors import SessionBusy
+from go2cloud_server.service import Service
+from go2cloud_server.store import Store
 from tests.integration.harness import Server
+from tests.unit.server.conftest import Clock, FakeRsyncd, FakeTrees, import_body
+from tests.unit.server.test_block_tasks import FakeBlockStores
 
 
 def _fds(pid: int) -> int:
@@ -117,3 +129,98 @@ def test_soft_fd_limit_raised_to_the_hard_limit_at_start(tmp_path: Path) -> None
         assert f"open files: soft limit raised from 512 to {server_hard}" in log, log[-2000:]
     finally:
         srv.stop()
+
+
+def _service(tmp_path: Path) -> Service:
+    store = Store(tmp_path / "server.db")
+    store.migrate()
+    return Service(store, tmp_path, rsyncd=FakeRsyncd([]), tree_factory=FakeTrees([]),
+                   block_store_factory=FakeBlockStores(), public_host="10.0.0.1",
+                   public_url="https://10.0.0.1:8443", fingerprint="sha256:" + "ab" * 32,
+                   heartbeat_interval=10, clock=Clock())
+
+
+FP_A = {"machine_id": "aaaa", "disk_serials": ["sa"], "macs": ["02:00:00:00:00:0a"]}
+FP_B = {"machine_id": "bbbb", "disk_serials": ["sb"], "macs": ["02:00:00:00:00:0b"]}
+
+
+def test_refused_agent_processes_are_not_remembered_forever(tmp_path: Path, monkeypatch) -> None:
+    """A clone in a restart loop opens a session with a new process id each time; the fence
+    remembered every refused one (the set of reported clones was never pruned). With the bound at
+    50 for the test, 300 refused processes leave at most 51 of each table, and every one of them
+    was still refused."""
+    monkeypatch.setattr(service_mod, "FENCE_MEMORY", 50)
+    service = _service(tmp_path)
+    try:
+        service.create_workgroup({"name": "wg"})
+        sid = service.import_source(import_body(service.create_code("wg", {"uses": 1})))["source_id"]
+        service.open_session(sid, {"session_id": "home-1", "instance": "p-holder", "fingerprint": FP_A})
+        refused = 0
+        for i in range(300):
+            try:
+                service.open_session(sid, {"session_id": "home-1", "instance": f"clone-{i}",
+                                           "fingerprint": FP_B})
+            except SessionBusy:
+                refused += 1
+        assert refused == 300
+        assert service.show_source(sid)["clone_warning"]["code"] == "session_conflict"
+        assert len(service._flagged) <= 51, len(service._flagged)
+        assert len(service._contenders) <= 51, len(service._contenders)
+    finally:
+        service.close()
+        service.store.close()
+
+
+def test_per_task_acknowledgement_locks_do_not_accumulate(tmp_path: Path) -> None:
+    """Every task whose command was acknowledged left a lock in the service for good; now a lock
+    lives only while an acknowledgement is applied."""
+    service = _service(tmp_path)
+    try:
+        service.create_workgroup({"name": "wg"})
+        code = service.create_code("wg", {"uses": 20})
+        tasks = set()
+        for i in range(20):
+            sid = service.import_source(import_body(code, inventory={"hostname": f"h{i}",
+                                                                     "machine_id": f"m-{i}"}))["source_id"]
+            service.start_migration({"drill": False, "mode": "block", "disks": ["/dev/vdb"]}, source=sid)
+            start = service.poll_commands(sid, 0)["commands"][0]
+            tid = start["params"]["task_id"]
+            tasks.add(tid)
+            service.ack_command(sid, start["id"], {"status": "succeeded", "result": {}})
+            assert service.task_artifacts(tid)["artifacts"], "the acknowledgement was not applied"
+        assert len(tasks) == 20
+        gc.collect()
+        assert len(service._apply_locks) == 0, dict(service._apply_locks)
+    finally:
+        service.close()
+        service.store.close()
+
+
+def _environ(pid: int) -> Dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().partition("=")[::2] for item in raw if item)
+
+
+def test_the_server_runs_without_glibcs_per_thread_caches(tmp_path: Path) -> None:
+    """With a thread per connection, glibc's per-thread caches (tcache) grew the RSS under 1,000
+    agents by ~1.5 MiB a minute (docs/performance.md); the server re-executes itself once with
+    them off and 2 arenas, logs it, and keeps an operator's own GLIBC_TUNABLES untouched."""
+    srv = Server(tmp_path / "data", extra_args=["--log-level", "info"]).start()
+    try:
+        pid = srv.proc.pid
+        assert int(srv.info["pid"]) == pid  # the same process, re-executed
+        assert _environ(pid).get("GO2CLOUD_MALLOC_TUNED") == "1"
+        log = Path(srv.log.name).read_text()
+        assert ("memory allocator: GLIBC_TUNABLES=glibc.malloc.tcache_count=0:glibc.malloc.arena_max=2"
+                in log), log[-2000:]
+        # the server answers as before (an authenticated database read over HTTPS)
+        assert _admin_get(srv, "/api/v1/workgroups", _client_ctx())[0] == 200
+    finally:
+        srv.stop()
+    own = Server(tmp_path / "own", extra_env={"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}).start()
+    try:
+        env = _environ(own.proc.pid)
+        assert env.get("GLIBC_TUNABLES") == "glibc.malloc.arena_max=4"
+        assert "GO2CLOUD_MALLOC_TUNED" not in env
+    finally:
+        own.stop()

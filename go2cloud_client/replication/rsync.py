@@ -432,7 +432,7 @@ class FileReplicator:
 
     def _env(self, cycle: int, path: str) -> Dict[str, str]:
         extra = tunnel.tunnel_env(self.target.url, self.target.fingerprint, cycle, path, self.target.epoch,
-                                  self.target.proxy)
+                                  self.target.proxy, self.io_timeout_s)
         extra["RSYNC_PASSWORD"] = self.target.password
         env = subp.child_env(extra=extra)
         if getattr(sys, "frozen", False):

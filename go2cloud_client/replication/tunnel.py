@@ -43,6 +43,8 @@ ENV_FINGERPRINT = "GO2CLOUD_RSYNC_FINGERPRINT"
 ENV_CYCLE = "GO2CLOUD_RSYNC_CYCLE"
 ENV_PATH = "GO2CLOUD_RSYNC_PATH"
 ENV_EPOCH = "GO2CLOUD_RSYNC_EPOCH"
+#: rsync's --timeout: with it the target's daemon sends keep-alives at least every half of it
+ENV_IO_TIMEOUT = "GO2CLOUD_RSYNC_IO_TIMEOUT"
 #: the agent's proxy for the target (``http://[user:password@]HOST:PORT``): in the environment,
 #: never on rsync's command line (the credentials)
 ENV_PROXY = "GO2CLOUD_RSYNC_PROXY"
@@ -80,9 +82,11 @@ def command(executable: Optional[str] = None) -> str:
 
 
 def tunnel_env(url: str, fingerprint: str, cycle: int, path: str, epoch: int = 0,
-               proxy: Optional[ProxyURL] = None) -> Dict[str, str]:
+               proxy: Optional[ProxyURL] = None, io_timeout_s: int = 0) -> Dict[str, str]:
     env = {ENV_URL: url, ENV_FINGERPRINT: fingerprint, ENV_CYCLE: str(int(cycle)), ENV_PATH: path,
            ENV_EPOCH: str(int(epoch))}
+    if io_timeout_s > 0:
+        env[ENV_IO_TIMEOUT] = str(int(io_timeout_s))
     if proxy is not None:
         env[ENV_PROXY] = proxy.url
     return env
@@ -367,7 +371,7 @@ def _widen_pipe(fd: int) -> None:
         pass
 
 
-def pump(stream: Stream, fd_in: int, fd_out: int) -> int:
+def pump(stream: Stream, fd_in: int, fd_out: int, idle_s: Optional[float] = None) -> int:
     """Copy stdin to the connection as it is (a thread of its own), and the target's frames to
     stdout and stderr (this thread), until the target has sent its exit status and everything
     is written out. Both directions block in their system calls: no polling, and each call
@@ -376,6 +380,11 @@ def pump(stream: Stream, fd_in: int, fd_out: int) -> int:
     os.set_blocking(fd_in, True)
     os.set_blocking(fd_out, True)
     _widen_pipe(fd_in)
+    # a connection that brings nothing for idle_s (twice rsync's --timeout: the daemon's
+    # keep-alives come every half of it) is stalled: ended here, because rsync cannot see it
+    # (its own keep-alives still fit in the buffers between it and the stall, so its --timeout
+    # never fires)
+    stream.sock.settimeout(idle_s)
     failed: List[BaseException] = []
 
     def upstream() -> None:
@@ -402,6 +411,10 @@ def pump(stream: Stream, fd_in: int, fd_out: int) -> int:
     while frames.status is None:
         try:
             data = stream.recv()
+        except socket.timeout:
+            sys.stderr.write(f"go2cloud rsync tunnel: nothing from the target for {idle_s:.0f} s: "
+                             "the connection is stalled\n")
+            data = b""
         except (OSError, ssl.SSLError):
             data = b""
         if not data:
@@ -433,7 +446,9 @@ def main(argv: List[str]) -> int:
         sys.stderr.write(f"go2cloud rsync tunnel: {exc}\n")
         return EXIT_REFUSED
     try:
-        status = pump(stream, sys.stdin.fileno(), sys.stdout.fileno())
+        io_timeout = os.environ.get(ENV_IO_TIMEOUT, "")
+        idle = 2.0 * int(io_timeout) if io_timeout.isdigit() and int(io_timeout) > 0 else None
+        status = pump(stream, sys.stdin.fileno(), sys.stdout.fileno(), idle)
     except (OSError, ssl.SSLError, TunnelError) as exc:
         sys.stderr.write(f"go2cloud rsync tunnel: connection lost: {exc}\n")
         return EXIT_LOST

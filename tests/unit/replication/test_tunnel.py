@@ -254,3 +254,21 @@ def test_pump_stops_waiting_for_a_stalled_target_once_rsync_has_gone(monkeypatch
     t.join(10)
     theirs.close()
     assert done == [tunnel.EXIT_LOST]
+
+
+def test_pump_ends_a_connection_that_brings_nothing_for_its_idle_limit():
+    """rsync's own --timeout does not see a stall while its keep-alives still fit in the pipe
+    and socket buffers; the daemon's keep-alives come every half of it, so the tunnel ends a
+    connection silent for twice rsync's timeout."""
+    ours, theirs = socket.socketpair()  # the target is alive but sends nothing
+    in_r, in_w = os.pipe()  # rsync keeps its end open
+    out_r, out_w = os.pipe()
+    done: List[int] = []
+    stream = tunnel.Stream(ours)
+    t = threading.Thread(target=lambda: done.append(tunnel.pump(stream, in_r, out_w, idle_s=0.3)),
+                         daemon=True)
+    t.start()
+    t.join(10)
+    os.close(in_w)
+    theirs.close()
+    assert done == [tunnel.EXIT_LOST]

@@ -754,9 +754,13 @@ class TaskRunner:
             self._notify("info", "task_completed", f"Task {task_id} completed")
 
     def _budget_for(self, exc: Go2CloudError) -> Optional[float]:
-        """The retry budget of a failure, None when it is permanent (fails the cycle at once).
-        The control plane away, a full agent home or a full target wait the longer budget."""
-        if exc.code in ("agent_home_full", "target_full"):
+        """The retry budget of a failure, None when it fails the cycle at once. The control plane
+        away or a full agent home wait the longer budget. A full target fails the cycle at once:
+        the control plane shows the task ``target_full`` and queues the cycle again itself when
+        space returns (go2cloud_server/space.py), so the agent does not keep knocking."""
+        if exc.code == "target_full":
+            return None
+        if exc.code == "agent_home_full":
             return self.control_plane_budget_s
         if not exc.retryable:
             return None

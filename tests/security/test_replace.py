@@ -70,6 +70,11 @@ def _victim(server: Server, agents, tmp_path: Path):
     return agent, sid, machine_id
 
 
+def _replaced(server: Server, sid: str, by: str):
+    proc = server.cli("source", "replace", sid, "--by", by, check=False)
+    return server.j("source", "show", sid) if proc.returncode == 0 else None
+
+
 def _still_running(server: Server, agent, sid: str) -> None:
     shown = server.j("source", "show", sid)
     assert shown["status"] == "syncing" and shown["replaced_by"] is None, shown
@@ -151,10 +156,16 @@ def test_operator_replaces_a_source_explicitly(server, agents, tmp_path):
     refused = server.cli("source", "replace", sid, "--by", elsewhere, check=False)
     assert refused.returncode == 4 and "associate" in refused.stderr and "Traceback" not in refused.stderr
     _still_running(server, agent, sid)
-    done = server.j("source", "replace", sid, "--by", newcomer)
+    # not while its agent still runs (it holds the source's session): the operator is told how
+    live = server.cli("source", "replace", sid, "--by", newcomer, check=False)
+    assert live.returncode != 0 and "its agent is running" in live.stderr and "--abort" in live.stderr
+    _still_running(server, agent, sid)
+    agent.stop()  # the old machine is gone; its lease runs out (3 heartbeat intervals)
+    done = wait_for(lambda: _replaced(server, sid, newcomer), 30, "the replace once the lease expired")
     assert done["status"] == "replaced" and done["replaced_by"] == newcomer
     assert server.task_status(sid) == "cancelled"
     human = server.cli("source", "show", sid, json_out=False).stdout
     assert newcomer in human
     # the replaced agent is refused from now on
+    agent.start()
     wait_for(lambda: "replaced" in agent.output() or agent.proc.poll() is not None, 30, "agent told")

@@ -24,6 +24,7 @@ import pytest
 
 from go2cloud_server.children import Children, process_identity
 from go2cloud_server.manifest import build, diff
+from tests.faults.kill_harness import tree_bytes
 from tests.faults.server_harness import RestartableServer, kill_at_random_point, processes_naming
 from tests.integration.harness import REPO, Agent, wait_for
 
@@ -33,17 +34,6 @@ def rserver(tmp_path: Path) -> Iterator[RestartableServer]:
     srv = RestartableServer(tmp_path / "server-data").start()
     yield srv
     srv.stop()
-
-
-def _target_bytes(data_dir: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(data_dir / "tasks"):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -63,7 +53,7 @@ def test_kill_9_mid_file_migration_then_restart_completes_unattended(
         sid = agent.wait_imported()
         rserver.j("migration", "start", "--source", sid, "--path", str(src), "--no-drill",
                   "--bandwidth-mbps", "40", "--compression", "0")
-        point = kill_at_random_point(rserver.kill9, lambda: _target_bytes(rserver.data_dir) / size,
+        point = kill_at_random_point(rserver.kill9, lambda: tree_bytes(rserver.data_dir / "tasks") / size,
                                      0.1, 0.8, rng)
         # nothing the server started outlives it
         wait_for(lambda: not processes_naming(str(rserver.data_dir)), 10,

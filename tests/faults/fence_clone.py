@@ -14,9 +14,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
-from tests.integration.harness import Server, _env
+from tests.integration.harness import Agent, Server, _env
 
 MACHINE_ID = Path("/etc/machine-id")
 
@@ -27,22 +27,19 @@ def copy_home(home: Path, to: Path) -> Path:
     return to
 
 
-class CloneAgent:
+class CloneAgent(Agent):
     """``go2cloud_client`` on a copied home, in its own mount namespace that looks like another
     machine (its own machine id; ``disk_over`` bind-mounted over ``disk_path``)."""
 
     def __init__(self, home: Path, server: Server, work: Path, *, machine_id: str,
                  disk_path: Optional[Path] = None, disk_over: Optional[Path] = None) -> None:
-        self.home = home
-        self.server = server
+        super().__init__(home, server)
         self.work = work
         self.machine_id = machine_id
         self.disk_path = disk_path
         self.disk_over = disk_over
-        self.proc: Optional[subprocess.Popen] = None
-        self.lines: List[str] = []
 
-    def start(self) -> CloneAgent:
+    def start(self) -> CloneAgent:  # type: ignore[override]
         self.work.mkdir(parents=True, exist_ok=True)
         mid = self.work / "machine-id"
         mid.write_text(self.machine_id + "\n")
@@ -58,14 +55,6 @@ class CloneAgent:
             text=True, errors="replace")
         threading.Thread(target=self._read, daemon=True).start()
         return self
-
-    def _read(self) -> None:
-        assert self.proc and self.proc.stdout
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None

@@ -211,11 +211,7 @@ def test_debian11_imports_and_migrates_full_and_incremental(packaged: Path, bull
         m_src1 = tree_manifest(src, exclude=_excluded)
         assert diff(m_src1, tree_manifest(image1)) == []
 
-        tree.change_content(src)
-        tree.change_metadata(src)
-        tree.delete_some(src)
-        tree.add_some(src)
-        tree.rename_some(src)
+        tree.change_everything(src)
         server.j("migration", "sync", "--source", sid)
         wait_for(lambda: len(server.artifacts(sid)) == 2, 300, "the second artifact")
         server.wait_task(sid, "pending", timeout=120)

@@ -68,11 +68,7 @@ def test_full_incremental_final_sync_equal_the_source(server, agents, tmp_path):
         assert not os.path.lexists(os.path.join(os.fsencode(image1), name))
     assert (image1 / "tmp").is_dir(), "/tmp/* excludes the contents, not the directory"
 
-    tree.change_content(src)
-    tree.change_metadata(src)
-    tree.delete_some(src)
-    tree.add_some(src)
-    tree.rename_some(src)
+    tree.change_everything(src)
     server.j("migration", "sync", "--source", sid)
     wait_for(lambda: len(server.artifacts(sid)) == 2, 120, "the second artifact")
     server.wait_task(sid, "pending", timeout=60)

@@ -195,3 +195,13 @@ def add_some(root: PathLike) -> None:
 def rename_some(root: PathLike) -> None:
     os.rename(_p(root, NAMES["space"]), _p(root, b"renamed with spaces.txt"))
     os.rename(_p(root, b"nested"), _p(root, b"nested-renamed"))
+
+
+def change_everything(root: PathLike) -> None:
+    """Every kind of change a later cycle must carry: content, metadata, deletions, additions,
+    renames."""
+    change_content(root)
+    change_metadata(root)
+    delete_some(root)
+    add_some(root)
+    rename_some(root)

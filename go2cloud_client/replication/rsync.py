@@ -239,8 +239,28 @@ def find_rsync() -> Optional[str]:
     return None
 
 
+_VERSIONS: Dict[Tuple[str, int, int], Tuple[int, int, int]] = {}
+
+
 def rsync_version(rsync_path: str = "rsync") -> Tuple[int, int, int]:
-    """(major, minor, patch) from ``rsync --version``; RsyncMissingError if it cannot run."""
+    """(major, minor, patch) from ``rsync --version``; RsyncMissingError if it cannot run.
+    Remembered per binary (path, inode, mtime): every cycle asks, and an upgraded rsync is a new
+    file."""
+    resolved = shutil.which(rsync_path) or rsync_path
+    try:
+        st = os.stat(resolved)
+        key: Optional[Tuple[str, int, int]] = (resolved, st.st_ino, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _VERSIONS:
+        return _VERSIONS[key]
+    version = _read_version(rsync_path)
+    if key is not None:
+        _VERSIONS[key] = version
+    return version
+
+
+def _read_version(rsync_path: str) -> Tuple[int, int, int]:
     try:
         out = subp.run([rsync_path, "--version"], timeout=30).stdout
     except subp.ProcessError as exc:
@@ -539,17 +559,25 @@ class FileReplicator:
         LOG.debug("rsync %s", args)
         proc = self._spawn(args, on_line, self._env(cycle.number, path))
         self.on_child(proc.pid)
+        exited = threading.Event()
+        status: List[int] = []
+
+        def reap() -> None:  # wakes the loop the moment rsync exits (not at the next 0.1 s tick)
+            try:
+                status.append(proc.wait())
+            finally:
+                exited.set()
+
+        threading.Thread(target=reap, name="rsync-reaper", daemon=True).start()
         try:
             while True:
                 if cancel.is_set():
                     proc.terminate()
                     proc.wait(timeout=30)
                     raise TransferCancelled("transfer cancelled")
-                rc = proc.poll()
-                if rc is not None:
-                    rc = proc.wait(timeout=30)
+                if exited.wait(0.1):
+                    rc = status[0] if status else proc.wait(timeout=30)
                     return rc, proc.stderr
-                cancel.wait(0.1)
         finally:
             if proc.poll() is None:
                 proc.terminate()

@@ -185,6 +185,11 @@ class FakeProc:
         self.rc, self.lines, self.stderr_text, self.block = rc, lines, stderr, block
         self.pid = 4242
         self.terminated = False
+        self._ended = threading.Event()
+        if block is None:
+            self._ended.set()
+        else:
+            threading.Thread(target=lambda: (block.wait(), self._ended.set()), daemon=True).start()
 
     def start(self, on_line: Callable[[str], None]) -> FakeProc:
         for line in self.lines:
@@ -199,10 +204,14 @@ class FakeProc:
         return self.rc
 
     def wait(self, timeout=None) -> int:
-        return self.poll() if self.poll() is not None else self.rc
+        """Blocks like a real child: until it ends (its block event) or is terminated."""
+        self._ended.wait(timeout)
+        rc = self.poll()
+        return rc if rc is not None else self.rc
 
     def terminate(self) -> None:
         self.terminated = True
+        self._ended.set()
 
     @property
     def stderr(self) -> str:
@@ -392,3 +401,24 @@ def test_a_refusal_line_without_a_failed_exit_is_not_an_error(tmp_path: Path) ->
     rep = make(tmp_path)
     scripted(rep, [FakeProc(0, STATS, _refused(503, "busy"))])
     assert rep.run_cycle(FULL, threading.Event()).passes == 1
+
+
+@pytest.mark.allow_subprocess
+def test_rsync_version_is_read_once_per_binary(tmp_path):
+    """Every cycle asks for the version: the binary runs once, and again when it is replaced."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "rsync"
+
+    def install(version: str) -> None:
+        fake.write_text(f"#!/bin/sh\necho x >> {calls}\n"
+                        f"echo 'rsync  version {version}  protocol version 31'\n")
+        fake.chmod(0o755)
+
+    install("3.2.7")
+    assert rsync.rsync_version(str(fake)) == (3, 2, 7)
+    assert rsync.rsync_version(str(fake)) == (3, 2, 7)
+    assert calls.read_text().count("x") == 1
+    fake.unlink()  # an upgrade: a new file (new inode and mtime)
+    install("3.3.0")
+    assert rsync.rsync_version(str(fake)) == (3, 3, 0)
+    assert calls.read_text().count("x") == 2

@@ -177,6 +177,8 @@ class Agent:
         self.home_full: Optional[HomeFullError] = None
         self._ack_lock = threading.Lock()
         self._ack_wakeup = threading.Event()
+        # set when acknowledgements reach the control plane: ends a redelivery pause at once
+        self._acks_delivered = threading.Event()
         self._skew_warned = False
         self._threads: List[threading.Thread] = []
         self.stopped_by: Optional[str] = None
@@ -344,6 +346,9 @@ class Agent:
                 return False
             LOG.warning("acknowledgement of %s (%s) refused: %s; not sending it again",
                         cid, entry["status"], exc)
+        else:
+            if not entry.get("ack_sent"):  # news for the control plane (a resend is not)
+                self._acks_delivered.set()
         self.ledger.mark_sent(cid, entry["status"])
         return True
 
@@ -382,6 +387,7 @@ class Agent:
             if not self.ensure_session():
                 self.stop_event.wait(5)
                 continue
+            self._acks_delivered.clear()  # before the poll: an ack sent during it counts
             try:
                 commands = self.api_poll.poll_commands(self.config.poll_wait_s)
             except Go2CloudError as exc:
@@ -397,7 +403,12 @@ class Agent:
                     return
                 new = self.dispatch(raw) or new
             if commands and not new:
-                self.stop_event.wait(REDELIVERY_PAUSE_S)
+                # only commands this agent already has (running, or finished with the
+                # acknowledgement on its way). Poll again as soon as an acknowledgement brings the
+                # control plane news, so the next command (e.g. the start queued when a drill
+                # passes) runs at once, not after the pause; a resent acknowledgement does not
+                # count (no busy loop on a command the control plane keeps delivering)
+                self._acks_delivered.wait(REDELIVERY_PAUSE_S)
             elif not commands and self.config.poll_wait_s == 0:
                 self.stop_event.wait(1)
 
@@ -538,6 +549,7 @@ class Agent:
             self.stopped_by = reason
         self.stop_event.set()
         self._ack_wakeup.set()
+        self._acks_delivered.set()
 
     def wait(self) -> None:
         while not self.stop_event.wait(0.5):

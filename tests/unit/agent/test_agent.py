@@ -154,3 +154,57 @@ def test_clock_skew_warning(make_agent, caplog):
     cp.beat = dict(cp.beat, server_time_epoch=time.time() - 3600)
     agent.heartbeat_once()
     assert any("clock" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_next_command_runs_as_soon_as_a_redelivered_ones_ack_arrives(make_agent, monkeypatch):
+    """The control plane may answer a poll before it has the acknowledgement of the command the
+    agent just finished, so the poll brings that command again. The agent then pauses before it
+    polls again; the pause must end when the acknowledgement arrives, or the next command (e.g.
+    the start queued when a drill passes) waits the whole pause. Set to an hour here: without
+    the wake-up the second command is never run within the test's 30 s."""
+    import threading
+
+    from go2cloud_client import agent as agent_mod
+
+    monkeypatch.setattr(agent_mod, "REDELIVERY_PAUSE_S", 3600.0)
+    first = {"id": "c-1", "type": "pause", "params": {"task_id": "t-1"}}
+    second = {"id": "c-2", "type": "pause", "params": {"task_id": "t-2"}}
+    redelivered = threading.Event()
+    acked = {}
+
+    class ScriptedCP(FakeCP):
+        def __init__(self):
+            super().__init__()
+            self.polls = 0
+
+        def poll_commands(self, wait=25):
+            self.polls += 1
+            if self.polls == 1:
+                return [first]
+            if self.polls == 2:  # answered before the control plane had c-1's acknowledgement
+                redelivered.set()
+                return [first]
+            if "c-1" in acked:
+                return [second]
+            return []
+
+        def ack(self, cid, status, *, error_code=None, message=None, result=None):
+            if cid == "c-1":
+                redelivered.wait(30)  # the acknowledgement lands after the second poll's answer
+            acked[cid] = status
+            super().ack(cid, status, error_code=error_code, message=message, result=result)
+
+    agent, cp = make_agent(ScriptedCP())
+    loops = [threading.Thread(target=agent._commands_loop, daemon=True),
+             threading.Thread(target=agent._acks_loop, daemon=True)]
+    for loop in loops:
+        loop.start()
+    try:
+        deadline = time.monotonic() + 30
+        while "c-2" not in acked and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        agent.stop()
+    acks = [a[:3] for a in cp.acks]  # c-1's may go twice: the acks loop and the redelivery
+    assert acks[0] == ("c-1", "failed", "task_unknown") and ("c-2", "failed", "task_unknown") in acks
+    assert cp.polls >= 3

@@ -36,7 +36,6 @@ from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = "/var/lib/go2cloud_server"
-TEST_CLOCK_ENV = "GO2CLOUD_TEST_CLOCK_OFFSET_S"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +489,13 @@ def _setup_logging(level: str) -> None:
     help="Connections the kernel queues before the server accepts them (a fleet reconnecting at "
     "once after a restart). The kernel caps it at net.core.somaxconn.",
 )
+@click.option(
+    "--clock-offset-s",
+    type=float,
+    default=0.0,
+    hidden=True,
+    help="TESTS ONLY: shift the server's wall clock by this many seconds (code expiry, clock skew).",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -506,12 +512,14 @@ def serve(
     target_dir: Optional[Path],
     db_reserve_mib: int,
     listen_backlog: int,
+    clock_offset_s: float,
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
     from go2cloud_server import auth, children, tls
     from go2cloud_server.artifacts import TaskTree
     from go2cloud_server.atomicfile import write_atomic
     from go2cloud_server.blockrx import BlockReceiver
+    from go2cloud_server.clock import Clock, OffsetClock, SystemClock
     from go2cloud_server.downloads import Downloads
     from go2cloud_server.httpapi import Api, ApiServer, somaxconn
     from go2cloud_server.rsyncd import RsyncSessions
@@ -543,13 +551,10 @@ def serve(
     data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         data_dir.chmod(0o700)
-    offset = float(os.environ.get(TEST_CLOCK_ENV) or 0)
-    if offset:
-        log.warning("%s=%s: the server clock is shifted (tests only)", TEST_CLOCK_ENV, offset)
-
-    def clock() -> float:
-        return time.time() + offset
-
+    clock: Clock = SystemClock()
+    if clock_offset_s:  # the test hook: a real server process with a shifted wall clock
+        log.warning("--clock-offset-s %s: the server clock is shifted (tests only)", clock_offset_s)
+        clock = OffsetClock(clock_offset_s)
     target_dir = _target_dir(data_dir, target_dir)
     space = space_mod.SpaceGuard(data_dir, target_dir, db_reserve_mib * space_mod.MiB)
     if space.shared and space.reserve_bytes:
@@ -644,7 +649,7 @@ def serve(
             + "\n",
             mode=0o600,
         )
-        scheduler = Scheduler(service)
+        scheduler = Scheduler(service, clock=clock)
         scheduler.start()
 
         def stop(signum: int, frame: Any) -> None:

@@ -7,14 +7,13 @@ daemon (modules per task) and a factory of per-task trees (one directory per syn
 ``go2cloud_server.artifacts``). Every multi-step change runs in one ``BEGIN IMMEDIATE``
 transaction; filesystem work that may take long (committing a cycle) runs outside of it.
 
-Times stored and returned are UTC; ``clock`` (wall-clock epoch seconds) is injectable so tests
+Times stored and returned are UTC; ``clock`` (``go2cloud_server.clock.Clock``) is injected so tests
 can move time (offline detection, code expiry).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import hmac
 import logging
@@ -33,6 +32,7 @@ from go2cloud_server import heartbeat as heartbeat_report
 from go2cloud_server import rules
 from go2cloud_server.auth import AgentAuth, decode_public_key
 from go2cloud_server.autoretry import AUTO_RETRY_EVENT, TRANSIENT_CODES, AutoRetry
+from go2cloud_server.clock import Clock, SystemClock, iso, parse_iso
 from go2cloud_server.errors import (
     AuthFailed,
     CodeRejected,
@@ -160,21 +160,6 @@ def rand_id(prefix: str, n: int = 16) -> str:
     return prefix + "".join(secrets.choice(_ALNUM_LOWER) for _ in range(n))
 
 
-def iso(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text: Optional[str]) -> Optional[float]:
-    """The epoch of a time written by :func:`iso` (None if absent or unreadable)."""
-    if not text:
-        return None
-    try:
-        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
-            tzinfo=datetime.timezone.utc).timestamp()
-    except ValueError:
-        return None
-
-
 def hash_code(code: str, salt: bytes) -> bytes:
     return hashlib.scrypt(code.encode("utf-8"), salt=salt, maxmem=64 * 1024 * 1024, **_SCRYPT)
 
@@ -268,7 +253,7 @@ class Service:
         spki_pin: str = "",
         heartbeat_interval: float = 10,
         auto_retry: Optional[AutoRetry] = None,
-        clock: Callable[[], float] = time.time,
+        clock: Optional[Clock] = None,
         agent_auth: Optional[AgentAuth] = None,
         import_throttle: Optional[ImportThrottle] = None,
         target_dir: Optional[Path] = None,
@@ -299,7 +284,8 @@ class Service:
         self.replace_watch_s = 1.5 * heartbeat_interval
         #: failed cycles of a transient cause queued again by the scheduler (``autoretry``)
         self.auto_retry = auto_retry or AutoRetry()
-        self.clock = clock
+        #: wall clock and monotonic clock (``go2cloud_server.clock``; tests pass a fake)
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self.commands_cv = threading.Condition()
         self._closed = False
         #: verifies block generations (sha256, fsck) after their cycle was acknowledged
@@ -319,10 +305,10 @@ class Service:
 
     # helpers ----------------------------------------------------------------------------------
     def now(self) -> float:
-        return self.clock()
+        return self.clock.now()
 
     def now_iso(self) -> str:
-        return iso(self.clock())
+        return iso(self.clock.now())
 
     def tree_root(self, task_id: str) -> Path:
         return self.target_dir / "tasks" / task_id / "tree"
@@ -2543,7 +2529,7 @@ class Service:
         row = self.store.one(
             "SELECT COUNT(*) AS n FROM events WHERE source_id = ? AND code = ? AND time >= ? "
             "AND message LIKE ?",
-            (task["source_id"], AUTO_RETRY_EVENT, iso(self.clock() - 86400), f"task {task['id']}:%"),
+            (task["source_id"], AUTO_RETRY_EVENT, iso(self.clock.now() - 86400), f"task {task['id']}:%"),
         )
         return int(row["n"]) if row else 0
 
@@ -2570,7 +2556,7 @@ class Service:
             f"SELECT * FROM tasks WHERE status = 'failed' AND error_code IN ({marks})",  # noqa: S608
             tuple(sorted(TRANSIENT_CODES)),
         )
-        now = self.clock()
+        now = self.clock.now()
         for task in rows:
             done = self._auto_retries_today(task)
             due = self.auto_retry.due_at(parse_iso(task["updated_at"]), done)

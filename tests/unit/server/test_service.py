@@ -6,6 +6,7 @@ import time
 import pytest
 
 from go2cloud_server import rules
+from go2cloud_server.clock import FakeClock
 from go2cloud_server.errors import (
     AuthFailed,
     CodeRejected,
@@ -527,21 +528,21 @@ def test_scheduler_queues_sync_after_interval(service):
     sid = _imported(service)
     service.start_migration({"drill": False, "sync_every_s": 120}, source=sid)
     _ack(service, sid, _cmds(service, sid)[0])
-    now = [0.0]
-    sched = Scheduler(service, monotonic=lambda: now[0])
+    mono = FakeClock()  # the scheduler's own clock: only its monotonic reading matters
+    sched = Scheduler(service, clock=mono)
     assert sched.run_once() == 0  # first sight of cycle 1
-    now[0] = 119
+    mono.advance(119)
     service.heartbeat(sid, {})
     assert sched.run_once() == 0
-    now[0] = 121
+    mono.advance(2)
     assert sched.run_once() == 1
     cmd = _cmds(service, sid)[0]
     assert cmd["type"] == "sync" and cmd["params"]["cycle"]["number"] == 2
     assert sched.run_once() == 0  # syncing: not a candidate
     _ack(service, sid, cmd)
-    now[0] = 200
+    mono.advance(79)
     assert sched.run_once() == 0  # new cycle seen at 200
-    now[0] = 321
+    mono.advance(121)
     assert sched.run_once() == 1
 
 

@@ -61,6 +61,15 @@ from go2cloud_server.lease import (
     open_lease,
     renew,
 )
+from go2cloud_server.repositories import artifacts as repo_artifacts
+from go2cloud_server.repositories import codes as repo_codes
+from go2cloud_server.repositories import commands as repo_commands
+from go2cloud_server.repositories import cycle_writers as repo_cycle_writers
+from go2cloud_server.repositories import drills as repo_drills
+from go2cloud_server.repositories import events as repo_events
+from go2cloud_server.repositories import sources as repo_sources
+from go2cloud_server.repositories import tasks as repo_tasks
+from go2cloud_server.repositories import workgroups as repo_workgroups
 from go2cloud_server.rsyncd import SessionSpec
 from go2cloud_server.space import SpaceGuard, describe, human, is_disk_full
 from go2cloud_server.store import Store, dumps, loads
@@ -103,7 +112,6 @@ FENCE_MEMORY = 10000
 _ALNUM_LOWER = string.ascii_lowercase + string.digits
 _ALNUM = string.ascii_letters + string.digits
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
-_OPEN_SQL = ",".join(f"'{s}'" for s in OPEN_TASK_STATUSES)
 #: a source id as the server makes them (anything else an importer names is shown escaped)
 _SOURCE_ID_RE = re.compile(r"s-[a-z0-9]{1,64}")
 
@@ -329,11 +337,7 @@ class Service:
             return bs
         from go2cloud_server.blockstore import declared_disk_limits
 
-        row = self.store.one(
-            "SELECT t.disks, s.inventory FROM tasks t LEFT JOIN sources s ON s.id = t.source_id "
-            "WHERE t.id = ?",
-            (task_id,),
-        )
+        row = repo_tasks.disks_and_inventory(self.store, task_id)
         limits = declared_disk_limits(loads(row["disks"], []) if row else [],
                                       loads(row["inventory"], {}) if row else {})
         with self._block_lock:
@@ -354,7 +358,7 @@ class Service:
         if not isinstance(task_id, str) or not isinstance(token, str) or not token:
             return None
         try:
-            task = self.store.one("SELECT id, mode, status, block_token FROM tasks WHERE id = ?", (task_id,))
+            task = repo_tasks.get(self.store, task_id)
         except sqlite3.Error:
             log.warning("block receiver: cannot look up task %s", task_id, exc_info=True)
             return None
@@ -392,7 +396,7 @@ class Service:
         ``stale_epoch`` otherwise, see :meth:`check_epoch`). Nothing is started or written here."""
         task = None
         if isinstance(task_id, str) and isinstance(password, str) and password:
-            task = self.store.one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+            task = repo_tasks.get(self.store, task_id)
         expected = ((task or {}).get("rsync_password") or "").encode("utf-8")
         ok = hmac.compare_digest(str(password).encode("utf-8"), expected)
         if task is None or not expected or not ok or task["mode"] == "block":
@@ -425,10 +429,7 @@ class Service:
         queued. Without ``start`` the verifier starts on its first generation."""
         self.apply_unfinished()
         self.verifier.start()
-        rows = self.store.all(
-            "SELECT task_id, cycle, disk, report FROM artifacts WHERE disk != '' AND sha256 IS NULL "
-            "ORDER BY task_id, cycle, disk"
-        )
+        rows = repo_artifacts.unverified_generations(self.store)
         again = (REPORT_PENDING, REPORT_FAILED)
         pending = [r for r in rows if (loads(r["report"], None) or {}).get("state") in again]
         for r in pending:
@@ -457,26 +458,20 @@ class Service:
     def _workgroup(self, conn: Optional[sqlite3.Connection], ref: Any) -> Dict[str, Any]:
         if not isinstance(ref, str) or not ref:
             raise InvalidInput("workgroup: is required")
-        q = Store.q_one if conn is not None else None
-        sql = "SELECT * FROM workgroups WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1"
-        row = (
-            q(conn, sql, (ref, ref, ref)) if q and conn is not None else self.store.one(sql, (ref, ref, ref))
-        )
+        row = repo_workgroups.find(conn if conn is not None else self.store, ref)
         if row is None:
             raise NotFound(f"no workgroup {ref!r}: see 'go2cloud_server workgroup list'")
         return row
 
     def _wg_view(self, row: Mapping[str, Any]) -> Dict[str, Any]:
-        n = self.store.one(
-            "SELECT COUNT(*) AS n FROM sources WHERE workgroup_id = ? AND state = 'active'", (row["id"],)
-        )
+        n = repo_sources.count_active(self.store, row["id"])
         return {
             "id": row["id"],
             "name": row["name"],
             "description": row["description"],
             "tags": loads(row["tags"], {}),
             "created_at": row["created_at"],
-            "source_count": n["n"] if n else 0,
+            "source_count": n,
             "migration_status": self._wg_status(row["id"]),
         }
 
@@ -487,22 +482,18 @@ class Service:
         tags = rules.tags(body.get("tags"))
         wg_id = rand_id("wg-", 12)
         with self.store.transaction() as conn:
-            n = conn.execute("SELECT COUNT(*) FROM workgroups").fetchone()[0]
-            if n >= rules.MAX_WORKGROUPS:
+            if repo_workgroups.count(conn) >= rules.MAX_WORKGROUPS:
                 raise Conflict(
                     f"workgroup limit reached ({rules.MAX_WORKGROUPS}): delete an unused workgroup first"
                 )
-            if conn.execute("SELECT 1 FROM workgroups WHERE name = ?", (name,)).fetchone():
+            if repo_workgroups.name_taken(conn, name):
                 raise Conflict(f"a workgroup named {name!r} already exists: pick another name")
-            conn.execute(
-                "INSERT INTO workgroups (id, name, description, tags, created_at) VALUES (?, ?, ?, ?, ?)",
-                (wg_id, name, description, dumps(tags), self.now_iso()),
-            )
+            repo_workgroups.insert(conn, wg_id, name, description, dumps(tags), self.now_iso())
         log.info("workgroup %s (%s) created", wg_id, name)
         return self._wg_view(self._workgroup(None, wg_id))
 
     def list_workgroups(self) -> Dict[str, Any]:
-        rows = self.store.all("SELECT * FROM workgroups ORDER BY created_at, name")
+        rows = repo_workgroups.list_all(self.store)
         return {"workgroups": [self._wg_view(r) for r in rows]}
 
     def show_workgroup(self, ref: str) -> Dict[str, Any]:
@@ -515,14 +506,13 @@ class Service:
     def delete_workgroup(self, ref: str) -> Dict[str, Any]:
         with self.store.transaction() as conn:
             wg = self._workgroup(conn, ref)
-            n = conn.execute("SELECT COUNT(*) FROM sources WHERE workgroup_id = ?", (wg["id"],)).fetchone()[0]
+            n = repo_sources.count_in_workgroup(conn, wg["id"])
             if n:
                 raise Conflict(
                     f"workgroup {wg['name']!r} still has {n} source(s): disassociate them first "
                     "('go2cloud_server source disassociate S')"
                 )
-            conn.execute("DELETE FROM codes WHERE workgroup_id = ?", (wg["id"],))
-            conn.execute("DELETE FROM workgroups WHERE id = ?", (wg["id"],))
+            repo_workgroups.delete(conn, wg["id"])
         log.info("workgroup %s (%s) deleted", wg["id"], wg["name"])
         return {}
 
@@ -534,13 +524,10 @@ class Service:
         workgroup (the caller has not proven the code yet); docs/security.md says what a token id
         alone tells. The transaction that consumes a use checks all of it again."""
         self._refuse_code_state(code)
-        wg = self.store.one("SELECT id FROM workgroups WHERE id = ?", (code["workgroup_id"],))
+        wg = repo_workgroups.brief(self.store, code["workgroup_id"])
         if wg is None:
             raise CodeRejected("unknown activation code (its workgroup was deleted)", code="code_unknown")
-        n = self.store.one(
-            "SELECT COUNT(*) AS n FROM sources WHERE workgroup_id = ? AND state = 'active'", (wg["id"],)
-        )
-        if n is not None and n["n"] >= rules.MAX_SOURCES_PER_WORKGROUP:
+        if repo_sources.count_active(self.store, wg["id"]) >= rules.MAX_SOURCES_PER_WORKGROUP:
             raise ImportRejected(
                 f"the workgroup of this activation code already has {rules.MAX_SOURCES_PER_WORKGROUP} "
                 "sources: ask the operator to use another workgroup"
@@ -574,7 +561,7 @@ class Service:
         return "active"
 
     def _code_view(self, row: Mapping[str, Any]) -> Dict[str, Any]:
-        wg = self.store.one("SELECT id, name FROM workgroups WHERE id = ?", (row["workgroup_id"],))
+        wg = repo_workgroups.brief(self.store, row["workgroup_id"])
         return {
             "token_id": row["token_id"],
             "workgroup": wg,
@@ -598,15 +585,11 @@ class Service:
         expires = now + days * 86400
         with self.store.transaction() as conn:
             wg = self._workgroup(conn, wg_ref)
-            conn.execute(
-                "INSERT INTO codes (token_id, workgroup_id, salt, code_hash, uses, uses_left, created_at, "
-                "expires_at, expires_epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (token_id, wg["id"], salt, digest, uses, uses, iso(now), iso(expires), expires),
-            )
+            repo_codes.insert(conn, token_id, wg["id"], salt, digest, uses, iso(now), iso(expires), expires)
         log.info(
             "activation code %s created for workgroup %s (uses %d, days %d)", token_id, wg["id"], uses, days
         )
-        row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
+        row = repo_codes.get(self.store, token_id)
         assert row is not None
         view = self._code_view(row)
         view["token_code"] = token_code
@@ -616,24 +599,19 @@ class Service:
         return view
 
     def list_codes(self, wg_ref: Optional[str] = None) -> Dict[str, Any]:
-        if wg_ref:
-            wg = self._workgroup(None, wg_ref)
-            rows = self.store.all(
-                "SELECT * FROM codes WHERE workgroup_id = ? ORDER BY created_at", (wg["id"],)
-            )
-        else:
-            rows = self.store.all("SELECT * FROM codes ORDER BY created_at")
+        wg_id = self._workgroup(None, wg_ref)["id"] if wg_ref else None
+        rows = repo_codes.list_all(self.store, wg_id)
         return {"codes": [self._code_view(r) for r in rows]}
 
     def revoke_code(self, token_id: str) -> Dict[str, Any]:
         with self.store.transaction() as conn:
-            row = Store.q_one(conn, "SELECT * FROM codes WHERE token_id = ?", (token_id,))
+            row = repo_codes.get(conn, token_id)
             if row is None:
                 raise NotFound(f"no activation code {token_id!r}: see 'go2cloud_server code list'")
             if not row["revoked_at"]:
-                conn.execute("UPDATE codes SET revoked_at = ? WHERE token_id = ?", (self.now_iso(), token_id))
+                repo_codes.revoke(conn, token_id, self.now_iso())
         log.info("activation code %s revoked", token_id)
-        row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
+        row = repo_codes.get(self.store, token_id)
         assert row is not None
         return self._code_view(row)
 
@@ -664,7 +642,7 @@ class Service:
         # with 429 after too many failures, on the bounded derivation pool (503 when full); an
         # unknown token id costs the same derivation as a known one ...
         self.import_throttle.check(token_id, client)
-        row = self.store.one("SELECT * FROM codes WHERE token_id = ?", (token_id,))
+        row = repo_codes.get(self.store, token_id)
         if row is not None:
             # cheap checks first: a code that cannot be used now is refused without the
             # derivation (a fleet retrying against a full workgroup once cost 41 CPU-s of scrypt)
@@ -679,7 +657,7 @@ class Service:
         # ... and the proof of the previous source's key (its public key never changes) ...
         proof_refusal: Optional[str] = None
         if previous:
-            old_key = self.store.one("SELECT public_key FROM sources WHERE id = ?", (previous,))
+            old_key = repo_sources.get(self.store, previous)
             if old_key is not None:
                 proof_refusal = self.agent_auth.check_replacement(
                     previous, old_key["public_key"], public_key, body.get("previous_source_proof")
@@ -693,49 +671,31 @@ class Service:
         refusal: Optional[str] = None
         # ... then consume one use atomically.
         with self.store.transaction() as conn:
-            code = Store.q_one(conn, "SELECT * FROM codes WHERE token_id = ?", (token_id,))
+            code = repo_codes.get(conn, token_id)
             if code is None:
                 raise CodeRejected(
                     "unknown activation code (check the token id and token code)", code="code_unknown"
                 )
             self._refuse_code_state(code)
-            wg = Store.q_one(conn, "SELECT * FROM workgroups WHERE id = ?", (code["workgroup_id"],))
+            wg = repo_workgroups.get(conn, code["workgroup_id"])
             if wg is None:
                 raise CodeRejected("unknown activation code (its workgroup was deleted)", code="code_unknown")
-            n = conn.execute(
-                "SELECT COUNT(*) FROM sources WHERE workgroup_id = ? AND state = 'active'", (wg["id"],)
-            ).fetchone()[0]
-            if n >= rules.MAX_SOURCES_PER_WORKGROUP:
+            if repo_sources.count_active(conn, wg["id"]) >= rules.MAX_SOURCES_PER_WORKGROUP:
                 raise ImportRejected(
                     f"workgroup {wg['name']!r} already has {rules.MAX_SOURCES_PER_WORKGROUP} "
                     "sources: ask the operator to use another workgroup"
                 )
-            conn.execute("UPDATE codes SET uses_left = uses_left - 1 WHERE token_id = ?", (token_id,))
+            repo_codes.use_one(conn, token_id)
             now = self.now()
             old: Optional[Dict[str, Any]] = None
             if previous:
-                old = Store.q_one(conn, "SELECT * FROM sources WHERE id = ?", (previous,))
+                old = repo_sources.get(conn, previous)
                 refusal = self._replacement_refusal(old, wg, machine_id, proof_refusal, unrenewed)
                 if old is not None and refusal is None:
                     replaced = self._replace_source(conn, old, source_id)
                     replaced_id = old["id"]
-            conn.execute(
-                "INSERT INTO sources (id, workgroup_id, public_key, hostname, machine_id, agent_version, "
-                "inventory, token_id, imported_at, imported_epoch, state) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active')",
-                (
-                    source_id,
-                    wg["id"],
-                    public_key,
-                    hostname,
-                    machine_id,
-                    agent_version,
-                    dumps(inventory),
-                    token_id,
-                    iso(now),
-                    now,
-                ),
-            )
+            repo_sources.insert(conn, source_id, wg["id"], public_key, hostname, machine_id, agent_version,
+                                dumps(inventory), token_id, iso(now), now)
             if replaced_id:
                 self._event(
                     conn,
@@ -801,7 +761,7 @@ class Service:
         with a heartbeat within one interval. Returns the lease's expiry when it was live and not
         renewed meanwhile (its agent stopped, e.g. ``--abort`` just before this import: the
         replacement may go ahead), else None."""
-        row = self.store.one("SELECT lease FROM sources WHERE id = ?", (source_id,))
+        row = repo_sources.get(self.store, source_id)
         if row is None:
             return None
         first = self._lease_of(row)
@@ -810,7 +770,7 @@ class Service:
         deadline = time.monotonic() + self.replace_watch_s
         while time.monotonic() < deadline:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-            row = self.store.one("SELECT lease FROM sources WHERE id = ?", (source_id,))
+            row = repo_sources.get(self.store, source_id)
             cur = self._lease_of(row or {})
             if cur.instance != first.instance or cur.expires != first.expires:
                 return None  # renewed or taken over: an agent runs it
@@ -835,10 +795,7 @@ class Service:
 
     def _event(self, conn: sqlite3.Connection, source_id: str, level: str, code: str, message: str) -> None:
         """An event of the control plane itself in the source's list (``source show``)."""
-        conn.execute(
-            "INSERT INTO events (source_id, time, level, code, message) VALUES (?, ?, ?, ?, ?)",
-            (source_id, self.now_iso(), level, code, message[:2000]),
-        )
+        repo_events.add(conn, source_id, self.now_iso(), level, code, message[:2000])
 
     def replace_source(self, ref: str, body: Any) -> Dict[str, Any]:
         """Operator: mark source ``ref`` replaced by the source ``body["by"]`` (its task cancelled,
@@ -881,10 +838,7 @@ class Service:
     def _replace_source(
         self, conn: sqlite3.Connection, old: Mapping[str, Any], new_id: str
     ) -> Optional[Dict[str, Any]]:
-        conn.execute(
-            "UPDATE sources SET state = 'replaced', replaced_by = ?, workgroup_id = NULL WHERE id = ?",
-            (new_id, old["id"]),
-        )
+        repo_sources.mark_replaced(conn, old["id"], new_id)
         task = self._active_task(conn, old["id"])
         log.info("source %s replaced by %s", old["id"], new_id)
         if task is None:
@@ -897,11 +851,7 @@ class Service:
             error_message=f"source replaced by {new_id}",
             finished_at=self.now_iso(),
         )
-        conn.execute(
-            "UPDATE commands SET status = 'superseded', updated_at = ? "
-            "WHERE task_id = ? AND status = 'queued'",
-            (self.now_iso(), task["id"]),
-        )
+        repo_commands.supersede_queued(conn, task["id"], self.now_iso())
         return task
 
     def _release_target(self, task: Mapping[str, Any]) -> None:
@@ -935,22 +885,17 @@ class Service:
     def _source(self, conn: Optional[sqlite3.Connection], ref: Any) -> Dict[str, Any]:
         if not isinstance(ref, str) or not ref:
             raise InvalidInput("source: is required")
-        sql = "SELECT * FROM sources WHERE id = ?"
-        row = Store.q_one(conn, sql, (ref,)) if conn is not None else self.store.one(sql, (ref,))
+        row = repo_sources.get(conn if conn is not None else self.store, ref)
         if row is None:
             raise NotFound(f"no source {ref!r}: see 'go2cloud_server source list'")
         return row
 
     def _latest_task(self, conn: Optional[sqlite3.Connection], source_id: str) -> Optional[Dict[str, Any]]:
-        sql = "SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1"
-        return Store.q_one(conn, sql, (source_id,)) if conn is not None else self.store.one(sql, (source_id,))
+        return repo_tasks.latest_of_source(conn if conn is not None else self.store, source_id)
 
     def _active_task(self, conn: Optional[sqlite3.Connection], source_id: str) -> Optional[Dict[str, Any]]:
-        sql = (
-            f"SELECT * FROM tasks WHERE source_id = ? AND status IN ({_OPEN_SQL}) "  # noqa: S608
-            "ORDER BY created_at DESC, rowid DESC LIMIT 1"
-        )
-        return Store.q_one(conn, sql, (source_id,)) if conn is not None else self.store.one(sql, (source_id,))
+        return repo_tasks.latest_of_source_in(conn if conn is not None else self.store, source_id,
+                                              OPEN_TASK_STATUSES)
 
     def is_offline(self, src: Mapping[str, Any], now: Optional[float] = None) -> bool:
         now = self.now() if now is None else now
@@ -971,11 +916,7 @@ class Service:
 
     def _source_view(self, src: Mapping[str, Any]) -> Dict[str, Any]:
         task = self._latest_task(None, src["id"])
-        wg = (
-            self.store.one("SELECT id, name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
-            if src["workgroup_id"]
-            else None
-        )
+        wg = repo_workgroups.brief(self.store, src["workgroup_id"]) if src["workgroup_id"] else None
         inv = loads(src["inventory"], {})
         os_info = inv.get("os") if isinstance(inv.get("os"), dict) else {}
         return {
@@ -992,13 +933,8 @@ class Service:
         }
 
     def list_sources(self, wg_ref: Optional[str] = None) -> Dict[str, Any]:
-        if wg_ref:
-            wg = self._workgroup(None, wg_ref)
-            rows = self.store.all(
-                "SELECT * FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)
-            )
-        else:
-            rows = self.store.all("SELECT * FROM sources ORDER BY imported_epoch")
+        wg_id = self._workgroup(None, wg_ref)["id"] if wg_ref else None
+        rows = repo_sources.list_all(self.store, wg_id)
         return {"sources": [self._source_view(r) for r in rows]}
 
     def show_source(self, ref: str) -> Dict[str, Any]:
@@ -1018,10 +954,7 @@ class Service:
             if lease.epoch else None
         )
         view["clone_warning"] = loads(src["clone_warning"], None)
-        view["events"] = self.store.all(
-            "SELECT time, level, code, message FROM events WHERE source_id = ? ORDER BY id DESC LIMIT 20",
-            (src["id"],),
-        )
+        view["events"] = repo_events.latest(self.store, src["id"], 20)
         return view
 
     def associate(self, ref: str, body: Any) -> Dict[str, Any]:
@@ -1036,14 +969,11 @@ class Service:
             elif src["workgroup_id"]:
                 raise Conflict(f"source {src['id']} is already in another workgroup: disassociate it first")
             else:
-                n = conn.execute(
-                    "SELECT COUNT(*) FROM sources WHERE workgroup_id = ? AND state = 'active'", (wg["id"],)
-                ).fetchone()[0]
-                if n >= rules.MAX_SOURCES_PER_WORKGROUP:
+                if repo_sources.count_active(conn, wg["id"]) >= rules.MAX_SOURCES_PER_WORKGROUP:
                     raise Conflict(
                         f"workgroup {wg['name']!r} already has {rules.MAX_SOURCES_PER_WORKGROUP} sources"
                     )
-                conn.execute("UPDATE sources SET workgroup_id = ? WHERE id = ?", (wg["id"], src["id"]))
+                repo_sources.set_workgroup(conn, src["id"], wg["id"])
         return self._source_view(self._source(None, ref))
 
     def disassociate(self, ref: str) -> Dict[str, Any]:
@@ -1055,13 +985,13 @@ class Service:
                     f"source {src['id']} has an active migration task {task['id']} ({task['status']}): "
                     "complete or cancel it first"
                 )
-            conn.execute("UPDATE sources SET workgroup_id = NULL WHERE id = ?", (src["id"],))
+            repo_sources.set_workgroup(conn, src["id"], None)
         return self._source_view(self._source(None, ref))
 
     # agent API -----------------------------------------------------------------------------------
     def agent_source(self, source_id: str) -> Dict[str, Any]:
         """The source an agent request is for; 404 source_unknown / 410 source_replaced."""
-        row = self.store.one("SELECT * FROM sources WHERE id = ?", (source_id,))
+        row = repo_sources.get(self.store, source_id)
         if row is None:
             raise SourceUnknown(f"source {source_id} does not exist: import again")
         if row["state"] != "active":
@@ -1090,14 +1020,13 @@ class Service:
     def _save_lease(conn: sqlite3.Connection, source_id: str, lease: Lease) -> None:
         doc = {"epoch": lease.epoch, "session_id": lease.session_id, "instance": lease.instance,
                "fingerprint": lease.fingerprint, "expires": lease.expires, "granted_at": lease.granted_at}
-        conn.execute("UPDATE sources SET lease = ?, lease_epoch = ? WHERE id = ?",
-                     (dumps(doc), lease.epoch, source_id))
+        repo_sources.save_lease(conn, source_id, dumps(doc), lease.epoch)
 
     def _flag_clone(self, conn: sqlite3.Connection, source_id: str, code: str, message: str) -> None:
         """The operator's clone warning on the source (``source show``) and a warning event."""
         log.warning("source %s: %s", source_id, message)
-        conn.execute("UPDATE sources SET clone_warning = ? WHERE id = ?",
-                     (dumps({"time": self.now_iso(), "code": code, "message": message[:2000]}), source_id))
+        repo_sources.set_clone_warning(
+            conn, source_id, dumps({"time": self.now_iso(), "code": code, "message": message[:2000]}))
         self._event(conn, source_id, "warning", code, message)
 
     def open_session(self, source_id: str, body: Any) -> Dict[str, Any]:
@@ -1114,7 +1043,7 @@ class Service:
         key = (source_id, instance)
         refusal: Optional[Exception] = None
         with self.store.transaction() as conn:
-            src = Store.q_one(conn, "SELECT * FROM sources WHERE id = ?", (source_id,))
+            src = repo_sources.get(conn, source_id)
             if src is None:
                 raise SourceUnknown(f"source {source_id} does not exist: import again")
             cur = self._lease_of(src)
@@ -1191,7 +1120,7 @@ class Service:
         task documents, events); the holder's heartbeat (``renew_lease``) extends its lease. A
         source on which no session was ever opened has no lease (requests without the session
         header are served, as before fencing)."""
-        row = self.store.one("SELECT lease, lease_epoch FROM sources WHERE id = ?", (source_id,))
+        row = repo_sources.get(self.store, source_id)
         if row is None or not row["lease_epoch"]:
             return
         cur = self._lease_of(row)
@@ -1205,7 +1134,7 @@ class Service:
                 "imported one, run go2cloud_client --abort here and import it again with an activation code.")
         if renew_lease:
             with self.store.transaction() as conn:
-                row = Store.q_one(conn, "SELECT lease FROM sources WHERE id = ?", (source_id,))
+                row = repo_sources.get(conn, source_id)
                 renewed = renew(self._lease_of(row or {}), instance, now=self.now(), ttl=self.lease_ttl)
                 if renewed is None:
                     raise SessionConflict(f"this agent process no longer holds the session of source "
@@ -1222,9 +1151,7 @@ class Service:
         if raw and (not raw.isdigit() or len(raw) > 12):
             raise InvalidInput("header X-Go2cloud-Epoch: a session epoch (a number) is required")
         epoch = int(raw) if raw else 0
-        row = self.store.one(
-            "SELECT t.current_cycle, s.id AS source_id, s.lease_epoch FROM tasks t "
-            "JOIN sources s ON s.id = t.source_id WHERE t.id = ?", (task_id,))
+        row = repo_tasks.cycle_and_epoch(self.store, task_id)
         if row is None:
             return
         current = int(row["lease_epoch"] or 0)
@@ -1242,8 +1169,7 @@ class Service:
             if key in self._writers_seen:
                 return
         with self.store.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO cycle_writers (task_id, cycle, epoch, first_at) "
-                         "VALUES (?, ?, ?, ?)", (task_id, cycle, epoch, self.now_iso()))
+            repo_cycle_writers.add(conn, task_id, cycle, epoch, self.now_iso())
         with self._fence_lock:
             if len(self._writers_seen) > 100000:
                 self._writers_seen.clear()
@@ -1251,10 +1177,7 @@ class Service:
 
     def mixed_writers(self, task_id: str, cycle: int) -> Optional[str]:
         """Why cycle ``cycle`` of a task must not be marked verified (None: one session wrote it)."""
-        rows = self.store.all(
-            "SELECT epoch FROM cycle_writers WHERE task_id = ? AND cycle = ? ORDER BY epoch",
-            (task_id, cycle))
-        epochs = [int(r["epoch"]) for r in rows]
+        epochs = repo_cycle_writers.epochs(self.store, task_id, cycle)
         if len(epochs) < 2:
             return None
         return (f"cycle {cycle} was written by {len(epochs)} agent sessions (epochs "
@@ -1272,24 +1195,9 @@ class Service:
         keep["bandwidth"] = heartbeat_report.bandwidth(body.get("bandwidth"))
         now = self.now()
         with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE sources SET last_seen_epoch = ?, last_seen_at = ?, heartbeat = ?, "
-                "agent_version = COALESCE(?, agent_version) WHERE id = ?",
-                (
-                    now,
-                    iso(now),
-                    dumps(keep),
-                    str(body["agent_version"])[:64] if isinstance(body.get("agent_version"), str) else None,
-                    source_id,
-                ),
-            )
-            waiting = (
-                conn.execute(
-                    "SELECT 1 FROM commands WHERE source_id = ? AND status IN ('queued','accepted') LIMIT 1",
-                    (source_id,),
-                ).fetchone()
-                is not None
-            )
+            version = str(body["agent_version"])[:64] if isinstance(body.get("agent_version"), str) else None
+            repo_sources.record_heartbeat(conn, source_id, now, iso(now), dumps(keep), version)
+            waiting = repo_commands.any_pending(conn, source_id)
         return {
             "server_time": iso(now),
             "server_time_epoch": now,
@@ -1298,11 +1206,7 @@ class Service:
         }
 
     def _pending_commands(self, source_id: str) -> List[Dict[str, Any]]:
-        rows = self.store.all(
-            "SELECT id, type, params, created_at FROM commands WHERE source_id = ? "
-            "AND status IN ('queued','accepted') ORDER BY seq",
-            (source_id,),
-        )
+        rows = repo_commands.pending(self.store, source_id)
         return [
             {
                 "id": r["id"],
@@ -1342,19 +1246,13 @@ class Service:
         error_code = (error_code or None) and error_code[:64]
         message = (message or None) and message[:2000]
         with self.store.transaction() as conn:
-            cmd = Store.q_one(
-                conn, "SELECT * FROM commands WHERE id = ? AND source_id = ?", (command_id, source_id)
-            )
+            cmd = repo_commands.get_of_source(conn, command_id, source_id)
             if cmd is None:
                 raise NotFound(f"no command {command_id} for source {source_id}")
             already_final = cmd["status"] in FINAL_COMMAND_STATUSES
             if not already_final:
-                conn.execute(
-                    "UPDATE commands SET status = ?, error_code = ?, message = ?, result = ?, "
-                    "updated_at = ?, applied = ? WHERE id = ?",
-                    (status, error_code, message, dumps(result or {}), self.now_iso(),
-                     0 if status != "accepted" else 1, command_id),
-                )
+                repo_commands.acknowledge(conn, command_id, status, error_code, message, dumps(result or {}),
+                                          self.now_iso(), applied=status == "accepted")
         if already_final:  # a repeated acknowledgement; applied now if a stop interrupted that
             if not cmd["applied"]:
                 self._apply_final(cmd)
@@ -1385,17 +1283,17 @@ class Service:
             if lock is None:
                 lock = self._apply_locks[key] = threading.Lock()
         with lock:
-            row = self.store.one("SELECT applied FROM commands WHERE id = ?", (cmd["id"],))
-            if row is None or row["applied"]:
+            applied = repo_commands.is_applied(self.store, cmd["id"])
+            if applied is None or applied:
                 return
             self._on_command_final(cmd, cmd["status"], cmd["error_code"], cmd["message"],
                                    loads(cmd["result"], {}) or {})
             with self.store.transaction() as conn:
-                conn.execute("UPDATE commands SET applied = 1 WHERE id = ?", (cmd["id"],))
+                repo_commands.mark_applied(conn, cmd["id"])
 
     def apply_unfinished(self) -> int:
         """Apply the final acknowledgements whose application a stop or crash interrupted."""
-        rows = self.store.all("SELECT * FROM commands WHERE applied = 0 ORDER BY created_at")
+        rows = repo_commands.unapplied(self.store)
         for cmd in rows:
             log.info("command %s (%s) of %s: applying its %s acknowledgement again after a restart",
                      cmd["id"], cmd["type"], cmd["source_id"], cmd["status"])
@@ -1409,7 +1307,7 @@ class Service:
     def _start_taken(self, cmd: Mapping[str, Any]) -> None:
         """The agent accepted the ``start`` queued after a passed drill: the task is syncing now."""
         with self.store.transaction() as conn:
-            task = Store.q_one(conn, "SELECT status FROM tasks WHERE id = ?", (cmd["task_id"],))
+            task = repo_tasks.get(conn, cmd["task_id"])
             if task is not None and task["status"] == "drill_passed":
                 self._set_task(conn, cmd["task_id"], status="syncing")
 
@@ -1438,7 +1336,7 @@ class Service:
                 return
             if ctype in CYCLE_COMMANDS:
                 with self.store.transaction() as conn:
-                    task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+                    task = repo_tasks.get(conn, task_id)
                     open_ = ("syncing", "pending", "paused", "drill_passed", TARGET_FULL)
                     if task and task["status"] in open_:
                         self._set_task(
@@ -1462,7 +1360,7 @@ class Service:
             return
         rows: List[Dict[str, Any]] = []
         removed: List[int] = []
-        task = self.store.one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        task = repo_tasks.get(self.store, task_id)
         if task is None or task["status"] in ("cancelled", "completed"):
             return
         if number is not None:
@@ -1491,27 +1389,13 @@ class Service:
             rows = [self._refused_row(row, mixed) for row in rows]
         finished = ctype == "finalize"
         with self.store.transaction() as conn:
-            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+            task = repo_tasks.get(conn, task_id)
             if task is None:
                 return
             for row in rows:
-                conn.execute(
-                    "INSERT OR REPLACE INTO artifacts (task_id, cycle, disk, path, bytes, files, created_at, "
-                    "sha256, report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        task_id,
-                        number,
-                        row["disk"],
-                        row["path"],
-                        row["bytes"],
-                        row["files"],
-                        row["created_at"],
-                        row["sha256"],
-                        row["report"],
-                    ),
-                )
+                repo_artifacts.upsert(conn, task_id, number, row)
             for n in removed:
-                conn.execute("DELETE FROM artifacts WHERE task_id = ? AND cycle = ?", (task_id, n))
+                repo_artifacts.delete_cycle(conn, task_id, n)
             changes: Dict[str, Any] = {"error_code": None, "error_message": None}
             if mixed:
                 changes.update(error_code="mixed_sessions", error_message=mixed)
@@ -1587,12 +1471,10 @@ class Service:
         mixed = self.mixed_writers(task_id, cycle)
         if mixed:  # written by two sessions: never verified, whatever its checks would say
             with self.store.transaction() as conn:
-                row = Store.q_one(conn, "SELECT disk, report FROM artifacts WHERE task_id = ? AND cycle = ? "
-                                  "AND disk = ?", (task_id, cycle, disk))
+                row = repo_artifacts.generation(conn, task_id, cycle, disk)
                 if row is not None:
-                    conn.execute("UPDATE artifacts SET sha256 = NULL, report = ? WHERE task_id = ? AND "
-                                 "cycle = ? AND disk = ?",
-                                 (self._refused_row(row, mixed)["report"], task_id, cycle, disk))
+                    repo_artifacts.refuse_verification(conn, task_id, cycle, disk,
+                                                       self._refused_row(row, mixed)["report"])
             return
         with self._block_lock:  # not cached again for a task that ended meanwhile
             bs = self._block_stores.get(task_id) or self.block_store_factory(self.block_root(task_id))
@@ -1602,18 +1484,11 @@ class Service:
             log.warning("cannot verify generation %s of disk %s of task %s: %s", cycle, disk, task_id, exc)
             log.debug("verification failure", exc_info=True)
             with self.store.transaction() as conn:
-                row = Store.q_one(
-                    conn,
-                    "SELECT report FROM artifacts WHERE task_id = ? AND cycle = ? AND disk = ?",
-                    (task_id, cycle, disk),
-                )
+                row = repo_artifacts.generation(conn, task_id, cycle, disk)
                 if row is not None:
                     report = dict(loads(row["report"], None) or {})
                     report.update(state=REPORT_FAILED, error=str(exc)[:2000])
-                    conn.execute(
-                        "UPDATE artifacts SET report = ? WHERE task_id = ? AND cycle = ? AND disk = ?",
-                        (dumps(report), task_id, cycle, disk),
-                    )
+                    repo_artifacts.set_report(conn, task_id, cycle, disk, dumps(report))
             return
         if rec is None:
             log.info("generation %s of disk %s of task %s was discarded before it was verified", cycle, disk,
@@ -1621,24 +1496,20 @@ class Service:
             return
         row = self._generation_row(rec)
         with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE artifacts SET bytes = ?, sha256 = ?, report = ? "
-                "WHERE task_id = ? AND cycle = ? AND disk = ?",
-                (row["bytes"], row["sha256"], row["report"], task_id, cycle, disk),
-            )
+            repo_artifacts.set_verified(conn, task_id, cycle, disk, row["bytes"], row["sha256"],
+                                        row["report"])
 
     def _retain(self, task: Mapping[str, Any], keep: int, just_committed: Optional[int] = None) -> List[int]:
         if task["mode"] == "block":
             return list(self.block_store(task["id"]).retain(keep))
         # file images: what is committed comes from the database (the tree is the source's to write)
-        rows = self.store.all("SELECT DISTINCT cycle FROM artifacts WHERE task_id = ?", (task["id"],))
-        committed = {int(r["cycle"]) for r in rows}
+        committed = repo_artifacts.committed_cycles(self.store, task["id"])
         if just_committed is not None:
             committed.add(just_committed)
         return list(self.tree(task["id"]).retain(keep, sorted(committed)))
 
     def agent_task(self, source_id: str, task_id: str) -> Dict[str, Any]:
-        task = self.store.one("SELECT * FROM tasks WHERE id = ? AND source_id = ?", (task_id, source_id))
+        task = repo_tasks.of_source(self.store, task_id, source_id)
         if task is None:
             raise NotFound(f"no task {task_id} for source {source_id}")
         cycle = cycle_spec(task["current_cycle"], task["last_committed"]) if task["current_cycle"] else None
@@ -1679,27 +1550,20 @@ class Service:
                 )
             )
         with self.store.transaction() as conn:
-            conn.executemany(
-                "INSERT INTO events (source_id, time, level, code, message) VALUES (?, ?, ?, ?, ?)", rows
-            )
-            conn.execute(
-                "DELETE FROM events WHERE source_id = ? AND id NOT IN (SELECT id FROM events "
-                "WHERE source_id = ? ORDER BY id DESC LIMIT ?)",
-                (source_id, source_id, MAX_EVENTS_PER_SOURCE),
-            )
+            repo_events.add_many(conn, rows)
+            repo_events.keep_latest(conn, source_id, MAX_EVENTS_PER_SOURCE)
         return {}
 
     # tasks ---------------------------------------------------------------------------------------
     def _set_task(self, conn: sqlite3.Connection, task_id: str, **changes: Any) -> None:
         changes["updated_at"] = self.now_iso()
         if "status" in changes:  # the status history: [{"status", "at"}], a change appended once
-            row = conn.execute("SELECT status, history FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            if row is not None and row[0] != changes["status"]:
-                history = loads(row[1], [])
+            row = repo_tasks.status_and_history(conn, task_id)
+            if row is not None and row["status"] != changes["status"]:
+                history = loads(row["history"], [])
                 history.append({"status": changes["status"], "at": changes["updated_at"]})
                 changes["history"] = dumps(history[-100:])
-        cols = ", ".join(f"{k} = ?" for k in changes)
-        conn.execute(f"UPDATE tasks SET {cols} WHERE id = ?", (*changes.values(), task_id))  # noqa: S608
+        repo_tasks.update(conn, task_id, changes)
 
     def _queue(
         self,
@@ -1710,20 +1574,11 @@ class Service:
         params: Mapping[str, Any],
     ) -> str:
         cid = rand_id("c-", 16)
-        now = self.now_iso()
-        conn.execute(
-            "INSERT INTO commands (id, source_id, task_id, type, params, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (cid, source_id, task_id, ctype, dumps(params), now, now),
-        )
+        repo_commands.insert(conn, cid, source_id, task_id, ctype, dumps(params), self.now_iso())
         return cid
 
     def _artifacts(self, task_id: str) -> List[Dict[str, Any]]:
-        rows = self.store.all(
-            "SELECT cycle, disk, path, created_at, bytes, files, sha256, report FROM artifacts "
-            "WHERE task_id = ? ORDER BY cycle, disk",
-            (task_id,),
-        )
+        rows = repo_artifacts.of_task(self.store, task_id)
         out = []
         for r in rows:
             report = loads(r.pop("report"), None)
@@ -1738,7 +1593,7 @@ class Service:
         return out
 
     def _task_view(self, task: Mapping[str, Any]) -> Dict[str, Any]:
-        src = self.store.one("SELECT heartbeat FROM sources WHERE id = ?", (task["source_id"],))
+        src = repo_sources.get(self.store, task["source_id"])
         hb = loads(src["heartbeat"], None) if src else None
         progress = hb.get("progress") if isinstance(hb, dict) and hb.get("task_id") == task["id"] else None
         return {
@@ -1830,12 +1685,7 @@ class Service:
         params = self._start_params(rules.require_object(body if body is not None else {}))
         if workgroup is not None:
             wg = self._workgroup(None, workgroup)
-            source_ids = [
-                r["id"]
-                for r in self.store.all(
-                    "SELECT id FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)
-                )
-            ]
+            source_ids = repo_sources.ids_in_workgroup(self.store, wg["id"])
         else:
             source_ids = [self._source(None, source)["id"]]
         out: Dict[str, List[Dict[str, Any]]] = {"started": [], "skipped": [], "not_migratable": []}
@@ -1876,7 +1726,7 @@ class Service:
                     "source_id": source_id,
                     "reason": f"already has migration task {active['id']} ({active['status']})",
                 }
-            wg = Store.q_one(conn, "SELECT name FROM workgroups WHERE id = ?", (src["workgroup_id"],))
+            wg = repo_workgroups.brief(conn, src["workgroup_id"])
             # block mode is never refused for the whole source: the backend is decided per disk
             # when the task starts, and the drill checks it (see the snapshot check)
             block = params["mode"] == "block"
@@ -1888,37 +1738,30 @@ class Service:
             )
             now = self.now_iso()
             status = "drilling" if params["drill"] else "syncing"
-            conn.execute(
-                "INSERT INTO tasks (id, source_id, workgroup_id, name, description, mode, paths, "
-                "disks, snapshot, block_token, bandwidth_mbps, compression, checksum, sync_every_s, "
-                "keep_images, status, current_cycle, rsync_password, created_at, updated_at, history, "
-                "bandwidth_schedule) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
-                (
-                    task_id,
-                    source_id,
-                    src["workgroup_id"],
-                    name,
-                    params["description"],
-                    params["mode"],
-                    dumps(paths),
-                    dumps(disks),
-                    params["snapshot"],
-                    secrets.token_urlsafe(32) if block else None,
-                    params["bandwidth_mbps"],
-                    params["compression"],
-                    int(params["checksum"]),
-                    params["sync_every_s"],
-                    params["keep_images"],
-                    status,
-                    "" if block else password,
-                    now,
-                    now,
-                    dumps([{"status": status, "at": now, **snapshot_choice(params, now)}]),
-                    params["bandwidth_schedule"],
-                ),
-            )
-            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+            repo_tasks.insert(conn, {
+                "id": task_id,
+                "source_id": source_id,
+                "workgroup_id": src["workgroup_id"],
+                "name": name,
+                "description": params["description"],
+                "mode": params["mode"],
+                "paths": dumps(paths),
+                "disks": dumps(disks),
+                "snapshot": params["snapshot"],
+                "block_token": secrets.token_urlsafe(32) if block else None,
+                "bandwidth_mbps": params["bandwidth_mbps"],
+                "compression": params["compression"],
+                "checksum": int(params["checksum"]),
+                "sync_every_s": params["sync_every_s"],
+                "keep_images": params["keep_images"],
+                "status": status,
+                "rsync_password": "" if block else password,
+                "created_at": now,
+                "updated_at": now,
+                "history": dumps([{"status": status, "at": now, **snapshot_choice(params, now)}]),
+                "bandwidth_schedule": params["bandwidth_schedule"],
+            })
+            task = repo_tasks.get(conn, task_id)
             assert task is not None
             if not block:
                 tree.prepare_cycle(1)
@@ -1974,10 +1817,7 @@ class Service:
 
     def _queue_drill(self, conn: sqlite3.Connection, task: Mapping[str, Any]) -> str:
         cid = self._queue(conn, task["source_id"], task["id"], "drill", self._drill_params(task))
-        conn.execute(
-            "INSERT INTO drills (id, source_id, task_id, status, created_at) VALUES (?, ?, ?, 'running', ?)",
-            (cid, task["source_id"], task["id"], self.now_iso()),
-        )
+        repo_drills.insert(conn, cid, task["source_id"], task["id"], self.now_iso())
         self._set_task(conn, task["id"], status="drilling", drill_command=cid)
         return cid
 
@@ -1993,21 +1833,18 @@ class Service:
         (``drill_passed`` + start) or stop (``drill_abnormal``). A drill the agent's restart
         interrupted (``interrupted``: it never finished, nothing was found) is queued again, up to
         :data:`DRILL_REQUEUES` times per task: the drill only reads, so running it again is safe."""
-        src = self.store.one("SELECT agent_version FROM sources WHERE id = ?", (cmd["source_id"],))
+        src = repo_sources.get(self.store, cmd["source_id"])
         version = (src or {}).get("agent_version") or "unknown"
         report = drill_report(status, message, result, agent_version=version)
         passed = report["passed"]
         if status == "failed" and error_code == "interrupted" and self._requeue_drill(cmd, report):
             return
         with self.store.transaction() as conn:
-            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (cmd["task_id"],))
+            task = repo_tasks.get(conn, cmd["task_id"])
             if task is not None:
                 report = with_snapshot_choice(report, task_snapshot_choice(task))
-            conn.execute(
-                "UPDATE drills SET status = ?, report = ?, finished_at = ? "
-                "WHERE id = ? AND status = 'running'",
-                ("passed" if passed else "abnormal", dumps(report), self.now_iso(), cmd["id"]),
-            )
+            repo_drills.finish(conn, cmd["id"], "passed" if passed else "abnormal", dumps(report),
+                               self.now_iso())
             if task is None or task["status"] != "drilling" or task["drill_command"] != cmd["id"]:
                 return
             if passed:
@@ -2032,21 +1869,12 @@ class Service:
         current drill and the task has re-run fewer than :data:`DRILL_REQUEUES` interrupted
         drills; False (nothing done) otherwise."""
         with self.store.transaction() as conn:
-            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (cmd["task_id"],))
+            task = repo_tasks.get(conn, cmd["task_id"])
             if task is None or task["status"] != "drilling" or task["drill_command"] != cmd["id"]:
                 return False
-            done = Store.q_one(
-                conn,
-                "SELECT COUNT(*) AS n FROM drills WHERE task_id = ? AND status = 'interrupted'",
-                (task["id"],),
-            )
-            if int(done["n"] if done else 0) >= DRILL_REQUEUES:
+            if repo_drills.count_interrupted(conn, task["id"]) >= DRILL_REQUEUES:
                 return False
-            conn.execute(
-                "UPDATE drills SET status = 'interrupted', report = ?, finished_at = ? "
-                "WHERE id = ? AND status = 'running'",
-                (dumps(report), self.now_iso(), cmd["id"]),
-            )
+            repo_drills.finish(conn, cmd["id"], "interrupted", dumps(report), self.now_iso())
             again = self._queue_drill(conn, task)
         log.warning(
             "drill %s of task %s was interrupted by the agent's restart: running it again (%s)",
@@ -2068,11 +1896,7 @@ class Service:
             self._need(
                 task, ("drill_abnormal", "drilling"), "override its drill (only before the first sync)"
             )
-            conn.execute(
-                "UPDATE commands SET status = 'superseded', updated_at = ? "
-                "WHERE id = ? AND status = 'queued'",
-                (self.now_iso(), task["drill_command"]),
-            )
+            repo_commands.supersede_if_queued(conn, task["drill_command"], self.now_iso())
             override = {
                 "by": params.get("by") or "operator",
                 "at": self.now_iso(),
@@ -2096,13 +1920,10 @@ class Service:
     def source_drill(self, ref: str) -> Dict[str, Any]:
         """The latest drill of a source: status, report, and the task's override."""
         src = self._source(None, ref)
-        row = self.store.one(
-            "SELECT * FROM drills WHERE source_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
-            (src["id"],),
-        )
+        row = repo_drills.latest_of_source(self.store, src["id"])
         if row is None:
             raise NotFound(f"source {src['id']} has no drill yet: start a migration (the drill runs first)")
-        task = self.store.one("SELECT status, drill_override FROM tasks WHERE id = ?", (row["task_id"],))
+        task = repo_tasks.get(self.store, row["task_id"])
         return {
             "source_id": src["id"],
             "hostname": src["hostname"],
@@ -2162,12 +1983,7 @@ class Service:
         params = self._action_params(action, rules.require_object(body if body is not None else {}))
         if workgroup is not None:
             wg = self._workgroup(None, workgroup)
-            source_ids = [
-                r["id"]
-                for r in self.store.all(
-                    "SELECT id FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)
-                )
-            ]
+            source_ids = repo_sources.ids_in_workgroup(self.store, wg["id"])
         else:
             source_ids = [self._source(None, source)["id"]]
         out: Dict[str, List[Dict[str, Any]]] = {"affected": [], "skipped": []}
@@ -2193,7 +2009,7 @@ class Service:
         params = params or {}
         after: List[Callable[[], None]] = []
         with self.store.transaction() as conn:
-            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+            task = repo_tasks.get(conn, task_id)
             if task is None:
                 raise NotFound(f"no task {task_id}")
             cid = getattr(self, f"_do_{action}")(conn, task, params, after)
@@ -2232,14 +2048,14 @@ class Service:
         )
 
     def _apply_retention(self, task_id: str, keep: int) -> None:
-        task = self.store.one("SELECT id, mode FROM tasks WHERE id = ?", (task_id,))
+        task = repo_tasks.get(self.store, task_id)
         if task is None:
             return
         removed = self._retain(task, keep)
         if removed:
             with self.store.transaction() as conn:
                 for n in removed:
-                    conn.execute("DELETE FROM artifacts WHERE task_id = ? AND cycle = ?", (task_id, n))
+                    repo_artifacts.delete_cycle(conn, task_id, n)
 
     def _do_pause(
         self,
@@ -2328,19 +2144,11 @@ class Service:
         after: List[Callable[[], None]],
     ) -> Optional[str]:
         self._need(task, OPEN_TASK_STATUSES, "cancel it")
-        conn.execute(
-            "UPDATE drills SET status = 'cancelled', finished_at = ? "
-            "WHERE task_id = ? AND status = 'running'",
-            (self.now_iso(), task["id"]),
-        )
+        repo_drills.cancel_running(conn, task["id"], self.now_iso())
         self._set_task(
             conn, task["id"], status="cancelled", finalizing=0, current_cycle=None, finished_at=self.now_iso()
         )
-        conn.execute(
-            "UPDATE commands SET status = 'superseded', updated_at = ? "
-            "WHERE task_id = ? AND status = 'queued'",
-            (self.now_iso(), task["id"]),
-        )
+        repo_commands.supersede_queued(conn, task["id"], self.now_iso())
         snapshot = dict(task)
         after.append(lambda: self._release_target(snapshot))
         return self._queue(conn, task["source_id"], task["id"], "abort", {"task_id": task["id"]})
@@ -2348,8 +2156,8 @@ class Service:
     # migration views -----------------------------------------------------------------------------
     def _wg_status(self, wg_id: str) -> str:
         statuses: List[str] = []
-        for src in self.store.all("SELECT id FROM sources WHERE workgroup_id = ?", (wg_id,)):
-            task = self._latest_task(None, src["id"])
+        for source_id in repo_sources.ids_in_workgroup(self.store, wg_id):
+            task = self._latest_task(None, source_id)
             if task is not None and task["status"] != "cancelled":
                 statuses.append(task["status"])
         return workgroup_status(statuses)
@@ -2358,9 +2166,7 @@ class Service:
         wg = self._workgroup(None, ref)
         tasks: List[Dict[str, Any]] = []
         counts: Dict[str, int] = {}
-        for src in self.store.all(
-            "SELECT * FROM sources WHERE workgroup_id = ? ORDER BY imported_epoch", (wg["id"],)
-        ):
+        for src in repo_sources.list_all(self.store, wg["id"]):
             task = self._latest_task(None, src["id"])
             status = self.source_status(src, task)
             counts[status] = counts.get(status, 0) + 1
@@ -2378,9 +2184,7 @@ class Service:
 
     def source_migration(self, ref: str) -> Dict[str, Any]:
         src = self._source(None, ref)
-        rows = self.store.all(
-            "SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, rowid DESC", (src["id"],)
-        )
+        rows = repo_tasks.all_of_source(self.store, src["id"])
         return {
             "source_id": src["id"],
             "hostname": src["hostname"],
@@ -2390,7 +2194,7 @@ class Service:
         }
 
     def task_artifacts(self, task_id: str) -> Dict[str, Any]:
-        if self.store.one("SELECT 1 AS x FROM tasks WHERE id = ?", (task_id,)) is None:
+        if not repo_tasks.exists(self.store, task_id):
             raise NotFound(f"no task {task_id!r}: see 'go2cloud_server migration show'")
         return {"task_id": task_id, "artifacts": self._artifacts(task_id)}
 
@@ -2408,7 +2212,7 @@ class Service:
 
     def _space_reason(self, task: Mapping[str, Any], detail: str) -> str:
         """What the operator reads: what filled, how much is free where, how much more is needed."""
-        src = self.store.one("SELECT heartbeat FROM sources WHERE id = ?", (task["source_id"],))
+        src = repo_sources.get(self.store, task["source_id"])
         hb = loads(src["heartbeat"], None) if src else None
         progress = hb.get("progress") if isinstance(hb, dict) and hb.get("task_id") == task["id"] else None
         need = ""
@@ -2433,12 +2237,12 @@ class Service:
         request after it succeed. Idempotent (the event once per episode)."""
         if self.space is not None:
             self.space.release(f"task {task_id}: {detail}")
-        task = self.store.one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        task = repo_tasks.get(self.store, task_id)
         if task is None or task["status"] in ("cancelled", "completed", "failed"):
             return
         reason = self._space_reason(task, detail)
         with self.store.transaction() as conn:
-            task = Store.q_one(conn, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+            task = repo_tasks.get(conn, task_id)
             if task is None or task["status"] not in ("syncing", "pending", "drill_passed", TARGET_FULL):
                 return
             first = task["status"] != TARGET_FULL
@@ -2470,12 +2274,7 @@ class Service:
     def _superseded_cycle(self, cmd: Mapping[str, Any]) -> bool:
         """Whether a newer cycle command of the same task was queued after ``cmd`` (a late
         acknowledgement of a cycle the scheduler already resumed must not stop the new one)."""
-        row = self.store.one(
-            "SELECT 1 FROM commands WHERE task_id = ? AND type IN ('start','sync','finalize') "
-            "AND seq > (SELECT seq FROM commands WHERE id = ?) LIMIT 1",
-            (cmd["task_id"], cmd["id"]),
-        )
-        return row is not None
+        return repo_commands.newer_cycle_command(self.store, cmd["task_id"], cmd["id"])
 
     def _free_now(self, task_id: str) -> Optional[int]:
         try:
@@ -2491,14 +2290,14 @@ class Service:
         the cycle's remaining bytes as the agent last reported them, else 16 MiB) gets its cycle
         queued again. Returns the ids resumed."""
         resumed: List[str] = []
-        rows = self.store.all("SELECT * FROM tasks WHERE status = ?", (TARGET_FULL,))
+        rows = repo_tasks.with_status(self.store, (TARGET_FULL,))
         if not rows or (self.space is not None and self.space.refusal() is not None):
             return resumed
         for task in rows:
             free = self._free_now(task["id"])
             if free is None:
                 continue
-            src = self.store.one("SELECT heartbeat FROM sources WHERE id = ?", (task["source_id"],))
+            src = repo_sources.get(self.store, task["source_id"])
             hb = loads(src["heartbeat"], None) if src else None
             progress = hb.get("progress") if isinstance(hb, dict) and hb.get("task_id") == task["id"] else {}
             left = 0
@@ -2526,12 +2325,8 @@ class Service:
         return resumed
 
     def _auto_retries_today(self, task: Mapping[str, Any]) -> int:
-        row = self.store.one(
-            "SELECT COUNT(*) AS n FROM events WHERE source_id = ? AND code = ? AND time >= ? "
-            "AND message LIKE ?",
-            (task["source_id"], AUTO_RETRY_EVENT, iso(self.clock.now() - 86400), f"task {task['id']}:%"),
-        )
-        return int(row["n"]) if row else 0
+        return repo_events.count_since(self.store, task["source_id"], AUTO_RETRY_EVENT,
+                                       iso(self.clock.now() - 86400), f"task {task['id']}:")
 
     def _auto_retry_view(self, task: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
         """``migration show``: the automatic retries of a task whose cycle failed for a transient
@@ -2551,11 +2346,7 @@ class Service:
         queued: List[str] = []
         if self.auto_retry.per_day <= 0:
             return queued
-        marks = ",".join("?" for _ in TRANSIENT_CODES)
-        rows = self.store.all(
-            f"SELECT * FROM tasks WHERE status = 'failed' AND error_code IN ({marks})",  # noqa: S608
-            tuple(sorted(TRANSIENT_CODES)),
-        )
+        rows = repo_tasks.failed_with(self.store, TRANSIENT_CODES)
         now = self.clock.now()
         for task in rows:
             done = self._auto_retries_today(task)
@@ -2584,7 +2375,7 @@ class Service:
         """After a restart: the directory of every file task's running cycle exists again. One
         task whose state on disk is unusable fails with the reason; the others and the server
         go on (a source can write into its tree, so nothing found there may stop the server)."""
-        rows = self.store.all(f"SELECT * FROM tasks WHERE status IN ({_OPEN_SQL})")  # noqa: S608
+        rows = repo_tasks.with_status(self.store, OPEN_TASK_STATUSES)
         for task in rows:
             if task["mode"] == "block" or not task["current_cycle"]:
                 continue  # the block receiver resolves active tasks from the database
@@ -2603,7 +2394,7 @@ class Service:
             return
         try:
             with self.store.transaction() as conn:
-                task = Store.q_one(conn, "SELECT status FROM tasks WHERE id = ?", (task_id,))
+                task = repo_tasks.get(conn, task_id)
                 if task is None or task["status"] in ("completed", "cancelled"):
                     return
                 self._set_task(
@@ -2616,10 +2407,7 @@ class Service:
 
     def auto_sync_candidates(self) -> List[Dict[str, Any]]:
         """Pending tasks with an automatic sync interval: id, interval and last committed cycle."""
-        return self.store.all(
-            "SELECT id, sync_every_s, last_committed FROM tasks WHERE status = 'pending' "
-            "AND finalizing = 0 AND sync_every_s IS NOT NULL"
-        )
+        return repo_tasks.auto_sync_candidates(self.store)
 
 
 def snapshot_choice(params: Mapping[str, Any], now: str) -> Dict[str, Any]:

@@ -11,8 +11,8 @@ The HTTP layer (``httpapi``), the scheduler and the composition root (``app``) c
 - ``commands``: the command queue and the application of final acknowledgements;
 - ``tasks``: migration tasks (start, actions, views, automatic retries);
 - ``drills``: the drill before the first sync;
-- ``targets``: the task targets (file trees, block stores), commits, verification, retention,
-  release and the target's room.
+- ``targets``: the task targets, commits, verification, retention, release and the target's
+  room, with a strategy per mode (``target_modes``: ``FileTarget``, ``BlockTarget``).
 
 Each validates with ``rules`` and keeps state through ``go2cloud_server.repositories`` (no SQL
 in the concerns). Every multi-step change runs in one ``BEGIN IMMEDIATE`` transaction;
@@ -35,13 +35,8 @@ from go2cloud_server.service.commands import Commands
 from go2cloud_server.service.drills import Drills
 from go2cloud_server.service.sessions import Sessions
 from go2cloud_server.service.sources import Sources
-from go2cloud_server.service.targets import (
-    BlockStore,
-    RsyncTarget,
-    Targets,
-    Tree,
-    default_block_store_factory,
-)
+from go2cloud_server.service.target_modes import BlockStore, RsyncTarget, Tree, default_block_store_factory
+from go2cloud_server.service.targets import Targets
 from go2cloud_server.service.tasks import Tasks
 from go2cloud_server.service.workgroups import Workgroups
 from go2cloud_server.space import SpaceGuard

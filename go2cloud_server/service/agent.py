@@ -149,9 +149,7 @@ class AgentApi(Concern):
             "status": task["status"],
             "cycle": cycle,
         }
-        if task["mode"] == "block":
-            doc["disks"] = loads(task["disks"], [])
-            doc["snapshot"] = task["snapshot"]
+        doc.update(self.svc.targets.of(task).agent_fields(task))
         return doc
 
     def post_events(self, source_id: str, body: Any) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Generator, List, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Dict, Generator, List, Mapping, Optional
 
 from go2cloud_server.errors import AuthFailed, Conflict, InvalidInput, ServerError
 from go2cloud_server.repositories import artifacts as repo_artifacts
@@ -17,6 +17,7 @@ from go2cloud_server.repositories import sources as repo_sources
 from go2cloud_server.repositories import tasks as repo_tasks
 from go2cloud_server.rsyncd import SessionSpec
 from go2cloud_server.service.base import ACTIVE_TASK_STATUSES, OPEN_TASK_STATUSES, TARGET_FULL, Concern, clip
+from go2cloud_server.service.target_modes import BlockStore, BlockTarget, FileTarget, TaskTarget, Tree
 from go2cloud_server.space import describe, human
 from go2cloud_server.store import dumps, loads
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED, GenerationVerifier
@@ -34,51 +35,6 @@ RESUME_AT_MOST = 1024 * 1024 * 1024
 #: filesystem) on the target is taken for a full target (rsync removes its partial file)
 NEARLY_FULL = 64 * 1024 * 1024
 
-class RsyncTarget(Protocol):
-    """What the service needs from ``go2cloud_server.rsyncd.RsyncSessions``."""
-
-    def close_task(self, task_id: str) -> None: ...
-
-
-class BlockStore(Protocol):
-    """What the service needs from ``go2cloud_server.blockstore.BlockTaskStore`` (one per block task,
-    rooted at ``<data-dir>/tasks/<task_id>/block``)."""
-
-    def declare(self, disks: Mapping[str, Optional[int]]) -> None: ...
-
-    def commit_cycle(self, cycle: int) -> List[Dict[str, Any]]: ...
-
-    def verify_generation_steps(
-        self, disk: str, cycle: int
-    ) -> Generator[None, None, Optional[Dict[str, Any]]]: ...
-
-    def retain(self, keep: int) -> List[int]: ...
-
-    def discard_cycle(self, cycle: int) -> None: ...
-
-    def destroy(self) -> None: ...
-
-
-def default_block_store_factory(root: Path) -> BlockStore:
-    from go2cloud_server.blockstore import BlockTaskStore
-
-    return BlockTaskStore(root)  # type: ignore[no-any-return]
-
-
-class Tree(Protocol):
-    """What the service needs from ``go2cloud_server.artifacts.TaskTree``."""
-
-    def prepare_cycle(self, n: int) -> Path: ...
-
-    def commit_cycle(self, n: int) -> Any: ...
-
-    def discard_cycle(self, n: int) -> None: ...
-
-    def retain(self, keep: int, committed: List[int]) -> List[int]: ...
-
-    def destroy(self) -> None: ...
-
-
 class Targets(Concern):
     """The task targets of the server (file trees, block stores) and their room."""
 
@@ -90,6 +46,23 @@ class Targets(Concern):
         self._block_lock = threading.Lock()
         #: verifies block generations (sha256, fsck) after their cycle was acknowledged
         self.verifier = GenerationVerifier(self._verify_generation)
+        #: the target strategy of each mode (``target_modes``)
+        self.file = FileTarget(self)
+        self.block = BlockTarget(self)
+        self._modes: Dict[str, TaskTarget] = {t.mode: t for t in (self.file, self.block)}
+
+    def for_mode(self, mode: str) -> TaskTarget:
+        """The target strategy of ``mode`` (``rules.mode`` checked it)."""
+        return self._modes[mode]
+
+    def of(self, task: Mapping[str, Any]) -> TaskTarget:
+        """The target strategy of a task, from its mode (a row without a block mode is a file task)."""
+        return self._modes.get(task.get("mode") or "", self.file)
+
+    def forget_block_store(self, task_id: str) -> None:
+        """Drop the cached block store of a task that ended."""
+        with self._block_lock:
+            self._block_stores.pop(task_id, None)
 
     def start_verifier(self) -> int:
         """Start the generation verifier, with every block artifact whose verification is still
@@ -154,27 +127,14 @@ class Targets(Concern):
         ok = hmac.compare_digest(token.encode("utf-8"), expected.encode("utf-8"))
         if task is None or not ok or not expected:
             return None
-        if task["mode"] != "block" or task["status"] not in ACTIVE_TASK_STATUSES:
+        if not self.of(task).accepts_block or task["status"] not in ACTIVE_TASK_STATUSES:
             return None
         self.check_room(task_id)
         return self.block_store(task_id)
 
     def target(self, task: Mapping[str, Any]) -> Dict[str, Any]:
-        if task["mode"] == "block":
-            return {
-                "kind": "block",
-                "url": f"{self.svc.public_url}/block/v1/tasks/{task['id']}",
-                "token": task["block_token"],
-                "fingerprint": self.svc.fingerprint,
-            }
-        return {
-            "kind": "rsync",
-            "url": f"{self.svc.public_url}/rsync/v1/tasks/{task['id']}",
-            "fingerprint": self.svc.fingerprint,
-            "module": task["id"],
-            "user": task["id"],
-            "password": task["rsync_password"],
-        }
+        """The target document of a task (where and how its agent writes)."""
+        return self.of(task).describe(task)
 
     def rsync_session_spec(self, task_id: str, password: str, cycle: Any, path: Any,
                            epoch: Optional[str] = None) -> SessionSpec:
@@ -187,7 +147,7 @@ class Targets(Concern):
             task = repo_tasks.get(self.store, task_id)
         expected = ((task or {}).get("rsync_password") or "").encode("utf-8")
         ok = hmac.compare_digest(str(password).encode("utf-8"), expected)
-        if task is None or not expected or not ok or task["mode"] == "block":
+        if task is None or not expected or not ok or not self.of(task).accepts_rsync:
             raise AuthFailed("the rsync credentials are not those of an active file task")
         if task["status"] != "syncing" or not task["current_cycle"]:
             raise Conflict(f"task {task_id} is {task['status']}: it is not writing a cycle now")
@@ -210,54 +170,15 @@ class Targets(Concern):
         )
 
     def release(self, task: Mapping[str, Any]) -> None:
-        """Remove the task's rsync module and its unfinished cycle (committed images are kept).
-        Block tasks: discard the running cycle of the block store (committed generations stay);
-        the receiver refuses the task's token from now on (it is no longer active)."""
-        if task.get("mode") == "block":
-            if task.get("current_cycle"):
-                try:
-                    self.block_store(task["id"]).discard_cycle(int(task["current_cycle"]))
-                except Exception:  # noqa: BLE001
-                    log.warning(
-                        "could not discard cycle %s of %s", task["current_cycle"], task["id"], exc_info=True
-                    )
-            with self._block_lock:
-                self._block_stores.pop(task["id"], None)
-            return
-        try:
-            self.svc.rsyncd.close_task(task["id"])
-        except Exception:  # noqa: BLE001 - keep going: the session may be gone already
-            log.warning("could not end the rsync session of %s", task["id"], exc_info=True)
-        if task.get("current_cycle"):
-            try:
-                self.tree(task["id"]).discard_cycle(int(task["current_cycle"]))
-            except Exception:  # noqa: BLE001
-                log.warning(
-                    "could not discard cycle %s of %s", task["current_cycle"], task["id"], exc_info=True
-                )
+        """End the task's data sessions and discard its unfinished cycle (committed cycles stay)."""
+        self.of(task).release(task)
 
     def commit_cycle(self, task: Mapping[str, Any], number: int) -> List[Dict[str, Any]]:
         """Commit cycle ``number`` on the target; the artifact rows to record (one per disk for a
         block task, one for a file task)."""
-        if task["mode"] != "block":
-            self.svc.rsyncd.close_task(task["id"])  # nothing writes into a cycle once it is committed
-            art = self.tree(task["id"]).commit_cycle(number)
-            return [
-                {
-                    "disk": "",
-                    "path": str(art.path),
-                    "bytes": int(art.bytes),
-                    "files": int(art.files),
-                    "created_at": str(art.created_at),
-                    "sha256": None,
-                    "report": None,
-                }
-            ]
-        # the images only (a reflink is instant): their sha256 and check are the verifier's job,
-        # the agent's acknowledgement must not wait for them
-        return [self._generation_row(rec) for rec in self.block_store(task["id"]).commit_cycle(number)]
+        return self.of(task).commit_cycle(task, number)
 
-    def _generation_row(self, rec: Mapping[str, Any]) -> Dict[str, Any]:
+    def generation_row(self, rec: Mapping[str, Any]) -> Dict[str, Any]:
         """The artifact row of a block generation's report (``state`` pending, verified or failed;
         ``sha256`` null until verified)."""
         report = {k: v for k, v in rec.items() if k not in ("disk", "cycle", "path", "bytes", "sha256")}
@@ -313,19 +234,14 @@ class Targets(Concern):
             log.info("generation %s of disk %s of task %s was discarded before it was verified", cycle, disk,
                      task_id)
             return
-        row = self._generation_row(rec)
+        row = self.generation_row(rec)
         with self.store.transaction() as conn:
             repo_artifacts.set_verified(conn, task_id, cycle, disk, row["bytes"], row["sha256"],
                                         row["report"])
 
     def retain(self, task: Mapping[str, Any], keep: int, just_committed: Optional[int] = None) -> List[int]:
-        if task["mode"] == "block":
-            return list(self.block_store(task["id"]).retain(keep))
-        # file images: what is committed comes from the database (the tree is the source's to write)
-        committed = repo_artifacts.committed_cycles(self.store, task["id"])
-        if just_committed is not None:
-            committed.add(just_committed)
-        return list(self.tree(task["id"]).retain(keep, sorted(committed)))
+        """Remove the task's committed cycles beyond the ``keep`` latest; their numbers."""
+        return self.of(task).retain(task, keep, just_committed)
 
     def apply_retention(self, task_id: str, keep: int) -> None:
         task = repo_tasks.get(self.store, task_id)
@@ -458,15 +374,16 @@ class Targets(Concern):
         return resumed
 
     def restore_targets(self) -> int:
-        """After a restart: the directory of every file task's running cycle exists again. One
-        task whose state on disk is unusable fails with the reason; the others and the server
-        go on (a source can write into its tree, so nothing found there may stop the server)."""
+        """After a restart: the running cycle of every open task is ready again (the directory of a
+        file task's cycle exists again; nothing for a block task). One task whose state on disk is
+        unusable fails with the reason; the others and the server go on (a source can write into
+        its tree, so nothing found there may stop the server)."""
         rows = repo_tasks.with_status(self.store, OPEN_TASK_STATUSES)
         for task in rows:
-            if task["mode"] == "block" or not task["current_cycle"]:
-                continue  # the block receiver resolves active tasks from the database
+            if not task["current_cycle"]:
+                continue
             try:
-                self.tree(task["id"]).prepare_cycle(int(task["current_cycle"]))
+                self.of(task).restore_cycle(task["id"], int(task["current_cycle"]))
             except Exception as exc:  # noqa: BLE001 - that task's error, never the server's
                 what = f"its cycle {task['current_cycle']} cannot be prepared"
                 self.svc.tasks.fail_at_start(task["id"], what, exc)

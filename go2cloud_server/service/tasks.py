@@ -4,7 +4,6 @@ their views, automatic retries of transient failures."""
 from __future__ import annotations
 
 import logging
-import secrets
 import sqlite3
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -26,8 +25,6 @@ from go2cloud_server.verifier import REPORT_PENDING, REPORT_VERIFIED
 log = logging.getLogger(__name__)
 
 ACTIONS = ("modify", "pause", "resume", "sync", "complete", "cancel", "drill")
-#: filesystems whose mount points are migrated by default (file mode)
-LOCAL_FSTYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "jfs", "reiserfs", "f2fs", "zfs"})
 #: the task options a ``modify`` forwards to the agent (they apply without restarting the transfer)
 _AGENT_OPTIONS = ("bandwidth_mbps", "bandwidth_schedule", "compression", "checksum")
 
@@ -37,23 +34,6 @@ def cycle_spec(number: int, last_committed: Optional[int]) -> Dict[str, Any]:
         "dest": f"{number:06d}",
         "link_dest": f"{last_committed:06d}" if last_committed else None,
     }
-
-
-def default_paths(inventory: Mapping[str, Any]) -> List[str]:
-    """Local mount points of the source's inventory (file mode), else ``["/"]``."""
-    out: List[str] = []
-    mounts = inventory.get("mounts") if isinstance(inventory, Mapping) else None
-    for m in mounts if isinstance(mounts, list) else []:
-        if not isinstance(m, Mapping) or str(m.get("fstype", "")).lower() not in LOCAL_FSTYPES:
-            continue
-        mp = m.get("mountpoint")
-        try:
-            mp = rules.source_path(mp)
-        except InvalidInput:
-            continue
-        if mp not in out:
-            out.append(mp)
-    return sorted(out) or ["/"]
 
 
 class Tasks(Concern):
@@ -138,20 +118,12 @@ class Tasks(Concern):
 
     def _start_params(self, body: Mapping[str, Any]) -> Dict[str, Any]:
         mode = rules.mode(body.get("mode"))
-        if mode == "file":
-            if body.get("disks") is not None:
-                raise InvalidInput("disks: only for mode block (file mode migrates paths; use mode block)")
-            if body.get("snapshot") is not None:
-                raise InvalidInput("snapshot: only for mode block")
-        else:
-            if body.get("paths") is not None:
-                raise InvalidInput("paths: only for mode file (mode block migrates disks: give disks)")
-            if body.get("disks") is None:
-                raise InvalidInput("disks: required for mode block (absolute paths of devices or images)")
+        target = self.svc.targets.for_mode(mode)
+        target.check_start(body)
         return {
             "mode": mode,
             "disks": rules.disks(body.get("disks")),
-            "snapshot": rules.snapshot(body.get("snapshot")) if mode == "block" else None,
+            "snapshot": target.snapshot(body),
             "name": rules.text(body.get("name"), "name", rules.TASK_NAME_LEN[1]) or None,
             "description": rules.text(body.get("description"), "description"),
             "paths": rules.paths(body.get("paths")),
@@ -193,8 +165,7 @@ class Tasks(Concern):
 
     def _start_one(self, source_id: str, params: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
         task_id = rand_id("t-", 16)
-        password = secrets.token_urlsafe(24)
-        tree = self.svc.targets.tree(task_id)
+        target = self.svc.targets.for_mode(params["mode"])
         with self.store.transaction() as conn:
             src = self.svc.sources.get(conn, source_id)
             if src["state"] != "active":
@@ -219,11 +190,8 @@ class Tasks(Concern):
                     "reason": f"already has migration task {active['id']} ({active['status']})",
                 }
             wg = repo_workgroups.brief(conn, src["workgroup_id"])
-            # block mode is never refused for the whole source: the backend is decided per disk
-            # when the task starts, and the drill checks it (see the snapshot check)
-            block = params["mode"] == "block"
-            paths = [] if block else (params["paths"] or default_paths(loads(src["inventory"], {})))
-            disks = rules.disk_names(params["disks"]) if block else []
+            fields = target.new_task(params, loads(src["inventory"], {}))
+            paths, disks = fields["paths"], fields["disks"]
             name = (
                 params["name"]
                 or f"{wg['name'] if wg else 'migration'}-{src['hostname'] or source_id}"[:128]
@@ -240,14 +208,14 @@ class Tasks(Concern):
                 "paths": dumps(paths),
                 "disks": dumps(disks),
                 "snapshot": params["snapshot"],
-                "block_token": secrets.token_urlsafe(32) if block else None,
+                "block_token": fields["block_token"],
                 "bandwidth_mbps": params["bandwidth_mbps"],
                 "compression": params["compression"],
                 "checksum": int(params["checksum"]),
                 "sync_every_s": params["sync_every_s"],
                 "keep_images": params["keep_images"],
                 "status": status,
-                "rsync_password": "" if block else password,
+                "rsync_password": fields["rsync_password"],
                 "created_at": now,
                 "updated_at": now,
                 "history": dumps([{"status": status, "at": now, **snapshot_choice(params, now)}]),
@@ -255,8 +223,7 @@ class Tasks(Concern):
             })
             task = repo_tasks.get(conn, task_id)
             assert task is not None
-            if not block:
-                tree.prepare_cycle(1)
+            target.prepare_cycle(task_id, 1)
             if params["drill"]:
                 cid = self.svc.drills.queue_drill(conn, task)
             else:
@@ -270,14 +237,10 @@ class Tasks(Concern):
         )
         return "started", {"source_id": source_id, "task_id": task_id, "command_id": cid}
 
-    @staticmethod
-    def scope_params(task: Mapping[str, Any]) -> Dict[str, Any]:
+    def scope_params(self, task: Mapping[str, Any]) -> Dict[str, Any]:
         """What a task migrates, as the ``start`` and ``drill`` commands carry it."""
         params: Dict[str, Any] = {"task_id": task["id"], "mode": task["mode"]}
-        if task["mode"] == "block":
-            params.update(disks=loads(task["disks"], []), snapshot=task["snapshot"])
-        else:
-            params["paths"] = loads(task["paths"], [])
+        params.update(self.svc.targets.of(task).scope(task))
         return params
 
     def _start_params_of(self, task: Mapping[str, Any]) -> Dict[str, Any]:
@@ -436,8 +399,7 @@ class Tasks(Concern):
 
     def _next_cycle(self, conn: sqlite3.Connection, task: Mapping[str, Any]) -> Dict[str, Any]:
         number = task["current_cycle"] or (task["last_committed"] or 0) + 1
-        if task["mode"] != "block":
-            self.svc.targets.tree(task["id"]).prepare_cycle(number)
+        self.svc.targets.of(task).prepare_cycle(task["id"], number)
         self.set_task(conn, task["id"], current_cycle=number)
         return cycle_spec(number, task["last_committed"])
 

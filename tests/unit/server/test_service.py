@@ -19,7 +19,7 @@ from go2cloud_server.errors import (
 from go2cloud_server.scheduler import Scheduler
 from go2cloud_server.service import Service
 from go2cloud_server.service.codes import install_commands
-from go2cloud_server.service.tasks import default_paths
+from go2cloud_server.service.target_modes import default_paths
 from go2cloud_server.service.workgroups import workgroup_status
 from go2cloud_server.store import SCHEMA_VERSION, Store
 from tests.unit.server.conftest import FakeTree, import_body, inventory, new_key, replace_proof

@@ -255,7 +255,8 @@ class ServerApp:
         self.httpd.serve_forever(poll_interval=0.5)
 
     def shutdown(self) -> None:
-        """Make ``serve_forever`` return (from another thread, e.g. a signal handler's)."""
+        """Make ``serve_forever`` return (from another thread, e.g. a signal handler's; it waits
+        until ``serve_forever`` has returned, so call it only while that runs)."""
         if self.httpd is not None:
             self.httpd.shutdown()
 

@@ -79,14 +79,9 @@ class AgentApi(Concern):
     def poll_commands(
         self, source_id: str, wait: float, monotonic: Callable[[], float] = time.monotonic
     ) -> Dict[str, Any]:
-        deadline = monotonic() + max(0.0, wait)
-        with self.svc.commands.commands_cv:
-            while True:
-                cmds = self._pending_commands(source_id)
-                remaining = deadline - monotonic()
-                if cmds or remaining <= 0 or self.svc.commands.closed:
-                    return {"commands": cmds}
-                self.svc.commands.commands_cv.wait(remaining)
+        """The agent's long poll: its pending commands, waiting up to ``wait`` seconds for one."""
+        return {"commands": self.svc.commands.wait_for(lambda: self._pending_commands(source_id), wait,
+                                                       monotonic)}
 
     def ack_command(self, source_id: str, command_id: str, body: Any) -> Dict[str, Any]:
         body = rules.require_object(body)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
 
 from go2cloud_server.repositories import artifacts as repo_artifacts
 from go2cloud_server.repositories import commands as repo_commands
@@ -36,6 +37,19 @@ class Commands(Concern):
         #: table does not grow with every task the server ever ran)
         self._apply_locks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         self._locks_guard = threading.Lock()
+
+    def wait_for(self, fetch: Callable[[], List[Dict[str, Any]]], wait: float,
+                 monotonic: Callable[[], float] = time.monotonic) -> List[Dict[str, Any]]:
+        """``fetch()`` once it returns something (checked again each time a command is queued),
+        after ``wait`` seconds, or at once when closed: what it returned last."""
+        deadline = monotonic() + max(0.0, wait)
+        with self.commands_cv:
+            while True:
+                found = fetch()
+                remaining = deadline - monotonic()
+                if found or remaining <= 0 or self.closed:
+                    return found
+                self.commands_cv.wait(remaining)
 
     def close(self) -> None:
         """Wake every long poll: they answer at once from now on."""

@@ -7,8 +7,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from go2cloud_server.store import Store
 
+#: the connection of an open transaction (what ``Store.transaction()`` yields)
+Conn = sqlite3.Connection
 #: a read outside a transaction (the ``Store``) or any statement inside one (its connection)
-Db = Union[Store, sqlite3.Connection]
+Db = Union[Store, Conn]
+#: what a failed statement raises
+DbError = sqlite3.Error
 Row = Dict[str, Any]
 
 

@@ -4,12 +4,12 @@ configuration), ids, and the task statuses several concerns test."""
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import string
 from typing import TYPE_CHECKING, Any
 
 from go2cloud_server.clock import Clock, iso
 from go2cloud_server.repositories import events as repo_events
+from go2cloud_server.repositories.db import Conn
 from go2cloud_server.store import Store
 
 if TYPE_CHECKING:
@@ -60,6 +60,6 @@ class Concern:
     def now_iso(self) -> str:
         return iso(self.clock.now())
 
-    def event(self, conn: sqlite3.Connection, source_id: str, level: str, code: str, message: str) -> None:
+    def event(self, conn: Conn, source_id: str, level: str, code: str, message: str) -> None:
         """An event of the control plane itself in the source's list (``source show``)."""
         repo_events.add(conn, source_id, self.now_iso(), level, code, message[:2000])

@@ -4,7 +4,6 @@ final acknowledgements applied (a cycle committed, a task failed or completed) e
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 import weakref
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
 from go2cloud_server.repositories import artifacts as repo_artifacts
 from go2cloud_server.repositories import commands as repo_commands
 from go2cloud_server.repositories import tasks as repo_tasks
+from go2cloud_server.repositories.db import Conn
 from go2cloud_server.service.base import CYCLE_COMMANDS, TARGET_FULL, Concern, rand_id
 from go2cloud_server.space import is_disk_full
 from go2cloud_server.store import dumps, loads
@@ -208,7 +208,7 @@ class Commands(Concern):
 
     def queue(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         source_id: str,
         task_id: Optional[str],
         ctype: str,

@@ -4,7 +4,6 @@ operator's re-run or override."""
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from go2cloud_server.errors import Conflict, NotFound
@@ -12,6 +11,7 @@ from go2cloud_server.repositories import commands as repo_commands
 from go2cloud_server.repositories import drills as repo_drills
 from go2cloud_server.repositories import sources as repo_sources
 from go2cloud_server.repositories import tasks as repo_tasks
+from go2cloud_server.repositories.db import Conn
 from go2cloud_server.service.base import Concern, clip
 from go2cloud_server.service.tasks import task_snapshot_choice
 from go2cloud_server.store import dumps, loads
@@ -36,7 +36,7 @@ class Drills(Concern):
         params["target"] = {k: v for k, v in target.items() if k not in ("password", "token", "user")}
         return params
 
-    def queue_drill(self, conn: sqlite3.Connection, task: Mapping[str, Any]) -> str:
+    def queue_drill(self, conn: Conn, task: Mapping[str, Any]) -> str:
         cid = self.svc.commands.queue(conn, task["source_id"], task["id"], "drill", self._drill_params(task))
         repo_drills.insert(conn, cid, task["source_id"], task["id"], self.now_iso())
         self.svc.tasks.set_task(conn, task["id"], status="drilling", drill_command=cid)
@@ -107,7 +107,7 @@ class Drills(Concern):
 
     def do_drill(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         task: Mapping[str, Any],
         params: Mapping[str, Any],
         after: List[Callable[[], None]],

@@ -4,7 +4,6 @@ and the epoch check on the data path."""
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
@@ -33,6 +32,7 @@ from go2cloud_server.lease import (
 from go2cloud_server.repositories import cycle_writers as repo_cycle_writers
 from go2cloud_server.repositories import sources as repo_sources
 from go2cloud_server.repositories import tasks as repo_tasks
+from go2cloud_server.repositories.db import Conn
 from go2cloud_server.service.base import Concern
 from go2cloud_server.store import dumps, loads
 
@@ -113,12 +113,12 @@ class Sessions(Concern):
         )
 
     @staticmethod
-    def _save_lease(conn: sqlite3.Connection, source_id: str, lease: Lease) -> None:
+    def _save_lease(conn: Conn, source_id: str, lease: Lease) -> None:
         doc = {"epoch": lease.epoch, "session_id": lease.session_id, "instance": lease.instance,
                "fingerprint": lease.fingerprint, "expires": lease.expires, "granted_at": lease.granted_at}
         repo_sources.save_lease(conn, source_id, dumps(doc), lease.epoch)
 
-    def _flag_clone(self, conn: sqlite3.Connection, source_id: str, code: str, message: str) -> None:
+    def _flag_clone(self, conn: Conn, source_id: str, code: str, message: str) -> None:
         """The operator's clone warning on the source (``source show``) and a warning event."""
         log.warning("source %s: %s", source_id, message)
         repo_sources.set_clone_warning(

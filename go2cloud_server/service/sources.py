@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 from typing import Any, Dict, Mapping, Optional
 
 from go2cloud_server import rules
@@ -17,6 +16,7 @@ from go2cloud_server.repositories import events as repo_events
 from go2cloud_server.repositories import sources as repo_sources
 from go2cloud_server.repositories import tasks as repo_tasks
 from go2cloud_server.repositories import workgroups as repo_workgroups
+from go2cloud_server.repositories.db import Conn
 from go2cloud_server.service.base import OPEN_TASK_STATUSES, Concern, rand_id
 from go2cloud_server.store import dumps, loads
 
@@ -208,7 +208,7 @@ class Sources(Concern):
         return self.view(self.get(None, old["id"]))
 
     def _replace_source(
-        self, conn: sqlite3.Connection, old: Mapping[str, Any], new_id: str
+        self, conn: Conn, old: Mapping[str, Any], new_id: str
     ) -> Optional[Dict[str, Any]]:
         repo_sources.mark_replaced(conn, old["id"], new_id)
         task = self.active_task(conn, old["id"])
@@ -226,7 +226,7 @@ class Sources(Concern):
         repo_commands.supersede_queued(conn, task["id"], self.now_iso())
         return task
 
-    def get(self, conn: Optional[sqlite3.Connection], ref: Any) -> Dict[str, Any]:
+    def get(self, conn: Optional[Conn], ref: Any) -> Dict[str, Any]:
         if not isinstance(ref, str) or not ref:
             raise InvalidInput("source: is required")
         row = repo_sources.get(conn if conn is not None else self.store, ref)
@@ -234,10 +234,10 @@ class Sources(Concern):
             raise NotFound(f"no source {ref!r}: see 'go2cloud_server source list'")
         return row
 
-    def latest_task(self, conn: Optional[sqlite3.Connection], source_id: str) -> Optional[Dict[str, Any]]:
+    def latest_task(self, conn: Optional[Conn], source_id: str) -> Optional[Dict[str, Any]]:
         return repo_tasks.latest_of_source(conn if conn is not None else self.store, source_id)
 
-    def active_task(self, conn: Optional[sqlite3.Connection], source_id: str) -> Optional[Dict[str, Any]]:
+    def active_task(self, conn: Optional[Conn], source_id: str) -> Optional[Dict[str, Any]]:
         return repo_tasks.latest_of_source_in(conn if conn is not None else self.store, source_id,
                                               OPEN_TASK_STATUSES)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import sqlite3
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Generator, List, Mapping, Optional
@@ -15,6 +14,7 @@ from go2cloud_server.errors import AuthFailed, Conflict, InvalidInput, ServerErr
 from go2cloud_server.repositories import artifacts as repo_artifacts
 from go2cloud_server.repositories import sources as repo_sources
 from go2cloud_server.repositories import tasks as repo_tasks
+from go2cloud_server.repositories.db import DbError
 from go2cloud_server.rsyncd import SessionSpec
 from go2cloud_server.service.base import ACTIVE_TASK_STATUSES, OPEN_TASK_STATUSES, TARGET_FULL, Concern, clip
 from go2cloud_server.service.target_modes import BlockStore, BlockTarget, FileTarget, TaskTarget, Tree
@@ -120,7 +120,7 @@ class Targets(Concern):
             return None
         try:
             task = repo_tasks.get(self.store, task_id)
-        except sqlite3.Error:
+        except DbError:
             log.warning("block receiver: cannot look up task %s", task_id, exc_info=True)
             return None
         expected = (task or {}).get("block_token") or ""

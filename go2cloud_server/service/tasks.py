@@ -4,7 +4,6 @@ their views, automatic retries of transient failures."""
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from go2cloud_server import rules
@@ -18,6 +17,7 @@ from go2cloud_server.repositories import events as repo_events
 from go2cloud_server.repositories import sources as repo_sources
 from go2cloud_server.repositories import tasks as repo_tasks
 from go2cloud_server.repositories import workgroups as repo_workgroups
+from go2cloud_server.repositories.db import Conn
 from go2cloud_server.service.base import OPEN_TASK_STATUSES, TARGET_FULL, Concern, clip, rand_id
 from go2cloud_server.store import dumps, loads
 from go2cloud_server.verifier import REPORT_PENDING, REPORT_VERIFIED
@@ -39,7 +39,7 @@ def cycle_spec(number: int, last_committed: Optional[int]) -> Dict[str, Any]:
 class Tasks(Concern):
     """Migration tasks of sources and what the operator does with them."""
 
-    def set_task(self, conn: sqlite3.Connection, task_id: str, **changes: Any) -> None:
+    def set_task(self, conn: Conn, task_id: str, **changes: Any) -> None:
         changes["updated_at"] = self.now_iso()
         if "status" in changes:  # the status history: [{"status", "at"}], a change appended once
             row = repo_tasks.status_and_history(conn, task_id)
@@ -258,7 +258,7 @@ class Tasks(Concern):
         )
         return cmd_params
 
-    def queue_start(self, conn: sqlite3.Connection, task: Mapping[str, Any]) -> str:
+    def queue_start(self, conn: Conn, task: Mapping[str, Any]) -> str:
         return self.svc.commands.queue(conn, task["source_id"], task["id"], "start",
                                        self._start_params_of(task))
 
@@ -352,7 +352,7 @@ class Tasks(Concern):
 
     def _do_modify(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         task: Mapping[str, Any],
         params: Mapping[str, Any],
         after: List[Callable[[], None]],
@@ -374,7 +374,7 @@ class Tasks(Concern):
 
     def _do_pause(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         task: Mapping[str, Any],
         params: Mapping[str, Any],
         after: List[Callable[[], None]],
@@ -387,7 +387,7 @@ class Tasks(Concern):
 
     def _do_resume(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         task: Mapping[str, Any],
         params: Mapping[str, Any],
         after: List[Callable[[], None]],
@@ -397,7 +397,7 @@ class Tasks(Concern):
         self.set_task(conn, task["id"], status=status, paused_from=None)
         return self.svc.commands.queue(conn, task["source_id"], task["id"], "resume", {"task_id": task["id"]})
 
-    def _next_cycle(self, conn: sqlite3.Connection, task: Mapping[str, Any]) -> Dict[str, Any]:
+    def _next_cycle(self, conn: Conn, task: Mapping[str, Any]) -> Dict[str, Any]:
         number = task["current_cycle"] or (task["last_committed"] or 0) + 1
         self.svc.targets.of(task).prepare_cycle(task["id"], number)
         self.set_task(conn, task["id"], current_cycle=number)
@@ -405,7 +405,7 @@ class Tasks(Concern):
 
     def _do_sync(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         task: Mapping[str, Any],
         params: Mapping[str, Any],
         after: List[Callable[[], None]],
@@ -430,7 +430,7 @@ class Tasks(Concern):
 
     def _do_complete(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         task: Mapping[str, Any],
         params: Mapping[str, Any],
         after: List[Callable[[], None]],
@@ -452,7 +452,7 @@ class Tasks(Concern):
 
     def _do_cancel(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         task: Mapping[str, Any],
         params: Mapping[str, Any],
         after: List[Callable[[], None]],

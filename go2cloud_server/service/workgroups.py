@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import Any, Dict, List, Mapping, Optional
 
 from go2cloud_server import rules
 from go2cloud_server.errors import Conflict, InvalidInput, NotFound
 from go2cloud_server.repositories import sources as repo_sources
 from go2cloud_server.repositories import workgroups as repo_workgroups
+from go2cloud_server.repositories.db import Conn
 from go2cloud_server.service.base import Concern, rand_id
 from go2cloud_server.store import dumps, loads
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class Workgroups(Concern):
     """Workgroups of sources (a name, a description, tags)."""
 
-    def get(self, conn: Optional[sqlite3.Connection], ref: Any) -> Dict[str, Any]:
+    def get(self, conn: Optional[Conn], ref: Any) -> Dict[str, Any]:
         if not isinstance(ref, str) or not ref:
             raise InvalidInput("workgroup: is required")
         row = repo_workgroups.find(conn if conn is not None else self.store, ref)

@@ -19,9 +19,10 @@ import os
 import shutil
 import stat
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Set, Tuple
+
+from go2cloud_server.clock import utc_now_iso
 
 LOG = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ class ArtifactInfo:
         d = asdict(self)
         d["path"] = str(self.path)
         return d
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _check_cycle(n: int) -> int:
@@ -114,7 +111,7 @@ class TaskTree:
             raise FileNotFoundError(f"cycle {n} has no directory {path}")
         nbytes, files = _tree_size(path)
         os.sync()
-        info = ArtifactInfo(cycle=n, path=path, bytes=nbytes, files=files, created_at=_utc_now())
+        info = ArtifactInfo(cycle=n, path=path, bytes=nbytes, files=files, created_at=utc_now_iso())
         LOG.info("cycle %s committed: %s bytes, %s files", n, nbytes, files)
         return info
 

@@ -59,7 +59,6 @@ import re
 import shutil
 import subprocess
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import (
     Callable,
@@ -82,6 +81,7 @@ import zstandard
 
 from go2cloud_server import children
 from go2cloud_server.atomicfile import write_atomic
+from go2cloud_server.clock import utc_now_iso
 from go2cloud_server.errors import Conflict, InvalidInput, NotFound, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED
 
@@ -169,10 +169,6 @@ def _lock_for(path: Path) -> threading.Lock:
     key = str(path)
     with _LOCKS_GUARD:
         return _LOCKS.setdefault(key, threading.Lock())
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def check_disk_name(name: str) -> str:
@@ -675,7 +671,7 @@ class BlockTaskStore:
                 ddir = self._disk_dir(disk, create=True)
                 write_atomic(ddir / "size.json", json.dumps({
                     "version": STATE_VERSION, "disk": disk, "disk_size": disk_size,
-                    "pinned_at": _utc_now()}) + "\n")
+                    "pinned_at": utc_now_iso()}) + "\n")
                 self._pinned[disk] = disk_size
                 log.info("block %s: disk %s has no size in the source's inventory: %s bytes pinned at its "
                          "first write", self.root, disk, disk_size)
@@ -889,7 +885,7 @@ class BlockTaskStore:
                 write_atomic(ddir / "state.json", json.dumps({
                     "version": STATE_VERSION, "disk": disk, "chunk_size": chunk_size, "disk_size": disk_size,
                     "committed_cycle": cycle, "hashes_count": count, "hashes_digest": digest,
-                    "committed_at": _utc_now()}, indent=1) + "\n")
+                    "committed_at": utc_now_iso()}, indent=1) + "\n")
                 _fsync_dir(ddir)
             except OSError as exc:
                 self._raise_io(exc, f"cannot commit disk {disk}")
@@ -988,7 +984,7 @@ class BlockTaskStore:
                     img.unlink()
                 self._raise_io(exc, f"cannot create generation {cycle} of disk {disk}")
             report = {"state": REPORT_PENDING, "disk": disk, "cycle": cycle, "path": str(img), "bytes": size,
-                      "sha256": None, "fs": None, "copy": how, "check": None, "created_at": _utc_now()}
+                      "sha256": None, "fs": None, "copy": how, "check": None, "created_at": utc_now_iso()}
             try:
                 write_atomic(report_path, json.dumps(report, indent=1) + "\n")
             except OSError as exc:
@@ -1051,7 +1047,7 @@ class BlockTaskStore:
         if final["state"] == REPORT_PENDING:
             fs, check = yield from _checked_in_background(img)
             final.update(state=REPORT_VERIFIED, fs=fs, check=check)
-        final["verified_at"] = _utc_now()
+        final["verified_at"] = utc_now_iso()
         with _lock_for(ddir):
             now = self._read_report(report_path)
             try:

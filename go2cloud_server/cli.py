@@ -8,7 +8,6 @@ one line on stderr (``error: ...``), never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -28,15 +27,13 @@ import click
 from go2cloud_server import heartbeat as heartbeat_report
 from go2cloud_server import rules, throttle
 from go2cloud_server import space as space_mod
-from go2cloud_server.autoretry import AutoRetry
 from go2cloud_server.client import Endpoint, OperatorClient, resolve
-from go2cloud_server.errors import Conflict, InvalidInput, NothingStarted, ServerError
+from go2cloud_server.errors import InvalidInput, NothingStarted, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = "/var/lib/go2cloud_server"
-TEST_CLOCK_ENV = "GO2CLOUD_TEST_CLOCK_OFFSET_S"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,28 +271,6 @@ def _scope(workgroup: Optional[str], source: Optional[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # serve
-def _refuse_if_running(info_file: Path, data_dir: Path) -> None:
-    """A server that is still running with this data directory (its ``server.json`` names a live
-    process that is that server: same pid, boot and start time) must not be disturbed: its
-    children would be taken for leftovers. A record whose pid is gone or now another process is
-    stale (a kill -9) and ignored."""
-    from go2cloud_server import children
-
-    try:
-        doc = json.loads(info_file.read_text())
-        pid = int(doc["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    ident = children.process_identity(pid)
-    if pid == os.getpid() or ident is None:
-        return
-    if doc.get("boot_id") == children.boot_id() and doc.get("start_ticks") == ident[0]:
-        raise Conflict(
-            f"another go2cloud_server (pid {pid}) is running with the data directory {data_dir}: stop it "
-            f"first (kill {pid}) or use another --data-dir"
-        )
-
-
 def raise_fd_limit() -> None:
     """Raise the soft limit of open files to the hard limit, and say so: every agent holds one or
     two connections (docs/reliability.md, "Bounded resources"), and the common soft limit of 1024
@@ -358,10 +333,6 @@ def _parse_listen(value: str) -> Tuple[str, int]:
         raise InvalidInput(f"--listen {value!r}: expected HOST:PORT (port 0-65535, 0 = pick a free port)")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _setup_logging(level: str) -> None:
@@ -490,6 +461,13 @@ def _setup_logging(level: str) -> None:
     help="Connections the kernel queues before the server accepts them (a fleet reconnecting at "
     "once after a restart). The kernel caps it at net.core.somaxconn.",
 )
+@click.option(
+    "--clock-offset-s",
+    type=float,
+    default=0.0,
+    hidden=True,
+    help="TESTS ONLY: shift the server's wall clock by this many seconds (code expiry, clock skew).",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -506,19 +484,11 @@ def serve(
     target_dir: Optional[Path],
     db_reserve_mib: int,
     listen_backlog: int,
+    clock_offset_s: float,
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
-    from go2cloud_server import auth, children, tls
-    from go2cloud_server.artifacts import TaskTree
-    from go2cloud_server.atomicfile import write_atomic
-    from go2cloud_server.blockrx import BlockReceiver
-    from go2cloud_server.downloads import Downloads
-    from go2cloud_server.httpapi import Api, ApiServer, somaxconn
-    from go2cloud_server.rsyncd import RsyncSessions
-    from go2cloud_server.scheduler import Scheduler
-    from go2cloud_server.service import Service
-    from go2cloud_server.store import Store
-    from go2cloud_server.throttle import ImportThrottle
+    from go2cloud_server.app import ServeOptions, ServerApp
+    from go2cloud_server.clock import Clock, OffsetClock, SystemClock
 
     malloc_tuning = tune_malloc()  # may re-exec this process: first, before anything is opened
     _setup_logging(log_level)
@@ -531,180 +501,56 @@ def serve(
     if rsync_port is not None:
         log.warning("--rsync-port is ignored: file-level data goes through the HTTPS port now")
     host, port = _parse_listen(listen)
-    local_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-    public = public_host or local_host
     if heartbeat_interval == int(heartbeat_interval):
         heartbeat_interval = int(heartbeat_interval)
-    data_dir = data_dir.absolute()
     # everything the server and its rsync daemon create under the data directory (database and
     # its WAL, logs, state, task directories, block images) is for the server's user only;
     # what needs another mode sets it explicitly (the top directory of a file image)
     os.umask(0o077)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        data_dir.chmod(0o700)
-    offset = float(os.environ.get(TEST_CLOCK_ENV) or 0)
-    if offset:
-        log.warning("%s=%s: the server clock is shifted (tests only)", TEST_CLOCK_ENV, offset)
-
-    def clock() -> float:
-        return time.time() + offset
-
-    target_dir = _target_dir(data_dir, target_dir)
-    space = space_mod.SpaceGuard(data_dir, target_dir, db_reserve_mib * space_mod.MiB)
-    if space.shared and space.reserve_bytes:
-        if not space.ensure():
-            log.warning("no room for the database reserve (%d MiB) in %s: %s; data writes wait until "
-                        "there is", db_reserve_mib, data_dir, space_mod.describe(data_dir))
-    else:
-        space.ensure()  # removes a reserve an earlier layout left
-    log.info("database in %s, images in %s (%s)", data_dir, target_dir / "tasks",
-             f"the same filesystem: {db_reserve_mib} MiB reserve for the database" if space.shared
-             else "their own filesystem")
-    cert, key = tls.ensure_certificate(data_dir / "tls", [host, public])
-    fingerprint = tls.fingerprint(cert)
-    spki_pin = tls.spki_pin(cert)
-    admin_token = auth.ensure_admin_token(data_dir)
-    store = Store(data_dir / "server.db")
-    store.migrate()
-    _refuse_if_running(data_dir / "server.json", data_dir)
-    # what a previous run killed with -9 left behind: its children (found by their records,
-    # each checked to still be the process it names) and its rsync sessions' configurations
-    stopped = children.install(data_dir / "run" / "children").stop_leftovers()
-    stale = children.remove_stale_dirs(data_dir / "rsync-sessions")
-    if stopped or stale:
-        log.warning("previous run did not stop cleanly: %d child process(es) stopped, %d rsync session "
-                    "configuration(s) removed", stopped, stale)
-    rsyncd = RsyncSessions(state_dir=data_dir / "rsync-sessions")
-    rsyncd.check()
-    info_file = data_dir / "server.json"
-    httpd: Optional[ApiServer] = None
-    scheduler: Optional[Scheduler] = None
-    service: Optional[Service] = None
-    agent_auth = auth.AgentAuth()
+    clock: Clock = SystemClock()
+    if clock_offset_s:  # the test hook: a real server process with a shifted wall clock
+        log.warning("--clock-offset-s %s: the server clock is shifted (tests only)", clock_offset_s)
+        clock = OffsetClock(clock_offset_s)
+    app = ServerApp(ServeOptions(
+        host=host,
+        port=port,
+        data_dir=data_dir.absolute(),
+        public_host=public_host,
+        heartbeat_interval=heartbeat_interval,
+        auto_retry_after=auto_retry_after,
+        auto_retries_per_day=auto_retries_per_day,
+        request_timeout=request_timeout,
+        packages_dir=packages_dir,
+        import_window=import_window,
+        import_failures=import_failures,
+        target_dir=target_dir,
+        db_reserve_mib=db_reserve_mib,
+        listen_backlog=listen_backlog,
+        clock=clock,
+    ))
     try:
-        service = Service(
-            store,
-            data_dir,
-            rsyncd=rsyncd,
-            tree_factory=TaskTree,
-            public_host=public,
-            fingerprint=fingerprint,
-            spki_pin=spki_pin,
-            heartbeat_interval=heartbeat_interval,
-            auto_retry=AutoRetry(after_s=auto_retry_after, per_day=auto_retries_per_day),
-            clock=clock,
-            agent_auth=agent_auth,
-            import_throttle=ImportThrottle(
-                window_s=import_window, per_address=import_failures, per_token=2 * import_failures
-            ),
-            target_dir=target_dir,
-            space=space,
-        )
-        restored = service.restore_targets()
-        service.start()  # the generation verifier, with what a previous run left unverified
-        downloads = Downloads(
-            packages_dir.absolute() if packages_dir else data_dir / "packages",
-            spki_pin=spki_pin,
-            fingerprint=fingerprint,
-        )
-        log.info("downloads: %s", downloads.describe())
-        receiver = BlockReceiver(resolve=service.block_store_for,  # type: ignore[arg-type]  # Protocol of the store
-                                 fence=service.check_epoch)
-        httpd = ApiServer(
-            (host, port),
-            Api(service, agent_auth, admin_token, block_receiver=receiver, downloads=downloads,
-                rsync_sessions=rsyncd),
-            tls.server_context(cert, key),
-            request_timeout_s=request_timeout,
-            backlog=listen_backlog,
-        )
-        cap = somaxconn()
-        if cap is not None and cap < listen_backlog:
-            log.warning("listen backlog %d is capped by the kernel at net.core.somaxconn = %d: raise it "
-                        "(sysctl -w net.core.somaxconn=%d) for a fleet that reconnects at once",
-                        listen_backlog, cap, listen_backlog)
-        service.public_url = f"https://{_url_host(public)}:{httpd.port}"
-        local_url = f"https://{_url_host(local_host)}:{httpd.port}"
-        write_atomic(
-            info_file,
-            json.dumps(
-                {
-                    "url": local_url,
-                    "public_url": service.public_url,
-                    "fingerprint": fingerprint,
-                    "spki_pin": spki_pin,
-                    "pid": os.getpid(),
-                    # with the pid, who this process is: a later start checks a live pid against it
-                    "start_ticks": (children.process_identity(os.getpid()) or (0, []))[0],
-                    "boot_id": children.boot_id(),
-                },
-                indent=2,
-            )
-            + "\n",
-            mode=0o600,
-        )
-        scheduler = Scheduler(service)
-        scheduler.start()
+        app.build()
 
         def stop(signum: int, frame: Any) -> None:
             log.info("signal %d: shutting down", signum)
-            assert httpd is not None
-            threading.Thread(target=httpd.shutdown, name="shutdown", daemon=True).start()
+            threading.Thread(target=app.shutdown, name="shutdown", daemon=True).start()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        local_url, public_url = app.urls()
         log.info(
             "go2cloud_server listening on %s (public %s), fingerprint %s (API, block and rsync data), "
             "%d task target(s) restored; admin token in %s",
             local_url,
-            service.public_url,
-            fingerprint,
-            restored,
-            data_dir / "admin.token",
+            public_url,
+            app.fingerprint,
+            app.restored,
+            app.data_dir / "admin.token",
         )
-        httpd.serve_forever(poll_interval=0.5)
+        app.serve_forever()
     finally:
-        if scheduler is not None:
-            scheduler.stop()
-        if service is not None:
-            service.close()
-        if httpd is not None:
-            httpd.server_close()
-        with contextlib.suppress(Exception):
-            rsyncd.stop()
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(info_file.read_text()).get("pid") == os.getpid():
-                info_file.unlink()
-        store.close()
+        app.close()
         log.info("go2cloud_server stopped")
-
-
-def _target_dir(data_dir: Path, given: Optional[Path]) -> Path:
-    """The image directory: ``--target-dir``, else the one recorded in ``<data-dir>/target-dir``
-    at an earlier start (so a restart without the option finds the images), else the data
-    directory. A given one is recorded for the next start."""
-    from go2cloud_server.atomicfile import write_atomic
-
-    record = data_dir / "target-dir"
-    try:
-        recorded: Optional[Path] = Path(record.read_text().strip()) if record.exists() else None
-    except OSError:
-        recorded = None
-    if given is None:
-        chosen = recorded or data_dir
-    else:
-        chosen = given.absolute()
-        if recorded is not None and recorded != chosen and (recorded / "tasks").is_dir() \
-                and any((recorded / "tasks").iterdir()):
-            log.warning("--target-dir %s: the previous start used %s, which still holds task images; "
-                        "tasks whose directory is not under %s have lost their images", chosen, recorded,
-                        chosen / "tasks")
-        write_atomic(record, f"{chosen}\n", mode=0o600)
-    chosen.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        chosen.chmod(0o700)
-    return chosen
 
 
 # ----------------------------------------------------------------------------------------------

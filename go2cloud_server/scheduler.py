@@ -1,20 +1,20 @@
 """Automatic incremental syncs ("sync repeat frequency").
 
 A thread wakes every ``tick_s`` seconds and, for each pending task with an interval, queues a
-``sync`` once ``sync_every_s`` seconds have passed (``time.monotonic``) since the scheduler saw
-the task's latest committed cycle. A server restart therefore waits one full interval before the
-first automatic sync: never earlier than asked. Each pass also queues the cycle of every
-``target_full`` task whose target has room again (``Service.resume_when_room``). Errors are
-logged and the loop keeps going.
+``sync`` once ``sync_every_s`` seconds have passed since the scheduler saw the task's latest
+committed cycle (measured on the injected clock's ``monotonic()``). A server restart therefore
+waits one full interval before the first automatic sync: never earlier than asked. Each pass also
+queues the cycle of every ``target_full`` task whose target has room again
+(``Service.resume_when_room``). Errors are logged and the loop keeps going.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
+from go2cloud_server.clock import Clock
 from go2cloud_server.errors import ServerError
 from go2cloud_server.service import Service
 
@@ -22,12 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(
-        self, service: Service, tick_s: float = 1.0, monotonic: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, service: Service, tick_s: float = 1.0, clock: Optional[Clock] = None) -> None:
         self.service = service
         self.tick_s = tick_s
-        self._monotonic = monotonic
+        #: intervals are measured on ``clock.monotonic()`` (default: the service's clock)
+        self.clock: Clock = clock if clock is not None else service.clock
         self._seen: Dict[str, Tuple[Optional[int], float]] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -50,7 +49,7 @@ class Scheduler:
 
     def run_once(self) -> int:
         """One pass; returns the number of syncs queued."""
-        now = self._monotonic()
+        now = self.clock.monotonic()
         queued = 0
         live = set()
         for task in self.service.auto_sync_candidates():

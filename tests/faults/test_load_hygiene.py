@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from go2cloud_server import rules
-from go2cloud_server.service import hash_code
+from go2cloud_server.service.codes import hash_code
 from tests.integration.harness import Server
 
 

@@ -25,9 +25,9 @@ from typing import Dict, Tuple
 
 import pytest
 
-from go2cloud_server import service as service_mod
 from go2cloud_server.errors import SessionBusy
 from go2cloud_server.service import Service
+from go2cloud_server.service import sessions as sessions_mod
 from go2cloud_server.store import Store
 from tests.integration.harness import Server
 from tests.unit.server.conftest import Clock, FakeRsyncd, FakeTrees, import_body
@@ -149,7 +149,7 @@ def test_refused_agent_processes_are_not_remembered_forever(tmp_path: Path, monk
     remembered every refused one (the set of reported clones was never pruned). With the bound at
     50 for the test, 300 refused processes leave at most 51 of each table, and every one of them
     was still refused."""
-    monkeypatch.setattr(service_mod, "FENCE_MEMORY", 50)
+    monkeypatch.setattr(sessions_mod, "FENCE_MEMORY", 50)
     service = _service(tmp_path)
     try:
         service.create_workgroup({"name": "wg"})
@@ -164,8 +164,8 @@ def test_refused_agent_processes_are_not_remembered_forever(tmp_path: Path, monk
                 refused += 1
         assert refused == 300
         assert service.show_source(sid)["clone_warning"]["code"] == "session_conflict"
-        assert len(service._flagged) <= 51, len(service._flagged)
-        assert len(service._contenders) <= 51, len(service._contenders)
+        assert len(service.sessions._flagged) <= 51, len(service.sessions._flagged)
+        assert len(service.sessions._contenders) <= 51, len(service.sessions._contenders)
     finally:
         service.close()
         service.store.close()
@@ -190,7 +190,7 @@ def test_per_task_acknowledgement_locks_do_not_accumulate(tmp_path: Path) -> Non
             assert service.task_artifacts(tid)["artifacts"], "the acknowledgement was not applied"
         assert len(tasks) == 20
         gc.collect()
-        assert len(service._apply_locks) == 0, dict(service._apply_locks)
+        assert len(service.commands._apply_locks) == 0, dict(service.commands._apply_locks)
     finally:
         service.close()
         service.store.close()

@@ -134,7 +134,7 @@ def test_noexec_tmp_is_a_finding(noexec_tmp, tmp_path):
 
 
 def test_skewed_server_clock_is_critical(tmp_path):
-    skewed = Server(tmp_path / "skewed", extra_env={"GO2CLOUD_TEST_CLOCK_OFFSET_S": "-900"}).start()
+    skewed = Server(tmp_path / "skewed", extra_args=["--clock-offset-s=-900"]).start()
     try:
         proc = check("--json", "--path", str(tmp_path), "--home", str(tmp_path / "home"),
                      "--server", skewed.url, "--server-fingerprint", skewed.fingerprint)

@@ -277,7 +277,7 @@ def test_code_expiry_with_a_shifted_server_clock(tmp_path: Path, server: Server,
     code = server.new_code("later", uses=10)
     short = server.j("code", "create", "--workgroup", "later", "--days", "1")
     server.stop()
-    shifted = Server(server.data_dir, extra_env={"GO2CLOUD_TEST_CLOCK_OFFSET_S": str(2 * 86400)}).start()
+    shifted = Server(server.data_dir, extra_args=["--clock-offset-s", str(2 * 86400)]).start()
     try:
         api2 = Api(shifted)
         assert shifted.fingerprint == server.fingerprint  # the certificate survives a restart

@@ -14,19 +14,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from go2cloud_server import auth
+from go2cloud_server.clock import FakeClock
 from go2cloud_server.service import Service
 from go2cloud_server.store import Store
 
-
-class Clock:
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
+#: the tests' wall clock (moved by hand with ``advance``)
+Clock = FakeClock
 
 
 class FakeRsyncd:

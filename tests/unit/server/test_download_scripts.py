@@ -11,7 +11,7 @@ from typing import Dict, List
 
 import yaml
 
-from go2cloud_server.service import install_commands
+from go2cloud_server.service.codes import install_commands
 
 REPO = Path(__file__).resolve().parents[3]
 DATA = REPO / "go2cloud_server" / "data"

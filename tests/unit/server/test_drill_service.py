@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from go2cloud_server.errors import Conflict, NothingStarted
-from go2cloud_server.service import Service, drill_report
+from go2cloud_server.service import Service
+from go2cloud_server.service.drills import drill_report
 from tests.unit.server.conftest import import_body, inventory
 
 
@@ -134,7 +135,7 @@ def test_drill_interrupted_by_an_agent_restart_runs_again_then_stops(service):
     command left running, tests/unit/agent): the drill only reads, so the control plane queues it
     again, up to DRILL_REQUEUES times; then the task stops at drill_abnormal as for any drill
     that could not run."""
-    from go2cloud_server.service import DRILL_REQUEUES
+    from go2cloud_server.service.drills import DRILL_REQUEUES
 
     interrupted = {"error_code": "interrupted",
                    "message": "the agent stopped while this command was running; it was not completed, "

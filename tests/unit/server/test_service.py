@@ -6,6 +6,7 @@ import time
 import pytest
 
 from go2cloud_server import rules
+from go2cloud_server.clock import FakeClock
 from go2cloud_server.errors import (
     AuthFailed,
     CodeRejected,
@@ -16,7 +17,10 @@ from go2cloud_server.errors import (
     SourceReplaced,
 )
 from go2cloud_server.scheduler import Scheduler
-from go2cloud_server.service import Service, default_paths, install_commands, workgroup_status
+from go2cloud_server.service import Service
+from go2cloud_server.service.codes import install_commands
+from go2cloud_server.service.target_modes import default_paths
+from go2cloud_server.service.workgroups import workgroup_status
 from go2cloud_server.store import SCHEMA_VERSION, Store
 from tests.unit.server.conftest import FakeTree, import_body, inventory, new_key, replace_proof
 
@@ -508,7 +512,7 @@ def test_long_poll_wakes_when_a_command_is_queued(service):
 
 
 def test_events_are_capped(service, monkeypatch):
-    import go2cloud_server.service as svc
+    import go2cloud_server.service.agent as svc
 
     monkeypatch.setattr(svc, "MAX_EVENTS_PER_SOURCE", 5)
     _wg(service)
@@ -527,21 +531,21 @@ def test_scheduler_queues_sync_after_interval(service):
     sid = _imported(service)
     service.start_migration({"drill": False, "sync_every_s": 120}, source=sid)
     _ack(service, sid, _cmds(service, sid)[0])
-    now = [0.0]
-    sched = Scheduler(service, monotonic=lambda: now[0])
+    mono = FakeClock()  # the scheduler's own clock: only its monotonic reading matters
+    sched = Scheduler(service, clock=mono)
     assert sched.run_once() == 0  # first sight of cycle 1
-    now[0] = 119
+    mono.advance(119)
     service.heartbeat(sid, {})
     assert sched.run_once() == 0
-    now[0] = 121
+    mono.advance(2)
     assert sched.run_once() == 1
     cmd = _cmds(service, sid)[0]
     assert cmd["type"] == "sync" and cmd["params"]["cycle"]["number"] == 2
     assert sched.run_once() == 0  # syncing: not a candidate
     _ack(service, sid, cmd)
-    now[0] = 200
+    mono.advance(79)
     assert sched.run_once() == 0  # new cycle seen at 200
-    now[0] = 321
+    mono.advance(121)
     assert sched.run_once() == 1
 
 
@@ -662,7 +666,7 @@ def test_an_acknowledgement_that_cannot_be_applied_at_start_fails_its_task(
     def crash(*_a, **_k):
         raise _Crash()
 
-    monkeypatch.setattr(service, "_on_command_final", crash)
+    monkeypatch.setattr(service.commands, "on_command_final", crash)
     with pytest.raises(_Crash):
         _ack(service, sid, start)
     monkeypatch.undo()
@@ -672,7 +676,7 @@ def test_an_acknowledgement_that_cannot_be_applied_at_start_fails_its_task(
     def broken(*_a, **_k):
         raise ValueError("the task row is unreadable")
 
-    monkeypatch.setattr(restarted, "_on_command_final", broken)
+    monkeypatch.setattr(restarted.commands, "on_command_final", broken)
     try:
         assert restarted.apply_unfinished() == 1  # no exception: the server starts
         t = restarted.source_migration(sid)["tasks"][0]
@@ -712,7 +716,7 @@ def test_acknowledgement_applied_after_a_crash_by_the_retry_or_the_next_start(
     def crash(*_a, **_k):
         raise _Crash()
 
-    monkeypatch.setattr(service, "_on_command_final", crash)
+    monkeypatch.setattr(service.commands, "on_command_final", crash)
     with pytest.raises(_Crash):
         _ack(service, sid, start)
     assert store.one("SELECT status, applied FROM commands WHERE id = ?", (start["id"],)) == \
@@ -730,7 +734,7 @@ def test_acknowledgement_applied_after_a_crash_by_the_retry_or_the_next_start(
     # the same crash on the next cycle, and this time the server restarts before any retry
     service.migration_action("sync", source=sid)
     sync = _cmds(service, sid)[0]
-    monkeypatch.setattr(service, "_on_command_final", crash)
+    monkeypatch.setattr(service.commands, "on_command_final", crash)
     with pytest.raises(_Crash):
         _ack(service, sid, sync)
     monkeypatch.undo()

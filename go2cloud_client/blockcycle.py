@@ -29,7 +29,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from go2cloud_client import platform
 from go2cloud_client.commands import (
@@ -42,13 +42,33 @@ from go2cloud_client.commands import (
 )
 from go2cloud_client.errors import ConfigError, ReplicationError, SnapshotFailedError
 from go2cloud_client.home import Home
-from go2cloud_client.replication.rsync import TransferCancelled
+from go2cloud_client.replication.base import Replicator, TransferCancelled
+
+if TYPE_CHECKING:
+    from go2cloud_client.replication.block import BlockCycle, BlockOptions
 
 LOG = logging.getLogger(__name__)
 
 #: ``{disk name: {"backend": name, "token": opaque}}`` as kept in ``state/task.json``
 Tokens = Dict[str, Dict[str, Any]]
 ChangedExtents = Callable[[str], Optional[List[Tuple[int, int]]]]
+
+
+class BlockEngine(Replicator["BlockCycle"], Protocol):
+    """The block replicator a cycle drives: the replicator contract, plus new options (bandwidth,
+    compression, checksum) applied to the running pass from any thread."""
+
+    def set_options(self, options: BlockOptions) -> None:
+        ...
+
+
+class BlockReplicatorFactory(Protocol):
+    """Builds the block engine of one cycle attempt over the disks' snapshots."""
+
+    def __call__(self, *, target: BlockTargetSpec, disks: Sequence[Tuple[str, str]], options: Options,
+                 state_dir: Path, on_progress: Callable[[Any], None],
+                 changed_extents: ChangedExtents) -> BlockEngine:
+        ...
 
 
 def load_registry() -> Any:
@@ -211,7 +231,7 @@ class BlockCycleRunner:
         self,
         home: Home,
         *,
-        replicator_factory: Callable[..., Any],
+        replicator_factory: BlockReplicatorFactory,
         registry: Optional[Any] = None,
         mounted: Callable[[str], Optional[Tuple[str, str]]] = platform.mounted_device,
     ) -> None:
@@ -322,7 +342,7 @@ class BlockCycleRunner:
         options: Options,
         cancel: threading.Event,
         on_progress: Callable[[Any], None],
-        on_replicator: Callable[[Optional[Any]], None] = lambda r: None,
+        on_replicator: Callable[[Optional[BlockEngine]], None] = lambda r: None,
         reverify: bool = False,
     ) -> Tuple[Dict[str, Any], Tokens]:
         """Run one cycle; returns (the cycle's result for the acknowledgement, the new change
@@ -407,19 +427,19 @@ class BlockCycleRunner:
                 LOG.warning("snapshot release after an interrupted cycle failed", exc_info=True)
 
 
-def _block_cycle(number: int, incremental: bool, reverify: bool = False) -> Any:
+def _block_cycle(number: int, incremental: bool, reverify: bool = False) -> BlockCycle:
     from go2cloud_client.replication.block import BlockCycle
 
     return BlockCycle(number=number, incremental=incremental, reverify=reverify)
 
 
-def default_block_factory(proxy: Optional[Any] = None) -> Callable[..., Any]:
+def default_block_factory(proxy: Optional[Any] = None) -> BlockReplicatorFactory:
     """The production factory: ``BlockReplicator`` from ``go2cloud_client.replication.block``;
     ``proxy`` (:class:`go2cloud_client.proxy.ProxySettings`) decides how the target is reached."""
 
     def factory(*, target: BlockTargetSpec, disks: Sequence[Tuple[str, str]], options: Options,
                 state_dir: Path, on_progress: Callable[[Any], None],
-                changed_extents: ChangedExtents) -> Any:
+                changed_extents: ChangedExtents) -> BlockEngine:
         from go2cloud_client.replication import block
 
         return block.BlockReplicator(
@@ -436,7 +456,7 @@ def default_block_factory(proxy: Optional[Any] = None) -> Callable[..., Any]:
     return factory
 
 
-def block_options(options: Options) -> Any:
+def block_options(options: Options) -> BlockOptions:
     from go2cloud_client.replication import block
 
     return block.BlockOptions(bandwidth_mbps=options.bandwidth_mbps, compression=options.compression,

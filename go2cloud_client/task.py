@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from go2cloud_client import bwschedule
 from go2cloud_client.backoff import Backoff, RetryBudget
@@ -49,6 +49,7 @@ from go2cloud_client.commands import (
     CycleSpec,
     DiskSpec,
     Options,
+    TargetSpec,
     parse_task,
 )
 from go2cloud_client.console import human_bytes
@@ -60,7 +61,11 @@ from go2cloud_client.errors import (
     ServerUnreachableError,
 )
 from go2cloud_client.home import Home
-from go2cloud_client.replication.rsync import Cycle, TransferCancelled
+from go2cloud_client.replication.base import Replicator, TransferCancelled
+from go2cloud_client.replication.rsync import Cycle
+
+if TYPE_CHECKING:
+    from go2cloud_client.blockcycle import BlockCycleRunner, BlockEngine
 
 LOG = logging.getLogger(__name__)
 
@@ -106,12 +111,22 @@ AckFn = Callable[[str, str, Optional[str], Optional[str], Optional[Dict[str, Any
 NotifyFn = Callable[[str, str, str], None]
 
 
+class FileReplicatorFactory(Protocol):
+    """Builds the file replicator of one cycle attempt (production:
+    :func:`go2cloud_client.agent.default_replicator_factory`)."""
+
+    def __call__(self, *, target: TargetSpec, paths: List[str], options: Options,
+                 on_progress: Callable[[Any], None],
+                 on_child: Callable[[Optional[int]], None]) -> Replicator[Cycle]:
+        ...
+
+
 class TaskRunner:
     def __init__(
         self,
         home: Home,
         *,
-        replicator_factory: Callable[..., Any],
+        replicator_factory: FileReplicatorFactory,
         fetch_task: Callable[[str], Dict[str, Any]],
         ack: AckFn,
         notify: NotifyFn = lambda level, code, message: None,
@@ -123,7 +138,7 @@ class TaskRunner:
         control_plane_down: Callable[[], bool] = lambda: False,
         isdir: Callable[[str], bool] = os.path.isdir,
         join_timeout: float = 60.0,
-        block_cycles: Optional[Any] = None,
+        block_cycles: Optional[BlockCycleRunner] = None,
         epoch: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.time,
         zone: Optional[bwschedule.LocalZone] = None,
@@ -165,7 +180,7 @@ class TaskRunner:
         self._task: Optional[Dict[str, Any]] = None
         self._target: Optional[AnyTarget] = None
         self._block_cycles = block_cycles
-        self._replicator: Any = None  # the running block engine (modify calls set_options)
+        self._replicator: Optional[BlockEngine] = None  # the running block engine (modify calls set_options)
         self._worker: Optional[threading.Thread] = None
         self._cancel = threading.Event()
         self._gen = 0
@@ -174,7 +189,7 @@ class TaskRunner:
         self._old: Optional[threading.Thread] = None
 
     @property
-    def block_cycles(self) -> Any:
+    def block_cycles(self) -> BlockCycleRunner:
         if self._block_cycles is None:
             from go2cloud_client.blockcycle import BlockCycleRunner, default_block_factory
 
@@ -440,9 +455,10 @@ class TaskRunner:
                                           f"{cmd.task_id} is still running")
             last = self._task.get("last_cycle")
             block = self._task.get("mode") == "block"
+            task_id = self._task["task_id"]  # == cmd.task_id (checked above)
             self._forget(COMPLETED)
         if block:
-            self.block_cycles.forget(cmd.task_id)
+            self.block_cycles.forget(task_id)
         self._notify("info", "task_completed", f"Task {cmd.task_id} completed (no final sync)")
         return _ok("task completed", last_cycle=last)
 
@@ -516,11 +532,12 @@ class TaskRunner:
                 return _ok(f"task {cmd.task_id} is not active here; nothing to abort")
             pending = self._task.get("cycle_command") if self._task.get("cycle") else None
             block = self._task.get("mode") == "block"
+            task_id = self._task["task_id"]  # == cmd.task_id (checked above)
             self._cancel_worker()
             self._forget("idle")
         self._join_old()  # a block cycle releases its snapshots on the way out
         if block:
-            self.block_cycles.forget(cmd.task_id)
+            self.block_cycles.forget(task_id)
         if pending:
             self._ack(pending, "failed", "task_aborted", "the task was aborted", {})
         self._notify("info", "task_aborted", f"Task {cmd.task_id} aborted; the agent forgot it")
@@ -672,7 +689,7 @@ class TaskRunner:
     # -- block cycles -----------------------------------------------------------------------
 
     @staticmethod
-    def _set_block_options(replicator: Any, options: Options) -> None:
+    def _set_block_options(replicator: BlockEngine, options: Options) -> None:
         from go2cloud_client.blockcycle import block_options
 
         try:
@@ -680,8 +697,8 @@ class TaskRunner:
         except Exception:  # noqa: BLE001 - the options apply from the next cycle at the latest
             LOG.warning("could not apply the new options to the running transfer", exc_info=True)
 
-    def _on_replicator(self, gen: int, used: Options) -> Callable[[Any], None]:
-        def on_replicator(replicator: Any) -> None:
+    def _on_replicator(self, gen: int, used: Options) -> Callable[[Optional[BlockEngine]], None]:
+        def on_replicator(replicator: Optional[BlockEngine]) -> None:
             with self._lock:
                 if gen != self._gen:
                     return
@@ -770,7 +787,7 @@ class TaskRunner:
 
     def _with_retries(self, gen: int, cancel: threading.Event, cid: str, task_id: str, cycle: CycleSpec,
                       label: str, attempt: Callable[[], Any], stopped: str,
-                      on_gone: Optional[Callable[[], None]] = None) -> Any:
+                      on_gone: Optional[Callable[[], object]] = None) -> Any:
         """Run one cycle's transfer (``attempt``), retrying transient failures (network, the
         control plane or the target away, a full home or target) with jittered backoff under a
         time budget (``retry_budget_s``; ``control_plane_budget_s`` while the control plane is

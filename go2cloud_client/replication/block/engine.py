@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from go2cloud_client.proxy import ProxyURL
+from go2cloud_client.replication.base import CycleResult, PathProgress, Progress, TransferCancelled
 from go2cloud_client.replication.block import adaptive, codec
 from go2cloud_client.replication.block.bucket import BURST_S, TokenBucket, mbps_to_bytes
 from go2cloud_client.replication.block.errors import (
@@ -65,7 +66,6 @@ from go2cloud_client.replication.block.manifest import (
     chunk_length,
 )
 from go2cloud_client.replication.block.transport import BlockClient, ChunkRefused, check_target_url
-from go2cloud_client.replication.rsync import CycleResult, PathProgress, Progress, TransferCancelled
 
 LOG = logging.getLogger(__name__)
 

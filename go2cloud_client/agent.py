@@ -31,7 +31,6 @@ import psutil
 from go2cloud_client import __version__, platform
 from go2cloud_client.api import ControlPlane, RetryingControlPlane
 from go2cloud_client.backoff import jittered
-from go2cloud_client.blockcycle import recover_snapshots
 from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, Command, parse_command
 from go2cloud_client.config import Config
 from go2cloud_client.console import WAITING_LINE, Console
@@ -49,6 +48,7 @@ from go2cloud_client.ledger import FINAL_STATUSES, Ledger
 from go2cloud_client.outage import OutageLog
 from go2cloud_client.periodic import LoopSupervisor
 from go2cloud_client.proxy import ProxySettings, settings_of
+from go2cloud_client.replication.block.cycle import recover_snapshots
 from go2cloud_client.session import open_session
 from go2cloud_client.task import Outcome, TaskRunner
 

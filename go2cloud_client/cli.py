@@ -27,7 +27,6 @@ from click.core import ParameterSource
 from go2cloud_client import __version__, hostprep, platform, servicemode
 from go2cloud_client.agent import Agent, kill_children
 from go2cloud_client.api import ControlPlane, RetryingControlPlane, retry_after_of
-from go2cloud_client.blockcycle import recover_snapshots
 from go2cloud_client.config import Config, load_config
 from go2cloud_client.console import Console, human_bytes, progress_line
 from go2cloud_client.errors import (
@@ -46,6 +45,7 @@ from go2cloud_client.hostprep import HostPrep, block_summary, ensure_rsync
 from go2cloud_client.identity import Identity
 from go2cloud_client.inventory import collect
 from go2cloud_client.proxy import settings_at_import, settings_of
+from go2cloud_client.replication.block.cycle import recover_snapshots
 
 LOG = logging.getLogger("go2cloud_client.cli")
 

@@ -15,7 +15,7 @@ file never holds the target password: when a cycle (re)starts without the ``star
 hand the target is fetched again with ``fetch_task`` (``GET /tasks/{id}``). After an agent
 restart a cycle that was running (not paused) is resumed automatically.
 
-Mode ``block`` runs each cycle through :class:`~go2cloud_client.blockcycle.BlockCycleRunner`
+Mode ``block`` runs each cycle through :class:`~go2cloud_client.replication.block.cycle.BlockCycleRunner`
 (snapshots of the disks around the block engine); the task file also keeps the disks, the
 snapshot backend and each disk's change-tracking token of the last successful cycle, and
 ``modify`` changes the options of the running engine (``set_options``) without restarting it.
@@ -65,7 +65,7 @@ from go2cloud_client.replication.base import Replicator, TransferCancelled
 from go2cloud_client.replication.rsync import Cycle
 
 if TYPE_CHECKING:
-    from go2cloud_client.blockcycle import BlockCycleRunner, BlockEngine
+    from go2cloud_client.replication.block.cycle import BlockCycleRunner, BlockEngine
 
 LOG = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class TaskRunner:
     @property
     def block_cycles(self) -> BlockCycleRunner:
         if self._block_cycles is None:
-            from go2cloud_client.blockcycle import BlockCycleRunner, default_block_factory
+            from go2cloud_client.replication.block.cycle import BlockCycleRunner, default_block_factory
 
             self._block_cycles = BlockCycleRunner(self.home,
                                                   replicator_factory=default_block_factory(self._proxy))
@@ -690,7 +690,7 @@ class TaskRunner:
 
     @staticmethod
     def _set_block_options(replicator: BlockEngine, options: Options) -> None:
-        from go2cloud_client.blockcycle import block_options
+        from go2cloud_client.replication.block.cycle import block_options
 
         try:
             replicator.set_options(block_options(options))

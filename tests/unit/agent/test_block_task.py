@@ -12,10 +12,15 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from go2cloud_client.backoff import Backoff
-from go2cloud_client.blockcycle import BlockCycleRunner, BlockProgress, SnapshotLedger, recover_snapshots
 from go2cloud_client.commands import BlockTargetSpec, CycleSpec, DiskSpec, Options, parse_command
 from go2cloud_client.errors import CommandRejectedError, ReplicationError, SnapshotFailedError
 from go2cloud_client.replication.base import CycleResult, PathProgress, Progress, TransferCancelled
+from go2cloud_client.replication.block.cycle import (
+    BlockCycleRunner,
+    BlockProgress,
+    SnapshotLedger,
+    recover_snapshots,
+)
 from go2cloud_client.task import TaskRunner
 
 BACKENDS = ("live", "fsfreeze", "reflink", "btrfs", "lvm")

@@ -17,8 +17,8 @@ task call ``backend.purge(workdir)`` (also drops change-tracking bases) and forg
 change tokens of a successful cycle are returned to the task runner, which persists them with
 the task (``state/task.json``) in the same write that records the cycle as done.
 
-The block engine (``go2cloud_client.replication.block``) and the snapshot driver
-(``snapshot_driver``) are separate packages; this module is the only place that joins them.
+The block engine (:mod:`go2cloud_client.replication.block.engine`) and the snapshot driver
+(``snapshot_driver``) know nothing of each other; this module is the only place that joins them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from go2cloud_client import platform
 from go2cloud_client.commands import (
@@ -43,9 +43,13 @@ from go2cloud_client.commands import (
 from go2cloud_client.errors import ConfigError, ReplicationError, SnapshotFailedError
 from go2cloud_client.home import Home
 from go2cloud_client.replication.base import Replicator, TransferCancelled
-
-if TYPE_CHECKING:
-    from go2cloud_client.replication.block import BlockCycle, BlockOptions
+from go2cloud_client.replication.block.engine import (
+    BlockCycle,
+    BlockOptions,
+    BlockReplicator,
+    BlockTarget,
+    Disk,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -428,25 +432,21 @@ class BlockCycleRunner:
 
 
 def _block_cycle(number: int, incremental: bool, reverify: bool = False) -> BlockCycle:
-    from go2cloud_client.replication.block import BlockCycle
-
     return BlockCycle(number=number, incremental=incremental, reverify=reverify)
 
 
 def default_block_factory(proxy: Optional[Any] = None) -> BlockReplicatorFactory:
-    """The production factory: ``BlockReplicator`` from ``go2cloud_client.replication.block``;
-    ``proxy`` (:class:`go2cloud_client.proxy.ProxySettings`) decides how the target is reached."""
+    """The production factory: the block engine (:class:`BlockReplicator`); ``proxy``
+    (:class:`go2cloud_client.proxy.ProxySettings`) decides how the target is reached."""
 
     def factory(*, target: BlockTargetSpec, disks: Sequence[Tuple[str, str]], options: Options,
                 state_dir: Path, on_progress: Callable[[Any], None],
                 changed_extents: ChangedExtents) -> BlockEngine:
-        from go2cloud_client.replication import block
-
-        return block.BlockReplicator(
-            target=block.BlockTarget(url=target.url, token=target.token, fingerprint=target.fingerprint,
-                                     epoch=target.epoch,
-                                     proxy=proxy.for_url(target.url) if proxy is not None else None),
-            disks=[block.Disk(name=name, path=path) for name, path in disks],
+        return BlockReplicator(
+            target=BlockTarget(url=target.url, token=target.token, fingerprint=target.fingerprint,
+                               epoch=target.epoch,
+                               proxy=proxy.for_url(target.url) if proxy is not None else None),
+            disks=[Disk(name=name, path=path) for name, path in disks],
             options=block_options(options),
             state_dir=state_dir,
             on_progress=on_progress,
@@ -457,7 +457,5 @@ def default_block_factory(proxy: Optional[Any] = None) -> BlockReplicatorFactory
 
 
 def block_options(options: Options) -> BlockOptions:
-    from go2cloud_client.replication import block
-
-    return block.BlockOptions(bandwidth_mbps=options.bandwidth_mbps, compression=options.compression,
-                              checksum=options.checksum)
+    return BlockOptions(bandwidth_mbps=options.bandwidth_mbps, compression=options.compression,
+                        checksum=options.checksum)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 import click
 from click.core import ParameterSource
 
-from go2cloud_client import __version__, hostprep, platform, servicemode
+from go2cloud_client import __version__, platform
 from go2cloud_client.agent import Agent, kill_children
 from go2cloud_client.api import ControlPlane, RetryingControlPlane, retry_after_of
 from go2cloud_client.config import Config, load_config
@@ -40,8 +40,10 @@ from go2cloud_client.errors import (
 )
 from go2cloud_client.events import utc_now
 from go2cloud_client.home import Home, HomeLock, configure_logging, log_path, resolve_home
-from go2cloud_client.hostchanges import HostChanges, describe, revert_all
-from go2cloud_client.hostprep import HostPrep, block_summary, ensure_rsync
+from go2cloud_client.host import prep as hostprep
+from go2cloud_client.host import service as servicemode
+from go2cloud_client.host.changes import HostChanges, describe, revert_all
+from go2cloud_client.host.prep import HostPrep, block_summary, ensure_rsync
 from go2cloud_client.identity import Identity
 from go2cloud_client.inventory import collect
 from go2cloud_client.proxy import settings_at_import, settings_of

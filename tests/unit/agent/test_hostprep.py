@@ -11,12 +11,13 @@ import responses
 from click.testing import CliRunner
 
 from go2cloud_client import cli as cli_mod
-from go2cloud_client import hostprep, subp
+from go2cloud_client import subp
 from go2cloud_client.config import Config
 from go2cloud_client.console import Console
 from go2cloud_client.errors import RsyncMissingError
-from go2cloud_client.hostchanges import HostChanges
-from go2cloud_client.hostprep import Asker, HostPrep
+from go2cloud_client.host import prep as hostprep
+from go2cloud_client.host.changes import HostChanges
+from go2cloud_client.host.prep import Asker, HostPrep
 from go2cloud_client.platform import distros, linux
 
 DEBIAN = distros.Debian({"ID": "debian", "VERSION_ID": "12"})

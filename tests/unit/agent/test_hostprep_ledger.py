@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from go2cloud_client import hostchanges, subp
+from go2cloud_client import subp
 from go2cloud_client.errors import HostRevertError
-from go2cloud_client.hostchanges import HostChanges, revert_all
+from go2cloud_client.host import changes as hostchanges
+from go2cloud_client.host.changes import HostChanges, revert_all
 from go2cloud_client.platform import linux
 
 

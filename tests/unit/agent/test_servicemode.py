@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from go2cloud_client import servicemode, subp
+from go2cloud_client import subp
 from go2cloud_client.console import Console
 from go2cloud_client.errors import NotImportedError, ServiceError
-from go2cloud_client.hostchanges import HostChanges
+from go2cloud_client.host import service as servicemode
+from go2cloud_client.host.changes import HostChanges
 from go2cloud_client.identity import Identity
 from go2cloud_client.platform import linux, windows
 
@@ -267,7 +268,7 @@ def test_uninstall_asks_on_a_terminal_and_reverts_with_yes(home, tmp_path, monke
     from click.testing import CliRunner
 
     from go2cloud_client import cli as cli_mod
-    from go2cloud_client import hostprep
+    from go2cloud_client.host import prep as hostprep
 
     monkeypatch.setenv(linux.SYSTEMD_DIR_ENV, str(tmp_path / "units"))
     calls = []

@@ -193,7 +193,7 @@ def install(home: Home, console: Console, *, start: bool = True,
         result = platform.service_install(argv, home.root, start=start, env_file=env_file)
     except (OSError, subp.ProcessError) as exc:
         raise ServiceError(f"installing the service failed: {exc}") from exc
-    from go2cloud_client.hostchanges import HostChanges
+    from go2cloud_client.host.changes import HostChanges
 
     HostChanges(home).replace("service_installed", unit=result["unit"], wants_link=result["wants_link"],
                               home=str(home.root))
@@ -241,7 +241,7 @@ def remove_service_files(home: Optional[Home] = None) -> List[str]:
 
 def uninstall(home: Home, console: Console) -> List[str]:
     """``service uninstall``: stop the agent, remove the service, forget it in the ledger."""
-    from go2cloud_client.hostchanges import HostChanges
+    from go2cloud_client.host.changes import HostChanges
 
     done = remove_service_files(home)
     if home.exists():

@@ -151,7 +151,7 @@ def _revert_selinux(change: Dict[str, Any]) -> str:
 
 
 def _revert_service(change: Dict[str, Any]) -> str:
-    from go2cloud_client.servicemode import remove_service_files
+    from go2cloud_client.host.service import remove_service_files
 
     done = remove_service_files(Home(Path(change["home"])) if change.get("home") else None)
     return "; ".join(done) if done else "the service was already removed"

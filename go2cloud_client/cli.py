@@ -42,7 +42,7 @@ from go2cloud_client.events import utc_now
 from go2cloud_client.home import Home, HomeLock, configure_logging, log_path, resolve_home
 from go2cloud_client.host import prep as hostprep
 from go2cloud_client.host import service as servicemode
-from go2cloud_client.host.changes import HostChanges, describe, revert_all
+from go2cloud_client.host.changes import HostChangeJournal, describe, revert_all
 from go2cloud_client.host.prep import HostPrep, block_summary, ensure_rsync
 from go2cloud_client.identity import Identity
 from go2cloud_client.inventory import collect
@@ -308,7 +308,7 @@ def abort(home: Home, console: Console, *, final_line: bool = True) -> None:
             done.append("deleted the agent key")
         if home.remove(home.task_file):
             done.append("forgot the task")
-        for path in (home.source_file, home.ledger_file, home.status_file, home.children_file):
+        for path in (home.source_file, home.command_journal_file, home.status_file, home.children_file):
             home.remove(path)
     if done:
         LOG.info("abort: %s", "; ".join(done))
@@ -592,7 +592,7 @@ def uninstall(home: Home, console: Console, *, revert: bool, yes: bool, no_promp
         return
     configure_logging(home)
     package = is_package_folder(home.root)
-    changes = HostChanges(home).list()
+    changes = HostChangeJournal(home).list()
     if not yes and hostprep.can_prompt(no_prompt):
         plan = ["stop the agent and remove its service", "forget the import (release snapshots)"]
         if revert and changes:
@@ -609,16 +609,17 @@ def uninstall(home: Home, console: Console, *, revert: bool, yes: bool, no_promp
     if home.remove(home.previous_key_file):  # no import follows to prove it
         console.line("Deleted the previous agent key")
     if revert:
-        revert_all(home, say=console.line)  # HostRevertError: the folder and the ledger stay
+        revert_all(home, say=console.line)  # HostRevertError: the folder and the host change journal stay
     else:
-        left = HostChanges(home).list()
+        left = HostChangeJournal(home).list()
         if left:
             console.line("Host changes left in place (go2cloud_client uninstall --revert undoes them):")
             for change in left:
                 console.line("  " + describe(change))
     if not package:
+        journal = HostChangeJournal(home).list()
         console.line(f"Uninstalled. The agent home {home.root} is kept (logs"
-                     + (", undo ledger" if HostChanges(home).list() else "") + "); delete it by hand if "
+                     + (", undo ledger" if journal else "") + "); delete it by hand if "
                      "you no longer need it")
         return
     LOG.info("removing the package folder %s", home.root)

@@ -222,7 +222,7 @@ class TaskRunner:
 
     def _save_or_later(self) -> None:
         """Write the task file; if the home is full keep the change in memory (the cycle's result
-        is acknowledged from the ledger meanwhile) and let :meth:`persist` write it later."""
+        is acknowledged from the command journal meanwhile) and let :meth:`persist` write it later."""
         try:
             self._save()
         except HomeFullError as exc:

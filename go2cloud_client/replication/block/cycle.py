@@ -4,18 +4,19 @@ For every disk of the task, before the cycle: pick the snapshot backend (``auto`
 the point-in-time backends :data:`~go2cloud_client.commands.AUTO_SNAPSHOT_ORDER` whose ``probe()``
 says usable; with none, the cycle fails with :class:`SnapshotFailedError` naming the explicit
 alternatives: ``auto`` never falls back to ``fsfreeze`` or ``live`` by itself; an explicit
-``live`` in a *final* cycle on a mounted filesystem uses ``fsfreeze`` instead: freeze,
-read, thaw; for an image file the frozen volume is the loop device it is mounted from), record
-the backend's work directory (``state/snapshots/<task>/<disk>.<backend>``, kept between cycles:
-backends keep their ledger and change-tracking bases there) in ``state/snapshots.json`` *before*
-creating the snapshot, create it, and hand the block engine the snapshot's path and, for
-incremental cycles, the extents the backend says changed since the previous cycle's change
-token. After the cycle, whatever happened (success, pause, cancel, abort, error), every snapshot
-is released. An agent restart calls ``backend.recover(workdir)`` for every listed work directory
-(a killed agent may have left a snapshot or a frozen filesystem); ``--abort`` and the end of the
-task call ``backend.purge(workdir)`` (also drops change-tracking bases) and forget them. The
-change tokens of a successful cycle are returned to the task runner, which persists them with
-the task (``state/task.json``) in the same write that records the cycle as done.
+``live`` in a *final* cycle on a mounted filesystem uses ``fsfreeze`` instead: freeze, read, thaw;
+for an image file the frozen volume is the loop device it is mounted from), record the backend's
+work directory (``state/snapshots/<task>/<disk>.<backend>``, kept between cycles: backends keep
+their snapshot records and change-tracking bases there) in ``state/snapshots.json``
+(:class:`SnapshotWorkdirs`) *before* creating the snapshot, create it, and hand the block engine
+the snapshot's path and, for incremental cycles, the extents the backend says changed since the
+previous cycle's change token. After the cycle, whatever happened (success, pause, cancel, abort,
+error), every snapshot is released. An agent restart calls ``backend.recover(workdir)`` for every
+listed work directory (a killed agent may have left a snapshot or a frozen filesystem);
+``--abort`` and the end of the task call ``backend.purge(workdir)`` (also drops change-tracking
+bases) and forget them. The change tokens of a successful cycle are returned to the task runner,
+which persists them with the task (``state/task.json``) in the same write that records the cycle
+as done.
 
 The block engine (:mod:`go2cloud_client.replication.block.engine`) and the snapshot driver
 (``snapshot_driver``) know nothing of each other; this module is the only place that joins them.
@@ -99,7 +100,7 @@ def _snapshot_error(exc: BaseException, what: str) -> Exception:
 # -- the list of live snapshot handles -----------------------------------------------------------
 
 
-class SnapshotLedger:
+class SnapshotWorkdirs:
     """``state/snapshots.json``: the backends' work directories (``{backend, workdir, disk,
     volume, task_id}``). An entry is added before the first ``create()`` in a work directory and
     removed when the work directory is purged (task aborted or finished)."""
@@ -142,8 +143,8 @@ def recover_snapshots(home: Home, registry: Optional[Any] = None, *, purge: bool
     task finished: change-tracking bases go too, and the work directory is forgotten). Returns
     what was released, for humans. Never raises: a failure is logged, reported and the entry
     stays listed for the next attempt."""
-    ledger = SnapshotLedger(home)
-    entries = [e for e in ledger.entries() if task_id is None or e.get("task_id") == task_id]
+    workdirs = SnapshotWorkdirs(home)
+    entries = [e for e in workdirs.entries() if task_id is None or e.get("task_id") == task_id]
     done: List[str] = []
     for entry in entries:
         workdir = Path(entry["workdir"])
@@ -162,7 +163,7 @@ def recover_snapshots(home: Home, registry: Optional[Any] = None, *, purge: bool
             LOG.info("released the %s: %s", label, item)
         if purge:
             shutil.rmtree(workdir, ignore_errors=True)
-            ledger.remove(str(workdir))
+            workdirs.remove(str(workdir))
     return done
 
 
@@ -243,7 +244,7 @@ class BlockCycleRunner:
         self._factory = replicator_factory
         self._registry = registry
         self._mounted = mounted
-        self.ledger = SnapshotLedger(home)
+        self.workdirs = SnapshotWorkdirs(home)
 
     @property
     def registry(self) -> Any:
@@ -304,7 +305,7 @@ class BlockCycleRunner:
     def _create(self, task_id: str, disk: DiskSpec, backend: str, volume: str) -> _Held:
         workdir = self.home.state_dir / "snapshots" / task_id / f"{disk.name}.{backend}"
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.ledger.add({"backend": backend, "workdir": str(workdir), "disk": disk.name,
+        self.workdirs.add({"backend": backend, "workdir": str(workdir), "disk": disk.name,
                          "volume": volume, "task_id": task_id})
         try:
             snap = self.registry.get(backend).create(volume, workdir)

@@ -255,7 +255,7 @@ def test_stop_with_no_agent(home):
 
 
 def test_package_folder_detection(tmp_path):
-    from go2cloud_client.cli import is_package_folder
+    from go2cloud_client.lifecycle import is_package_folder
 
     pkg = tmp_path / "opt" / "go2cloud_client"
     (pkg / "Excludes").mkdir(parents=True)

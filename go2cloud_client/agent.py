@@ -3,7 +3,7 @@
 Loops (each supervised by :class:`~go2cloud_client.periodic.LoopSupervisor`: a failure is
 logged, the loop restarted with backoff, and reported in the heartbeat under ``loops``):
 ``heartbeat`` (every interval the server asks for, jittered, on the monotonic clock; also writes
-``state/status.json``), ``commands`` (long poll, dispatch), ``acks`` (sends what the ledger has
+``state/status.json``), ``commands`` (long poll, dispatch), ``acks`` (sends what the command journal has
 not confirmed), ``events`` (flushes the event buffer); plus the task runner's cycle worker. The
 main thread waits for a stop (SIGTERM, SIGINT, or a fatal error such as the source having been
 deleted on the control plane).
@@ -12,7 +12,7 @@ Control-plane outages never stop the agent: calls are retried with capped, jitte
 :class:`~go2cloud_client.outage.OutageLog` logs one line when the control plane becomes
 unreachable, a summary every 5 minutes while it stays away, and one line when it is back.
 
-A full agent home (ENOSPC writing the ledger, the task or status file) is reported in the
+A full agent home (ENOSPC writing the command journal, the task or status file) is reported in the
 heartbeat's ``last_error`` (``agent_home_full``, naming the home and the space needed); a
 command that could not be recorded is not run (it is delivered again), a final status that could
 not be written is acknowledged from memory, and everything is written when space returns.
@@ -31,7 +31,7 @@ import psutil
 from go2cloud_client import __version__, platform
 from go2cloud_client.api import ControlPlane, RetryingControlPlane
 from go2cloud_client.backoff import jittered
-from go2cloud_client.blockcycle import recover_snapshots
+from go2cloud_client.command_journal import FINAL_STATUSES, CommandJournal
 from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, Command, parse_command
 from go2cloud_client.config import Config
 from go2cloud_client.console import WAITING_LINE, Console
@@ -45,10 +45,10 @@ from go2cloud_client.errors import (
 from go2cloud_client.events import EventBuffer, utc_now
 from go2cloud_client.home import Home
 from go2cloud_client.identity import Identity
-from go2cloud_client.ledger import FINAL_STATUSES, Ledger
 from go2cloud_client.outage import OutageLog
 from go2cloud_client.periodic import LoopSupervisor
 from go2cloud_client.proxy import ProxySettings, settings_of
+from go2cloud_client.replication.block.cycle import recover_snapshots
 from go2cloud_client.session import open_session
 from go2cloud_client.task import Outcome, TaskRunner
 
@@ -150,7 +150,7 @@ class Agent:
         self.api_poll = RetryingControlPlane(self.cp, attempts=None, **retry)  # type: ignore[arg-type]
         self.api_beat = RetryingControlPlane(self.cp, attempts=2, max_wait=5, **retry)  # type: ignore[arg-type]
         self.api_task = RetryingControlPlane(self.cp, attempts=5, **retry)  # type: ignore[arg-type]
-        self.ledger = Ledger(home)
+        self.command_journal = CommandJournal(home)
         self.events = EventBuffer()
         self.runner = TaskRunner(
             home,
@@ -216,7 +216,7 @@ class Agent:
         if self.home_full is None or not self.home.has_room():
             return
         try:
-            self.ledger.persist()
+            self.command_journal.persist()
             self.runner.persist()
         except HomeFullError as exc:
             self.home_full = exc
@@ -251,10 +251,10 @@ class Agent:
 
     def _finish_command(self, cid: str, status: str, error_code: Optional[str], message: Optional[str],
                         result: Optional[Dict[str, Any]]) -> None:
-        """Final status of a command: recorded in the ledger now, sent by the acks thread (from
-        memory if the home is full; written to the ledger file when space returns)."""
+        """Final status of a command: recorded in the command journal now, sent by the acks thread (from
+        memory if the home is full; written to the journal file when space returns)."""
         try:
-            self.ledger.finish(cid, status, error_code=error_code, message=message, result=result)
+            self.command_journal.finish(cid, status, error_code=error_code, message=message, result=result)
         except HomeFullError as exc:
             self._note_home_full(exc)
         self._ack_wakeup.set()
@@ -262,21 +262,22 @@ class Agent:
     def dispatch(self, raw: Dict[str, Any]) -> bool:
         """Handle one delivered command; True if it was new (not a redelivery)."""
         cid, ctype = raw["id"], raw.get("type")
-        entry = self.ledger.get(cid)
+        entry = self.command_journal.get(cid)
         if entry is not None:
             if entry["status"] in FINAL_STATUSES or not entry.get("ack_sent"):
-                LOG.debug("command %s delivered again; answering %s from the ledger", cid, entry["status"])
+                LOG.debug("command %s delivered again; answering %s from the command journal", cid,
+                          entry["status"])
                 self._send_ack(cid, entry)
             return False
         if not isinstance(ctype, str):  # acknowledged, so it is not delivered again and again
             LOG.warning("command %s rejected: its type is not a string (%.100r)", cid, ctype)
-            self.ledger.finish(cid, "rejected", ctype="", error_code=CommandRejectedError.code,
+            self.command_journal.finish(cid, "rejected", ctype="", error_code=CommandRejectedError.code,
                                message="command type: must be a string")
             self._ack_wakeup.set()
             return True
         if ctype not in KNOWN_TYPES or ctype not in SUPPORTED_TYPES:
             LOG.warning("command %s: type %r is not supported by this agent", cid, ctype)
-            self.ledger.finish(cid, "unsupported", ctype=ctype, error_code="unsupported",
+            self.command_journal.finish(cid, "unsupported", ctype=ctype, error_code="unsupported",
                                message=f"command type {ctype!r} is not supported by "
                                        f"go2cloud_client {__version__}")
             self._ack_wakeup.set()
@@ -285,10 +286,10 @@ class Agent:
             cmd = parse_command(raw)
         except CommandRejectedError as exc:
             LOG.warning("command %s (%s) rejected: %s", cid, ctype, exc)
-            self.ledger.finish(cid, "rejected", ctype=ctype, error_code=exc.code, message=str(exc))
+            self.command_journal.finish(cid, "rejected", ctype=ctype, error_code=exc.code, message=str(exc))
             self._ack_wakeup.set()
             return True
-        if not self.ledger.accept(cid, ctype):  # persisted before acting: at most once
+        if not self.command_journal.accept(cid, ctype):  # persisted before acting: at most once
             return False
         LOG.info("command %s: %s %s", cid, ctype, cmd.task_id or "")
         if ctype == "drill":  # runs on its own thread; acknowledged when the report is ready
@@ -302,8 +303,8 @@ class Agent:
             LOG.exception("command %s (%s) failed unexpectedly", cid, ctype)
             outcome = Outcome("failed", "internal_error", f"internal error: {type(exc).__name__}")
         if outcome is not None:
-            self.ledger.finish(cid, outcome.status, error_code=outcome.error_code, message=outcome.message,
-                               result=outcome.result)
+            self.command_journal.finish(cid, outcome.status, error_code=outcome.error_code,
+                                        message=outcome.message, result=outcome.result)
         self._ack_wakeup.set()
         return True
 
@@ -349,12 +350,12 @@ class Agent:
         else:
             if not entry.get("ack_sent"):  # news for the control plane (a resend is not)
                 self._acks_delivered.set()
-        self.ledger.mark_sent(cid, entry["status"])
+        self.command_journal.mark_sent(cid, entry["status"])
         return True
 
     def flush_acks(self) -> None:
         with self._ack_lock:
-            for cid, entry in self.ledger.unsent():
+            for cid, entry in self.command_journal.unsent():
                 if self.stop_event.is_set() or not self._send_ack(cid, entry):
                     return
 
@@ -417,7 +418,7 @@ class Agent:
             self._ack_wakeup.wait(5)
             self._ack_wakeup.clear()
             self._check_home()
-            if self.ledger.unsent():
+            if self.command_journal.unsent():
                 self.flush_acks()
 
     def _events_loop(self) -> None:
@@ -505,7 +506,7 @@ class Agent:
             self.home.write_state(self.home.status_file, doc)
         except HomeFullError as exc:
             # the status file is rewritten every heartbeat: the first write to notice a full home,
-            # often the only one while no command arrives (the ledger is written only then)
+            # often the only one while no command arrives (the command journal is written only then)
             self._note_home_full(exc)
         except Go2CloudError as exc:
             LOG.warning("cannot write the status file: %s", exc)
@@ -519,12 +520,12 @@ class Agent:
             LOG.warning("stopped rsync process groups left by the previous agent run: %s", leftovers)
         for line in recover_snapshots(self.home):  # snapshots / frozen filesystems of a killed agent
             LOG.warning("left by the previous agent run: %s", line)
-        self.ledger.load()
+        self.command_journal.load()
         self.runner.load(resume=False)
         task = self.runner.task
         resumable = self.runner.cycle_command()
         keep = {resumable} if resumable else set()
-        failed = self.ledger.fail_interrupted(
+        failed = self.command_journal.fail_interrupted(
             keep, "the agent stopped while this command was running; it was not completed, issue it again")
         if failed:
             LOG.warning("commands interrupted by the last agent stop: %s", ", ".join(failed))

@@ -8,10 +8,10 @@ Layout (directory 0700, files 0600, every write atomic through :func:`atomic_wri
                                        proved it to have the old source replaced (then deleted)
     <home>/state/source.json           the imported source (id, workgroup, server, pin)
     <home>/state/task.json             current task (never the target password)
-    <home>/state/ledger.json           command ledger (exactly-once)
+    <home>/state/ledger.json           command journal (exactly-once; file name kept)
     <home>/state/status.json           live status for ``go2cloud_client status``
     <home>/state/children.json         process groups of running rsync children
-    <home>/state/host_changes.json     undo ledger of changes made to the host
+    <home>/state/host_changes.json     host change journal (what the agent changed, with the undo)
     <home>/state/machine_id            generated machine id when the OS has none
     <home>/state/previous_source_id    the source replaced by the next import (after --abort)
     <home>/agent.lock, agent.pid       one agent per home
@@ -84,7 +84,7 @@ class Home:
         self.state_dir = self.root / "state"
         self.source_file = self.state_dir / "source.json"
         self.task_file = self.state_dir / "task.json"
-        self.ledger_file = self.state_dir / "ledger.json"
+        self.command_journal_file = self.state_dir / "ledger.json"
         self.status_file = self.state_dir / "status.json"
         self.children_file = self.state_dir / "children.json"
         self.host_changes_file = self.state_dir / "host_changes.json"

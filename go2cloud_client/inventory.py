@@ -120,7 +120,7 @@ def _prefix_len(netmask: Any) -> Any:
 
 def collect(home: Home, capabilities: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The inventory document for the import request. ``capabilities`` comes from host
-    preparation (:mod:`go2cloud_client.hostprep`): ``{"block": {"available": bool, "reason":
+    preparation (:mod:`go2cloud_client.host.prep`): ``{"block": {"available": bool, "reason":
     str or None, "backends": [names]}}``; without it the key is left out (the control plane then
     treats block mode as available, as for older agents)."""
     mount_list = mounts()

@@ -2,7 +2,7 @@
 poll, acknowledgements, event flush).
 
 Each job is a function that runs until the stop event is set. The supervisor runs it on its own
-thread; if it raises (a bug, a full agent home while writing the ledger, anything) or returns
+thread; if it raises (a bug, a full agent home while writing the command journal, anything) or returns
 while the agent is not stopping, the failure is logged (one WARNING line, the traceback at
 DEBUG), counted, and the job is started again after a jittered backoff (1 s doubling to 60 s;
 a job that then ran for a minute without failing starts the backoff again). :meth:`report` is

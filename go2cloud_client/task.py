@@ -15,7 +15,7 @@ file never holds the target password: when a cycle (re)starts without the ``star
 hand the target is fetched again with ``fetch_task`` (``GET /tasks/{id}``). After an agent
 restart a cycle that was running (not paused) is resumed automatically.
 
-Mode ``block`` runs each cycle through :class:`~go2cloud_client.blockcycle.BlockCycleRunner`
+Mode ``block`` runs each cycle through :class:`~go2cloud_client.replication.block.cycle.BlockCycleRunner`
 (snapshots of the disks around the block engine); the task file also keeps the disks, the
 snapshot backend and each disk's change-tracking token of the last successful cycle, and
 ``modify`` changes the options of the running engine (``set_options``) without restarting it.
@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple, TypedDict, cast
 
 from go2cloud_client import bwschedule
 from go2cloud_client.backoff import Backoff, RetryBudget
@@ -49,6 +49,7 @@ from go2cloud_client.commands import (
     CycleSpec,
     DiskSpec,
     Options,
+    TargetSpec,
     parse_task,
 )
 from go2cloud_client.console import human_bytes
@@ -60,7 +61,11 @@ from go2cloud_client.errors import (
     ServerUnreachableError,
 )
 from go2cloud_client.home import Home
-from go2cloud_client.replication.rsync import Cycle, TransferCancelled
+from go2cloud_client.replication.base import Replicator, TransferCancelled
+from go2cloud_client.replication.rsync import Cycle
+
+if TYPE_CHECKING:
+    from go2cloud_client.replication.block.cycle import BlockCycleRunner, BlockEngine
 
 LOG = logging.getLogger(__name__)
 
@@ -69,6 +74,48 @@ _PHASES = {"full": "full_sync", "incremental": "incremental_sync", "final": "fin
 _KIND_LABEL = {"full": "Full sync", "incremental": "Incremental sync", "final": "Final sync"}
 #: waits between attempts of a cycle: 2 s doubling to 60 s, jittered (docs/reliability.md, 5)
 TRANSFER_BACKOFF = Backoff(initial=2.0, factor=2.0, cap=60.0, jitter=0.5)
+
+
+class _TaskKeys(TypedDict):
+    task_id: str
+    #: the paths of a file task (a block task keeps them empty; its disks are in ``disks``)
+    paths: List[str]
+    #: :class:`~go2cloud_client.commands.Options` as a dict (``modify`` changes it)
+    options: Dict[str, Any]
+    #: running | waiting | paused | failed (the module text has the state machine)
+    status: str
+
+
+class TaskState(_TaskKeys, total=False):
+    """``state/task.json``: the task the agent runs, exactly as written to disk (a plain dict at
+    run time, so the file's bytes do not change; never the target password). ``version`` is the
+    state file version :meth:`Home.read_state` checked; a task file of an older agent may lack
+    the keys added since (``mode``, the block keys, ``base_epoch``): read them with ``get``."""
+
+    version: int
+    mode: Optional[str]  # file | block
+    #: :class:`~go2cloud_client.commands.CycleSpec` as a dict while a cycle runs, is paused or
+    #: will resume; None between cycles
+    cycle: Optional[Dict[str, Any]]
+    cycle_kind: Optional[str]  # full | incremental | final
+    #: the command whose cycle this is (acknowledged when the cycle ends)
+    cycle_command: Optional[str]
+    last_cycle: Optional[int]
+    last_result: Dict[str, Any]
+    last_error: Optional[Dict[str, Any]]  # {"code", "message"}
+    # block mode
+    disks: List[Dict[str, str]]  # DiskSpec.to_dict()
+    snapshot: Optional[str]  # the snapshot backend asked for (auto or a name)
+    #: each disk's change-tracking token of the last successful cycle
+    change_tokens: Dict[str, Dict[str, Any]]
+    #: the agent session epoch the last committed cycle was written under (fencing)
+    base_epoch: int
+
+
+def _cycle_number(task: TaskState) -> Optional[int]:
+    """The number of the task's cycle (running, paused or to resume); None between cycles."""
+    cycle = task.get("cycle")
+    return cycle["number"] if cycle else None
 
 
 def _moved_bytes(progress: Any) -> int:
@@ -106,12 +153,22 @@ AckFn = Callable[[str, str, Optional[str], Optional[str], Optional[Dict[str, Any
 NotifyFn = Callable[[str, str, str], None]
 
 
+class FileReplicatorFactory(Protocol):
+    """Builds the file replicator of one cycle attempt (production:
+    :func:`go2cloud_client.agent.default_replicator_factory`)."""
+
+    def __call__(self, *, target: TargetSpec, paths: List[str], options: Options,
+                 on_progress: Callable[[Any], None],
+                 on_child: Callable[[Optional[int]], None]) -> Replicator[Cycle]:
+        ...
+
+
 class TaskRunner:
     def __init__(
         self,
         home: Home,
         *,
-        replicator_factory: Callable[..., Any],
+        replicator_factory: FileReplicatorFactory,
         fetch_task: Callable[[str], Dict[str, Any]],
         ack: AckFn,
         notify: NotifyFn = lambda level, code, message: None,
@@ -123,7 +180,7 @@ class TaskRunner:
         control_plane_down: Callable[[], bool] = lambda: False,
         isdir: Callable[[str], bool] = os.path.isdir,
         join_timeout: float = 60.0,
-        block_cycles: Optional[Any] = None,
+        block_cycles: Optional[BlockCycleRunner] = None,
         epoch: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.time,
         zone: Optional[bwschedule.LocalZone] = None,
@@ -162,10 +219,10 @@ class TaskRunner:
         self._isdir = isdir
         self._join_timeout = join_timeout
         self._lock = threading.RLock()
-        self._task: Optional[Dict[str, Any]] = None
+        self._task: Optional[TaskState] = None
         self._target: Optional[AnyTarget] = None
         self._block_cycles = block_cycles
-        self._replicator: Any = None  # the running block engine (modify calls set_options)
+        self._replicator: Optional[BlockEngine] = None  # the running block engine (modify calls set_options)
         self._worker: Optional[threading.Thread] = None
         self._cancel = threading.Event()
         self._gen = 0
@@ -174,9 +231,9 @@ class TaskRunner:
         self._old: Optional[threading.Thread] = None
 
     @property
-    def block_cycles(self) -> Any:
+    def block_cycles(self) -> BlockCycleRunner:
         if self._block_cycles is None:
-            from go2cloud_client.blockcycle import BlockCycleRunner, default_block_factory
+            from go2cloud_client.replication.block.cycle import BlockCycleRunner, default_block_factory
 
             self._block_cycles = BlockCycleRunner(self.home,
                                                   replicator_factory=default_block_factory(self._proxy))
@@ -186,16 +243,16 @@ class TaskRunner:
 
     def load(self, *, resume: bool = True) -> None:
         """Load ``state/task.json``; with ``resume`` restart a cycle that was running."""
-        doc = self.home.read_state(self.home.task_file)
+        doc = cast(Optional[TaskState], self.home.read_state(self.home.task_file))
         with self._lock:
             self._task = doc
             if doc and doc.get("status") == RUNNING and doc.get("cycle") and resume:
                 LOG.info("resuming task %s cycle %s after an agent restart",
-                         doc["task_id"], doc["cycle"]["number"])
+                         doc["task_id"], _cycle_number(doc))
                 label = _KIND_LABEL.get(doc.get("cycle_kind") or "", "Sync")
                 self._notify("info", "cycle_resumed",
                              f"{label} of task {doc['task_id']} "
-                             f"resumed after an agent restart (cycle {doc['cycle']['number']})")
+                             f"resumed after an agent restart (cycle {_cycle_number(doc)})")
                 self._start_worker()
 
     def _save(self) -> None:
@@ -207,7 +264,7 @@ class TaskRunner:
 
     def _save_or_later(self) -> None:
         """Write the task file; if the home is full keep the change in memory (the cycle's result
-        is acknowledged from the ledger meanwhile) and let :meth:`persist` write it later."""
+        is acknowledged from the command journal meanwhile) and let :meth:`persist` write it later."""
         try:
             self._save()
         except HomeFullError as exc:
@@ -223,9 +280,9 @@ class TaskRunner:
     # -- queries ----------------------------------------------------------------------------
 
     @property
-    def task(self) -> Optional[Dict[str, Any]]:
+    def task(self) -> Optional[TaskState]:
         with self._lock:
-            return dict(self._task) if self._task else None
+            return self._task.copy() if self._task else None
 
     def cycle_command(self) -> Optional[str]:
         """The command id whose cycle is running, paused or will resume (kept 'accepted')."""
@@ -380,6 +437,7 @@ class TaskRunner:
 
     def _cmd_start(self, cmd: Command) -> Optional[Outcome]:
         assert cmd.cycle is not None and cmd.options is not None and cmd.target is not None
+        assert cmd.task_id is not None
         with self._lock:
             if self._task is not None and self._task["task_id"] != cmd.task_id:
                 return _fail("task_busy", f"task {self._task['task_id']} is still active on this source; "
@@ -387,14 +445,15 @@ class TaskRunner:
         self._stop_worker()
         with self._lock:
             previous = self._task.get("cycle_command") if self._task else None
-            self._task = {
+            task: TaskState = {
                 "task_id": cmd.task_id, "mode": cmd.mode, "paths": list(cmd.paths),
                 "options": cmd.options.to_dict(), "status": RUNNING, "cycle": cmd.cycle.to_dict(),
                 "cycle_kind": "full", "cycle_command": cmd.id, "last_cycle": None, "last_error": None,
             }
             if cmd.mode == "block":
-                self._task.update({"disks": [d.to_dict() for d in cmd.disks], "snapshot": cmd.snapshot,
-                                   "change_tokens": {}})
+                task.update({"disks": [d.to_dict() for d in cmd.disks], "snapshot": cmd.snapshot,
+                             "change_tokens": {}})
+            self._task = task
             self._target = cmd.target
             self._save()
             self._start_worker()
@@ -411,7 +470,7 @@ class TaskRunner:
             assert self._task is not None
             status = self._task["status"]
             if status == RUNNING:
-                return _fail("task_busy", f"cycle {self._task['cycle']['number']} of task "
+                return _fail("task_busy", f"cycle {_cycle_number(self._task)} of task "
                                           f"{cmd.task_id} is still running")
             if status == PAUSED:
                 return _fail("task_paused", f"task {cmd.task_id} is paused; resume it first")
@@ -436,13 +495,14 @@ class TaskRunner:
                 return bad
             assert self._task is not None
             if self._task["status"] == RUNNING:
-                return _fail("task_busy", f"cycle {self._task['cycle']['number']} of task "
+                return _fail("task_busy", f"cycle {_cycle_number(self._task)} of task "
                                           f"{cmd.task_id} is still running")
             last = self._task.get("last_cycle")
             block = self._task.get("mode") == "block"
+            task_id = self._task["task_id"]  # == cmd.task_id (checked above)
             self._forget(COMPLETED)
         if block:
-            self.block_cycles.forget(cmd.task_id)
+            self.block_cycles.forget(task_id)
         self._notify("info", "task_completed", f"Task {cmd.task_id} completed (no final sync)")
         return _ok("task completed", last_cycle=last)
 
@@ -474,7 +534,7 @@ class TaskRunner:
                 self._target = None
                 self._save()
                 self._start_worker()
-                msg = f"resumed cycle {self._task['cycle']['number']}"
+                msg = f"resumed cycle {_cycle_number(self._task)}"
             else:
                 self._task["status"] = FAILED if self._task.get("last_error") else WAITING
                 self._save()
@@ -516,11 +576,12 @@ class TaskRunner:
                 return _ok(f"task {cmd.task_id} is not active here; nothing to abort")
             pending = self._task.get("cycle_command") if self._task.get("cycle") else None
             block = self._task.get("mode") == "block"
+            task_id = self._task["task_id"]  # == cmd.task_id (checked above)
             self._cancel_worker()
             self._forget("idle")
         self._join_old()  # a block cycle releases its snapshots on the way out
         if block:
-            self.block_cycles.forget(cmd.task_id)
+            self.block_cycles.forget(task_id)
         if pending:
             self._ack(pending, "failed", "task_aborted", "the task was aborted", {})
         self._notify("info", "task_aborted", f"Task {cmd.task_id} aborted; the agent forgot it")
@@ -544,10 +605,12 @@ class TaskRunner:
         task = self._task
         options = self.effective_options(Options(**task["options"]))
         self._in_force = options.bandwidth_mbps
-        args = (self._gen, self._cancel, task["task_id"], CycleSpec(**task["cycle"]), task["cycle_kind"],
-                task["cycle_command"], tuple(task["paths"]), options)
+        cycle = task.get("cycle")
+        assert cycle is not None
+        args = (self._gen, self._cancel, task["task_id"], CycleSpec(**cycle), task.get("cycle_kind"),
+                task.get("cycle_command"), tuple(task["paths"]), options)
         work = self._work_block if task.get("mode") == "block" else self._work
-        self._worker = threading.Thread(target=work, args=args, name=f"cycle-{task['cycle']['number']}",
+        self._worker = threading.Thread(target=work, args=args, name=f"cycle-{cycle['number']}",
                                         daemon=True)
         self._worker.start()
         self._ensure_windows_timer()
@@ -648,7 +711,9 @@ class TaskRunner:
             self._notify("info", "task_completed", f"Task {task_id} completed")
 
     def _finish_succeeded(self, gen: int, cancel: threading.Event, cid: str, kind: str, cycle: CycleSpec,
-                          result_doc: Dict[str, Any], **task_changes: Any) -> bool:
+                          result_doc: Dict[str, Any], *,
+                          change_tokens: Optional[Dict[str, Dict[str, Any]]] = None,
+                          base_epoch: int = 0) -> bool:
         """Record a successful cycle (ack, task file); False when the cycle was superseded."""
         with self._lock:
             if not self._current(gen, cancel) or self._task is None:
@@ -656,7 +721,11 @@ class TaskRunner:
             self._ack(cid, "succeeded", None, None, result_doc)
             task = self._task
             task.update({"last_cycle": cycle.number, "last_result": result_doc, "last_error": None,
-                         "cycle": None, "cycle_kind": None, "cycle_command": None, **task_changes})
+                         "cycle": None, "cycle_kind": None, "cycle_command": None})
+            if change_tokens is not None:
+                task["change_tokens"] = change_tokens
+            if base_epoch:
+                task["base_epoch"] = base_epoch
             self._worker = None
             self._retry = None
             if kind == "final":
@@ -672,16 +741,16 @@ class TaskRunner:
     # -- block cycles -----------------------------------------------------------------------
 
     @staticmethod
-    def _set_block_options(replicator: Any, options: Options) -> None:
-        from go2cloud_client.blockcycle import block_options
+    def _set_block_options(replicator: BlockEngine, options: Options) -> None:
+        from go2cloud_client.replication.block.cycle import block_options
 
         try:
             replicator.set_options(block_options(options))
         except Exception:  # noqa: BLE001 - the options apply from the next cycle at the latest
             LOG.warning("could not apply the new options to the running transfer", exc_info=True)
 
-    def _on_replicator(self, gen: int, used: Options) -> Callable[[Any], None]:
-        def on_replicator(replicator: Any) -> None:
+    def _on_replicator(self, gen: int, used: Options) -> Callable[[Optional[BlockEngine]], None]:
+        def on_replicator(replicator: Optional[BlockEngine]) -> None:
             with self._lock:
                 if gen != self._gen:
                     return
@@ -697,7 +766,7 @@ class TaskRunner:
                     cid: str, paths: Tuple[str, ...], options: Options) -> None:
         label = _KIND_LABEL.get(kind, "Sync")
         with self._lock:
-            task = dict(self._task or {})
+            task: Dict[str, Any] = dict(self._task) if self._task else {}
         disks = tuple(DiskSpec(d["name"], d["path"]) for d in task.get("disks") or [])
         snapshot = str(task.get("snapshot") or "auto")
         tokens = dict(task.get("change_tokens") or {})
@@ -738,10 +807,8 @@ class TaskRunner:
         if outcome is _STOPPED:
             return
         result_doc, new_tokens = outcome
-        changes: Dict[str, Any] = {"change_tokens": new_tokens}
-        if used_epoch[0]:
-            changes["base_epoch"] = used_epoch[0]
-        if not self._finish_succeeded(gen, cancel, cid, kind, cycle, result_doc, **changes):
+        if not self._finish_succeeded(gen, cancel, cid, kind, cycle, result_doc, change_tokens=new_tokens,
+                                      base_epoch=used_epoch[0]):
             return
         if kind == "final":
             self.block_cycles.forget(task_id)
@@ -770,7 +837,7 @@ class TaskRunner:
 
     def _with_retries(self, gen: int, cancel: threading.Event, cid: str, task_id: str, cycle: CycleSpec,
                       label: str, attempt: Callable[[], Any], stopped: str,
-                      on_gone: Optional[Callable[[], None]] = None) -> Any:
+                      on_gone: Optional[Callable[[], object]] = None) -> Any:
         """Run one cycle's transfer (``attempt``), retrying transient failures (network, the
         control plane or the target away, a full home or target) with jittered backoff under a
         time budget (``retry_budget_s``; ``control_plane_budget_s`` while the control plane is

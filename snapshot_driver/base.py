@@ -11,7 +11,7 @@ Contracts every backend keeps (the conformance suite in ``tests/snapshot`` check
   way until the operator changes something" (tool missing, unsupported filesystem, no space);
   ``retryable=True`` means "a later attempt may succeed" (the tool failed transiently, the
   snapshot window expired, a read failed).
-* A backend keeps whatever it needs to undo its work in ``workdir`` (a small JSON ledger written
+* A backend keeps whatever it needs to undo its work in ``workdir`` (a small JSON record written
   atomically *before* the host is changed), so :meth:`Backend.recover` can release what a crashed
   run left behind (snapshots, frozen filesystems, copies).
 * Nothing here prints, exits the process, or reads configuration: the caller decides.
@@ -169,7 +169,7 @@ class Snapshot(ABC):
 
         Idempotent: a second call does nothing. Safe after recover() already released it.
         Raises SnapshotError(code="release_failed", retryable=True) if the host refused; the
-        ledger entry is kept so a later release() or recover() tries again.
+        record entry is kept so a later release() or recover() tries again.
         """
 
     def _check_live(self) -> None:
@@ -207,8 +207,8 @@ class Backend(ABC):
         """Make a snapshot of ``volume``.
 
         ``workdir`` is a directory owned by the caller, kept between runs, where the backend
-        records its ledger (and may keep copies). It must not be on the volume being frozen.
-        On failure nothing is left behind (or it is in the ledger for recover()).
+        keeps its record (and may keep copies). It must not be on the volume being frozen.
+        On failure nothing is left behind (or it is in the record for recover()).
         Raises SnapshotError: ``bad_volume``/``snapshot_unsupported``/``tool_missing``/
         ``no_space`` (permanent) or ``snapshot_failed`` (retryable).
         """

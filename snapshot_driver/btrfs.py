@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from snapshot_driver import _kept, _mounts, _proc
 from snapshot_driver._extentmap import diff_maps, fiemap_path
-from snapshot_driver._ledger import Ledger
+from snapshot_driver._record import SnapshotRecord
 from snapshot_driver.base import (
     NO_SPACE,
     RELEASE_FAILED,
@@ -80,13 +80,13 @@ def _delete_subvolume(entry: Dict[str, Any]) -> None:
 
 class BtrfsSnapshot(Snapshot):
     def __init__(self, name: str, volume: str, size: int, snap_id: str, snapshot: str,
-                 image: str, gen: int, ledger: Ledger, keep: int) -> None:
+                 image: str, gen: int, record: SnapshotRecord, keep: int) -> None:
         super().__init__(name, volume, size)
         self.snap_id = snap_id
         self.snapshot = snapshot
         self.image = image
         self.gen = gen
-        self._ledger = ledger
+        self._record = record
         self._keep = keep
 
     def path(self) -> str:
@@ -101,7 +101,7 @@ class BtrfsSnapshot(Snapshot):
         parts = (token or "").split(":")
         if len(parts) != 3 or parts[0] != "btrfs" or not parts[1].isdigit():
             return None
-        base = self._ledger.get(parts[2])
+        base = self._record.get(parts[2])
         if (base is None or base.get("state") != "base"
                 or base.get("volume") != os.path.abspath(self.volume)
                 or not os.path.isfile(base.get("image", ""))):
@@ -126,7 +126,7 @@ class BtrfsSnapshot(Snapshot):
     def release(self) -> None:
         if self._released:
             return
-        _kept.mark_base(self._ledger, self.snap_id, self._keep, _delete_subvolume)
+        _kept.mark_base(self._record, self.snap_id, self._keep, _delete_subvolume)
         self._released = True
 
 
@@ -179,17 +179,17 @@ class BtrfsBackend(Backend):
         tag = hashlib.sha256(os.path.abspath(volume).encode()).hexdigest()[:8]
         snapshot = str(snapdir / f"{tag}-{snap_id}")
         image = os.path.join(snapshot, os.path.relpath(real, subvol))
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         entry = {"id": snap_id, "state": "creating", "snapshot": snapshot, "image": image,
                  "volume": os.path.abspath(volume)}
-        ledger.put(entry)
+        record.put(entry)
         try:
             _proc.run(["btrfs", "subvolume", "snapshot", "-r", "--", subvol, snapshot], timeout=300)
             show = _proc.run(["btrfs", "subvolume", "show", "--", snapshot], timeout=60).stdout
         except _proc.ProcessError as exc:
             try:
                 _delete_subvolume(entry)
-                ledger.remove(snap_id)
+                record.remove(snap_id)
             except SnapshotError:
                 pass
             nospace = "no space" in exc.stderr.lower()
@@ -198,14 +198,14 @@ class BtrfsBackend(Backend):
                                 retryable=not nospace, backend=self.name) from exc
         m = _GEN.search(show)
         gen = int(m.group(1)) if m else 0
-        ledger.put(dict(entry, state="in_use", gen=gen))
+        record.put(dict(entry, state="in_use", gen=gen))
         return BtrfsSnapshot(self.name, volume, os.stat(image).st_size, snap_id, snapshot, image,
-                             gen, ledger, self.keep)
+                             gen, record, self.keep)
 
     def recover(self, workdir: Path) -> List[str]:
-        return _kept.cleanup(Ledger(workdir, self.name), _delete_subvolume, False,
+        return _kept.cleanup(SnapshotRecord(workdir, self.name), _delete_subvolume, False,
                              lambda e: f"btrfs: deleted snapshot {e.get('snapshot')}")
 
     def purge(self, workdir: Path) -> List[str]:
-        return _kept.cleanup(Ledger(workdir, self.name), _delete_subvolume, True,
+        return _kept.cleanup(SnapshotRecord(workdir, self.name), _delete_subvolume, True,
                              lambda e: f"btrfs: deleted snapshot {e.get('snapshot')}")

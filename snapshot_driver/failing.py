@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional, cast
 
 from snapshot_driver import _kept
-from snapshot_driver._ledger import Ledger
+from snapshot_driver._record import SnapshotRecord
 from snapshot_driver.base import (
     BAD_VOLUME,
     NO_SPACE,
@@ -100,12 +100,12 @@ class _FailingReader(io.RawIOBase):
 
 class FailingSnapshot(Snapshot):
     def __init__(self, backend: FailingBackend, volume: str, size: int, snap_id: str,
-                 copy: str, ledger: Ledger) -> None:
+                 copy: str, record: SnapshotRecord) -> None:
         super().__init__(backend.name, volume, size)
         self._b = backend
         self.snap_id = snap_id
         self.copy = copy
-        self._ledger = ledger
+        self._record = record
         self.point_in_time = backend.point_in_time
 
     def path(self) -> str:
@@ -127,7 +127,7 @@ class FailingSnapshot(Snapshot):
         if self._b.script.get("changed_since_none") or not token or \
                 not token.startswith("failing:"):
             return None
-        base = self._ledger.get(token.split(":", 1)[1])
+        base = self._record.get(token.split(":", 1)[1])
         if base is None or base.get("state") != "base" or not os.path.exists(base["copy"]):
             return None
         changed = []
@@ -147,7 +147,7 @@ class FailingSnapshot(Snapshot):
             self._b.release_failed = True
             raise SnapshotError("failing: injected release failure", code=RELEASE_FAILED,
                                 retryable=True, backend=self.backend)
-        _kept.mark_base(self._ledger, self.snap_id, self._b.keep, _remove)
+        _kept.mark_base(self._record, self.snap_id, self._b.keep, _remove)
         self._released = True
 
 
@@ -185,18 +185,18 @@ class FailingBackend(Backend):
         d.mkdir(parents=True, exist_ok=True)
         snap_id = uuid.uuid4().hex[:12]
         copy = str(d / f"{snap_id}.img")
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         entry = {"id": snap_id, "state": "creating", "copy": copy, "volume": os.path.abspath(volume)}
-        ledger.put(entry)
+        record.put(entry)
         after = self.script.get("fail_read_after")
         size = _copy_sparse(volume, copy, None if after is None else int(after))
-        ledger.put(dict(entry, state="in_use"))
-        return FailingSnapshot(self, volume, size, snap_id, copy, ledger)
+        record.put(dict(entry, state="in_use"))
+        return FailingSnapshot(self, volume, size, snap_id, copy, record)
 
     def recover(self, workdir: Path) -> List[str]:
-        return _kept.cleanup(Ledger(workdir, self.name), _remove, False,
+        return _kept.cleanup(SnapshotRecord(workdir, self.name), _remove, False,
                              lambda e: f"failing: removed copy {e.get('copy')}")
 
     def purge(self, workdir: Path) -> List[str]:
-        return _kept.cleanup(Ledger(workdir, self.name), _remove, True,
+        return _kept.cleanup(SnapshotRecord(workdir, self.name), _remove, True,
                              lambda e: f"failing: removed copy {e.get('copy')}")

@@ -13,8 +13,8 @@ A frozen filesystem stalls the services writing to it, so the freeze is bounded 
   process dies (even ``kill -9``) the pipe closes and the guard thaws at once; it also thaws a
   few seconds after the window in case the watchdog thread is stuck.
 
-recover() thaws what the ledger says a crashed run froze. The workdir must not be on the frozen
-filesystem (the ledger could not be written while frozen).
+recover() thaws what the record says a crashed run froze. The workdir must not be on the frozen
+filesystem (the record could not be written while frozen).
 
 Use it for short read windows: the final sync, or small volumes.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from snapshot_driver import _mounts, _proc
-from snapshot_driver._ledger import Ledger
+from snapshot_driver._record import SnapshotRecord
 from snapshot_driver.base import (
     BAD_VOLUME,
     RELEASE_FAILED,
@@ -96,12 +96,12 @@ def thaw(mountpoint: str) -> bool:
 
 class FreezeSnapshot(Snapshot):
     def __init__(self, backend: FsfreezeBackend, volume: str, size: int, mountpoint: str,
-                 snap_id: str, ledger: Ledger, guard: Optional[subprocess.Popen[bytes]],
+                 snap_id: str, record: SnapshotRecord, guard: Optional[subprocess.Popen[bytes]],
                  window: float) -> None:
         super().__init__(backend.name, volume, size)
         self.mountpoint = mountpoint
         self.snap_id = snap_id
-        self._ledger = ledger
+        self._record = record
         self._guard = guard
         self._lock = threading.Lock()
         self._expired = False
@@ -150,7 +150,7 @@ class FreezeSnapshot(Snapshot):
                 self._thawed = True
             _stop_guard(self._guard)
             self._guard = None
-            self._ledger.remove(self.snap_id)
+            self._record.remove(self.snap_id)
             self._released = True
 
 
@@ -229,9 +229,9 @@ class FsfreezeBackend(Backend):
                                 "filesystem to freeze; put the agent's home on another filesystem",
                                 code=BAD_VOLUME, backend=self.name)
         size = device_or_file_size(volume)
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         snap_id = uuid.uuid4().hex[:12]
-        ledger.put({"id": snap_id, "state": "frozen", "mountpoint": m.mountpoint,
+        record.put({"id": snap_id, "state": "frozen", "mountpoint": m.mountpoint,
                     "volume": volume, "pid": os.getpid()})
         guard = None
         if self.guard:
@@ -241,25 +241,25 @@ class FsfreezeBackend(Backend):
             _proc.run(["fsfreeze", "-f", m.mountpoint], timeout=120)
         except _proc.ProcessError as exc:
             _stop_guard(guard)
-            ledger.remove(snap_id)
+            record.remove(snap_id)
             unsupported = "not supported" in exc.stderr.lower()
             raise SnapshotError(f"fsfreeze: could not freeze {m.mountpoint}: {exc}",
                                 code=SNAPSHOT_UNSUPPORTED if unsupported else SNAPSHOT_FAILED,
                                 retryable=not unsupported, backend=self.name) from exc
         drop_cache(volume)
-        return FreezeSnapshot(self, volume, size, m.mountpoint, snap_id, ledger, guard,
+        return FreezeSnapshot(self, volume, size, m.mountpoint, snap_id, record, guard,
                               self.max_window)
 
     def recover(self, workdir: Path) -> List[str]:
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         done = []
-        for entry in ledger.entries():
+        for entry in record.entries():
             mp = entry.get("mountpoint", "")
             try:
                 was = thaw(mp) if mp else False
             except _proc.ProcessError as exc:
                 raise SnapshotError(f"fsfreeze: could not thaw {mp}: {exc}", code=RELEASE_FAILED,
                                     retryable=True, backend=self.name) from exc
-            ledger.remove(entry["id"])
+            record.remove(entry["id"])
             done.append(f"fsfreeze: thawed {mp}" if was else f"fsfreeze: {mp} was already thawed")
         return done

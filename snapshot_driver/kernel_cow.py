@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from snapshot_driver import _mounts, _proc
-from snapshot_driver._ledger import Ledger
+from snapshot_driver._record import SnapshotRecord
 from snapshot_driver.base import (
     BAD_VOLUME,
     NO_SPACE,
@@ -76,12 +76,12 @@ def parse_info(text: str) -> List[Dict[str, Any]]:
 
 class KernelSnapshot(Snapshot):
     def __init__(self, backend: KernelCowBackend, volume: str, size: int, snap_id: str,
-                 minor: int, ledger: Ledger) -> None:
+                 minor: int, record: SnapshotRecord) -> None:
         super().__init__(backend.name, volume, size)
         self._b = backend
         self.snap_id = snap_id
         self.minor = minor
-        self._ledger = ledger
+        self._record = record
 
     def path(self) -> str:
         self._check_live()
@@ -92,11 +92,11 @@ class KernelSnapshot(Snapshot):
             return
         if self._b.track:
             self._b.ctl(["transition-to-incremental", str(self.minor)], RELEASE_FAILED)
-            entry = self._ledger.get(self.snap_id) or {}
-            self._ledger.put(dict(entry, id=self.snap_id, state="tracking"))
+            entry = self._record.get(self.snap_id) or {}
+            self._record.put(dict(entry, id=self.snap_id, state="tracking"))
         else:
             self._b.destroy(self.minor)
-            self._ledger.remove(self.snap_id)
+            self._record.remove(self.snap_id)
         self._released = True
 
 
@@ -190,7 +190,7 @@ class KernelCowBackend(Backend):
         real = os.path.realpath(volume)
         devices = self.devices()
         mine = [d for d in devices if os.path.realpath(str(d.get("block_device", ""))) == real]
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         snap_id = uuid.uuid4().hex[:12]
         seq = int(mine[0].get("seq_id", 0)) + 1 if mine else 1
         cow = os.path.join(m.mountpoint, f".go2cloud-{self.name}-{seq % 2}.cow")
@@ -198,10 +198,10 @@ class KernelCowBackend(Backend):
             minor = int(mine[0]["minor"])
             entry = {"id": snap_id, "state": "in_use", "minor": minor, "volume": volume,
                      "cow": cow}
-            for old in ledger.entries():
+            for old in record.entries():
                 if old.get("minor") == minor:
-                    ledger.remove(old["id"])
-            ledger.put(entry)
+                    record.remove(old["id"])
+            record.put(entry)
             if int(mine[0].get("state", 0)) & STATE_SNAPSHOT:
                 # a snapshot left active by a crashed run is stale: go back to incremental first
                 self.ctl(["transition-to-incremental", str(minor)])
@@ -213,25 +213,25 @@ class KernelCowBackend(Backend):
                 raise SnapshotError(f"{self.name}: all {MAX_MINORS} minors are in use",
                                     code=SNAPSHOT_FAILED, retryable=True, backend=self.name)
             minor = free[0]
-            ledger.put({"id": snap_id, "state": "in_use", "minor": minor, "volume": volume,
+            record.put({"id": snap_id, "state": "in_use", "minor": minor, "volume": volume,
                         "cow": cow})
             try:
                 self.ctl(["setup-snapshot", volume, cow, str(minor)])
             except SnapshotError:
-                ledger.remove(snap_id)
+                record.remove(snap_id)
                 raise
-        return KernelSnapshot(self, volume, device_or_file_size(volume), snap_id, minor, ledger)
+        return KernelSnapshot(self, volume, device_or_file_size(volume), snap_id, minor, record)
 
     def _cleanup(self, workdir: Path, everything: bool) -> List[str]:
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         done = []
-        for e in ledger.entries():
+        for e in record.entries():
             if e.get("state") == "tracking" and not everything:
                 continue
             minor = int(e.get("minor", -1))
             if minor >= 0 and self.destroy(minor):
                 done.append(f"{self.name}: destroyed minor {minor} ({e.get('volume')})")
-            ledger.remove(e["id"])
+            record.remove(e["id"])
         return done
 
     def recover(self, workdir: Path) -> List[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from snapshot_driver import _proc
-from snapshot_driver._ledger import Ledger
+from snapshot_driver._record import SnapshotRecord
 from snapshot_driver.base import (
     BAD_VOLUME,
     NO_SPACE,
@@ -90,12 +90,12 @@ def _gone(err: _proc.ProcessError) -> bool:
 
 class LvmSnapshot(Snapshot):
     def __init__(self, name: str, volume: str, size: int, snap_id: str, vg: str, lv: str,
-                 ledger: Ledger, dev_dir: str) -> None:
+                 record: SnapshotRecord, dev_dir: str) -> None:
         super().__init__(name, volume, size)
         self.snap_id = snap_id
         self.vg = vg
         self.lv = lv
-        self._ledger = ledger
+        self._record = record
         self._dev_dir = dev_dir
 
     def path(self) -> str:
@@ -118,7 +118,7 @@ class LvmSnapshot(Snapshot):
         if self._released:
             return
         _remove(self.vg, self.lv)
-        self._ledger.remove(self.snap_id)
+        self._record.remove(self.snap_id)
         self._released = True
 
 
@@ -206,30 +206,30 @@ class LvmBackend(Backend):
                                     backend=self.name)
             args += ["-L", f"{need // MIB}m"]
         args += ["-n", name, "--", f"{info.vg}/{info.lv}"]
-        ledger = Ledger(workdir, self.name)
-        ledger.put({"id": snap_id, "state": "in_use", "vg": info.vg, "lv": name,
+        record = SnapshotRecord(workdir, self.name)
+        record.put({"id": snap_id, "state": "in_use", "vg": info.vg, "lv": name,
                     "volume": volume})
         try:
             _proc.run(args, timeout=300)
         except _proc.ProcessError as exc:
             try:
                 _remove(info.vg, name)
-                ledger.remove(snap_id)
+                record.remove(snap_id)
             except SnapshotError:
                 pass
             nospace = "insufficient" in exc.stderr.lower()
             raise SnapshotError(f"lvm: lvcreate of a snapshot of {info.vg}/{info.lv} failed: {exc}",
                                 code=NO_SPACE if nospace else SNAPSHOT_FAILED,
                                 retryable=not nospace, backend=self.name) from exc
-        return LvmSnapshot(self.name, volume, info.size, snap_id, info.vg, name, ledger,
+        return LvmSnapshot(self.name, volume, info.size, snap_id, info.vg, name, record,
                            self.dev_dir)
 
     def recover(self, workdir: Path) -> List[str]:
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         done = []
-        for e in ledger.entries():
+        for e in record.entries():
             existed = _remove(e["vg"], e["lv"])
-            ledger.remove(e["id"])
+            record.remove(e["id"])
             if existed:
                 done.append(f"lvm: removed snapshot {e['vg']}/{e['lv']}")
         return done

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 from snapshot_driver import _kept, _mounts, _proc
 from snapshot_driver._extentmap import clone_file, diff_maps, fiemap_path
-from snapshot_driver._ledger import Ledger
+from snapshot_driver._record import SnapshotRecord
 from snapshot_driver.base import (
     NO_SPACE,
     SNAPSHOT_FAILED,
@@ -53,11 +53,11 @@ def _remove_file(entry: Dict[str, Any]) -> None:
 
 class ReflinkSnapshot(Snapshot):
     def __init__(self, name: str, volume: str, size: int, snap_id: str, copy: str,
-                 ledger: Ledger, keep: int) -> None:
+                 record: SnapshotRecord, keep: int) -> None:
         super().__init__(name, volume, size)
         self.snap_id = snap_id
         self.copy = copy
-        self._ledger = ledger
+        self._record = record
         self._keep = keep
 
     def path(self) -> str:
@@ -71,7 +71,7 @@ class ReflinkSnapshot(Snapshot):
         self._check_live()
         if not token or not token.startswith("reflink:"):
             return None
-        base = self._ledger.get(token.split(":", 1)[1])
+        base = self._record.get(token.split(":", 1)[1])
         if base is None or base.get("volume") != os.path.abspath(self.volume) \
                 or base.get("state") != "base":
             return None
@@ -90,7 +90,7 @@ class ReflinkSnapshot(Snapshot):
             os.chmod(self.copy, 0o400)
         except OSError:
             pass
-        _kept.mark_base(self._ledger, self.snap_id, self._keep, _remove_file)
+        _kept.mark_base(self._record, self.snap_id, self._keep, _remove_file)
         self._released = True
 
 
@@ -138,20 +138,20 @@ class ReflinkBackend(Backend):
 
     def create(self, volume: str, workdir: Path) -> Snapshot:
         self._check(volume)
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         snap_id = uuid.uuid4().hex[:12]
         tag = hashlib.sha256(os.path.abspath(volume).encode()).hexdigest()[:8]
         last: Optional[OSError] = None
         for d in self._copy_dirs(volume, workdir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             copy = str(d / f"{tag}-{snap_id}.img")
-            ledger.put({"id": snap_id, "state": "creating", "copy": copy,
+            record.put({"id": snap_id, "state": "creating", "copy": copy,
                         "volume": os.path.abspath(volume)})
             try:
                 clone_file(volume, copy)
             except OSError as exc:
                 last = exc
-                ledger.remove(snap_id)
+                record.remove(snap_id)
                 if exc.errno == errno.EXDEV:
                     continue
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -165,19 +165,19 @@ class ReflinkBackend(Backend):
                                         backend=self.name) from exc
                 raise SnapshotError(f"reflink: cloning {volume} failed: {exc.strerror}",
                                     code=SNAPSHOT_FAILED, retryable=True, backend=self.name) from exc
-            ledger.put({"id": snap_id, "state": "in_use", "copy": copy,
+            record.put({"id": snap_id, "state": "in_use", "copy": copy,
                         "volume": os.path.abspath(volume)})
             size = os.stat(copy).st_size
             return ReflinkSnapshot(self.name, volume, size, snap_id, copy,
-                                   ledger, self.keep)
+                                   record, self.keep)
         raise SnapshotError(f"reflink: could not clone {volume} next to it or into {workdir}: "
                             f"{last.strerror if last else 'unknown error'}",
                             code=SNAPSHOT_UNSUPPORTED, backend=self.name)
 
     def recover(self, workdir: Path) -> List[str]:
-        return _kept.cleanup(Ledger(workdir, self.name), _remove_file, False,
+        return _kept.cleanup(SnapshotRecord(workdir, self.name), _remove_file, False,
                              lambda e: f"reflink: removed clone {e.get('copy')}")
 
     def purge(self, workdir: Path) -> List[str]:
-        return _kept.cleanup(Ledger(workdir, self.name), _remove_file, True,
+        return _kept.cleanup(SnapshotRecord(workdir, self.name), _remove_file, True,
                              lambda e: f"reflink: removed clone {e.get('copy')}")

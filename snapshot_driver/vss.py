@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from snapshot_driver import _proc
-from snapshot_driver._ledger import Ledger
+from snapshot_driver._record import SnapshotRecord
 from snapshot_driver.base import (
     BAD_VOLUME,
     NO_SPACE,
@@ -109,13 +109,13 @@ def _last_json(text: str) -> Dict[str, Any]:
 
 class VssSnapshot(Snapshot):
     def __init__(self, backend: VssBackend, volume: str, size: int, snap_id: str,
-                 shadow_id: str, device: str, ledger: Ledger) -> None:
+                 shadow_id: str, device: str, record: SnapshotRecord) -> None:
         super().__init__(backend.name, volume, size)
         self._b = backend
         self.snap_id = snap_id
         self.shadow_id = shadow_id
         self.device = device
-        self._ledger = ledger
+        self._record = record
 
     def path(self) -> str:
         self._check_live()
@@ -125,7 +125,7 @@ class VssSnapshot(Snapshot):
         if self._released:
             return
         self._b.delete(self.shadow_id)
-        self._ledger.remove(self.snap_id)
+        self._record.remove(self.snap_id)
         self._released = True
 
 
@@ -199,16 +199,16 @@ class VssBackend(Backend):
     def create(self, volume: str, workdir: Path) -> Snapshot:
         self._host()
         letter = self.letter(volume)
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         snap_id = uuid.uuid4().hex[:12]
-        ledger.put({"id": snap_id, "state": "creating", "volume": volume})
+        record.put({"id": snap_id, "state": "creating", "volume": volume})
         try:
             shadow_id, device, size = self._create(letter)
         except BaseException:
-            ledger.remove(snap_id)
+            record.remove(snap_id)
             raise
-        ledger.put({"id": snap_id, "state": "in_use", "volume": volume, "shadow": shadow_id})
-        return VssSnapshot(self, volume, size, snap_id, shadow_id, device, ledger)
+        record.put({"id": snap_id, "state": "in_use", "volume": volume, "shadow": shadow_id})
+        return VssSnapshot(self, volume, size, snap_id, shadow_id, device, record)
 
     def _create(self, letter: str) -> Tuple[str, str, int]:
         if self.tool == "vssadmin":
@@ -243,11 +243,11 @@ class VssBackend(Backend):
         return shadow_id, device, int(data.get("size", 0))
 
     def recover(self, workdir: Path) -> List[str]:
-        ledger = Ledger(workdir, self.name)
+        record = SnapshotRecord(workdir, self.name)
         done = []
-        for e in ledger.entries():
+        for e in record.entries():
             if e.get("shadow"):
                 self.delete(e["shadow"])
                 done.append(f"vss: deleted shadow copy {e['shadow']} of {e.get('volume')}")
-            ledger.remove(e["id"])
+            record.remove(e["id"])
         return done

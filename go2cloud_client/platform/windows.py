@@ -133,7 +133,7 @@ def selinux_config_mode(path: Optional[Path] = None) -> Optional[str]:
 
 def set_selinux_runtime(mode: str) -> None:
     """Never called on Windows (:func:`selinux_mode` is None, so host preparation asks nothing);
-    a ledger entry copied from a Linux host gets a clear refusal instead of a silent success."""
+    a host change journal entry copied from a Linux host gets a clear refusal instead of a silent success."""
     raise UsageError("SELinux does not exist on Windows: there is no SELinux mode to change or restore")
 
 

@@ -66,6 +66,7 @@ from go2cloud_client.errors import ProxyRefusedError, ReplicationError, RsyncMis
 from go2cloud_client.proxy import ProxyURL
 from go2cloud_client.replication import excludes as excludes_mod
 from go2cloud_client.replication import tunnel
+from go2cloud_client.replication.base import CycleResult, PathProgress, Progress, TransferCancelled
 from go2cloud_client.replication.progress import StatsParser, parse_progress
 
 LOG = logging.getLogger(__name__)
@@ -123,10 +124,6 @@ _REFUSED_RE = re.compile(r"the target refused the rsync session \(HTTP (\d{3})\)
 _PROXY_REFUSED_RE = re.compile(r"(the proxy \S+ refused the connection to \S+ \(HTTP (\d{3}).*)")
 
 
-class TransferCancelled(Exception):
-    """The cancel event was set; rsync was stopped. Not an error: the cycle can be rerun."""
-
-
 @dataclass(frozen=True)
 class RsyncTarget:
     """The task's rsync module behind the control plane's HTTPS port (``url`` is
@@ -168,60 +165,6 @@ class Cycle:
     dest: str
     link_dest: Optional[str]
     incremental: bool
-
-
-@dataclass
-class PathProgress:
-    path: str
-    bytes_total: int = 0
-    bytes_done: int = 0
-    bytes_sent: int = 0
-    rate_bps: float = 0.0
-    eta_s: Optional[float] = None
-    state: str = "waiting"  # waiting|running|done
-    bytes_zero: int = 0  # block mode: all-zero bytes sent as holes (always 0 for file level)
-    compression: Optional[str] = None  # block mode: how data chunks go now: compressed|raw|off
-
-    def to_dict(self) -> dict:
-        doc = {"path": self.path, "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
-               "bytes_sent": self.bytes_sent, "rate_bps": round(self.rate_bps, 1),
-               "eta_s": None if self.eta_s is None else round(self.eta_s, 1), "state": self.state,
-               "bytes_zero": self.bytes_zero}
-        if self.compression is not None:
-            doc["compression"] = self.compression
-        return doc
-
-
-@dataclass
-class Progress:
-    bytes_total: int
-    bytes_done: int
-    bytes_sent: int
-    rate_bps: float
-    eta_s: Optional[float]
-    paths: List[PathProgress]
-
-    def to_dict(self) -> dict:
-        return {"bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
-                "bytes_sent": self.bytes_sent, "rate_bps": round(self.rate_bps, 1),
-                "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
-                "paths": [p.to_dict() for p in self.paths]}
-
-
-@dataclass
-class CycleResult:
-    cycle: int
-    bytes_total: int
-    bytes_sent: int
-    files: int
-    passes: int
-    started_at: str
-    finished_at: str
-
-    def to_dict(self) -> dict:
-        return {"cycle": self.cycle, "bytes_total": self.bytes_total, "bytes_sent": self.bytes_sent,
-                "files": self.files, "passes": self.passes, "started_at": self.started_at,
-                "finished_at": self.finished_at}
 
 
 def _utc_now() -> str:

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Set, Tuple
 from tests.faults.server_harness import proc_cmdline, processes_naming
 from tests.integration.harness import Agent, wait_for
 
-#: the pass journal's layout (go2cloud_client/replication/block/manifest.py, PASS_VERSION 1),
+#: the pass journal's layout (go2cloud_client/replication/block/chunkmap.py, PASS_VERSION 1),
 #: restated here so that the test reads the file the killed agent left, not the agent's reading of it
 _PASS_HEAD = struct.Struct(">8sIIIIQII")
 _PASS_MAGIC = b"G2CBPAS1"

@@ -24,6 +24,7 @@ import pytest
 import requests
 import xxhash
 
+from go2cloud_client.replication.base import TransferCancelled
 from go2cloud_client.replication.block import (
     BlockCycle,
     BlockOptions,
@@ -34,7 +35,6 @@ from go2cloud_client.replication.block import (
     Disk,
     adaptive,
 )
-from go2cloud_client.replication.rsync import TransferCancelled
 from go2cloud_server.blockstore import BlockTaskStore
 from tests.support.blockserver import BlockServer
 

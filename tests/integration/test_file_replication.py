@@ -16,14 +16,13 @@ from typing import Iterator, List, Optional
 import pytest
 
 from go2cloud_client.replication import excludes
+from go2cloud_client.replication.base import Progress, TransferCancelled
 from go2cloud_client.replication.rsync import (
     Cycle,
     FileReplicator,
-    Progress,
     RsyncConnectionError,
     RsyncPartialTransferError,
     RsyncTarget,
-    TransferCancelled,
     TransferOptions,
 )
 from go2cloud_server import manifest

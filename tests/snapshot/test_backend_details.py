@@ -52,7 +52,7 @@ def test_fsfreeze_guard_thaws_when_the_process_is_killed(loopfs, tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    # the ledger still lists it: recover() finds it already thawed and forgets it
+    # the record still lists it: recover() finds it already thawed and forgets it
     assert get("fsfreeze").recover(work) == [f"fsfreeze: {fs.mountpoint} was already thawed"]
 
 

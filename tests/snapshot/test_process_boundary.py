@@ -67,7 +67,7 @@ def test_lvm_create_and_release_run_the_exact_commands(lvm, fakes, tmp_path):
     snap.release()
     snap.release()
     assert fakes.calls("lvremove") == [["lvremove", "-f", "--", f"vg0/{create[7]}"]]
-    assert not (tmp_path / "work" / "snapshot-lvm.json").exists()     # ledger emptied
+    assert not (tmp_path / "work" / "snapshot-lvm.json").exists()     # record emptied
 
 
 def test_lvm_cow_size_options(lvm, fakes, tmp_path):
@@ -131,7 +131,7 @@ def test_lvm_lvcreate_failures(lvm, fakes, tmp_path):
         backend.create("vg0/root", tmp_path / "w")
     assert err.value.code == "snapshot_failed" and err.value.retryable
     assert "reload ioctl failed" in str(err.value)
-    assert backend.recover(tmp_path / "w") == []       # nothing left in the ledger
+    assert backend.recover(tmp_path / "w") == []       # nothing left in the record
 
 
 def test_lvm_overflowed_snapshot_is_reported_by_check(lvm, fakes, tmp_path):

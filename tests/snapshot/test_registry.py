@@ -1,5 +1,5 @@
 """Registry, the scripted failing backend, and the pure helpers (extent merging, extent-map
-diffing, tool output parsers, the ledger). No root needed."""
+diffing, tool output parsers, the record). No root needed."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from snapshot_driver._extentmap import (
     MapExtent,
     diff_maps,
 )
-from snapshot_driver._ledger import Ledger
+from snapshot_driver._record import SnapshotRecord
 from snapshot_driver.base import merge_extents
 from snapshot_driver.btrfs import parse_find_new
 
@@ -114,21 +114,21 @@ def test_parse_find_new():
     assert parse_find_new(out, 257) == [Extent(0, 409600), Extent(409600, 12288)]
 
 
-def test_ledger_is_atomic_and_private(tmp_path):
-    ledger = Ledger(tmp_path, "elastio_snap")
-    ledger.put({"id": "a", "state": "in_use"})
-    ledger.put({"id": "b", "state": "base"})
-    ledger.put({"id": "a", "state": "base"})
-    assert ledger.path.name == "snapshot-elastio-snap.json"
-    assert stat.S_IMODE(os.stat(ledger.path).st_mode) == 0o600
-    assert sorted(e["id"] for e in ledger.entries()) == ["a", "b"]
-    assert ledger.get("a") == {"id": "a", "state": "base"}
-    ledger.remove("a")
-    ledger.remove("b")
-    assert not ledger.path.exists() and ledger.entries() == []
-    ledger.path.write_text("{broken")
-    assert ledger.entries() == []
-    assert [p.name for p in tmp_path.iterdir()] == [ledger.path.name]    # no temp files left
+def test_snapshot_record_is_atomic_and_private(tmp_path):
+    record = SnapshotRecord(tmp_path, "elastio_snap")
+    record.put({"id": "a", "state": "in_use"})
+    record.put({"id": "b", "state": "base"})
+    record.put({"id": "a", "state": "base"})
+    assert record.path.name == "snapshot-elastio-snap.json"
+    assert stat.S_IMODE(os.stat(record.path).st_mode) == 0o600
+    assert sorted(e["id"] for e in record.entries()) == ["a", "b"]
+    assert record.get("a") == {"id": "a", "state": "base"}
+    record.remove("a")
+    record.remove("b")
+    assert not record.path.exists() and record.entries() == []
+    record.path.write_text("{broken")
+    assert record.entries() == []
+    assert [p.name for p in tmp_path.iterdir()] == [record.path.name]    # no temp files left
 
 
 # -- the failing backend ---------------------------------------------------------------------

@@ -4,12 +4,12 @@ One pass per disk per cycle:
 
 1. **Check the input.** Each disk's path must be a block device or a regular (image) file we can
    read; a path that is missing, unreadable or empty, or a device *smaller* than the committed
-   manifest says, is a :class:`BlockSourceError` before anything is sent.
+   chunk map says, is a :class:`BlockSourceError` before anything is sent.
 2. **Plan.** The target's committed state (``GET .../disks/<disk>``) is compared with the local
-   manifest (cycle and digest of the hash list). If they agree, an incremental pass sends only
-   chunks whose xxh3-128 differs from the manifest (or, when ``changed_extents(disk)`` returns a
+   chunk map (cycle and digest of the hash list). If they agree, an incremental pass sends only
+   chunks whose xxh3-128 differs from the chunk map (or, when ``changed_extents(disk)`` returns a
    list, only chunks overlapping those extents); otherwise every chunk is sent. A journal of the
-   pass (``manifest.PassJournal``) resumes an interrupted pass of the same cycle.
+   pass (``chunkmap.PassJournal``) resumes an interrupted pass of the same cycle.
 3. **Transfer.** ``workers`` threads (default: one per core) read aligned chunks with
    ``os.pread`` and drop them from the page cache right after (``posix_fadvise(DONTNEED)``: we
    chose fadvise over O_DIRECT because it needs no aligned buffers, works on every filesystem and
@@ -27,7 +27,7 @@ One pass per disk per cycle:
 4. **Verify** (checksum on): the target reads its image back and names the chunks whose hash
    differs; those are sent again, and verified again (up to :data:`VERIFY_ROUNDS`).
 5. **Commit.** ``POST .../commit`` with every chunk's hash; the target fsyncs and records the
-   cycle; then the manifest is replaced atomically and the journal removed.
+   cycle; then the chunk map is replaced atomically and the journal removed.
 
 In flight at any moment: at most ``workers`` chunks being encoded, one batch queued and one batch
 per sender being sent (:attr:`BlockReplicator.inflight_window`); a resumed pass re-sends at most
@@ -50,22 +50,22 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from go2cloud_client.proxy import ProxyURL
+from go2cloud_client.replication.base import CycleResult, PathProgress, Progress, TransferCancelled
 from go2cloud_client.replication.block import adaptive, codec
 from go2cloud_client.replication.block.bucket import BURST_S, TokenBucket, mbps_to_bytes
+from go2cloud_client.replication.block.chunkmap import (
+    HASH_LEN,
+    ChunkMap,
+    PassJournal,
+    chunk_count,
+    chunk_length,
+)
 from go2cloud_client.replication.block.errors import (
     BlockSourceError,
     BlockTargetError,
     BlockTargetRejectedError,
 )
-from go2cloud_client.replication.block.manifest import (
-    HASH_LEN,
-    Manifest,
-    PassJournal,
-    chunk_count,
-    chunk_length,
-)
 from go2cloud_client.replication.block.transport import BlockClient, ChunkRefused, check_target_url
-from go2cloud_client.replication.rsync import CycleResult, PathProgress, Progress, TransferCancelled
 
 LOG = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class BlockCycleResult(CycleResult):
     chunks_sent: int = 0        # data chunks sent (raw or zstd), including re-sends
     chunks_compressed: int = 0  # of those, sent zstd-compressed
     chunks_holes: int = 0       # all-zero chunks sent as holes
-    chunks_unchanged: int = 0   # found equal to the committed manifest (or outside changed extents)
+    chunks_unchanged: int = 0   # found equal to the committed chunk map (or outside changed extents)
     chunks_resumed: int = 0     # already done by an interrupted run of the same pass
     chunks_repaired: int = 0    # sent again after the verify pass found them different
     bytes_read: int = 0
@@ -260,7 +260,7 @@ _Item = Union[int, _Holes]
 class _DiskPass:
     """Counters and shared state of the pass over one disk."""
 
-    def __init__(self, disk: Disk, src: _Source, journal: PassJournal, base: Optional[Manifest],
+    def __init__(self, disk: Disk, src: _Source, journal: PassJournal, base: Optional[ChunkMap],
                  candidates: Optional[bytearray], progress: PathProgress) -> None:
         self.disk = disk
         self.src = src
@@ -399,7 +399,7 @@ class BlockReplicator:
         try:
             for disk in self.disks:
                 sources.append(_Source(disk))
-            manifests = [Manifest.load(self.manifest_path(d.name)) for d in self.disks]
+            manifests = [ChunkMap.load(self.manifest_path(d.name)) for d in self.disks]
             for src, man in zip(sources, manifests):
                 if man is not None and src.size < man.disk_size:
                     raise BlockSourceError(
@@ -428,7 +428,7 @@ class BlockReplicator:
         self._emit(force=True)
         return result
 
-    def _run_disk(self, cycle: BlockCycle, src: _Source, man: Optional[Manifest], progress: PathProgress,
+    def _run_disk(self, cycle: BlockCycle, src: _Source, man: Optional[ChunkMap], progress: PathProgress,
                   client: BlockClient, cancel: threading.Event, result: BlockCycleResult) -> None:
         name = src.disk.name
         opts = self._options
@@ -499,7 +499,7 @@ class BlockReplicator:
                 if cancel.is_set():
                     raise TransferCancelled("transfer cancelled") from None
                 raise
-            Manifest(cycle.number, chunk_size, src.size, hashes).save(self.manifest_path(name))
+            ChunkMap(cycle.number, chunk_size, src.size, hashes).save(self.manifest_path(name))
             journal.remove()
         finally:
             journal.close()
@@ -525,7 +525,7 @@ class BlockReplicator:
                  name, cycle.number, dp.count, dp.sent, dp.holes, dp.unchanged, journal.resumed_chunks)
         self._emit(force=True)
 
-    def _candidates(self, name: str, base: Manifest, journal: PassJournal) -> Optional[bytearray]:
+    def _candidates(self, name: str, base: ChunkMap, journal: PassJournal) -> Optional[bytearray]:
         """Chunks that may have changed per the snapshot driver (1 = read it), None = hash scan."""
         if self.changed_extents is None:
             return None
@@ -558,7 +558,7 @@ class BlockReplicator:
             if journal.is_done(i):
                 continue
             if dp.candidates is not None and not dp.candidates[i] and i not in journal.dirty:
-                # outside the changed extents: unchanged without reading (hash stays the manifest's)
+                # outside the changed extents: unchanged without reading (hash stays the chunk map's)
                 dp.unchanged += 1
                 self._account(dp, done=dp.length(i))
                 continue

@@ -66,7 +66,7 @@ def make_agent(home):
         cp = cp or FakeCP()
         agent = Agent(home, Config(), dict(SOURCE), Identity.generate(), console=Quiet(), control_plane=cp,
                       replicator_factory=lambda **kw: pytest.fail("no transfer expected"))
-        agent.ledger.load()
+        agent.command_journal.load()
         return agent, cp
     return make
 
@@ -99,7 +99,7 @@ def test_invalid_params_rejected_naming_field(make_agent):
     assert (status, code) == ("rejected", "command_rejected") and "'compression'" in message
 
 
-def test_redelivery_answered_from_ledger_and_never_rerun(make_agent):
+def test_redelivery_answered_from_command_journal_and_never_rerun(make_agent):
     agent, cp = make_agent()
     raw = {"id": "c-1", "type": "pause", "params": {"task_id": "t-1"}}
     assert agent.dispatch(raw)
@@ -114,8 +114,8 @@ def test_redelivery_answered_from_ledger_and_never_rerun(make_agent):
 
 def test_in_progress_redelivery_does_nothing(make_agent):
     agent, cp = make_agent()
-    agent.ledger.accept("c-1", "start")
-    agent.ledger.mark_sent("c-1", "accepted")
+    agent.command_journal.accept("c-1", "start")
+    agent.command_journal.mark_sent("c-1", "accepted")
     assert not agent.dispatch({"id": "c-1", "type": "start", "params": {}})
     assert cp.acks == []
 
@@ -128,13 +128,13 @@ def test_acks_kept_while_unreachable_and_sent_later(make_agent, caplog):
     agent.flush_acks()
     agent.heartbeat_once()
     agent.heartbeat_once()
-    assert cp.acks == [] and agent.ledger.unsent()
+    assert cp.acks == [] and agent.command_journal.unsent()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "unreachable" in r.getMessage()]
     assert len(warnings) == 1  # one per outage, not per retry
     cp.down = False
     agent.heartbeat_once()
     agent.flush_acks()
-    assert cp.acks[0][:2] == ("c-1", "unsupported") and not agent.ledger.unsent()
+    assert cp.acks[0][:2] == ("c-1", "unsupported") and not agent.command_journal.unsent()
     assert any("reconnected" in r.getMessage() for r in caplog.records)
 
 

@@ -12,10 +12,15 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from go2cloud_client.backoff import Backoff
-from go2cloud_client.blockcycle import BlockCycleRunner, BlockProgress, SnapshotLedger, recover_snapshots
 from go2cloud_client.commands import BlockTargetSpec, CycleSpec, DiskSpec, Options, parse_command
 from go2cloud_client.errors import CommandRejectedError, ReplicationError, SnapshotFailedError
-from go2cloud_client.replication.rsync import CycleResult, PathProgress, Progress, TransferCancelled
+from go2cloud_client.replication.base import CycleResult, PathProgress, Progress, TransferCancelled
+from go2cloud_client.replication.block.cycle import (
+    BlockCycleRunner,
+    BlockProgress,
+    SnapshotWorkdirs,
+    recover_snapshots,
+)
 from go2cloud_client.task import TaskRunner
 
 BACKENDS = ("live", "fsfreeze", "reflink", "btrfs", "lvm")
@@ -232,7 +237,7 @@ def test_cycle_snapshots_reads_the_snapshot_and_releases(world, home):
                     "bytes_zero": 30, "rate_bps": 10.0, "eta_s": 5.0, "state": "running",
                     "compression": "raw"}
     # the work directory stays listed (bases live there) until the task is forgotten
-    assert [e["backend"] for e in SnapshotLedger(home).entries()] == ["reflink"]
+    assert [e["backend"] for e in SnapshotWorkdirs(home).entries()] == ["reflink"]
 
     _, tokens2 = run(world, "incremental", 2, tokens)
     assert world.asked == ["reflink:0"] and world.extents[-1] == [(0, 4096)]
@@ -285,13 +290,13 @@ def test_snapshots_are_released_on_errors_and_cancel(world):
 
 def test_recover_and_purge_listed_workdirs(world, home):
     run(world)
-    workdir = Path(SnapshotLedger(home).entries()[0]["workdir"])
+    workdir = Path(SnapshotWorkdirs(home).entries()[0]["workdir"])
     assert workdir.is_dir()
     lines = recover_snapshots(home, FakeRegistry(world))
     assert world.recovered == [workdir] and "thawed /mnt" in lines[0]
-    assert SnapshotLedger(home).entries()  # recover keeps the work directory (bases)
+    assert SnapshotWorkdirs(home).entries()  # recover keeps the work directory (bases)
     lines = recover_snapshots(home, FakeRegistry(world), purge=True)
-    assert world.purged == [workdir] and not workdir.exists() and SnapshotLedger(home).entries() == []
+    assert world.purged == [workdir] and not workdir.exists() and SnapshotWorkdirs(home).entries() == []
     assert recover_snapshots(home, None) == []  # nothing listed: the driver is not even imported
 
 

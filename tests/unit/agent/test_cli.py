@@ -7,6 +7,7 @@ import responses
 from click.testing import CliRunner
 
 from go2cloud_client import cli as cli_mod
+from go2cloud_client import lifecycle
 from go2cloud_client.identity import Identity
 from go2cloud_client.platform import distros
 
@@ -98,7 +99,7 @@ def test_unexpected_error_is_logged_not_shown(tmp_path, capsys, monkeypatch):
     def boom(home):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(cli_mod, "collect_status", boom)
+    monkeypatch.setattr(lifecycle, "collect_status", boom)
     code, _, err = run(capsys, "--home", str(tmp_path), "status")
     assert code == 1 and "unexpected internal error, see" in err and "kaboom" not in err
 

@@ -63,7 +63,7 @@ class TimedCP(FakeCP):
 def _wait_final(agent, cid):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        entry = agent.ledger.get(cid)
+        entry = agent.command_journal.get(cid)
         if entry and entry["status"] != "accepted":
             return entry
         time.sleep(0.02)

@@ -60,9 +60,9 @@ def test_newer_state_version_is_a_clear_config_error(home):
 
 
 def test_corrupt_state_is_config_error(home):
-    home.ledger_file.write_text("{not json")
+    home.command_journal_file.write_text("{not json")
     with pytest.raises(ConfigError, match="corrupt"):
-        home.read_state(home.ledger_file)
+        home.read_state(home.command_journal_file)
 
 
 def test_missing_state_is_none(home):

@@ -11,12 +11,13 @@ import responses
 from click.testing import CliRunner
 
 from go2cloud_client import cli as cli_mod
-from go2cloud_client import hostprep, subp
+from go2cloud_client import subp
 from go2cloud_client.config import Config
 from go2cloud_client.console import Console
 from go2cloud_client.errors import RsyncMissingError
-from go2cloud_client.hostchanges import HostChanges
-from go2cloud_client.hostprep import Asker, HostPrep
+from go2cloud_client.host import prep as hostprep
+from go2cloud_client.host.changes import HostChangeJournal
+from go2cloud_client.host.prep import Asker, HostPrep
 from go2cloud_client.platform import distros, linux
 
 DEBIAN = distros.Debian({"ID": "debian", "VERSION_ID": "12"})
@@ -121,7 +122,7 @@ def test_no_prompt_skips_the_driver_with_a_warning_naming_yes(home, host):
     assert "--no-prompt" in cap["driver"]["reason"] and cap["backends"] == ["fsfreeze", "live"]
     assert cap["volumes"] == {"/dev/vda1": {"usable": ["fsfreeze", "live"], "point_in_time": []}}
     assert cap["point_in_time"] is False
-    assert host.calls == [] and HostChanges(home).list() == []
+    assert host.calls == [] and HostChangeJournal(home).list() == []
     assert any(
         line.startswith("Warning: snapshot driver not installed") and "--yes" in line for line in lines
     )
@@ -148,7 +149,7 @@ def test_yes_installs_the_driver_and_records_the_undo(home, host):
     assert host.calls == [
         ["apt-get", "-y", "install", "linux-headers-6.1.0-test", "elastio-snap-dkms", "elastio-snap-utils"]
     ]
-    (change,) = HostChanges(home).list()
+    (change,) = HostChangeJournal(home).list()
     assert change["kind"] == "snapshot_driver_installed"
     assert change["undo"] == [
         "apt-get",
@@ -167,7 +168,7 @@ def test_only_missing_packages_are_installed_and_undone(home, host):
     p, _, _ = prep(home, host, yes=True)
     assert p.snapshot_driver()["block"]["available"] is True
     assert host.calls == [["apt-get", "-y", "install", "elastio-snap-dkms"]]
-    (change,) = HostChanges(home).list()
+    (change,) = HostChangeJournal(home).list()
     assert change["undo"] == ["apt-get", "-y", "remove", "elastio-snap-dkms"], (
         "never remove what was there before"
     )
@@ -180,7 +181,7 @@ def test_packages_present_but_driver_unusable_installs_nothing(home, host):
     cap = p.snapshot_driver()["block"]
     assert cap["available"] is True and cap["driver"]["installed"] is False
     assert "packages are installed but the driver is not usable" in cap["driver"]["reason"]
-    assert host.calls == [] and questions == [] and HostChanges(home).list() == []
+    assert host.calls == [] and questions == [] and HostChangeJournal(home).list() == []
 
 
 def test_install_failure_is_reported_not_fatal(home, host):
@@ -190,7 +191,7 @@ def test_install_failure_is_reported_not_fatal(home, host):
     assert cap["available"] is True and cap["driver"]["installed"] is False
     reason = cap["driver"]["reason"]
     assert "installing it failed" in reason and "Unable to locate package" in reason
-    assert "repository" in reason and HostChanges(home).list() == []
+    assert "repository" in reason and HostChangeJournal(home).list() == []
     assert cap["volumes"]["/dev/vda1"]["usable"] == ["fsfreeze", "live"]
 
 
@@ -200,7 +201,7 @@ def test_installed_but_not_usable_tries_modprobe_and_says_why(home, host):
     cap = p.snapshot_driver()["block"]
     assert cap["available"] is True and "installed but the driver is not usable" in cap["driver"]["reason"]
     assert ["modprobe", "elastio_snap"] in host.calls
-    assert [c["kind"] for c in HostChanges(home).list()] == ["snapshot_driver_installed"]
+    assert [c["kind"] for c in HostChangeJournal(home).list()] == ["snapshot_driver_installed"]
 
 
 def test_distro_without_driver_packages(home, host, monkeypatch):
@@ -260,7 +261,7 @@ def test_rsync_installed_with_yes(home, host):
     host.rsync = None
     p, _, _ = prep(home, host, yes=True)
     assert p.rsync() == "/usr/bin/rsync"
-    (change,) = HostChanges(home).list()
+    (change,) = HostChangeJournal(home).list()
     assert change["kind"] == "package_installed" and change["undo"] == ["apt-get", "-y", "remove", "rsync"]
     assert change["env"] == {"DEBIAN_FRONTEND": "noninteractive"}
 
@@ -283,7 +284,7 @@ def test_selinux_yes_sets_permissive_and_records_previous(home, host):
     p.selinux()
     assert host.calls == [["setenforce", "0"]] and host.selinux == "permissive"
     assert host.config.read_text() == "SELINUX=permissive\nSELINUXTYPE=targeted\n"
-    (change,) = HostChanges(home).list()
+    (change,) = HostChangeJournal(home).list()
     assert change == {
         **change,
         "kind": "selinux_mode",
@@ -312,7 +313,7 @@ def test_selinux_no_prompt_warns_and_leaves_it(home, host):
     host.config.write_text("SELINUX=enforcing\n")
     p, lines, _ = prep(home, host, no_prompt=True)
     p.selinux()
-    assert host.calls == [] and HostChanges(home).list() == []
+    assert host.calls == [] and HostChangeJournal(home).list() == []
     assert any(line.startswith("Warning: SELinux is enforcing") and "--yes" in line for line in lines)
 
 
@@ -363,7 +364,7 @@ def test_import_asks_in_the_seed_order_and_sends_the_capability(tmp_path, host, 
     block = body["inventory"]["capabilities"]["block"]
     assert block["available"] is True and block["driver"]["installed"] is False
     assert block["volumes"] == {"/dev/vda1": {"usable": ["fsfreeze", "live"], "point_in_time": []}}
-    assert [c["kind"] for c in HostChanges(cli_mod.Home(home)).list()] == [
+    assert [c["kind"] for c in HostChangeJournal(cli_mod.Home(home)).list()] == [
         "package_installed",
         "selinux_mode",
     ]

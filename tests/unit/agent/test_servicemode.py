@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from go2cloud_client import servicemode, subp
+from go2cloud_client import subp
 from go2cloud_client.console import Console
 from go2cloud_client.errors import NotImportedError, ServiceError
-from go2cloud_client.hostchanges import HostChanges
+from go2cloud_client.host import service as servicemode
+from go2cloud_client.host.changes import HostChangeJournal
 from go2cloud_client.identity import Identity
 from go2cloud_client.platform import linux, windows
 
@@ -210,12 +211,13 @@ def test_install_records_the_service_once(home, monkeypatch, tmp_path):
     monkeypatch.setattr(console, "line", lines.append)
     servicemode.install(home, console)
     servicemode.install(home, console)
-    kinds = [c["kind"] for c in HostChanges(home).list()]
+    kinds = [c["kind"] for c in HostChangeJournal(home).list()]
     assert kinds == ["service_installed"] and len(started) == 2
     assert any("systemd is not running" in line and "4242" in line for line in lines)
     monkeypatch.setattr(servicemode, "stop_agent", lambda h, **k: None)
     servicemode.uninstall(home, console)
-    assert HostChanges(home).list() == [] and not (tmp_path / "units" / "go2cloud_client.service").exists()
+    assert HostChangeJournal(home).list() == []
+    assert not (tmp_path / "units" / "go2cloud_client.service").exists()
 
 
 def test_install_writes_the_proxy_into_the_service(home, monkeypatch, tmp_path):
@@ -253,7 +255,7 @@ def test_stop_with_no_agent(home):
 
 
 def test_package_folder_detection(tmp_path):
-    from go2cloud_client.cli import is_package_folder
+    from go2cloud_client.lifecycle import is_package_folder
 
     pkg = tmp_path / "opt" / "go2cloud_client"
     (pkg / "Excludes").mkdir(parents=True)
@@ -267,12 +269,12 @@ def test_uninstall_asks_on_a_terminal_and_reverts_with_yes(home, tmp_path, monke
     from click.testing import CliRunner
 
     from go2cloud_client import cli as cli_mod
-    from go2cloud_client import hostprep
+    from go2cloud_client.host import prep as hostprep
 
     monkeypatch.setenv(linux.SYSTEMD_DIR_ENV, str(tmp_path / "units"))
     calls = []
     monkeypatch.setattr(subp, "run", lambda argv, **kw: calls.append(list(argv)))
-    HostChanges(home).record(
+    HostChangeJournal(home).record(
         "package_installed", package="rsync", manager="apt-get", undo=["apt-get", "-y", "remove", "rsync"]
     )
     monkeypatch.setattr(hostprep, "can_prompt", lambda no_prompt: not no_prompt)
@@ -280,12 +282,13 @@ def test_uninstall_asks_on_a_terminal_and_reverts_with_yes(home, tmp_path, monke
     r = CliRunner().invoke(cli_mod.cli, args, input="n\n")
     assert r.exit_code == 0 and "revert 1 host change(s): package rsync installed" in r.output
     assert (
-        r.output.rstrip().endswith("Nothing changed") and calls == [] and len(HostChanges(home).list()) == 1
+        r.output.rstrip().endswith("Nothing changed") and calls == []
+        and len(HostChangeJournal(home).list()) == 1
     )
     r = CliRunner().invoke(cli_mod.cli, [*args, "--yes"])
     assert r.exit_code == 0, r.output
     assert "Reverted: removed package rsync (apt-get -y remove rsync)" in r.output
-    assert calls == [["apt-get", "-y", "remove", "rsync"]] and HostChanges(home).list() == []
+    assert calls == [["apt-get", "-y", "remove", "rsync"]] and HostChangeJournal(home).list() == []
     assert f"The agent home {home.root} is kept" in r.output and home.root.is_dir()
 
 

@@ -8,7 +8,7 @@ import pytest
 from go2cloud_client.backoff import Backoff
 from go2cloud_client.commands import parse_command
 from go2cloud_client.errors import ReplicationError
-from go2cloud_client.replication.rsync import CycleResult, TransferCancelled
+from go2cloud_client.replication.base import CycleResult, TransferCancelled
 from go2cloud_client.task import TaskRunner
 
 TARGET = {"kind": "rsync", "url": "https://127.0.0.1:8443/rsync/v1/tasks/t-1",

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from go2cloud_client import api as api_mod
 from go2cloud_client import cli as cli_mod
-from go2cloud_client import errors
+from go2cloud_client import errors, lifecycle
 from go2cloud_client.api import RETRY_AFTER_MAX_S, ControlPlane, RetryingControlPlane
 from go2cloud_client.config import load_config
 from go2cloud_client.console import Console
@@ -99,14 +99,14 @@ def _config(home):
 
 @pytest.fixture
 def no_inventory(monkeypatch):
-    monkeypatch.setattr(cli_mod, "collect", lambda home, caps=None: {"hostname": "h", "machine_id": "m"})
+    monkeypatch.setattr(lifecycle, "collect", lambda home, caps=None: {"hostname": "h", "machine_id": "m"})
 
 
 def test_foreground_import_tells_the_operator_it_waits(home, rsps, slept, no_inventory):
     rsps.add(responses.POST, f"{API}/sources/import", **throttled(retry_after="4"))
     rsps.add(responses.POST, f"{API}/sources/import", json=IMPORT_OK, status=201)
     out = io.StringIO()
-    source = cli_mod.import_source(home, _config(home), Console(out), token_id="at-1", token_code="c")
+    source = lifecycle.import_source(home, _config(home), Console(out), token_id="at-1", token_code="c")
     assert source["source_id"] == "s-new1" and slept == [4.0]
     assert "throttling imports" in out.getvalue() and "retrying in 4 s" in out.getvalue()
 
@@ -115,7 +115,7 @@ def test_foreground_import_gives_up_with_a_clear_message(home, rsps, slept, no_i
     for _ in range(3):
         rsps.add(responses.POST, f"{API}/sources/import", **throttled(retry_after="2"))
     with pytest.raises(errors.ThrottledError, match="wait a few minutes, check the token id"):
-        cli_mod.import_source(home, _config(home), Console(io.StringIO()), token_id="at-1", token_code="c")
+        lifecycle.import_source(home, _config(home), Console(io.StringIO()), token_id="at-1", token_code="c")
     assert not home.key_file.exists()
 
 
@@ -141,7 +141,7 @@ def test_abort_keeps_the_key_until_the_next_import_proves_it(home, rsps, capsys,
 
     rsps.add_callback(responses.POST, f"{API}/sources/import", callback=import_cb)
     out = io.StringIO()
-    source = cli_mod.import_source(home, _config(home), Console(out), token_id="at-1", token_code="c")
+    source = lifecycle.import_source(home, _config(home), Console(out), token_id="at-1", token_code="c")
     assert seen["previous_source_id"] == OLD
     proof = seen["previous_source_proof"]
     assert proof["nonce"] == "bm9uY2U="
@@ -159,7 +159,7 @@ def test_import_says_when_the_old_source_was_not_replaced(home, rsps, capsys, no
     rsps.add(responses.POST, f"{API}/sources/import", json={**IMPORT_OK, "replaced_source_id": None},
              status=201)
     out = io.StringIO()
-    cli_mod.import_source(home, _config(home), Console(out), token_id="at-1", token_code="c")
+    lifecycle.import_source(home, _config(home), Console(out), token_id="at-1", token_code="c")
     body = json.loads(rsps.calls[-1].request.body)
     assert body["previous_source_id"] == OLD and body["previous_source_proof"] is None
     assert f"go2cloud_server source replace {OLD} --by s-new1" in out.getvalue()
@@ -172,5 +172,5 @@ def test_failed_import_keeps_the_old_key_for_the_next_try(home, rsps, capsys, no
     rsps.add(responses.POST, f"{API}/sources/import", status=403,
              json={"error": {"code": "code_unknown", "message": "unknown activation code"}})
     with pytest.raises(errors.CodeUnknownError):
-        cli_mod.import_source(home, _config(home), Console(io.StringIO()), token_id="at-1", token_code="c")
+        lifecycle.import_source(home, _config(home), Console(io.StringIO()), token_id="at-1", token_code="c")
     assert home.previous_key_file.exists() and home.previous_source_id() == OLD

@@ -372,7 +372,7 @@ def test_cli_flag_runs_the_agent_under_the_service_host(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
     from go2cloud_client import cli as cli_mod
-    from go2cloud_client import platform
+    from go2cloud_client import lifecycle, platform
 
     calls = []
 
@@ -386,7 +386,7 @@ def test_cli_flag_runs_the_agent_under_the_service_host(monkeypatch, tmp_path):
         assert len(attached) == 1
         return 21
 
-    monkeypatch.setattr(cli_mod, "run_foreground", fake_run_foreground)
+    monkeypatch.setattr(lifecycle, "run_foreground", fake_run_foreground)
     monkeypatch.setattr(platform, "run_windows_service", fake_service)
     assert cli_mod.run(["--home", str(tmp_path / "h"), "--no-prompt", "--windows-service"]) == 21
     assert calls[0]["no_prompt"] is True and callable(calls[0]["attach"])

@@ -11,15 +11,14 @@ import pytest
 
 from go2cloud_client.errors import ReplicationError
 from go2cloud_client.replication import rsync, tunnel
+from go2cloud_client.replication.base import Progress, TransferCancelled
 from go2cloud_client.replication.rsync import (
     Cycle,
     FileReplicator,
-    Progress,
     RsyncConnectionError,
     RsyncPartialTransferError,
     RsyncTarget,
     RsyncVanishedError,
-    TransferCancelled,
     TransferOptions,
 )
 

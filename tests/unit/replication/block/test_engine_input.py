@@ -14,7 +14,7 @@ from go2cloud_client.replication.block import (
     BlockTarget,
     Disk,
 )
-from go2cloud_client.replication.block.manifest import Manifest
+from go2cloud_client.replication.block.chunkmap import ChunkMap
 
 TARGET = BlockTarget("https://127.0.0.1:9/block/v1/tasks/t-1", "secret-token", "sha256:" + "ab" * 32)
 
@@ -68,6 +68,6 @@ def test_device_smaller_than_manifest_fails_before_sending(tmp_path):
     img.write_bytes(b"x" * (1 << 20))
     r = rep(tmp_path, img)
     r.state_dir.mkdir()
-    Manifest(4, 1 << 20, 4 << 20, bytes(64)).save(r.manifest_path("d0"))
+    ChunkMap(4, 1 << 20, 4 << 20, bytes(64)).save(r.manifest_path("d0"))
     with pytest.raises(BlockSourceError, match="smaller than the 4194304 bytes replicated in cycle 4"):
         r.run_cycle(BlockCycle(5, True), threading.Event())  # the network fence proves nothing was sent

@@ -7,8 +7,8 @@ from typing import Optional
 
 import pytest
 
+from go2cloud_client.replication.block.chunkmap import FLUSH_EVERY, ChunkMap, PassJournal
 from go2cloud_client.replication.block.codec import zero_hash
-from go2cloud_client.replication.block.manifest import FLUSH_EVERY, Manifest, PassJournal
 
 CS = 65536
 
@@ -19,11 +19,11 @@ def h(i: int) -> bytes:
 
 def test_manifest_roundtrip_and_corruption(tmp_path):
     size = 10 * CS + 100
-    m = Manifest(3, CS, size, b"".join(h(i) for i in range(11)))
+    m = ChunkMap(3, CS, size, b"".join(h(i) for i in range(11)))
     path = tmp_path / "d0.manifest"
     m.save(path)
     assert os.stat(path).st_mode & 0o777 == 0o600
-    back = Manifest.load(path)
+    back = ChunkMap.load(path)
     assert back is not None
     assert (back.cycle, back.chunk_size, back.disk_size, back.count) == (3, CS, size, 11)
     assert back.hash(10) == h(10) and back.hash(11) is None
@@ -31,10 +31,10 @@ def test_manifest_roundtrip_and_corruption(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[50] ^= 1
     path.write_bytes(bytes(raw))
-    assert Manifest.load(path) is None          # CRC catches it: a full pass follows
-    assert Manifest.load(tmp_path / "missing") is None
+    assert ChunkMap.load(path) is None          # CRC catches it: a full pass follows
+    assert ChunkMap.load(tmp_path / "missing") is None
     with pytest.raises(ValueError):
-        Manifest(1, CS, size, b"x" * 16)
+        ChunkMap(1, CS, size, b"x" * 16)
 
 
 def _journal(path, cycle=2, size=300 * CS, base=None, incremental=False):
@@ -230,7 +230,7 @@ def test_close_syncs_what_is_left_but_remove_does_not(tmp_path, monkeypatch):
 
 def test_journal_of_another_pass_is_abandoned_but_its_sent_chunks_stay_dirty(tmp_path):
     path = tmp_path / "d0.pass"
-    base = Manifest(1, CS, 300 * CS, b"".join(h(i) for i in range(300)))
+    base = ChunkMap(1, CS, 300 * CS, b"".join(h(i) for i in range(300)))
     old = _journal(path, cycle=2, base=base, incremental=True).open()
     old.mark(5, h(1005))                     # sent in cycle 2: the target's image has it
     old.mark(6, h(6), sent=False)            # unchanged: not sent
@@ -258,7 +258,7 @@ def test_mark_dirty_undoes_done(tmp_path):
 
 
 def test_incremental_journal_starts_from_the_manifest_hashes(tmp_path):
-    base = Manifest(1, CS, 4 * CS, b"".join(h(i) for i in range(4)))
+    base = ChunkMap(1, CS, 4 * CS, b"".join(h(i) for i in range(4)))
     j = _journal(tmp_path / "p", size=6 * CS, base=base, incremental=True).open()
     assert j.hashes[:64] == base.hashes and j.hashes[64:] == bytes(32)
     j.close()

@@ -18,7 +18,9 @@ VERSION = 1
 _LOCK = threading.Lock()
 
 
-class Ledger:
+class SnapshotRecord:
+    """The entries of one backend's record file in ``workdir`` (see the module text)."""
+
     def __init__(self, workdir: Path, backend: str) -> None:
         self.workdir = Path(workdir)
         self.path = self.workdir / f"snapshot-{backend.replace('_', '-')}.json"

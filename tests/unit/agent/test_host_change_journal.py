@@ -1,29 +1,30 @@
-"""The undo ledger: record, describe, revert newest first, keep what failed so a re-run
+"""The host change journal: record, describe, revert newest first, keep what failed so a re-run
 finishes the job."""
 
 from __future__ import annotations
 
 import pytest
 
-from go2cloud_client import hostchanges, subp
+from go2cloud_client import subp
 from go2cloud_client.errors import HostRevertError
-from go2cloud_client.hostchanges import HostChanges, revert_all
+from go2cloud_client.host import changes as hostchanges
+from go2cloud_client.host.changes import HostChangeJournal, revert_all
 from go2cloud_client.platform import linux
 
 
 def test_record_list_forget(home):
-    ledger = HostChanges(home)
-    a = ledger.record(
+    journal = HostChangeJournal(home)
+    a = journal.record(
         "package_installed", package="rsync", manager="apt-get", undo=["apt-get", "-y", "remove", "rsync"]
     )
-    b = ledger.record("selinux_mode", previous_runtime="enforcing", previous_config="enforcing",
+    b = journal.record("selinux_mode", previous_runtime="enforcing", previous_config="enforcing",
                       config_path="/etc/selinux/config")
-    assert [c["kind"] for c in ledger.list()] == ["package_installed", "selinux_mode"]
+    assert [c["kind"] for c in journal.list()] == ["package_installed", "selinux_mode"]
     assert a["id"] != b["id"] and a["time"].endswith("Z")
-    ledger.forget(a)
-    assert [c["id"] for c in ledger.list()] == [b["id"]]
+    journal.forget(a)
+    assert [c["id"] for c in journal.list()] == [b["id"]]
     with pytest.raises(ValueError):
-        ledger.record("frobnicated")
+        journal.record("frobnicated")
 
 
 def test_old_entries_without_id_are_forgotten_by_content(home):
@@ -43,13 +44,13 @@ def test_old_entries_without_id_are_forgotten_by_content(home):
     )
     calls = []
     revert_all(home, say=lambda s: None, reverters={"package_installed": lambda c: calls.append(c) or "ok"})
-    assert len(calls) == 1 and HostChanges(home).list() == []
+    assert len(calls) == 1 and HostChangeJournal(home).list() == []
 
 
 def test_revert_runs_newest_first_and_a_failure_can_be_rerun(home):
-    ledger = HostChanges(home)
+    journal = HostChangeJournal(home)
     for name in ("one", "two", "three"):
-        ledger.record(
+        journal.record(
             "package_installed", package=name, manager="apt-get", undo=["apt-get", "-y", "remove", name]
         )
     order = []
@@ -66,19 +67,19 @@ def test_revert_runs_newest_first_and_a_failure_can_be_rerun(home):
         revert_all(home, say=said.append, reverters={"package_installed": revert})
     assert order == ["three", "two", "one"]  # newest first, and a failure does not stop the others
     assert err.value.exit_code == 40 and "uninstall --revert" in str(err.value) and "dpkg" in str(err.value)
-    assert [c["package"] for c in ledger.list()] == ["two"]
+    assert [c["package"] for c in journal.list()] == ["two"]
     assert any(line.startswith("Could not revert package two") for line in said)
     broken.clear()
     order.clear()
     assert revert_all(home, say=said.append, reverters={"package_installed": revert}) == ["removed two"]
-    assert order == ["two"] and ledger.list() == []
+    assert order == ["two"] and journal.list() == []
     assert revert_all(home, say=said.append) == []  # nothing left: idempotent
 
 
 def test_package_revert_runs_the_recorded_argv_with_its_env(home, monkeypatch):
     calls = []
     monkeypatch.setattr(subp, "run", lambda argv, **kw: calls.append((list(argv), kw.get("env") or {})))
-    HostChanges(home).record(
+    HostChangeJournal(home).record(
         "snapshot_driver_installed",
         packages=["elastio-snap-dkms", "elastio-snap-utils"],
         manager="apt-get",
@@ -86,7 +87,7 @@ def test_package_revert_runs_the_recorded_argv_with_its_env(home, monkeypatch):
         undo=["apt-get", "-y", "remove", "elastio-snap-dkms", "elastio-snap-utils"],
         unload=["modprobe", "-r", "elastio_snap"],
     )
-    HostChanges(home).record(
+    HostChangeJournal(home).record(
         "package_installed",
         package="rsync",
         manager="apt-get",
@@ -100,7 +101,7 @@ def test_package_revert_runs_the_recorded_argv_with_its_env(home, monkeypatch):
         ["apt-get", "-y", "remove", "elastio-snap-dkms", "elastio-snap-utils"],
     ]
     assert calls[0][1]["DEBIAN_FRONTEND"] == "noninteractive"
-    assert HostChanges(home).list() == []
+    assert HostChangeJournal(home).list() == []
 
 
 def test_a_failed_unload_does_not_stop_the_driver_removal(home, monkeypatch):
@@ -112,7 +113,7 @@ def test_a_failed_unload_does_not_stop_the_driver_removal(home, monkeypatch):
             raise subp.ProcessError(argv, 1, "", "modprobe: FATAL: Module elastio_snap is in use.")
 
     monkeypatch.setattr(subp, "run", fake_run)
-    HostChanges(home).record(
+    HostChangeJournal(home).record(
         "snapshot_driver_installed",
         packages=["p"],
         manager="apt-get",
@@ -120,14 +121,14 @@ def test_a_failed_unload_does_not_stop_the_driver_removal(home, monkeypatch):
         unload=["modprobe", "-r", "elastio_snap"],
     )
     revert_all(home, say=lambda s: None)
-    assert calls == ["modprobe", "apt-get"] and HostChanges(home).list() == []
+    assert calls == ["modprobe", "apt-get"] and HostChangeJournal(home).list() == []
 
 
 def test_bad_undo_entry_is_kept(home):
-    HostChanges(home).record("package_installed", package="x", manager="apt-get", undo="rm -rf /")
+    HostChangeJournal(home).record("package_installed", package="x", manager="apt-get", undo="rm -rf /")
     with pytest.raises(HostRevertError):
         revert_all(home, say=lambda s: None)
-    assert len(HostChanges(home).list()) == 1
+    assert len(HostChangeJournal(home).list()) == 1
 
 
 def test_selinux_revert_restores_config_and_runtime(home, tmp_path, monkeypatch):
@@ -137,13 +138,13 @@ def test_selinux_revert_restores_config_and_runtime(home, tmp_path, monkeypatch)
     calls = []
     monkeypatch.setattr(subp, "run", lambda argv, **kw: calls.append(list(argv)))
     monkeypatch.setattr("go2cloud_client.platform.selinux_mode", lambda: "permissive")
-    HostChanges(home).record(
+    HostChangeJournal(home).record(
         "selinux_mode", previous_runtime="enforcing", previous_config="enforcing", config_path=str(config)
     )
     done = revert_all(home, say=lambda s: None)
     assert config.read_text() == "# comment\nSELINUX=enforcing\nSELINUXTYPE=targeted\n"
     assert calls == [["setenforce", "1"]]
-    assert "SELINUX=enforcing" in done[0] and HostChanges(home).list() == []
+    assert "SELINUX=enforcing" in done[0] and HostChangeJournal(home).list() == []
 
 
 def test_describe_every_kind():

@@ -1,4 +1,4 @@
-"""The undo ledger: every change the agent made to this host, with what undoes it.
+"""The host change journal: every change the agent made to this host, with what undoes it.
 
 ``<home>/state/host_changes.json`` = ``{"version": 1, "changes": [{"id", "time", "kind", ...}]}``,
 written atomically, kept across ``--abort``. Kinds and their fields:
@@ -12,9 +12,9 @@ written atomically, kept across ``--abort``. Kinds and their fields:
 ``service_installed``          ``unit``, ``wants_link``, ``home``
 =============================  ==========================================================
 
-:func:`revert_all` undoes them newest first. Each change leaves the ledger only once its undo
+:func:`revert_all` undoes them newest first. Each change leaves the journal only once its undo
 has succeeded, so a revert that fails half-way can simply be run again: what was reverted is
-gone from the ledger, what failed is still there. Every undo is idempotent (removing a package
+gone from the journal, what failed is still there. Every undo is idempotent (removing a package
 that is no longer installed, writing a mode that is already set).
 """
 
@@ -35,8 +35,8 @@ LOG = logging.getLogger(__name__)
 KINDS = ("package_installed", "snapshot_driver_installed", "selinux_mode", "service_installed")
 
 
-class HostChanges:
-    """Read and update the undo ledger of one home."""
+class HostChangeJournal:
+    """Read and update the host change journal of one home."""
 
     def __init__(self, home: Home) -> None:
         self.home = home
@@ -151,7 +151,7 @@ def _revert_selinux(change: Dict[str, Any]) -> str:
 
 
 def _revert_service(change: Dict[str, Any]) -> str:
-    from go2cloud_client.servicemode import remove_service_files
+    from go2cloud_client.host.service import remove_service_files
 
     done = remove_service_files(Home(Path(change["home"])) if change.get("home") else None)
     return "; ".join(done) if done else "the service was already removed"
@@ -167,14 +167,14 @@ REVERTERS: Dict[str, Callable[[Dict[str, Any]], str]] = {
 
 def revert_all(home: Home, *, say: Callable[[str], None],
                reverters: Optional[Dict[str, Callable[[Dict[str, Any]], str]]] = None) -> List[str]:
-    """Undo every recorded change, newest first. A change leaves the ledger when its undo
+    """Undo every recorded change, newest first. A change leaves the journal when its undo
     succeeded; a failure is reported and the others are still tried. Raises HostRevertError
     listing what is left when anything failed (run it again once the cause is fixed)."""
-    ledger = HostChanges(home)
+    journal = HostChangeJournal(home)
     table = reverters or REVERTERS
     done: List[str] = []
     failed: List[str] = []
-    for change in reversed(ledger.list()):
+    for change in reversed(journal.list()):
         what = describe(change)
         revert = table.get(str(change.get("kind")))
         if revert is None:
@@ -189,8 +189,8 @@ def revert_all(home: Home, *, say: Callable[[str], None],
             say(f"Could not revert {what}: {exc}")
             continue
         try:
-            ledger.forget(change)
-        except ConfigError as exc:  # reverted, but the ledger could not be updated
+            journal.forget(change)
+        except ConfigError as exc:  # reverted, but the journal could not be updated
             failed.append(f"{what}: reverted, but {exc}")
             continue
         done.append(result)

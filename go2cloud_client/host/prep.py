@@ -20,7 +20,7 @@
 Each question is answered by ``--yes`` (do it), by the operator on a terminal, or not asked with
 ``--no-prompt`` (or without a terminal): then the optional steps are skipped with one warning
 line naming the flag that does them, and the required one fails with a message saying what to
-run. Every change is recorded in the undo ledger (:mod:`go2cloud_client.hostchanges`) with what
+run. Every change is recorded in the host change journal (:mod:`go2cloud_client.host.changes`) with what
 undoes it, so ``go2cloud_client uninstall --revert`` can put the host back.
 """
 
@@ -40,7 +40,7 @@ from go2cloud_client.config import Config
 from go2cloud_client.console import Console
 from go2cloud_client.errors import PackageInstallError, RsyncMissingError
 from go2cloud_client.home import Home
-from go2cloud_client.hostchanges import HostChanges
+from go2cloud_client.host.changes import HostChangeJournal
 
 LOG = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class HostPrep:
         self.console = console
         self.asker = asker or Asker(yes=yes, no_prompt=no_prompt)
         self._probe = probe
-        self.changes = HostChanges(home)
+        self.changes = HostChangeJournal(home)
 
     def probe(self, volume: Optional[str]) -> Tuple[List[str], Dict[str, str]]:
         return (self._probe or probe_backends)(volume)

@@ -1,7 +1,8 @@
 """Per-disk state of the block engine, in the agent's state directory.
 
-``<disk>.manifest`` — the xxh3-128 of every chunk the target has **committed** (fixed 16-byte
-records after a fixed header, CRC-32 at the end), replaced atomically after each commit::
+``<disk>.manifest`` — the chunk map (:class:`ChunkMap`): the xxh3-128 of every chunk the target
+has **committed** (fixed 16-byte records after a fixed header, CRC-32 at the end), replaced
+atomically after each commit (the file keeps its first name)::
 
     header  >8sIIIIQQ  magic "G2CBMAN1", version, cycle, chunk_size, reserved, disk_size, count
     body    count x 16 bytes (chunk i at offset 40 + 16 i)
@@ -36,7 +37,7 @@ checks). A torn last record is detected by its CRC and cut off::
 
 A journal whose header does not match the pass being started (other cycle, geometry or base)
 is abandoned, but the chunks it sent are carried over as dirty: the target's image already
-holds them although the manifest does not say so, so the new pass sends them again.
+holds them although the chunk map does not say so, so the new pass sends them again.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from go2cloud_client.replication.block.codec import zero_hash
 LOG = logging.getLogger(__name__)
 
 HASH_LEN = 16
-MANIFEST_VERSION = 1
+CHUNK_MAP_VERSION = 1
 PASS_VERSION = 1
 FLUSH_EVERY = 64
 _MAN_HEAD = struct.Struct(">8sIIIIQQ")
@@ -77,7 +78,7 @@ def chunk_length(index: int, chunk_size: int, disk_size: int) -> int:
     return min(chunk_size, disk_size - index * chunk_size)
 
 
-class Manifest:
+class ChunkMap:
     """Hashes of the chunks the target committed at ``cycle``."""
 
     def __init__(self, cycle: int, chunk_size: int, disk_size: int, hashes: bytes) -> None:
@@ -102,7 +103,7 @@ class Manifest:
         return None
 
     def encode(self) -> bytes:
-        head = _MAN_HEAD.pack(_MAN_MAGIC, MANIFEST_VERSION, self.cycle, self.chunk_size, 0, self.disk_size,
+        head = _MAN_HEAD.pack(_MAN_MAGIC, CHUNK_MAP_VERSION, self.cycle, self.chunk_size, 0, self.disk_size,
                               self.count)
         crc = zlib.crc32(self.hashes, zlib.crc32(head))
         return head + self.hashes + struct.pack(">I", crc)
@@ -111,11 +112,11 @@ class Manifest:
         atomic_write(path, self.encode())
 
     @classmethod
-    def decode(cls, raw: bytes) -> Manifest:
+    def decode(cls, raw: bytes) -> ChunkMap:
         if len(raw) < _MAN_HEAD.size + 4:
             raise ValueError("manifest: too short")
         magic, version, cycle, chunk_size, _, disk_size, count = _MAN_HEAD.unpack_from(raw)
-        if magic != _MAN_MAGIC or version != MANIFEST_VERSION:
+        if magic != _MAN_MAGIC or version != CHUNK_MAP_VERSION:
             raise ValueError("manifest: not a version-1 manifest")
         end = _MAN_HEAD.size + count * HASH_LEN
         if len(raw) != end + 4:
@@ -126,8 +127,8 @@ class Manifest:
         return cls(cycle, chunk_size, disk_size, raw[_MAN_HEAD.size:end])
 
     @classmethod
-    def load(cls, path: Path) -> Optional[Manifest]:
-        """The manifest at ``path``; None when missing or unreadable (logged: a full pass follows)."""
+    def load(cls, path: Path) -> Optional[ChunkMap]:
+        """The chunk map at ``path``; None when missing or unreadable (logged: a full pass follows)."""
         try:
             raw = Path(path).read_bytes()
         except FileNotFoundError:
@@ -148,7 +149,7 @@ class PassJournal:
     """
 
     def __init__(self, path: Path, *, cycle: int, chunk_size: int, disk_size: int, incremental: bool,
-                 base: Optional[Manifest]) -> None:
+                 base: Optional[ChunkMap]) -> None:
         self.path = Path(path)
         self.cycle = cycle
         self.chunk_size = chunk_size
@@ -334,7 +335,7 @@ class PassJournal:
 
     def mark(self, index: int, digest: bytes, count: int = 1, sent: bool = True) -> None:
         """Chunk ``index`` (or hole run ``index``..``index+count-1``) is on the target: sent and
-        acknowledged, or (``sent=False``) unchanged since the committed manifest."""
+        acknowledged, or (``sent=False``) unchanged since the committed chunk map."""
         with self._lock:
             self._set(index, count, digest)
             self._append(index, count if sent else count | UNCHANGED, digest)

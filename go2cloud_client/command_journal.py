@@ -1,15 +1,15 @@
-"""Exactly-once command ledger.
+"""The command journal: every command exactly once.
 
-Every command id the agent has seen is recorded in ``state/ledger.json`` with its type, status
-(``accepted`` while it runs, then ``succeeded`` / ``failed`` / ``unsupported`` / ``rejected``),
-whether the control plane has the current status (``ack_sent``), and the final error code,
-message and result. Rules:
+Every command id the agent has seen is recorded in ``state/ledger.json`` (the file kept its first
+name) with its type, status (``accepted`` while it runs, then ``succeeded`` / ``failed`` /
+``unsupported`` / ``rejected``), whether the control plane has the current status
+(``ack_sent``), and the final error code, message and result. Rules:
 
 * ``accept`` persists the entry *before* the agent acts, so a command id runs at most once, also
   across a crash or restart;
-* a redelivered id is answered from the ledger, never run again;
+* a redelivered id is answered from the journal, never run again;
 * acknowledgements that could not be sent are re-sent later (and at startup);
-* the ledger keeps the last ``max_entries`` ids (entries still running or with an unsent ack
+* the journal keeps the last ``max_entries`` ids (entries still running or with an unsent ack
   are never dropped).
 """
 
@@ -30,7 +30,9 @@ FINAL_STATUSES = frozenset({"succeeded", "failed", "unsupported", "rejected"})
 STATUSES = FINAL_STATUSES | {ACCEPTED}
 
 
-class Ledger:
+class CommandJournal:
+    """``state/ledger.json`` of one home (see the module text); thread-safe."""
+
     def __init__(self, home: Home, *, max_entries: int = 1000) -> None:
         self.home = home
         self.max_entries = max_entries
@@ -40,8 +42,8 @@ class Ledger:
 
     # -- persistence ------------------------------------------------------------------------
 
-    def load(self) -> Ledger:
-        doc = self.home.read_state(self.home.ledger_file) or {}
+    def load(self) -> CommandJournal:
+        doc = self.home.read_state(self.home.command_journal_file) or {}
         entries = doc.get("entries") or []
         with self._lock:
             self._entries.clear()
@@ -56,7 +58,7 @@ class Ledger:
         self._prune()
         entries = [{"id": cid, **entry} for cid, entry in self._entries.items()]
         try:
-            self.home.write_state(self.home.ledger_file, {"entries": entries})
+            self.home.write_state(self.home.command_journal_file, {"entries": entries})
         except BaseException:
             self._dirty = True
             raise

@@ -4,21 +4,22 @@ For every disk of the task, before the cycle: pick the snapshot backend (``auto`
 the point-in-time backends :data:`~go2cloud_client.commands.AUTO_SNAPSHOT_ORDER` whose ``probe()``
 says usable; with none, the cycle fails with :class:`SnapshotFailedError` naming the explicit
 alternatives: ``auto`` never falls back to ``fsfreeze`` or ``live`` by itself; an explicit
-``live`` in a *final* cycle on a mounted filesystem uses ``fsfreeze`` instead: freeze,
-read, thaw; for an image file the frozen volume is the loop device it is mounted from), record
-the backend's work directory (``state/snapshots/<task>/<disk>.<backend>``, kept between cycles:
-backends keep their ledger and change-tracking bases there) in ``state/snapshots.json`` *before*
-creating the snapshot, create it, and hand the block engine the snapshot's path and, for
-incremental cycles, the extents the backend says changed since the previous cycle's change
-token. After the cycle, whatever happened (success, pause, cancel, abort, error), every snapshot
-is released. An agent restart calls ``backend.recover(workdir)`` for every listed work directory
-(a killed agent may have left a snapshot or a frozen filesystem); ``--abort`` and the end of the
-task call ``backend.purge(workdir)`` (also drops change-tracking bases) and forget them. The
-change tokens of a successful cycle are returned to the task runner, which persists them with
-the task (``state/task.json``) in the same write that records the cycle as done.
+``live`` in a *final* cycle on a mounted filesystem uses ``fsfreeze`` instead: freeze, read, thaw;
+for an image file the frozen volume is the loop device it is mounted from), record the backend's
+work directory (``state/snapshots/<task>/<disk>.<backend>``, kept between cycles: backends keep
+their snapshot records and change-tracking bases there) in ``state/snapshots.json``
+(:class:`SnapshotWorkdirs`) *before* creating the snapshot, create it, and hand the block engine
+the snapshot's path and, for incremental cycles, the extents the backend says changed since the
+previous cycle's change token. After the cycle, whatever happened (success, pause, cancel, abort,
+error), every snapshot is released. An agent restart calls ``backend.recover(workdir)`` for every
+listed work directory (a killed agent may have left a snapshot or a frozen filesystem);
+``--abort`` and the end of the task call ``backend.purge(workdir)`` (also drops change-tracking
+bases) and forget them. The change tokens of a successful cycle are returned to the task runner,
+which persists them with the task (``state/task.json``) in the same write that records the cycle
+as done.
 
-The block engine (``go2cloud_client.replication.block``) and the snapshot driver
-(``snapshot_driver``) are separate packages; this module is the only place that joins them.
+The block engine (:mod:`go2cloud_client.replication.block.engine`) and the snapshot driver
+(``snapshot_driver``) know nothing of each other; this module is the only place that joins them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from go2cloud_client import platform
 from go2cloud_client.commands import (
@@ -42,13 +43,37 @@ from go2cloud_client.commands import (
 )
 from go2cloud_client.errors import ConfigError, ReplicationError, SnapshotFailedError
 from go2cloud_client.home import Home
-from go2cloud_client.replication.rsync import TransferCancelled
+from go2cloud_client.replication.base import Replicator, TransferCancelled
+from go2cloud_client.replication.block.engine import (
+    BlockCycle,
+    BlockOptions,
+    BlockReplicator,
+    BlockTarget,
+    Disk,
+)
 
 LOG = logging.getLogger(__name__)
 
 #: ``{disk name: {"backend": name, "token": opaque}}`` as kept in ``state/task.json``
 Tokens = Dict[str, Dict[str, Any]]
 ChangedExtents = Callable[[str], Optional[List[Tuple[int, int]]]]
+
+
+class BlockEngine(Replicator["BlockCycle"], Protocol):
+    """The block replicator a cycle drives: the replicator contract, plus new options (bandwidth,
+    compression, checksum) applied to the running pass from any thread."""
+
+    def set_options(self, options: BlockOptions) -> None:
+        ...
+
+
+class BlockReplicatorFactory(Protocol):
+    """Builds the block engine of one cycle attempt over the disks' snapshots."""
+
+    def __call__(self, *, target: BlockTargetSpec, disks: Sequence[Tuple[str, str]], options: Options,
+                 state_dir: Path, on_progress: Callable[[Any], None],
+                 changed_extents: ChangedExtents) -> BlockEngine:
+        ...
 
 
 def load_registry() -> Any:
@@ -75,7 +100,7 @@ def _snapshot_error(exc: BaseException, what: str) -> Exception:
 # -- the list of live snapshot handles -----------------------------------------------------------
 
 
-class SnapshotLedger:
+class SnapshotWorkdirs:
     """``state/snapshots.json``: the backends' work directories (``{backend, workdir, disk,
     volume, task_id}``). An entry is added before the first ``create()`` in a work directory and
     removed when the work directory is purged (task aborted or finished)."""
@@ -118,8 +143,8 @@ def recover_snapshots(home: Home, registry: Optional[Any] = None, *, purge: bool
     task finished: change-tracking bases go too, and the work directory is forgotten). Returns
     what was released, for humans. Never raises: a failure is logged, reported and the entry
     stays listed for the next attempt."""
-    ledger = SnapshotLedger(home)
-    entries = [e for e in ledger.entries() if task_id is None or e.get("task_id") == task_id]
+    workdirs = SnapshotWorkdirs(home)
+    entries = [e for e in workdirs.entries() if task_id is None or e.get("task_id") == task_id]
     done: List[str] = []
     for entry in entries:
         workdir = Path(entry["workdir"])
@@ -138,7 +163,7 @@ def recover_snapshots(home: Home, registry: Optional[Any] = None, *, purge: bool
             LOG.info("released the %s: %s", label, item)
         if purge:
             shutil.rmtree(workdir, ignore_errors=True)
-            ledger.remove(str(workdir))
+            workdirs.remove(str(workdir))
     return done
 
 
@@ -211,7 +236,7 @@ class BlockCycleRunner:
         self,
         home: Home,
         *,
-        replicator_factory: Callable[..., Any],
+        replicator_factory: BlockReplicatorFactory,
         registry: Optional[Any] = None,
         mounted: Callable[[str], Optional[Tuple[str, str]]] = platform.mounted_device,
     ) -> None:
@@ -219,7 +244,7 @@ class BlockCycleRunner:
         self._factory = replicator_factory
         self._registry = registry
         self._mounted = mounted
-        self.ledger = SnapshotLedger(home)
+        self.workdirs = SnapshotWorkdirs(home)
 
     @property
     def registry(self) -> Any:
@@ -280,7 +305,7 @@ class BlockCycleRunner:
     def _create(self, task_id: str, disk: DiskSpec, backend: str, volume: str) -> _Held:
         workdir = self.home.state_dir / "snapshots" / task_id / f"{disk.name}.{backend}"
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.ledger.add({"backend": backend, "workdir": str(workdir), "disk": disk.name,
+        self.workdirs.add({"backend": backend, "workdir": str(workdir), "disk": disk.name,
                          "volume": volume, "task_id": task_id})
         try:
             snap = self.registry.get(backend).create(volume, workdir)
@@ -322,7 +347,7 @@ class BlockCycleRunner:
         options: Options,
         cancel: threading.Event,
         on_progress: Callable[[Any], None],
-        on_replicator: Callable[[Optional[Any]], None] = lambda r: None,
+        on_replicator: Callable[[Optional[BlockEngine]], None] = lambda r: None,
         reverify: bool = False,
     ) -> Tuple[Dict[str, Any], Tokens]:
         """Run one cycle; returns (the cycle's result for the acknowledgement, the new change
@@ -407,26 +432,22 @@ class BlockCycleRunner:
                 LOG.warning("snapshot release after an interrupted cycle failed", exc_info=True)
 
 
-def _block_cycle(number: int, incremental: bool, reverify: bool = False) -> Any:
-    from go2cloud_client.replication.block import BlockCycle
-
+def _block_cycle(number: int, incremental: bool, reverify: bool = False) -> BlockCycle:
     return BlockCycle(number=number, incremental=incremental, reverify=reverify)
 
 
-def default_block_factory(proxy: Optional[Any] = None) -> Callable[..., Any]:
-    """The production factory: ``BlockReplicator`` from ``go2cloud_client.replication.block``;
-    ``proxy`` (:class:`go2cloud_client.proxy.ProxySettings`) decides how the target is reached."""
+def default_block_factory(proxy: Optional[Any] = None) -> BlockReplicatorFactory:
+    """The production factory: the block engine (:class:`BlockReplicator`); ``proxy``
+    (:class:`go2cloud_client.proxy.ProxySettings`) decides how the target is reached."""
 
     def factory(*, target: BlockTargetSpec, disks: Sequence[Tuple[str, str]], options: Options,
                 state_dir: Path, on_progress: Callable[[Any], None],
-                changed_extents: ChangedExtents) -> Any:
-        from go2cloud_client.replication import block
-
-        return block.BlockReplicator(
-            target=block.BlockTarget(url=target.url, token=target.token, fingerprint=target.fingerprint,
-                                     epoch=target.epoch,
-                                     proxy=proxy.for_url(target.url) if proxy is not None else None),
-            disks=[block.Disk(name=name, path=path) for name, path in disks],
+                changed_extents: ChangedExtents) -> BlockEngine:
+        return BlockReplicator(
+            target=BlockTarget(url=target.url, token=target.token, fingerprint=target.fingerprint,
+                               epoch=target.epoch,
+                               proxy=proxy.for_url(target.url) if proxy is not None else None),
+            disks=[Disk(name=name, path=path) for name, path in disks],
             options=block_options(options),
             state_dir=state_dir,
             on_progress=on_progress,
@@ -436,8 +457,6 @@ def default_block_factory(proxy: Optional[Any] = None) -> Callable[..., Any]:
     return factory
 
 
-def block_options(options: Options) -> Any:
-    from go2cloud_client.replication import block
-
-    return block.BlockOptions(bandwidth_mbps=options.bandwidth_mbps, compression=options.compression,
-                              checksum=options.checksum)
+def block_options(options: Options) -> BlockOptions:
+    return BlockOptions(bandwidth_mbps=options.bandwidth_mbps, compression=options.compression,
+                        checksum=options.checksum)

@@ -193,9 +193,9 @@ def install(home: Home, console: Console, *, start: bool = True,
         result = platform.service_install(argv, home.root, start=start, env_file=env_file)
     except (OSError, subp.ProcessError) as exc:
         raise ServiceError(f"installing the service failed: {exc}") from exc
-    from go2cloud_client.hostchanges import HostChanges
+    from go2cloud_client.host.changes import HostChangeJournal
 
-    HostChanges(home).replace("service_installed", unit=result["unit"], wants_link=result["wants_link"],
+    HostChangeJournal(home).replace("service_installed", unit=result["unit"], wants_link=result["wants_link"],
                               home=str(home.root))
     console.line(f"Installed the service {platform.SERVICE_NAME}: {result['unit']}")
     if result["managed"]:
@@ -240,12 +240,12 @@ def remove_service_files(home: Optional[Home] = None) -> List[str]:
 
 
 def uninstall(home: Home, console: Console) -> List[str]:
-    """``service uninstall``: stop the agent, remove the service, forget it in the ledger."""
-    from go2cloud_client.hostchanges import HostChanges
+    """``service uninstall``: stop the agent, remove the service, forget it in the host change journal."""
+    from go2cloud_client.host.changes import HostChangeJournal
 
     done = remove_service_files(home)
     if home.exists():
-        HostChanges(home).forget_kind("service_installed")
+        HostChangeJournal(home).forget_kind("service_installed")
     for line in done:
         console.line(line[0].upper() + line[1:])
     if not done:

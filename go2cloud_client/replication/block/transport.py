@@ -28,7 +28,6 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import urlsplit
 
-from go2cloud_client.config import is_loopback_host, normalize_fingerprint
 from go2cloud_client.proxy import ProxyURL, connect_via_proxy
 from go2cloud_client.replication.block.codec import HOLE, Encoded, frame
 from go2cloud_client.replication.block.errors import (
@@ -37,7 +36,13 @@ from go2cloud_client.replication.block.errors import (
     BlockTargetRejectedError,
     SessionFencedError,
 )
-from go2cloud_client.tlspin import PinMismatch, check_pin, client_context
+from go2cloud_client.tlspin import (
+    PinMismatch,
+    check_pin,
+    client_context,
+    is_loopback_host,
+    normalize_fingerprint,
+)
 
 LOG = logging.getLogger(__name__)
 

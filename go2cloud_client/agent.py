@@ -32,6 +32,7 @@ from go2cloud_client import __version__, platform
 from go2cloud_client.api import ControlPlane, RetryingControlPlane
 from go2cloud_client.backoff import jittered
 from go2cloud_client.blockcycle import recover_snapshots
+from go2cloud_client.clock import utc_now
 from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, Command, parse_command
 from go2cloud_client.config import Config
 from go2cloud_client.console import WAITING_LINE, Console
@@ -42,7 +43,7 @@ from go2cloud_client.errors import (
     IdentityRejectedError,
     SessionConflictError,
 )
-from go2cloud_client.events import EventBuffer, utc_now
+from go2cloud_client.events import EventBuffer
 from go2cloud_client.home import Home
 from go2cloud_client.identity import Identity
 from go2cloud_client.ledger import FINAL_STATUSES, Ledger

@@ -28,6 +28,7 @@ from go2cloud_client import __version__, hostprep, platform, servicemode
 from go2cloud_client.agent import Agent, kill_children
 from go2cloud_client.api import ControlPlane, RetryingControlPlane, retry_after_of
 from go2cloud_client.blockcycle import recover_snapshots
+from go2cloud_client.clock import utc_now
 from go2cloud_client.config import Config, load_config
 from go2cloud_client.console import Console, human_bytes, progress_line
 from go2cloud_client.errors import (
@@ -39,7 +40,6 @@ from go2cloud_client.errors import (
     UninstallError,
     UsageError,
 )
-from go2cloud_client.events import utc_now
 from go2cloud_client.home import Home, HomeLock, configure_logging, log_path, resolve_home
 from go2cloud_client.hostchanges import HostChanges, describe, revert_all
 from go2cloud_client.hostprep import HostPrep, block_summary, ensure_rsync

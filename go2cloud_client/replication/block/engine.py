@@ -45,10 +45,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from go2cloud_client.clock import utc_now
 from go2cloud_client.proxy import ProxyURL
 from go2cloud_client.replication.block import adaptive, codec
 from go2cloud_client.replication.block.bucket import BURST_S, TokenBucket, mbps_to_bytes
@@ -160,10 +160,6 @@ class BlockCycleResult(CycleResult):
             "chunks_total", "chunks_sent", "chunks_compressed", "chunks_holes", "chunks_unchanged",
             "chunks_resumed", "chunks_repaired", "bytes_read", "bytes_zero", "verify_rounds", "disks")})
         return d
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def check_disk_name(name: str) -> str:
@@ -393,7 +389,7 @@ class BlockReplicator:
         BlockTargetFullError, BlockTargetError (retryable) or BlockTargetRejectedError."""
         if not 0 < cycle.number <= 999999:
             raise ValueError(f"invalid cycle number {cycle.number}")
-        started = _utc_now()
+        started = utc_now()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         sources: List[_Source] = []
         try:
@@ -424,7 +420,7 @@ class BlockReplicator:
             for src in sources:
                 src.close()
         result.bytes_sent = sum(p.bytes_sent for p in self._progress)
-        result.finished_at = _utc_now()
+        result.finished_at = utc_now()
         self._emit(force=True)
         return result
 

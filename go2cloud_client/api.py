@@ -23,7 +23,7 @@ import requests
 import tenacity
 from requests.adapters import HTTPAdapter
 
-from go2cloud_client import __version__
+from go2cloud_client import __version__, backoff
 from go2cloud_client.errors import (
     SERVER_CODES,
     Go2CloudError,
@@ -633,29 +633,16 @@ class RetryingControlPlane:
 
     def _retrying(self, predicate: Callable[[BaseException], bool],
                   attempts: Optional[int]) -> tenacity.Retrying:
-        stops: List[Any] = []
-        if attempts is not None:
-            stops.append(tenacity.stop_after_attempt(attempts))
-        if self.stop_event is not None:
-            event = self.stop_event
-            stops.append(lambda _state: event.is_set())
-        stop: Any = tenacity.stop_any(*stops) if stops else tenacity.stop_never
-
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             LOG.debug("control plane call failed (attempt %d): %s", state.attempt_number, exc)
             if self.on_retry is not None and exc is not None:
                 self.on_retry(exc, state.attempt_number)
 
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception(predicate),
-            wait=_RetryAfterOrBackoff(
-                tenacity.wait_random_exponential(multiplier=self.multiplier, max=self.max_wait)),
-            stop=stop,
-            sleep=self._sleep,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+        return backoff.retrying(
+            predicate,
+            wait=_RetryAfterOrBackoff(backoff.random_exponential(self.multiplier, self.max_wait)),
+            attempts=attempts, stop_event=self.stop_event, sleep=self._sleep, before_sleep=before_sleep)
 
     def call(self, fn: Callable[..., Any], *args: Any, attempts: Optional[int] = -1, **kwargs: Any) -> Any:
         limit = self.attempts if attempts == -1 else attempts

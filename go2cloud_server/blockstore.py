@@ -57,7 +57,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,7 +79,7 @@ import blake3
 import xxhash
 import zstandard
 
-from go2cloud_server import children
+from go2cloud_server import children, proc
 from go2cloud_server.atomicfile import write_atomic
 from go2cloud_server.errors import Conflict, InvalidInput, NotFound, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED
@@ -472,17 +471,14 @@ def _drain(steps: Generator[None, None, _T]) -> _T:
 
 def _run_check(args: List[str], full: Optional[List[str]] = None) -> Tuple[Optional[int], str]:
     """(return code, last lines of the output); ``full`` receives every line when given."""
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
     try:
         if children.REGISTRY is not None:  # the server's: the check dies with it (a kill -9)
-            rc, stdout = children.REGISTRY.run(args, timeout=FSCK_TIMEOUT_S, env=env)
+            rc, stdout = children.REGISTRY.run(args, timeout=FSCK_TIMEOUT_S)
         else:
-            proc = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=FSCK_TIMEOUT_S, env=env)
-            rc, stdout = proc.returncode, proc.stdout
+            rc, stdout = proc.run(args, timeout=FSCK_TIMEOUT_S)
     except FileNotFoundError:
         return None, f"{args[0]} is not installed"
-    except subprocess.TimeoutExpired:
+    except proc.TimeoutExpired:
         return None, f"{args[0]} did not finish within {FSCK_TIMEOUT_S} s"
     out = stdout.decode("utf-8", "replace").strip().splitlines()
     if full is not None:

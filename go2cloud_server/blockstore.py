@@ -80,7 +80,7 @@ import xxhash
 import zstandard
 
 from go2cloud_server import children, proc
-from go2cloud_server.atomicfile import write_atomic
+from go2cloud_server.atomicfile import fsync_dir, write_atomic
 from go2cloud_server.errors import Conflict, InvalidInput, NotFound, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED
 
@@ -390,16 +390,6 @@ def sparse_copy(src: Path, dst: Path) -> str:
     finally:
         os.close(sfd)
     return how
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 #: logical bytes hashed per step of a generation's verification (``verify_generation_steps``):
@@ -886,7 +876,7 @@ class BlockTaskStore:
                     "version": STATE_VERSION, "disk": disk, "chunk_size": chunk_size, "disk_size": disk_size,
                     "committed_cycle": cycle, "hashes_count": count, "hashes_digest": digest,
                     "committed_at": _utc_now()}, indent=1) + "\n")
-                _fsync_dir(ddir)
+                fsync_dir(ddir)
             except OSError as exc:
                 self._raise_io(exc, f"cannot commit disk {disk}")
             finally:
@@ -977,7 +967,7 @@ class BlockTaskStore:
                     stale.unlink()
             try:
                 how = sparse_copy(ddir / CURRENT, img)
-                _fsync_dir(ddir)
+                fsync_dir(ddir)
                 size = img.stat().st_size
             except OSError as exc:
                 if img.exists():

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from go2cloud_server import proc
+from go2cloud_server.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Children:
             doc = {"pid": child.pid, "start_ticks": ident[0], "boot_id": self._boot, "argv": list(argv)}
             try:
                 self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._record(child.pid).write_text(json.dumps(doc) + "\n")
+                write_atomic(self._record(child.pid), json.dumps(doc) + "\n")
             except OSError as exc:  # the child runs all the same: it dies with the server
                 log.warning("cannot record child %d (%s): %s", child.pid, argv[0], exc)
         return child

@@ -25,6 +25,10 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 LOG = logging.getLogger(__name__)
 
+#: a guard process (:func:`start_guard`), and the error of a wait for one that outlived its timeout
+Guard = subprocess.Popen
+TimeoutExpired = subprocess.TimeoutExpired
+
 
 class ProcessError(Exception):
     """A child process could not be started, timed out, or exited with a code not allowed."""
@@ -97,7 +101,7 @@ def run(args: Sequence[str], *, timeout: float = 120.0, rcs: Iterable[int] = (0,
     return res
 
 
-def start_guard(args: Sequence[str]) -> subprocess.Popen[bytes]:
+def start_guard(args: Sequence[str]) -> Guard[bytes]:
     """Start a guard process in its own session with stdin as a pipe we keep open.
 
     The guard's stdout/stderr go to /dev/null. Closing (or dying with) the pipe is the signal.

@@ -31,6 +31,7 @@ import psutil
 from go2cloud_client import __version__, platform
 from go2cloud_client.api import ControlPlane, RetryingControlPlane
 from go2cloud_client.backoff import jittered
+from go2cloud_client.clock import utc_now
 from go2cloud_client.command_journal import FINAL_STATUSES, CommandJournal
 from go2cloud_client.commands import KNOWN_TYPES, SUPPORTED_TYPES, Command, parse_command
 from go2cloud_client.config import Config
@@ -42,7 +43,7 @@ from go2cloud_client.errors import (
     IdentityRejectedError,
     SessionConflictError,
 )
-from go2cloud_client.events import EventBuffer, utc_now
+from go2cloud_client.events import EventBuffer
 from go2cloud_client.home import Home
 from go2cloud_client.identity import Identity
 from go2cloud_client.outage import OutageLog

@@ -23,8 +23,7 @@ import requests
 import tenacity
 from requests.adapters import HTTPAdapter
 
-from go2cloud_client import __version__
-from go2cloud_client.config import is_loopback_host, normalize_fingerprint
+from go2cloud_client import __version__, backoff
 from go2cloud_client.errors import (
     SERVER_CODES,
     Go2CloudError,
@@ -41,6 +40,7 @@ from go2cloud_client.errors import (
 from go2cloud_client.identity import Identity
 from go2cloud_client.proxy import ProxySettings
 from go2cloud_client.proxy import refused as proxy_refused
+from go2cloud_client.tlspin import https_adapter, is_loopback_host, normalize_fingerprint
 
 LOG = logging.getLogger(__name__)
 
@@ -54,31 +54,6 @@ _SAFE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _TOKEN_MARGIN_S = 30.0
 #: The longest ``Retry-After`` (429/503) the agent waits before retrying; a longer one is cut.
 RETRY_AFTER_MAX_S = 300.0
-
-
-class _PinnedAdapter(HTTPAdapter):
-    """An adapter whose connections accept exactly the certificate with this SHA-256 fingerprint
-    (urllib3 ``assert_fingerprint``); CA and host-name checks are replaced by the pin."""
-
-    def __init__(self, fingerprint_hex: str) -> None:
-        self._fingerprint_hex = fingerprint_hex
-        super().__init__(max_retries=0)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["assert_fingerprint"] = self._fingerprint_hex
-        super().init_poolmanager(*args, **kwargs)
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        # requests builds the proxy's pool manager apart from init_poolmanager's: without this
-        # the tunnelled connections would skip the pin (and, verify being off, every check)
-        proxy_kwargs["assert_fingerprint"] = self._fingerprint_hex
-        return super().proxy_manager_for(proxy, **proxy_kwargs)
-
-    def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        # The pin replaces CA verification. Forced here because requests lets REQUESTS_CA_BUNDLE
-        # override a session-level verify=False; urllib3 marks pinned connections verified.
-        kwargs["verify"] = False
-        return super().send(request, **kwargs)
 
 
 def _field(doc: Mapping[str, Any], name: str, kind: Any, where: str, *, optional: bool = False) -> Any:
@@ -127,10 +102,7 @@ class ControlPlane:
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = f"go2cloud_client/{agent_version}"
         self.session.headers["Accept"] = "application/json"
-        if self.fingerprint:
-            self.session.mount("https://", _PinnedAdapter(self.fingerprint[len("sha256:"):]))
-        else:
-            self.session.mount("https://", HTTPAdapter(max_retries=0))
+        self.session.mount("https://", https_adapter(self.fingerprint))
         self.session.mount("http://", HTTPAdapter(max_retries=0))
         # the agent's own proxy setting is the only one used (not requests' reading of the
         # environment, which the other channels could not follow): CONNECT, then TLS end to end
@@ -661,29 +633,16 @@ class RetryingControlPlane:
 
     def _retrying(self, predicate: Callable[[BaseException], bool],
                   attempts: Optional[int]) -> tenacity.Retrying:
-        stops: List[Any] = []
-        if attempts is not None:
-            stops.append(tenacity.stop_after_attempt(attempts))
-        if self.stop_event is not None:
-            event = self.stop_event
-            stops.append(lambda _state: event.is_set())
-        stop: Any = tenacity.stop_any(*stops) if stops else tenacity.stop_never
-
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             LOG.debug("control plane call failed (attempt %d): %s", state.attempt_number, exc)
             if self.on_retry is not None and exc is not None:
                 self.on_retry(exc, state.attempt_number)
 
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception(predicate),
-            wait=_RetryAfterOrBackoff(
-                tenacity.wait_random_exponential(multiplier=self.multiplier, max=self.max_wait)),
-            stop=stop,
-            sleep=self._sleep,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+        return backoff.retrying(
+            predicate,
+            wait=_RetryAfterOrBackoff(backoff.random_exponential(self.multiplier, self.max_wait)),
+            attempts=attempts, stop_event=self.stop_event, sleep=self._sleep, before_sleep=before_sleep)
 
     def call(self, fn: Callable[..., Any], *args: Any, attempts: Optional[int] = -1, **kwargs: Any) -> Any:
         limit = self.attempts if attempts == -1 else attempts

@@ -1,4 +1,5 @@
-"""Atomic file replacement for the agent's state, keys, filter files and exclusion lists.
+"""Atomic file replacement for the agent's state, keys, filter files and exclusion lists: the
+agent's one way to write or move a file that must survive a crash.
 
 Temp file in the same directory (created with the final mode, so a secret is never readable by
 others, not even briefly), fsync, rename over the target, fsync the directory. A crash leaves
@@ -34,6 +35,16 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
             pass
         raise
     _fsync_dir(directory)
+
+
+def atomic_rename(src: Path, dst: Path) -> None:
+    """Move ``src`` over ``dst`` (same filesystem) and fsync the directories, so that after a
+    crash the file is under one name or the other, never lost. Raises OSError."""
+    src, dst = Path(src), Path(dst)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        _fsync_dir(src.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

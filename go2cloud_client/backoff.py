@@ -1,21 +1,30 @@
-"""Backoff with jitter and retries under a time budget: the one retry policy of the agent's
-transfers and periodic jobs (docs/reliability.md, sections 5-7).
+"""The agent's one retry policy module (docs/reliability.md, sections 5-7): backoff with
+jitter, retries under a time budget, and the tenacity policies of the request-level retries.
 
 * :class:`Backoff` - the wait before retry ``n``: ``initial * factor**(n-1)``, capped, with a
-  random part (``jitter``) so that agents that failed together do not retry together.
+  random part (``jitter``) so that agents that failed together do not retry together (periodic
+  jobs' restarts, cycle retries).
 * :class:`RetryBudget` - retries of one operation bounded by *time*, not by a count: a flaky
   network that resets every few seconds gets as many tries as fit in the budget, and an attempt
-  that made progress (moved data) starts the budget and the backoff again.
+  that made progress (moved data) starts the budget and the backoff again (a cycle's transfer).
+* :func:`retrying` - a tenacity policy for one request retried a bounded number of times (the
+  control-plane calls, the block target's requests, a refused chunk sent again), with the waits
+  of :func:`doubling` or :func:`random_exponential`, interruptible by an event
+  (:func:`interruptible_sleep`, :func:`stop_when_set`).
 
-Both use the monotonic clock; the clock and the random source can be injected (tests).
+All waits use the monotonic clock; the clock, the sleep and the random source can be injected
+(tests).
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, List, Optional
+
+import tenacity
 
 
 @dataclass(frozen=True)
@@ -98,3 +107,60 @@ class RetryBudget:
     def progressed(self) -> None:
         self.attempts = 0
         self._since = None
+
+
+# -- request-level retries (tenacity) ----------------------------------------------------------
+
+#: a tenacity wait: seconds to wait after a failed attempt, given the retry state
+Wait = Callable[[tenacity.RetryCallState], float]
+
+
+def doubling(initial: float, cap: float) -> Wait:
+    """Waits ``initial, 2*initial, 4*initial...`` up to ``cap``, no jitter (the wait after failed
+    attempt ``n`` is ``min(cap, initial * 2**(n-1))``)."""
+    return tenacity.wait_exponential(multiplier=initial, max=cap, exp_base=2)
+
+
+def random_exponential(multiplier: float, cap: float) -> Wait:
+    """Full-jitter exponential waits: uniform in ``[0, min(cap, multiplier * 2**n))``."""
+    return tenacity.wait_random_exponential(multiplier=multiplier, max=cap)
+
+
+NO_WAIT: Wait = tenacity.wait_none()
+
+
+def stop_when_set(event: threading.Event) -> Callable[[tenacity.RetryCallState], bool]:
+    """A tenacity stop: no further attempt once ``event`` is set."""
+    return lambda _state: event.is_set()
+
+
+def interruptible_sleep(event: threading.Event,
+                        interrupted: Callable[[], BaseException]) -> Callable[[float], None]:
+    """A tenacity sleep that waits on ``event`` and raises ``interrupted()`` when it is set
+    during the wait (a cancelled transfer stops retrying at once)."""
+    def sleep(seconds: float) -> None:
+        if event.wait(seconds):
+            raise interrupted()
+    return sleep
+
+
+def retrying(retry_on: Callable[[BaseException], bool], *, wait: Wait, attempts: Optional[int],
+             stop_event: Optional[threading.Event] = None,
+             sleep: Optional[Callable[[float], None]] = None,
+             before_sleep: Optional[Callable[[tenacity.RetryCallState], None]] = None) -> tenacity.Retrying:
+    """A tenacity policy: exceptions for which ``retry_on`` is true are retried after ``wait``,
+    at most ``attempts`` attempts in all (None: no limit) and none once ``stop_event`` is set; the
+    last exception is raised as it is (never wrapped in ``tenacity.RetryError``)."""
+    stops: List[Any] = []
+    if attempts is not None:
+        stops.append(tenacity.stop_after_attempt(attempts))
+    if stop_event is not None:
+        stops.append(stop_when_set(stop_event))
+    stop: Any = tenacity.stop_any(*stops) if stops else tenacity.stop_never
+    kwargs: Any = {}
+    if sleep is not None:
+        kwargs["sleep"] = sleep
+    if before_sleep is not None:
+        kwargs["before_sleep"] = before_sleep
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(retry_on), wait=wait, stop=stop,
+                             reraise=True, **kwargs)

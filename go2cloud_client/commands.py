@@ -20,6 +20,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from go2cloud_client import bwschedule
 from go2cloud_client.errors import CommandRejectedError
+from go2cloud_client.tlspin import is_canonical_fingerprint
 
 KNOWN_TYPES = ("drill", "start", "sync", "finalize", "pause", "resume", "modify", "abort")
 #: Types this agent version implements (the rest are answered ``unsupported``).
@@ -55,7 +56,6 @@ def alternatives_text() -> str:
 #: ``auto`` uses it only for the final sync of a mounted filesystem)
 CONSISTENT_SNAPSHOT_BACKENDS = ("elastio-snap", "dattobd", "lvm", "btrfs", "reflink", "vss")
 _DISK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,7 @@ def validate_block_target(value: Any, name: str = "target") -> BlockTargetSpec:
 
 
 def _fingerprint(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not _FINGERPRINT_RE.match(value):
+    if not is_canonical_fingerprint(value):
         raise _reject(name, "must be sha256: followed by 64 lowercase hex digits")
     return value
 

@@ -17,7 +17,7 @@ import yaml
 from go2cloud_client.errors import ConfigError, UsageError
 from go2cloud_client.home import Home
 from go2cloud_client.proxy import validate_setting
-from go2cloud_client.tlspin import is_loopback_host, normalize_fingerprint  # noqa: F401 - re-exported
+from go2cloud_client.tlspin import is_loopback_host, normalize_fingerprint
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from datetime import datetime, timezone
 from typing import Any, Callable, Deque, Dict
 
+from go2cloud_client.clock import utc_now
+
 BATCH = 100
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class EventBuffer:

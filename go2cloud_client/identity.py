@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from go2cloud_client.atomicfile import atomic_rename
 from go2cloud_client.errors import ConfigError
 from go2cloud_client.home import Home
 
@@ -82,7 +82,7 @@ class Identity:
         if not home.key_file.exists():
             return False
         try:
-            os.replace(home.key_file, home.previous_key_file)
+            atomic_rename(home.key_file, home.previous_key_file)
         except OSError as exc:
             raise ConfigError(f"cannot move the agent key {home.key_file}: {exc.strerror or exc}") from exc
         return True

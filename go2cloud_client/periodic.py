@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from go2cloud_client.backoff import Backoff
-from go2cloud_client.events import utc_now
+from go2cloud_client.clock import utc_now
 
 LOG = logging.getLogger(__name__)
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, cast
 
-from go2cloud_client import inventory, platform
+import tenacity
+
+from go2cloud_client import backoff, inventory, platform
 from go2cloud_client.errors import SessionBusyError
 from go2cloud_client.home import Home
 
@@ -64,17 +66,30 @@ def open_session(
     sid = session_id(home)
     instance = secrets.token_hex(16)
     fp = fingerprint(home)
-    told = False
-    while True:
-        try:
-            return open_call(sid, instance, fp)
-        except SessionBusyError as exc:
-            wait = min(MAX_WAIT_S, max(1.0, float(exc.retry_after or 5)))
-            if not told:
-                told = True
-                LOG.warning("%s", exc)
-                if on_wait is not None:
-                    on_wait(f"Another agent process holds this source's session; waiting up to a few "
-                            f"heartbeat intervals for it to end ({exc})")
-            if stop_event.wait(wait):
-                return 0  # stopping: no session
+
+    def told(state: tenacity.RetryCallState) -> None:
+        if state.attempt_number == 1:  # one warning per wait, not one per attempt
+            exc = state.outcome.exception() if state.outcome else None
+            LOG.warning("%s", exc)
+            if on_wait is not None:
+                on_wait(f"Another agent process holds this source's session; waiting up to a few "
+                        f"heartbeat intervals for it to end ({exc})")
+
+    policy = backoff.retrying(lambda exc: isinstance(exc, SessionBusyError), wait=_busy_wait, attempts=None,
+                              sleep=backoff.interruptible_sleep(stop_event, _Stopping), before_sleep=told)
+    try:
+        return cast(int, policy(open_call, sid, instance, fp))
+    except _Stopping:
+        return 0  # stopping: no session
+
+
+class _Stopping(Exception):
+    """The agent stops while waiting for the session."""
+
+
+def _busy_wait(state: tenacity.RetryCallState) -> float:
+    """The wait after a ``session_busy``: the control plane's Retry-After (5 s when it gave none),
+    between 1 s and MAX_WAIT_S."""
+    exc = state.outcome.exception() if state.outcome else None
+    retry_after = exc.retry_after if isinstance(exc, SessionBusyError) else None
+    return min(MAX_WAIT_S, max(1.0, float(retry_after or 5)))

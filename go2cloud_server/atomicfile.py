@@ -1,4 +1,5 @@
-"""Atomic file writes: temp file in the same directory, fsync, rename, fsync the directory."""
+"""Atomic file writes: temp file in the same directory, fsync, rename, fsync the directory (the
+server package's one way to write a file that must survive a crash whole)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ def write_atomic(path: Path, data: Union[bytes, str], mode: int = 0o600) -> None
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(str(path.parent), os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of ``directory`` durable (a rename, a new file); a filesystem that
+    refuses fsync on directories is accepted."""
+    dir_fd = os.open(str(directory), os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     except OSError:  # pragma: no cover - some filesystems refuse fsync on directories

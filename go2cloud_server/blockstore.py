@@ -57,7 +57,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 from typing import (
@@ -79,8 +78,8 @@ import blake3
 import xxhash
 import zstandard
 
-from go2cloud_server import children
-from go2cloud_server.atomicfile import write_atomic
+from go2cloud_server import children, proc
+from go2cloud_server.atomicfile import fsync_dir, write_atomic
 from go2cloud_server.clock import utc_now_iso
 from go2cloud_server.errors import Conflict, InvalidInput, NotFound, ServerError
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING, REPORT_VERIFIED
@@ -389,16 +388,6 @@ def sparse_copy(src: Path, dst: Path) -> str:
     return how
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 #: logical bytes hashed per step of a generation's verification (``verify_generation_steps``):
 #: the shared background verifier takes turns between tasks after each step (a step is ~50 ms
 #: of sha256, or a read of this much data)
@@ -468,17 +457,14 @@ def _drain(steps: Generator[None, None, _T]) -> _T:
 
 def _run_check(args: List[str], full: Optional[List[str]] = None) -> Tuple[Optional[int], str]:
     """(return code, last lines of the output); ``full`` receives every line when given."""
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
     try:
         if children.REGISTRY is not None:  # the server's: the check dies with it (a kill -9)
-            rc, stdout = children.REGISTRY.run(args, timeout=FSCK_TIMEOUT_S, env=env)
+            rc, stdout = children.REGISTRY.run(args, timeout=FSCK_TIMEOUT_S)
         else:
-            proc = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=FSCK_TIMEOUT_S, env=env)
-            rc, stdout = proc.returncode, proc.stdout
+            rc, stdout = proc.run(args, timeout=FSCK_TIMEOUT_S)
     except FileNotFoundError:
         return None, f"{args[0]} is not installed"
-    except subprocess.TimeoutExpired:
+    except proc.TimeoutExpired:
         return None, f"{args[0]} did not finish within {FSCK_TIMEOUT_S} s"
     out = stdout.decode("utf-8", "replace").strip().splitlines()
     if full is not None:
@@ -886,7 +872,7 @@ class BlockTaskStore:
                     "version": STATE_VERSION, "disk": disk, "chunk_size": chunk_size, "disk_size": disk_size,
                     "committed_cycle": cycle, "hashes_count": count, "hashes_digest": digest,
                     "committed_at": utc_now_iso()}, indent=1) + "\n")
-                _fsync_dir(ddir)
+                fsync_dir(ddir)
             except OSError as exc:
                 self._raise_io(exc, f"cannot commit disk {disk}")
             finally:
@@ -977,7 +963,7 @@ class BlockTaskStore:
                     stale.unlink()
             try:
                 how = sparse_copy(ddir / CURRENT, img)
-                _fsync_dir(ddir)
+                fsync_dir(ddir)
                 size = img.stat().st_size
             except OSError as exc:
                 if img.exists():

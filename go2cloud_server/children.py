@@ -2,7 +2,8 @@
 
 Two guards, because ``kill -9`` of ``serve`` runs none of the server's own cleanup:
 
-* every child is started with ``PR_SET_PDEATHSIG = SIGKILL`` (Linux): the kernel kills it when
+* every child is started (by :func:`go2cloud_server.proc.spawn`, the server's one process
+  gateway, with its minimal environment) with ``PR_SET_PDEATHSIG = SIGKILL`` (Linux): the kernel kills it when
   the server's thread that started it ends, which a SIGKILL of the server does at once. The child
   checks, right after setting it, that its parent is still the server (one that died in between
   would never signal it) and exits otherwise. The child leads its own process group (what it
@@ -24,25 +25,20 @@ task's rsync password) are removed at the next start (:func:`remove_stale_dirs`)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-log = logging.getLogger(__name__)
+from go2cloud_server import proc
+from go2cloud_server.atomicfile import write_atomic
 
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _prctl = None
+log = logging.getLogger(__name__)
 
 
 def boot_id() -> str:
@@ -80,14 +76,6 @@ def session_members(sid: int) -> List[int]:
     return found
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: SIGKILL when the parent's thread ends (see module docstring)."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the server died before the line above: nobody would signal us
-        os._exit(1)
-
-
 class Children:
     """The records of running children under ``run_dir`` (``<data-dir>/run/children``)."""
 
@@ -99,43 +87,38 @@ class Children:
     def _record(self, pid: int) -> Path:
         return self.run_dir / f"{pid}.json"
 
-    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
-        """``subprocess.Popen(argv, **kw)`` that dies with the server and is recorded until
-        :meth:`forget` (its own session: ``killpg`` reaches what it starts)."""
-        parent = os.getpid()
-        proc = subprocess.Popen(list(argv), start_new_session=True,
-                                preexec_fn=lambda: _die_with_parent(parent), **kw)  # noqa: PLW1509
-        ident = process_identity(proc.pid)
+    def popen(self, argv: Sequence[str], **kw: Any) -> proc.Popen:
+        """:func:`proc.spawn` of ``argv`` (``kw``: its keywords) that dies with the server and is
+        recorded until :meth:`forget` (its own session: ``killpg`` reaches what it starts)."""
+        child = proc.spawn(argv, die_with_server=True, **kw)
+        ident = process_identity(child.pid)
         if ident is not None:
-            doc = {"pid": proc.pid, "start_ticks": ident[0], "boot_id": self._boot, "argv": list(argv)}
+            doc = {"pid": child.pid, "start_ticks": ident[0], "boot_id": self._boot, "argv": list(argv)}
             try:
                 self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._record(proc.pid).write_text(json.dumps(doc) + "\n")
+                write_atomic(self._record(child.pid), json.dumps(doc) + "\n")
             except OSError as exc:  # the child runs all the same: it dies with the server
-                log.warning("cannot record child %d (%s): %s", proc.pid, argv[0], exc)
-        return proc
+                log.warning("cannot record child %d (%s): %s", child.pid, argv[0], exc)
+        return child
 
-    def forget(self, proc: subprocess.Popen) -> None:
+    def forget(self, child: proc.Popen) -> None:
         with contextlib.suppress(OSError):
-            self._record(proc.pid).unlink()
+            self._record(child.pid).unlink()
 
     def run(self, argv: Sequence[str], timeout: float, **kw: Any) -> Tuple[int, bytes]:
-        """Run ``argv`` to its end (stdout and stderr together); on ``timeout`` its process group
-        is killed and :class:`subprocess.TimeoutExpired` raised."""
-        proc = self.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, **kw)
+        """:func:`proc.run` of ``argv`` (stdout and stderr together), the child recorded while it
+        runs; on ``timeout`` its process group is killed and :data:`proc.TimeoutExpired` raised."""
+        started: List[proc.Popen] = []
+
+        def spawner(args: Sequence[str], **spawn_kw: Any) -> proc.Popen:
+            started.append(self.popen(args, **spawn_kw))
+            return started[-1]
+
         try:
-            out, _ = proc.communicate(timeout=timeout)
-            return proc.returncode, out
-        except subprocess.TimeoutExpired:
-            _killpg(proc.pid)
-            proc.communicate()
-            raise
+            return proc.run(argv, timeout=timeout, spawner=spawner, **kw)
         finally:
-            if proc.poll() is None:
-                _killpg(proc.pid)
-                proc.wait()
-            self.forget(proc)
+            for child in started:
+                self.forget(child)
 
     def stop_leftovers(self, grace: float = 5.0) -> int:
         """At start: stop every recorded child that is still the process it names (its process
@@ -159,7 +142,7 @@ class Children:
             if same:
                 log.warning("a child of the previous server run is still running (pid %d: %s): stopped",
                             pid, " ".join(doc.get("argv") or [])[:200])
-                _killpg(pid)
+                proc.kill_group(pid)
                 deadline = time.monotonic() + grace
                 while process_identity(pid) is not None and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -177,18 +160,6 @@ class Children:
                     stopped += 1
             path.unlink(missing_ok=True)
         return stopped
-
-
-def _killpg(pid: int) -> None:
-    """SIGKILL the process group ``pid`` leads (the child and what it started), else the pid."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)
-            return
-    except (ProcessLookupError, PermissionError):
-        pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
 
 
 def remove_stale_dirs(parent: Path) -> int:

@@ -17,46 +17,14 @@ from typing import Any, Dict, Optional
 from urllib.parse import quote
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from go2cloud_server import auth, tls
 from go2cloud_server.errors import BY_CODE, AuthFailed, InvalidInput, ServerError, ServerUnreachable
+from go2cloud_server.tlspin import normalise_fingerprint, pinned_session
 
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE = 16 * 1024 * 1024
-
-
-class PinnedAdapter(HTTPAdapter):
-    """Accepts exactly the certificate whose SHA-256 fingerprint is ``fingerprint``."""
-
-    def __init__(self, fingerprint: str, **kwargs: Any) -> None:
-        self._fingerprint = normalise_fingerprint(fingerprint).split(":", 1)[1]
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["assert_fingerprint"] = self._fingerprint
-        kwargs["assert_hostname"] = False
-        kwargs["cert_reqs"] = "CERT_NONE"
-        super().init_poolmanager(*args, **kwargs)
-
-
-def normalise_fingerprint(value: str) -> str:
-    text = value.strip().lower()
-    if text.startswith("sha256:"):
-        text = text[len("sha256:") :]
-    text = text.replace(":", "")
-    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-        raise InvalidInput(f"--server-fingerprint {value!r}: expected sha256: followed by 64 hex digits")
-    return "sha256:" + text
-
-
-def pinned_session(fingerprint: Optional[str]) -> requests.Session:
-    session = requests.Session()
-    if fingerprint:
-        session.mount("https://", PinnedAdapter(fingerprint))
-        session.verify = False  # the pin replaces CA verification (urllib3 still checks the fingerprint)
-    return session
 
 
 @dataclass

@@ -31,12 +31,10 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import stat
 import struct
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from go2cloud_server import tlsstream
+from go2cloud_server.proc import PIPE, Popen, kill, reap, spawn
 
 LOG = logging.getLogger(__name__)
 
@@ -263,7 +262,7 @@ class _Session:
     """A task's claim on its one session: the daemon once it runs, and the event that stops it."""
 
     def __init__(self) -> None:
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: Optional[Popen] = None
         self.stopped = threading.Event()
 
 
@@ -340,7 +339,7 @@ class RsyncSessions:
             LOG.info("task %s: a new rsync session ends the one still running", task_id)
             old.stopped.set()
             if old.proc is not None:
-                _kill(old.proc)
+                kill(old.proc)
             if time.monotonic() > deadline:
                 raise RsyncSessionError(f"the previous rsync session of task {task_id} did not end")
             time.sleep(0.02)
@@ -381,17 +380,15 @@ class RsyncSessions:
                 guards.append(_DirGuard(link_dir))
             ours, theirs = socket.socketpair()
             try:
-                proc = subprocess.Popen(
+                proc = spawn(
                     [rsync, "--server", "--daemon", f"--config={conf}", "."],
-                    stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE, cwd=str(sdir),
-                    start_new_session=True, close_fds=True,
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+                    stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=PIPE, cwd=str(sdir),
                 )
             finally:
                 theirs.close()
             claim.proc = proc
             if claim.stopped.is_set():  # a newer session of the task came in meanwhile
-                _kill(proc)
+                kill(proc)
             assert proc.stderr is not None
             tail = ""
             rc = -1
@@ -406,8 +403,8 @@ class RsyncSessions:
             finally:
                 ours.close()
                 if rc == -1 or proc.poll() is None:
-                    _kill(proc)
-                _reap(proc)
+                    kill(proc)
+                reap(proc)
                 proc.stderr.close()
             tail = tail or _tail(log_file)
             if rc != 0:
@@ -428,7 +425,7 @@ class RsyncSessions:
             return
         session.stopped.set()
         if session.proc is not None:
-            _kill(session.proc)
+            kill(session.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.busy(task_id):
@@ -441,23 +438,6 @@ class RsyncSessions:
             tasks = [t for t, s in self._running.items() if s is not None]
         for task_id in tasks:
             self.close_task(task_id)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _reap(proc: subprocess.Popen, grace: float = 5.0) -> int:
-    try:
-        return proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        proc.wait(timeout=grace)
-        return -1
 
 
 def _tail(log_file: Path) -> str:
@@ -474,7 +454,7 @@ def frame(kind: int, payload: bytes) -> bytes:
     return FRAME.pack(kind, len(payload)) + payload
 
 
-def _pump(conn: Any, child: socket.socket, err_fd: int, proc: subprocess.Popen,
+def _pump(conn: Any, child: socket.socket, err_fd: int, proc: Popen,
           stopped: threading.Event, idle_timeout: float, on_exit: Callable[[], None]) -> int:
     """Copy the agent's bytes to the daemon as they are, and the daemon's output, its stderr and
     finally its exit status to the agent in frames. The agent's tunnel writes the data to rsync,
@@ -530,7 +510,7 @@ def _pump(conn: Any, child: socket.socket, err_fd: int, proc: subprocess.Popen,
                 last[0] = time.monotonic()
         except (OSError, ssl.SSLError):
             agent_lost.set()
-            _kill(proc)  # nobody to tell: end the daemon rather than leave it blocked
+            kill(proc)  # nobody to tell: end the daemon rather than leave it blocked
 
     workers = [
         threading.Thread(target=upstream, name="rsync-session-up", daemon=True),
@@ -543,7 +523,7 @@ def _pump(conn: Any, child: socket.socket, err_fd: int, proc: subprocess.Popen,
         worker.start()
 
     def cut() -> None:
-        _kill(proc)
+        kill(proc)
         try:
             raw.shutdown(socket.SHUT_RDWR)  # wakes the thread reading from the agent
         except OSError:
@@ -561,7 +541,7 @@ def _pump(conn: Any, child: socket.socket, err_fd: int, proc: subprocess.Popen,
                 LOG.warning("rsync session idle for %.0f s: closed", idle_timeout)
                 cut()
                 return -1
-        status = _reap(proc)
+        status = reap(proc)
         on_exit()
         if agent_lost.is_set():
             return -1

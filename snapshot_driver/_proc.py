@@ -4,6 +4,9 @@
   tool accepts it.
 * stdin is closed, a timeout is always set, ``LC_ALL=C`` so the output we parse is not
   translated.
+* The environment is built on purpose (:func:`child_env`): the caller's, minus anything that
+  looks like a secret (the same markers as the agent's ``go2cloud_client/subp.py``: a token code,
+  an rsync password never reach ``lvcreate`` or ``fsfreeze``).
 * A failure raises :class:`ProcessError` carrying the command, exit code, stdout and stderr.
   Backends turn it into a :class:`snapshot_driver.base.SnapshotError` with a stable code.
 
@@ -21,6 +24,10 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
 LOG = logging.getLogger(__name__)
+
+#: a guard process (:func:`start_guard`), and the error of a wait for one that outlived its timeout
+Guard = subprocess.Popen
+TimeoutExpired = subprocess.TimeoutExpired
 
 
 class ProcessError(Exception):
@@ -51,8 +58,15 @@ class Result:
     stderr: str
 
 
-def _env() -> Dict[str, str]:
-    env = dict(os.environ)
+#: Environment variables never inherited by children: a name containing one of these (any case).
+#: The same list as the agent's (go2cloud_client/subp.py); snapshot_driver imports nothing of
+#: the agent, so it is written here too.
+SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN", "PASSPHRASE", "CREDENTIAL")
+
+
+def child_env() -> Dict[str, str]:
+    """Environment for a child: inherited minus secrets, ``LC_ALL=C`` and ``LANG=C``."""
+    env = {k: v for k, v in os.environ.items() if not any(m in k.upper() for m in SECRET_MARKERS)}
     env["LC_ALL"] = "C"
     env["LANG"] = "C"
     return env
@@ -75,7 +89,7 @@ def run(args: Sequence[str], *, timeout: float = 120.0, rcs: Iterable[int] = (0,
     LOG.debug("running %s", cmd)
     try:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=timeout, env=_env(), check=False)
+                              stderr=subprocess.PIPE, timeout=timeout, env=child_env(), check=False)
     except FileNotFoundError as exc:
         raise ProcessError(cmd, None, reason="not_found") from exc
     except subprocess.TimeoutExpired as exc:
@@ -87,7 +101,7 @@ def run(args: Sequence[str], *, timeout: float = 120.0, rcs: Iterable[int] = (0,
     return res
 
 
-def start_guard(args: Sequence[str]) -> subprocess.Popen[bytes]:
+def start_guard(args: Sequence[str]) -> Guard[bytes]:
     """Start a guard process in its own session with stdin as a pipe we keep open.
 
     The guard's stdout/stderr go to /dev/null. Closing (or dying with) the pipe is the signal.
@@ -96,6 +110,6 @@ def start_guard(args: Sequence[str]) -> subprocess.Popen[bytes]:
     LOG.debug("starting guard %s", cmd)
     try:
         return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+                                stderr=subprocess.DEVNULL, env=child_env(), start_new_session=True)
     except FileNotFoundError as exc:
         raise ProcessError(cmd, None, reason="not_found") from exc

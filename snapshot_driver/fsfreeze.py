@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import subprocess
 import sys
 import threading
 import uuid
@@ -96,7 +95,7 @@ def thaw(mountpoint: str) -> bool:
 
 class FreezeSnapshot(Snapshot):
     def __init__(self, backend: FsfreezeBackend, volume: str, size: int, mountpoint: str,
-                 snap_id: str, record: SnapshotRecord, guard: Optional[subprocess.Popen[bytes]],
+                 snap_id: str, record: SnapshotRecord, guard: Optional[_proc.Guard[bytes]],
                  window: float) -> None:
         super().__init__(backend.name, volume, size)
         self.mountpoint = mountpoint
@@ -154,7 +153,7 @@ class FreezeSnapshot(Snapshot):
             self._released = True
 
 
-def _stop_guard(guard: Optional[subprocess.Popen[bytes]]) -> None:
+def _stop_guard(guard: Optional[_proc.Guard[bytes]]) -> None:
     if guard is None:
         return
     try:
@@ -165,7 +164,7 @@ def _stop_guard(guard: Optional[subprocess.Popen[bytes]]) -> None:
         pass
     try:
         guard.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+    except _proc.TimeoutExpired:
         guard.kill()
         guard.wait()
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from go2cloud_client import __version__
+from go2cloud_client.clock import utc_now
 from go2cloud_client.drill.checks import ALL_CHECKS, Context, Target
 from go2cloud_client.drill.model import Item, Report, warning
-from go2cloud_client.events import utc_now
 from go2cloud_client.proxy import ProxySettings
 
 LOG = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from go2cloud_client import platform, subp
+from go2cloud_client.clock import utc_now
 from go2cloud_client.errors import ConfigError, Go2CloudError, HostRevertError
-from go2cloud_client.events import utc_now
 from go2cloud_client.home import Home
 
 LOG = logging.getLogger(__name__)

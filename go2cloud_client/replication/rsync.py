@@ -56,12 +56,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from go2cloud_client import subp
+from go2cloud_client.clock import utc_now
 from go2cloud_client.errors import ProxyRefusedError, ReplicationError, RsyncMissingError
 from go2cloud_client.proxy import ProxyURL
 from go2cloud_client.replication import excludes as excludes_mod
@@ -167,8 +167,6 @@ class Cycle:
     incremental: bool
 
 
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def find_rsync() -> Optional[str]:
@@ -600,7 +598,7 @@ class FileReplicator:
     def run_cycle(self, cycle: Cycle, cancel: threading.Event) -> CycleResult:
         """Run one sync cycle over all paths. Raises TransferCancelled if ``cancel`` is set,
         ReplicationError (or a subclass) on failure; returns the cycle's totals on success."""
-        started = _utc_now()
+        started = utc_now()
         rules = excludes_mod.load(self.excludes_file)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         excludes_mod.write_filter_file(rules, self.filter_file)
@@ -661,4 +659,4 @@ class FileReplicator:
         finally:
             estimator_stop.set()
         return CycleResult(cycle=cycle.number, bytes_total=total, bytes_sent=sent, files=files,
-                           passes=passes_max, started_at=started, finished_at=_utc_now())
+                           passes=passes_max, started_at=started, finished_at=utc_now())

@@ -57,10 +57,10 @@ def task_secrets(server, task_id: str) -> Dict[str, Any]:
 
 def _pinned(server) -> requests.Session:
     """A raw protocol probe, pinned to the server's certificate like the agent."""
-    from go2cloud_client.api import _PinnedAdapter
+    from go2cloud_client.tlspin import https_adapter
 
     s = requests.Session()
-    s.mount("https://", _PinnedAdapter(server.fingerprint[len("sha256:"):]))
+    s.mount("https://", https_adapter(server.fingerprint))
     return s
 
 

@@ -472,10 +472,10 @@ def test_corrupted_chunk_on_target_is_found_and_repaired(tmp_path: Path, server:
 
 
 def _pinned(server: BlockServer) -> requests.Session:
-    from go2cloud_client.api import _PinnedAdapter
+    from go2cloud_client.tlspin import https_adapter
 
     s = requests.Session()
-    s.mount("https://", _PinnedAdapter(server.fingerprint[len("sha256:"):]))
+    s.mount("https://", https_adapter(server.fingerprint))
     return s
 
 

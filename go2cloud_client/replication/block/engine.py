@@ -45,10 +45,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from go2cloud_client import backoff
+from go2cloud_client.clock import utc_now
 from go2cloud_client.proxy import ProxyURL
 from go2cloud_client.replication.base import CycleResult, PathProgress, Progress, TransferCancelled
 from go2cloud_client.replication.block import adaptive, codec
@@ -160,10 +161,6 @@ class BlockCycleResult(CycleResult):
             "chunks_total", "chunks_sent", "chunks_compressed", "chunks_holes", "chunks_unchanged",
             "chunks_resumed", "chunks_repaired", "bytes_read", "bytes_zero", "verify_rounds", "disks")})
         return d
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def check_disk_name(name: str) -> str:
@@ -393,7 +390,7 @@ class BlockReplicator:
         BlockTargetFullError, BlockTargetError (retryable) or BlockTargetRejectedError."""
         if not 0 < cycle.number <= 999999:
             raise ValueError(f"invalid cycle number {cycle.number}")
-        started = _utc_now()
+        started = utc_now()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         sources: List[_Source] = []
         try:
@@ -424,7 +421,7 @@ class BlockReplicator:
             for src in sources:
                 src.close()
         result.bytes_sent = sum(p.bytes_sent for p in self._progress)
-        result.finished_at = _utc_now()
+        result.finished_at = utc_now()
         self._emit(force=True)
         return result
 
@@ -727,37 +724,49 @@ class BlockReplicator:
         enc.window = window
         return enc
 
+    def _put(self, dp: _DiskPass, client: BlockClient, batch: List[codec.Encoded],
+             cancel: threading.Event) -> bool:
+        """One sending of ``batch`` (raises ChunkRefused); False when cancelled (waiting for
+        bandwidth, or a request failed once the transfer was cancelled)."""
+        size = sum(len(enc.body) for enc in batch)
+        if size and not self.bucket.take(size, cancel):
+            return False  # cancelled while waiting for bandwidth
+        try:
+            if not (self._batches and len(batch) > 1
+                    and client.put_batch(dp.disk.name, batch, dp.chunk_size, dp.size)):
+                if len(batch) > 1 and self._batches:
+                    LOG.info("the block target takes no batches: sending chunks one by one")
+                    self._batches = False
+                for enc in batch:
+                    client.put_chunk(dp.disk.name, enc, dp.chunk_size, dp.size)
+        except BlockTargetError:
+            if cancel.is_set():
+                return False
+            raise
+        return True
+
     def _send(self, dp: _DiskPass, client: BlockClient, encoder: codec.Encoder, batch: List[codec.Encoded],
               cancel: threading.Event) -> None:
-        """Send ``batch`` in one request (one by one to a target without batches), then journal it."""
-        for attempt in range(REFUSED_RETRIES + 1):
-            size = sum(len(enc.body) for enc in batch)
-            if size and not self.bucket.take(size, cancel):
-                return  # cancelled while waiting for bandwidth
-            try:
-                if not (self._batches and len(batch) > 1
-                        and client.put_batch(dp.disk.name, batch, dp.chunk_size, dp.size)):
-                    if len(batch) > 1 and self._batches:
-                        LOG.info("the block target takes no batches: sending chunks one by one")
-                        self._batches = False
-                    for enc in batch:
-                        client.put_chunk(dp.disk.name, enc, dp.chunk_size, dp.size)
-                break
-            except ChunkRefused as exc:
-                first, last = batch[0].index, batch[-1].index
-                if attempt == REFUSED_RETRIES:
-                    raise BlockTargetRejectedError(
-                        f"disk {dp.disk.name} chunks {first}-{last}: the target refused them "
-                        f"{REFUSED_RETRIES + 1} times because data did not match its hash ({exc}); "
-                        "check the network path (a proxy rewriting data?) and the source's memory") from None
-                LOG.warning("disk %s chunks %s-%s refused by the target (hash mismatch): reading them again",
-                            dp.disk.name, first, last)
-                batch = [enc if enc.encoding == codec.HOLE else self._reencode(dp, encoder, enc)
-                         for enc in batch]
-            except BlockTargetError:
-                if cancel.is_set():
-                    return
-                raise
+        """Send ``batch`` in one request (one by one to a target without batches), then journal it;
+        chunks the target refused (hash mismatch) are read again and sent again, at most
+        REFUSED_RETRIES times."""
+        resend = backoff.retrying(lambda exc: isinstance(exc, ChunkRefused), wait=backoff.NO_WAIT,
+                                  attempts=REFUSED_RETRIES + 1)
+        try:
+            for attempt in resend:
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        LOG.warning("disk %s chunks %s-%s refused by the target (hash mismatch): reading "
+                                    "them again", dp.disk.name, batch[0].index, batch[-1].index)
+                        batch = [enc if enc.encoding == codec.HOLE else self._reencode(dp, encoder, enc)
+                                 for enc in batch]
+                    if not self._put(dp, client, batch, cancel):
+                        return
+        except ChunkRefused as exc:
+            raise BlockTargetRejectedError(
+                f"disk {dp.disk.name} chunks {batch[0].index}-{batch[-1].index}: the target refused them "
+                f"{REFUSED_RETRIES + 1} times because data did not match its hash ({exc}); "
+                "check the network path (a proxy rewriting data?) and the source's memory") from None
         dp.journal.mark_many([(enc.index, enc.digest, enc.count) for enc in batch])
         windows: Counter = Counter()
         for enc in batch:

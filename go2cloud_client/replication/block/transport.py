@@ -28,7 +28,7 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import urlsplit
 
-from go2cloud_client.config import is_loopback_host, normalize_fingerprint
+from go2cloud_client import backoff
 from go2cloud_client.proxy import ProxyURL, connect_via_proxy
 from go2cloud_client.replication.block.codec import HOLE, Encoded, frame
 from go2cloud_client.replication.block.errors import (
@@ -37,19 +37,31 @@ from go2cloud_client.replication.block.errors import (
     BlockTargetRejectedError,
     SessionFencedError,
 )
-from go2cloud_client.tlspin import PinMismatch, check_pin, client_context
+from go2cloud_client.tlspin import (
+    PinMismatch,
+    check_pin,
+    client_context,
+    is_loopback_host,
+    normalize_fingerprint,
+)
 
 LOG = logging.getLogger(__name__)
 
 CHUNK_TIMEOUT = (15.0, 120.0)
 LONG_TIMEOUT = (15.0, 3600.0)
 RETRIES = 5
-BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: waits between attempts of a request: 0.5, 1, 2, 4, 8 s (no jitter)
+BACKOFF = backoff.doubling(initial=0.5, cap=8.0)
 VERIFY_RECORD = struct.Struct(">I16s")
 VERIFY_BATCH = 65536
 MAX_ANSWER = 4 * 1024 * 1024
 SMALL_PART = 64 * 1024
 _URL_RE = re.compile(r"^/block/v1/tasks/[A-Za-z0-9._-]{1,64}$")
+
+
+class _Transient(Exception):
+    """A failed attempt of a request that another attempt may cure (connection error, timeout,
+    TLS error, 5xx but 507); its text says what failed."""
 
 
 class ChunkRefused(Exception):
@@ -221,60 +233,67 @@ class BlockClient:
         if isinstance(body, list):
             hdrs["Content-Length"] = str(sum(len(part) for part in body))
         hdrs.update(headers or {})
-        last = ""
-        for attempt in range(RETRIES + 1):
-            if attempt:
-                if self.cancel.wait(BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)]):
-                    raise BlockTargetError(f"{what}: cancelled while retrying")
+        policy = backoff.retrying(
+            lambda exc: isinstance(exc, _Transient), wait=BACKOFF, attempts=RETRIES + 1,
+            sleep=backoff.interruptible_sleep(
+                self.cancel, lambda: BlockTargetError(f"{what}: cancelled while retrying")))
+        try:
+            return policy(self._attempt, method, path, hdrs, body, timeout, what, ok_404, absent)
+        except _Transient as exc:
+            via = f" through the proxy {self.proxy.display}" if self.proxy else ""
+            raise BlockTargetError(
+                f"{what}: the block target {self.where} failed {RETRIES + 1} times (last: {exc}); "
+                f"check that the target is running and reachable{via}") from None
+
+    def _attempt(self, method: str, path: str, hdrs: Dict[str, str], body: Body, timeout: Tuple[float, float],
+                 what: str, ok_404: bool, absent: Tuple[int, ...]) -> Optional[Any]:
+        """One attempt of :meth:`_request`: the answer, or an error; :class:`_Transient` (its text:
+        what failed) when another attempt may succeed."""
+        try:
+            resp = self._exchange(method, path, hdrs, body, timeout)
+        except PinMismatch:
+            raise BlockTargetRejectedError(
+                f"the certificate of the block target {self.where} does not match the pinned "
+                f"fingerprint {self.fingerprint}: the target changed or this is not the task's "
+                "target; ask the control plane for the task again") from None
+        except ssl.SSLError as exc:
+            raise _Transient(f"TLS error: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+            LOG.debug("%s: attempt failed: %s", what, last)
+            raise _Transient(last) from None
+        if resp.status_code == 200:
+            if len(resp.content) > MAX_ANSWER:
+                raise BlockTargetError(f"{what}: the target's answer is over {MAX_ANSWER} bytes")
             try:
-                resp = self._exchange(method, path, hdrs, body, timeout)
-            except PinMismatch:
-                raise BlockTargetRejectedError(
-                    f"the certificate of the block target {self.where} does not match the pinned "
-                    f"fingerprint {self.fingerprint}: the target changed or this is not the task's "
-                    "target; ask the control plane for the task again") from None
-            except ssl.SSLError as exc:
-                last = f"TLS error: {exc}"
-                continue
-            except (OSError, http.client.HTTPException) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                LOG.debug("%s: attempt %s failed: %s", what, attempt + 1, last)
-                continue
-            if resp.status_code == 200:
-                if len(resp.content) > MAX_ANSWER:
-                    raise BlockTargetError(f"{what}: the target's answer is over {MAX_ANSWER} bytes")
-                try:
-                    return resp.json()
-                except ValueError:
-                    raise BlockTargetError(f"{what}: the target's answer is not JSON") from None
-            code, message = _error_of(resp)
-            if (resp.status_code == 404 and ok_404) or resp.status_code in absent:
-                return None
-            if resp.status_code == 507:
-                raise BlockTargetFullError(
-                    f"{what}: the block target {self.where} is out of space ({message}); free space "
-                    "on the target (or move its data directory), then sync again: the generations "
-                    "committed before are intact")
-            if resp.status_code == 422 and code == "chunk_hash_mismatch":
-                raise ChunkRefused(message)
-            if resp.status_code == 409 and code == "stale_epoch":
-                raise SessionFencedError(
-                    f"{what}: the block target {self.where} refused this agent's session epoch "
-                    f"{self.epoch} ({message}); nothing was written. Another agent holds this source "
-                    "now: if this machine is a clone of the imported one, run go2cloud_client --abort "
-                    "here and import it again")
-            if resp.status_code in (401, 403):
-                raise BlockTargetRejectedError(
-                    f"{what}: the block target {self.where} refused the task token ({code}): the task "
-                    "was cancelled or its token replaced; the control plane must start it again")
-            if 400 <= resp.status_code < 500:
-                raise BlockTargetRejectedError(
-                    f"{what}: the block target {self.where} refused the request with HTTP "
-                    f"{resp.status_code} {code}: {message}")
-            last = f"HTTP {resp.status_code} {code}: {message}"
-        raise BlockTargetError(f"{what}: the block target {self.where} failed {RETRIES + 1} times "
-                               f"(last: {last}); check that the target is running and reachable"
-                               + (f" through the proxy {self.proxy.display}" if self.proxy else ""))
+                return resp.json()
+            except ValueError:
+                raise BlockTargetError(f"{what}: the target's answer is not JSON") from None
+        code, message = _error_of(resp)
+        if (resp.status_code == 404 and ok_404) or resp.status_code in absent:
+            return None
+        if resp.status_code == 507:
+            raise BlockTargetFullError(
+                f"{what}: the block target {self.where} is out of space ({message}); free space "
+                "on the target (or move its data directory), then sync again: the generations "
+                "committed before are intact")
+        if resp.status_code == 422 and code == "chunk_hash_mismatch":
+            raise ChunkRefused(message)
+        if resp.status_code == 409 and code == "stale_epoch":
+            raise SessionFencedError(
+                f"{what}: the block target {self.where} refused this agent's session epoch "
+                f"{self.epoch} ({message}); nothing was written. Another agent holds this source "
+                "now: if this machine is a clone of the imported one, run go2cloud_client --abort "
+                "here and import it again")
+        if resp.status_code in (401, 403):
+            raise BlockTargetRejectedError(
+                f"{what}: the block target {self.where} refused the task token ({code}): the task "
+                "was cancelled or its token replaced; the control plane must start it again")
+        if 400 <= resp.status_code < 500:
+            raise BlockTargetRejectedError(
+                f"{what}: the block target {self.where} refused the request with HTTP "
+                f"{resp.status_code} {code}: {message}")
+        raise _Transient(f"HTTP {resp.status_code} {code}: {message}")
 
     # -- protocol --------------------------------------------------------------------------------
     def put_chunk(self, disk: str, enc: Encoded, chunk_size: int, disk_size: int) -> None:

@@ -3,8 +3,11 @@ retries bounded by a time budget (not a count), progress restarts the budget."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
+from go2cloud_client import backoff
 from go2cloud_client.backoff import Backoff, RetryBudget, jittered
 
 
@@ -83,3 +86,61 @@ def test_a_cause_with_its_own_budget_and_the_last_wait_never_passes_the_deadline
     clock.now += 2
     assert budget.failed() is None
     assert budget.failed(budget_s=3600) == 60  # the control plane away: the longer budget (capped wait)
+
+
+# -- request-level retries (tenacity policies) -------------------------------------------------
+
+def test_doubling_waits_are_the_block_transports_table():
+    import tenacity
+
+    wait = backoff.doubling(initial=0.5, cap=8.0)
+    waits = []
+    for n in range(1, 8):
+        state = tenacity.RetryCallState(None, None, (), {})
+        state.attempt_number = n
+        waits.append(wait(state))
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_retrying_stops_after_the_attempts_and_raises_the_last_error_itself():
+    calls, slept = [], []
+
+    def flaky():
+        calls.append(1)
+        raise OSError(f"try {len(calls)}")
+
+    policy = backoff.retrying(lambda e: isinstance(e, OSError), wait=backoff.doubling(0.5, 8.0),
+                              attempts=3, sleep=slept.append)
+    with pytest.raises(OSError, match="try 3"):
+        policy(flaky)
+    assert len(calls) == 3 and slept == [0.5, 1.0]
+
+
+def test_retrying_does_not_retry_other_errors():
+    calls = []
+
+    def permanent():
+        calls.append(1)
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        backoff.retrying(lambda e: isinstance(e, OSError), wait=backoff.NO_WAIT, attempts=5)(permanent)
+    assert calls == [1]
+
+
+def test_interruptible_sleep_raises_once_the_event_is_set_and_stop_event_ends_retries():
+    cancel = threading.Event()
+    cancel.set()
+    sleep = backoff.interruptible_sleep(cancel, lambda: RuntimeError("cancelled while retrying"))
+    with pytest.raises(RuntimeError, match="cancelled"):
+        sleep(30.0)  # returns at once: the event is set
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise OSError("down")
+
+    policy = backoff.retrying(lambda e: True, wait=backoff.NO_WAIT, attempts=None, stop_event=cancel)
+    with pytest.raises(OSError):
+        policy(failing)
+    assert calls == [1]

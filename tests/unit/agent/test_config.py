@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from go2cloud_client.config import load_config, normalize_fingerprint
+from go2cloud_client.config import load_config
 from go2cloud_client.errors import ConfigError, UsageError
+from go2cloud_client.tlspin import normalize_fingerprint
 
 FP = "sha256:" + "ab" * 32
 

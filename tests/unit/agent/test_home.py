@@ -6,8 +6,10 @@ import stat
 
 import pytest
 
+from go2cloud_client import atomicfile
+from go2cloud_client.atomicfile import atomic_rename, atomic_write
 from go2cloud_client.errors import AlreadyRunningError, ConfigError
-from go2cloud_client.home import Home, HomeLock, atomic_write, lock_held, resolve_home
+from go2cloud_client.home import Home, HomeLock, lock_held, resolve_home
 
 
 def mode(path) -> int:
@@ -43,6 +45,18 @@ def test_atomic_write_failure_keeps_old_content(tmp_path, monkeypatch):
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_atomic_rename_moves_the_file_and_syncs_both_directories(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    src, dst = tmp_path / "a" / "key", tmp_path / "b" / "key.previous"
+    src.write_bytes(b"secret")
+    synced = []
+    monkeypatch.setattr(atomicfile, "_fsync_dir", synced.append)
+    atomic_rename(src, dst)
+    assert dst.read_bytes() == b"secret" and not src.exists()
+    assert synced == [dst.parent, src.parent]
 
 
 def test_state_roundtrip_adds_version(home):

@@ -1,0 +1,66 @@
+"""The server's one process gateway (go2cloud_server/proc.py): a minimal environment (no secret
+of the server's reaches a child), argument lists only, a timeout that kills the child's group."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from go2cloud_server import proc
+from go2cloud_server.children import Children
+
+pytestmark = pytest.mark.allow_subprocess
+
+PRINT_ENV = [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+SECRETS = {"GO2CLOUD_TOKEN_CODE": "tc-123", "GO2CLOUD_ADMIN_TOKEN": "adm-456",
+           "DB_PASSWORD": "pw-789", "AWS_SECRET_ACCESS_KEY": "sk-000"}
+
+
+@pytest.fixture
+def secret_env(monkeypatch):
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GO2CLOUD_HARMLESS", "1")
+
+
+def _child_env(out: bytes) -> dict:
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def test_run_gives_the_child_only_path_and_the_c_locale(secret_env):
+    rc, out = proc.run(PRINT_ENV, timeout=60)
+    assert rc == 0
+    env = _child_env(out)
+    assert not set(SECRETS) & set(env)
+    assert not any(value in out.decode() for value in SECRETS.values())
+    assert env.get("LC_ALL") == "C" and env.get("PATH")
+    assert "GO2CLOUD_HARMLESS" not in env  # minimal: nothing is inherited but PATH
+
+
+def test_a_recorded_child_of_the_registry_gets_no_secret_either(secret_env, tmp_path):
+    rc, out = Children(tmp_path / "run").run(PRINT_ENV, timeout=60)
+    assert rc == 0
+    assert not set(SECRETS) & set(_child_env(out))
+    assert list((tmp_path / "run").glob("*.json")) == []  # forgotten once it ended
+
+
+def test_spawn_adds_only_what_the_caller_passes(secret_env):
+    child = proc.spawn(PRINT_ENV, env={"RSYNC_PASSWORD": "given-on-purpose"}, stdout=proc.PIPE)
+    out, _ = child.communicate(timeout=60)
+    env = _child_env(out)
+    assert env["RSYNC_PASSWORD"] == "given-on-purpose"
+    assert not set(SECRETS) & set(env)
+
+
+def test_run_refuses_a_shell_string_and_kills_a_child_that_outlives_its_timeout():
+    with pytest.raises(TypeError):
+        proc.run("echo hi", timeout=5)
+    with pytest.raises(proc.TimeoutExpired):
+        proc.run(["sleep", "600"], timeout=0.2)
+
+
+def test_a_missing_program_is_file_not_found():
+    with pytest.raises(FileNotFoundError):
+        proc.run(["/nonexistent/go2cloud-no-such-program"], timeout=5)

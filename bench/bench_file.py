@@ -45,7 +45,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from go2cloud_server.client import pinned_session  # noqa: E402
+from go2cloud_server.opclient import pinned_session  # noqa: E402
 
 
 class PlainDaemon:

@@ -29,8 +29,8 @@ from go2cloud_server import heartbeat as heartbeat_report
 from go2cloud_server import rules, throttle
 from go2cloud_server import space as space_mod
 from go2cloud_server.autoretry import AutoRetry
-from go2cloud_server.client import Endpoint, OperatorClient, resolve
 from go2cloud_server.errors import Conflict, InvalidInput, NothingStarted, ServerError
+from go2cloud_server.opclient import Endpoint, OperatorClient, resolve
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
 
 log = logging.getLogger(__name__)

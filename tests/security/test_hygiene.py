@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from go2cloud_server.client import pinned_session
 from go2cloud_server.manifest import build, diff
+from go2cloud_server.opclient import pinned_session
 from tests.integration.harness import Server, wait_for
 from tests.integration.test_server_api import Api, FakeAgent
 from tests.support import tree

@@ -19,7 +19,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from go2cloud_server.client import pinned_session
+from go2cloud_server.opclient import pinned_session
 from tests.integration.harness import Agent, Server
 
 #: VmHWM growth of the server during 20 parallel wrong imports: the old code (scrypt, 16 MiB, in
@@ -87,7 +87,7 @@ def test_wrong_codes_get_429_with_retry_after_and_the_right_code_works_after_the
 
 def _import_from(server: Server, source_ip: str, token_id: str, token_code: str) -> requests.Response:
     """An import from another loopback address (the server sees it as another client)."""
-    from go2cloud_server.client import PinnedAdapter
+    from go2cloud_server.opclient import PinnedAdapter
 
     class FromAddress(PinnedAdapter):
         def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:

@@ -23,7 +23,6 @@ import subprocess
 import pytest
 
 from tests.faults.fence_clone import CloneAgent, copy_home
-from tests.integration.harness import wait_for
 from tests.integration.test_e2e_block import (
     artifacts_by_cycle,
     assert_generation_equals,
@@ -38,6 +37,7 @@ from tests.integration.test_e2e_block import (
     task,
     wait_cycle,
 )
+from tests.support.harness import wait_for
 
 if os.geteuid() != 0:
     pytest.skip("takeover fault tests need root (loop devices, mount namespaces)", allow_module_level=True)

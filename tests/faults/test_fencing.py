@@ -19,7 +19,6 @@ import xxhash
 
 from go2cloud_server import manifest
 from tests.faults.fence_clone import CloneAgent, copy_home
-from tests.integration.harness import wait_for
 from tests.integration.test_e2e_block import (
     artifacts_by_cycle,
     assert_generation_equals,
@@ -29,6 +28,7 @@ from tests.integration.test_e2e_block import (
     sha256,
     wait_cycle,
 )
+from tests.support.harness import wait_for
 
 if os.geteuid() != 0:
     pytest.skip("fencing fault tests need root (mount namespaces, loop devices)", allow_module_level=True)

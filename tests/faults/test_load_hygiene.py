@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from go2cloud_server import rules
 from go2cloud_server.service import hash_code
-from tests.integration.harness import Server
+from tests.support.harness import Server
 
 
 def _ctx() -> ssl.SSLContext:

@@ -29,7 +29,7 @@ from go2cloud_server import service as service_mod
 from go2cloud_server.errors import SessionBusy
 from go2cloud_server.service import Service
 from go2cloud_server.store import Store
-from tests.integration.harness import Server
+from tests.support.harness import Server
 from tests.unit.server.conftest import Clock, FakeRsyncd, FakeTrees, import_body
 from tests.unit.server.test_block_tasks import FakeBlockStores
 

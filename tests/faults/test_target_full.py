@@ -25,8 +25,8 @@ import pytest
 
 from go2cloud_server.manifest import build, diff
 from tests.integration.conftest import AgentFactory
-from tests.integration.harness import Server, wait_for
 from tests.support import tree
+from tests.support.harness import Server, wait_for
 from tests.support.tinyfs import MiB, TinyFs, tiny_fs
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]

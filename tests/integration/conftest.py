@@ -9,7 +9,7 @@ from typing import Iterator, List
 
 import pytest
 
-from tests.integration.harness import REPO, Agent, Server
+from tests.support.harness import REPO, Agent, Server
 
 
 def pytest_collection_modifyitems(items):

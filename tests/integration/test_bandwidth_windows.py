@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 
 from go2cloud_server.manifest import build, diff
-from tests.integration.harness import wait_for
+from tests.support.harness import wait_for
 
 pytestmark = [pytest.mark.integration]
 MIB = 1 << 20

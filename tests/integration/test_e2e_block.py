@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator
 
 import pytest
 
-from tests.integration.harness import wait_for
+from tests.support.harness import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 

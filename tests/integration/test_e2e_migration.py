@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from go2cloud_server.manifest import build, diff
-from tests.integration.harness import wait_for
 from tests.support import tree
+from tests.support.harness import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from go2cloud_server.opclient import pinned_session
-from tests.integration.harness import Server, wait_for
+from tests.support.harness import Server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -490,7 +490,7 @@ def test_invalid_input_oversized_body_and_unreachable(server: Server, api: Api, 
     import subprocess
     import sys
 
-    from tests.integration.harness import _env
+    from tests.support.harness import _env
 
     env = _env({"GO2CLOUD_DATA_DIR": str(server.data_dir), "GO2CLOUD_ADMIN_TOKEN": "wrong"})
     proc = subprocess.run(

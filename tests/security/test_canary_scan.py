@@ -19,7 +19,7 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from tests.integration.harness import Server, wait_for
+from tests.support.harness import Server, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads every process's environment")
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from go2cloud_server.opclient import pinned_session
-from tests.integration.harness import Server, wait_for
+from tests.support.harness import Server, wait_for
 
 REPLACE = b"go2cloud-replace-v1\n"
 

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Set
 import pytest
 
 from go2cloud_server.service import install_commands
-from tests.integration.harness import REPO, Server, _env, wait_for
+from tests.support.harness import REPO, Server, _env, wait_for
 
 
 class CmdlineSampler:

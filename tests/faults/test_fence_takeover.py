@@ -44,7 +44,7 @@ if os.geteuid() != 0:
 
 
 def epoch_of(server, sid: str) -> int:
-    return int((server.j("source", "show", sid).get("session") or {}).get("epoch") or 0)
+    return int((server.show_source(sid).get("session") or {}).get("epoch") or 0)
 
 
 def test_after_a_takeover_the_next_cycle_equals_the_disk_and_is_verified(

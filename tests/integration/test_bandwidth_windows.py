@@ -60,7 +60,7 @@ def import_agent(server, agents, name: str):
 
 
 def window_events(server, sid: str) -> List[str]:
-    events = server.j("source", "show", sid)["events"]
+    events = server.show_source(sid)["events"]
     return [e["message"] for e in events if e["code"] == "bandwidth_window"]
 
 

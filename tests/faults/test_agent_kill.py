@@ -41,6 +41,8 @@ from tests.faults.kill_harness import (
 from tests.faults.server_harness import kill_at_random_point
 from tests.support.harness import Server
 
+pytestmark = pytest.mark.integration
+
 MIB = 1 << 20
 
 

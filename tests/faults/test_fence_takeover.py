@@ -39,6 +39,8 @@ from tests.integration.test_e2e_block import (
 )
 from tests.support.harness import wait_for
 
+pytestmark = pytest.mark.integration
+
 if os.geteuid() != 0:
     pytest.skip("takeover fault tests need root (loop devices, mount namespaces)", allow_module_level=True)
 

@@ -30,6 +30,8 @@ from tests.integration.test_e2e_block import (
 )
 from tests.support.harness import wait_for
 
+pytestmark = pytest.mark.integration
+
 if os.geteuid() != 0:
     pytest.skip("fencing fault tests need root (mount namespaces, loop devices)", allow_module_level=True)
 

@@ -33,6 +33,8 @@ from tests.support.harness import Server
 from tests.unit.server.conftest import Clock, FakeRsyncd, FakeTrees, import_body
 from tests.unit.server.test_block_tasks import FakeBlockStores
 
+pytestmark = pytest.mark.integration
+
 
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))

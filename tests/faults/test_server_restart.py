@@ -28,6 +28,8 @@ from tests.faults.kill_harness import tree_bytes
 from tests.faults.server_harness import RestartableServer, kill_at_random_point, processes_naming
 from tests.support.harness import REPO, Agent, wait_for
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def rserver(tmp_path: Path) -> Iterator[RestartableServer]:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -10,12 +9,6 @@ from typing import Iterator, List
 import pytest
 
 from tests.support.harness import REPO, Agent, Server
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/integration/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session", autouse=True)

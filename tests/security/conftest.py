@@ -9,16 +9,6 @@ with tests/integration.
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
 from tests.integration.conftest import AgentFactory, _needs_rsync, agents, server  # noqa: F401 - fixtures
 
 __all__ = ["AgentFactory"]
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/security/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.integration)

@@ -29,6 +29,8 @@ from go2cloud_client.api import ControlPlane
 from go2cloud_client.identity import Identity
 from tests.support.harness import Server, wait_for
 
+pytestmark = pytest.mark.integration
+
 MiB = 1 << 20
 GiB = 1 << 30
 CS = 4 * MiB

@@ -21,7 +21,10 @@ import pytest
 
 from tests.support.harness import Server, wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads every process's environment")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="reads every process's environment"),
+]
 
 
 class ProcSampler(threading.Thread):

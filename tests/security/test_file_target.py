@@ -27,7 +27,10 @@ from go2cloud_server import manifest
 from tests.integration.test_server_api import Api, FakeAgent
 from tests.support.harness import REPO, Server, wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot daemon, owners)")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot daemon, owners)"),
+]
 
 
 class HostileSource:

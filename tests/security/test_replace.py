@@ -11,12 +11,15 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from go2cloud_server.opclient import pinned_session
 from tests.support.harness import Server, wait_for
+
+pytestmark = pytest.mark.integration
 
 REPLACE = b"go2cloud-replace-v1\n"
 

@@ -24,6 +24,8 @@ import pytest
 from go2cloud_server.service import install_commands
 from tests.support.harness import REPO, Server, _env, wait_for
 
+pytestmark = pytest.mark.integration
+
 
 class CmdlineSampler:
     """Reads every process's /proc/PID/cmdline in a loop; collects those containing ``needle``."""

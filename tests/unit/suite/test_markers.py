@@ -1,6 +1,8 @@
-"""The suite's own rules: everything in tests/integration, tests/security and tests/faults starts
-real processes and says so with a module-level ``pytestmark`` carrying ``pytest.mark.integration``
-(markers are strict: pyproject.toml registers each one)."""
+"""The suite's own rules: the fast lane (``scripts/test.sh --fast``) runs tests/unit and
+tests/snapshot (and tests/integration/test_subp.py, which needs no server); everything in
+tests/integration, tests/security and tests/faults starts real processes and says so with a
+module-level ``pytestmark`` carrying ``pytest.mark.integration``, so ``-m integration`` /
+``-m "not integration"`` select the same tests as the directories."""
 
 from __future__ import annotations
 
@@ -32,3 +34,15 @@ def test_every_real_process_test_module_is_marked_integration():
     unmarked = [str(p.relative_to(TESTS)) for p in modules if "integration" not in _module_marks(p)]
     assert unmarked == []
 
+
+def test_the_fast_lane_paths_exist_and_start_no_server():
+    script = (TESTS.parent / "scripts" / "test.sh").read_text(encoding="utf-8")
+    (line,) = [ln for ln in script.splitlines() if ln.startswith("FAST=(")]
+    paths = line[len("FAST=("):].rstrip(")").split()
+    assert paths[:2] == ["tests/unit", "tests/snapshot"]
+    for rel in paths:
+        path = TESTS.parent / rel
+        assert path.exists(), rel
+        if path.is_file():  # a test from a real-process directory that needs no server
+            text = path.read_text(encoding="utf-8")
+            assert "harness" not in text and "server" not in text.lower(), rel

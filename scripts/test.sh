@@ -6,7 +6,7 @@
 # Further arguments go to pytest (e.g. ./scripts/test.sh --fast -x -k ledger).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The fast lane's tests (tests/unit/suite/test_markers.py checks this list): every other test
+# The fast lane's tests (tests/unit/suite/test_suite_rules.py checks this list): every other test
 # directory starts the real server, rsync and agents and is marked "integration".
 FAST=(tests/unit tests/snapshot tests/integration/test_subp.py)
 targets=()

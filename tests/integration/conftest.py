@@ -8,7 +8,11 @@ from typing import Iterator, List
 
 import pytest
 
+from tests.support import servers
 from tests.support.harness import REPO, Agent, Server
+
+server = servers.server  # a fixture: the test's own server, or its module's shared one
+shared_server = servers.shared_server  # a fixture
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,13 +32,6 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path / "server-data").start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from go2cloud_server.manifest import build as tree_manifest
 from go2cloud_server.manifest import diff
 from tests.support.harness import Server, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_server]  # one server for the module
 
 TRACEBACK = "Traceback (most recent call last)"
 

@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.harness import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.root]
+pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.shared_server]  # one server
 
 MIB = 1 << 20
 

@@ -9,6 +9,10 @@ with tests/integration.
 
 from __future__ import annotations
 
-from tests.integration.conftest import AgentFactory, _needs_rsync, agents, server  # noqa: F401 - fixtures
+from tests.integration.conftest import AgentFactory, _needs_rsync, agents  # noqa: F401 - fixtures
+from tests.support import servers
+
+server = servers.server  # a fixture: the test's own server, or its module's shared one
+shared_server = servers.shared_server  # a fixture
 
 __all__ = ["AgentFactory"]

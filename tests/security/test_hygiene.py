@@ -24,7 +24,7 @@ from tests.integration.test_server_api import Api, FakeAgent
 from tests.support import tree
 from tests.support.harness import Server, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_server]  # one server for the module
 
 #: the deadline the server of these tests is started with (the default is 30 s)
 DEADLINE_S = 3.0

@@ -24,7 +24,7 @@ import pytest
 from go2cloud_server.service import install_commands
 from tests.support.harness import REPO, Server, _env, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_server]  # one server for the module
 
 
 class CmdlineSampler:

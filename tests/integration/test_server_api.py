@@ -202,6 +202,7 @@ def test_workgroup_rules_through_cli_and_api(server: Server, api: Api):
     assert server.cli("workgroup", "show", "wg00", check=False).returncode == 3
 
 
+@pytest.mark.shared_server
 def test_codes_limits_revoke_and_distinct_errors(server: Server, api: Api):
     server.j("workgroup", "create", "apps")
     for args, field in (
@@ -247,6 +248,7 @@ def test_codes_limits_revoke_and_distinct_errors(server: Server, api: Api):
     assert (resp.status_code, _err(resp)) == (403, "code_exhausted")
 
 
+@pytest.mark.shared_server
 def test_concurrent_imports_consume_the_count_exactly(server: Server, api: Api):
     server.j("workgroup", "create", "fleet")
     code = server.new_code("fleet", uses=5)
@@ -290,6 +292,7 @@ def test_code_expiry_with_a_shifted_server_clock(tmp_path: Path, server: Server,
         shifted.stop()
 
 
+@pytest.mark.shared_server
 def test_agent_auth_heartbeat_offline_and_long_poll(server: Server, api: Api):
     server.j("workgroup", "create", "edge")
     agent = FakeAgent(api)
@@ -376,6 +379,7 @@ def test_agent_auth_heartbeat_offline_and_long_poll(server: Server, api: Api):
     assert server.source(agent.source_id)["status"] == "syncing"
 
 
+@pytest.mark.shared_server
 def test_migration_cycles_artifacts_and_completion(server: Server, api: Api):
     server.j("workgroup", "create", "db")
     agent = FakeAgent(api)
@@ -435,6 +439,7 @@ def test_migration_cycles_artifacts_and_completion(server: Server, api: Api):
     assert "completed" in human and tid in human
 
 
+@pytest.mark.shared_server
 def test_cancel_and_reimport_replacement(server: Server, api: Api):
     server.j("workgroup", "create", "mig")
     code = server.new_code("mig", uses=3)
@@ -464,6 +469,7 @@ def test_cancel_and_reimport_replacement(server: Server, api: Api):
     assert server.source(again.source_id)["workgroup"]["name"] == "mig"
 
 
+@pytest.mark.shared_server
 def test_invalid_input_oversized_body_and_unreachable(server: Server, api: Api, tmp_path: Path):
     server.j("workgroup", "create", "ops")
     cases = [
@@ -536,6 +542,7 @@ def test_invalid_input_oversized_body_and_unreachable(server: Server, api: Api, 
     assert api.admin not in log_text  # ... secrets are not
 
 
+@pytest.mark.shared_server
 def test_server_json_and_files(server: Server):
     info = json.loads((server.data_dir / "server.json").read_text())
     assert set(info) >= {"url", "fingerprint", "pid"} and "rsync_port" not in info

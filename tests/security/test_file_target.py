@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from go2cloud_server import manifest
-from tests.integration.test_server_api import Api, FakeAgent
+from tests.support.fakeagent import Api, FakeAgent
 from tests.support.harness import REPO, Server, wait_for
 
 pytestmark = [

@@ -20,8 +20,8 @@ import pytest
 
 from go2cloud_server.manifest import build, diff
 from go2cloud_server.opclient import pinned_session
-from tests.integration.test_server_api import Api, FakeAgent
 from tests.support import tree
+from tests.support.fakeagent import Api, FakeAgent
 from tests.support.harness import Server, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.shared_server]  # one server for the module

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.integration.test_server_api import Api, FakeAgent
+from tests.support.fakeagent import Api, FakeAgent
 from tests.support.harness import Server, _env
 
 pytestmark = pytest.mark.integration

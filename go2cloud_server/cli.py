@@ -27,8 +27,8 @@ import click
 from go2cloud_server import heartbeat as heartbeat_report
 from go2cloud_server import rules, throttle
 from go2cloud_server import space as space_mod
-from go2cloud_server.client import Endpoint, OperatorClient, resolve
 from go2cloud_server.errors import InvalidInput, NothingStarted, ServerError
+from go2cloud_server.opclient import Endpoint, OperatorClient, resolve
 from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
 
 log = logging.getLogger(__name__)

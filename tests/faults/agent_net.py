@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from tests.integration.harness import Agent, Server, wait_for
 from tests.support.faultproxy import FaultProxy
+from tests.support.harness import Agent, Server, wait_for
 
 PROXY_HOST = "127.0.0.2"
 

@@ -10,16 +10,10 @@ with ``-m "not slow"``).
 
 from __future__ import annotations
 
-import os
+from tests.integration.conftest import AgentFactory, _needs_rsync, agents  # noqa: F401 - fixtures
+from tests.support import servers
 
-import pytest
-
-from tests.integration.conftest import AgentFactory, _needs_rsync, agents, server  # noqa: F401 - fixtures
+server = servers.server  # a fixture: the test's own server, or its module's shared one
+shared_server = servers.shared_server  # a fixture
 
 __all__ = ["AgentFactory"]
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/faults/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.integration)

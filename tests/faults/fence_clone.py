@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from tests.integration.harness import Agent, Server, _env
+from tests.support.harness import Agent, Server, _env
 
 MACHINE_ID = Path("/etc/machine-id")
 

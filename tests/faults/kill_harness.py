@@ -3,7 +3,7 @@ point of a transfer and started again with the same home, as systemd's ``Restart
 and what each side holds at the moment of the kill.
 
 Everything is real: ``python -m go2cloud_client`` in its own process with the worktree on its
-PYTHONPATH (tests/integration/harness.py), killed with ``kill -9`` (no cleanup of any kind runs),
+PYTHONPATH (tests/support/harness.py), killed with ``kill -9`` (no cleanup of any kind runs),
 then started again with the same ``--home`` and no token code: it must find its identity, its
 task and the interrupted cycle by itself. What the killed run left behind is read from outside:
 the block engine's pass journal (``<home>/state/block/<task>/<disk>.pass``), the target's
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
 from tests.faults.server_harness import proc_cmdline, processes_naming
-from tests.integration.harness import Agent, wait_for
+from tests.support.harness import Agent, wait_for
 
 #: the pass journal's layout (go2cloud_client/replication/block/chunkmap.py, PASS_VERSION 1),
 #: restated here so that the test reads the file the killed agent left, not the agent's reading of it

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from tests.integration.harness import Server, wait_for
+from tests.support.harness import Server, wait_for
 
 
 def free_port() -> int:

@@ -39,7 +39,9 @@ from tests.faults.kill_harness import (
     tree_bytes,
 )
 from tests.faults.server_harness import kill_at_random_point
-from tests.integration.harness import Server
+from tests.support.harness import Server
+
+pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
 

@@ -21,7 +21,9 @@ import pytest
 
 from go2cloud_server.manifest import build, diff
 from tests.faults.agent_net import agent_log, count, proxied_env, random_tree, status, wait_cycle_done
-from tests.integration.harness import wait_for
+from tests.support.harness import wait_for
+
+pytestmark = pytest.mark.integration
 
 MIB = 1024 * 1024
 LABEL = "i17-agent-home"
@@ -110,7 +112,7 @@ def test_full_home_mid_task_then_freed_no_command_lost_or_run_twice(proxied, tin
     filler = Filler(tiny_home.parent)
 
     def reported_full():
-        err = (server.j("source", "show", sid).get("agent") or {}).get("last_error") or {}
+        err = (server.show_source(sid).get("agent") or {}).get("last_error") or {}
         return err if err.get("code") == "agent_home_full" else None
 
     err = wait_for(reported_full, 120, "the full home reported to the control plane")
@@ -119,7 +121,7 @@ def test_full_home_mid_task_then_freed_no_command_lost_or_run_twice(proxied, tin
     # delivered again); the witness: still queued after the agent's next poll came and went
     server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "50")
     def commands_loop_failed():
-        loops = (server.j("source", "show", sid).get("agent") or {}).get("loops") or {}
+        loops = (server.show_source(sid).get("agent") or {}).get("loops") or {}
         loop = loops.get("commands") or {}
         return loop if loop.get("failures", 0) >= 1 else None
 

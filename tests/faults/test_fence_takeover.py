@@ -23,7 +23,6 @@ import subprocess
 import pytest
 
 from tests.faults.fence_clone import CloneAgent, copy_home
-from tests.integration.harness import wait_for
 from tests.integration.test_e2e_block import (
     artifacts_by_cycle,
     assert_generation_equals,
@@ -38,13 +37,16 @@ from tests.integration.test_e2e_block import (
     task,
     wait_cycle,
 )
+from tests.support.harness import wait_for
+
+pytestmark = pytest.mark.integration
 
 if os.geteuid() != 0:
     pytest.skip("takeover fault tests need root (loop devices, mount namespaces)", allow_module_level=True)
 
 
 def epoch_of(server, sid: str) -> int:
-    return int((server.j("source", "show", sid).get("session") or {}).get("epoch") or 0)
+    return int((server.show_source(sid).get("session") or {}).get("epoch") or 0)
 
 
 def test_after_a_takeover_the_next_cycle_equals_the_disk_and_is_verified(

@@ -19,7 +19,6 @@ import xxhash
 
 from go2cloud_server import manifest
 from tests.faults.fence_clone import CloneAgent, copy_home
-from tests.integration.harness import wait_for
 from tests.integration.test_e2e_block import (
     artifacts_by_cycle,
     assert_generation_equals,
@@ -29,6 +28,9 @@ from tests.integration.test_e2e_block import (
     sha256,
     wait_cycle,
 )
+from tests.support.harness import wait_for
+
+pytestmark = pytest.mark.integration
 
 if os.geteuid() != 0:
     pytest.skip("fencing fault tests need root (mount namespaces, loop devices)", allow_module_level=True)
@@ -37,7 +39,7 @@ CLONE_EXIT = 26  # go2cloud_client.errors.SessionConflictError
 
 
 def session_of(server, sid: str) -> Dict[str, Any]:
-    return server.j("source", "show", sid).get("session") or {}
+    return server.show_source(sid).get("session") or {}
 
 
 def db(server) -> sqlite3.Connection:
@@ -92,7 +94,7 @@ def test_cloned_home_is_refused_and_the_image_equals_the_first_agents_disk(serve
     assert agent.proc is not None and agent.proc.poll() is None, "the first agent must keep working"
     assert session_of(server, sid)["epoch"] == 1
 
-    shown = server.j("source", "show", sid)
+    shown = server.show_source(sid)
     warning = shown["clone_warning"]
     assert warning["code"] == "session_conflict" and "--abort" in warning["message"], warning
     assert f"machine id {'c1' * 16}" in warning["message"] or "c1" * 16 in warning["message"], warning

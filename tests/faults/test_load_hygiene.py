@@ -17,12 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from go2cloud_server import rules
 from go2cloud_server.service.codes import hash_code
-from tests.integration.harness import Server
+from tests.support.harness import Server
+
+pytestmark = pytest.mark.integration
 
 
 def _ctx() -> ssl.SSLContext:

@@ -15,7 +15,9 @@ import pytest
 
 from go2cloud_server.manifest import build, diff
 from tests.faults.agent_net import agent_log, count, proxied_env, random_tree, status, task, wait_cycle_done
-from tests.integration.harness import wait_for
+from tests.support.harness import wait_for
+
+pytestmark = pytest.mark.integration
 
 MIB = 1024 * 1024
 

@@ -29,9 +29,11 @@ from go2cloud_server.errors import SessionBusy
 from go2cloud_server.service import Service
 from go2cloud_server.service import sessions as sessions_mod
 from go2cloud_server.store import Store
-from tests.integration.harness import Server
+from tests.support.harness import Server
 from tests.unit.server.conftest import Clock, FakeRsyncd, FakeTrees, import_body
 from tests.unit.server.test_block_tasks import FakeBlockStores
+
+pytestmark = pytest.mark.integration
 
 
 def _fds(pid: int) -> int:

@@ -18,8 +18,10 @@ from typing import Iterator
 import pytest
 
 from tests.faults.server_harness import RestartableServer, kill_at_random_point, processes_naming
-from tests.integration.harness import Agent, wait_for
 from tests.integration.test_e2e_block import assert_generation_equals, image_with_data, wait_cycle
+from tests.support.harness import Agent, wait_for
+
+pytestmark = pytest.mark.integration
 
 if os.geteuid() != 0:
     pytest.skip("block fault tests need root (loop devices)", allow_module_level=True)

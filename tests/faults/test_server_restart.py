@@ -26,7 +26,9 @@ from go2cloud_server.children import Children, process_identity
 from go2cloud_server.manifest import build, diff
 from tests.faults.kill_harness import tree_bytes
 from tests.faults.server_harness import RestartableServer, kill_at_random_point, processes_naming
-from tests.integration.harness import REPO, Agent, wait_for
+from tests.support.harness import REPO, Agent, wait_for
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ import pytest
 
 from go2cloud_server.manifest import build, diff
 from tests.integration.conftest import AgentFactory
-from tests.integration.harness import Server, wait_for
 from tests.support import tree
+from tests.support.harness import Server, wait_for
 from tests.support.tinyfs import MiB, TinyFs, tiny_fs
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
@@ -79,7 +79,7 @@ def assert_control_plane_answers(server: Server, sid: str, fs: TinyFs) -> Dict[s
     reason = t["error"]["message"]
     assert str(fs.mount_point) in reason and "free of" in reason and "ext4" in reason, reason
     assert "migration sync" in reason, reason
-    shown = server.j("source", "show", sid)
+    shown = server.show_source(sid)
     assert any(e["code"] == "target_full" for e in shown["events"]), shown["events"]
     # the agent's acknowledgement of the cycle that met the full target went through
     wait_for(lambda: ("failed", "target_full") in commands(server, "sync"), 60,
@@ -146,7 +146,7 @@ def test_block_chunks_on_a_full_target_shared_with_the_database(tmp_path: Path, 
         gen2 = server.artifacts(sid)[1]
         assert gen2["cycle"] == 2 and gen2["sha256"] == sha256(disk) == sha256(Path(gen2["path"]))
         assert sha256(Path(gen1["path"])) == gen1_sha == server.artifacts(sid)[0]["sha256"]
-        events = [e["code"] for e in server.j("source", "show", sid)["events"]]
+        events = [e["code"] for e in server.show_source(sid)["events"]]
         assert "target_space_returned" in events, events
         assert (tiny.mount_point / "server" / "db-reserve").stat().st_size == 16 * MiB
         no_server_errors(server)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -9,13 +8,11 @@ from typing import Iterator, List
 
 import pytest
 
-from tests.integration.harness import REPO, Agent, Server
+from tests.support import servers
+from tests.support.harness import REPO, Agent, Server
 
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/integration/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.integration)
+server = servers.server  # a fixture: the test's own server, or its module's shared one
+shared_server = servers.shared_server  # a fixture
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,13 +32,6 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path / "server-data").start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture

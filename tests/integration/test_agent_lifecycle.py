@@ -17,9 +17,9 @@ import pytest
 
 from go2cloud_server.manifest import build as tree_manifest
 from go2cloud_server.manifest import diff
-from tests.integration.harness import Server, wait_for
+from tests.support.harness import Server, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_server]  # one server for the module
 
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -237,7 +237,7 @@ def junk_server() -> Iterator[Tuple[str, type]]:
 def test_malformed_or_oversized_server_response(tmp_path, junk_server, body):
     url, handler = junk_server
     handler.body = body
-    from tests.integration.harness import Agent
+    from tests.support.harness import Agent
 
     a = Agent(tmp_path / "home-junk", server=None)  # type: ignore[arg-type]
     r = a.run_cli("--no-prompt", "--server", url, "--token-id", "at-x", token_code="y" * 20, timeout=120)

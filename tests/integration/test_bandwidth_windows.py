@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 
 from go2cloud_server.manifest import build, diff
-from tests.integration.harness import wait_for
+from tests.support.harness import wait_for
 
 pytestmark = [pytest.mark.integration]
 MIB = 1 << 20
@@ -60,7 +60,7 @@ def import_agent(server, agents, name: str):
 
 
 def window_events(server, sid: str) -> List[str]:
-    events = server.j("source", "show", sid)["events"]
+    events = server.show_source(sid)["events"]
     return [e["message"] for e in events if e["code"] == "bandwidth_window"]
 
 

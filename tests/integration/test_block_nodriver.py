@@ -75,7 +75,7 @@ def test_block_mode_without_the_vendor_driver(server, agents, tmp_path, monkeypa
     assert "Installing the snapshot driver: apt-get -y install" in out
     assert "Snapshot driver not installed: installing it failed" in out and "Unable to locate package" in out
     assert "Block replication stays available" in out
-    block = server.j("source", "show", sid)["inventory"]["capabilities"]["block"]
+    block = server.show_source(sid)["inventory"]["capabilities"]["block"]
     assert block["available"] is True and block["driver"]["installed"] is False
     assert "repository may not be configured" in block["driver"]["reason"]
     assert block["volumes"], block  # what was found per volume is recorded

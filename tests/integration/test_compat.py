@@ -28,8 +28,8 @@ import pytest
 
 from go2cloud_server.manifest import build as tree_manifest
 from go2cloud_server.manifest import diff
-from tests.integration.harness import Server, wait_for
 from tests.support import debian_rootfs, tree
+from tests.support.harness import Server, wait_for
 
 pytestmark = pytest.mark.integration
 

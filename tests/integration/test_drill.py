@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 
-from tests.integration.harness import REPO, Server, _env, wait_for
+from tests.support.harness import REPO, Server, _env, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -20,9 +20,9 @@ from typing import Any, Dict, Iterator
 
 import pytest
 
-from tests.integration.harness import wait_for
+from tests.support.harness import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.root]
+pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.shared_server]  # one server
 
 MIB = 1 << 20
 

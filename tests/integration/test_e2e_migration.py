@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from go2cloud_server.manifest import build, diff
-from tests.integration.harness import wait_for
 from tests.support import tree
+from tests.support.harness import wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_server]  # one server for the module
 
 EXCLUDED = (b"cache", b"--remove-source-files", b"--max-size=1")
 

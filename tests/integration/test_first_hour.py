@@ -31,8 +31,8 @@ import pytest
 
 from go2cloud_server.manifest import build as manifest
 from go2cloud_server.manifest import diff
-from tests.integration.harness import Server, wait_for
 from tests.support import tree
+from tests.support.harness import Server, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from tests.integration.harness import REPO, Server, _env
+from tests.support.harness import REPO, Server, _env
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import REPO, _env
+from tests.support.harness import REPO, _env
 
 pytestmark = pytest.mark.integration
 

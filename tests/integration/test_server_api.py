@@ -1,7 +1,8 @@
 """The real ``go2cloud_server serve`` driven over HTTPS (pinned) and through its operator CLI.
 
-No agent here: a minimal protocol client (Ed25519 key, import, challenge/token, heartbeat,
-commands, acks) plays the agent so every answer of the control plane can be checked exactly.
+No agent here: a minimal protocol client (tests/support/fakeagent.py: Ed25519 key, import,
+challenge/token, heartbeat, commands, acks) plays the agent so every answer of the control plane
+can be checked exactly.
 """
 
 from __future__ import annotations
@@ -11,137 +12,15 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from go2cloud_server.tlspin import pinned_session
-from tests.integration.harness import Server, wait_for
+from tests.support.fakeagent import Api, FakeAgent
+from tests.support.harness import Server, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-class Api:
-    """HTTPS to the server with the certificate pinned by fingerprint."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.session = pinned_session(server.fingerprint)
-        self.admin = (server.data_dir / "admin.token").read_text().strip()
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        token: Optional[str] = None,
-        admin: bool = False,
-        **kw: Any,
-    ) -> requests.Response:
-        headers = dict(kw.pop("headers", {}))
-        if admin:
-            headers["Authorization"] = f"Bearer {self.admin}"
-        elif token:
-            headers["Authorization"] = f"Bearer {token}"
-        return self.session.request(
-            method,
-            self.server.url + "/api/v1" + path,
-            json=body,
-            headers=headers,
-            timeout=30,
-            verify=False,
-            **kw,
-        )
-
-
-class FakeAgent:
-    def __init__(self, api: Api, hostname: str = "web01", machine_id: str = "m-web01") -> None:
-        self.api = api
-        self.key = Ed25519PrivateKey.generate()
-        self.hostname = hostname
-        self.machine_id = machine_id
-        self.source_id: Optional[str] = None
-        self.token: Optional[str] = None
-
-    def public_key(self) -> str:
-        raw = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return base64.b64encode(raw).decode()
-
-    def import_(
-        self, code: Dict[str, Any], previous: Optional[str] = None, proof: Optional[Dict[str, str]] = None
-    ) -> requests.Response:
-        body = {
-            "token_id": code["token_id"],
-            "token_code": code["token_code"],
-            "public_key": self.public_key(),
-            "agent_version": "0.1.0",
-            "previous_source_id": previous,
-            "previous_source_proof": proof,
-            "inventory": {
-                "hostname": self.hostname,
-                "machine_id": self.machine_id,
-                "os": {"family": "linux", "id": "debian", "pretty_name": "Debian 12"},
-                "mounts": [{"mountpoint": "/", "fstype": "ext4"}],
-            },
-        }
-        resp = self.api.call("POST", "/sources/import", body)
-        if resp.status_code == 201:
-            self.source_id = resp.json()["source_id"]
-        return resp
-
-    def login(self) -> None:
-        sid = self.source_id
-        ch = self.api.call("POST", f"/sources/{sid}/challenge")
-        assert ch.status_code == 200, ch.text
-        nonce = ch.json()["nonce"]
-        sig = self.key.sign(b"go2cloud-token-v1\n" + sid.encode() + b"\n" + nonce.encode())
-        tok = self.api.call(
-            "POST", f"/sources/{sid}/token", {"nonce": nonce, "signature": base64.b64encode(sig).decode()}
-        )
-        assert tok.status_code == 200, tok.text
-        self.token = tok.json()["token"]
-
-    def get(self, path: str, **kw: Any) -> requests.Response:
-        return self.api.call("GET", f"/sources/{self.source_id}{path}", token=self.token, **kw)
-
-    def post(self, path: str, body: Any) -> requests.Response:
-        return self.api.call("POST", f"/sources/{self.source_id}{path}", body, token=self.token)
-
-    def heartbeat(self) -> Dict[str, Any]:
-        resp = self.post(
-            "/heartbeat",
-            {
-                "agent_version": "0.1.0",
-                "state": "idle",
-                "task_id": None,
-                "phase": None,
-                "cycle": None,
-                "progress": None,
-                "last_error": None,
-                "load": None,
-            },
-        )
-        assert resp.status_code == 200, resp.text
-        return resp.json()
-
-    def commands(self, wait: float = 0) -> List[Dict[str, Any]]:
-        resp = self.get("/commands", params={"wait": wait})
-        assert resp.status_code == 200, resp.text
-        return resp.json()["commands"]
-
-    def ack(self, cid: str, status: str = "succeeded", **kw: Any) -> requests.Response:
-        return self.post(
-            f"/commands/{cid}",
-            {
-                "status": status,
-                "error_code": kw.get("error_code"),
-                "message": kw.get("message"),
-                "result": kw.get("result", {}),
-            },
-        )
 
 
 def _err(resp: requests.Response) -> str:
@@ -202,6 +81,7 @@ def test_workgroup_rules_through_cli_and_api(server: Server, api: Api):
     assert server.cli("workgroup", "show", "wg00", check=False).returncode == 3
 
 
+@pytest.mark.shared_server
 def test_codes_limits_revoke_and_distinct_errors(server: Server, api: Api):
     server.j("workgroup", "create", "apps")
     for args, field in (
@@ -247,6 +127,7 @@ def test_codes_limits_revoke_and_distinct_errors(server: Server, api: Api):
     assert (resp.status_code, _err(resp)) == (403, "code_exhausted")
 
 
+@pytest.mark.shared_server
 def test_concurrent_imports_consume_the_count_exactly(server: Server, api: Api):
     server.j("workgroup", "create", "fleet")
     code = server.new_code("fleet", uses=5)
@@ -290,6 +171,7 @@ def test_code_expiry_with_a_shifted_server_clock(tmp_path: Path, server: Server,
         shifted.stop()
 
 
+@pytest.mark.shared_server
 def test_agent_auth_heartbeat_offline_and_long_poll(server: Server, api: Api):
     server.j("workgroup", "create", "edge")
     agent = FakeAgent(api)
@@ -376,6 +258,7 @@ def test_agent_auth_heartbeat_offline_and_long_poll(server: Server, api: Api):
     assert server.source(agent.source_id)["status"] == "syncing"
 
 
+@pytest.mark.shared_server
 def test_migration_cycles_artifacts_and_completion(server: Server, api: Api):
     server.j("workgroup", "create", "db")
     agent = FakeAgent(api)
@@ -435,6 +318,7 @@ def test_migration_cycles_artifacts_and_completion(server: Server, api: Api):
     assert "completed" in human and tid in human
 
 
+@pytest.mark.shared_server
 def test_cancel_and_reimport_replacement(server: Server, api: Api):
     server.j("workgroup", "create", "mig")
     code = server.new_code("mig", uses=3)
@@ -464,6 +348,7 @@ def test_cancel_and_reimport_replacement(server: Server, api: Api):
     assert server.source(again.source_id)["workgroup"]["name"] == "mig"
 
 
+@pytest.mark.shared_server
 def test_invalid_input_oversized_body_and_unreachable(server: Server, api: Api, tmp_path: Path):
     server.j("workgroup", "create", "ops")
     cases = [
@@ -490,7 +375,7 @@ def test_invalid_input_oversized_body_and_unreachable(server: Server, api: Api, 
     import subprocess
     import sys
 
-    from tests.integration.harness import _env
+    from tests.support.harness import _env
 
     env = _env({"GO2CLOUD_DATA_DIR": str(server.data_dir), "GO2CLOUD_ADMIN_TOKEN": "wrong"})
     proc = subprocess.run(
@@ -536,6 +421,7 @@ def test_invalid_input_oversized_body_and_unreachable(server: Server, api: Api, 
     assert api.admin not in log_text  # ... secrets are not
 
 
+@pytest.mark.shared_server
 def test_server_json_and_files(server: Server):
     info = json.loads((server.data_dir / "server.json").read_text())
     assert set(info) >= {"url", "fingerprint", "pid"} and "rsync_port" not in info

@@ -25,7 +25,7 @@ import pytest
 
 from go2cloud_server.manifest import build as tree_manifest
 from go2cloud_server.manifest import diff
-from tests.integration.harness import REPO, Server, _env, wait_for
+from tests.support.harness import REPO, Server, _env, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -11,6 +11,8 @@ import pytest
 
 from go2cloud_client import subp
 
+pytestmark = pytest.mark.integration
+
 
 def test_run_returns_output_and_refuses_shell_strings():
     r = subp.run([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)"])

@@ -27,7 +27,9 @@ import xxhash
 
 from go2cloud_client.api import ControlPlane
 from go2cloud_client.identity import Identity
-from tests.integration.harness import Server, wait_for
+from tests.support.harness import Server, wait_for
+
+pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -19,9 +19,12 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from tests.integration.harness import Server, wait_for
+from tests.support.harness import Server, wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads every process's environment")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="reads every process's environment"),
+]
 
 
 class ProcSampler(threading.Thread):

@@ -24,10 +24,13 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from go2cloud_server import manifest
-from tests.integration.harness import REPO, Server, wait_for
-from tests.integration.test_server_api import Api, FakeAgent
+from tests.support.fakeagent import Api, FakeAgent
+from tests.support.harness import REPO, Server, wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot daemon, owners)")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot daemon, owners)"),
+]
 
 
 class HostileSource:

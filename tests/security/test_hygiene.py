@@ -20,9 +20,11 @@ import pytest
 
 from go2cloud_server.manifest import build, diff
 from go2cloud_server.tlspin import pinned_session
-from tests.integration.harness import Server, wait_for
-from tests.integration.test_server_api import Api, FakeAgent
 from tests.support import tree
+from tests.support.fakeagent import Api, FakeAgent
+from tests.support.harness import Server, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.shared_server]  # one server for the module
 
 #: the deadline the server of these tests is started with (the default is 30 s)
 DEADLINE_S = 3.0

@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from go2cloud_server.tlspin import pinned_session
-from tests.integration.harness import Agent, Server
+from tests.support.harness import Agent, Server
+
+pytestmark = pytest.mark.integration
 
 #: VmHWM growth of the server during 20 parallel wrong imports: the old code (scrypt, 16 MiB, in
 #: every request thread at once) grew by ~300 MiB; 2 derivation workers need ~32 MiB

@@ -14,8 +14,12 @@ import re
 import subprocess
 import sys
 
-from tests.integration.harness import Server, _env
-from tests.integration.test_server_api import Api, FakeAgent
+import pytest
+
+from tests.support.fakeagent import Api, FakeAgent
+from tests.support.harness import Server, _env
+
+pytestmark = pytest.mark.integration
 
 # clear screen, carriage return + fake line, set window title, cursor up, bidi overrides, C1 CSI, DEL
 HOSTILE = ("web\x1b[2J\x1b[H\rFAKE  online\n\x1b]0;owned\x07\x1b[1A"

@@ -11,12 +11,15 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from go2cloud_server.tlspin import pinned_session
-from tests.integration.harness import Server, wait_for
+from tests.support.harness import Server, wait_for
+
+pytestmark = pytest.mark.integration
 
 REPLACE = b"go2cloud-replace-v1\n"
 
@@ -65,28 +68,28 @@ def _victim(server: Server, agents, tmp_path: Path):
     src = _sample(tmp_path / "src")
     server.j("migration", "start", "--source", sid, "--path", str(src), "--bandwidth-mbps", "1")
     server.wait_task(sid, "syncing")
-    machine_id = server.j("source", "show", sid)["inventory"]["machine_id"]  # world-readable on the host
+    machine_id = server.show_source(sid)["inventory"]["machine_id"]  # world-readable on the host
     assert machine_id
     return agent, sid, machine_id
 
 
 def _replaced(server: Server, sid: str, by: str):
     proc = server.cli("source", "replace", sid, "--by", by, check=False)
-    return server.j("source", "show", sid) if proc.returncode == 0 else None
+    return server.show_source(sid) if proc.returncode == 0 else None
 
 
 def _still_running(server: Server, agent, sid: str) -> None:
-    shown = server.j("source", "show", sid)
+    shown = server.show_source(sid)
     assert shown["status"] == "syncing" and shown["replaced_by"] is None, shown
     assert shown["task"]["status"] == "syncing"
     assert agent.proc.poll() is None, agent.output()
     seen = shown["last_seen_at"]
-    wait_for(lambda: server.j("source", "show", sid)["last_seen_at"] != seen, 15, "another heartbeat")
+    wait_for(lambda: server.show_source(sid)["last_seen_at"] != seen, 15, "another heartbeat")
     assert "replaced" not in agent.output()
 
 
 def _refused_events(server: Server, new_sid: str) -> list:
-    return [e for e in server.j("source", "show", new_sid)["events"] if e["code"] == "replace_refused"]
+    return [e for e in server.show_source(new_sid)["events"] if e["code"] == "replace_refused"]
 
 
 def test_code_holder_of_another_workgroup_cannot_replace_a_source(server, agents, tmp_path):
@@ -133,7 +136,7 @@ def test_forged_or_replayed_proofs_do_not_replace(server, agents, tmp_path):
 
 def test_real_agent_reimport_after_abort_proves_its_key(server, agents, tmp_path):
     agent, sid, _ = _victim(server, agents, tmp_path)
-    tid = server.j("source", "show", sid)["task"]["task_id"]
+    tid = server.show_source(sid)["task"]["task_id"]
     out = agent.run_cli("--abort")
     assert out.returncode == 0, out.stderr
     agent.proc.wait(timeout=40)
@@ -142,7 +145,7 @@ def test_real_agent_reimport_after_abort_proves_its_key(server, agents, tmp_path
     new_sid = agent.wait_imported()
     assert new_sid != sid
     wait_for(lambda: server.source(sid)["status"] == "replaced", 15, "old source replaced")
-    shown = server.j("source", "show", sid)
+    shown = server.show_source(sid)
     assert shown["replaced_by"] == new_sid and shown["task"]["status"] == "cancelled"
     assert shown["task"]["task_id"] == tid
     assert not (agent.home / "identity" / "previous_key.pem").exists()  # forgotten once proved

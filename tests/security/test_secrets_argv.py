@@ -22,7 +22,9 @@ from typing import Dict, Iterator, List, Set
 import pytest
 
 from go2cloud_server.service.codes import install_commands
-from tests.integration.harness import REPO, Server, _env, wait_for
+from tests.support.harness import REPO, Server, _env, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.shared_server]  # one server for the module
 
 
 class CmdlineSampler:

@@ -86,7 +86,15 @@ def test_lvm_thin_volume_gets_a_thin_snapshot(lvm, fakes, tmp_path):
 
 def test_lvm_release_of_a_vanished_snapshot_is_fine(lvm, fakes, tmp_path):
     backend = lvm(lvremove_rules=[{"rc": 5, "stderr": '  Failed to find logical volume "vg0/x"\n'}])
-    backend.create("vg0/root", tmp_path / "w").release()
+    snap = backend.create("vg0/root", tmp_path / "w")
+    assert (tmp_path / "w" / "snapshot-lvm.json").exists()        # in the ledger while it exists
+    snap.release()                                                   # lvremove fails: "not found"
+    name = fakes.calls("lvcreate")[0][7]
+    assert fakes.calls("lvremove") == [["lvremove", "-f", "--", f"vg0/{name}"]]
+    assert not (tmp_path / "w" / "snapshot-lvm.json").exists()    # gone: nothing left to recover
+    assert backend.recover(tmp_path / "w") == []
+    snap.release()                                                   # and once released, it stays so
+    assert len(fakes.calls("lvremove")) == 1
 
 
 def test_lvm_release_failure_is_retryable_and_recover_retries(lvm, fakes, tmp_path):

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from tests.integration.harness import Agent, Server, _env, wait_for
+from tests.support.harness import Agent, Server, _env, wait_for
 
 _COUNT = [0]
 

@@ -35,8 +35,3 @@ def _fence(request, monkeypatch):
 
         monkeypatch.setattr(socket.socket, "connect", no_connect)
     yield
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "allow_subprocess: unit test may start processes")
-    config.addinivalue_line("markers", "allow_network: unit test may open sockets")

@@ -3,6 +3,11 @@
 Nothing here is faked: the server is ``python -m go2cloud_server serve`` with its real rsync
 daemon, the agent is ``python -m go2cloud_client`` in its own process, and results are compared
 with the source through full tree manifests.
+
+The harness reads the server's state (and creates codes) in-process through the operator client
+library (go2cloud_server/opclient.py: the pinned session, the admin token and the same HTTPS
+endpoints the ``go2cloud_server`` subcommands call), so polling costs a request, not a Python
+start-up; ``Server.cli``/``Server.j`` run the real operator CLI, for the tests that are about it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
+
+from go2cloud_server.opclient import OperatorClient, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,6 +62,7 @@ class Server:
         self.extra_args = list(extra_args or [])
         self.proc: Optional[subprocess.Popen] = None
         self.info: Dict[str, Any] = {}
+        self._op: Optional[OperatorClient] = None
 
     def start(self) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +84,7 @@ class Server:
 
         wait_for(ready, 30, "server.json")
         self.info = json.loads(info_file.read_text())
+        self._op = None  # a restarted server listens on a new port
         return self
 
     @property
@@ -118,18 +127,39 @@ class Server:
     def j(self, *args: str) -> Any:
         return json.loads(self.cli(*args).stdout)
 
+    # operator client, in-process -------------------------------------------------------------
+    @property
+    def op(self) -> OperatorClient:
+        """The operator client library on this server's data dir (found, pinned and authenticated
+        as the CLI does it: server.json, tls/cert.pem, admin.token)."""
+        if self._op is None:
+            self._op = OperatorClient(resolve(self.data_dir, None, None), timeout=60)
+        return self._op
+
+    def api(self, method: str, path: str, body: Any = None,
+            params: Optional[Dict[str, Any]] = None) -> Any:
+        """One operator API call (``/api/v1`` + ``path``); the server's errors are raised as the
+        CLI would report them (go2cloud_server.errors)."""
+        return self.op.request(method, path, body, params)
+
     def new_code(self, workgroup: str, uses: int = 10) -> Dict[str, Any]:
-        return self.j("code", "create", "--workgroup", workgroup, "--uses", str(uses))
+        """``go2cloud_server code create --workgroup WG --uses N --json``."""
+        return self.api("POST", f"/workgroups/{OperatorClient.seg(workgroup)}/codes", {"uses": uses})
 
     def source_migration(self, source_id: str) -> Dict[str, Any]:
-        return self.j("migration", "show", "--source", source_id)
+        """``go2cloud_server migration show --source S --json``."""
+        return self.api("GET", f"/sources/{OperatorClient.seg(source_id)}/migration")
+
+    def show_source(self, source_id: str) -> Dict[str, Any]:
+        """``go2cloud_server source show S --json``."""
+        return self.api("GET", f"/sources/{OperatorClient.seg(source_id)}")
 
     def task_status(self, source_id: str) -> Optional[str]:
         tasks = self.source_migration(source_id).get("tasks") or []
         return tasks[0]["status"] if tasks else None
 
     def source(self, source_id: str) -> Dict[str, Any]:
-        for s in self.j("source", "list")["sources"]:
+        for s in self.api("GET", "/sources")["sources"]:
             if s["id"] == source_id:
                 return s
         raise AssertionError(f"source {source_id} not listed")
@@ -151,10 +181,13 @@ class Server:
 
     def drill(self, source_id: str) -> Dict[str, Any]:
         """The latest drill of a source (``go2cloud_server drill show --source S --json``)."""
-        return self.j("drill", "show", "--source", source_id)
+        return self.api("GET", f"/sources/{OperatorClient.seg(source_id)}/drill")
 
     def artifacts(self, source_id: str) -> List[Dict[str, Any]]:
-        return self.j("migration", "artifacts", "--source", source_id)["artifacts"]
+        """``go2cloud_server migration artifacts --source S --json``: the latest task's images."""
+        tasks = self.source_migration(source_id).get("tasks") or []
+        assert tasks, f"source {source_id} has no migration task yet"
+        return self.api("GET", f"/tasks/{OperatorClient.seg(tasks[0]['task_id'])}/artifacts")["artifacts"]
 
     def artifact_tree(self, source_id: str, src: Path, index: int = 0) -> Path:
         """Where the copy of the source path ``src`` is in the ``index``-th file-level artifact."""

@@ -294,6 +294,7 @@ class Targets(Concern):
         if task is None or task["status"] in ("cancelled", "completed", "failed"):
             return
         reason = self._space_reason(task, detail)
+        free = self._free_now(task_id)
         with self.store.transaction() as conn:
             task = repo_tasks.get(conn, task_id)
             if task is None or task["status"] not in ("syncing", "pending", "drill_passed", TARGET_FULL):
@@ -301,11 +302,10 @@ class Targets(Concern):
             first = task["status"] != TARGET_FULL
             self.svc.tasks.set_task(conn, task_id, status=TARGET_FULL, error_code=TARGET_FULL,
                                     error_message=reason)
-        free = self._free_now(task_id)
+            if first:  # in this transaction: the connection goes back to the pool after it
+                self.event(conn, task["source_id"], "error", TARGET_FULL, f"task {task_id}: {reason}")
         if free is not None:
             self._full_free[task_id] = free
-            if first:
-                self.event(conn, task["source_id"], "error", TARGET_FULL, f"task {task_id}: {reason}")
         if first:
             log.warning("task %s: %s", task_id, reason)
 

@@ -809,3 +809,32 @@ def test_heartbeat_keeps_the_agents_loops_and_retry_validated_and_bounded(servic
     service.heartbeat(sid, {"state": "running", "loops": "junk", "retry": {"code": "Bad Code", "attempt": 1}})
     agent = service.show_source(sid)["agent"]
     assert agent["loops"] is None and agent["retry"] is None
+
+
+def test_target_full_event_is_written_inside_the_tasks_transaction(service, monkeypatch):
+    """The event that says the target is full is written with the same transaction that sets the
+    task's state, never with a connection already handed back to the pool (another thread's
+    transaction could take it, and the event would be rolled back with that one)."""
+    from go2cloud_server.service.base import Concern
+
+    _wg(service)
+    sid = _imported(service)
+    service.start_migration({"drill": False}, workgroup="web-tier")
+    start = _cmds(service, sid)[0]
+    tid = start["params"]["task_id"]
+    _ack(service, sid, start, "accepted")
+    written = []
+    real_event = Concern.event
+
+    def event(self, conn, source_id, level, code, message):
+        written.append((code, conn.in_transaction))
+        real_event(self, conn, source_id, level, code, message)
+
+    monkeypatch.setattr(Concern, "event", event)
+    service.mark_target_full(tid, "No space left on device")
+    service.mark_target_full(tid, "No space left on device")  # the same episode: one event
+    assert written == [("target_full", True)]
+    task = service.source_migration(sid)["tasks"][0]
+    assert task["status"] == "target_full" and "No space left" in task["error"]["message"]
+    shown = service.show_source(sid)
+    assert [e["code"] for e in shown["events"]].count("target_full") == 1

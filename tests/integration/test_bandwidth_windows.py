@@ -145,8 +145,13 @@ def test_block_limit_changes_at_the_window_edge(server, agents, tmp_path):
     limit = after * 125_000
     assert len(fast) >= 3 and all(r <= 1.10 * limit for r in fast), fast
     # the bucket may still carry the old rate's debt for the first windows after the edge (below
-    # the limit, never above): from the third window on the rate is the new limit within 10%
-    assert all(abs(r - limit) <= 0.10 * limit for r in fast[2:]), fast
+    # the limit, never above): from the third window on the rate is the new limit within 10%. One
+    # window may fall short (never over): on a loaded 2-core machine the agent cannot always
+    # read, hash and send 20 MB/s for a whole second (seen: one window at 15.7 MB/s), and a
+    # limiter that is not reached is not at fault; a second short window fails the test
+    steady = fast[2:]
+    short = [r for r in steady if abs(r - limit) > 0.10 * limit]
+    assert len(steady) >= 3 and len(short) <= 1 and all(r < limit for r in short), fast
     assert slow and abs(sum(slow) / len(slow) - before * 125_000) <= 0.15 * before * 125_000, slow
     events = window_events(server, sid)
     assert any(f"the limit is now {after} Mbit/s (was {before} Mbit/s" in m for m in events), events

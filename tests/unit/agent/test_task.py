@@ -242,7 +242,8 @@ def test_restart_resumes_interrupted_cycle_but_not_paused(world, home):
     r2.handle(cmd("c-pause", "pause"))
     r3 = world.runner()
     r3.load()
-    time.sleep(0.1)
+    # load() decides at once (under its lock) whether to start a worker: none was started
+    assert not r3.is_running()
     assert len(world.runs) == 2 and r3.snapshot()["state"] == "paused"
 
 

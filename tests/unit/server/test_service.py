@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -489,26 +488,47 @@ def test_reimport_with_previous_source_id_replaces(service, rsyncd):
     assert {e["source_id"] for e in out["started"]} == imported
 
 
+class _PollClock:
+    """The long poll's monotonic clock: it moves by ``step`` at each reading, and ``read_twice`` is
+    set at the second reading (taken after the poll's first, empty look, while it holds the lock it
+    waits on: a command queued from then on must wake it)."""
+
+    def __init__(self, step: float = 0.0) -> None:
+        self.step = step
+        self.readings: list = []
+        self.read_twice = threading.Event()
+
+    def __call__(self) -> float:
+        t = len(self.readings) * self.step
+        self.readings.append(t)
+        if len(self.readings) == 2:
+            self.read_twice.set()
+        return t
+
+
 def test_long_poll_wakes_when_a_command_is_queued(service):
     _wg(service)
     sid = _imported(service)
     got: dict = {}
+    frozen = _PollClock()  # never reaches the deadline: only a wake-up can end this poll
 
     def poll() -> None:
-        t0 = time.monotonic()
-        got["cmds"] = service.poll_commands(sid, 20)["commands"]
-        got["dt"] = time.monotonic() - t0
+        got["cmds"] = service.poll_commands(sid, 20, monotonic=frozen)["commands"]
 
-    th = threading.Thread(target=poll)
+    th = threading.Thread(target=poll, daemon=True)
     th.start()
-    time.sleep(0.3)
+    assert frozen.read_twice.wait(10), "the poll never looked for commands"
     service.start_migration({"drill": False}, source=sid)
     th.join(10)
+    assert not th.is_alive(), "queueing a command did not wake the long poll"
     assert [c["type"] for c in got["cmds"]] == ["start"]
-    assert got["dt"] < 5
-    t0 = time.monotonic()
-    assert service.poll_commands("s-none", 0.2)["commands"] == []
-    assert time.monotonic() - t0 >= 0.2
+
+
+def test_long_poll_without_commands_answers_at_its_deadline(service):
+    ticking = _PollClock(step=0.19)
+    assert service.poll_commands("s-none", 0.2, monotonic=ticking)["commands"] == []
+    assert ticking.readings[-1] >= 0.2  # it answered only once its clock passed the deadline
+    assert ticking.readings[-2] < 0.2
 
 
 def test_events_are_capped(service, monkeypatch):

@@ -113,6 +113,34 @@ def _in_thread(fn) -> threading.Thread:
     return t
 
 
+class _Waits(threading.Condition):
+    """Stands for a journal's condition (``_wake``, over the same lock) and records which threads
+    went to wait on it: a positive sign that a thread decided to wait, instead of a sleep."""
+
+    def __init__(self, lock) -> None:
+        super().__init__(lock)
+        self._guard = threading.Lock()
+        self._waited: dict = {}
+
+    def _event(self, thread: threading.Thread) -> threading.Event:
+        with self._guard:
+            return self._waited.setdefault(thread, threading.Event())
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self._event(threading.current_thread()).set()
+        return super().wait(timeout)
+
+    def wait_until_waiting(self, thread: threading.Thread, what: str) -> None:
+        assert self._event(thread).wait(30), f"{what}: {thread.name} never waited"
+
+
+def _watch_waits(j: PassJournal) -> _Waits:
+    """Install a :class:`_Waits` as the journal's condition (before any of its threads exist)."""
+    assert j._flusher is None
+    j._wake = waits = _Waits(j._lock)
+    return waits
+
+
 def test_journal_syncs_in_the_background_every_n_sent_records(tmp_path, monkeypatch):
     j = _journal(tmp_path / "d0.pass", size=500 * CS).open()
     fs = _Fsyncs(monkeypatch)
@@ -138,14 +166,15 @@ def test_journal_syncs_in_the_background_every_n_sent_records(tmp_path, monkeypa
 
 def test_a_flush_waits_for_the_background_fsync_then_syncs_what_came_after(tmp_path, monkeypatch):
     j = _journal(tmp_path / "d0.pass", size=500 * CS).open()
+    waits = _watch_waits(j)
     fs = _Fsyncs(monkeypatch)
     fs.gate.clear()
     j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY)])
     fs.wait_started()                       # the background fsync is stuck
     j.mark(FLUSH_EVERY, h(FLUSH_EVERY))     # not covered by it for sure
     flush = _in_thread(j.flush)
-    flush.join(0.5)
-    assert flush.is_alive()
+    waits.wait_until_waiting(flush, "a flush during a background fsync")
+    assert flush.is_alive() and [name for _fd, name in fs.calls] == ["journal-d0.pass"]
     fs.gate.set()
     flush.join(30)
     assert not flush.is_alive()
@@ -190,6 +219,7 @@ def test_close_stops_the_flusher_and_closes_the_file_when_its_fsync_fails(tmp_pa
 
 def test_senders_wait_for_a_slow_fsync_only_after_another_n_records(tmp_path, monkeypatch):
     j = _journal(tmp_path / "d0.pass", size=500 * CS).open()
+    waits = _watch_waits(j)
     fs = _Fsyncs(monkeypatch)
     fs.gate.clear()
     j.mark_many([(i, h(i), 1) for i in range(FLUSH_EVERY)])  # wakes the flusher, returns
@@ -198,8 +228,8 @@ def test_senders_wait_for_a_slow_fsync_only_after_another_n_records(tmp_path, mo
     first.join(30)
     assert not first.is_alive(), "a sender waited for the disk before another FLUSH_EVERY records"
     second = _in_thread(lambda: j.mark(2 * FLUSH_EVERY - 1, h(2 * FLUSH_EVERY - 1)))
-    second.join(0.5)
-    assert second.is_alive(), "the unsynced records grow without bound while an fsync is stuck"
+    waits.wait_until_waiting(second, "the unsynced records grow without bound while an fsync is stuck")
+    assert second.is_alive()
     fs.gate.set()
     second.join(30)
     assert not second.is_alive()

@@ -149,8 +149,21 @@ def test_pause_stops_rsync_and_resume_finishes(server, agents, tmp_path):
     server.j("migration", "pause", "--source", sid)
     server.wait_task(sid, "paused", timeout=30)
     wait_for(lambda: not _rsync_children(agent.home), 20, "rsync stopped by pause")
-    time.sleep(1)
+    # the agent acknowledged the pause after its transfer ended; a heartbeat sent since then that
+    # reports the task paused shows it went on running its loops without resuming the transfer
+    seen = server.show_source(sid)["last_seen_at"]
+
+    def paused_heartbeat() -> bool:
+        src = server.show_source(sid)
+        return src["last_seen_at"] > seen and src["agent"]["state"] == "paused"
+
+    wait_for(paused_heartbeat, 30, "a heartbeat after the pause reporting the task paused")
     assert not _rsync_children(agent.home), "paused task must not transfer"
+    # nor did it start a transfer meanwhile (the agent logs the pause once its transfer ended)
+    task_id = server.source_migration(sid)["tasks"][0]["task_id"]
+    log = (agent.home / "Logs" / "go2cloud_client.log").read_text()
+    since_pause = log.split(f"Task {task_id} paused")[-1]
+    assert "go2cloud_client.replication" not in since_pause, since_pause
     server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "0")
     server.j("migration", "resume", "--source", sid)
     server.wait_task(sid, "pending", timeout=120)

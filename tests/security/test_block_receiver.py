@@ -16,7 +16,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -334,7 +333,18 @@ def test_many_concurrent_bodies_of_one_task_hold_a_bounded_amount_of_memory(serv
             threads.append(threading.Thread(target=send, args=(tls,), daemon=True))
             threads[-1].start()
         wait_for(lambda: len(sent) >= 16, 120, "16 bodies taken in")
-        time.sleep(3)  # let any further body in (there should be none)
+        # no waiting for "long enough": the server answers each of the other 48 requests 503
+        # (target_busy) once it waited its busy time (30 s) for room; count its answers in its log
+        refused = f"POST /block/v1/tasks/{src.task_id}/disks/vdb/chunks -> 503"
+
+        def all_others_refused() -> bool:
+            assert len(sent) <= 16, f"the server took in {len(sent)} bodies of 16 MiB of one task at once"
+            return Path(server.log.name).read_text(errors="replace").count(refused) >= 64 - 16
+
+        wait_for(all_others_refused, 120, "the server to refuse the 48 requests that found no room")
+        for th in threads:  # a refused sender's sendall fails: every sender's outcome is known now
+            th.join(30)
+        assert not any(th.is_alive() for th in threads)
         taken, grown = len(sent), rss(server.proc.pid) - before
         # another task is served meanwhile
         assert victim.holes("vdb", 16, 64 * MiB).status_code == 200

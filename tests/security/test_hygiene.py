@@ -235,8 +235,16 @@ def test_malformed_commands_do_not_block_the_ones_after_them(server: Server, age
              "the command after the malformed ones to be acknowledged")
     assert _command_status(server, "c-start-bad") == "rejected:command_rejected"
     assert _command_status(server, "c-params-list") == "rejected:command_rejected"
-    # those without a usable id cannot be acknowledged: skipped, and logged once each
-    time.sleep(3)  # a few more polls that deliver them again
+    # those without a usable id cannot be acknowledged: skipped, and logged once each, however
+    # often they come again: wait for three more polls (the agent polls again only once it has
+    # handled the previous answer, so at least two of them were handled), counted in the server's log
+    polls = f"GET /api/v1/sources/{sid}/commands -> 200"
+
+    def answered() -> int:
+        return Path(server.log.name).read_text(errors="replace").count(polls)
+
+    before = answered()
+    wait_for(lambda: answered() >= before + 3, 60, "three more command polls of the agent")
     log = (agent.home / "Logs" / "go2cloud_client.log").read_text()
     for cid in unusable:
         assert _command_status(server, cid) == "queued:None"

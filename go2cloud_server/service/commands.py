@@ -94,10 +94,16 @@ class Commands(Concern):
 
     def start_taken(self, cmd: Mapping[str, Any]) -> None:
         """The agent accepted the ``start`` queued after a passed drill: the task is syncing now."""
+        self.start_taken_for(cmd["task_id"])
+
+    def start_taken_for(self, task_id: str) -> None:
+        """A ``drill_passed`` task's start is taken: by the agent's ``accepted`` acknowledgement,
+        or by its first data request when that comes first (the agent writes at once and
+        acknowledges on another thread)."""
         with self.store.transaction() as conn:
-            task = repo_tasks.get(conn, cmd["task_id"])
+            task = repo_tasks.get(conn, task_id)
             if task is not None and task["status"] == "drill_passed":
-                self.svc.tasks.set_task(conn, cmd["task_id"], status="syncing")
+                self.svc.tasks.set_task(conn, task_id, status="syncing")
 
     def on_command_final(
         self,

@@ -127,7 +127,13 @@ class Targets(Concern):
         ok = hmac.compare_digest(token.encode("utf-8"), expected.encode("utf-8"))
         if task is None or not ok or not expected:
             return None
-        if not self.of(task).accepts_block or task["status"] not in ACTIVE_TASK_STATUSES:
+        if not self.of(task).accepts_block:
+            return None
+        if task["status"] == "drill_passed" and task["current_cycle"]:
+            # the agent's first request came before its 'accepted' acknowledgement of start (sent
+            # on another thread): the start is taken
+            self.svc.commands.start_taken_for(task_id)
+        elif task["status"] not in ACTIVE_TASK_STATUSES:
             return None
         self.check_room(task_id)
         return self.block_store(task_id)
@@ -149,7 +155,7 @@ class Targets(Concern):
         ok = hmac.compare_digest(str(password).encode("utf-8"), expected)
         if task is None or not expected or not ok or not self.of(task).accepts_rsync:
             raise AuthFailed("the rsync credentials are not those of an active file task")
-        if task["status"] != "syncing" or not task["current_cycle"]:
+        if task["status"] not in ("syncing", "drill_passed") or not task["current_cycle"]:
             raise Conflict(f"task {task_id} is {task['status']}: it is not writing a cycle now")
         self.check_room(task_id)
         if not isinstance(cycle, int) or cycle != int(task["current_cycle"]):
@@ -158,6 +164,8 @@ class Targets(Concern):
         if path not in paths:
             raise InvalidInput(f"path {str(path)[:200]!r} is not one of the task's paths")
         self.svc.sessions.check_epoch(task_id, epoch, cycle=cycle)  # 409 stale_epoch: nothing started
+        if task["status"] == "drill_passed":  # the agent's data came before its 'accepted'
+            self.svc.commands.start_taken_for(task_id)
         return SessionSpec(
             task_id=task_id,
             tree_root=self.tree_root(task_id),

@@ -303,3 +303,37 @@ def test_schema_v2_database_gains_the_drill(tmp_path):
                   "VALUES ('c-1', 's-1', 't-1', 'running', 'x')")
     st.migrate()  # idempotent
     st.close()
+
+
+def test_data_from_the_agent_before_its_start_acknowledgement_is_accepted(service):
+    """After a passed drill the task is ``drill_passed`` until the agent's ``accepted``
+    acknowledgement of ``start`` arrives; the agent starts writing at once and sends that
+    acknowledgement on another thread, so its first data request can come first (seen: a block
+    cycle failed with 'refused the task token'). The data paths take such a request as the
+    acknowledgement: the task is syncing from then on."""
+    sid = _source(service)
+    service.start_migration({"paths": ["/srv"]}, source=sid)
+    (drill,) = _cmds(service, sid)
+    _ack(service, sid, drill, result=_report("info"))
+    (start,) = _cmds(service, sid)
+    tid = start["params"]["task_id"]
+    assert _task(service, sid)["status"] == "drill_passed"
+    spec = service.rsync_session_spec(tid, start["params"]["target"]["password"], 1, "/srv")
+    assert spec.cycle == 1
+    assert _task(service, sid)["status"] == "syncing"
+    _ack(service, sid, start, "accepted")  # arrives later: nothing changes
+    assert _task(service, sid)["status"] == "syncing"
+
+    body = import_body(service.create_code("web-tier", {"uses": 1}))
+    body["inventory"] = inventory(hostname="db01", machine_id="m-2")
+    blk = service.import_source(body)["source_id"]
+    service.start_migration({"mode": "block", "disks": ["/dev/vdb"]}, source=blk)
+    (drill,) = _cmds(service, blk)
+    _ack(service, blk, drill, result=_report("info"))
+    (start,) = _cmds(service, blk)
+    assert _task(service, blk)["status"] == "drill_passed"
+    token = start["params"]["target"]["token"]
+    assert service.block_store_for(start["params"]["task_id"], "wrong") is None
+    assert _task(service, blk)["status"] == "drill_passed"  # a wrong token changes nothing
+    assert service.block_store_for(start["params"]["task_id"], token) is not None
+    assert _task(service, blk)["status"] == "syncing"

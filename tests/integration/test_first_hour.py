@@ -339,13 +339,20 @@ def _running_from(exe: Path) -> List[int]:
     return found
 
 
+def _default_hangup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class Foreground:
     """``./go2cloud_client`` in the foreground as an operator runs it, its output collected."""
 
     def __init__(self, argv: List[str], *, cwd: Path, env: Dict[str, str]) -> None:
         self.lines: List[str] = []
+        # as from a terminal: a hang-up has its default action, even when the test run itself was
+        # started with SIGHUP ignored (nohup), which children would otherwise inherit
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+                                     stderr=subprocess.STDOUT, text=True, errors="replace",
+                                     preexec_fn=_default_hangup)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

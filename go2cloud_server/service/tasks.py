@@ -383,7 +383,7 @@ class Tasks(Concern):
         if task["finalizing"] and not task["current_cycle"]:
             raise Conflict(f"task {task['id']} is completing: cannot pause it")
         self.set_task(conn, task["id"], status="paused", paused_from=task["status"])
-        return self.svc.commands.queue(conn, task["source_id"], task["id"], "pause", {"task_id": task["id"]})
+        return self._command(conn, task, "pause")
 
     def _do_resume(
         self,
@@ -395,13 +395,19 @@ class Tasks(Concern):
         self.need(task, ("paused",), "resume it (only a paused task can be resumed)")
         status = "syncing" if task["current_cycle"] else "pending"
         self.set_task(conn, task["id"], status=status, paused_from=None)
-        return self.svc.commands.queue(conn, task["source_id"], task["id"], "resume", {"task_id": task["id"]})
+        return self._command(conn, task, "resume")
 
     def _next_cycle(self, conn: Conn, task: Mapping[str, Any]) -> Dict[str, Any]:
         number = task["current_cycle"] or (task["last_committed"] or 0) + 1
         self.svc.targets.of(task).prepare_cycle(task["id"], number)
         self.set_task(conn, task["id"], current_cycle=number)
         return cycle_spec(number, task["last_committed"])
+
+    def _command(self, conn: Conn, task: Mapping[str, Any], ctype: str, **params: Any) -> str:
+        """Queue a ``ctype`` command for the task's agent: its parameters are the task id and
+        ``params``."""
+        return self.svc.commands.queue(conn, task["source_id"], task["id"], ctype,
+                                       {"task_id": task["id"], **params})
 
     def _do_sync(
         self,
@@ -417,16 +423,12 @@ class Tasks(Concern):
             # the final sync stopped on a full target: it runs again (the agent's finalize)
             cycle = self._next_cycle(conn, task)
             self.set_task(conn, task["id"], status="syncing", error_code=None, error_message=None)
-            return self.svc.commands.queue(
-                conn, task["source_id"], task["id"], "finalize", {"task_id": task["id"], "cycle": cycle}
-            )
+            return self._command(conn, task, "finalize", cycle=cycle)
         if task["finalizing"]:
             raise Conflict(f"task {task['id']} is completing: no more syncs")
         cycle = self._next_cycle(conn, task)
         self.set_task(conn, task["id"], status="syncing", error_code=None, error_message=None)
-        return self.svc.commands.queue(
-            conn, task["source_id"], task["id"], "sync", {"task_id": task["id"], "cycle": cycle}
-        )
+        return self._command(conn, task, "sync", cycle=cycle)
 
     def _do_complete(
         self,
@@ -446,9 +448,7 @@ class Tasks(Concern):
             self.set_task(conn, task["id"], status="syncing", finalizing=1)
         else:
             self.set_task(conn, task["id"], finalizing=1)
-        return self.svc.commands.queue(
-            conn, task["source_id"], task["id"], "finalize", {"task_id": task["id"], "cycle": cycle}
-        )
+        return self._command(conn, task, "finalize", cycle=cycle)
 
     def _do_cancel(
         self,
@@ -465,7 +465,7 @@ class Tasks(Concern):
         repo_commands.supersede_queued(conn, task["id"], self.now_iso())
         snapshot = dict(task)
         after.append(lambda: self.svc.targets.release(snapshot))
-        return self.svc.commands.queue(conn, task["source_id"], task["id"], "abort", {"task_id": task["id"]})
+        return self._command(conn, task, "abort")
 
     def workgroup_migration(self, ref: str) -> Dict[str, Any]:
         wg = self.svc.workgroups.get(None, ref)

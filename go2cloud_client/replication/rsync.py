@@ -57,7 +57,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 from urllib.parse import urlsplit
 
 from go2cloud_client import subp
@@ -341,6 +341,7 @@ class FileReplicator:
         self._lock = threading.Lock()
         self._last_emit = 0.0
         self._progress: List[PathProgress] = []
+        self._exact: Set[int] = set()  # id() of the paths' progress whose total rsync knows
 
     # -- arguments -------------------------------------------------------------------------------
     @property
@@ -445,6 +446,9 @@ class FileReplicator:
             p.bytes_done = max(p.bytes_done, parsed.bytes_done)
             p.bytes_sent = p.bytes_done
             p.rate_bps = parsed.rate_bps
+            if not parsed.incremental_scan:
+                # rsync has its whole file list: the estimate's scan of this path is no use now
+                self._exact.add(id(p))
             if parsed.percent >= 5 and not parsed.incremental_scan:
                 # rsync's percentage is of the path's total file size (fixed: no inc-recursion)
                 p.bytes_total = max(p.bytes_total, parsed.bytes_done * 100 // parsed.percent)
@@ -457,10 +461,14 @@ class FileReplicator:
         matcher = excludes_mod.Matcher(rules)
         for i, path in enumerate(self.paths):
             total = 0
+            # a path whose rsync has built its file list needs no estimate: the scan stops there
+            # rather than compete with the transfer for the source's CPU and disk
+            exact = self._exact
+            mine = id(self._progress[i])
             try:
                 root_dev = os.lstat(path).st_dev
                 stack = [""]
-                while stack and not cancel.is_set():
+                while stack and not cancel.is_set() and mine not in exact:
                     rel_dir = stack.pop()
                     with os.scandir(os.path.join(path, rel_dir) if rel_dir else path) as it:
                         for entry in it:
@@ -480,6 +488,8 @@ class FileReplicator:
                 pass
             if cancel.is_set():
                 return
+            if mine in exact:
+                continue
             with self._lock:
                 p = self._progress[i]
                 if p.state != "done":
@@ -604,6 +614,7 @@ class FileReplicator:
         excludes_mod.write_filter_file(rules, self.filter_file)
         with self._lock:
             self._progress = [PathProgress(path=p) for p in self.paths]
+            self._exact = set()
         estimator_stop = threading.Event()
         if self.estimate_totals:
             threading.Thread(target=self._estimate, args=(rules, estimator_stop),

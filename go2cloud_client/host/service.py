@@ -36,6 +36,12 @@ STOP_WAIT_S = 30.0
 KILL_WAIT_S = 10.0
 #: How long ``service install`` waits for a detached agent to hold its home lock.
 START_WAIT_S = 30.0
+#: How long it waits for the agent of a service that the service manager reports running: a slow
+#: host (an old CPU, a VM under software emulation) can take a minute to unpack and start the
+#: packaged executable; measured 40 s in a qemu VM without KVM
+SLOW_START_WAIT_S = 300.0
+#: systemd sub-states of a unit whose agent is starting or running (anything else: it exited)
+_STARTING = ("running", "start", "start-pre", "start-post")
 #: the service's extra environment, in ``<home>/state`` (see :func:`write_service_env`)
 SERVICE_ENV = "service.env"
 
@@ -146,6 +152,33 @@ def wait_running(home: Home, seconds: float) -> Optional[int]:
         time.sleep(0.2)
 
 
+def _wait_service_agent(home: Home, console: Console) -> int:
+    """The pid of the service's agent once it holds its home lock. Waits START_WAIT_S, then, as
+    long as the service manager says the service's process is up (a slow host), up to
+    SLOW_START_WAIT_S in all; ServiceError at once when the service manager says it exited."""
+    started = time.monotonic()
+    pid = wait_running(home, START_WAIT_S)
+    said = False
+    while pid is None and time.monotonic() - started < SLOW_START_WAIT_S:
+        state = platform.service_state()
+        if state is None:
+            break  # the service manager cannot tell: no reason to wait longer
+        if state[1] not in _STARTING:
+            raise ServiceError(
+                f"the service {platform.SERVICE_NAME} was installed but its agent exited (service state "
+                f"{state[0]}/{state[1]}); see {platform.service_status_hint()} and {home.log_file}")
+        if not said:
+            console.line(f"The agent is still starting after {START_WAIT_S:.0f}s (a slow host); "
+                         f"waiting up to {SLOW_START_WAIT_S:.0f}s")
+            said = True
+        pid = wait_running(home, 2.0)
+    if pid is None:
+        raise ServiceError(
+            f"the service {platform.SERVICE_NAME} was installed but its agent is not running after "
+            f"{time.monotonic() - started:.0f}s; see {platform.service_status_hint()} and {home.log_file}")
+    return pid
+
+
 def write_service_env(home: Home, proxy: ProxySettings) -> Optional[Path]:
     """The service's extra environment (``<home>/state/service.env``, root only): the proxy
     setting, so the service's agent keeps it whatever its environment. None (and no file) when
@@ -202,11 +235,7 @@ def install(home: Home, console: Console, *, start: bool = True,
         if not start:
             console.line("Enabled at boot; not started (--no-start)")
             return
-        pid = wait_running(home, START_WAIT_S)
-        if pid is None:
-            raise ServiceError(
-                f"the service {platform.SERVICE_NAME} was installed but its agent is not running after "
-                f"{START_WAIT_S:.0f}s; see {platform.service_status_hint()} and {home.log_file}")
+        pid = _wait_service_agent(home, console)
         console.line(f"Enabled at boot and started (pid {pid})")
         return
     if result.get("wants_link"):

@@ -51,6 +51,7 @@ service_status_hint = _impl.service_status_hint
 service_install = _impl.service_install
 service_uninstall = _impl.service_uninstall
 service_stop = _impl.service_stop
+service_state = _impl.service_state
 #: --windows-service: the agent under the Windows Service Control Manager (UsageError elsewhere)
 run_windows_service = _impl.run_windows_service
 #: a secret read from the environment (the token code) removed from it, also from what other
@@ -70,6 +71,6 @@ __all__ = [
     "root_block_device", "selinux_mode", "selinux_config_mode", "selinux_config_path",
     "set_selinux_runtime", "set_selinux_config", "SERVICE_NAME", "service_manager_running",
     "service_paths", "service_home", "service_status_hint", "service_install", "service_uninstall",
-    "service_stop",
+    "service_stop", "service_state",
     "run_windows_service",
 ]

@@ -438,6 +438,20 @@ def service_uninstall() -> List[str]:
     return done
 
 
+def service_state() -> Optional[Tuple[str, str]]:
+    """systemd's (ActiveState, SubState) of the unit, e.g. ("activating", "auto-restart") while it
+    waits to restart an agent that exited, or ("active", "running"); None when it cannot tell."""
+    try:
+        out = subp.run(["systemctl", "show", "-p", "ActiveState", "-p", "SubState", UNIT_NAME],
+                       timeout=30).stdout
+    except (OSError, subp.ProcessError):
+        return None
+    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    if "ActiveState" not in values:
+        return None
+    return values["ActiveState"], values.get("SubState", "")
+
+
 def service_stop() -> None:
     """Stop the unit through systemd (with ``Restart=always`` a signal alone would only make
     systemd start it again). Only meaningful when :func:`service_manager_running`."""

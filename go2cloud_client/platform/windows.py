@@ -291,6 +291,11 @@ def service_uninstall() -> List[str]:
     return [] if rc == _SERVICE_DOES_NOT_EXIST else [f"deleted the Windows service {SERVICE_NAME}"]
 
 
+def service_state() -> Optional[Tuple[str, str]]:
+    """Not read on Windows: ``service install`` waits there for the agent itself (None)."""
+    return None
+
+
 def service_stop() -> None:
     subp.run(["sc.exe", "stop", SERVICE_NAME], timeout=60, rcs=(0, _SERVICE_NOT_ACTIVE))
 

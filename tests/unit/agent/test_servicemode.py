@@ -306,6 +306,7 @@ def test_install_under_systemd_checks_that_the_agent_runs(home, monkeypatch):
     )
     monkeypatch.setattr(servicemode, "START_WAIT_S", 0.0)
     monkeypatch.setattr(servicemode, "running_pid", lambda h: None)
+    monkeypatch.setattr("go2cloud_client.platform.service_state", lambda: None)
     with pytest.raises(ServiceError) as err:
         servicemode.install(home, Console())
     assert err.value.exit_code == 41 and "systemctl status go2cloud_client" in str(err.value)
@@ -343,3 +344,51 @@ def test_windows_has_no_selinux_to_change():
         windows.set_selinux_runtime("enforcing")
     with pytest.raises(UsageError, match="SELinux does not exist on Windows"):
         windows.set_selinux_config("enforcing")
+
+
+def _managed_install(home, monkeypatch):
+    Identity.generate().save(home)
+    home.write_state(home.source_file, {"source_id": "s-1", "server": "https://x"})
+    monkeypatch.setattr("go2cloud_client.platform.service_home", lambda: None)
+    monkeypatch.setattr(
+        "go2cloud_client.platform.service_install",
+        lambda argv, h, start, env_file=None: {"unit": "/etc/systemd/system/go2cloud_client.service",
+                                               "wants_link": None, "managed": True})
+    monkeypatch.setattr(servicemode, "START_WAIT_S", 0.0)
+    monkeypatch.setattr(servicemode, "wait_running", lambda h, seconds: pids.pop(0) if pids else None)
+    pids: list = []
+    return pids
+
+
+def test_install_waits_for_a_slow_host_while_systemd_runs_the_agent(home, monkeypatch):
+    """Found in the live-VM test (qemu without KVM): the packaged agent took 40 s to start, the
+    install gave up after 30 s with exit 41 although the service was fine. Now it keeps waiting
+    while systemd reports the service's process running."""
+    pids = _managed_install(home, monkeypatch)
+    pids.extend([None, None, None, 4242])
+    monkeypatch.setattr("go2cloud_client.platform.service_state", lambda: ("active", "running"))
+    lines: list = []
+    console = Console()
+    monkeypatch.setattr(console, "line", lines.append)
+    servicemode.install(home, console)
+    assert lines[-1] == "Enabled at boot and started (pid 4242)"
+    assert any("still starting" in line for line in lines), lines
+    assert pids == []
+
+
+def test_install_fails_at_once_when_systemd_says_the_agent_exited(home, monkeypatch):
+    pids = _managed_install(home, monkeypatch)
+    pids.extend([None] * 50)
+    monkeypatch.setattr("go2cloud_client.platform.service_state", lambda: ("activating", "auto-restart"))
+    with pytest.raises(ServiceError) as err:
+        servicemode.install(home, Console())
+    assert err.value.exit_code == 41 and "exited (service state activating/auto-restart)" in str(err.value)
+    assert len(pids) == 49  # one wait (START_WAIT_S), then the state said it exited: no more waiting
+
+
+def test_service_state_reads_systemctl_show(monkeypatch):
+    out = "ActiveState=activating\nSubState=auto-restart\n"
+    monkeypatch.setattr(linux.subp, "run", lambda argv, timeout: subp.Result(argv, 0, out, ""))
+    assert linux.service_state() == ("activating", "auto-restart")
+    monkeypatch.setattr(linux.subp, "run", lambda argv, timeout: subp.Result(argv, 0, "", ""))
+    assert linux.service_state() is None

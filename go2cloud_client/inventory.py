@@ -73,11 +73,10 @@ def disks(mount_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         parts = []
         for part in disk.get("partitions", []):
             mount = by_device.get(part["name"], {})
-            parts.append({"name": part["name"], "size_bytes": part["size_bytes"],
-                          "fstype": mount.get("fstype"), "mountpoint": mount.get("mountpoint")})
-        entry = {"name": disk["name"], "size_bytes": disk["size_bytes"], "partitions": parts}
-        if disk.get("serial"):  # clone detection (go2cloud_client.session)
-            entry["serial"] = disk["serial"]
+            parts.append({**part, "fstype": mount.get("fstype") or part.get("fs_type"),
+                          "mountpoint": mount.get("mountpoint")})
+        entry = {k: v for k, v in disk.items() if k != "partitions"}
+        entry["partitions"] = parts
         whole = by_device.get(disk["name"])
         if whole:  # a file system directly on the disk
             entry["fstype"] = whole["fstype"]

@@ -84,9 +84,36 @@ def _read_int(path: Path) -> int:
         return 0
 
 
-def block_devices(sys_block: Path = _SYS_BLOCK) -> List[Dict[str, Any]]:
-    """Disks from /sys/block with their partitions (sizes in bytes; /sys counts 512-byte
-    sectors). RAM disks and empty devices are skipped."""
+#: udev's database: one file per device (``b<major>:<minor>``), ``E:KEY=VALUE`` lines
+_UDEV_DATA = Path("/run/udev/data")
+#: udev properties -> inventory keys: what rebuilding the disk layout on the target needs
+_UDEV_KEYS = {"ID_FS_TYPE": "fs_type", "ID_FS_UUID": "fs_uuid", "ID_FS_LABEL": "fs_label",
+              "ID_PART_ENTRY_TYPE": "part_type", "ID_PART_ENTRY_UUID": "part_uuid",
+              "ID_PART_ENTRY_NAME": "part_name", "ID_PART_TABLE_TYPE": "table",
+              "ID_PART_TABLE_UUID": "table_uuid"}
+
+
+def _udev_facts(dev: Path, udev_data: Path) -> Dict[str, str]:
+    """The layout facts udev knows of the device at ``dev`` (a /sys/block entry): filesystem type,
+    UUID and label, partition type and UUID, partition table type. {} without udev."""
+    try:
+        number = (dev / "dev").read_text().strip()
+        lines = (udev_data / f"b{number}").read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    out: Dict[str, str] = {}
+    for line in lines:
+        if line.startswith("E:") and "=" in line:
+            key, _, value = line[2:].partition("=")
+            if key in _UDEV_KEYS and value:
+                out[_UDEV_KEYS[key]] = value[:128]
+    return out
+
+
+def block_devices(sys_block: Path = _SYS_BLOCK, udev_data: Path = _UDEV_DATA) -> List[Dict[str, Any]]:
+    """Disks from /sys/block with their partitions (sizes and partition starts in bytes; /sys
+    counts 512-byte sectors) and what udev knows of their layout (:func:`_udev_facts`). RAM disks
+    and empty devices are skipped."""
     disks: List[Dict[str, Any]] = []
     try:
         names = sorted(p.name for p in sys_block.iterdir())
@@ -106,8 +133,14 @@ def block_devices(sys_block: Path = _SYS_BLOCK) -> List[Dict[str, Any]]:
             children = []
         for child in children:
             if child.name.startswith(name) and (child / "partition").exists():
-                partitions.append({"name": child.name, "size_bytes": _read_int(child / "size") * 512})
+                part: Dict[str, Any] = {"name": child.name, "size_bytes": _read_int(child / "size") * 512}
+                if (child / "start").exists():
+                    part["number"] = _read_int(child / "partition")
+                    part["start_bytes"] = _read_int(child / "start") * 512
+                part.update(_udev_facts(child, udev_data))
+                partitions.append(part)
         entry: Dict[str, Any] = {"name": name, "size_bytes": size, "partitions": partitions}
+        entry.update(_udev_facts(dev, udev_data))
         for serial_file in (dev / "device" / "serial", dev / "serial", dev / "device" / "wwid"):
             try:
                 serial = serial_file.read_text(encoding="ascii", errors="replace").strip()

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_debs=()
-for pair in rsync:rsync tcpdump:tcpdump setfacl:acl setfattr:attr mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs curl:curl sudo:sudo objdump:binutils patchelf:patchelf debootstrap:debootstrap systemd-analyze:systemd ip:iproute2 tc:iproute2 tinyproxy:tinyproxy; do
+for pair in rsync:rsync tcpdump:tcpdump setfacl:acl setfattr:attr mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs curl:curl sudo:sudo objdump:binutils patchelf:patchelf debootstrap:debootstrap systemd-analyze:systemd ip:iproute2 tc:iproute2 tinyproxy:tinyproxy qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils extlinux:extlinux sfdisk:fdisk ssh:openssh-client; do
     cmd=${pair%%:*}; pkg=${pair##*:}
     command -v "$cmd" >/dev/null 2>&1 || need_debs+=("$pkg")
 done

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 SUITE = "bullseye"
 PACKAGES = ("rsync",)
@@ -73,23 +73,27 @@ def tarball() -> Path:
     return cache_dir() / f"debian-{SUITE}-minbase-{'-'.join(PACKAGES)}-r{RECIPE}.tar"
 
 
+def debootstrap(suite: str, packages: Sequence[str], root: Path, mirror: str) -> None:
+    """``debootstrap --variant=minbase --include=PACKAGES SUITE ROOT MIRROR`` (nice'd)."""
+    tool = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    if not os.path.exists(tool):
+        raise RuntimeError("debootstrap is not installed (apt-get install debootstrap)")
+    proc = subprocess.run(
+        ["nice", "-n", "19", tool, "--variant=minbase", "--include=" + ",".join(packages), suite, str(root),
+         mirror],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"debootstrap {suite} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+
+
 def _build(out: Path) -> None:
     mirror = debian_mirror()
     if mirror is None:
         raise RuntimeError("no Debian mirror in /etc/apt/sources.list{,.d}: cannot run debootstrap")
-    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
-    if not os.path.exists(debootstrap):
-        raise RuntimeError("debootstrap is not installed (apt-get install debootstrap)")
     work = Path(tempfile.mkdtemp(prefix="go2cloud-debootstrap-", dir=str(out.parent)))
     try:
         root = work / "root"
-        proc = subprocess.run(
-            ["nice", "-n", "19", debootstrap, "--variant=minbase", "--include=" + ",".join(PACKAGES),
-             SUITE, str(root), mirror],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
-            timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"debootstrap {SUITE} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+        debootstrap(SUITE, PACKAGES, root, mirror)
         tmp = out.with_name(out.name + ".tmp")
         subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(tmp), "."],
                        check=True, stdin=subprocess.DEVNULL)

@@ -55,7 +55,12 @@ class Server:
     """``go2cloud_server serve`` on 127.0.0.1 with a free API port and a free rsync port."""
 
     def __init__(self, data_dir: Path, heartbeat_interval: float = 1,
-                 extra_env: Optional[Dict[str, str]] = None, extra_args: Optional[List[str]] = None):
+                 extra_env: Optional[Dict[str, str]] = None, extra_args: Optional[List[str]] = None,
+                 listen: str = "127.0.0.1:0", argv_prefix: Optional[List[str]] = None):
+        """``listen`` and ``argv_prefix`` (e.g. ``ip netns exec NS``, for a server inside a test's
+        network namespace: the operator commands then run in there too) default to loopback."""
+        self.listen = listen
+        self.argv_prefix = list(argv_prefix or [])
         self.data_dir = data_dir
         self.heartbeat_interval = heartbeat_interval
         self.extra_env = extra_env or {}
@@ -71,7 +76,7 @@ class Server:
             info_file.unlink()
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}-serve.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "go2cloud_server", "serve", "--listen", "127.0.0.1:0",
+            self.argv_prefix + [sys.executable, "-m", "go2cloud_server", "serve", "--listen", self.listen,
              "--data-dir", str(self.data_dir),
              "--heartbeat-interval", str(self.heartbeat_interval), *self.extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(self.extra_env),
@@ -113,7 +118,7 @@ class Server:
 
     # operator CLI ---------------------------------------------------------------------------
     def cli(self, *args: str, check: bool = True, json_out: bool = True) -> subprocess.CompletedProcess:
-        argv = [sys.executable, "-m", "go2cloud_server", *args]
+        argv = self.argv_prefix + [sys.executable, "-m", "go2cloud_server", *args]
         if json_out:
             argv.append("--json")
         proc = subprocess.run(
@@ -132,6 +137,9 @@ class Server:
     def op(self) -> OperatorClient:
         """The operator client library on this server's data dir (found, pinned and authenticated
         as the CLI does it: server.json, tls/cert.pem, admin.token)."""
+        if self.argv_prefix:
+            raise AssertionError("this server runs in a network namespace: use cli(), not the "
+                                 "in-process client")
         if self._op is None:
             self._op = OperatorClient(resolve(self.data_dir, None, None), timeout=60)
         return self._op
@@ -139,8 +147,25 @@ class Server:
     def api(self, method: str, path: str, body: Any = None,
             params: Optional[Dict[str, Any]] = None) -> Any:
         """One operator API call (``/api/v1`` + ``path``); the server's errors are raised as the
-        CLI would report them (go2cloud_server.errors)."""
+        CLI would report them (go2cloud_server.errors). For a server in a network namespace the
+        same client runs in a short-lived process in there."""
+        if self.argv_prefix:
+            return self._api_in_namespace(method, path, body, params)
         return self.op.request(method, path, body, params)
+
+    def _api_in_namespace(self, method: str, path: str, body: Any,
+                          params: Optional[Dict[str, Any]]) -> Any:
+        code = ("import json, sys\n"
+                "from go2cloud_server.opclient import OperatorClient, resolve\n"
+                "a = json.loads(sys.stdin.read())\n"
+                "op = OperatorClient(resolve(a['dir'], None, None), timeout=60)\n"
+                "print(json.dumps(op.request(a['m'], a['p'], a['b'], a['q'])))\n")
+        args = {"dir": str(self.data_dir), "m": method, "p": path, "b": body, "q": params}
+        proc = subprocess.run(self.argv_prefix + [sys.executable, "-c", code], input=json.dumps(args),
+                              capture_output=True, text=True, timeout=90, env=_env())
+        if proc.returncode != 0:
+            raise AssertionError(f"{method} {path} in the namespace exited {proc.returncode}: {proc.stderr}")
+        return json.loads(proc.stdout)
 
     def new_code(self, workgroup: str, uses: int = 10) -> Dict[str, Any]:
         """``go2cloud_server code create --workgroup WG --uses N --json``."""

@@ -4,9 +4,10 @@ The disk image is built once with ``debootstrap`` from the Debian mirror this ma
 (:mod:`tests.support.debian_rootfs`), and cached under ``/var/cache/go2cloud-tests/`` with the SSH
 key that logs into it; a test boots a copy-on-write overlay of it, so the cached image never
 changes. The image is what a small cloud server has: one MBR disk, one ext4 root partition
-mounted by UUID, extlinux as the BIOS boot loader, the Debian kernel and an initramfs with the
-virtio drivers (Debian's cloud kernel, as cloud servers run), systemd, a serial console on ttyS0, openssh-server, sudo, curl and rsync (the VM
-has no way to a package mirror, so the agent's host preparation finds rsync already there).
+mounted by UUID, extlinux as the BIOS boot loader, Debian's cloud kernel (as cloud servers run)
+and an initramfs with the virtio drivers, systemd, a serial console on ttyS0, openssh-server,
+sudo, curl and rsync (the VM has no way to a package mirror, so the agent's host preparation
+finds rsync already there).
 
 The network is a namespace the test creates (:class:`VmNet`): a tap device for the VM and
 nothing else. The VM is ``10.77.0.2``, the namespace's end of the tap ``10.77.0.1``; the

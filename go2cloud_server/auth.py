@@ -14,13 +14,16 @@ import base64
 import binascii
 import hmac
 import logging
-import os
 import secrets
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
+# the admin token's file and its reading: admintoken (the operator commands read it without
+# importing this module)
+from go2cloud_server.admintoken import ADMIN_TOKEN_FILE as ADMIN_TOKEN_FILE
+from go2cloud_server.admintoken import read_admin_token as read_admin_token
 from go2cloud_server.errors import AuthFailed, InvalidInput, TokenExpired
 
 # cryptography is imported where signatures are checked: the operator commands read the admin
@@ -30,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover - types only
 
 log = logging.getLogger(__name__)
 
-ADMIN_TOKEN_FILE = "admin.token"
 NONCE_TTL_S = 60
 TOKEN_TTL_S = 900
 SIGNATURE_DOMAIN = b"go2cloud-token-v1\n"
@@ -52,17 +54,6 @@ def ensure_admin_token(data_dir: Path) -> str:
     write_atomic(path, token + "\n", mode=0o600)
     log.info("created admin token in %s", path)
     return token
-
-
-def read_admin_token(data_dir: Path) -> Optional[str]:
-    env = os.environ.get("GO2CLOUD_ADMIN_TOKEN")
-    if env:
-        return env.strip()
-    path = Path(data_dir) / ADMIN_TOKEN_FILE
-    try:
-        return path.read_text(encoding="ascii").strip() or None
-    except OSError:
-        return None
 
 
 def bearer(header: Optional[str]) -> Optional[str]:

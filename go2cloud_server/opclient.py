@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from go2cloud_server import __version__
-from go2cloud_server.auth import read_admin_token
+from go2cloud_server.admintoken import read_admin_token
 from go2cloud_server.errors import BY_CODE, AuthFailed, InvalidInput, ServerError, ServerUnreachable
 from go2cloud_server.tlspin import check_pin, client_context, normalise_fingerprint, pem_fingerprint
 

@@ -25,9 +25,13 @@ SERVER_ONLY = (
     "go2cloud_server.httpapi", "go2cloud_server.blockrx", "go2cloud_server.rsyncd",
     "go2cloud_server.tls", "go2cloud_server.throttle", "go2cloud_server.space",
     "go2cloud_server.scheduler", "go2cloud_server.verifier", "go2cloud_server.heartbeat",
+    "go2cloud_server.auth",
+    # not the server's, but slow to import and not needed by an operator command (the server
+    # and its modules log; the commands print)
+    "logging",
 )
 #: not imported by ``--help`` either: the operator client and what only a command's run needs
-RUN_ONLY = ("go2cloud_server.opclient", "go2cloud_server.auth", "http.client", "ssl", "json", "logging")
+RUN_ONLY = ("go2cloud_server.opclient", "http.client", "ssl", "json")
 
 
 def _env(extra: Optional[Dict[str, str]]) -> Dict[str, str]:

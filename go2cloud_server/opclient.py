@@ -21,9 +21,8 @@ import json
 import os
 import re
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from go2cloud_server import __version__
@@ -37,8 +36,10 @@ MAX_RESPONSE = 16 * 1024 * 1024
 CERT_FILE = Path("tls") / "cert.pem"
 
 
-@dataclass
-class Endpoint:
+class Endpoint(NamedTuple):
+    """Where the server is (``url``), its pin (``sha256:HEX``, None: CA checks) and the admin
+    token (None: not found)."""
+
     url: str
     fingerprint: Optional[str]
     admin_token: Optional[str]

@@ -62,6 +62,13 @@ def resolve(data_dir: Path, server: Optional[str], fingerprint: Optional[str]) -
         )
     if not url.startswith(("https://", "http://")):
         raise InvalidInput(f"--server {url!r}: must start with https://")
+    try:
+        valid = bool(urlsplit(url).hostname) and urlsplit(url).port != 0
+    except ValueError:  # a port that is not a number from 0 to 65535
+        valid = False
+    if not valid:
+        raise InvalidInput(f"--server {url!r}: expected https://HOST or https://HOST:PORT (a host name or "
+                           "address; a port from 1 to 65535)")
     pin = None
     if fingerprint:
         pin = normalise_fingerprint(fingerprint)
@@ -168,10 +175,13 @@ class OperatorClient:
             conn = http.client.HTTPSConnection(proxy[0], proxy[1], timeout=self.timeout,
                                                context=self._context)
             conn.set_tunnel(host, port, headers=proxy[2])
-        conn.connect()
-        if not check_pin(conn.sock, self.endpoint.fingerprint):
-            conn.close()
-            raise ssl.SSLError(PIN_MISMATCH)
+        try:
+            conn.connect()
+            if not check_pin(conn.sock, self.endpoint.fingerprint):
+                raise ssl.SSLError(PIN_MISMATCH)
+        except BaseException:
+            conn.close()  # the socket of a failed handshake too (the harness's client lives long)
+            raise
         return conn, None
 
 

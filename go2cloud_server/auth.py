@@ -14,22 +14,25 @@ import base64
 import binascii
 import hmac
 import logging
-import os
 import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from go2cloud_server.atomicfile import write_atomic
+# the admin token's file and its reading: admintoken (the operator commands read it without
+# importing this module)
+from go2cloud_server.admintoken import ADMIN_TOKEN_FILE as ADMIN_TOKEN_FILE
+from go2cloud_server.admintoken import read_admin_token as read_admin_token
 from go2cloud_server.errors import AuthFailed, InvalidInput, TokenExpired
+
+# cryptography is imported where signatures are checked: the operator commands read the admin
+# token through this module and must start fast (docs/performance.md, issue 16)
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
-ADMIN_TOKEN_FILE = "admin.token"
 NONCE_TTL_S = 60
 TOKEN_TTL_S = 900
 SIGNATURE_DOMAIN = b"go2cloud-token-v1\n"
@@ -45,21 +48,12 @@ def ensure_admin_token(data_dir: Path) -> str:
         token = path.read_text(encoding="ascii").strip()
         if token:
             return token
+    from go2cloud_server.atomicfile import write_atomic
+
     token = secrets.token_urlsafe(32)
     write_atomic(path, token + "\n", mode=0o600)
     log.info("created admin token in %s", path)
     return token
-
-
-def read_admin_token(data_dir: Path) -> Optional[str]:
-    env = os.environ.get("GO2CLOUD_ADMIN_TOKEN")
-    if env:
-        return env.strip()
-    path = Path(data_dir) / ADMIN_TOKEN_FILE
-    try:
-        return path.read_text(encoding="ascii").strip() or None
-    except OSError:
-        return None
 
 
 def bearer(header: Optional[str]) -> Optional[str]:
@@ -80,6 +74,8 @@ def check_admin(header: Optional[str], admin_token: str) -> None:
 
 
 def decode_public_key(text: str) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError, TypeError):
@@ -125,6 +121,8 @@ class AgentAuth:
     def issue_token(
         self, source_id: str, public_key_b64: str, nonce: object, signature: object
     ) -> Dict[str, object]:
+        from cryptography.exceptions import InvalidSignature
+
         if not isinstance(nonce, str) or not isinstance(signature, str):
             raise InvalidInput("nonce and signature: are required base64 strings")
         with self._lock:
@@ -150,6 +148,8 @@ class AgentAuth:
         """None when ``proof`` (``{"nonce", "signature"}``) is a signature by the old source's key
         over :func:`replace_message` with a nonce issued for the old source (single use, even when
         the signature is bad), else why not (for the log; never sent to the importer)."""
+        from cryptography.exceptions import InvalidSignature
+
         if proof is None:
             return "no proof of its key was sent"
         nonce = proof.get("nonce") if isinstance(proof, dict) else None

@@ -8,30 +8,28 @@ one line on stderr (``error: ...``), never a traceback.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import platform
 import re
-import resource
-import signal
 import sys
-import threading
-import time
 import unicodedata
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from go2cloud_server import heartbeat as heartbeat_report
-from go2cloud_server import rules, throttle
-from go2cloud_server import space as space_mod
+# Start-up time is part of every operator command (docs/performance.md, "Issue 16: operator command
+# start-up"): import here only what the command tree itself needs (click, and the cheap modules
+# that give option choices and defaults). A command imports what it runs inside its function:
+# the server (app, service, store, sqlite3, cryptography, http.server ...) only in ``serve``, the
+# HTTP client (opclient: http.client, ssl) only in :class:`Op`. tests/unit/server/test_cli_imports.py
+# fails when a heavy module comes back.
+from go2cloud_server import rules
 from go2cloud_server.errors import InvalidInput, NothingStarted, ServerError
-from go2cloud_server.opclient import Endpoint, OperatorClient, resolve
-from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # pragma: no cover - types only
+    import logging
+
+    from go2cloud_server.opclient import Endpoint
 
 DEFAULT_DATA_DIR = "/var/lib/go2cloud_server"
 
@@ -73,7 +71,7 @@ class _Group(click.Group):
             click.echo("error: interrupted", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - never a traceback for the operator
-            log.debug("internal error", exc_info=True)
+            _log().debug("internal error", exc_info=True)
             _echo_error(
                 f"error: internal error: {exc.__class__.__name__}: {exc} "
                 "(re-run with GO2CLOUD_DEBUG=1 for details)"
@@ -96,9 +94,8 @@ def main() -> None:
 #: What a terminal would act on instead of showing: C0 controls (ESC, CR, LF, BEL, ...), DEL, C1
 #: controls (0x80-0x9f, such as the one-byte CSI 0x9b), and the Unicode bidi controls that reorder
 #: what is shown (U+061C, U+200E/F, U+202A-202E, U+2066-2069) or break lines (U+2028/9).
-_TERMINAL_CONTROLS = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
-)
+#: (A pattern, compiled by ``re`` on first use and cached there: a help text prints none of this.)
+_TERMINAL_CONTROLS = "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
 
 
 def terminal_safe(text: str) -> str:
@@ -109,8 +106,10 @@ def terminal_safe(text: str) -> str:
     set the window title or reorder a line. Every human output goes through here (:meth:`Op.out`
     on the data, :func:`_echo_error`, the log formatter of ``serve``); ``--json`` never does.
     Backslashes are left alone, so the function is idempotent."""
-    return _TERMINAL_CONTROLS.sub(
-        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text
+    return re.sub(
+        _TERMINAL_CONTROLS,
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+        text,
     )
 
 
@@ -129,15 +128,16 @@ def _echo_error(message: str) -> None:
     click.echo(terminal_safe(message), err=True)
 
 
-class _TerminalSafeFormatter(logging.Formatter):
-    """Log lines of ``serve`` (read on a terminal, or with ``journalctl``) with the message's
-    control characters escaped: request paths and hostnames come from the network."""
+def _log() -> logging.Logger:
+    """This module's logger (``logging`` is imported by ``serve``, or for an internal error)."""
+    import logging
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        return terminal_safe(super().formatMessage(record))
+    return logging.getLogger(__name__)
 
 
 def _echo_json(data: Any) -> None:
+    import json
+
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True))
 
 
@@ -212,6 +212,11 @@ def _wg_name(wg: Optional[Dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # operator plumbing
+#: the type of every command's --data-dir, made once: each click.Path looks its words up with
+#: gettext (a search of the locale directories) when it is made
+_DATA_DIR_TYPE = click.Path(path_type=Path)
+
+
 def operator_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--json", "as_json", is_flag=True, help="Print the API answer as JSON.")(fn)
     fn = click.option(
@@ -227,7 +232,7 @@ def operator_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
     fn = click.option(
         "--data-dir",
-        type=click.Path(path_type=Path),
+        type=_DATA_DIR_TYPE,
         envvar="GO2CLOUD_DATA_DIR",
         default=DEFAULT_DATA_DIR,
         show_default=True,
@@ -242,6 +247,8 @@ class Op:
     def __init__(
         self, data_dir: Path, server: Optional[str], server_fingerprint: Optional[str], as_json: bool
     ) -> None:
+        from go2cloud_server.opclient import OperatorClient, resolve
+
         self.as_json = as_json
         self.endpoint: Endpoint = resolve(data_dir, server, server_fingerprint)
         self.client = OperatorClient(self.endpoint)
@@ -260,7 +267,11 @@ def _op(kw: Dict[str, Any]) -> Op:
     return Op(kw.pop("data_dir"), kw.pop("server"), kw.pop("server_fingerprint"), kw.pop("as_json"))
 
 
-seg = OperatorClient.seg
+def seg(value: str) -> str:
+    """``value`` as one path segment of an API URL (:meth:`OperatorClient.seg`)."""
+    from go2cloud_server.opclient import OperatorClient
+
+    return OperatorClient.seg(value)
 
 
 def _scope(workgroup: Optional[str], source: Optional[str]) -> str:
@@ -275,6 +286,9 @@ def raise_fd_limit() -> None:
     """Raise the soft limit of open files to the hard limit, and say so: every agent holds one or
     two connections (docs/reliability.md, "Bounded resources"), and the common soft limit of 1024
     is below what a fleet needs while the hard limit usually is not."""
+    import resource
+
+    log = _log()
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):
@@ -310,6 +324,8 @@ def tune_malloc() -> Optional[str]:
         if tuned == MALLOC_TUNABLES:  # for this process only: its rsync daemons run untuned
             del os.environ["GLIBC_TUNABLES"]
         return f"GLIBC_TUNABLES={tuned}"
+    import platform
+
     argv = list(getattr(sys, "orig_argv", None) or [])
     # only a server process of its own (never ``serve`` called inside another program, a test's)
     if os.environ.get("GLIBC_TUNABLES") or platform.libc_ver()[0] != "glibc" \
@@ -336,8 +352,18 @@ def _parse_listen(value: str) -> Tuple[str, int]:
 
 
 def _setup_logging(level: str) -> None:
+    import logging
+    import time
+
+    class TerminalSafeFormatter(logging.Formatter):
+        """Log lines of ``serve`` (read on a terminal, or with ``journalctl``) with the message's
+        control characters escaped: request paths and hostnames come from the network."""
+
+        def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+            return terminal_safe(super().formatMessage(record))
+
     handler = logging.StreamHandler(sys.stderr)
-    fmt = _TerminalSafeFormatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    fmt = TerminalSafeFormatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
     fmt.converter = time.gmtime
     handler.setFormatter(fmt)
     root = logging.getLogger()
@@ -355,7 +381,7 @@ def _setup_logging(level: str) -> None:
 )
 @click.option(
     "--data-dir",
-    type=click.Path(path_type=Path),
+    type=_DATA_DIR_TYPE,
     envvar="GO2CLOUD_DATA_DIR",
     default=DEFAULT_DATA_DIR,
     show_default=True,
@@ -417,7 +443,7 @@ def _setup_logging(level: str) -> None:
 @click.option(
     "--import-window",
     type=click.FloatRange(1, 86400),
-    default=throttle.IMPORT_WINDOW_S,
+    default=rules.IMPORT_WINDOW_S,
     show_default=True,
     metavar="SECONDS",
     help="Sliding window in which failed imports are counted (per client address and per token id).",
@@ -425,7 +451,7 @@ def _setup_logging(level: str) -> None:
 @click.option(
     "--import-failures",
     type=click.IntRange(1, 100000),
-    default=throttle.IMPORT_FAILURES_PER_ADDRESS,
+    default=rules.IMPORT_FAILURES_PER_ADDRESS,
     show_default=True,
     metavar="N",
     help="Failed imports allowed per client address in the window (twice as many per token id); "
@@ -444,7 +470,7 @@ def _setup_logging(level: str) -> None:
     "--db-reserve",
     "db_reserve_mib",
     type=click.IntRange(0, 1 << 20),
-    default=space_mod.DEFAULT_RESERVE_MIB,
+    default=rules.DB_RESERVE_MIB,
     show_default=True,
     metavar="MIB",
     help="When images and database share a filesystem: MiB kept in <data-dir>/db-reserve for the "
@@ -487,8 +513,13 @@ def serve(
     clock_offset_s: float,
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
+    import signal
+    import threading
+
     from go2cloud_server.app import ServeOptions, ServerApp
     from go2cloud_server.clock import Clock, OffsetClock, SystemClock
+
+    log = _log()
 
     malloc_tuning = tune_malloc()  # may re-exec this process: first, before anything is opened
     _setup_logging(log_level)
@@ -807,6 +838,8 @@ def source_show(source_id: str, **kw: Any) -> None:
         retry = agent.get("retry") or {}
         if retry:
             text += "\n" + _kv([("retrying", _retry_line(retry))])
+        from go2cloud_server import heartbeat as heartbeat_report
+
         failing = heartbeat_report.failing_loops(agent.get("loops"))
         if failing:
             text += "\n\nAgent loops that failed (restarted automatically with backoff):\n" + _table(
@@ -1330,6 +1363,8 @@ def migration_artifacts(src: Optional[str], task_id: Optional[str], **kw: Any) -
 def _check_text(report: Optional[Dict[str, Any]]) -> str:
     """A block artifact's verification report in one cell: filesystem and check result (or that
     the verification is still running, or why it could not be done)."""
+    from go2cloud_server.verifier import REPORT_FAILED, REPORT_PENDING
+
     report = report or {}
     if report.get("state") == REPORT_PENDING:
         return "verifying"

@@ -49,6 +49,14 @@ NON_PIT_SNAPSHOTS = {
 DISK_NAME_MAX = 64
 PATH_MAX = 4096
 WAIT_S = (0, 60)
+# Defaults of ``serve`` options, here so that ``go2cloud_server`` builds its commands without
+# importing the server modules that use them (docs/performance.md, issue 16):
+#: the sliding window of failed imports, seconds (throttle.py)
+IMPORT_WINDOW_S = 300.0
+#: failed imports from one client address in the window; the next ones get 429 (throttle.py)
+IMPORT_FAILURES_PER_ADDRESS = 10
+#: default size of the database's reserve on a filesystem shared with images, MiB (space.py)
+DB_RESERVE_MIB = 64
 
 _NAME_EXTRA = set(":._-")
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$", re.IGNORECASE)

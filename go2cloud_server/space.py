@@ -32,11 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from go2cloud_server.rules import DB_RESERVE_MIB
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-#: default size of the database's reserve on a filesystem shared with images
-DEFAULT_RESERVE_MIB = 64
+#: default size of the database's reserve on a filesystem shared with images (defined in rules:
+#: ``serve --help`` shows it)
+DEFAULT_RESERVE_MIB = DB_RESERVE_MIB
 #: room beyond the reserve the filesystem must have before data writes resume (so the first
 #: chunk does not fill it again at once)
 RESUME_MARGIN = 8 * MiB

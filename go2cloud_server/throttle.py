@@ -33,13 +33,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Deque, Optional
 
 from go2cloud_server.errors import Busy, Throttled
+from go2cloud_server.rules import IMPORT_FAILURES_PER_ADDRESS, IMPORT_WINDOW_S
 
 log = logging.getLogger(__name__)
 
-#: the sliding window of failed imports, seconds
-IMPORT_WINDOW_S = 300.0
-#: failed imports from one client address in the window; the next ones get 429
-IMPORT_FAILURES_PER_ADDRESS = 10
+# IMPORT_WINDOW_S (the sliding window of failed imports, seconds) and IMPORT_FAILURES_PER_ADDRESS
+# (failed imports from one client address in the window; the next ones get 429) are defined in
+# rules: ``serve --help`` shows them without importing this module
 #: failed imports naming one token id in the window (from any address); the next ones get 429
 IMPORT_FAILURES_PER_TOKEN = 2 * IMPORT_FAILURES_PER_ADDRESS
 #: keys remembered at most per table (oldest dropped first): memory stays bounded under a flood

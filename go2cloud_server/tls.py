@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from go2cloud_server.atomicfile import write_atomic
+from go2cloud_server.tlspin import pem_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,10 @@ def ensure_certificate(tls_dir: Path, hosts: Iterable[str]) -> Tuple[Path, Path]
     return cert_path, key_path
 
 
-def fingerprint_der(der: bytes) -> str:
-    return "sha256:" + hashlib.sha256(der).hexdigest()
-
-
 def fingerprint(cert_path: Path) -> str:
-    """``sha256:<hex>`` of the DER encoding of the PEM certificate at ``cert_path``."""
-    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-    return fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
+    """``sha256:<hex>`` of the DER encoding of the PEM certificate at ``cert_path`` (computed by
+    :mod:`go2cloud_server.tlspin`, which the operator commands use without importing this module)."""
+    return pem_fingerprint(cert_path)
 
 
 def spki_pin_der(der: bytes) -> str:

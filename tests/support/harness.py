@@ -5,7 +5,7 @@ daemon, the agent is ``python -m go2cloud_client`` in its own process, and resul
 with the source through full tree manifests.
 
 The harness reads the server's state (and creates codes) in-process through the operator client
-library (go2cloud_server/opclient.py: the pinned session, the admin token and the same HTTPS
+library (go2cloud_server/opclient.py: the pinned connection, the admin token and the same HTTPS
 endpoints the ``go2cloud_server`` subcommands call), so polling costs a request, not a Python
 start-up; ``Server.cli``/``Server.j`` run the real operator CLI, for the tests that are about it.
 """

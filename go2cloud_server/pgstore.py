@@ -247,8 +247,11 @@ class _Listener:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._changed = threading.Event()
-        #: notifications received (tests see the cross-replica path ran)
+        #: notifications received, connections made after the first, and whether it listens now
+        #: (tests see the cross-replica path ran)
         self.received = 0
+        self.reconnects = -1
+        self.listening = False
         self._thread = threading.Thread(target=self._run, name="db-listener", daemon=True)
         self._thread.start()
 
@@ -288,8 +291,11 @@ class _Listener:
                     for channel in sorted(wanted - listening):
                         conn.execute(pg_sql_mod.SQL("LISTEN {}").format(pg_sql_mod.Identifier(channel)))
                         listening.add(channel)
-                    if backoff > 0.5:  # reconnected: what was notified meanwhile is unknown
-                        self._call(None, "")
+                    if not self.listening:
+                        self.listening = True
+                        self.reconnects += 1
+                        if self.reconnects:  # what was notified while it did not listen is unknown
+                            self._call(None, "")
                     backoff = 0.5
                     self._changed.clear()
                     for note in conn.notifies(timeout=0.5):
@@ -298,10 +304,13 @@ class _Listener:
                         if self._stop.is_set() or self._changed.is_set():
                             break
             except psycopg.Error as exc:
+                self.listening = False
                 if not self._stop.is_set():
                     log.warning("database notifications: connection lost (%s); listening again", exc)
-                    backoff = max(backoff, 1.0)
                     self._call(None, "")
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
             finally:
+                self.listening = False
                 with contextlib.suppress(Exception):
                     conn.close()

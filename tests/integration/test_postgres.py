@@ -28,7 +28,7 @@ from go2cloud_server.scheduler import Scheduler
 from go2cloud_server.service import Service
 from go2cloud_server.store import Database
 from tests.support import postgres, repo_calls
-from tests.support.harness import Server
+from tests.support.harness import Server, wait_for
 from tests.support.postgres import pg_cluster  # noqa: F401 - the session fixture
 from tests.unit.server.conftest import FakeRsyncd, FakeTrees, import_body, inventory
 
@@ -267,3 +267,54 @@ def test_serve_refuses_a_database_it_cannot_use_with_what_to_do(pg_cluster, tmp_
     assert "check --database" in down.stderr
     half = serve("--tls-cert", str(REPO / "pyproject.toml"))
     assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
+
+
+def _terminate(pg: postgres.Postgres, what: str) -> int:
+    """Kill the database connections of this test process whose last query matches ``what``
+    (as a database restart or a network cut would); how many."""
+    out = pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                  f"WHERE application_name = 'go2cloud_server' AND query LIKE '{what}'")
+    return int(out)
+
+
+def test_a_long_poll_is_woken_after_the_listening_connection_was_cut(replicas, pg_cluster):  # noqa: F811
+    a, b = replicas.add(), replicas.add()
+    a.create_workgroup({"name": "web-tier"})
+    code = a.create_code("web-tier", {"uses": 1})
+    sid = a.import_source(import_body(code))["source_id"]
+    listener = a.store._listener
+    assert listener is not None
+    # every replica's LISTEN connection is cut; they reconnect and listen again
+    assert _terminate(pg_cluster, "LISTEN%") == 2
+    reconnected = listener.reconnects
+    wait_for(lambda: listener.reconnects > reconnected and listener.listening, 60,
+             "the listener listens again")
+    got: dict = {}
+    frozen = _FrozenMonotonic()
+
+    def poll() -> None:
+        got["cmds"] = a.poll_commands(sid, 3600, monotonic=frozen)["commands"]
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    assert frozen.looked.wait(30), "the poll never looked for commands"
+    b.start_migration({"drill": False}, source=sid)
+    th.join(60)
+    assert not th.is_alive(), "after its connection was cut, replica A no longer hears replica B's commands"
+    assert [c["type"] for c in got["cmds"]] == ["start"]
+
+
+def test_the_scheduler_leadership_passes_on_when_the_leaders_connection_is_cut(replicas, pg_cluster):  # noqa: F811
+    a, b = replicas.add(), replicas.add()
+    sid = _pending_task_with_interval(a, 120)
+    mono = FakeClock()
+    first, second = Scheduler(a, clock=mono), Scheduler(b, clock=mono)
+    assert first.run_once() == 0 and a.store.leader("scheduler") and not b.store.leader("scheduler")
+    assert _terminate(pg_cluster, "SELECT 1") + _terminate(pg_cluster, "SELECT pg_try_advisory_lock%") >= 1
+    # the old leader finds its connection gone and steps back; the other replica takes over
+    assert second.run_once() == 0  # leader now: first sight of the task
+    assert not a.store.leader("scheduler")
+    assert first.run_once() == 0
+    mono.advance(121)
+    assert first.run_once() == 0 and second.run_once() == 1
+    assert len(_syncs(a, sid)) == 1

@@ -181,33 +181,39 @@ class PgStore(Database):
         listener.add(channel, callback)
 
     def leader(self, name: str) -> bool:
+        """Held while the session of the connection that took the lock lives: a dead replica's
+        lock is released when PostgreSQL closes its session (at once when the process dies; after
+        about 25 s of TCP keepalives when its machine or network is gone)."""
         with self._leaders_lock:
             conn = self._leaders.get(name)
-            if conn is not None:
-                try:  # still ours while its session lives
-                    conn.execute("SELECT 1")
+            if conn is None or conn.closed or conn.broken:
+                try:
+                    conn = self._leaders[name] = self.connect()
+                    for setting, value in (("tcp_keepalives_idle", "10"), ("tcp_keepalives_interval", "5"),
+                                           ("tcp_keepalives_count", "3")):
+                        conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
+                except (ServerUnreachable, psycopg.Error) as exc:
+                    log.warning("%s leadership: %s", name, exc)
+                    self._leaders.pop(name, None)
+                    return False
+                conn.held = False  # type: ignore[attr-defined]
+            try:
+                if conn.held:  # type: ignore[attr-defined]
+                    conn.execute("SELECT 1")  # still ours while its session lives
                     return True
-                except psycopg.Error:
-                    log.warning("lost the %s leadership (its database connection broke)", name)
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                    del self._leaders[name]
-            try:
-                conn = self.connect()
-            except ServerUnreachable as exc:
-                log.warning("%s leadership: %s", name, exc)
-                return False
-            try:
                 key = lock_key(f"leader:{name}")
                 row = conn.execute("SELECT pg_try_advisory_lock(%s) AS held", (key,)).fetchone()
             except psycopg.Error:
-                conn.close()
+                if conn.held:  # type: ignore[attr-defined]
+                    log.warning("lost the %s leadership (its database connection broke)", name)
+                with contextlib.suppress(Exception):
+                    conn.close()
+                self._leaders.pop(name, None)
                 return False
             if row is None or not row["held"]:
-                conn.close()
-                return False
+                return False  # another replica leads; the connection stays for the next try
             log.info("this replica is the %s leader now", name)
-            self._leaders[name] = conn
+            conn.held = True  # type: ignore[attr-defined]
             return True
 
     def shared_secret(self, name: str, make: Callable[[], str]) -> Optional[str]:

@@ -174,6 +174,8 @@ def test_the_scheduler_fires_each_automatic_sync_once_across_replicas(replicas, 
     a.ack_command(sid, sync["id"], {"status": "succeeded", "result": {}})
     replicas.services[leader].store.close()
     other = scheds[1 - leader]
+    # PostgreSQL releases the lock once the closed session's backend has exited
+    wait_for(lambda: replicas.services[1 - leader].store.leader("scheduler"), 30, "the other replica leads")
     assert other.run_once() == 0  # leader now: first sight of cycle 2
     mono.advance(119)
     assert other.run_once() == 0
@@ -310,11 +312,14 @@ def test_the_scheduler_leadership_passes_on_when_the_leaders_connection_is_cut(r
     mono = FakeClock()
     first, second = Scheduler(a, clock=mono), Scheduler(b, clock=mono)
     assert first.run_once() == 0 and a.store.leader("scheduler") and not b.store.leader("scheduler")
-    assert _terminate(pg_cluster, "SELECT 1") + _terminate(pg_cluster, "SELECT pg_try_advisory_lock%") >= 1
-    # the old leader finds its connection gone and steps back; the other replica takes over
-    assert second.run_once() == 0  # leader now: first sight of the task
-    assert not a.store.leader("scheduler")
+    # the session holding the leadership is cut (the database restarted it, or the network)
+    held = pg_cluster.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_locks "
+                           "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()")
+    assert held == "1"
+    wait_for(lambda: b.store.leader("scheduler"), 30, "replica B takes the leadership over")
+    assert not a.store.leader("scheduler")  # A finds its connection gone and steps back
     assert first.run_once() == 0
+    assert second.run_once() == 0  # first sight of the task under its leadership
     mono.advance(121)
     assert first.run_once() == 0 and second.run_once() == 1
     assert len(_syncs(a, sid)) == 1

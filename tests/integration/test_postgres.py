@@ -28,7 +28,7 @@ from go2cloud_server.scheduler import Scheduler
 from go2cloud_server.service import Service
 from go2cloud_server.store import Database
 from tests.support import postgres, repo_calls
-from tests.support.harness import Server, wait_for
+from tests.support.harness import Agent, Server, wait_for
 from tests.support.postgres import pg_cluster  # noqa: F401 - the session fixture
 from tests.unit.server.conftest import FakeRsyncd, FakeTrees, import_body, inventory
 
@@ -323,3 +323,35 @@ def test_the_scheduler_leadership_passes_on_when_the_leaders_connection_is_cut(r
     mono.advance(121)
     assert first.run_once() == 0 and second.run_once() == 1
     assert len(_syncs(a, sid)) == 1
+
+
+def test_an_agent_given_two_replicas_moves_to_the_other_when_its_replica_stops(pg_cluster, tmp_path):  # noqa: F811
+    """A real agent with --server A --server B imports through A; A stops; the agent's heartbeats
+    go on through B (same database: B sees them), and its log says it moved."""
+    url = postgres.fresh_schema_url(pg_cluster.url)
+    a = Server(tmp_path / "a", extra_args=["--database", url]).start()
+    tls = a.data_dir / "tls"
+    b = Server(tmp_path / "b", extra_args=["--database", url, "--tls-cert", str(tls / "cert.pem"),
+                                           "--tls-key", str(tls / "key.pem")]).start()
+    agent = Agent(tmp_path / "home", a)
+    try:
+        a.j("workgroup", "create", "web-tier")
+        code = a.j("code", "create", "--workgroup", "web-tier", "--uses", "1")
+        agent.start("--server", b.url, code=code)
+        sid = agent.wait_imported(60)
+        wait_for(lambda: b.j("source", "show", sid)["last_seen_at"], 60, "a heartbeat")
+        a.stop()
+        seen = b.j("source", "show", sid)["last_seen_at"]
+        wait_for(lambda: b.j("source", "show", sid)["last_seen_at"] > seen, 120,
+                 "a heartbeat through replica B")
+        assert f"the control plane at {a.url} cannot be reached: trying {b.url}" in agent.output() + \
+            _agent_log(tmp_path / "home")
+        assert b.j("source", "show", sid)["status"] == "online"
+    finally:
+        agent.stop()
+        b.stop()
+        a.stop()
+
+
+def _agent_log(home: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((home / "Logs").glob("*.log")))

@@ -38,7 +38,7 @@ from go2cloud_client.errors import (
     UsageError,
 )
 from go2cloud_client.identity import Identity
-from go2cloud_client.proxy import ProxySettings
+from go2cloud_client.proxy import ProxySettings, ProxyURL
 from go2cloud_client.proxy import refused as proxy_refused
 from go2cloud_client.tlspin import https_adapter, is_loopback_host, normalize_fingerprint
 
@@ -84,15 +84,19 @@ class ControlPlane:
         session: Optional[requests.Session] = None,
         proxy: Optional[ProxySettings] = None,
     ) -> None:
-        parts = urlsplit(server)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"invalid control plane URL {server!r}: use https://HOST[:PORT]")
-        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-            raise UsageError(
-                f"refusing plain http:// to {parts.hostname}: the control plane must be reached over "
-                "https:// (plain HTTP is accepted only for loopback addresses)"
-            )
-        self.server = server.rstrip("/")
+        #: the control plane's URLs (replicas: ``server`` may list several, comma-separated); the
+        #: agent talks to one at a time and moves to the next when it cannot reach it
+        self.servers = [u.strip().rstrip("/") for u in server.split(",") if u.strip()] or [server]
+        for url in self.servers:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UsageError(f"invalid control plane URL {url!r}: use https://HOST[:PORT]")
+            if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+                raise UsageError(
+                    f"refusing plain http:// to {parts.hostname}: the control plane must be reached over "
+                    "https:// (plain HTTP is accepted only for loopback addresses)"
+                )
+        self.server = self.servers[0]
         self.source_id = source_id
         self.identity = identity
         self.agent_version = agent_version
@@ -107,12 +111,13 @@ class ControlPlane:
         # the agent's own proxy setting is the only one used (not requests' reading of the
         # environment, which the other channels could not follow): CONNECT, then TLS end to end
         self.session.trust_env = False
-        self.proxy = (proxy or ProxySettings()).for_url(self.server)
-        if self.proxy is not None:
-            self.session.proxies = {"https": self.proxy.url, "http": self.proxy.url}
+        self._proxy_settings = proxy or ProxySettings()
+        self.proxy: Optional[ProxyURL] = None
+        self._use(self.server)
+        self._server_lock = threading.Lock()
         self._token: Optional[str] = None
         self._token_deadline = 0.0
-        self._token_lock = threading.Lock()
+        self._token_lock = threading.RLock()  # a failover while authenticating drops the token
         #: this agent process's session (fencing): sent as X-Go2cloud-Session once opened
         self.session_instance: Optional[str] = None
         self.epoch = 0
@@ -121,6 +126,24 @@ class ControlPlane:
 
     def close(self) -> None:
         self.session.close()
+
+    def _use(self, server: str) -> None:
+        self.server = server
+        self.proxy = self._proxy_settings.for_url(server)
+        self.session.proxies = {"https": self.proxy.url, "http": self.proxy.url} if self.proxy else {}
+
+    def _fail_over(self, failed: str) -> None:
+        """``failed`` could not be reached: the next URL is used from now on (once per failure,
+        however many threads saw it). Its bearer token was that replica's: a new one is asked."""
+        if len(self.servers) < 2:
+            return
+        with self._server_lock:
+            if self.server != failed:
+                return
+            nxt = self.servers[(self.servers.index(failed) + 1) % len(self.servers)]
+            LOG.warning("the control plane at %s cannot be reached: trying %s", failed, nxt)
+            self._use(nxt)
+        self._drop_token()
 
     # -- transport --------------------------------------------------------------------------
 
@@ -168,7 +191,8 @@ class ControlPlane:
         read_timeout: Optional[float],
         what: str,
     ) -> Any:
-        url = self._url(path)
+        server = self.server
+        url = f"{server}{API_PREFIX}{path}"
         what = what or path
         data = None
         if body is not None:
@@ -187,10 +211,11 @@ class ControlPlane:
             raise self._proxy_error(exc) from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             err = ServerUnreachableError(
-                f"cannot reach the control plane at {self.server} ({_short_reason(exc)}); check the "
+                f"cannot reach the control plane at {server} ({_short_reason(exc)}); check the "
                 "network, the firewall and the --server URL"
             )
             err.request_sent = not _connect_failure(exc)  # type: ignore[attr-defined]
+            self._fail_over(server)  # the retry goes to the next replica
             raise err from None
         except requests.exceptions.RequestException as exc:
             raise ServerUnreachableError(

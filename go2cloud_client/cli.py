@@ -16,7 +16,7 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 from click.core import ParameterSource
@@ -138,7 +138,10 @@ _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=Fal
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--server", metavar="URL", help="Control plane URL (https://HOST:PORT). Env: GO2CLOUD_SERVER.")
+@click.option("--server", "servers", metavar="URL", multiple=True,
+              help="Control plane URL (https://HOST:PORT). Repeat it for replicas of one control plane: "
+                   "the agent moves to the next when it cannot reach one. Env: GO2CLOUD_SERVER (URLs "
+                   "separated by commas).")
 @click.option("--token-id", "--accesstokenid", "token_id", metavar="ID", help="Activation code token id.")
 @click.option("--token-code", "--accesstokencode", "token_code", metavar="-", envvar=TOKEN_CODE_ENV,
               help=f"'-': read the activation code token code from standard input (one line). The code "
@@ -171,7 +174,7 @@ _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=Fal
               help="Answer the Windows Service Control Manager (the binPath of 'service install').")
 @click.version_option(__version__, "--version", prog_name="go2cloud_client", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], token_code: Optional[str],
+def cli(ctx: click.Context, servers: Tuple[str, ...], token_id: Optional[str], token_code: Optional[str],
         server_fingerprint: Optional[str], home_dir: Optional[str], yes: bool, no_prompt: bool,
         import_only: bool, do_abort: bool, log_level: Optional[str], windows_service: bool,
         proxy: Optional[str], no_proxy: Optional[str]) -> Optional[int]:
@@ -181,6 +184,7 @@ def cli(ctx: click.Context, server: Optional[str], token_id: Optional[str], toke
     is not imported yet), then run the agent in the foreground until Ctrl-C or SIGTERM (a running
     task resumes when the agent starts again).
     """
+    server = ",".join(servers) or None
     ctx.ensure_object(dict)
     ctx.obj.update(home_dir=home_dir, yes=yes, no_prompt=no_prompt, proxy=proxy, no_proxy=no_proxy)
     token_code = take_token_code(ctx.get_parameter_source("token_code"), token_code)

@@ -9,7 +9,7 @@ a silent default. Secrets (token code) are not configuration and are never read 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 from urllib.parse import urlsplit
 
 import yaml
@@ -96,6 +96,33 @@ def normalize_server_url(value: str) -> str:
     return value.rstrip("/")
 
 
+#: control-plane URLs an agent takes at most (replicas it fails over between)
+MAX_SERVERS = 8
+
+
+def normalize_server_urls(value: str) -> str:
+    """One control-plane URL, or several separated by commas (replicas of one control plane: the
+    agent uses the first that answers and moves to the next when it cannot reach it). Each is
+    checked as by :func:`normalize_server_url`; returned comma-joined, without duplicates."""
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if len(urls) <= 1:
+        return normalize_server_url(value)
+    if len(urls) > MAX_SERVERS:
+        raise ValueError(f"lists {len(urls)} URLs: at most {MAX_SERVERS}")
+    out = []
+    for url in urls:
+        try:
+            out.append(normalize_server_url(url))
+        except ValueError as exc:
+            raise ValueError(f"{url}: {exc}") from exc
+    return ",".join(dict.fromkeys(out))
+
+
+def server_urls(value: str) -> List[str]:
+    """The URLs of a (normalised) ``server`` setting."""
+    return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+
+
 def _str(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty string")
@@ -152,7 +179,7 @@ def _log_level(value: Any) -> str:
 
 
 _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
-    "server": lambda v: normalize_server_url(_str(v)),
+    "server": lambda v: normalize_server_urls(_str(v)),
     "server_fingerprint": lambda v: normalize_fingerprint(_str(v)),
     "log_level": _log_level,
     "poll_wait_s": _int_range(0, 60),

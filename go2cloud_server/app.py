@@ -20,12 +20,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from go2cloud_server import space as space_mod
 from go2cloud_server.autoretry import AutoRetry
 from go2cloud_server.clock import Clock, SystemClock
-from go2cloud_server.errors import Conflict
+from go2cloud_server.errors import Conflict, InvalidInput
+
+if TYPE_CHECKING:
+    from go2cloud_server.store import Database
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,12 @@ class ServeOptions:
     target_dir: Optional[Path] = None
     db_reserve_mib: int = space_mod.DEFAULT_RESERVE_MIB
     listen_backlog: int = 4096
+    #: ``postgresql://...`` (replicas on one database); None: SQLite in the data directory
+    database: Optional[str] = None
+    #: the TLS identity (PEM certificate and key) replicas share; None: the generated pair in
+    #: ``<data-dir>/tls``
+    tls_cert: Optional[Path] = None
+    tls_key: Optional[Path] = None
     clock: Clock = field(default_factory=SystemClock)
 
 
@@ -71,6 +80,60 @@ def refuse_if_running(info_file: Path, data_dir: Path) -> None:
             f"another go2cloud_server (pid {pid}) is running with the data directory {data_dir}: stop it "
             f"first (kill {pid}) or use another --data-dir"
         )
+
+
+def install_tls_identity(tls_dir: Path, cert: Path, key: Path) -> Tuple[Path, Path]:
+    """``serve --tls-cert/--tls-key``: the pair is checked (readable PEM, the key matches the
+    certificate) and installed as ``<data-dir>/tls/cert.pem`` and ``key.pem`` (0600), so the
+    operator commands pin it and a restart without the options keeps it. Returns their paths."""
+    import ssl
+
+    from go2cloud_server import tls
+    from go2cloud_server.atomicfile import write_atomic
+
+    try:
+        cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"--tls-cert/--tls-key: cannot read {exc.filename}: {exc.strerror}") from None
+    try:
+        tls.fingerprint(Path(cert))
+        tls.server_context(Path(cert), Path(key))
+    except (ValueError, ssl.SSLError) as exc:
+        raise InvalidInput(
+            f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and its private key ({exc}): give "
+            "the same pair to every replica, e.g. the cert.pem and key.pem of one replica's <data-dir>/tls"
+        ) from None
+    cert_path, key_path = tls.paths(tls_dir)
+    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not (cert_path.exists() and cert_path.read_bytes() == cert_pem):
+        log.info("TLS identity: installing %s as %s", cert, cert_path)
+    write_atomic(key_path, key_pem.decode("ascii"), mode=0o600)
+    write_atomic(cert_path, cert_pem.decode("ascii"), mode=0o600)
+    return cert_path, key_path
+
+
+def shared_admin_token(store: Database, data_dir: Path) -> str:
+    """The operators' token. On a database of replicas (PostgreSQL) every replica serves the one
+    stored in the database (made by the first) and writes it to ``<data-dir>/admin.token`` for the
+    operator commands run on its machine; on SQLite it is that file's, made at the first start."""
+    import secrets
+
+    from go2cloud_server import auth
+    from go2cloud_server.atomicfile import write_atomic
+
+    try:
+        local: Optional[str] = (data_dir / auth.ADMIN_TOKEN_FILE).read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        local = None
+    token = store.shared_secret("admin_token", lambda: local or secrets.token_urlsafe(32))
+    if token is None:
+        return auth.ensure_admin_token(data_dir)
+    if local != token:
+        if local:
+            log.warning("%s held another admin token than the database's: replaced by the replicas' shared "
+                        "one", data_dir / auth.ADMIN_TOKEN_FILE)
+        write_atomic(data_dir / auth.ADMIN_TOKEN_FILE, token + "\n", mode=0o600)
+    return token
 
 
 def url_host(host: str) -> str:
@@ -114,13 +177,12 @@ class ServerApp:
         from go2cloud_server.rsyncd import RsyncSessions
         from go2cloud_server.scheduler import Scheduler
         from go2cloud_server.service import Service
-        from go2cloud_server.store import Store
 
         self.opts = opts
         self.clock = opts.clock
         self.data_dir = opts.data_dir.absolute()
         self.info_file = self.data_dir / "server.json"
-        self.store: Optional[Store] = None
+        self.store: Optional[Database] = None
         self.rsyncd: Optional[RsyncSessions] = None
         self.service: Optional[Service] = None
         self.httpd: Optional[ApiServer] = None
@@ -144,7 +206,7 @@ class ServerApp:
         from go2cloud_server.rsyncd import RsyncSessions
         from go2cloud_server.scheduler import Scheduler
         from go2cloud_server.service import Service
-        from go2cloud_server.store import Store
+        from go2cloud_server.store import open_database
         from go2cloud_server.throttle import ImportThrottle
 
         opts, data_dir = self.opts, self.data_dir
@@ -160,15 +222,21 @@ class ServerApp:
                             "there is", opts.db_reserve_mib, data_dir, space_mod.describe(data_dir))
         else:
             space.ensure()  # removes a reserve an earlier layout left
-        log.info("database in %s, images in %s (%s)", data_dir, target_dir / "tasks",
-                 f"the same filesystem: {opts.db_reserve_mib} MiB reserve for the database" if space.shared
-                 else "their own filesystem")
-        cert, key = tls.ensure_certificate(data_dir / "tls", [opts.host, public])
+        store = self.store = open_database(opts.database, data_dir)
+        log.info("database: %s; images in %s (%s)", store.describe(), target_dir / "tasks",
+                 f"the data directory's filesystem: {opts.db_reserve_mib} MiB reserve for the database"
+                 if space.shared else "their own filesystem")
+        if opts.tls_cert is not None or opts.tls_key is not None:
+            if opts.tls_cert is None or opts.tls_key is None:
+                raise InvalidInput("--tls-cert and --tls-key go together: give both (or neither, for the "
+                                   "generated pair in <data-dir>/tls)")
+            cert, key = install_tls_identity(data_dir / "tls", opts.tls_cert, opts.tls_key)
+        else:
+            cert, key = tls.ensure_certificate(data_dir / "tls", [opts.host, public])
         fingerprint = self.fingerprint = tls.fingerprint(cert)
         spki_pin = tls.spki_pin(cert)
-        admin_token = auth.ensure_admin_token(data_dir)
-        store = self.store = Store(data_dir / "server.db")
         store.migrate()
+        admin_token = shared_admin_token(store, data_dir)
         refuse_if_running(self.info_file, data_dir)
         # what a previous run killed with -9 left behind: its children (found by their records,
         # each checked to still be the process it names) and its rsync sessions' configurations

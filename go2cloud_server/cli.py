@@ -488,6 +488,30 @@ def _setup_logging(level: str) -> None:
     "once after a restart). The kernel caps it at net.core.somaxconn.",
 )
 @click.option(
+    "--database",
+    envvar="GO2CLOUD_DATABASE",
+    metavar="URL",
+    default=None,
+    help="postgresql://USER@HOST:PORT/DATABASE: keep the state in PostgreSQL, shared by every replica "
+    "of serve given the same URL (env GO2CLOUD_DATABASE; a password goes in ~/.pgpass or PGPASSWORD). "
+    "Default: SQLite in <data-dir>/server.db.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    metavar="FILE",
+    help="PEM certificate of the HTTPS port, with --tls-key: give every replica the same pair so agents "
+    "pin one identity. Installed into <data-dir>/tls. Default: the pair generated there at the first start.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    metavar="FILE",
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
     "--clock-offset-s",
     type=float,
     default=0.0,
@@ -510,6 +534,9 @@ def serve(
     target_dir: Optional[Path],
     db_reserve_mib: int,
     listen_backlog: int,
+    database: Optional[str],
+    tls_cert: Optional[Path],
+    tls_key: Optional[Path],
     clock_offset_s: float,
 ) -> None:
     """Run the control plane (HTTPS API, rsync target, scheduler) in the foreground."""
@@ -557,6 +584,9 @@ def serve(
         target_dir=target_dir,
         db_reserve_mib=db_reserve_mib,
         listen_backlog=listen_backlog,
+        database=database,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         clock=clock,
     ))
     try:

@@ -6,6 +6,11 @@ committed cycle (measured on the injected clock's ``monotonic()``). A server res
 waits one full interval before the first automatic sync: never earlier than asked. Each pass also
 queues the cycle of every ``target_full`` task whose target has room again
 (``Service.resume_when_room``). Errors are logged and the loop keeps going.
+
+Replicas on one database (PostgreSQL): only the replica that holds the database's ``scheduler``
+leadership (``Database.leader``: an advisory lock held by a connection of its own) runs the
+passes, so each automatic sync is queued once. The others forget what they saw; one that takes
+the leadership over (its leader died) waits a full interval from then, like a restart.
 """
 
 from __future__ import annotations
@@ -48,7 +53,10 @@ class Scheduler:
                 log.warning("scheduler pass failed", exc_info=True)
 
     def run_once(self) -> int:
-        """One pass; returns the number of syncs queued."""
+        """One pass; returns the number of syncs queued (0 in a replica that is not the leader)."""
+        if not self.service.store.leader("scheduler"):
+            self._seen.clear()
+            return 0
         now = self.clock.monotonic()
         queued = 0
         live = set()

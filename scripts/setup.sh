@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_debs=()
-for pair in rsync:rsync tcpdump:tcpdump setfacl:acl setfattr:attr mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs curl:curl sudo:sudo objdump:binutils patchelf:patchelf debootstrap:debootstrap systemd-analyze:systemd ip:iproute2 tc:iproute2 tinyproxy:tinyproxy qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils extlinux:extlinux sfdisk:fdisk ssh:openssh-client; do
+for pair in rsync:rsync tcpdump:tcpdump setfacl:acl setfattr:attr mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs curl:curl sudo:sudo objdump:binutils patchelf:patchelf debootstrap:debootstrap systemd-analyze:systemd ip:iproute2 tc:iproute2 tinyproxy:tinyproxy /usr/lib/postgresql/15/bin/initdb:postgresql qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils extlinux:extlinux sfdisk:fdisk ssh:openssh-client; do
     cmd=${pair%%:*}; pkg=${pair##*:}
     command -v "$cmd" >/dev/null 2>&1 || need_debs+=("$pkg")
 done
@@ -21,7 +21,7 @@ if [ ${#need_debs[@]} -gt 0 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import go2cloud_client, go2cloud_server, pytest, responses, tenacity, psutil, xxhash, zstandard, blake3, PyInstaller, staticx' >/dev/null 2>&1; then
+if ! "$PYTHON" -c 'import go2cloud_client, go2cloud_server, pytest, responses, tenacity, psutil, xxhash, zstandard, blake3, PyInstaller, staticx, psycopg' >/dev/null 2>&1; then
     echo "Installing go2cloud and its test dependencies with pip"
     "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[server,test]'
 fi

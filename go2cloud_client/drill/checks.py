@@ -465,8 +465,9 @@ def check_proxy(ctx: Context) -> List[Item]:
                          "check the proxy address and port, that the proxy runs, and the firewall between "
                          "this host and the proxy (or remove the proxy setting)", proxy=proxy.display)]
     hosts = []
-    if ctx.server_url:
-        hosts.append(("control plane", urlsplit(ctx.server_url).hostname or ""))
+    for url in (ctx.server_url or "").split(","):
+        if url.strip():
+            hosts.append(("control plane", urlsplit(url.strip()).hostname or ""))
     hosts += [(t.label, t.host) for t in ctx.targets]
     items = [info("proxy", f"the proxy {proxy.display} is reachable", proxy=proxy.display)]
     for label, host in hosts:

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any, List, Mapping, Optional, Set
 
 from go2cloud_server.repositories import db
-from go2cloud_server.repositories.db import Db, Row
+from go2cloud_server.repositories.db import Conn, Db, Row
 
 
-def upsert(conn: sqlite3.Connection, task_id: str, cycle: Optional[int], row: Mapping[str, Any]) -> None:
+def upsert(conn: Conn, task_id: str, cycle: Optional[int], row: Mapping[str, Any]) -> None:
     db.execute(
         conn,
-        "INSERT OR REPLACE INTO artifacts (task_id, cycle, disk, path, bytes, files, created_at, sha256, "
-        "report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO artifacts (task_id, cycle, disk, path, bytes, files, created_at, sha256, report) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id, cycle, disk) DO UPDATE SET "
+        "path = excluded.path, bytes = excluded.bytes, files = excluded.files, "
+        "created_at = excluded.created_at, sha256 = excluded.sha256, report = excluded.report",
         (task_id, cycle, row["disk"], row["path"], row["bytes"], row["files"], row["created_at"],
          row["sha256"], row["report"]),
     )
 
 
-def delete_cycle(conn: sqlite3.Connection, task_id: str, cycle: int) -> None:
+def delete_cycle(conn: Conn, task_id: str, cycle: int) -> None:
     db.execute(conn, "DELETE FROM artifacts WHERE task_id = ? AND cycle = ?", (task_id, cycle))
 
 
@@ -39,17 +40,17 @@ def generation(d: Db, task_id: str, cycle: int, disk: str) -> Optional[Row]:
                   (task_id, cycle, disk))
 
 
-def set_report(conn: sqlite3.Connection, task_id: str, cycle: int, disk: str, report: str) -> None:
+def set_report(conn: Conn, task_id: str, cycle: int, disk: str, report: str) -> None:
     db.execute(conn, "UPDATE artifacts SET report = ? WHERE task_id = ? AND cycle = ? AND disk = ?",
                (report, task_id, cycle, disk))
 
 
-def refuse_verification(conn: sqlite3.Connection, task_id: str, cycle: int, disk: str, report: str) -> None:
+def refuse_verification(conn: Conn, task_id: str, cycle: int, disk: str, report: str) -> None:
     db.execute(conn, "UPDATE artifacts SET sha256 = NULL, report = ? WHERE task_id = ? AND cycle = ? "
                "AND disk = ?", (report, task_id, cycle, disk))
 
 
-def set_verified(conn: sqlite3.Connection, task_id: str, cycle: int, disk: str, nbytes: int,
+def set_verified(conn: Conn, task_id: str, cycle: int, disk: str, nbytes: int,
                  sha256: Optional[str], report: str) -> None:
     db.execute(conn, "UPDATE artifacts SET bytes = ?, sha256 = ?, report = ? WHERE task_id = ? AND cycle = ? "
                "AND disk = ?", (nbytes, sha256, report, task_id, cycle, disk))

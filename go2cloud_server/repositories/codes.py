@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import List, Optional
 
 from go2cloud_server.repositories import db
-from go2cloud_server.repositories.db import Db, Row
+from go2cloud_server.repositories.db import Conn, Db, Row
 
 
 def get(d: Db, token_id: str) -> Optional[Row]:
     return db.one(d, "SELECT * FROM codes WHERE token_id = ?", (token_id,))
 
 
-def insert(conn: sqlite3.Connection, token_id: str, workgroup_id: str, salt: bytes, code_hash: bytes,
+def insert(conn: Conn, token_id: str, workgroup_id: str, salt: bytes, code_hash: bytes,
            uses: int, created_at: str, expires_at: str, expires_epoch: float) -> None:
     db.execute(
         conn,
@@ -25,13 +24,14 @@ def insert(conn: sqlite3.Connection, token_id: str, workgroup_id: str, salt: byt
 
 def list_all(d: Db, workgroup_id: Optional[str] = None) -> List[Row]:
     if workgroup_id:
-        return db.all(d, "SELECT * FROM codes WHERE workgroup_id = ? ORDER BY created_at", (workgroup_id,))
-    return db.all(d, "SELECT * FROM codes ORDER BY created_at")
+        return db.all(d, "SELECT * FROM codes WHERE workgroup_id = ? ORDER BY created_at, seq",
+                      (workgroup_id,))
+    return db.all(d, "SELECT * FROM codes ORDER BY created_at, seq")
 
 
-def revoke(conn: sqlite3.Connection, token_id: str, at: str) -> None:
+def revoke(conn: Conn, token_id: str, at: str) -> None:
     db.execute(conn, "UPDATE codes SET revoked_at = ? WHERE token_id = ?", (at, token_id))
 
 
-def use_one(conn: sqlite3.Connection, token_id: str) -> None:
+def use_one(conn: Conn, token_id: str) -> None:
     db.execute(conn, "UPDATE codes SET uses_left = uses_left - 1 WHERE token_id = ?", (token_id,))

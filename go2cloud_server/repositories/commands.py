@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import List, Optional
 
 from go2cloud_server.repositories import db
-from go2cloud_server.repositories.db import Db, Row
+from go2cloud_server.repositories.db import Conn, Db, Row
+
+#: the notification channel of queued commands (payload: the source id)
+COMMANDS_CHANNEL = "go2cloud_commands"
 
 
-def insert(conn: sqlite3.Connection, command_id: str, source_id: str, task_id: Optional[str], ctype: str,
+def insert(conn: Conn, command_id: str, source_id: str, task_id: Optional[str], ctype: str,
            params: str, at: str) -> None:
     db.execute(
         conn,
@@ -17,24 +19,27 @@ def insert(conn: sqlite3.Connection, command_id: str, source_id: str, task_id: O
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         (command_id, source_id, task_id, ctype, params, at, at),
     )
+    # the long polls of every replica look again when this commits (the queueing replica's own
+    # are woken in-process too: ``Commands.notify``)
+    db.notify(conn, COMMANDS_CHANNEL, source_id)
 
 
 def get_of_source(d: Db, command_id: str, source_id: str) -> Optional[Row]:
     return db.one(d, "SELECT * FROM commands WHERE id = ? AND source_id = ?", (command_id, source_id))
 
 
-def supersede_queued(conn: sqlite3.Connection, task_id: str, at: str) -> None:
+def supersede_queued(conn: Conn, task_id: str, at: str) -> None:
     """Every command of the task still queued (not yet fetched) is superseded."""
     db.execute(conn, "UPDATE commands SET status = 'superseded', updated_at = ? WHERE task_id = ? "
                "AND status = 'queued'", (at, task_id))
 
 
-def supersede_if_queued(conn: sqlite3.Connection, command_id: str, at: str) -> None:
+def supersede_if_queued(conn: Conn, command_id: str, at: str) -> None:
     db.execute(conn, "UPDATE commands SET status = 'superseded', updated_at = ? WHERE id = ? AND status = "
                "'queued'", (at, command_id))
 
 
-def acknowledge(conn: sqlite3.Connection, command_id: str, status: str, error_code: Optional[str],
+def acknowledge(conn: Conn, command_id: str, status: str, error_code: Optional[str],
                 message: Optional[str], result: str, at: str, applied: bool) -> None:
     db.execute(
         conn,
@@ -50,12 +55,12 @@ def is_applied(d: Db, command_id: str) -> Optional[bool]:
     return None if row is None else bool(row["applied"])
 
 
-def mark_applied(conn: sqlite3.Connection, command_id: str) -> None:
+def mark_applied(conn: Conn, command_id: str) -> None:
     db.execute(conn, "UPDATE commands SET applied = 1 WHERE id = ?", (command_id,))
 
 
 def unapplied(d: Db) -> List[Row]:
-    return db.all(d, "SELECT * FROM commands WHERE applied = 0 ORDER BY created_at")
+    return db.all(d, "SELECT * FROM commands WHERE applied = 0 ORDER BY created_at, seq")
 
 
 def pending(d: Db, source_id: str) -> List[Row]:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import List
 
 from go2cloud_server.repositories import db
-from go2cloud_server.repositories.db import Db
+from go2cloud_server.repositories.db import Conn, Db
 
 
-def add(conn: sqlite3.Connection, task_id: str, cycle: int, epoch: int, at: str) -> None:
-    db.execute(conn, "INSERT OR IGNORE INTO cycle_writers (task_id, cycle, epoch, first_at) "
-               "VALUES (?, ?, ?, ?)", (task_id, cycle, epoch, at))
+def add(conn: Conn, task_id: str, cycle: int, epoch: int, at: str) -> None:
+    db.execute(conn, "INSERT INTO cycle_writers (task_id, cycle, epoch, first_at) "
+               "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (task_id, cycle, epoch, at))
 
 
 def epochs(d: Db, task_id: str, cycle: int) -> List[int]:

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any, List, Sequence
 
 from go2cloud_server.repositories import db
-from go2cloud_server.repositories.db import Db, Row
+from go2cloud_server.repositories.db import Conn, Db, Row
 
 _INSERT = "INSERT INTO events (source_id, time, level, code, message) VALUES (?, ?, ?, ?, ?)"
 
 
-def add(conn: sqlite3.Connection, source_id: str, at: str, level: str, code: str, message: str) -> None:
+def add(conn: Conn, source_id: str, at: str, level: str, code: str, message: str) -> None:
     db.execute(conn, _INSERT, (source_id, at, level, code, message))
 
 
-def add_many(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
+def add_many(conn: Conn, rows: Sequence[Sequence[Any]]) -> None:
     """Rows of (source_id, time, level, code, message)."""
     db.executemany(conn, _INSERT, rows)
 
 
-def keep_latest(conn: sqlite3.Connection, source_id: str, keep: int) -> None:
+def keep_latest(conn: Conn, source_id: str, keep: int) -> None:
     db.execute(
         conn,
         "DELETE FROM events WHERE source_id = ? AND id NOT IN (SELECT id FROM events "

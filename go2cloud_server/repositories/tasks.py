@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any, Iterable, List, Mapping, Optional
 
 from go2cloud_server.repositories import db
-from go2cloud_server.repositories.db import Db, Row
+from go2cloud_server.repositories.db import Conn, Db, Row
 
 #: the columns a new task is inserted with (``current_cycle`` starts at 1)
 INSERT_COLUMNS = (
@@ -39,7 +38,7 @@ def of_source(d: Db, task_id: str, source_id: str) -> Optional[Row]:
 
 
 def latest_of_source(d: Db, source_id: str) -> Optional[Row]:
-    return db.one(d, "SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+    return db.one(d, "SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, seq DESC LIMIT 1",
                   (source_id,))
 
 
@@ -49,32 +48,33 @@ def latest_of_source_in(d: Db, source_id: str, statuses: Iterable[str]) -> Optio
     return db.one(
         d,
         f"SELECT * FROM tasks WHERE source_id = ? AND status IN ({_marks(statuses)}) "  # noqa: S608
-        "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+        "ORDER BY created_at DESC, seq DESC LIMIT 1",
         (source_id, *statuses),
     )
 
 
 def all_of_source(d: Db, source_id: str) -> List[Row]:
     """Newest first."""
-    return db.all(d, "SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, rowid DESC",
+    return db.all(d, "SELECT * FROM tasks WHERE source_id = ? ORDER BY created_at DESC, seq DESC",
                   (source_id,))
 
 
 def with_status(d: Db, statuses: Iterable[str]) -> List[Row]:
     statuses = tuple(statuses)
-    return db.all(d, f"SELECT * FROM tasks WHERE status IN ({_marks(statuses)})", statuses)  # noqa: S608
+    return db.all(d, f"SELECT * FROM tasks WHERE status IN ({_marks(statuses)}) ORDER BY seq",  # noqa: S608
+                  statuses)  # noqa: S608
 
 
 def failed_with(d: Db, error_codes: Iterable[str]) -> List[Row]:
     codes = tuple(sorted(error_codes))
-    return db.all(d, f"SELECT * FROM tasks WHERE status = 'failed' AND error_code IN ({_marks(codes)})",  # noqa: S608
-                  codes)
+    return db.all(d, f"SELECT * FROM tasks WHERE status = 'failed' AND error_code IN ({_marks(codes)}) "  # noqa: S608
+                  "ORDER BY seq", codes)
 
 
 def auto_sync_candidates(d: Db) -> List[Row]:
     """Pending tasks with an automatic sync interval: id, interval and last committed cycle."""
     return db.all(d, "SELECT id, sync_every_s, last_committed FROM tasks WHERE status = 'pending' "
-                  "AND finalizing = 0 AND sync_every_s IS NOT NULL")
+                  "AND finalizing = 0 AND sync_every_s IS NOT NULL ORDER BY seq")
 
 
 def disks_and_inventory(d: Db, task_id: str) -> Optional[Row]:
@@ -89,7 +89,7 @@ def cycle_and_epoch(d: Db, task_id: str) -> Optional[Row]:
                   "JOIN sources s ON s.id = t.source_id WHERE t.id = ?", (task_id,))
 
 
-def insert(conn: sqlite3.Connection, row: Mapping[str, Any]) -> None:
+def insert(conn: Conn, row: Mapping[str, Any]) -> None:
     """A new task (``row`` has every column of :data:`INSERT_COLUMNS`) at cycle 1."""
     cols = INSERT_COLUMNS[:16] + ("current_cycle",) + INSERT_COLUMNS[16:]
     values = [row[c] for c in INSERT_COLUMNS[:16]] + [1] + [row[c] for c in INSERT_COLUMNS[16:]]
@@ -97,11 +97,11 @@ def insert(conn: sqlite3.Connection, row: Mapping[str, Any]) -> None:
                values)
 
 
-def status_and_history(conn: sqlite3.Connection, task_id: str) -> Optional[Row]:
+def status_and_history(conn: Conn, task_id: str) -> Optional[Row]:
     return db.one(conn, "SELECT status, history FROM tasks WHERE id = ?", (task_id,))
 
 
-def update(conn: sqlite3.Connection, task_id: str, changes: Mapping[str, Any]) -> None:
+def update(conn: Conn, task_id: str, changes: Mapping[str, Any]) -> None:
     unknown = set(changes) - COLUMNS
     if unknown:
         raise ValueError(f"not columns of tasks: {sorted(unknown)}")

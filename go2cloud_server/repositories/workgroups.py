@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import List, Optional
 
 from go2cloud_server.repositories import db
-from go2cloud_server.repositories.db import Db, Row
+from go2cloud_server.repositories.db import Conn, Db, Row
 
 
 def find(d: Db, ref: str) -> Optional[Row]:
@@ -32,7 +31,7 @@ def name_taken(d: Db, name: str) -> bool:
     return db.one(d, "SELECT 1 AS x FROM workgroups WHERE name = ?", (name,)) is not None
 
 
-def insert(conn: sqlite3.Connection, wg_id: str, name: str, description: str, tags: str, at: str) -> None:
+def insert(conn: Conn, wg_id: str, name: str, description: str, tags: str, at: str) -> None:
     db.execute(conn, "INSERT INTO workgroups (id, name, description, tags, created_at) "
                "VALUES (?, ?, ?, ?, ?)", (wg_id, name, description, tags, at))
 
@@ -41,7 +40,7 @@ def list_all(d: Db) -> List[Row]:
     return db.all(d, "SELECT * FROM workgroups ORDER BY created_at, name")
 
 
-def delete(conn: sqlite3.Connection, wg_id: str) -> None:
+def delete(conn: Conn, wg_id: str) -> None:
     """The workgroup and its activation codes."""
     db.execute(conn, "DELETE FROM codes WHERE workgroup_id = ?", (wg_id,))
     db.execute(conn, "DELETE FROM workgroups WHERE id = ?", (wg_id,))

@@ -40,7 +40,7 @@ from go2cloud_server.service.targets import Targets
 from go2cloud_server.service.tasks import Tasks
 from go2cloud_server.service.workgroups import Workgroups
 from go2cloud_server.space import SpaceGuard
-from go2cloud_server.store import Store
+from go2cloud_server.store import Database
 from go2cloud_server.throttle import ImportThrottle, KeyDerivation
 from go2cloud_server.verifier import GenerationVerifier
 
@@ -53,7 +53,7 @@ class Service:
 
     def __init__(
         self,
-        store: Store,
+        store: Database,
         data_dir: Path,
         *,
         rsyncd: RsyncTarget,

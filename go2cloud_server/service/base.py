@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from go2cloud_server.clock import Clock, iso
 from go2cloud_server.repositories import events as repo_events
 from go2cloud_server.repositories.db import Conn
-from go2cloud_server.store import Store
+from go2cloud_server.store import Database
 
 if TYPE_CHECKING:
     from go2cloud_server.service import Service
@@ -47,7 +47,7 @@ class Concern:
         self.svc = svc
 
     @property
-    def store(self) -> Store:
+    def store(self) -> Database:
         return self.svc.store
 
     @property

@@ -37,6 +37,8 @@ class Commands(Concern):
         #: table does not grow with every task the server ever ran)
         self._apply_locks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         self._locks_guard = threading.Lock()
+        # a command queued through another replica on the same database wakes these polls too
+        self.store.listen(repo_commands.COMMANDS_CHANNEL, lambda _source_id: self.notify())
 
     def wait_for(self, fetch: Callable[[], List[Dict[str, Any]]], wait: float,
                  monotonic: Callable[[], float] = time.monotonic) -> List[Dict[str, Any]]:

@@ -277,3 +277,41 @@ def test_a_response_cut_in_the_middle_is_reported_as_a_cut_connection_not_as_bad
         _CP._decode(b'{"commands": [{"id": "c-1", "ty', "commands")
     with pytest.raises(_PE, match="not valid JSON"):
         _CP._decode(b'{"commands": ]', "commands")
+
+
+# -- several control-plane URLs (replicas) ------------------------------------------------------
+
+S2 = "https://cp2.example:8443"
+API2 = S2 + "/api/v1"
+
+
+def test_an_agent_with_two_urls_moves_to_the_replica_it_can_reach(rsps, ident, caplog):
+    """The first replica refuses connections: the retried heartbeat goes to the second, which
+    gets a token of its own (the first replica's is not valid there), and stays there."""
+    rsps.add(responses.POST, f"{API}/sources/{SID}/challenge",
+             body=requests.exceptions.ConnectionError("Failed to establish a new connection: refused"))
+    rsps.add(responses.POST, f"{API2}/sources/{SID}/challenge", json={"nonce": "bm9uY2U=", "expires_in": 60})
+    rsps.add(responses.POST, f"{API2}/sources/{SID}/token", json={"token": BEARER, "expires_in": 900})
+    rsps.add(responses.POST, f"{API2}/sources/{SID}/heartbeat",
+             json={"server_time": "2026-01-01T00:00:00Z", "server_time_epoch": 1.0, "commands_waiting": False,
+                   "heartbeat_interval": 10})
+    cp = ControlPlane(f"{S},{S2}", source_id=SID, identity=ident)
+    assert cp.servers == [S, S2] and cp.server == S
+    retrying = RetryingControlPlane(cp, attempts=3, sleep=lambda s: None)
+    with caplog.at_level(logging.WARNING):
+        assert retrying.heartbeat({"agent_version": "x"})["commands_waiting"] is False
+    assert cp.server == S2
+    assert f"the control plane at {S} cannot be reached: trying {S2}" in caplog.text
+    assert [c.request.url.split("/api")[0] for c in rsps.calls] == [S, S2, S2, S2]
+    assert rsps.calls[-1].request.headers["Authorization"] == f"Bearer {BEARER}"
+    retrying.heartbeat({})  # no more failover: the second replica answers
+    assert cp.server == S2 and len(rsps.calls) == 5
+
+
+def test_one_url_never_moves(rsps, ident):
+    rsps.add(responses.POST, f"{API}/sources/{SID}/challenge",
+             body=requests.exceptions.ConnectionError("Failed to establish a new connection: refused"))
+    cp = ControlPlane(S, source_id=SID, identity=ident)
+    with pytest.raises(errors.ServerUnreachableError, match=S):
+        cp.heartbeat({})
+    assert cp.servers == [S] and cp.server == S

@@ -70,3 +70,25 @@ def test_plain_http_only_to_loopback(home):
 def test_fingerprint_normalised():
     colons = "SHA256:" + ":".join(["AB"] * 32)
     assert normalize_fingerprint(colons) == FP
+
+
+def test_several_control_plane_urls(home):
+    cfg = load_config(home, environ={"GO2CLOUD_SERVER": "https://a.example/, https://b.example:8443,https://a.example"})
+    assert cfg.server == "https://a.example,https://b.example:8443"
+    with pytest.raises(UsageError, match="http://b.example: uses plain http://"):
+        load_config(home, environ={}, flags={"server": "https://a.example,http://b.example"})
+    with pytest.raises(ConfigError, match="at most 8"):
+        load_config(home, environ={"GO2CLOUD_SERVER": ",".join(f"https://h{i}.example" for i in range(9))})
+
+
+def test_the_cli_joins_repeated_server_options(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from go2cloud_client import cli as cli_mod
+
+    seen = {}
+    monkeypatch.setattr(cli_mod.lifecycle, "run_foreground",
+                        lambda home, flags, **kw: seen.update(flags) or 0)
+    CliRunner().invoke(cli_mod.cli, ["--home", str(tmp_path), "--server", "https://a.example",
+                                     "--server", "https://b.example"])
+    assert seen["server"] == "https://a.example,https://b.example"

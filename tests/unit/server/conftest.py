@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Callable, Dict, Iterator, List, Optional, Set
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from go2cloud_server import auth
 from go2cloud_server.clock import FakeClock
 from go2cloud_server.service import Service
-from go2cloud_server.store import Store
+from go2cloud_server.store import Database, open_database
+from tests.support import postgres
 
 #: the tests' wall clock (moved by hand with ``advance``)
 Clock = FakeClock
@@ -96,11 +97,32 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(tmp_path / "server.db")
-    st.migrate()
-    yield st
-    st.close()
+def database_url() -> Optional[str]:
+    """None for SQLite (the default), else a PostgreSQL URL with an empty schema of this test's
+    (``GO2CLOUD_TEST_DATABASE=postgresql://...``, see tests/support/postgres.py)."""
+    url = postgres.engine_url()
+    return postgres.fresh_schema_url(url) if url else None
+
+
+@pytest.fixture
+def open_store(tmp_path: Path, database_url: Optional[str]) -> Iterator[Callable[[], Database]]:
+    """Opens (and migrates) this test's database again: what a restarted server sees."""
+    opened: List[Database] = []
+
+    def open_() -> Database:
+        st = open_database(database_url, tmp_path)
+        st.migrate()
+        opened.append(st)
+        return st
+
+    yield open_
+    for st in opened:
+        st.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[[], Database]) -> Database:
+    return open_store()
 
 
 @pytest.fixture
@@ -119,7 +141,7 @@ def trees(events: List[tuple]) -> FakeTrees:
 
 
 @pytest.fixture
-def service(tmp_path: Path, store: Store, rsyncd: FakeRsyncd, trees: FakeTrees, clock: Clock) -> Service:
+def service(tmp_path: Path, store: Database, rsyncd: FakeRsyncd, trees: FakeTrees, clock: Clock) -> Service:
     return Service(
         store,
         tmp_path,

@@ -313,7 +313,7 @@ def test_schema_v1_data_dir_is_migrated(tmp_path):
     conn.close()
     st = Store(db)
     st.migrate()
-    assert st.schema_version() == SCHEMA_VERSION == 6
+    assert st.schema_version() == SCHEMA_VERSION == 7
     task = st.one("SELECT * FROM tasks WHERE id = 't-1'")
     assert task["mode"] == "file" and task["disks"] == "[]" and task["block_token"] is None
     # v3: the drill columns, and an old task has no drill and an empty history

@@ -295,7 +295,7 @@ def test_schema_v2_database_gains_the_drill(tmp_path):
     conn.close()
     st = Store(db)
     st.migrate()
-    assert st.schema_version() == SCHEMA_VERSION == 6
+    assert st.schema_version() == SCHEMA_VERSION == 7
     task = st.one("SELECT * FROM tasks WHERE id = 't-1'")
     assert task["status"] == "syncing" and task["history"] == "[]" and task["drill_command"] is None
     with st.transaction() as c:

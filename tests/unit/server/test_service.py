@@ -569,7 +569,7 @@ def test_scheduler_queues_sync_after_interval(service):
     assert sched.run_once() == 1
 
 
-def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock):
+def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock, open_store):
     _wg(service)
     sid = _imported(service)
     service.start_migration({"drill": False}, source=sid)
@@ -577,7 +577,7 @@ def test_restore_targets_after_restart(tmp_path, service, rsyncd, trees, clock):
     password = _password(service, tid)
     trees.prepared.clear()
     restarted = Service(
-        Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees, clock=clock,
+        open_store(), tmp_path, rsyncd=rsyncd, tree_factory=trees, clock=clock,
         public_url="https://10.0.0.1:8443", fingerprint="sha256:" + "ab" * 32,
     )
     try:
@@ -630,14 +630,14 @@ def test_rsync_session_spec_checks_credentials_state_cycle_and_path(service):
 
 
 def test_a_task_whose_cycle_cannot_be_prepared_at_start_fails_alone(tmp_path, service, rsyncd, trees, clock,
-                                                                    monkeypatch):
+                                                                    monkeypatch, open_store):
     _wg(service)
     bad_sid = _imported(service)
     good_sid = _imported(service, inventory=inventory("b", "mb"))
     service.start_migration({"drill": False}, workgroup="web-tier")
     bad = _cmds(service, bad_sid)[0]["params"]["task_id"]
     good = _cmds(service, good_sid)[0]["params"]["task_id"]
-    restarted = Service(Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees,
+    restarted = Service(open_store(), tmp_path, rsyncd=rsyncd, tree_factory=trees,
                         clock=clock)
     real_prepare = FakeTree.prepare_cycle
 
@@ -677,7 +677,7 @@ def test_fail_at_start_leaves_finished_tasks_and_no_task_alone(service):
 
 
 def test_an_acknowledgement_that_cannot_be_applied_at_start_fails_its_task(
-        tmp_path, service, rsyncd, trees, clock, monkeypatch):
+        tmp_path, service, rsyncd, trees, clock, monkeypatch, open_store):
     _wg(service)
     sid = _imported(service)
     service.start_migration({"drill": False}, source=sid)
@@ -690,7 +690,7 @@ def test_an_acknowledgement_that_cannot_be_applied_at_start_fails_its_task(
     with pytest.raises(_Crash):
         _ack(service, sid, start)
     monkeypatch.undo()
-    restarted = Service(Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees,
+    restarted = Service(open_store(), tmp_path, rsyncd=rsyncd, tree_factory=trees,
                         clock=clock)
 
     def broken(*_a, **_k):
@@ -710,7 +710,7 @@ def test_an_acknowledgement_that_cannot_be_applied_at_start_fails_its_task(
 def test_schema_version_and_newer_refused(tmp_path):
     st = Store(tmp_path / "x.db")
     st.migrate()
-    assert st.schema_version() == SCHEMA_VERSION == 6
+    assert st.schema_version() == SCHEMA_VERSION == 7
     with st.transaction() as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     from go2cloud_server.store import SchemaTooNew
@@ -724,7 +724,7 @@ class _Crash(BaseException):
 
 
 def test_acknowledgement_applied_after_a_crash_by_the_retry_or_the_next_start(
-        tmp_path, service, store, rsyncd, trees, clock, monkeypatch):
+        tmp_path, service, store, rsyncd, trees, clock, monkeypatch, open_store):
     """The ack is stored, then applied (cycle committed, artifact recorded, task moved on) in a
     second step: a crash between the two must not lose the cycle's artifact."""
     _wg(service)
@@ -758,7 +758,7 @@ def test_acknowledgement_applied_after_a_crash_by_the_retry_or_the_next_start(
     with pytest.raises(_Crash):
         _ack(service, sid, sync)
     monkeypatch.undo()
-    restarted = Service(Store(tmp_path / "server.db"), tmp_path, rsyncd=rsyncd, tree_factory=trees,
+    restarted = Service(open_store(), tmp_path, rsyncd=rsyncd, tree_factory=trees,
                         clock=clock)
     try:
         assert restarted.apply_unfinished() == 1

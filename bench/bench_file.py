@@ -187,7 +187,7 @@ StrictModes no
 class SshServer:
     """A loopback ``sshd`` of the bench's own (host and client keys generated in ``state``)."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, cipher: str = "") -> None:
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         if not os.access(sshd, os.X_OK) or shutil.which("ssh") is None:
             raise SystemExit("the ssh peers need OpenSSH's server and client: apt-get install openssh-server "
@@ -206,7 +206,7 @@ class SshServer:
                                      stderr=open(state / "sshd.log", "w"))
         self.rsh = (f"ssh -i {state}/client_key -p {self.port} -o StrictHostKeyChecking=no "
                     "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes -o IdentitiesOnly=yes "
-                    "-o Compression=no")
+                    "-o Compression=no" + (f" -c {cipher}" if cipher else ""))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if subprocess.run(self.rsh.split() + ["root@127.0.0.1", "true"], capture_output=True).returncode == 0:
@@ -308,7 +308,8 @@ def run_command(argv: Sequence[str], env: Dict[str, str], target_root: Optional[
 
 def mutate(src: Path, round_no: int, share: int = 20) -> int:
     """New contents for one file in ``share`` (same size, same kind), different in every round."""
-    rng = random.Random(1000 + round_no)
+    # a seed of its own per run: rewriting the contents an earlier run wrote would change only mtimes
+    rng = random.Random(f"{time.time_ns()}-{round_no}")
     files = sorted(p for p in src.rglob("f*") if p.is_file())
     changed = 0
     for i, f in enumerate(files):
@@ -415,6 +416,8 @@ def main() -> int:
                     help="tools to run, comma-separated (agent, ssh, ssh-z, daemon, cp)")
     ap.add_argument("--shaped-mbit", type=int, default=0,
                     help="run everything in a network namespace whose loopback carries this many Mbit/s")
+    ap.add_argument("--ssh-cipher", default="",
+                    help="the ssh peers' cipher (default: ssh's own choice, chacha20-poly1305 with OpenSSH 9)")
     ap.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.shaped_mbit and not args.in_namespace:
@@ -488,7 +491,7 @@ def main() -> int:
         if "daemon" in tools:
             plain_daemon = PlainDaemon(work / "plain-rsyncd", peers_root)
         if "ssh" in tools or "ssh-z" in tools:
-            sshd = SshServer(work / "ssh")
+            sshd = SshServer(work / "ssh", args.ssh_cipher)
 
         results = Results()
         agent_argv: Dict[str, List[str]] = {}
@@ -511,8 +514,8 @@ def main() -> int:
             tunnel_cpu: Dict[int, float] = {}  # the tunnel processes' CPU, last seen alive
             with RssSampler({"source": (agent_pid, True), "target": (server.pid, True)}) as rss:
                 while True:
-                    task = (api.call("GET", f"/sources/{sid}/migration").get("tasks") or [{}])[0]
-                    for p in rsync_children(agent_pid):
+                    running = rsync_children(agent_pid)
+                    for p in running:
                         try:
                             agent_argv.setdefault(workload, p.cmdline())
                             for child in p.children():
@@ -520,6 +523,12 @@ def main() -> int:
                                 tunnel_cpu[child.pid] = times.user + times.system
                         except psutil.Error:
                             pass
+                    if running:
+                        # while rsync runs, the control plane is not asked (a request every 50 ms
+                        # took the server's CPU and GIL from the session's TLS pump)
+                        time.sleep(0.25)
+                        continue
+                    task = (api.call("GET", f"/sources/{sid}/migration").get("tasks") or [{}])[0]
                     done = task.get("status") == "pending" and (
                         workload == "full" or (task.get("last_committed_cycle") or 0)
                         > (before.get("last_committed_cycle") or 0))
@@ -586,7 +595,8 @@ def main() -> int:
                 shutil.rmtree(d, ignore_errors=True)
 
         print(f"\ntree: {args.files} files, {total / 2**20:.1f} MiB, compression {args.compression}, "
-              f"{args.rounds} rounds" + (f", link shaped to {args.shaped_mbit} Mbit/s" if args.shaped_mbit else ""))
+              f"{args.rounds} rounds" + (f", link shaped to {args.shaped_mbit} Mbit/s" if args.shaped_mbit else "")
+              + f", ssh cipher {args.ssh_cipher or 'ssh default'}")
         report(results, tools)
 
         # the issue 11 rows: the agent's cycle against plain rsync to a plaintext daemon -----------

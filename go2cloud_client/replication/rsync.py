@@ -36,14 +36,15 @@ Choices (see also DESIGN section 5):
   3; the console's 7 passed through as ``--compress-level=7`` made a LAN full pass 2x slower than
   plain rsync over ssh). When the agent's rsync lists zstd in ``rsync --version`` (3.2.0 and later,
   built with libzstd) the arguments are ``--compress-choice=zstd --compress-level=Z`` with ``Z``
-  from ``levels.ZSTD_LEVELS`` (negative levels included: zstd's fast levels, accepted by every
-  rsync with zstd). Otherwise, and when the target's rsync refused zstd, ``--compress
-  --compress-level=N`` with ``N`` from ``levels.ZLIB_LEVELS`` (1..9, valid for rsync 3.1.x, which
-  has neither zstd nor ``--compress-choice``, and for newer rsync, which then negotiates what both
-  sides have). The target's rsync is not known before the first run: a run whose target refuses
+  from ``levels.ZSTD_LEVELS`` (negative levels included: zstd's fast levels; rsync(1) of 3.5
+  gives zstd's range as -131072..22 and clamps values outside it silently). Otherwise, and when
+  the target's rsync refused zstd, ``--compress --compress-level=N`` with ``N`` from
+  ``levels.ZLIB_LEVELS`` (1..9, valid for rsync 3.1.x, which has neither zstd nor
+  ``--compress-choice``, and for newer rsync, which then negotiates what both sides have).
+  The target's rsync is not known before the first run: a run whose target refuses
   ``--compress-choice=zstd`` (a daemon without zstd says "Your --compress-choice value (zstd) was
   refused by the server", one that refuses the option "The server is configured to refuse
-  --compress-choice", rsync 3.1.x "--compress-choice=zstd: unknown option") is run again at once
+  --compress-choice", rsync 3.1.x rejects the option as unknown, naming it) is run again at once
   with the zlib arguments, and the agent remembers that target (its host:port) until it restarts.
   rsync compresses a whole run at one level; the level does not adapt per cycle (see
   docs/performance.md, "Issue 16: file level at rsync speed", for why it is not needed).

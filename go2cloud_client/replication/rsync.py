@@ -4,7 +4,8 @@ Command line (built by :meth:`FileReplicator.build_args`)::
 
     rsync -aHAXS --numeric-ids --one-file-system --no-inc-recursive --info=progress2 --stats
           --partial --timeout=N [--delete] [--modify-window=-1]
-          [--compress --compress-level=N] [--checksum] [--bwlimit=KIB] [--mkpath]
+          [--compress-choice=zstd --compress-level=Z | --compress --compress-level=N]
+          [--checksum] [--bwlimit=KIB] [--mkpath]
           --filter='merge FILTER' [--link-dest=REL] -e 'AGENT rsync-tunnel'
           -- /src/path/ USER@go2cloud::MODULE/DEST/src/path/
 
@@ -29,8 +30,24 @@ Choices (see also DESIGN section 5):
   as transferred (changed files only: an incremental cycle over an unchanged tree finishes far
   below its total, then jumps to done). ``bytes_sent`` is the file data sent while running and
   rsync's exact "Total bytes sent" (wire bytes, after compression) once the path is finished.
-* **Compression** 0-10 -> no ``-z`` for 0, else ``--compress-level=min(N, 9)`` (zlib and zstd
-  both accept 1-9; 10 is the console's "maximum" and means 9).
+* **Compression** 0-10 (0: no compression option at all) means what it means in block mode, one
+  map for both (:mod:`go2cloud_client.replication.levels`): the default 7 is zstd level 1, which
+  compresses text about as well as zstd 3 for half the CPU (rsync's own default for ``-z`` is zstd
+  3; the console's 7 passed through as ``--compress-level=7`` made a LAN full pass 2x slower than
+  plain rsync over ssh). When the agent's rsync lists zstd in ``rsync --version`` (3.2.0 and later,
+  built with libzstd) the arguments are ``--compress-choice=zstd --compress-level=Z`` with ``Z``
+  from ``levels.ZSTD_LEVELS`` (negative levels included: zstd's fast levels; rsync(1) of 3.5
+  gives zstd's range as -131072..22 and clamps values outside it silently). Otherwise, and when
+  the target's rsync refused zstd, ``--compress --compress-level=N`` with ``N`` from
+  ``levels.ZLIB_LEVELS`` (1..9, valid for rsync 3.1.x, which has neither zstd nor
+  ``--compress-choice``, and for newer rsync, which then negotiates what both sides have).
+  The target's rsync is not known before the first run: a run whose target refuses
+  ``--compress-choice=zstd`` (a daemon without zstd says "Your --compress-choice value (zstd) was
+  refused by the server", one that refuses the option "The server is configured to refuse
+  --compress-choice", rsync 3.1.x rejects the option as unknown, naming it) is run again at once
+  with the zlib arguments, and the agent remembers that target (its host:port) until it restarts.
+  rsync compresses a whole run at one level; the level does not adapt per cycle (see
+  docs/performance.md, "Issue 16: file level at rsync speed", for why it is not needed).
 * **Bandwidth** Mbit/s -> ``--bwlimit`` in rsync's unit, KiB/s (1024 bytes): 1 Mbit/s =
   125,000 B/s = 122.07 KiB/s; rounded down (at least 1) so the limit is never exceeded.
 * **Destination parents.** rsync does not create missing parents of the destination. With
@@ -65,7 +82,7 @@ from go2cloud_client.clock import utc_now
 from go2cloud_client.errors import ProxyRefusedError, ReplicationError, RsyncMissingError
 from go2cloud_client.proxy import ProxyURL
 from go2cloud_client.replication import excludes as excludes_mod
-from go2cloud_client.replication import tunnel
+from go2cloud_client.replication import levels, tunnel
 from go2cloud_client.replication.base import CycleResult, PathProgress, Progress, TransferCancelled
 from go2cloud_client.replication.progress import StatsParser, parse_progress
 
@@ -85,6 +102,13 @@ DEFAULT_IO_TIMEOUT_S = 120
 RETRYABLE_CODES = {5: "error starting the client-server protocol (wrong password or module?)",
                    10: "error in socket I/O", 12: "error in the rsync protocol data stream",
                    30: "timeout in data send/receive", 35: "timeout waiting for the daemon connection"}
+
+
+#: what rsync says when the target's rsync will not use ``--compress-choice=zstd`` (real messages:
+#: a daemon without zstd, a daemon refusing the option, rsync 3.1.x that does not know it)
+_ZSTD_REFUSED_RE = re.compile(r"--compress-choice")
+#: targets (``host:port``) whose rsync refused zstd: the agent's later runs there use zlib
+_ZSTD_REFUSED: Set[str] = set()
 
 
 class RsyncPartialTransferError(ReplicationError):
@@ -180,11 +204,28 @@ def find_rsync() -> Optional[str]:
     return None
 
 
-_VERSIONS: Dict[Tuple[str, int, int], Tuple[int, int, int]] = {}
+@dataclass(frozen=True)
+class RsyncCapabilities:
+    """What one rsync binary can do, from ``rsync --version``."""
+
+    version: Tuple[int, int, int]
+    #: the "Compress list" (3.2.0 and later; empty for older rsync, which knows only zlib)
+    compressors: Tuple[str, ...] = ()
+
+    @property
+    def has_compress_choice(self) -> bool:
+        return self.version >= (3, 2, 0)
+
+    @property
+    def has_zstd(self) -> bool:
+        return self.has_compress_choice and "zstd" in self.compressors
 
 
-def rsync_version(rsync_path: str = "rsync") -> Tuple[int, int, int]:
-    """(major, minor, patch) from ``rsync --version``; RsyncMissingError if it cannot run.
+_CAPABILITIES: Dict[Tuple[str, int, int], RsyncCapabilities] = {}
+
+
+def rsync_capabilities(rsync_path: str = "rsync") -> RsyncCapabilities:
+    """Version and compressors from ``rsync --version``; RsyncMissingError if it cannot run.
     Remembered per binary (path, inode, mtime): every cycle asks, and an upgraded rsync is a new
     file."""
     resolved = shutil.which(rsync_path) or rsync_path
@@ -193,22 +234,27 @@ def rsync_version(rsync_path: str = "rsync") -> Tuple[int, int, int]:
         key: Optional[Tuple[str, int, int]] = (resolved, st.st_ino, st.st_mtime_ns)
     except OSError:
         key = None
-    if key is not None and key in _VERSIONS:
-        return _VERSIONS[key]
-    version = _read_version(rsync_path)
+    if key is not None and key in _CAPABILITIES:
+        return _CAPABILITIES[key]
+    caps = _read_capabilities(rsync_path)
     if key is not None:
-        _VERSIONS[key] = version
-    return version
+        _CAPABILITIES[key] = caps
+    return caps
 
 
-def _read_version(rsync_path: str) -> Tuple[int, int, int]:
+def rsync_version(rsync_path: str = "rsync") -> Tuple[int, int, int]:
+    """(major, minor, patch) from ``rsync --version`` (see :func:`rsync_capabilities`)."""
+    return rsync_capabilities(rsync_path).version
+
+
+def _read_capabilities(rsync_path: str) -> RsyncCapabilities:
     try:
         out = subp.run([rsync_path, "--version"], timeout=30).stdout
     except subp.ProcessError as exc:
         raise RsyncMissingError(
             f"rsync is not usable ({exc}): re-run with --yes to install it, or install the "
             "'rsync' package with your package manager") from exc
-    return parse_version(out)
+    return parse_capabilities(out)
 
 
 def parse_version(text: str) -> Tuple[int, int, int]:
@@ -218,6 +264,18 @@ def parse_version(text: str) -> Tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
+_COMPRESS_LIST_RE = re.compile(r"^\s*Compress list:[ \t]*\n?[ \t]*([^\n]*)", re.MULTILINE)
+
+
+def parse_capabilities(text: str) -> RsyncCapabilities:
+    """:class:`RsyncCapabilities` from the output of ``rsync --version`` (3.2.0 and later print
+    the compressors on the line after ``Compress list:``)."""
+    version = parse_version(text)
+    m = _COMPRESS_LIST_RE.search(text)
+    names = tuple(m.group(1).split()) if m else ()
+    return RsyncCapabilities(version, names)
+
+
 def bwlimit_kib(mbps: int) -> int:
     """Mbit/s -> rsync --bwlimit value in KiB/s (rounded down, at least 1); 0 = unlimited."""
     if mbps <= 0:
@@ -225,11 +283,15 @@ def bwlimit_kib(mbps: int) -> int:
     return max(1, (mbps * 125_000) // 1024)
 
 
-def compress_level(level: int) -> Optional[int]:
-    """Console level 0-10 -> rsync --compress-level (None = no compression)."""
-    if not 0 <= level <= 10:
-        raise ValueError(f"compression must be 0-10, not {level}")
-    return None if level == 0 else min(level, 9)
+def compression_args(level: int, caps: RsyncCapabilities, zstd: bool = True) -> List[str]:
+    """rsync's compression options for console ``level`` 0-10 (see the module docstring):
+    zstd at ``levels.ZSTD_LEVELS`` when ``caps`` has it and ``zstd`` (the target did not refuse
+    it), else zlib at ``levels.ZLIB_LEVELS``; none for 0."""
+    if levels.check(level) == 0:
+        return []
+    if zstd and caps.has_zstd:
+        return ["--compress-choice=zstd", f"--compress-level={levels.ZSTD_LEVELS[level]}"]
+    return ["--compress", f"--compress-level={levels.ZLIB_LEVELS[level]}"]
 
 
 def dest_subpath(cycle_dir: str, path: str) -> str:
@@ -307,6 +369,7 @@ class FileReplicator:
         max_passes: int = 5,
         on_child: Callable[[Optional[int]], None] = lambda pid: None,
         version: Optional[Tuple[int, int, int]] = None,
+        capabilities: Optional[RsyncCapabilities] = None,
         estimate_totals: bool = True,
         tunnel_executable: Optional[str] = None,
         io_timeout_s: int = DEFAULT_IO_TIMEOUT_S,
@@ -318,7 +381,7 @@ class FileReplicator:
             tunnel.check_url(target.url)
         except tunnel.TunnelError as exc:
             raise ValueError(str(exc)) from None
-        compress_level(options.compression)
+        levels.check(options.compression)
         if options.bandwidth_mbps < 0:
             raise ValueError("bandwidth_mbps must be >= 0")
         if not paths:
@@ -332,7 +395,10 @@ class FileReplicator:
         self.on_progress = on_progress
         self.max_passes = max(1, max_passes)
         self.on_child = on_child
-        self._version = version
+        # a version without capabilities (tests, callers that know only the version): no zstd
+        if capabilities is None and version is not None:
+            capabilities = RsyncCapabilities(version)
+        self._caps = capabilities
         self.estimate_totals = estimate_totals
         self.tunnel_executable = tunnel_executable
         if io_timeout_s < 1:
@@ -345,10 +411,14 @@ class FileReplicator:
 
     # -- arguments -------------------------------------------------------------------------------
     @property
+    def capabilities(self) -> RsyncCapabilities:
+        if self._caps is None:
+            self._caps = rsync_capabilities(self.rsync_path)
+        return self._caps
+
+    @property
     def version(self) -> Tuple[int, int, int]:
-        if self._version is None:
-            self._version = rsync_version(self.rsync_path)
-        return self._version
+        return self.capabilities.version
 
     @property
     def has_mkpath(self) -> bool:
@@ -368,9 +438,8 @@ class FileReplicator:
                 "--info=progress2", "--stats", "--partial", f"--timeout={self.io_timeout_s}"]
         if cycle.incremental:
             args.append("--delete")
-        level = compress_level(opts.compression)
-        if level is not None:
-            args += ["--compress", f"--compress-level={level}"]
+        args += compression_args(opts.compression, self.capabilities,
+                                 zstd=self.target.where not in _ZSTD_REFUSED)
         if opts.checksum:
             args.append("--checksum")
         kib = bwlimit_kib(opts.bandwidth_mbps)
@@ -638,6 +707,14 @@ class FileReplicator:
                     self._emit(force=True)
                     LOG.info("cycle %s: rsync %s (pass %s)", cycle.number, path, passes)
                     rc, err = self._run_rsync(args, run, cancel, cycle, path)
+                    if rc != 0 and "--compress-choice=zstd" in args and _ZSTD_REFUSED_RE.search(err):
+                        LOG.warning("cycle %s: the target %s does not take zstd (rsync said: %s); "
+                                    "compressing with zlib from now on", cycle.number, self.target.where,
+                                    " | ".join(line for line in err.splitlines() if "compress" in line)[:300])
+                        _ZSTD_REFUSED.add(self.target.where)
+                        args = self.build_args(cycle, path)
+                        passes -= 1  # nothing was transferred: not a pass
+                        continue
                     if rc == 24 and passes < self.max_passes:
                         LOG.warning("cycle %s: files vanished under %s during pass %s; running another pass",
                                     cycle.number, path, passes)

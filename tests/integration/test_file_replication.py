@@ -11,11 +11,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
 from go2cloud_client.replication import excludes
+from go2cloud_client.replication import rsync as rsync_mod
 from go2cloud_client.replication.base import Progress, TransferCancelled
 from go2cloud_client.replication.rsync import (
     Cycle,
@@ -25,7 +26,7 @@ from go2cloud_client.replication.rsync import (
     RsyncTarget,
     TransferOptions,
 )
-from go2cloud_server import manifest
+from go2cloud_server import manifest, rsyncd
 from go2cloud_server.artifacts import TaskTree
 from tests.support import tree
 from tests.support.rsynctarget import RsyncTargetServer, TaskEntry
@@ -313,3 +314,69 @@ def test_metadata_only_change_on_a_file_never_touches_previous_image(task: Task,
         assert_same(first, manifest.build(task.image(1, src)))
         new_ino = os.lstat(task.image(step, src) / "f").st_ino
         assert new_ino != os.lstat(task.image(step - 1, src) / "f").st_ino
+
+
+def _logging_rsync(base: Path) -> Tuple[Path, Path]:
+    """A wrapper that records each command line of the agent's rsync, then runs the real one."""
+    log = base / "rsync-argv.log"
+    wrapper = base / "rsync-logged"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\nexec {shutil.which("rsync")} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, log
+
+
+def _runs(log: Path) -> List[str]:
+    return [line for line in log.read_text().splitlines() if line.strip() != "--version"]
+
+
+def test_default_compression_full_and_incremental_match_source(task: Task, tmp_path: Path) -> None:
+    """The console's default level (7) end to end: zstd level 1 chosen from the real rsync's
+    capabilities, through the tunnel into the real daemon; both cycles equal the source bit for
+    bit (issue 16)."""
+    rsync_mod._ZSTD_REFUSED.clear()
+    src = tree.build(tmp_path / "src")
+    wrapper, log = _logging_rsync(tmp_path)
+    options = TransferOptions()  # the defaults: compression 7
+    assert options.compression == 7
+    caps = rsync_mod.rsync_capabilities(str(wrapper))
+    task.run([str(src)], 1, options=options, rsync_path=str(wrapper))
+    assert_same(source_manifest(src, task.excludes_file), manifest.build(task.image(1, src)))
+    tree.change_content(src)
+    tree.delete_some(src)
+    tree.add_some(src)
+    task.run([str(src)], 2, link=1, options=options, rsync_path=str(wrapper))
+    assert_same(source_manifest(src, task.excludes_file), manifest.build(task.image(2, src)))
+    runs = _runs(log)
+    assert len(runs) == 2
+    expected = ("--compress-choice=zstd --compress-level=1" if caps.has_zstd
+                else "--compress --compress-level=1")
+    assert all(expected in run for run in runs), runs
+
+
+def test_a_target_refusing_zstd_gets_zlib_and_the_same_tree(task: Task, tmp_path: Path, monkeypatch) -> None:
+    """The target's rsync daemon refuses --compress-choice (as rsync 3.1.x, which does not know
+    it, or a daemon without zstd do): the first run is refused before any data moves, the agent
+    runs it again at once with zlib, remembers the target, and the image equals the source."""
+    caps = rsync_mod.rsync_capabilities("rsync")
+    if not caps.has_zstd:
+        pytest.fail(f"this test needs an rsync with zstd (rsync {caps.version} lists {caps.compressors})")
+    rsync_mod._ZSTD_REFUSED.clear()
+    monkeypatch.setattr(rsyncd, "REFUSED_OPTIONS", (*rsyncd.REFUSED_OPTIONS, "compress-choice"))
+    src = tree.build(tmp_path / "src")
+    wrapper, log = _logging_rsync(tmp_path)
+    try:
+        r1 = task.run([str(src)], 1, options=TransferOptions(), rsync_path=str(wrapper))
+        assert_same(source_manifest(src, task.excludes_file), manifest.build(task.image(1, src)))
+        assert r1.passes == 1
+        runs = _runs(log)
+        assert len(runs) == 2, runs
+        assert "--compress-choice=zstd" in runs[0] and "--compress-choice" not in runs[1]
+        assert "--compress --compress-level=1" in runs[1]
+        assert task.target().where in rsync_mod._ZSTD_REFUSED
+        # the next cycle starts with zlib: one run
+        tree.change_content(src)
+        task.run([str(src)], 2, link=1, options=TransferOptions(), rsync_path=str(wrapper))
+        assert_same(source_manifest(src, task.excludes_file), manifest.build(task.image(2, src)))
+        assert len(_runs(log)) == 3 and "--compress-choice" not in _runs(log)[2]
+    finally:
+        rsync_mod._ZSTD_REFUSED.clear()

@@ -1,14 +1,7 @@
 """Chunk encoding: zero detection, xxh3-128 / BLAKE3 hashes, zstd with the console's 0-10 scale.
 
-Compression level map (console 0-10 -> zstd level). 0 is off. The console's default 7 is zstd
-level 1, its fastest regular level: measured on binaries and text from /usr (bench/bench_block.py)
-it compresses ~300 MB/s per core to 0.49, where zstd's own default 3 gives 0.455 at ~150 MB/s;
-on a 2-core source that halves the CPU a full pass costs for 7% more bytes. The low levels are
-zstd's "fast" negative levels (slow CPUs, fast links), the top ones trade a lot of CPU for a few
-percent (thin links)::
-
-    console  0    1   2   3   4   5   6  7  8  9  10
-    zstd     off -7  -5  -4  -3  -2  -1  1  3  9  19
+Compression level: the console's 0-10 scale maps to zstd levels through the map both replication
+modes share (:mod:`go2cloud_client.replication.levels`: 7, the default, is zstd 1). 0 is off.
 
 A chunk is sent compressed only when the frame is smaller than the plain chunk; otherwise raw.
 (Which level a chunk gets, the task's or 0, is the engine's choice: :mod:`.adaptive`.)
@@ -32,8 +25,8 @@ import blake3
 import xxhash
 import zstandard
 
-#: console level (index) -> zstd level; index 0 (off) is never used for a compressor
-ZSTD_LEVELS = (0, -7, -5, -4, -3, -2, -1, 1, 3, 9, 19)
+from go2cloud_client.replication.levels import zstd_level
+
 RAW = "raw"
 ZSTD = "zstd"
 HOLE = "hole"
@@ -48,13 +41,6 @@ SAMPLE_GAIN = 0.95
 
 _ZERO_CACHE: Dict[int, bytes] = {}
 _ZERO_HASH: Dict[int, bytes] = {}
-
-
-def zstd_level(level: int) -> Optional[int]:
-    """Console level 0-10 -> zstd level (None = compression off)."""
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 10:
-        raise ValueError(f"compression must be 0-10, not {level!r}")
-    return None if level == 0 else ZSTD_LEVELS[level]
 
 
 def zeros(length: int) -> bytes:

@@ -11,11 +11,12 @@ import pytest
 
 from go2cloud_client.errors import ReplicationError
 from go2cloud_client.replication import excludes as excludes_mod
-from go2cloud_client.replication import rsync, tunnel
+from go2cloud_client.replication import levels, rsync, tunnel
 from go2cloud_client.replication.base import PathProgress, Progress, TransferCancelled
 from go2cloud_client.replication.rsync import (
     Cycle,
     FileReplicator,
+    RsyncCapabilities,
     RsyncConnectionError,
     RsyncPartialTransferError,
     RsyncTarget,
@@ -32,13 +33,51 @@ STATS = ["Number of files: 3 (reg: 2, dir: 1)", "Number of regular files transfe
          "Total file size: 1,000 bytes", "Total bytes sent: 1,234"]
 
 
+#: ``rsync --version`` of real builds (the part the agent reads), from the machines named
+VERSION_OUTPUT = {
+    # this machine (rsync 3.5.0 built with zstd, lz4, xxhash)
+    "3.5.0": "rsync  version 3.5.0  protocol version 32\nCopyright (C) 1996-2026 by Andrew Tridgell\n"
+             "Capabilities:\n    64-bit files, 64-bit inums, 64-bit timestamps, 64-bit long ints,\n"
+             "Optimizations:\n    SIMD-roll, no asm-roll, openssl-crypto, no asm-MD5\n"
+             "Checksum list:\n    xxh128 xxh3 xxh64 (xxhash) md5 md4 sha1 none\n"
+             "Compress list:\n    zstd lz4 zlibx zlib none\n"
+             "Daemon auth list:\n    sha512 sha256 sha1 md5 md4\n",
+    # Debian 12's package
+    "3.2.7": "rsync  version 3.2.7  protocol version 31\nCopyright (C) 1996-2022 by Andrew Tridgell\n"
+             "Capabilities:\n    64-bit files, 64-bit inums, 64-bit timestamps, 64-bit long ints,\n"
+             "Optimizations:\n    SIMD-roll, no asm-roll, openssl-crypto, asm-MD5\n"
+             "Checksum list:\n    xxh128 xxh3 xxh64 (xxhash) md5 md4 none\n"
+             "Compress list:\n    zstd lz4 zlibx zlib none\n"
+             "Daemon auth list:\n    sha512 sha256 sha1 md5 md4\n",
+    # a 3.2 build without libzstd (configure --disable-zstd)
+    "3.2.3-nozstd": "rsync  version 3.2.3  protocol version 31\n"
+                    "Checksum list:\n    md5 md4 none\nCompress list:\n    zlibx zlib none\n",
+    # CentOS 7 / Ubuntu 18.04 era: no negotiation, no lists, zlib only
+    "3.1.2": "rsync  version 3.1.2  protocol version 31\nCopyright (C) 1996-2015 by Andrew Tridgell\n"
+             "Capabilities:\n    64-bit files, 64-bit inums, 64-bit timestamps, 64-bit long ints,\n"
+             "    socketpairs, hardlinks, symlinks, IPv6, batchfiles, inplace,\n",
+}
+CAPS = {name: rsync.parse_capabilities(text) for name, text in VERSION_OUTPUT.items()}
+
+
+@pytest.fixture(autouse=True)
+def _no_refused_targets():
+    """Which targets refused zstd is remembered per agent process: each test starts afresh."""
+    rsync._ZSTD_REFUSED.clear()
+    yield
+    rsync._ZSTD_REFUSED.clear()
+
+
 def make(tmp_path: Path, paths=("/srv/data",), options: Optional[TransferOptions] = None,
-         version=(3, 5, 0), **kw):
+         version=(3, 5, 0), caps: Optional[RsyncCapabilities] = None, **kw):
     options = options or TransferOptions()
     ex = tmp_path / "ex.txt"
     ex.write_text("/tmp/*\n--delete\n")
+    if caps is None and version == (3, 5, 0):
+        caps = CAPS["3.5.0"]
     return FileReplicator(target=TARGET, paths=list(paths), options=options, excludes_file=ex,
-                          work_dir=tmp_path / "work", version=version, estimate_totals=False, **kw)
+                          work_dir=tmp_path / "work", version=version, capabilities=caps,
+                          estimate_totals=False, **kw)
 
 
 FULL = Cycle(1, "000001", None, False)
@@ -64,7 +103,8 @@ def test_full_cycle_args(tmp_path: Path) -> None:
                         "--info=progress2", "--stats", "--partial", "--timeout=120"]
     assert not any(a.startswith("--partial-dir") for a in args)  # the target refuses it
     assert "--delete" not in args and not any(a.startswith("--link-dest") for a in args)
-    assert "--compress" in args and "--compress-level=7" in args
+    # the default level 7 is zstd 1 (rsync's own default for -z, zstd 3, costs twice the CPU)
+    assert "--compress-choice=zstd" in args and "--compress-level=1" in args and "--compress" not in args
     assert "--checksum" not in args and not any(a.startswith("--bwlimit") for a in args)
     assert "--mkpath" in args and "--modify-window=-1" in args
     assert f"--filter=merge {tmp_path / 'work' / 'rsync-filter'}" in args
@@ -91,13 +131,68 @@ def test_bwlimit_is_kib_per_second_rounded_down(tmp_path: Path, mbps: int, kib: 
         assert kib * 1024 <= mbps * 1_000_000 / 8 < (kib + 1) * 1024
 
 
-@pytest.mark.parametrize("level,expected", [(0, None), (1, 1), (5, 5), (9, 9), (10, 9)])
-def test_compression_mapping(tmp_path: Path, level: int, expected: Optional[int]) -> None:
-    args = make(tmp_path, options=TransferOptions(compression=level)).build_args(FULL, "/srv/data")
-    if expected is None:
-        assert "--compress" not in args and not any(a.startswith("--compress-level") for a in args)
-    else:
-        assert "--compress" in args and f"--compress-level={expected}" in args
+def compress_opts(args: List[str]) -> List[str]:
+    return [a for a in args if a.startswith(("--compress", "-z", "--zc", "--zl"))]
+
+
+@pytest.mark.parametrize("caps,level,expected", [
+    # rsync with zstd (3.2.0+ built with libzstd): the level map block mode uses
+    ("3.5.0", 7, ["--compress-choice=zstd", "--compress-level=1"]),
+    ("3.5.0", 1, ["--compress-choice=zstd", "--compress-level=-7"]),
+    ("3.5.0", 6, ["--compress-choice=zstd", "--compress-level=-1"]),
+    ("3.5.0", 8, ["--compress-choice=zstd", "--compress-level=3"]),
+    ("3.5.0", 10, ["--compress-choice=zstd", "--compress-level=19"]),
+    ("3.2.7", 7, ["--compress-choice=zstd", "--compress-level=1"]),
+    ("3.2.7", 3, ["--compress-choice=zstd", "--compress-level=-4"]),
+    # 3.2 without zstd: no --compress-choice (it negotiates what both sides have), zlib's levels
+    ("3.2.3-nozstd", 7, ["--compress", "--compress-level=1"]),
+    ("3.2.3-nozstd", 9, ["--compress", "--compress-level=6"]),
+    # 3.1.x: neither zstd nor --compress-choice; only levels -1..9 exist (-1 means 6): 1..9 sent
+    ("3.1.2", 7, ["--compress", "--compress-level=1"]),
+    ("3.1.2", 1, ["--compress", "--compress-level=1"]),
+    ("3.1.2", 8, ["--compress", "--compress-level=3"]),
+    ("3.1.2", 10, ["--compress", "--compress-level=9"]),
+    # 0 is off everywhere: no compression option at all
+    ("3.5.0", 0, []), ("3.2.3-nozstd", 0, []), ("3.1.2", 0, []),
+])
+def test_compression_args_per_rsync_capability(tmp_path: Path, caps: str, level: int,
+                                               expected: List[str]) -> None:
+    c = CAPS[caps]
+    rep = make(tmp_path, options=TransferOptions(compression=level), version=c.version, caps=c)
+    assert compress_opts(rep.build_args(FULL, "/srv/data")) == expected
+    assert compress_opts(rep.build_args(INCR, "/srv/data")) == expected
+
+
+def test_old_rsync_never_gets_a_level_it_refuses(tmp_path: Path) -> None:
+    """rsync 3.1.x answers a --compress-level outside -1..9 with "--compress-level value is
+    invalid", and reads -1 as zlib's default 6: every console level must give 1..9 there."""
+    for level in range(1, 11):
+        args = rsync.compression_args(level, CAPS["3.1.2"])
+        assert args[0] == "--compress" and 1 <= int(args[1].split("=")[1]) <= 9
+        assert not any("choice" in a for a in args)
+
+
+def test_default_compression_stays_cheap(tmp_path: Path) -> None:
+    """The console's default must stay zstd's cheapest regular level (or zlib 1): rsync's own
+    default for -z (zstd 3) or the old pass-through (--compress-level=7 = zstd 7) made a LAN full
+    pass 2-3x slower than plain rsync over ssh (docs/performance.md, issue 16)."""
+    from go2cloud_client.commands import Options
+
+    assert TransferOptions().compression == levels.DEFAULT == 7
+    assert Options().compression == levels.DEFAULT
+    for name, caps in CAPS.items():
+        args = compress_opts(make(tmp_path, version=caps.version, caps=caps).build_args(FULL, "/srv"))
+        level = int(args[-1].split("=")[1])
+        assert level <= 1, (name, args)
+    assert levels.zstd_level(levels.DEFAULT) == 1 and levels.zlib_level(levels.DEFAULT) == 1
+
+
+def test_one_level_map_for_both_modes() -> None:
+    """Block mode's codec and file mode read the same map (not a copy of it)."""
+    from go2cloud_client.replication.block import codec
+
+    assert [codec.zstd_level(n) for n in range(11)] == [None, *levels.ZSTD_LEVELS[1:]]
+    assert codec.zstd_level is levels.zstd_level
 
 
 def test_compression_out_of_range_refused(tmp_path: Path) -> None:
@@ -112,6 +207,70 @@ def test_checksum_flag(tmp_path: Path) -> None:
 def test_old_rsync_gets_no_mkpath_or_modify_window(tmp_path: Path) -> None:
     args = make(tmp_path, version=(3, 1, 2)).build_args(FULL, "/srv/data")
     assert "--mkpath" not in args and "--modify-window=-1" not in args
+    assert compress_opts(args) == ["--compress", "--compress-level=1"]
+
+
+def test_a_version_alone_means_no_zstd(tmp_path: Path) -> None:
+    """A caller that knows only the version (no compress list) gets the zlib arguments, which
+    every rsync takes."""
+    args = make(tmp_path, version=(3, 4, 1)).build_args(FULL, "/srv/data")
+    assert compress_opts(args) == ["--compress", "--compress-level=1"]
+
+
+def test_version_output_parsing() -> None:
+    assert CAPS["3.5.0"] == RsyncCapabilities((3, 5, 0), ("zstd", "lz4", "zlibx", "zlib", "none"))
+    assert CAPS["3.5.0"].has_zstd and CAPS["3.2.7"].has_zstd
+    assert CAPS["3.2.3-nozstd"].has_compress_choice and not CAPS["3.2.3-nozstd"].has_zstd
+    assert CAPS["3.1.2"] == RsyncCapabilities((3, 1, 2), ()) and not CAPS["3.1.2"].has_compress_choice
+    # a 3.1 with a line that happens to mention zstd elsewhere is still 3.1: no --compress-choice
+    assert not RsyncCapabilities((3, 1, 3), ("zstd",)).has_zstd
+
+
+#: what rsync 3.5.0 printed when the target's rsync would not take --compress-choice=zstd (real
+#: runs against a daemon: started with RSYNC_COMPRESS_LIST=zlib, and with "refuse options =
+#: compress-choice"); the third is the form of rsync 3.1.x's "unknown option" error (no 3.1 here)
+ZSTD_REFUSALS = [
+    (12, "Your --compress-choice value (zstd) was refused by the server.\n"
+         "rsync error: requested action not supported (code 4) at compat.c(450) [Receiver=3.5.0]\n"
+         "rsync: connection unexpectedly closed (0 bytes received so far) [sender]\n"
+         "rsync error: error in rsync protocol data stream (code 12) at io.c(285) [sender=3.5.0]\n"),
+    (4, "rsync: The server is configured to refuse --compress-choice\n"
+        "rsync error: requested action not supported (code 4) at clientserver.c(1267) [Receiver=3.5.0]\n"
+        "rsync: [sender] read error: Connection reset by peer (104)\n"),
+    (1, "rsync: on remote machine: --compress-choice=zstd: unknown option\n"
+        "rsync error: syntax or usage error (code 1) at main.c(1596) [server=3.1.2]\n"),
+]
+
+
+@pytest.mark.parametrize("rc,err", ZSTD_REFUSALS)
+def test_a_target_refusing_zstd_gets_zlib_at_once_and_from_then_on(tmp_path: Path, rc: int, err: str) -> None:
+    rep = make(tmp_path, max_passes=1)
+    calls = scripted(rep, [FakeProc(rc, [], err), FakeProc(0, STATS)])
+    result = rep.run_cycle(FULL, threading.Event())
+    assert result.passes == 1  # the refused run moved nothing: it is not a pass
+    assert compress_opts(calls[0]) == ["--compress-choice=zstd", "--compress-level=1"]
+    assert compress_opts(calls[1]) == ["--compress", "--compress-level=1"]
+    # the next cycle (a new replicator for the same target) starts with zlib
+    again = make(tmp_path)
+    assert compress_opts(again.build_args(INCR, "/srv/data")) == ["--compress", "--compress-level=1"]
+
+
+def test_zlib_refused_too_is_an_error_not_a_loop(tmp_path: Path) -> None:
+    """A failure that mentions --compress-choice while zlib is in use is the run's real error."""
+    rep = make(tmp_path)
+    rc, err = ZSTD_REFUSALS[0]
+    calls = scripted(rep, [FakeProc(rc, [], err), FakeProc(rc, [], err)])
+    with pytest.raises(RsyncConnectionError):
+        rep.run_cycle(FULL, threading.Event())
+    assert len(calls) == 2
+
+
+def test_other_failures_keep_zstd(tmp_path: Path) -> None:
+    rep = make(tmp_path)
+    scripted(rep, [FakeProc(5, [], "@ERROR: auth failed on module t-abc\n")])
+    with pytest.raises(RsyncConnectionError):
+        rep.run_cycle(FULL, threading.Event())
+    assert not rsync._ZSTD_REFUSED
 
 
 def test_password_never_in_argv_or_repr(tmp_path: Path) -> None:

@@ -8,11 +8,20 @@ Layout under ``<data-dir>/tasks/<task_id>/block`` (the store's root)::
                                 whose size the source's inventory does not give
     <disk>/state.json           {"version", "disk", "chunk_size", "disk_size", "committed_cycle",
                                  "hashes_count", "hashes_digest", "committed_at"}
-    <disk>/gen-000003.img       generation of cycle 3: full, independent point-in-time image
-    <disk>/gen-000003.json      its verification report: "state" pending (image made, not yet
-                                verified), verified (size, sha256, filesystem, fsck result; an
-                                XFS copied while frozen is checked on a copy whose log was
-                                replayed, see :func:`fs_check`) or failed (image unreadable)
+    <disk>/gen-000003.img       generation of cycle 3 as a full image: a reflink clone of
+                                current.img (XFS with reflink, btrfs), or a sparse copy (the first
+                                generation, or the oldest kept one after retention folded into it)
+    <disk>/gen-000004.delta     generation of cycle 4 as a delta (no reflink): only the chunks
+    <disk>/gen-000004.chunks    that changed in cycle 4, at their offsets, and their map; reading
+                                it composes the chain (see ``blockgens``, which owns this layout)
+    <disk>/gen-000003.hashes    the committed chunk hashes at cycle 3 (the next delta's base)
+    <disk>/gen-000003.json      its report: "kind" full or delta ("image": false and a "note" for
+                                a delta: not bootable, use ``image export``), "path", "copy"
+                                (reflink, sparse, delta), "copied_bytes", "id"; "state" pending
+                                (made, not yet verified), verified (size, sha256 of the whole
+                                image, filesystem, fsck result, of a delta on a composed temporary
+                                copy; an XFS copied while frozen is checked on a copy whose log
+                                was replayed, see :func:`fs_check`) or failed (unreadable)
 
 Rules:
 
@@ -35,12 +44,19 @@ Rules:
   writeback of what it wrote (:func:`start_writeback`), so the data goes to the device during the
   pass. ``commit`` truncates the image to the disk size, fsyncs image and directory and records
   the cycle and the chunk hashes; committing the same cycle with the same hashes again is a no-op.
-* ``commit_cycle`` turns the committed ``current.img`` of every disk into ``gen-<cycle>.img``
-  (a reflink where the filesystem supports FICLONE, else a sparse copy that skips holes) plus a
-  ``pending`` report; ``verify_generation`` (slow: sha256 and fsck, run by the control plane's
-  background verifier) turns it into the final report. Both are idempotent and crash-safe: an
-  image without a report is an interrupted copy (made again), a pending report is verified
-  again. The generations are never written again; later passes only touch ``current.img``.
+* ``commit_cycle`` makes generation ``<cycle>`` of every disk from its committed ``current.img``,
+  writing O(changed chunks): a reflink where the filesystem supports FICLONE, else a delta of the
+  chunks whose committed hash differs from the previous generation's (``copy_file_range`` of
+  their data; the first generation is a full sparse copy), plus a ``pending`` report;
+  ``verify_generation`` (slow: sha256 and fsck, run by the control plane's background verifier)
+  turns it into the final report. Both are idempotent and crash-safe: files without a report are
+  an interrupted commit (made again), a pending report is verified again. A generation's content
+  never changes; its files do only when retention discards the one before it (``blockgens``: a
+  fold or a merge, O(one delta), crash-safe, invisible to a reader that has it open). Later passes
+  only touch ``current.img``. A delta's content is what ``current.img`` held at its commit for
+  every chunk whose committed hash changed, and the previous generation's for the others: the same
+  trust in the agent's chunk hashes as the incremental transfer itself (checksum verification
+  re-reads ``current.img`` against them).
 * A full target filesystem (ENOSPC/EDQUOT) raises :class:`TargetFull` (HTTP 507); what was
   committed before stays intact.
 """

@@ -90,7 +90,7 @@ def test_after_a_takeover_the_next_cycle_equals_the_disk_and_is_verified(
         assert art2["report"]["error_code"] == "mixed_sessions", art2  # two sessions wrote it
         server.j("migration", "sync", "--source", sid)
         art3 = wait_cycle(server, sid, 3)  # verified, or this fails
-        assert_generation_equals(server, sid, art3, disk)  # bit for bit the clone's disk
+        assert_generation_equals(art3, disk)  # bit for bit the clone's disk
         assert art3["report"]["state"] == "verified"
         # the clone's first cycle (2, resumed at epoch 2) was the verification pass, said so, and
         # re-sent only what differed; cycle 3 (its base written under epoch 2) is incremental again

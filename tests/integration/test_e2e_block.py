@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator
 
 import pytest
 
-from tests.support.blockimages import exported, generation_sha256
+from tests.support.blockimages import generation_sha256, write_generation
 from tests.support.harness import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.shared_server]  # one server
@@ -136,10 +136,10 @@ def wait_verified(server, sid: str, n: int, timeout: float = 180) -> Dict[str, A
     return artifacts_by_cycle(server, sid)[n]
 
 
-def assert_generation_equals(server, sid: str, art: Dict[str, Any], image: Path) -> None:
+def assert_generation_equals(art: Dict[str, Any], image: Path) -> None:
     want = sha256(image)
     assert art["sha256"] == want, f"generation {art['cycle']} recorded sha256 differs from the source"
-    assert generation_sha256(server, sid, art) == want, f"generation {art['cycle']} differs from the source"
+    assert generation_sha256(art) == want, f"generation {art['cycle']} differs from the source"
     assert art["report"]["check"]["ok"], art["report"]
 
 
@@ -164,14 +164,14 @@ def test_full_incremental_and_final_sync_equal_the_source(server, agents, tmp_pa
     assert len(out["started"]) == 1
     art1 = wait_cycle(server, sid, 1)
     assert art1["disk"] == "disk.img" and art1["report"]["fs"] == fstype
-    assert_generation_equals(server, sid, art1, image)
+    assert_generation_equals(art1, image)
     gen1 = sha256(Path(art1["path"]))
 
     with mounted(image, tmp_path / "mnt") as mnt:
         change_some(mnt, seed=2)
     server.j("migration", "sync", "--source", sid)
     art2 = wait_cycle(server, sid, 2)
-    assert_generation_equals(server, sid, art2, image)
+    assert_generation_equals(art2, image)
     assert sha256(Path(art1["path"])) == gen1, "cycle 2 changed the generation of cycle 1"
     t = task(server, sid)
     assert t["mode"] == "block" and t["disks"] == [{"name": "disk.img", "path": str(image)}]
@@ -190,7 +190,7 @@ def test_full_incremental_and_final_sync_equal_the_source(server, agents, tmp_pa
     if fstype == "xfs":
         assert art3["report"]["check"].get("log") == "replayed on a copy", art3["report"]
     copy = tmp_path / "gen3-copy.img"
-    exported(server, sid, art3, copy)
+    write_generation(art3, copy)
     with mounted(copy, tmp_path / "gen3") as g:
         assert (g / "final.txt").read_text() == "written before the final sync\n"
         assert (g / "new-2.txt").exists() and not (g / "after.txt").exists()
@@ -199,7 +199,7 @@ def test_full_incremental_and_final_sync_equal_the_source(server, agents, tmp_pa
     assert "backend fsfreeze" in log
     wait_for(lambda: not (agent.home / "state" / "snapshots.json").exists(), 30,
              "the agent to purge the snapshot work directories of the finished task")
-    assert sha256(Path(art1["path"])) == gen1 and generation_sha256(server, sid, art2) == art2["sha256"]
+    assert sha256(Path(art1["path"])) == gen1 and generation_sha256(art2) == art2["sha256"]
     assert "Traceback" not in agent.output()
 
 
@@ -218,7 +218,7 @@ def test_pause_resume_and_kill_mid_pass_give_the_same_image(server, agents, tmp_
     server.wait_task(sid, "paused", timeout=30)
     server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "0")
     server.j("migration", "resume", "--source", sid)
-    assert_generation_equals(server, sid, wait_cycle(server, sid, 1), image)
+    assert_generation_equals(wait_cycle(server, sid, 1), image)
 
     with mounted(image, tmp_path / "mnt") as mnt:
         change_some(mnt, seed=3, fraction=0.3)
@@ -229,7 +229,7 @@ def test_pause_resume_and_kill_mid_pass_give_the_same_image(server, agents, tmp_
     server.j("migration", "modify", "--source", sid, "--bandwidth-mbps", "0")
     agent.start()  # same home: resumes the interrupted cycle by itself
     art2 = wait_cycle(server, sid, 2)
-    assert_generation_equals(server, sid, art2, image)
+    assert_generation_equals(art2, image)
     assert "Traceback" not in agent.output()
 
 
@@ -279,14 +279,14 @@ def test_reflink_backend_incremental_and_cancel_releases_snapshots(server, agent
     agent, sid = import_agent(server, agents, "reflink")
     server.j("migration", "start", "--source", sid, "--mode", "block", "--disk", str(image),
              "--snapshot", "reflink")
-    assert_generation_equals(server, sid, wait_cycle(server, sid, 1), image)
+    assert_generation_equals(wait_cycle(server, sid, 1), image)
 
     # the image keeps changing while it is mounted; each cycle reads its reflink clone
     with mounted(image, tmp_path / "mnt") as mnt:
         change_some(mnt, seed=6)
     server.j("migration", "sync", "--source", sid)
     art2 = wait_cycle(server, sid, 2)
-    assert_generation_equals(server, sid, art2, image)
+    assert_generation_equals(art2, image)
 
     with mounted(image, tmp_path / "mnt") as mnt:
         change_some(mnt, seed=7, fraction=0.5)
@@ -304,5 +304,5 @@ def test_reflink_backend_incremental_and_cancel_releases_snapshots(server, agent
 
     wait_for(released, 60, "the agent to release its snapshots and their bases")
     assert sorted(artifacts_by_cycle(server, sid)) == [1, 2]  # committed generations are kept
-    assert generation_sha256(server, sid, art2) == art2["sha256"]
+    assert generation_sha256(art2) == art2["sha256"]
     assert "Traceback" not in agent.output()

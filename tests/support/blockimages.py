@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,7 +38,8 @@ def generation_sha256(art: Mapping[str, Any]) -> str:
     composed from the deltas."""
     if (art.get("report") or {}).get("kind", "full") == "full":
         return sha256(Path(art["path"]))
-    out = Path(art["path"]).with_name(f".test-{os.getpid()}-{art['cycle']}.img")
+    # next to the test's files, not the target's (which may be a tiny filesystem on purpose)
+    out = Path(tempfile.gettempdir()) / f"g2c-test-gen-{os.getpid()}-{art['cycle']}-{art['disk']}.img"
     try:
         return sha256(write_generation(art, out))
     finally:

@@ -276,6 +276,267 @@ def physical(image: Path) -> dict:
             "zstd_default_MBps_1core": len(sample) / zstd_s / 1e6, "zstd_ratio_on_sample": out / len(sample)}
 
 
+def bench_commit(workdir: Path, disk_gib: int, data_mib: int, changed_mib: int, chunk: int = MiB) -> None:
+    """What a cycle's commit costs on the target (``BlockTaskStore.commit`` + ``commit_cycle``: the
+    generation), on a ``disk_gib`` GiB sparse disk holding ``data_mib`` MiB of data of which
+    ``changed_mib`` MiB changed since the previous cycle, in ``workdir`` (its filesystem decides:
+    reflink clones, or deltas). Also the first generation (a full copy of the data where the
+    filesystem cannot clone) and a retention fold (keep 1)."""
+    from go2cloud_server.blockstore import BlockTaskStore, zero_xxh3
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    store = BlockTaskStore(workdir / "block")
+    size = disk_gib * GiB
+    count = size // chunk
+    rnd = random.Random(5)
+    zero = bytes.fromhex(zero_xxh3(chunk))
+    hashes = [zero] * count
+    data_idx = rnd.sample(range(count), data_mib * MiB // chunk)
+    store.write_holes("d0", 0, count, chunk, size)
+    for i in data_idx:
+        buf = os.urandom(chunk)
+        h = xxhash.xxh3_128(buf)
+        store.write_chunk("d0", i, chunk, size, buf, h.hexdigest())
+        hashes[i] = h.digest()
+
+    def commit(cycle: int) -> tuple:
+        drop_caches()
+        a, t = os.times(), time.monotonic()
+        store.commit("d0", cycle, size, b"".join(hashes), chunk)
+        (rep,) = store.commit_cycle(cycle)
+        wall, b = time.monotonic() - t, os.times()
+        return wall, (b.user - a.user) + (b.system - a.system), rep
+
+    w1, c1, r1 = commit(1)
+    print(f"commit, {disk_gib} GiB sparse disk, {data_mib} MiB of data: first generation {w1:.2f} s "
+          f"(CPU {c1:.2f} s, {r1.get('kind', 'full')} {r1['copy']}, {(r1.get('copied_bytes') or 0) / MiB:.0f} MiB copied)")
+    for i in rnd.sample(data_idx, changed_mib * MiB // chunk):
+        buf = os.urandom(chunk)
+        h = xxhash.xxh3_128(buf)
+        store.write_chunk("d0", i, chunk, size, buf, h.hexdigest())
+        hashes[i] = h.digest()
+    w2, c2, r2 = commit(2)
+    print(f"commit, {disk_gib} GiB sparse disk, {changed_mib} MiB changed: {w2:.2f} s (CPU {c2:.2f} s, "
+          f"{r2.get('kind', 'full')} {r2['copy']}, {(r2.get('copied_bytes') or 0) / MiB:.0f} MiB copied)  target < 1 s")
+    drop_caches()
+    t = time.monotonic()
+    store.retain(1)
+    print(f"retention (keep 1: generation 1 folded into 2): {time.monotonic() - t:.2f} s")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+class LoopbackSsh:
+    """sshd on 127.0.0.1 with temporary host and client keys (the rsync and blocksync peers go
+    through it, as they would to a real target)."""
+
+    def __init__(self, work: Path) -> None:
+        self.dir = work / "sshd"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        for name in ("host", "client"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / name)], check=True)
+        (self.dir / "authorized_keys").write_text((self.dir / "client.pub").read_text())
+        os.chmod(self.dir / "authorized_keys", 0o600)
+        self.port = 30000 + random.randrange(20000)
+        cfg = self.dir / "sshd_config"
+        cfg.write_text(f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir / 'host'}\n"
+                       f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+                       "PasswordAuthentication no\nUsePAM no\nSubsystem sftp internal-sftp\n"
+                       f"PidFile {self.dir / 'sshd.pid'}\nStrictModes no\n")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        self.ssh = (f"ssh -i {self.dir / 'client'} -p {self.port} -o StrictHostKeyChecking=no "
+                    "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+BLOCKSYNC_CHILD = r"""
+import sys, logging
+sys.path.insert(0, %(lib)r)
+from blocksync import local_to_remote
+manager, status = local_to_remote(%(src)r, %(dest)r, block_size=1 << 20, workers=1, create_dest=%(create)r,
+                                  wait=True, hostname="127.0.0.1", port=%(port)d, username="root",
+                                  key_filename=%(key)r, allow_load_system_host_keys=False, compress=False)
+print(status.blocks, flush=True)
+"""
+
+
+def make_fs_image(path: Path, size: int, data: int, seed: int = 11) -> None:
+    """An ext4 image (mkfs, loop mount) holding ``data`` bytes in files: half random, half /usr
+    content (the issue's workload: 1 GiB, 629 MiB of data)."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(path)], check=True)
+    mnt = path.with_suffix(".mnt")
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(path), str(mnt)], check=True)
+    try:
+        corpus = usr_corpus(data // 2)
+        done, i = 0, 0
+        while done < data:
+            n = min(data - done, rnd.randint(1, 8) * MiB)
+            body = os.urandom(n) if i % 2 else corpus[(done // 2) % max(1, len(corpus) - n):][:n]
+            (mnt / f"f{i:05d}.bin").write_bytes(body)
+            done += n
+            i += 1
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def change_fs_image(path: Path, fraction: float, seed: int) -> None:
+    """Overwrite ``fraction`` of the files' bytes in place, through the filesystem."""
+    rnd = random.Random(seed)
+    mnt = path.with_suffix(".mnt")
+    subprocess.run(["mount", "-o", "loop", str(path), str(mnt)], check=True)
+    try:
+        files = sorted(mnt.glob("f*.bin"))
+        budget = int(sum(f.stat().st_size for f in files) * fraction)
+        while budget > 0:
+            f = rnd.choice(files)
+            n = min(budget, 256 * 1024, f.stat().st_size)
+            with open(f, "r+b") as fh:
+                fh.seek(rnd.randrange(0, f.stat().st_size - n + 1))
+                fh.write(os.urandom(n))
+            budget -= n
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def proc_cpu_tree(pid: int) -> float:
+    """CPU seconds of a process and its waited-for children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_e2e(work: Path, tdir: Path, runs: int, size: int, data: int, changed: float,
+              blocksync_lib: str) -> None:
+    """The operator's view, end to end through the real control plane and agent (the server's
+    images in ``tdir``): ``migration start`` -> task ``pending`` (full pass, first generation)
+    and ``migration sync`` -> ``pending`` (incremental, its generation), against cp + sync, rsync
+    --inplace over ssh and blocksync (PyPI) over ssh, ``runs`` interleaved rounds, page caches
+    dropped before every timed run."""
+    from tests.support.harness import Agent, Server, wait_for
+
+    image = work / "e2e.img"
+    make_fs_image(image, size, data)
+    base = work / "e2e-base.img"
+    shutil.copyfile(image, base)
+    print(f"e2e workload: {size / GiB:.1f} GiB ext4 image, {data / MiB:.0f} MiB of data, {changed:.0%} changed "
+          f"per incremental; target {tdir}")
+    ssh = LoopbackSsh(work)
+    rows: dict = {}
+
+    def add(name: str, wall: float, **extra: float) -> None:
+        rows.setdefault(name, []).append(dict(wall=wall, **extra))
+        more = ", ".join(f"{k} {v:.2f}" for k, v in extra.items())
+        print(f"  {name}: {wall:.2f} s" + (f" ({more})" if more else ""), flush=True)
+
+    def one_round(run: int) -> None:
+        print(f"round {run}", flush=True)
+        shutil.copyfile(base, image)
+        dst = tdir / "peer.img"
+        # full: cp + sync
+        dst.unlink(missing_ok=True)
+        drop_caches()
+        add("full: cp --sparse=always + sync", timed(lambda: (subprocess.run(
+            ["cp", "--sparse=always", "--", str(image), str(dst)], check=True), os.sync())))
+        # full: rsync over ssh
+        dst.unlink(missing_ok=True)
+        drop_caches()
+        add("full: rsync --inplace over ssh", timed(lambda: (subprocess.run(
+            ["rsync", "--inplace", "--sparse", "-e", ssh.ssh, "--", str(image), f"root@127.0.0.1:{dst}"],
+            check=True), os.sync())))
+        bs_dst = tdir / "blocksync.img"
+        if blocksync_lib:
+            bs_dst.unlink(missing_ok=True)
+            code = BLOCKSYNC_CHILD % {"lib": blocksync_lib, "src": str(image), "dest": str(bs_dst),
+                                      "create": True, "port": ssh.port, "key": str(ssh.dir / "client")}
+            drop_caches()
+            add("full: blocksync (PyPI 3.0.1) over ssh", timed(lambda: (subprocess.run(
+                [sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL), os.sync())))
+        # go2cloud: command -> pending
+        sdir = tdir / "server"
+        shutil.rmtree(sdir, ignore_errors=True)
+        server = Server(sdir, heartbeat_interval=1).start()
+        agent = Agent(work / "agent-home", server)
+        shutil.rmtree(agent.home, ignore_errors=True)
+        try:
+            server.j("workgroup", "create", "wg-bench")
+            agent.start(code=server.new_code("wg-bench", uses=1))
+            sid = agent.wait_imported()
+            assert server.proc is not None and agent.proc is not None
+
+            def to_pending(*cmd: str) -> tuple:
+                a_cpu, s_cpu = proc_cpu_tree(agent.proc.pid), proc_cpu_tree(server.proc.pid)  # type: ignore
+                drop_caches()
+                t = time.monotonic()
+                server.cli(*cmd)
+                wait_for(lambda: server.task_status(sid) == "pending", 600, "pending", interval=0.02)
+                wall = time.monotonic() - t
+                return (wall, proc_cpu_tree(agent.proc.pid) - a_cpu,  # type: ignore
+                        proc_cpu_tree(server.proc.pid) - s_cpu)  # type: ignore
+
+            wall, acpu, scpu = to_pending("migration", "start", "--source", sid, "--mode", "block", "--disk",
+                                          str(image), "--snapshot", "live", "--no-drill", "--keep-images", "2")
+            add("full: go2cloud, migration start -> pending", wall, agent_cpu=acpu, server_cpu=scpu)
+            change_fs_image(image, changed, seed=100 + run)
+            # incremental peers first (same changed image, their copy of the old one)
+            drop_caches()
+            add("incremental: rsync --inplace --no-whole-file over ssh", timed(lambda: (subprocess.run(
+                ["rsync", "--inplace", "--no-whole-file", "-e", ssh.ssh, "--", str(image),
+                 f"root@127.0.0.1:{dst}"], check=True), os.sync())))
+            if blocksync_lib:
+                code = BLOCKSYNC_CHILD % {"lib": blocksync_lib, "src": str(image), "dest": str(bs_dst),
+                                          "create": False, "port": ssh.port, "key": str(ssh.dir / "client")}
+                drop_caches()
+                add("incremental: blocksync (PyPI 3.0.1) over ssh", timed(lambda: (subprocess.run(
+                    [sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL), os.sync())))
+            wall, acpu, scpu = to_pending("migration", "sync", "--source", sid)
+            add("incremental: go2cloud, migration sync -> pending", wall, agent_cpu=acpu, server_cpu=scpu,
+                agent_rss=hwm_mib(agent.proc.pid), server_rss=hwm_mib(server.proc.pid))
+            arts = server.artifacts(sid)
+            want = sha256_file(image)
+            assert sha256_file(dst) == want, "rsync's copy differs"
+            if blocksync_lib and sha256_file(bs_dst) != want:
+                print("  blocksync's copy DIFFERS from the source: its times are not those of a correct copy")
+            out = work / "exported.img"
+            r = server.cli("image", "export", "--source", sid, "--out", str(out), "--force", check=False)
+            if r.returncode == 0:
+                assert sha256_file(out) == want, "the exported generation differs from the source"
+            else:  # the code of G2C_BENCH_ROOT has no image export: its newest generation is a full image
+                assert sha256_file(Path(arts[-1]["path"])) == want, "the newest generation differs"
+            print(f"  generations: {[(a['cycle'], a['report'].get('kind'), a['report'].get('copy')) for a in arts]}")
+        finally:
+            agent.stop()
+            server.stop()
+            shutil.rmtree(sdir, ignore_errors=True)
+
+    try:
+        for run in range(1, runs + 1):
+            one_round(run)
+    finally:
+        ssh.stop()
+    print("\nmedians (range) over", runs, "rounds:")
+    for name, vals in rows.items():
+        walls = [v["wall"] for v in vals]
+        extra = {k: statistics.median(v[k] for v in vals) for k in vals[0] if k != "wall"}
+        more = ", ".join(f"{k} {x:.2f}" for k, x in extra.items())
+        print(f"  {name}: {statistics.median(walls):.2f} s ({min(walls):.2f}-{max(walls):.2f})"
+              + (f"; {more}" if more else ""))
+
+
 RSS_CHILD = r"""
 import sys, json, threading
 sys.path.insert(0, %(root)r)
@@ -303,7 +564,30 @@ def main() -> int:
     ap.add_argument("--link-mbit", type=int, default=0,
                     help="put the target behind a link of this many Mbit/s (a network namespace and tc); "
                          "the cp and TLS-floor baselines then say nothing about it")
+    ap.add_argument("--commit-gib", type=int, default=0,
+                    help="only measure the commit of a cycle on a sparse disk of this many GiB (in --target-dir)")
+    ap.add_argument("--commit-data-mib", type=int, default=1024)
+    ap.add_argument("--commit-changed-mib", type=int, default=64)
+    ap.add_argument("--e2e", action="store_true",
+                    help="only the end-to-end rounds (command -> pending through the control plane and agent)")
+    ap.add_argument("--e2e-size-gib", type=float, default=1)
+    ap.add_argument("--e2e-data-mib", type=int, default=629)
+    ap.add_argument("--e2e-changed", type=float, default=0.06)
+    ap.add_argument("--blocksync-lib", default="",
+                    help="a directory holding the blocksync package from PyPI and paramiko "
+                         "(pip install --target DIR blocksync==3.0.1 paramiko): adds it as a peer")
     args = ap.parse_args()
+    if args.e2e:
+        for d in (Path(args.workdir), Path(args.target_dir)):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+        bench_e2e(Path(args.workdir), Path(args.target_dir), args.runs, int(args.e2e_size_gib * GiB),
+                  args.e2e_data_mib * MiB, args.e2e_changed, args.blocksync_lib)
+        return 0
+    if args.commit_gib:
+        bench_commit(Path(args.target_dir) / "commit", args.commit_gib, args.commit_data_mib,
+                     args.commit_changed_mib)
+        return 0
     work = Path(args.workdir)
     tdir = Path(args.target_dir)
     for d in (work, tdir):

@@ -8,11 +8,20 @@ Layout under ``<data-dir>/tasks/<task_id>/block`` (the store's root)::
                                 whose size the source's inventory does not give
     <disk>/state.json           {"version", "disk", "chunk_size", "disk_size", "committed_cycle",
                                  "hashes_count", "hashes_digest", "committed_at"}
-    <disk>/gen-000003.img       generation of cycle 3: full, independent point-in-time image
-    <disk>/gen-000003.json      its verification report: "state" pending (image made, not yet
-                                verified), verified (size, sha256, filesystem, fsck result; an
-                                XFS copied while frozen is checked on a copy whose log was
-                                replayed, see :func:`fs_check`) or failed (image unreadable)
+    <disk>/gen-000003.img       generation of cycle 3 as a full image: a reflink clone of
+                                current.img (XFS with reflink, btrfs), or a sparse copy (the first
+                                generation, or the oldest kept one after retention folded into it)
+    <disk>/gen-000004.delta     generation of cycle 4 as a delta (no reflink): only the chunks
+    <disk>/gen-000004.chunks    that changed in cycle 4, at their offsets, and their map; reading
+                                it composes the chain (see ``blockgens``, which owns this layout)
+    <disk>/gen-000003.hashes    the committed chunk hashes at cycle 3 (the next delta's base)
+    <disk>/gen-000003.json      its report: "kind" full or delta ("image": false and a "note" for
+                                a delta: not bootable, use ``image export``), "path", "copy"
+                                (reflink, sparse, delta), "copied_bytes", "id"; "state" pending
+                                (made, not yet verified), verified (size, sha256 of the whole
+                                image, filesystem, fsck result, of a delta on a composed temporary
+                                copy; an XFS copied while frozen is checked on a copy whose log
+                                was replayed, see :func:`fs_check`) or failed (unreadable)
 
 Rules:
 
@@ -35,12 +44,19 @@ Rules:
   writeback of what it wrote (:func:`start_writeback`), so the data goes to the device during the
   pass. ``commit`` truncates the image to the disk size, fsyncs image and directory and records
   the cycle and the chunk hashes; committing the same cycle with the same hashes again is a no-op.
-* ``commit_cycle`` turns the committed ``current.img`` of every disk into ``gen-<cycle>.img``
-  (a reflink where the filesystem supports FICLONE, else a sparse copy that skips holes) plus a
-  ``pending`` report; ``verify_generation`` (slow: sha256 and fsck, run by the control plane's
-  background verifier) turns it into the final report. Both are idempotent and crash-safe: an
-  image without a report is an interrupted copy (made again), a pending report is verified
-  again. The generations are never written again; later passes only touch ``current.img``.
+* ``commit_cycle`` makes generation ``<cycle>`` of every disk from its committed ``current.img``,
+  writing O(changed chunks): a reflink where the filesystem supports FICLONE, else a delta of the
+  chunks whose committed hash differs from the previous generation's (``copy_file_range`` of
+  their data; the first generation is a full sparse copy), plus a ``pending`` report;
+  ``verify_generation`` (slow: sha256 and fsck, run by the control plane's background verifier)
+  turns it into the final report. Both are idempotent and crash-safe: files without a report are
+  an interrupted commit (made again), a pending report is verified again. A generation's content
+  never changes; its files do only when retention discards the one before it (``blockgens``: a
+  fold or a merge, O(one delta), crash-safe, invisible to a reader that has it open). Later passes
+  only touch ``current.img``. A delta's content is what ``current.img`` held at its commit for
+  every chunk whose committed hash changed, and the previous generation's for the others: the same
+  trust in the agent's chunk hashes as the incremental transfer itself (checksum verification
+  re-reads ``current.img`` against them).
 * A full target filesystem (ENOSPC/EDQUOT) raises :class:`TargetFull` (HTTP 507); what was
   committed before stays intact.
 """
@@ -49,7 +65,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -78,7 +93,7 @@ import blake3
 import xxhash
 import zstandard
 
-from go2cloud_server import children, proc
+from go2cloud_server import blockgens, children, proc
 from go2cloud_server.atomicfile import fsync_dir, write_atomic
 from go2cloud_server.clock import utc_now_iso
 from go2cloud_server.errors import Conflict, InvalidInput, NotFound, ServerError
@@ -95,7 +110,6 @@ MAX_CHUNKS = 1 << 22        # per disk (4 TiB at 1 MiB chunks, 16 TiB at 4 MiB)
 CURRENT = "current.img"
 _DISK_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _GEN_RE = re.compile(r"^gen-(\d{6})\.img$")
-_FICLONE = 0x40049409
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _NOSPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -359,33 +373,22 @@ def data_extents(fd: int, size: int) -> Iterator[Tuple[int, int]]:
 
 def sparse_copy(src: Path, dst: Path) -> str:
     """Copy ``src`` to ``dst`` (created 0600): reflink when the filesystem can, else copy the
-    data regions only. Returns ``"reflink"`` or ``"sparse"``."""
+    data regions only, in the kernel (``copy_file_range``). Returns ``"reflink"`` or ``"sparse"``."""
+    if blockgens.try_clone(src, dst):
+        return "reflink"
     sfd = os.open(str(src), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         dfd = os.open(str(dst), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             size = os.fstat(sfd).st_size
-            try:
-                fcntl.ioctl(dfd, _FICLONE, sfd)
-                how = "reflink"
-            except OSError:
-                how = "sparse"
-                for off, length in data_extents(sfd, size):
-                    done = 0
-                    while done < length:
-                        buf = os.pread(sfd, min(_COPY_BLOCK, length - done), off + done)
-                        if not buf:
-                            break
-                        if buf.count(0) != len(buf):
-                            os.pwrite(dfd, buf, off + done)
-                        done += len(buf)
-                os.ftruncate(dfd, size)
+            os.ftruncate(dfd, size)
+            blockgens.copy_range(sfd, dfd, 0, size)
             os.fsync(dfd)
         finally:
             os.close(dfd)
     finally:
         os.close(sfd)
-    return how
+    return "sparse"
 
 
 #: logical bytes hashed per step of a generation's verification (``verify_generation_steps``):
@@ -395,13 +398,23 @@ VERIFY_STEP = 64 << 20
 
 
 def _sha256_sparse_steps(fd: int, name: Path,
-                         step: int = VERIFY_STEP) -> Generator[None, None, Tuple[int, str]]:
-    """(size, sha256 hex) of an open file, holes hashed as zeros without reading them from disk
-    (one reusable zero buffer is fed to the hash), in steps: yields after every ``step`` logical
-    bytes, returns the result."""
-    sha = hashlib.sha256()
+                         step: Optional[int] = None) -> Generator[None, None, Tuple[int, str]]:
+    """(size, sha256 hex) of an open file, holes hashed as zeros without reading them from disk,
+    in steps (see :func:`_sha256_runs_steps`)."""
     size = os.fstat(fd).st_size
+    runs = ((off, length, fd) for off, length in data_extents(fd, size))
+    return (yield from _sha256_runs_steps(runs, size, name, step))
+
+
+def _sha256_runs_steps(runs: Iterator[Tuple[int, int, int]], size: int, name: Path,
+                       step: Optional[int] = None) -> Generator[None, None, Tuple[int, str]]:
+    """(size, sha256 hex) of an image of ``size`` bytes whose data regions are ``runs``
+    ((offset, length, fd holding them at that offset), in order; the rest is zeros), holes hashed
+    as zeros without reading them from disk (one reusable zero buffer is fed to the hash), in
+    steps: yields after every ``step`` logical bytes, returns the result."""
+    sha = hashlib.sha256()
     zeros = memoryview(bytes(_COPY_BLOCK))
+    step = step or VERIFY_STEP
     pos = 0
     budget = step
 
@@ -416,7 +429,7 @@ def _sha256_sparse_steps(fd: int, name: Path,
                 budget = step
                 yield
 
-    for off, length in data_extents(fd, size):
+    for off, length, fd in runs:
         yield from hole(off)  # the hole before this extent
         end = off + length
         while pos < end:
@@ -542,6 +555,18 @@ def _xfs_replayed_check(path: Path, first: str) -> dict:
             pass
 
 
+#: free space left on the target after the composed copy a delta's filesystem check needs
+CHECK_ROOM_MARGIN = 256 << 20
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 #: filesystem checks of generations running at once (each in its own thread and child process)
 FS_CHECKS = threading.BoundedSemaphore(2)
 _CHECK_POLL_S = 0.01
@@ -580,6 +605,16 @@ def _checked_in_background(img: Path) -> Generator[None, None, Tuple[Optional[st
     if failed:
         raise failed[0]
     return result[0]
+
+
+def _kind_fields(kind: str, path: Path, cycle: int) -> dict:
+    """What a report says of its generation's files: a full image (bootable as it is) or a delta."""
+    if kind == blockgens.FULL:
+        return {"kind": blockgens.FULL, "path": str(path), "image": True, "note": None}
+    return {"kind": blockgens.DELTA, "path": str(path), "image": False,
+            "note": f"a delta: only the chunks that changed in cycle {cycle} (map: "
+                    f"{path.with_suffix('.chunks').name}), not a bootable image; write the whole image with "
+                    f"'go2cloud_server image export --cycle {cycle}'"}
 
 
 class BlockTaskStore:
@@ -917,18 +952,25 @@ class BlockTaskStore:
         return bad
 
     # -- generations -----------------------------------------------------------------------------
+    # (the layout of full images and deltas is ``blockgens``'s; this class keeps the reports)
     def gen_path(self, disk: str, cycle: int) -> Path:
-        return self._disk_dir(disk) / f"gen-{cycle:06d}.img"
+        """Where generation ``cycle``'s full image is, or would be."""
+        return self._disk_dir(disk) / blockgens.name(cycle, "img")
+
+    def _report_path(self, disk: str, cycle: int) -> Path:
+        return self._disk_dir(disk) / blockgens.name(cycle, "json")
 
     def commit_cycle(self, cycle: int) -> List[dict]:
-        """Make generation ``cycle`` of every disk committed at that cycle (idempotent): the image
-        and a ``pending`` report. Fast (a reflink where possible, else a sparse copy); the slow
-        part (sha256, filesystem check) is :meth:`verify_generation`, run later by the caller.
-        Returns the reports as they are now (``pending``, or final when already verified)."""
+        """Make generation ``cycle`` of every disk committed at that cycle (idempotent): its files
+        and a ``pending`` report. Costs what changed: a reflink where possible, else a delta of
+        the chunks that changed since the previous generation (``blockgens``); the first
+        generation of a disk is a full sparse copy. The slow part (sha256, filesystem check) is
+        :meth:`verify_generation`, run later by the caller. Returns the reports as they are now
+        (``pending``, or final when already verified)."""
         out: List[dict] = []
         disks = [d for d in self.disks()
                  if (self._read_state(d) or {}).get("committed_cycle") == cycle
-                 or self.gen_path(d, cycle).with_suffix(".json").exists()]
+                 or self._report_path(d, cycle).exists()]
         if not disks:
             raise Conflict(f"cycle {cycle}: no disk of this task is committed at that cycle")
         for disk in disks:
@@ -944,108 +986,160 @@ class BlockTaskStore:
         if not isinstance(doc, dict):
             return None
         doc.setdefault("state", REPORT_VERIFIED)  # reports written before verification was split
+        doc.setdefault("kind", blockgens.FULL)  # reports written before deltas
         return doc
 
-    def _make_generation(self, disk: str, cycle: int) -> dict:
-        """The image of generation ``cycle`` of ``disk`` plus its ``pending`` report.
+    def generation_report(self, disk: str, cycle: int) -> Optional[dict]:
+        """The report of generation ``cycle`` of ``disk`` as it is on disk, or None."""
+        return self._read_report(self._report_path(disk, cycle))
 
-        Crash-safe: the report is written (atomically) only after the image is complete and
-        fsynced, so an image without a report is an interrupted copy and is made again."""
+    def _reports(self, disk: str) -> blockgens.ReportUpdate:
+        """What a fold calls: the report of ``cycle`` says it is now a ``kind`` at ``path``."""
         ddir = self._disk_dir(disk)
-        img = self.gen_path(disk, cycle)
-        report_path = img.with_suffix(".json")
+
+        def update(cycle: int, kind: str, path: Path) -> None:
+            rpath = ddir / blockgens.name(cycle, "json")
+            report = self._read_report(rpath)
+            if report is None or (report.get("kind") == kind and report.get("path") == str(path)):
+                return
+            report.update(_kind_fields(kind, path, cycle))
+            write_atomic(rpath, json.dumps(report, indent=1) + "\n")
+        return update
+
+    def _recover(self, disk: str) -> None:
+        """Finish what a crash interrupted in ``disk``'s generations (under its lock)."""
+        ddir = self._disk_dir(disk)
+        if ddir.is_dir():
+            blockgens.recover(ddir, self._reports(disk))
+
+    def _make_generation(self, disk: str, cycle: int) -> dict:
+        """The files of generation ``cycle`` of ``disk`` plus its ``pending`` report.
+
+        Crash-safe: the report is written (atomically) only after the files are complete and
+        fsynced, so files without a report are an interrupted commit and are made again."""
+        ddir = self._disk_dir(disk)
+        report_path = ddir / blockgens.name(cycle, "json")
         with _lock_for(ddir):
+            self._recover(disk)
             found = self._read_report(report_path)
-            if found is not None and img.exists():
+            if found is not None:
                 return found
-            for stale in (img, report_path):
-                if stale.exists():
-                    stale.unlink()
+            blockgens.remove_files(ddir, cycle)
+            st = self._read_state(disk) or {}
+            chunk_size, disk_size = int(st.get("chunk_size") or 0), int(st.get("disk_size") or 0)
             try:
-                how = sparse_copy(ddir / CURRENT, img)
-                fsync_dir(ddir)
-                size = img.stat().st_size
+                made = blockgens.make(ddir, cycle, ddir / CURRENT, self.committed_hashes(disk), chunk_size,
+                                      disk_size)
             except OSError as exc:
-                if img.exists():
-                    img.unlink()
+                blockgens.remove_files(ddir, cycle)
                 self._raise_io(exc, f"cannot create generation {cycle} of disk {disk}")
-            report = {"state": REPORT_PENDING, "disk": disk, "cycle": cycle, "path": str(img), "bytes": size,
-                      "sha256": None, "fs": None, "copy": how, "check": None, "created_at": utc_now_iso()}
+            path = ddir / blockgens.name(cycle, "img" if made.kind == blockgens.FULL else "delta")
+            report = {"state": REPORT_PENDING, "disk": disk, "cycle": cycle, "path": str(path),
+                      "bytes": disk_size, "sha256": None, "fs": None, "copy": made.how, "check": None,
+                      "created_at": utc_now_iso(), "id": blockgens.new_id(), "chunk_size": chunk_size,
+                      "disk_size": disk_size, "copied_bytes": made.copied,
+                      **_kind_fields(made.kind, path, cycle)}
+            if made.kind == blockgens.DELTA:
+                report.update(delta_chunks=made.chunks, delta_of=made.base)
             try:
                 write_atomic(report_path, json.dumps(report, indent=1) + "\n")
             except OSError as exc:
-                img.unlink()
+                blockgens.remove_files(ddir, cycle)
                 self._raise_io(exc, f"cannot write the report of generation {cycle} of disk {disk}")
-        log.info("block %s: generation %s of disk %s: %s bytes (%s), verification pending", self.root, cycle,
-                 disk, size, how)
+        log.info("block %s: generation %s of disk %s: %s (%s, %s bytes copied), verification pending",
+                 self.root, cycle, disk, made.kind, made.how, made.copied)
         return report
 
     def pending_generations(self) -> List[Tuple[str, int]]:
         """(disk, cycle) of every generation whose report is still ``pending``."""
         out: List[Tuple[str, int]] = []
         for disk in self.disks():
-            for p in sorted((self.root / disk).iterdir()):
-                m = _GEN_RE.match(p.name)
-                if m and (self._read_report(p.with_suffix(".json")) or {}).get("state") == REPORT_PENDING:
-                    out.append((disk, int(m.group(1))))
+            for m in blockgens.chain(self.root / disk):
+                if m.visible and (self._read_report(self._report_path(disk, m.cycle)) or {}).get("state") \
+                        == REPORT_PENDING:
+                    out.append((disk, m.cycle))
         return out
+
+    def open_generation(self, disk: str, cycle: int) -> blockgens.Composed:
+        """Generation ``cycle`` of ``disk`` opened for reading (full image or composed from the
+        chain of deltas; see ``blockgens``); NotFound when it does not exist. Read-only."""
+        check_disk_name(disk)
+        try:
+            return blockgens.open_generation(self.root / disk, cycle)
+        except blockgens.GenerationMissing:
+            raise NotFound(f"disk {disk} has no generation {cycle}") from None
 
     def verify_generation(self, disk: str, cycle: int) -> Optional[dict]:
         """:meth:`verify_generation_steps` run to its end, in one go."""
         return _drain(self.verify_generation_steps(disk, cycle))
 
     def verify_generation_steps(self, disk: str, cycle: int) -> Generator[None, None, Optional[dict]]:
-        """Verify generation ``cycle`` of ``disk``: sha256 of the image, filesystem found, read-only
-        check; write the final report (``verified``, or ``failed`` with ``error`` when the image
-        cannot be read) and return it. A generator: it yields after every ``VERIFY_STEP`` bytes
-        hashed and while the filesystem check runs (in a thread of its own, see
-        :func:`_checked_in_background`), so the caller can take turns between the generations of
-        several tasks; the report is its return value. Holes are hashed without
-        being read (their cost is the sha256 of their zeros, no disk reads).
+        """Verify generation ``cycle`` of ``disk``: sha256 of its image (a delta's composed with
+        the generations before it), filesystem found, read-only check (of a delta: on a composed
+        temporary copy next to it, removed after); write the final report (``verified``, or
+        ``failed`` with ``error`` when the image cannot be read) and return it. A generator: it
+        yields after every ``VERIFY_STEP`` bytes hashed and while the filesystem check runs (in a
+        thread of its own, see :func:`_checked_in_background`), so the caller can take turns
+        between the generations of several tasks; the report is its return value. Holes are
+        hashed without being read (their cost is the sha256 of their zeros, no disk reads).
 
         Idempotent: a final report is returned as it is. Returns None when the generation is gone
         (discarded by retention or cancel, before or during the verification): nothing is written
         then. Runs without the disk's lock (a check may take long and the next cycle's commit must
         not wait); the report is written under the lock, and only if the report is still the
-        pending one of the same image (same inode) that was verified."""
+        pending one of the same generation (same ``id``) that was verified. A fold that makes the
+        generation a full image meanwhile changes neither its content nor this result."""
         ddir = self._disk_dir(disk)
-        img = self.gen_path(disk, cycle)
-        report_path = img.with_suffix(".json")
+        report_path = ddir / blockgens.name(cycle, "json")
         report = self._read_report(report_path)
         if report is None:
             return None
         if report.get("state") != REPORT_PENDING:
             return report
-        try:
-            fd = os.open(str(img), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
+        ident = report.get("id") or report.get("created_at")
         final = dict(report)
-        inode: Optional[int] = None
         try:
-            inode = os.fstat(fd).st_ino
-            size, digest = yield from _sha256_sparse_steps(fd, img)
-            final.update(bytes=size, sha256=digest)
+            image: Optional[blockgens.Composed] = blockgens.open_generation(ddir, cycle)
+        except (blockgens.GenerationMissing, FileNotFoundError):
+            return None
         except OSError as exc:
-            final.update(state=REPORT_FAILED, error=f"cannot read {img}: {exc}")
-        finally:
-            os.close(fd)
-        if final["state"] == REPORT_PENDING:
-            fs, check = yield from _checked_in_background(img)
-            final.update(state=REPORT_VERIFIED, fs=fs, check=check)
+            image = None
+            final.update(state=REPORT_FAILED, error=f"cannot open generation {cycle} of disk {disk}: {exc}")
+        if image is not None:
+            try:
+                try:
+                    size, digest = yield from _sha256_runs_steps(image.data_runs(), image.size,
+                                                                 Path(str(report.get("path"))))
+                    final.update(bytes=size, sha256=digest)
+                except OSError as exc:
+                    final.update(state=REPORT_FAILED, error=f"cannot read {report.get('path')}: {exc}")
+                if final["state"] == REPORT_PENDING:
+                    if image.kind == blockgens.FULL:
+                        image.close()
+                        fs, check = yield from _checked_in_background(ddir / blockgens.name(cycle, "img"))
+                        on = "the image"
+                    else:
+                        fs, check = yield from self._check_composed(image, ddir, cycle)
+                        on = "a composed temporary copy (the generation is a delta)"
+                    if check is not None:
+                        check["on"] = on
+                    final.update(state=REPORT_VERIFIED, fs=fs, check=check)
+            finally:
+                image.close()
         final["verified_at"] = utc_now_iso()
         with _lock_for(ddir):
             now = self._read_report(report_path)
-            try:
-                same = inode is None or img.stat().st_ino == inode
-            except FileNotFoundError:
-                same = False
-            if now is None or not same:
+            if now is None or (now.get("id") or now.get("created_at")) != ident:
                 log.info("block %s: generation %s of disk %s was discarded while it was verified", self.root,
                          cycle, disk)
                 return None
             if now.get("state") != REPORT_PENDING:
                 return now
+            for key in ("kind", "path", "image", "note"):  # a fold may have made it a full image meanwhile
+                if key in now:
+                    final[key] = now[key]
+                else:
+                    final.pop(key, None)
             write_atomic(report_path, json.dumps(final, indent=1) + "\n")
         check = final.get("check")
         log.info("block %s: generation %s of disk %s %s: sha256 %s, fs %s, check ok: %s", self.root, cycle,
@@ -1053,27 +1147,70 @@ class BlockTaskStore:
                  check.get("ok") if isinstance(check, dict) else None)
         return final
 
+    def _check_composed(self, image: blockgens.Composed, ddir: Path,
+                        cycle: int) -> Generator[None, None, Tuple[Optional[str], Optional[dict]]]:
+        """``detect_fs`` and ``fs_check`` of a delta generation, on a composed copy written next
+        to it (sparse: the space of its data, for the time of the check) and removed after."""
+        tmp = ddir / f".check-{blockgens.name(cycle, 'img')}"
+        data = sum(n for _off, n, _fd in image.data_runs())
+        free = _free_bytes(ddir)
+        if free is not None and free < data + CHECK_ROOM_MARGIN:
+            image.close()
+            log.warning("block %s: generation %s: no room for a composed copy to check (%s bytes of data, "
+                        "%s free): filesystem check skipped", self.root, cycle, data, free)
+            return None, {"ok": None, "rc": None, "skipped": "room",
+                          "summary": f"not checked: a delta is checked on a composed copy of its "
+                                     f"{data} bytes of data, and the target has {free} bytes free (needs "
+                                     f"{CHECK_ROOM_MARGIN} more); its sha256 is verified"}
+        try:
+            tmp.unlink(missing_ok=True)
+            fd = os.open(str(tmp), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, image.size)
+                budget = VERIFY_STEP
+                for n in image.copy_to(fd):
+                    budget -= n
+                    if budget <= 0:
+                        budget = VERIFY_STEP
+                        yield
+            finally:
+                os.close(fd)
+                image.close()
+            return (yield from _checked_in_background(tmp))
+        except OSError as exc:
+            if exc.errno not in _NOSPACE:
+                raise
+            return None, {"ok": None, "rc": None, "skipped": "room",
+                          "summary": f"not checked: no room for a composed copy of the delta ({exc}); its "
+                                     "sha256 is verified"}
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def generations(self) -> List[int]:
-        """Cycles that have a complete generation (image + report) for at least one disk."""
+        """Cycles that have a complete generation (files + report) for at least one disk."""
         found = set()
         for disk in self.disks():
-            for p in (self.root / disk).iterdir():
-                m = _GEN_RE.match(p.name)
-                if m and p.with_suffix(".json").exists():
-                    found.add(int(m.group(1)))
+            for m in blockgens.chain(self.root / disk):
+                if m.visible and m.kind is not None:
+                    found.add(m.cycle)
         return sorted(found)
 
     def discard_cycle(self, cycle: int) -> None:
-        """Remove generation ``cycle`` of every disk (report first, then image), also one still
-        being verified: :meth:`verify_generation` then finds it gone and writes nothing."""
+        """Remove generation ``cycle`` of every disk (report first), also one still being
+        verified: :meth:`verify_generation` then finds it gone and writes nothing. The next
+        generation takes what it needs of it first (``blockgens``: a fold or a merge, O(chunks of
+        one delta)); the others keep their content at every moment."""
         for disk in self.disks():
-            img = self.gen_path(disk, cycle)
-            with _lock_for(self._disk_dir(disk)):
-                for p in (img.with_suffix(".json"), img):
-                    try:
-                        p.unlink()
-                    except FileNotFoundError:
-                        pass
+            ddir = self._disk_dir(disk)
+            with _lock_for(ddir):
+                self._recover(disk)
+                if not blockgens.begin_discard(ddir, cycle):
+                    continue
+                try:
+                    blockgens.finish_discard(ddir, cycle, self._reports(disk))
+                except OSError as exc:
+                    self._raise_io(exc, f"cannot discard generation {cycle} of disk {disk} (finished at "
+                                        "the next commit)")
 
     def retain(self, keep: int) -> List[int]:
         """Keep the newest ``keep`` generations (at least 1); return the removed cycles."""

@@ -1432,3 +1432,38 @@ def _artifacts_human(d: Dict[str, Any]) -> str:
         ["CYCLE", "CREATED", "SIZE", "FILES", "PATH"],
         [[a["cycle"], a["created_at"], _bytes(a["bytes"]), a["files"], a["path"]] for a in arts],
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# image (block generations written out; runs on the target host, reads the data directory)
+@main.group()
+def image() -> None:
+    """Images of committed cycles (block tasks), written out from the data directory."""
+
+
+@image.command("export")
+@click.option("--source", required=True, help="Source id (s-...).")
+@click.option("--cycle", type=click.IntRange(1, 999999), help="Committed cycle (default: the newest).")
+@click.option("--disk", help="Disk name, as 'migration artifacts' shows it (needed when there are several).")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="File to write.")
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True,
+              help="Image format (raw: a sparse file, bit-identical to the source disk; qcow2: not yet).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), envvar="GO2CLOUD_DATA_DIR",
+              default=DEFAULT_DATA_DIR, show_default=True,
+              help="The server's data directory, as 'serve' has it (read only; env GO2CLOUD_DATA_DIR).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def image_export(source: str, cycle: Optional[int], disk: Optional[str], out: Path, fmt: str, force: bool,
+                 data_dir: Path, as_json: bool) -> None:
+    """Write a block task's disk at a committed cycle as a sparse raw image (on the target host)."""
+    from go2cloud_server.imageexport import ExportRequest, export_image
+
+    res = export_image(ExportRequest(data_dir=data_dir, source=source, out=out, cycle=cycle, disk=disk,
+                                     fmt=fmt, force=force))
+    if as_json:
+        _echo_json(res.as_dict())
+        return
+    verified = f"sha256 {res.sha256} (verified)" if res.sha256 else f"verification {res.state or 'unknown'}"
+    sizes = f"{_bytes(res.bytes)}, {_bytes(res.data_bytes)} of data"
+    click.echo(terminal_safe(f"Exported cycle {res.cycle} of disk {res.disk} (source {res.source}, task "
+                             f"{res.task}) to {res.out}: {sizes}; {verified}"))

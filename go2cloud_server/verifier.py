@@ -1,8 +1,9 @@
 """The background verifier of block generations: one worker thread, taking turns between tasks.
 
-Acknowledging a block cycle makes the generation images at once (a reflink, or a sparse copy) and
-records their artifacts as ``pending``; the sha256 and the filesystem check of a big image take
-minutes, far longer than an HTTP request may. The control plane submits each pending generation
+Acknowledging a block cycle makes the generations at once (a reflink, or a delta of the chunks
+that changed: ``blockgens``) and records their artifacts as ``pending``; the sha256 and the
+filesystem check of a big image (of a delta: its image composed, checked on a temporary copy)
+take minutes, far longer than an HTTP request may. The control plane submits each pending generation
 here and the worker verifies them, reporting each result through the callback it was built with.
 
 Fairness: the verifier is shared by every task of the server, and a source decides how large its

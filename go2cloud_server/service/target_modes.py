@@ -65,6 +65,8 @@ class BlockStore(Protocol):
 
     def retain(self, keep: int) -> List[int]: ...
 
+    def generation_report(self, disk: str, cycle: int) -> Optional[Dict[str, Any]]: ...
+
     def discard_cycle(self, cycle: int) -> None: ...
 
     def destroy(self) -> None: ...
@@ -269,13 +271,17 @@ class BlockTarget(TaskTarget):
         """Nothing: the block receiver resolves active tasks from the database."""
 
     def commit_cycle(self, task: Mapping[str, Any], n: int) -> List[Dict[str, Any]]:
-        # the images only (a reflink is instant): their sha256 and check are the verifier's job,
-        # the agent's acknowledgement must not wait for them
+        # the generations only (a reflink, or a delta of what changed): their sha256 and check are
+        # the verifier's job, the agent's acknowledgement must not wait for them
         store = self.targets.block_store(task["id"])
         return [self.targets.generation_row(rec) for rec in store.commit_cycle(n)]
 
     def retain(self, task: Mapping[str, Any], keep: int, just_committed: Optional[int] = None) -> List[int]:
-        return list(self.targets.block_store(task["id"]).retain(keep))
+        store = self.targets.block_store(task["id"])
+        removed = list(store.retain(keep))
+        if removed:  # the oldest kept generation may be a full image now (a fold): its row follows
+            self.targets.refresh_generation_paths(task["id"], store)
+        return removed
 
     def release(self, task: Mapping[str, Any]) -> None:
         """Discard the running cycle of the block store (committed generations stay); the receiver

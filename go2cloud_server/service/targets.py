@@ -246,6 +246,24 @@ class Targets(Concern):
         with self.store.transaction() as conn:
             repo_artifacts.set_verified(conn, task_id, cycle, disk, row["bytes"], row["sha256"],
                                         row["report"])
+            # a fold may have made a delta a full image since its row was written
+            repo_artifacts.set_path(conn, task_id, cycle, disk, row["path"], row["report"])
+
+    def refresh_generation_paths(self, task_id: str, bs: BlockStore) -> None:
+        """After retention: a delta folded into a full image has another path (``gen-N.img``
+        instead of ``gen-N.delta``); its artifact row (path, and kind in its report) follows."""
+        rows = repo_artifacts.of_task(self.store, task_id)
+        with self.store.transaction() as conn:
+            for r in rows:
+                if not r["disk"]:
+                    continue
+                rep = bs.generation_report(r["disk"], int(r["cycle"]))
+                if rep is None or rep.get("path") == r["path"]:
+                    continue
+                report = dict(loads(r["report"], None) or {})
+                report.update({k: rep.get(k) for k in ("kind", "image", "note")})
+                repo_artifacts.set_path(conn, task_id, int(r["cycle"]), r["disk"], str(rep["path"]),
+                                        dumps(report))
 
     def retain(self, task: Mapping[str, Any], keep: int, just_committed: Optional[int] = None) -> List[int]:
         """Remove the task's committed cycles beyond the ``keep`` latest; their numbers."""

@@ -59,6 +59,9 @@ class FakeBlockStore:
     def discard_cycle(self, cycle: int) -> None:
         self.log.discarded.append((self.root, cycle))
 
+    def generation_report(self, disk: str, cycle: int) -> Optional[dict]:
+        return None  # nothing moves in this fake
+
     def destroy(self) -> None:
         pass
 

@@ -56,7 +56,7 @@ def set_verified(conn: Conn, task_id: str, cycle: int, disk: str, nbytes: int,
                "AND disk = ?", (nbytes, sha256, report, task_id, cycle, disk))
 
 
-def set_path(conn: sqlite3.Connection, task_id: str, cycle: int, disk: str, path: str, report: str) -> None:
+def set_path(conn: Conn, task_id: str, cycle: int, disk: str, path: str, report: str) -> None:
     """A block generation's files moved (a delta folded into a full image by retention)."""
     db.execute(conn, "UPDATE artifacts SET path = ?, report = ? WHERE task_id = ? AND cycle = ? AND disk = ?",
                (path, report, task_id, cycle, disk))

@@ -1402,7 +1402,11 @@ def _check_text(report: Optional[Dict[str, Any]]) -> str:
         return f"not verified: {report.get('error') or 'unknown error'}"
     check = report.get("check")
     if isinstance(check, dict):
-        check = "ok" if check.get("ok") else f"failed (rc {check.get('rc')}): {check.get('summary') or ''}"
+        if check.get("skipped"):
+            check = check.get("summary") or f"check skipped ({check['skipped']})"
+        else:
+            summary = check.get("summary") or ""
+            check = "ok" if check.get("ok") else f"failed (rc {check.get('rc')}): {summary}"
     fs = report.get("fs")
     return " ".join(str(x) for x in (fs, check) if x) or "-"
 

@@ -63,3 +63,4 @@ def test_serve_defaults_come_from_the_modules_that_use_them():
 
 def test_the_client_finds_the_certificate_serve_writes(tmp_path):
     assert tmp_path / CERT_FILE == tls.paths(tmp_path / "tls")[0]
+

@@ -1456,14 +1456,17 @@ def image() -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), envvar="GO2CLOUD_DATA_DIR",
               default=DEFAULT_DATA_DIR, show_default=True,
               help="The server's data directory, as 'serve' has it (read only; env GO2CLOUD_DATA_DIR).")
+@click.option("--database", envvar="GO2CLOUD_DATABASE", metavar="URL", default=None,
+              help="The database 'serve' was given (postgresql://...; env GO2CLOUD_DATABASE); default: the "
+                   "SQLite file in --data-dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def image_export(source: str, cycle: Optional[int], disk: Optional[str], out: Path, fmt: str, force: bool,
-                 data_dir: Path, as_json: bool) -> None:
+                 data_dir: Path, database: Optional[str], as_json: bool) -> None:
     """Write a block task's disk at a committed cycle as a sparse raw image (on the target host)."""
     from go2cloud_server.imageexport import ExportRequest, export_image
 
     res = export_image(ExportRequest(data_dir=data_dir, source=source, out=out, cycle=cycle, disk=disk,
-                                     fmt=fmt, force=force))
+                                     fmt=fmt, force=force, database=database))
     if as_json:
         _echo_json(res.as_dict())
         return

@@ -21,9 +21,12 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Protocol
 
 from go2cloud_server.errors import Conflict, InvalidInput, NotFound, ServerError
+
+if TYPE_CHECKING:
+    from go2cloud_server.repositories.db import Db
 
 FORMATS = ("raw",)
 
@@ -62,6 +65,8 @@ class ExportRequest:
     disk: Optional[str] = None
     fmt: str = "raw"
     force: bool = False
+    #: the database ``serve`` was given (``--database``); None: the SQLite file in ``data_dir``
+    database: Optional[str] = None
 
 
 @dataclass
@@ -81,11 +86,17 @@ class ExportResult:
         return dict(self.__dict__)
 
 
-def _connect(data_dir: Path) -> sqlite3.Connection:
-    path = data_dir / "server.db"
+def _connect(req: ExportRequest) -> Db:
+    """The server's database, for reading: the SQLite file of the data directory opened read-only,
+    or the PostgreSQL database ``serve`` was given (``--database``)."""
+    if req.database:
+        from go2cloud_server.store import open_database
+
+        return open_database(req.database, req.data_dir, pool_size=1)
+    path = req.data_dir / "server.db"
     if not path.is_file():
         raise NotFound(f"no server database at {path}: give the --data-dir the server runs with "
-                       "(env GO2CLOUD_DATA_DIR)")
+                       "(env GO2CLOUD_DATA_DIR), or its --database")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     conn.row_factory = sqlite3.Row
     return conn
@@ -109,25 +120,25 @@ class _Chosen:
     report: Dict[str, Any]
 
 
-def _choose(conn: sqlite3.Connection, req: ExportRequest) -> _Chosen:
+def _choose(d: Db, req: ExportRequest) -> _Chosen:
     """The block task, disk and committed cycle the request names (clear errors otherwise)."""
     import json
 
-    src = conn.execute("SELECT id FROM sources WHERE id = ?", (req.source,)).fetchone()
-    if src is None:
+    from go2cloud_server.repositories import artifacts as repo_artifacts
+    from go2cloud_server.repositories import sources as repo_sources
+    from go2cloud_server.repositories import tasks as repo_tasks
+
+    if repo_sources.get(d, req.source) is None:
         raise NotFound(f"source {req.source} is unknown ('go2cloud_server source list' shows the sources)")
-    tasks = conn.execute("SELECT id, mode FROM tasks WHERE source_id = ? ORDER BY created_at, id",
-                         (req.source,)).fetchall()
-    block = [t["id"] for t in tasks if t["mode"] == "block"]
+    block = [t["id"] for t in reversed(repo_tasks.all_of_source(d, req.source)) if t["mode"] == "block"]
     if not block:
         raise NotFound(f"source {req.source} has no block task: image export writes the disks of block "
                        "migrations (a file-level migration's cycles are directory trees under the data "
                        "directory)")
-    rows: List[sqlite3.Row] = []
+    rows: List[Dict[str, Any]] = []
     task = ""
     for tid in reversed(block):  # the newest block task with a committed cycle
-        rows = conn.execute("SELECT cycle, disk, report FROM artifacts WHERE task_id = ? AND disk != '' "
-                            "ORDER BY cycle, disk", (tid,)).fetchall()
+        rows = [r for r in repo_artifacts.of_task(d, tid) if r["disk"]]
         if rows:
             task = tid
             break
@@ -170,7 +181,7 @@ def export_image(req: ExportRequest) -> ExportResult:
         raise InvalidInput(f"{out} exists and is not a regular file")
     if not out.parent.is_dir():
         raise NotFound(f"{out.parent} does not exist: create it first, or give another --out")
-    conn = _connect(req.data_dir)
+    conn = _connect(req)
     try:
         chosen = _choose(conn, req)
     finally:

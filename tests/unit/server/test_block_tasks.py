@@ -451,3 +451,37 @@ def test_a_verification_error_marks_the_artifact_failed(bservice, blocks, monkey
     assert bservice.start() == 1
     (art,) = wait_verified(bservice, tid)
     assert art["sha256"] == f"{1:064x}" and art["report"]["state"] == "verified"
+
+
+def test_image_export_finds_the_task_disk_and_cycle_through_the_repositories(bservice, store, tmp_path):
+    """``image export`` reads the committed cycles from the server's database through the
+    repositories, so it works on SQLite and on PostgreSQL (tests/integration/test_postgres.py runs
+    this module on PostgreSQL): the newest committed cycle by default, clear errors naming the
+    committed cycles and the disks."""
+    from go2cloud_server.errors import NotFound
+    from go2cloud_server.imageexport import ExportRequest, _choose
+
+    sid = _source(bservice)
+    bservice.start_migration({"drill": False, "mode": "block", "disks": ["/dev/vdb", "/srv/disk.img"],
+                              "keep_images": 3}, source=sid)
+    start = _cmds(bservice, sid)[0]
+    tid = start["params"]["task_id"]
+    _ack(bservice, sid, start)
+    bservice.migration_action("sync", source=sid)
+    _ack(bservice, sid, _cmds(bservice, sid)[0])
+    assert sorted({a["cycle"] for a in wait_verified(bservice, tid)}) == [1, 2]
+
+    def req(**kw):
+        return ExportRequest(data_dir=tmp_path, source=sid, out=tmp_path / "out.img", **kw)
+
+    chosen = _choose(store, req(disk="vdb"))
+    assert (chosen.task, chosen.disk, chosen.cycle) == (tid, "vdb", 2)
+    assert _choose(store, req(disk="disk.img", cycle=1)).cycle == 1
+    with pytest.raises(InvalidInput, match="give --disk .one of: disk.img, vdb"):
+        _choose(store, req())
+    with pytest.raises(NotFound, match="committed cycles: 1, 2"):
+        _choose(store, req(disk="vdb", cycle=5))
+    with pytest.raises(NotFound, match="its disks: disk.img, vdb"):
+        _choose(store, req(disk="sda"))
+    with pytest.raises(NotFound, match="is unknown"):
+        _choose(store, ExportRequest(data_dir=tmp_path, source="s-nope", out=tmp_path / "o"))

@@ -16,8 +16,10 @@ files written in the VM).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -157,3 +159,37 @@ def test_live_vm_migrates_itself_through_a_reboot(server: Server, machine: vm.Vm
     assert final not in (first, second)
     assert (final / "var/lib/g2c-demo/counter").read_text() == counter
     assert (final / "root/marker1.txt").read_text() == "marker-one\n"
+
+
+def test_a_disk_built_from_the_vm_tree_boots_to_a_login_prompt(tmp_path: Path, image: Path,
+                                                               net: vm.VmNet) -> None:
+    """The bootable-disk builder (go2cloud_server.imagebuild) on the VM image's root file system,
+    as a file-level image holds it: the built disk boots under qemu to the serial login prompt (its
+    network was reset to DHCP, so the prompt is the check; nothing answers SSH)."""
+    from go2cloud_server.imagebuild import build, plan
+    from tests.integration.test_imagebuild import vm_inventory
+
+    meta = json.loads((image / "meta.json").read_text())
+    root = tmp_path / "root"
+    root.mkdir()
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--offset",
+                           str(meta["part_start_mib"] << 20), str(image / "disk.img")],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    built = tmp_path / "built"
+    built.mkdir()
+    try:
+        subprocess.run(["mount", "-o", "ro", loop, str(root)], check=True)
+        try:
+            build(root, plan(vm_inventory(image), root), built / "disk.img")
+        finally:
+            subprocess.run(["umount", str(root)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+    shutil.copy2(image / "id_ed25519", built / "id_ed25519")
+    box = vm.Vm(net, tmp_path, built)
+    box.start()
+    try:
+        box.wait_login(900)
+        assert "g2c-vm login:" in box.console_text()
+    finally:
+        box.kill()

@@ -1462,13 +1462,20 @@ def image() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def image_export(source: str, cycle: Optional[int], disk: Optional[str], out: Path, fmt: str, force: bool,
                  data_dir: Path, database: Optional[str], as_json: bool) -> None:
-    """Write a block task's disk at a committed cycle as a sparse raw image (on the target host)."""
+    """Write a source's disk at a committed cycle as a sparse raw image (on the target host): a block
+    task's disk as replicated, or a file task's tree built into a bootable disk (BIOS, extlinux)."""
     from go2cloud_server.imageexport import ExportRequest, export_image
 
     res = export_image(ExportRequest(data_dir=data_dir, source=source, out=out, cycle=cycle, disk=disk,
                                      fmt=fmt, force=force, database=database))
     if as_json:
         _echo_json(res.as_dict())
+        return
+    if res.kind == "converted":
+        click.echo(terminal_safe(
+            f"Built a bootable disk of {res.disk} from cycle {res.cycle} (source {res.source}, task "
+            f"{res.task}) at {res.out}: {_bytes(res.bytes)}, {_bytes(res.data_bytes)} of data; the "
+            f"conversion report is {res.out}.conversion.txt (and .json)"))
         return
     verified = f"sha256 {res.sha256} (verified)" if res.sha256 else f"verification {res.state or 'unknown'}"
     sizes = f"{_bytes(res.bytes)}, {_bytes(res.data_bytes)} of data"

@@ -12,9 +12,11 @@ What it does, in order (each step is listed in the conversion report, :class:`Re
 3. **Data**: the tree copied with rsync and every attribute (owners, modes, ACLs, xattrs, hard
    links, sparse files, device nodes: ``-aHAXS --numeric-ids``), each partition mounted where
    the source had it.
-4. **Boot fixes**: fstab entries that name a disk by its kernel name or an id that the new
-   machine will not have are rewritten to ``UUID=``; the network configuration of ifupdown is
-   reset to DHCP on the first interface; udev's persistent network names are removed.
+4. **Boot fixes**: the boot-time mount points (/dev, /proc, /sys, /run, /tmp) made where the
+   tree has none (a file-level migration's excludes); fstab entries that name a disk by its
+   kernel name or an id that the new machine will not have are rewritten to ``UUID=``; the
+   network configuration of ifupdown is reset to DHCP on the first interface; udev's persistent
+   network names are removed.
 5. **Boot loader** for the source's boot mode: BIOS with extlinux/syslinux (the source's
    ``extlinux.conf`` kept, the loader installed into the new file system and syslinux's MBR code
    written). Sources that boot with GRUB or UEFI are refused with a clear message for now.
@@ -293,6 +295,21 @@ def reset_network(root: Path, report: Report) -> None:
         report.change("machine state", "/" + str(rules.relative_to(root)), "removed (the old NICs' names)")
 
 
+#: directories the system mounts its own file systems on at boot: a file-level migration's default
+#: excludes leave some out (their contents are the running system's, not data)
+MOUNT_POINTS = (("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755), ("tmp", 0o1777))
+
+
+def ensure_mount_points(root: Path, report: Report) -> None:
+    """The boot-time mount points the tree lacks, made with their usual modes."""
+    for name, mode in MOUNT_POINTS:
+        path = root / name
+        if not path.exists() and not path.is_symlink():
+            path.mkdir()
+            os.chmod(path, mode)
+            report.change("mount point", f"/{name}", f"created (mode {mode:o}): the tree had none")
+
+
 def _extlinux_dir(root: Path) -> Optional[Path]:
     for rel in ("boot/extlinux/extlinux.conf", "boot/syslinux/syslinux.cfg", "boot/extlinux.conf",
                 "extlinux.conf"):
@@ -338,6 +355,7 @@ def build(tree: Path, plan_: DiskPlan, out: Path, force: bool = False) -> Report
             _run(["mount", loops[part.number], str(where)], f"mount partition {part.number}")
             mounted.append(where)
         _run(["rsync", "-aHAXS", "--numeric-ids", f"{tree}/", f"{mnt}/"], "copy the tree into the disk")
+        ensure_mount_points(mnt, report)
         fix_fstab(mnt, plan_, report)
         reset_network(mnt, report)
         loader = _extlinux_dir(mnt)

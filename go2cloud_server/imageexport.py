@@ -118,10 +118,14 @@ class _Chosen:
     disk: str
     cycle: int
     report: Dict[str, Any]
+    #: a file task's: the committed cycle's tree and the source's inventory
+    tree: Optional[Path] = None
+    inventory: Optional[Dict[str, Any]] = None
 
 
 def _choose(d: Db, req: ExportRequest) -> _Chosen:
-    """The block task, disk and committed cycle the request names (clear errors otherwise)."""
+    """The task (the newest with a committed cycle), disk and cycle the request names (clear errors
+    otherwise)."""
     import json
 
     from go2cloud_server.repositories import artifacts as repo_artifacts
@@ -130,21 +134,21 @@ def _choose(d: Db, req: ExportRequest) -> _Chosen:
 
     if repo_sources.get(d, req.source) is None:
         raise NotFound(f"source {req.source} is unknown ('go2cloud_server source list' shows the sources)")
-    block = [t["id"] for t in reversed(repo_tasks.all_of_source(d, req.source)) if t["mode"] == "block"]
-    if not block:
-        raise NotFound(f"source {req.source} has no block task: image export writes the disks of block "
-                       "migrations (a file-level migration's cycles are directory trees under the data "
-                       "directory)")
+    tasks = repo_tasks.all_of_source(d, req.source)  # newest first
+    if not tasks:
+        raise NotFound(f"source {req.source} has no migration task ('go2cloud_server migration start')")
     rows: List[Dict[str, Any]] = []
-    task = ""
-    for tid in reversed(block):  # the newest block task with a committed cycle
-        rows = [r for r in repo_artifacts.of_task(d, tid) if r["disk"]]
+    task: Dict[str, Any] = {}
+    for t in tasks:  # the newest task with a committed cycle
+        rows = [r for r in repo_artifacts.of_task(d, t["id"]) if bool(r["disk"]) == (t["mode"] == "block")]
         if rows:
-            task = tid
+            task = t
             break
     if not rows:
-        raise NotFound(f"source {req.source}: its block task {block[-1]} has no committed cycle yet "
+        raise NotFound(f"source {req.source}: its task {tasks[0]['id']} has no committed cycle yet "
                        "('go2cloud_server migration show' shows its progress)")
+    if task["mode"] != "block":
+        return _choose_file(d, req, task, rows)
     cycles = sorted({int(r["cycle"]) for r in rows})
     cycle = cycles[-1] if req.cycle is None else req.cycle
     if cycle not in cycles:
@@ -166,7 +170,31 @@ def _choose(d: Db, req: ExportRequest) -> _Chosen:
         report = json.loads(disks[disk]["report"] or "{}")
     except ValueError:
         report = {}
-    return _Chosen(task, disk, cycle, report if isinstance(report, dict) else {})
+    return _Chosen(task["id"], disk, cycle, report if isinstance(report, dict) else {})
+
+
+def _choose_file(d: Db, req: ExportRequest, task: Dict[str, Any], rows: List[Dict[str, Any]]) -> _Chosen:
+    """A file task's committed cycle: its tree and the source's inventory (what imagebuild needs)."""
+    import json
+
+    from go2cloud_server.repositories import sources as repo_sources
+
+    paths = json.loads(task.get("paths") or "[]")
+    if "/" not in paths:
+        raise InvalidInput(f"task {task['id']} of source {req.source} migrated {', '.join(paths)}, not the "
+                           "whole system ('/'): a bootable disk needs the root file system")
+    if req.disk is not None:
+        raise InvalidInput("--disk is for block tasks: a file task's disk is the one that held '/' "
+                           "(from the source's inventory)")
+    cycles = sorted(int(r["cycle"]) for r in rows)
+    cycle = cycles[-1] if req.cycle is None else req.cycle
+    if cycle not in cycles:
+        raise NotFound(f"cycle {cycle} of source {req.source} is not committed (or no longer kept); "
+                       f"committed cycles: {', '.join(str(c) for c in cycles)}")
+    row = next(r for r in rows if int(r["cycle"]) == cycle)
+    source = repo_sources.get(d, req.source) or {}
+    inventory = json.loads(source.get("inventory") or "{}")
+    return _Chosen(task["id"], "", cycle, {}, tree=Path(row["path"]), inventory=inventory)
 
 
 def export_image(req: ExportRequest) -> ExportResult:
@@ -186,6 +214,8 @@ def export_image(req: ExportRequest) -> ExportResult:
         chosen = _choose(conn, req)
     finally:
         conn.close()
+    if chosen.tree is not None:
+        return _export_file_task(req, chosen, out)
     from go2cloud_server.blockstore import BlockTaskStore
 
     store = BlockTaskStore(image_dir(req.data_dir) / "tasks" / chosen.task / "block")
@@ -198,6 +228,23 @@ def export_image(req: ExportRequest) -> ExportResult:
     return ExportResult(source=req.source, task=chosen.task, disk=chosen.disk, cycle=chosen.cycle,
                         out=str(out), bytes=size, data_bytes=data, kind=str(report.get("kind") or "full"),
                         state=report.get("state"), sha256=report.get("sha256"))
+
+
+def _export_file_task(req: ExportRequest, chosen: _Chosen, out: Path) -> ExportResult:
+    """A file task's cycle built into a bootable disk (go2cloud_server.imagebuild), with its
+    conversion report next to it (``<out>.conversion.json`` / ``.txt``)."""
+    from go2cloud_server import imagebuild
+
+    assert chosen.tree is not None
+    if not chosen.tree.is_dir():
+        raise NotFound(f"the tree of cycle {chosen.cycle} is missing at {chosen.tree}")
+    layout = imagebuild.plan(chosen.inventory or {}, chosen.tree)
+    report = imagebuild.build(chosen.tree, layout, out, force=req.force)
+    imagebuild.write_report(report, out)
+    st = out.stat()
+    return ExportResult(source=req.source, task=chosen.task, disk=layout.name, cycle=chosen.cycle,
+                        out=str(out), bytes=st.st_size, data_bytes=st.st_blocks * 512, kind="converted",
+                        state=None, sha256=None)
 
 
 def write_image(store: GenerationStore, disk: str, cycle: int, out: Path, force: bool = False) -> tuple:

@@ -8,9 +8,10 @@ server have addresses only in the network namespace this test creates.
 
 Steps: a file-level migration of the VM's local mount points with the default excludes; a change
 and a second marker, synced while the VM is rebooted in the middle of the cycle (systemd brings
-the agent back and the cycle completes); a final sync after a service in the VM is stopped. Each
-committed image is compared with the VM's own files (sha256 of every marker and of a tree of
-files written in the VM).
+the agent back and the cycle completes); a final sync after a service in the VM is stopped; then
+``image export`` builds a bootable disk from the final cycle, which boots under qemu to a login
+prompt and holds the markers (checked by mounting it after the boot). Each committed image is
+compared with the VM's own files (sha256 of every marker and of files written in the VM).
 """
 
 from __future__ import annotations
@@ -159,6 +160,42 @@ def test_live_vm_migrates_itself_through_a_reboot(server: Server, machine: vm.Vm
     assert final not in (first, second)
     assert (final / "var/lib/g2c-demo/counter").read_text() == counter
     assert (final / "root/marker1.txt").read_text() == "marker-one\n"
+
+    # 4. the migrated system as a machine: image export builds a bootable disk from the final
+    # cycle's tree and the VM's inventory; it boots to a login prompt and holds the markers
+    machine.kill()
+    built = server.j("image", "export", "--source", sid, "--out", str(server.data_dir.parent / "vm.img"))
+    assert built["kind"] == "converted" and built["disk"] == "vda"
+    out = Path(built["out"])
+    report = json.loads(out.with_name(out.name + ".conversion.json").read_text())
+    assert any(c["kind"] == "network" for c in report["changes"]), report
+    booted = out.parent / "booted"
+    booted.mkdir()
+    os.replace(out, booted / "disk.img")
+    shutil.copy2(machine.image / "id_ed25519", booted / "id_ed25519")
+    (out.parent / "boot-check").mkdir()
+    copy = vm.Vm(machine.net, out.parent / "boot-check", booted)
+    copy.start()
+    try:
+        copy.wait_login(900)
+    finally:
+        copy.kill()
+    start = report["disk"]["partitions"][0]["start_bytes"]
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--offset", str(start),
+                           str(booted / "disk.img")],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    mnt = out.parent / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "-o", "ro", loop, str(mnt)], check=True)
+        try:
+            for f, digest in want2.items():
+                assert _sha256(mnt / f.lstrip("/")) == digest, f
+            assert (mnt / "var/lib/g2c-demo/counter").read_text() == counter
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
 
 
 def test_a_disk_built_from_the_vm_tree_boots_to_a_login_prompt(tmp_path: Path, image: Path,

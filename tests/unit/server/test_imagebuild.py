@@ -14,6 +14,7 @@ from go2cloud_server.imagebuild import (
     PartPlan,
     Report,
     _sfdisk_script,
+    ensure_mount_points,
     fix_fstab,
     plan,
     reset_network,
@@ -119,3 +120,12 @@ def test_network_is_reset_to_dhcp_and_old_nic_names_removed(tmp_path: Path):
     again = Report()
     reset_network(tmp_path, again)  # DHCP already: nothing to change
     assert again.changes == []
+
+
+def test_missing_boot_time_mount_points_are_made(tmp_path: Path):
+    (tmp_path / "proc").mkdir()
+    report = Report()
+    ensure_mount_points(tmp_path, report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev", "proc", "run", "sys", "tmp"]
+    assert (tmp_path / "tmp").stat().st_mode & 0o7777 == 0o1777
+    assert [c["path"] for c in report.changes] == ["/dev", "/sys", "/run", "/tmp"]  # /proc was there

@@ -352,23 +352,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 def data_extents(fd: int, size: int) -> Iterator[Tuple[int, int]]:
     """(offset, length) of the data regions of a file (the whole file where SEEK_DATA fails)."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            yield pos, size - pos
-            return
-        if start >= size:
-            return
-        try:
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        except OSError:
-            end = size
-        yield start, end - start
-        pos = end
+    return blockgens.data_regions(fd, 0, size)
 
 
 def sparse_copy(src: Path, dst: Path) -> str:

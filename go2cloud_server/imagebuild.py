@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -194,18 +193,30 @@ def plan(inventory: Mapping[str, Any], tree: Path) -> DiskPlan:
 
 # -- building -------------------------------------------------------------------------------------
 def _run(argv: Sequence[str], what: str, input: Optional[str] = None, timeout: float = 3600) -> str:
+    from go2cloud_server import proc
+
     tool = argv[0]
-    if shutil.which(tool) is None:
+    if shutil.which(tool, path=proc.child_env()["PATH"]) is None:
         raise BuildError(f"{tool} is not installed on this host: it is needed to {what} "
                          "(scripts/setup.sh installs it; docs/operator-guide.md lists the tools)")
-    proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout,
-                          env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-                               "LC_ALL": "C"},
-                          stdin=None if input is not None else subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise BuildError(f"cannot {what}: {' '.join(argv)} exited {proc.returncode}: "
-                         f"{(proc.stderr or proc.stdout).strip()[-500:]}")
-    return proc.stdout
+    try:
+        rc, out = proc.run(list(argv), timeout=timeout, input=input.encode() if input is not None else None)
+    except proc.TimeoutExpired:
+        raise BuildError(f"cannot {what}: {tool} did not finish within {timeout:.0f} s") from None
+    text = out.decode("utf-8", "replace")
+    if rc != 0:
+        raise BuildError(f"cannot {what}: {' '.join(argv)} exited {rc}: {text.strip()[-500:]}")
+    return text
+
+
+def _quiet(argv: Sequence[str]) -> None:
+    """A clean-up step whose failure changes nothing (the error being reported is the first)."""
+    from go2cloud_server import proc
+
+    try:
+        proc.run(list(argv), timeout=120)
+    except (OSError, proc.TimeoutExpired):
+        pass
 
 
 def _sfdisk_script(p: DiskPlan, boot_part: int) -> str:
@@ -379,9 +390,9 @@ def build(tree: Path, plan_: DiskPlan, out: Path, force: bool = False) -> Report
         os.replace(tmp, out)
     finally:
         for where in reversed(mounted):
-            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+            _quiet(["umount", "-l", str(where)])
         for dev in loops.values():
-            subprocess.run(["losetup", "-d", dev], capture_output=True)
+            _quiet(["losetup", "-d", dev])
         tmp.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     report.disk = {"name": plan_.name, "table": plan_.table, "size_bytes": plan_.size_bytes,

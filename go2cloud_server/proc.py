@@ -80,14 +80,17 @@ def spawn(argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, die_w
 
 
 def run(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
-        spawner: Optional[Callable[..., subprocess.Popen]] = None) -> Tuple[int, bytes]:
-    """Run ``argv`` to its end, stdin closed: (exit status, stdout and stderr together). When
-    ``timeout`` runs out its process group is killed and :data:`TimeoutExpired` raised; a child
-    not found raises FileNotFoundError. ``spawner`` (default :func:`spawn`) starts the child
-    (the children registry passes its own, which records it)."""
-    child = (spawner or spawn)(argv, env=env, stdin=DEVNULL, stdout=PIPE, stderr=STDOUT)
+        spawner: Optional[Callable[..., subprocess.Popen]] = None,
+        input: Optional[bytes] = None) -> Tuple[int, bytes]:
+    """Run ``argv`` to its end: (exit status, stdout and stderr together). Its stdin is ``input``
+    (e.g. sfdisk's script), else closed. When ``timeout`` runs out its process group is killed and
+    :data:`TimeoutExpired` raised; a child not found raises FileNotFoundError. ``spawner``
+    (default :func:`spawn`) starts the child (the children registry passes its own, which records
+    it)."""
+    child = (spawner or spawn)(argv, env=env, stdin=PIPE if input is not None else DEVNULL, stdout=PIPE,
+                               stderr=STDOUT)
     try:
-        out, _ = child.communicate(timeout=timeout)
+        out, _ = child.communicate(input=input, timeout=timeout)
         return child.returncode, out
     except TimeoutExpired:
         kill_group(child.pid)

@@ -64,3 +64,30 @@ def test_run_refuses_a_shell_string_and_kills_a_child_that_outlives_its_timeout(
 def test_a_missing_program_is_file_not_found():
     with pytest.raises(FileNotFoundError):
         proc.run(["/nonexistent/go2cloud-no-such-program"], timeout=5)
+
+
+def test_run_gives_the_child_its_input_or_a_closed_stdin():
+    """sfdisk reads its script on stdin (imagebuild): ``input`` is what the child reads; without
+    it the child's stdin is closed (it reads nothing, never the server's terminal)."""
+    echo = [sys.executable, "-c", "import sys; sys.stdout.write(sys.stdin.read().upper())"]
+    assert proc.run(echo, timeout=30, input=b"label: dos\n") == (0, b"LABEL: DOS\n")
+    assert proc.run(echo, timeout=30) == (0, b"")
+
+
+def test_no_other_server_module_imports_subprocess():
+    """The one way to run a process (docs/architecture.md): a module that imported subprocess
+    itself would give its children the server's whole environment (the admin token included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(proc.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "proc.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "subprocess" or n.startswith("subprocess.") for n in names):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []

@@ -1459,25 +1459,44 @@ def image() -> None:
 @click.option("--database", envvar="GO2CLOUD_DATABASE", metavar="URL", default=None,
               help="The database 'serve' was given (postgresql://...; env GO2CLOUD_DATABASE); default: the "
                    "SQLite file in --data-dir.")
+@click.option("--boot-check", is_flag=True,
+              help="Then boot the image under qemu (unchanged: -snapshot, no network) and wait for a login "
+                   "prompt on its serial console; exit non-zero when none comes.")
+@click.option("--boot-timeout", type=click.IntRange(10, 86400), default=900, show_default=True,
+              help="Seconds the boot check waits for the login prompt (software emulation is slow).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def image_export(source: str, cycle: Optional[int], disk: Optional[str], out: Path, fmt: str, force: bool,
-                 data_dir: Path, database: Optional[str], as_json: bool) -> None:
+                 data_dir: Path, database: Optional[str], boot_check: bool, boot_timeout: int,
+                 as_json: bool) -> None:
     """Write a source's disk at a committed cycle as a sparse raw image (on the target host): a block
     task's disk as replicated, or a file task's tree built into a bootable disk (BIOS, extlinux)."""
     from go2cloud_server.imageexport import ExportRequest, export_image
 
     res = export_image(ExportRequest(data_dir=data_dir, source=source, out=out, cycle=cycle, disk=disk,
                                      fmt=fmt, force=force, database=database))
+    if not as_json:
+        if res.kind == "converted":
+            click.echo(terminal_safe(
+                f"Built a bootable disk of {res.disk} from cycle {res.cycle} (source {res.source}, task "
+                f"{res.task}) at {res.out}: {_bytes(res.bytes)}, {_bytes(res.data_bytes)} of data; the "
+                f"conversion report is {res.out}.conversion.txt (and .json)"))
+        else:
+            verified = (f"sha256 {res.sha256} (verified)" if res.sha256 else
+                        f"verification {res.state or 'unknown'}")
+            sizes = f"{_bytes(res.bytes)}, {_bytes(res.data_bytes)} of data"
+            click.echo(terminal_safe(f"Exported cycle {res.cycle} of disk {res.disk} (source {res.source}, "
+                                     f"task {res.task}) to {res.out}: {sizes}; {verified}"))
+    doc = res.as_dict()
+    if boot_check:
+        from go2cloud_server.bootcheck import boot_check as run_boot_check
+
+        if not as_json:
+            click.echo(f"Booting it under qemu to check it (up to {boot_timeout} s)...")
+        checked = run_boot_check(Path(res.out), timeout_s=boot_timeout)
+        doc["boot_check"] = {"login_after_s": checked.seconds, "accel": checked.accel,
+                             "console": checked.console}
+        if not as_json:
+            click.echo(terminal_safe(f"Boot check: a login prompt after {checked.seconds:.0f} s "
+                                     f"({checked.accel}); the console is in {checked.console}"))
     if as_json:
-        _echo_json(res.as_dict())
-        return
-    if res.kind == "converted":
-        click.echo(terminal_safe(
-            f"Built a bootable disk of {res.disk} from cycle {res.cycle} (source {res.source}, task "
-            f"{res.task}) at {res.out}: {_bytes(res.bytes)}, {_bytes(res.data_bytes)} of data; the "
-            f"conversion report is {res.out}.conversion.txt (and .json)"))
-        return
-    verified = f"sha256 {res.sha256} (verified)" if res.sha256 else f"verification {res.state or 'unknown'}"
-    sizes = f"{_bytes(res.bytes)}, {_bytes(res.data_bytes)} of data"
-    click.echo(terminal_safe(f"Exported cycle {res.cycle} of disk {res.disk} (source {res.source}, task "
-                             f"{res.task}) to {res.out}: {sizes}; {verified}"))
+        _echo_json(doc)

@@ -110,3 +110,18 @@ def test_a_bootable_disk_from_a_debian_tree(source_root: Path, tmp_path: Path) -
     assert kinds.count("boot loader") == 2 and "network" in kinds
     assert doc["disk"]["partitions"][0]["fs_uuid"] == meta["root_uuid"]
     assert "extlinux installed" in files[1].read_text()
+
+
+def test_the_boot_check_fails_with_the_console_when_nothing_boots(tmp_path: Path) -> None:
+    """A disk with nothing to boot: qemu's BIOS finds no boot sector, no login prompt ever comes;
+    the check fails after its timeout, says what to look at, and leaves the image unchanged
+    (-snapshot)."""
+    from go2cloud_server.bootcheck import BootCheckFailed, boot_check
+
+    disk = tmp_path / "blank.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 * MIB)
+    with pytest.raises(BootCheckFailed, match="no login prompt on the serial console within 10 s") as err:
+        boot_check(disk, timeout_s=10)
+    assert err.value.code == "boot_check_failed" and err.value.exit_code != 0
+    assert disk.stat().st_blocks == 0  # not written: the boot ran on a snapshot

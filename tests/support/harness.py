@@ -117,20 +117,21 @@ class Server:
             self.log.close()
 
     # operator CLI ---------------------------------------------------------------------------
-    def cli(self, *args: str, check: bool = True, json_out: bool = True) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True, json_out: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess:
         argv = self.argv_prefix + [sys.executable, "-m", "go2cloud_server", *args]
         if json_out:
             argv.append("--json")
         proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=60,
+            argv, capture_output=True, text=True, timeout=timeout,
             env=_env({"GO2CLOUD_DATA_DIR": str(self.data_dir)}),
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"{args} exited {proc.returncode}: {proc.stderr}{proc.stdout}")
         return proc
 
-    def j(self, *args: str) -> Any:
-        return json.loads(self.cli(*args).stdout)
+    def j(self, *args: str, timeout: float = 60) -> Any:
+        return json.loads(self.cli(*args, timeout=timeout).stdout)
 
     # operator client, in-process -------------------------------------------------------------
     @property

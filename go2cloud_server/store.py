@@ -27,6 +27,7 @@ brings an older database up to date (in one transaction) and refuses a newer one
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -288,10 +289,9 @@ class DatabaseError(Exception):
     engine's own error is its ``__cause__``."""
 
 
-class Database:
+class Database(abc.ABC):
     """The pool and the interface every engine implements (see the module docstring). An engine
-    implements ``_new``, ``_begin``, ``_end``, ``_discard``, ``_close_conn``, ``_execute``,
-    ``schema_version`` and ``migrate``."""
+    implements the abstract hooks below (SQLite: :class:`Store`; PostgreSQL: ``pgstore.PgStore``)."""
 
     dialect = ""
 
@@ -305,39 +305,48 @@ class Database:
         self._cv = threading.Condition()
         self._trace: Optional[Callable[[str], object]] = None
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """Where the database is, for logs (never a password)."""
-        raise NotImplementedError
+        ...
 
     # engine hooks -----------------------------------------------------------------------------
+    @abc.abstractmethod
     def _new(self) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _rollback_if_open(self, conn: Any) -> None:
         """Roll back a transaction left open on ``conn`` (never hand on a connection inside one)."""
-        raise NotImplementedError
+        ...
 
     def _reusable(self, conn: Any) -> bool:
         return True
 
+    @abc.abstractmethod
     def _close_conn(self, conn: Any) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _begin(self, conn: Any) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _commit(self, conn: Any) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _rollback(self, conn: Any) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _execute(self, conn: Any, sql: str, args: Sequence[Any]) -> Any:
         """Run one statement (written with ``?`` placeholders) on ``conn``; its cursor."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _executemany(self, conn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        raise NotImplementedError
+        ...
 
     # connections ------------------------------------------------------------------------------
     def _checkout(self) -> Any:
@@ -442,11 +451,11 @@ class Database:
         with self.connection() as conn:
             return [dict(r) for r in self._execute(conn, sql, args).fetchall()]
 
-    def notify(self, conn: Any, channel: str, payload: str) -> None:
+    def notify(self, conn: Any, channel: str, payload: str) -> None:  # noqa: B027 - no-op on one process
         """Tell the other replicas on this database, when ``conn``'s transaction commits (nothing
         on an engine of one process: its waiters are woken in the process)."""
 
-    def listen(self, channel: str, callback: Callable[[str], object]) -> None:
+    def listen(self, channel: str, callback: Callable[[str], object]) -> None:  # noqa: B027
         """Call ``callback(payload)`` for each :meth:`notify` on ``channel`` by any replica (and
         once with ``""`` whenever notifications may have been missed). Nothing on an engine of
         one process."""
@@ -462,11 +471,13 @@ class Database:
         return None
 
     # schema -----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def schema_version(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def migrate(self) -> None:
-        raise NotImplementedError
+        ...
 
     def _migrate(self, conn: Any, version: int, where: str) -> None:
         """Inside the migration transaction: from ``version`` to :data:`SCHEMA_VERSION`."""
